@@ -1,0 +1,223 @@
+#include "kernels.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <thread>
+
+namespace deep_ep {
+
+namespace {
+
+// Below this much work per thread, starting threads costs more than it saves.
+constexpr std::size_t kBytesPerThread = 1 << 20;
+
+float bf16_to_float(std::uint16_t v) {
+    std::uint32_t bits = static_cast<std::uint32_t>(v) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof(f));
+    return f;
+}
+
+std::uint16_t float_to_bf16(float f) {
+    std::uint32_t bits;
+    std::memcpy(&bits, &f, sizeof(bits));
+    if (std::isnan(f)) return 0x7FC0;
+    bits += 0x7FFF + ((bits >> 16) & 1);  // round to nearest even, as torch does
+    return static_cast<std::uint16_t>(bits >> 16);
+}
+
+float f16_to_float(std::uint16_t h) {
+    const std::uint32_t sign = (h & 0x8000u) << 16;
+    std::uint32_t exponent = (h >> 10) & 0x1F;
+    std::uint32_t mantissa = h & 0x3FF;
+    std::uint32_t bits;
+    if (exponent == 0x1F) {
+        bits = sign | 0x7F800000u | (mantissa << 13);
+    } else if (exponent != 0) {
+        bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+    } else if (mantissa == 0) {
+        bits = sign;
+    } else {  // subnormal: normalise
+        exponent = 113;
+        while ((mantissa & 0x400) == 0) {
+            mantissa <<= 1;
+            --exponent;
+        }
+        bits = sign | (exponent << 23) | ((mantissa & 0x3FF) << 13);
+    }
+    float f;
+    std::memcpy(&f, &bits, sizeof(f));
+    return f;
+}
+
+std::uint16_t float_to_f16(float f) {
+    std::uint32_t bits;
+    std::memcpy(&bits, &f, sizeof(bits));
+    const std::uint16_t sign = static_cast<std::uint16_t>((bits >> 16) & 0x8000);
+    const std::uint32_t abs = bits & 0x7FFFFFFF;
+    if (abs >= 0x7F800000) return sign | (abs > 0x7F800000 ? 0x7E00 : 0x7C00);  // NaN / inf
+    if (abs >= 0x477FF000) return sign | 0x7C00;                                // overflows to inf
+    if (abs < 0x38800000) {                                                     // subnormal or zero
+        if (abs < 0x33000000) return sign;
+        const std::uint32_t exponent = abs >> 23;
+        const std::uint32_t mantissa = (abs & 0x7FFFFF) | 0x800000;
+        const std::uint32_t shift = 126 - exponent;
+        std::uint32_t value = mantissa >> shift;
+        const std::uint32_t rest = mantissa & ((1u << shift) - 1);
+        const std::uint32_t half = 1u << (shift - 1);
+        if (rest > half || (rest == half && (value & 1))) ++value;
+        return sign | static_cast<std::uint16_t>(value);
+    }
+    std::uint32_t value = abs - 0x38000000;  // rebias exponent 127 -> 15
+    value += 0xFFF + ((value >> 13) & 1);
+    return sign | static_cast<std::uint16_t>(value >> 13);
+}
+
+template <typename Fn>
+void parallel_for(std::size_t n, std::size_t bytes, int num_threads, Fn&& fn) {
+    std::size_t threads = std::max(1, num_threads);
+    threads = std::min<std::size_t>(threads, std::max<std::size_t>(1, bytes / kBytesPerThread));
+    threads = std::min(threads, std::max<std::size_t>(1, n));
+    if (threads <= 1) {
+        fn(0, n);
+        return;
+    }
+    std::vector<std::thread> workers;
+    workers.reserve(threads - 1);
+    const std::size_t chunk = (n + threads - 1) / threads;
+    for (std::size_t t = 1; t < threads; ++t) {
+        const std::size_t begin = std::min(n, t * chunk), end = std::min(n, begin + chunk);
+        workers.emplace_back([&fn, begin, end] { fn(begin, end); });
+    }
+    fn(0, std::min(n, chunk));
+    for (auto& w : workers) w.join();
+}
+
+void load_row(const std::uint8_t* row, Dtype dtype, std::size_t hidden, float* out) {
+    switch (dtype) {
+        case Dtype::Float32:
+            std::memcpy(out, row, hidden * sizeof(float));
+            break;
+        case Dtype::BFloat16: {
+            const auto* v = reinterpret_cast<const std::uint16_t*>(row);
+            for (std::size_t h = 0; h < hidden; ++h) out[h] = bf16_to_float(v[h]);
+            break;
+        }
+        case Dtype::Float16: {
+            const auto* v = reinterpret_cast<const std::uint16_t*>(row);
+            for (std::size_t h = 0; h < hidden; ++h) out[h] = f16_to_float(v[h]);
+            break;
+        }
+    }
+}
+
+void store_row(const float* acc, Dtype dtype, std::size_t hidden, std::uint8_t* row) {
+    switch (dtype) {
+        case Dtype::Float32:
+            std::memcpy(row, acc, hidden * sizeof(float));
+            break;
+        case Dtype::BFloat16: {
+            auto* v = reinterpret_cast<std::uint16_t*>(row);
+            for (std::size_t h = 0; h < hidden; ++h) v[h] = float_to_bf16(acc[h]);
+            break;
+        }
+        case Dtype::Float16: {
+            auto* v = reinterpret_cast<std::uint16_t*>(row);
+            for (std::size_t h = 0; h < hidden; ++h) v[h] = float_to_f16(acc[h]);
+            break;
+        }
+    }
+}
+
+// acc += weight * row, one element at a time in a fixed order (no FMA: see CMake flags).
+void accumulate_row(float* acc, const std::uint8_t* row, Dtype dtype, std::size_t hidden, float weight) {
+    switch (dtype) {
+        case Dtype::Float32: {
+            const auto* v = reinterpret_cast<const float*>(row);
+            for (std::size_t h = 0; h < hidden; ++h) acc[h] += weight * v[h];
+            break;
+        }
+        case Dtype::BFloat16: {
+            const auto* v = reinterpret_cast<const std::uint16_t*>(row);
+            for (std::size_t h = 0; h < hidden; ++h) acc[h] += weight * bf16_to_float(v[h]);
+            break;
+        }
+        case Dtype::Float16: {
+            const auto* v = reinterpret_cast<const std::uint16_t*>(row);
+            for (std::size_t h = 0; h < hidden; ++h) acc[h] += weight * f16_to_float(v[h]);
+            break;
+        }
+    }
+}
+
+}  // namespace
+
+std::size_t dtype_size(Dtype dtype) { return dtype == Dtype::Float32 ? 4 : 2; }
+
+void copy_rows(std::uint8_t* dst, std::size_t dst_stride, const std::vector<const std::uint8_t*>& srcs,
+               std::size_t src_stride, const std::int32_t* src_rank, const std::int64_t* src_row,
+               const std::int64_t* dst_row, std::size_t n, std::size_t row_bytes, int num_threads) {
+    parallel_for(n, n * row_bytes, num_threads, [&](std::size_t begin, std::size_t end) {
+        for (std::size_t i = begin; i < end; ++i) {
+            std::memcpy(dst + static_cast<std::size_t>(dst_row[i]) * dst_stride,
+                        srcs[src_rank[i]] + static_cast<std::size_t>(src_row[i]) * src_stride, row_bytes);
+        }
+    });
+}
+
+void quantize_int8(const void* x, Dtype dtype, std::size_t rows, std::size_t hidden, std::int8_t* q,
+                   float* scales, int num_threads) {
+    const auto* base = static_cast<const std::uint8_t*>(x);
+    const std::size_t stride = hidden * dtype_size(dtype);
+    parallel_for(rows, rows * stride, num_threads, [&](std::size_t begin, std::size_t end) {
+        std::vector<float> row(hidden);
+        for (std::size_t r = begin; r < end; ++r) {
+            load_row(base + r * stride, dtype, hidden, row.data());
+            float amax = 0.0f;
+            for (float v : row) amax = std::max(amax, std::fabs(v));
+            const float scale = amax / 127.0f;
+            scales[r] = scale;
+            std::int8_t* out = q + r * hidden;
+            if (scale == 0.0f) {
+                std::memset(out, 0, hidden);
+                continue;
+            }
+            for (std::size_t h = 0; h < hidden; ++h) {
+                const float v = std::nearbyint(row[h] / scale);
+                out[h] = static_cast<std::int8_t>(std::min(127.0f, std::max(-127.0f, v)));
+            }
+        }
+    });
+}
+
+void combine_reduce(void* out, Dtype out_dtype, std::size_t tokens, std::size_t topk, std::size_t hidden,
+                    const std::vector<const std::uint8_t*>& srcs, Dtype src_dtype, const std::int32_t* src_rank,
+                    const std::int64_t* src_row, const float* weights, const Bias& bias0, const Bias& bias1,
+                    int num_threads) {
+    auto* out_base = static_cast<std::uint8_t*>(out);
+    const std::size_t out_stride = hidden * dtype_size(out_dtype);
+    const std::size_t src_stride = hidden * dtype_size(src_dtype);
+    parallel_for(tokens, tokens * topk * src_stride, num_threads, [&](std::size_t begin, std::size_t end) {
+        std::vector<float> acc(hidden), bias(hidden);
+        for (std::size_t t = begin; t < end; ++t) {
+            std::fill(acc.begin(), acc.end(), 0.0f);
+            for (std::size_t k = 0; k < topk; ++k) {
+                const std::size_t e = t * topk + k;
+                if (src_rank[e] < 0) continue;
+                accumulate_row(acc.data(), srcs[src_rank[e]] + static_cast<std::size_t>(src_row[e]) * src_stride,
+                               src_dtype, hidden, weights[e]);
+            }
+            for (const Bias* b : {&bias0, &bias1}) {
+                if (b->data == nullptr) continue;
+                const std::size_t stride = hidden * dtype_size(b->dtype);
+                load_row(static_cast<const std::uint8_t*>(b->data) + t * stride, b->dtype, hidden, bias.data());
+                for (std::size_t h = 0; h < hidden; ++h) acc[h] += bias[h];
+            }
+            store_row(acc.data(), out_dtype, hidden, out_base + t * out_stride);
+        }
+    });
+}
+
+}  // namespace deep_ep

@@ -1,0 +1,38 @@
+// Row kernels of the CPU transport: copies, int8 quantization and the weighted
+// combine reduction. Tensors arrive as raw pointers plus sizes; the callers in
+// module.cpp check every index against the sizes before any byte moves.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+namespace deep_ep {
+
+enum class Dtype : int { Float32 = 0, BFloat16 = 1, Float16 = 2 };
+
+std::size_t dtype_size(Dtype dtype);
+
+// dst[dst_row[i]] = src[src_rank[i]][src_row[i]] for i < n, row_bytes each.
+void copy_rows(std::uint8_t* dst, std::size_t dst_stride, const std::vector<const std::uint8_t*>& srcs,
+               std::size_t src_stride, const std::int32_t* src_rank, const std::int64_t* src_row,
+               const std::int64_t* dst_row, std::size_t n, std::size_t row_bytes, int num_threads);
+
+// Per-row int8: scale = max|x| / 127, q = round_half_even(x / scale); an all-zero
+// row gets scale 0 and q 0 (dequantizes to zeros, no NaN).
+void quantize_int8(const void* x, Dtype dtype, std::size_t rows, std::size_t hidden, std::int8_t* q,
+                   float* scales, int num_threads);
+
+// out[t] = sum_k weights[t, k] * x[src_rank[t, k]][src_row[t, k]] (k ascending,
+// float32, entries with src_rank < 0 skipped) + bias0[t] + bias1[t].
+struct Bias {
+    const void* data = nullptr;  // [tokens, hidden] or null
+    Dtype dtype = Dtype::Float32;
+};
+
+void combine_reduce(void* out, Dtype out_dtype, std::size_t tokens, std::size_t topk, std::size_t hidden,
+                    const std::vector<const std::uint8_t*>& srcs, Dtype src_dtype, const std::int32_t* src_rank,
+                    const std::int64_t* src_row, const float* weights, const Bias& bias0, const Bias& bias1,
+                    int num_threads);
+
+}  // namespace deep_ep

@@ -1,0 +1,168 @@
+// deep_ep_cpp: the native core of deep_ep's CPU transport.
+// Tensors cross this boundary as addresses plus sizes (no torch C++ headers), so
+// one build serves every torch version; index arrays arrive as numpy arrays and
+// are bounds-checked here before any byte moves.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+
+#include "kernels.hpp"
+#include "shared_memory.hpp"
+#include "sync.hpp"
+
+namespace py = pybind11;
+using namespace deep_ep;
+
+namespace {
+
+template <typename T>
+using Array = py::array_t<T, py::array::c_style | py::array::forcecast>;
+
+template <typename T>
+const T* checked_data(const Array<T>& array, std::size_t expected, const char* name) {
+    if (static_cast<std::size_t>(array.size()) != expected)
+        throw py::value_error(std::string(name) + ": expected " + std::to_string(expected) + " entries, got " +
+                              std::to_string(array.size()));
+    return array.data();
+}
+
+Dtype to_dtype(int code) {
+    if (code < 0 || code > 2) throw py::value_error("dtype code must be 0 (float32), 1 (bfloat16) or 2 (float16)");
+    return static_cast<Dtype>(code);
+}
+
+std::vector<const std::uint8_t*> to_pointers(const std::vector<std::uintptr_t>& addrs) {
+    std::vector<const std::uint8_t*> out;
+    for (auto a : addrs) out.push_back(reinterpret_cast<const std::uint8_t*>(a));
+    return out;
+}
+
+// Indices of (rank, row) pairs must name an existing row of an existing source.
+void check_sources(const std::int32_t* rank, const std::int64_t* row, std::size_t n,
+                   const std::vector<std::int64_t>& src_rows, bool allow_negative_rank, const char* what) {
+    for (std::size_t i = 0; i < n; ++i) {
+        if (rank[i] < 0 && allow_negative_rank) continue;
+        if (rank[i] < 0 || static_cast<std::size_t>(rank[i]) >= src_rows.size() || row[i] < 0 ||
+            row[i] >= src_rows[rank[i]])
+            throw py::index_error(std::string(what) + ": entry " + std::to_string(i) + " names source " +
+                                  std::to_string(rank[i]) + " row " + std::to_string(row[i]) + ", out of range");
+    }
+}
+
+// Lets Ctrl-C interrupt a long wait.
+void poll_python_signals() {
+    py::gil_scoped_acquire gil;
+    if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+}
+
+}  // namespace
+
+PYBIND11_MODULE(deep_ep_cpp, m) {
+    m.doc() = "deep_ep native core: shared-memory segments, node barriers and row kernels";
+
+    py::class_<SharedMemory>(m, "SharedMemory", py::buffer_protocol())
+        .def(py::init<const std::string&, std::size_t, bool>(), py::arg("name"), py::arg("size"), py::arg("create"))
+        .def("unlink", &SharedMemory::unlink)
+        .def("close", &SharedMemory::close)
+        .def_property_readonly("address", &SharedMemory::address)
+        .def_property_readonly("size", &SharedMemory::size)
+        .def_property_readonly("name", &SharedMemory::name)
+        .def_buffer([](SharedMemory& shm) -> py::buffer_info {
+            if (!shm.is_open()) throw py::value_error("shared memory " + shm.name() + " is closed");
+            return py::buffer_info(shm.data(), 1, py::format_descriptor<std::uint8_t>::format(), 1,
+                                   {static_cast<py::ssize_t>(shm.size())}, {1});
+        });
+
+    py::class_<NodeSync>(m, "NodeSync")
+        .def(py::init<std::vector<std::uintptr_t>, int, std::vector<int>, std::vector<std::int64_t>>(),
+             py::arg("counter_addrs"), py::arg("my_index"), py::arg("global_ranks"), py::arg("pids"))
+        .def(
+            "barrier",
+            [](NodeSync& sync, double timeout_s, const std::string& what) {
+                py::gil_scoped_release release;
+                sync.barrier(timeout_s, what, poll_python_signals);
+            },
+            py::arg("timeout_s"), py::arg("what"))
+        .def(
+            "wait_at_least",
+            [](NodeSync& sync, const std::vector<std::uintptr_t>& addrs, const std::vector<std::uint64_t>& targets,
+               const std::vector<int>& owners, double timeout_s, const std::string& what) {
+                if (addrs.size() != targets.size() || addrs.size() != owners.size())
+                    throw py::value_error("wait_at_least: addrs, targets and owners differ in length");
+                py::gil_scoped_release release;
+                sync.wait_at_least(addrs, targets, owners, timeout_s, what, poll_python_signals);
+            },
+            py::arg("addrs"), py::arg("targets"), py::arg("owners"), py::arg("timeout_s"), py::arg("what"))
+        .def_property_readonly("generation", &NodeSync::generation);
+
+    m.def("store_counter", &store_counter, py::arg("addr"), py::arg("value"));
+    m.def("load_counter", &load_counter, py::arg("addr"));
+
+    m.def(
+        "copy_rows",
+        [](std::uintptr_t dst, std::int64_t dst_rows, std::size_t dst_stride, const std::vector<std::uintptr_t>& srcs,
+           const std::vector<std::int64_t>& src_rows, std::size_t src_stride, std::size_t row_bytes,
+           const Array<std::int32_t>& src_rank, const Array<std::int64_t>& src_row, const Array<std::int64_t>& dst_row,
+           int num_threads) {
+            if (srcs.size() != src_rows.size()) throw py::value_error("copy_rows: srcs and src_rows differ in length");
+            if (row_bytes > dst_stride || row_bytes > src_stride)
+                throw py::value_error("copy_rows: row_bytes exceeds a stride");
+            const std::size_t n = static_cast<std::size_t>(dst_row.size());
+            const auto* rank = checked_data(src_rank, n, "src_rank");
+            const auto* row = checked_data(src_row, n, "src_row");
+            const auto* out_row = dst_row.data();
+            check_sources(rank, row, n, src_rows, false, "copy_rows");
+            for (std::size_t i = 0; i < n; ++i)
+                if (out_row[i] < 0 || out_row[i] >= dst_rows)
+                    throw py::index_error("copy_rows: destination row " + std::to_string(out_row[i]) +
+                                          " out of range [0, " + std::to_string(dst_rows) + ")");
+            const auto pointers = to_pointers(srcs);
+            py::gil_scoped_release release;
+            copy_rows(reinterpret_cast<std::uint8_t*>(dst), dst_stride, pointers, src_stride, rank, row, out_row, n,
+                      row_bytes, num_threads);
+        },
+        py::arg("dst"), py::arg("dst_rows"), py::arg("dst_stride"), py::arg("srcs"), py::arg("src_rows"),
+        py::arg("src_stride"), py::arg("row_bytes"), py::arg("src_rank"), py::arg("src_row"), py::arg("dst_row"),
+        py::arg("num_threads") = 1,
+        "dst[dst_row[i]] = srcs[src_rank[i]][src_row[i]] (row_bytes each) for every i.");
+
+    m.def(
+        "quantize_int8",
+        [](std::uintptr_t x, int dtype, std::size_t rows, std::size_t hidden, std::uintptr_t q, std::uintptr_t scales,
+           int num_threads) {
+            py::gil_scoped_release release;
+            quantize_int8(reinterpret_cast<const void*>(x), to_dtype(dtype), rows, hidden,
+                          reinterpret_cast<std::int8_t*>(q), reinterpret_cast<float*>(scales), num_threads);
+        },
+        py::arg("x"), py::arg("dtype"), py::arg("rows"), py::arg("hidden"), py::arg("q"), py::arg("scales"),
+        py::arg("num_threads") = 1, "Per-token int8 quantization of rows x [rows, hidden] into q and scales.");
+
+    m.def(
+        "combine_reduce",
+        [](std::uintptr_t out, int out_dtype, std::size_t tokens, std::size_t topk, std::size_t hidden,
+           const std::vector<std::uintptr_t>& srcs, const std::vector<std::int64_t>& src_rows, int src_dtype,
+           const Array<std::int32_t>& src_rank, const Array<std::int64_t>& src_row, const Array<float>& weights,
+           std::uintptr_t bias0, int bias0_dtype, std::uintptr_t bias1, int bias1_dtype, int num_threads) {
+            if (srcs.size() != src_rows.size())
+                throw py::value_error("combine_reduce: srcs and src_rows differ in length");
+            const std::size_t n = tokens * topk;
+            const auto* rank = checked_data(src_rank, n, "src_rank");
+            const auto* row = checked_data(src_row, n, "src_row");
+            const auto* w = checked_data(weights, n, "weights");
+            check_sources(rank, row, n, src_rows, true, "combine_reduce");
+            const auto pointers = to_pointers(srcs);
+            const Bias b0{reinterpret_cast<const void*>(bias0), to_dtype(bias0_dtype)};
+            const Bias b1{reinterpret_cast<const void*>(bias1), to_dtype(bias1_dtype)};
+            const Dtype in_dtype = to_dtype(src_dtype), out_type = to_dtype(out_dtype);
+            py::gil_scoped_release release;
+            combine_reduce(reinterpret_cast<void*>(out), out_type, tokens, topk, hidden, pointers, in_dtype, rank, row,
+                           w, b0, b1, num_threads);
+        },
+        py::arg("out"), py::arg("out_dtype"), py::arg("tokens"), py::arg("topk"), py::arg("hidden"), py::arg("srcs"),
+        py::arg("src_rows"), py::arg("src_dtype"), py::arg("src_rank"), py::arg("src_row"), py::arg("weights"),
+        py::arg("bias0") = 0, py::arg("bias0_dtype") = 0, py::arg("bias1") = 0, py::arg("bias1_dtype") = 0,
+        py::arg("num_threads") = 1,
+        "out[t] = sum_k weights[t,k] * srcs[src_rank[t,k]][src_row[t,k]] (+ biases), float32, k ascending.");
+}

@@ -1,0 +1,87 @@
+#include "shared_memory.hpp"
+
+#include <cerrno>
+#include <cstring>
+#include <fcntl.h>
+#include <stdexcept>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+namespace deep_ep {
+
+namespace {
+
+// Closes a file descriptor when leaving scope (the mapping outlives it).
+struct FdGuard {
+    int fd;
+    ~FdGuard() {
+        if (fd >= 0) ::close(fd);
+    }
+};
+
+std::string errno_text(int err) { return std::string(std::strerror(err)); }
+
+}  // namespace
+
+SharedMemory::SharedMemory(const std::string& name, std::size_t size, bool create)
+    : name_(name), size_(size), owns_name_(create) {
+    if (size == 0) throw std::invalid_argument("shared memory size must be positive");
+    const int flags = create ? (O_CREAT | O_EXCL | O_RDWR) : O_RDWR;
+    FdGuard guard{::shm_open(name.c_str(), flags, 0600)};
+    if (guard.fd < 0) {
+        throw std::runtime_error("deep_ep: shm_open(" + name + ") failed: " + errno_text(errno));
+    }
+    if (create) {
+        if (::ftruncate(guard.fd, static_cast<off_t>(size)) != 0) {
+            const int err = errno;
+            ::shm_unlink(name.c_str());
+            throw std::runtime_error("deep_ep: cannot size shared memory " + name + " to " +
+                                     std::to_string(size) + " bytes: " + errno_text(err));
+        }
+        const int err = ::posix_fallocate(guard.fd, 0, static_cast<off_t>(size));
+        if (err != 0) {
+            ::shm_unlink(name.c_str());
+            throw std::runtime_error(
+                "deep_ep: cannot allocate " + std::to_string(size) +
+                " bytes of shared memory in /dev/shm (" + errno_text(err) +
+                "). Give the container a larger /dev/shm (for example docker run --shm-size=8g) "
+                "or pass a smaller num_nvl_bytes / num_rdma_bytes to deep_ep.Buffer.");
+        }
+    } else {
+        struct stat st{};
+        if (::fstat(guard.fd, &st) != 0 || static_cast<std::size_t>(st.st_size) < size) {
+            throw std::runtime_error("deep_ep: shared memory " + name + " is smaller than the " +
+                                     std::to_string(size) + " bytes expected");
+        }
+    }
+    addr_ = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, guard.fd, 0);
+    if (addr_ == MAP_FAILED) {
+        addr_ = nullptr;
+        const int err = errno;
+        if (create) ::shm_unlink(name.c_str());
+        throw std::runtime_error("deep_ep: mmap of " + name + " failed: " + errno_text(err));
+    }
+}
+
+SharedMemory::~SharedMemory() {
+    // Never let a creator's name outlive it, even when the Python side forgot.
+    unlink();
+    close();
+}
+
+void SharedMemory::unlink() {
+    if (owns_name_) {
+        ::shm_unlink(name_.c_str());
+        owns_name_ = false;
+    }
+}
+
+void SharedMemory::close() {
+    if (addr_ != nullptr) {
+        ::munmap(addr_, size_);
+        addr_ = nullptr;
+    }
+}
+
+}  // namespace deep_ep

@@ -1,0 +1,10 @@
+"""deep_ep: expert-parallel dispatch/combine for Mixture-of-Experts models.
+
+DeepEP-Ascend's `Buffer` API, running on CPU ranks (shared memory inside a host,
+torch.distributed between hosts) and on Ascend NPUs through torch_npu.
+"""
+from .buffer import Buffer, topk_idx_t
+from .config import Config
+from .utils import EventOverlap
+
+__all__ = ["Buffer", "Config", "EventOverlap", "topk_idx_t"]

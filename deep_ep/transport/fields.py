@@ -1,0 +1,18 @@
+"""Row fields: the tensors that travel together, one row per token, viewed as bytes."""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+
+def as_byte_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor with a leading row dimension, viewed as uint8 [rows, row_bytes]."""
+    tensor = tensor.contiguous()
+    rows = tensor.shape[0]
+    flat = tensor.reshape(rows, -1) if tensor.dim() != 1 else tensor.reshape(rows, 1)
+    return flat.view(torch.uint8)
+
+
+def row_bytes(fields: List[torch.Tensor]) -> int:
+    return sum(f.shape[1] for f in fields)

@@ -1,0 +1,69 @@
+"""Small shared pieces: EventOverlap, environment settings, dtype codes, argument checks."""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Sequence
+
+import torch
+
+# dtype codes understood by deep_ep_cpp.
+NATIVE_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+FLOAT_DTYPES = tuple(NATIVE_DTYPE_CODES)
+
+
+class EventOverlap:
+    """DeepEP's handle for asynchronous work. On CPU every call completes before it
+    returns, so the event is always complete; on NPU it wraps a device event."""
+
+    def __init__(self, event: Optional[Any] = None, extra_tensors: Optional[tuple] = None) -> None:
+        self.event = event
+        self.extra_tensors = extra_tensors
+
+    def current_stream_wait(self) -> None:
+        if self.event is not None:
+            self.event.wait()
+
+    def __enter__(self) -> "EventOverlap":
+        return self
+
+    def __exit__(self, exc_type, exc_value, traceback) -> None:
+        self.current_stream_wait()
+
+
+def timeout_seconds() -> float:
+    """Deadline of every wait on a peer (env DEEP_EP_TIMEOUT_S, default 100 s)."""
+    value = os.environ.get("DEEP_EP_TIMEOUT_S", "100")
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError(f"DEEP_EP_TIMEOUT_S must be a number of seconds, got {value!r}") from None
+    if seconds <= 0:
+        raise ValueError(f"DEEP_EP_TIMEOUT_S must be positive, got {value!r}")
+    return seconds
+
+
+def num_threads() -> int:
+    """Threads a native kernel may use: what torch was given for this process."""
+    return max(1, torch.get_num_threads())
+
+
+def check_tensor(name: str, value: Any, *, dtypes: Sequence[torch.dtype], shape: Sequence[Optional[int]],
+                 device: Optional[torch.device] = None) -> torch.Tensor:
+    """Raises TypeError/ValueError naming `name`, the expectation and what was given.
+    `shape` entries of None match any size."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in dtypes:
+        wanted = " or ".join(str(d) for d in dtypes)
+        raise TypeError(f"{name} must have dtype {wanted}, got {value.dtype}")
+    if value.dim() != len(shape) or any(want is not None and want != got for want, got in zip(shape, value.shape)):
+        wanted = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+        raise ValueError(f"{name} must have shape {wanted}, got {list(value.shape)}")
+    if device is not None and value.device != device:
+        raise ValueError(f"{name} must be on device {device}, got {value.device}")
+    return value
+
+
+def check_one_of(name: str, value: Any, allowed: Sequence[Any]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
