@@ -45,17 +45,13 @@ def reference_dispatch(xs: Sequence[torch.Tensor], topk_idxs: Sequence[torch.Ten
     return out
 
 
-def reference_combine(expert_outputs: Sequence[torch.Tensor], topk_idx: torch.Tensor, topk_weights: torch.Tensor,
-                      num_experts: int, num_ranks: int) -> torch.Tensor:
-    """float64 [T, H]: sum over k of weights[t, k] * expert_outputs[k][t] for valid selections.
-
-    expert_outputs: a function of the expert is applied by the caller; here expert_outputs
-    is a callable-free form: a tensor [T, K, H] of each selection's expert output.
-    """
-    out = expert_outputs
+def reference_combine(selection_outputs: torch.Tensor, topk_idx: torch.Tensor,
+                      topk_weights: torch.Tensor) -> torch.Tensor:
+    """float64 [T, H]: sum over k of topk_weights[t, k] * selection_outputs[t, k] where
+    topk_idx[t, k] != -1. selection_outputs [T, K, H]: the expert output of every selection."""
     valid = (topk_idx >= 0).unsqueeze(2)
-    return (torch.where(valid, out.double(), torch.zeros((), dtype=torch.float64)) *
-            topk_weights.double().unsqueeze(2)).sum(1)
+    terms = selection_outputs.double() * topk_weights.double().unsqueeze(2)
+    return torch.where(valid, terms, torch.zeros((), dtype=torch.float64)).sum(1)
 
 
 def quantize_reference(x: torch.Tensor):

@@ -1,6 +1,7 @@
 """Row fields: the tensors that travel together, one row per token, viewed as bytes."""
 from __future__ import annotations
 
+import math
 from typing import List
 
 import torch
@@ -9,9 +10,8 @@ import torch
 def as_byte_rows(tensor: torch.Tensor) -> torch.Tensor:
     """A contiguous tensor with a leading row dimension, viewed as uint8 [rows, row_bytes]."""
     tensor = tensor.contiguous()
-    rows = tensor.shape[0]
-    flat = tensor.reshape(rows, -1) if tensor.dim() != 1 else tensor.reshape(rows, 1)
-    return flat.view(torch.uint8)
+    width = math.prod(tensor.shape[1:])
+    return tensor.reshape(tensor.shape[0], width).view(torch.uint8)
 
 
 def row_bytes(fields: List[torch.Tensor]) -> int:

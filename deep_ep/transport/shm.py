@@ -176,7 +176,7 @@ def dispatch_rows(node: NodeShm, meta: torch.Tensor, fields_in: List[torch.Tenso
     num_tokens = fields_in[0].shape[0]
 
     def publish(begin: int) -> None:
-        end = min(num_tokens, begin + window)
+        end = max(begin, min(num_tokens, begin + window))
         for region, field in zip(node.regions(node.local_index, widths, window), fields_in):
             region[: end - begin].copy_(field[begin:end])
 

@@ -1,0 +1,451 @@
+"""Tests of deep_ep.fused: the compute half of fused_deep_moe (no communication).
+
+The reference below is deliberately naive and independent of the library: one row
+(or one token and its top-k experts) at a time, gate-then-up (unpermuted) weights,
+float64 math, rounding only where SPEC.md rounds (int8 quantization, float32
+scales, bfloat16 output).
+
+How results are compared (why the tolerances are what they are):
+  * Integer products are exact on both sides, so the only float differences before
+    requantization are float32 vs float64 roundings of ``h`` and ``a`` (relative
+    ~1e-6, i.e. at most ~1e-4 in units of ``a / s_a`` whose magnitude is <= 127).
+  * Requantization ``round(a / s_a)`` is discontinuous: an element whose reference
+    ``a / s_a`` lies within ``_AMBIGUOUS`` (1e-3, 10x that error) of a half-integer may
+    legitimately round to the neighbouring integer in float32.  For those elements
+    only, the reference allows a change of 1 in ``aq``, i.e. an extra
+    ``s_a * s_w2[n] * |W2[j, n]|`` in output column n.  Every other element must round
+    identically, so a wrong pairing, scale or rounding rule still fails.
+  * Then ``y`` differs from the float64 value by float32 rounding (relative
+    ``_REL`` = 1e-5 covers it) and by the final bfloat16 rounding, bounded by half a
+    bfloat16 ulp of the value, which is computed exactly per element.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deep_ep import fused
+from deep_ep.fused import (
+    FuseMode,
+    grouped_swiglu_mlp_int8,
+    permute_gmm1_weight,
+    quantize_per_token_int8,
+    unpermute_gmm1_weight,
+)
+
+_AMBIGUOUS = 1e-3
+_REL = 1e-5
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def _dist_to_half_integer(r: torch.Tensor) -> torch.Tensor:
+    frac = r.abs() - r.abs().floor()
+    return (frac - 0.5).abs()
+
+
+def _to_f32(v: float) -> float:
+    """Rounds a Python float to the nearest float32 (SPEC: scales are float32)."""
+    return torch.tensor(v, dtype=torch.float64).to(torch.float32).item()
+
+
+def ref_quantize_row(
+    x_row: torch.Tensor, ambiguous: float, quotient_in_float32: bool = False
+) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """SPEC int8 quantization of one row: (q as float64, float32 scale, ambiguous mask).
+
+    ``x / scale`` is exact (float64) unless ``quotient_in_float32``: then it is the
+    correctly rounded float32 quotient of the float32 operands, which pins down the
+    rounding of near-ties exactly and leaves no ambiguous elements.
+    """
+    v = x_row.double()
+    scale = _to_f32(v.abs().max().item() / 127)
+    no_ambiguity = torch.zeros_like(v, dtype=torch.bool)
+    if scale == 0:
+        return torch.zeros_like(v), 0.0, no_ambiguity
+    if quotient_in_float32:
+        r = (x_row.float() / torch.tensor(scale, dtype=torch.float32)).double()
+    else:
+        r = v / scale
+    q = torch.round(r).clamp(-127, 127)
+    return q, scale, no_ambiguity if quotient_in_float32 else _dist_to_half_integer(r) < ambiguous
+
+
+def ref_expert_row(
+    xq_row: torch.Tensor,
+    s_x: float,
+    w13: torch.Tensor,
+    w13_scale: torch.Tensor,
+    w2: torch.Tensor,
+    w2_scale: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row through one expert (unpermuted w13 [2I, H]); returns (y float64 [H], tolerance [H])."""
+    inter = w2.shape[0]
+    h = (w13.double() @ xq_row.double()) * s_x * w13_scale.double()  # [2I]
+    gate, up = h[:inter], h[inter:]
+    a = gate * torch.sigmoid(gate) * up  # silu(gate) * up
+    aq, s_a, amb = ref_quantize_row(a, _AMBIGUOUS)
+    y = (aq @ w2.double()) * s_a * w2_scale.double()
+    flip = s_a * w2_scale.double() * (w2.double().abs() * amb[:, None]).sum(0)
+    return y, _REL * y.abs() + flip
+
+
+def ref_moe_token(
+    x_row: torch.Tensor,
+    topk_idx_row: torch.Tensor,
+    topk_weights_row: torch.Tensor,
+    w13: torch.Tensor,
+    w13_scale: torch.Tensor,
+    w2: torch.Tensor,
+    w2_scale: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Single-rank fused_deep_moe for one token: quantize, each top-k expert, weighted sum.
+
+    Returns (output float64 [H], tolerance [H]) before the final bfloat16 rounding.
+    """
+    # x is bfloat16, so x = max|x| / 2 and similar near-ties of x / s_x are common; the
+    # float32 quotient decides them exactly as any float32 implementation must.
+    xq, s_x, _ = ref_quantize_row(x_row, 0.0, quotient_in_float32=True)
+    out = torch.zeros(x_row.shape[0], dtype=torch.float64)
+    tol = torch.zeros_like(out)
+    for k in range(topk_idx_row.shape[0]):
+        e = int(topk_idx_row[k])
+        if e < 0:
+            continue
+        w = float(topk_weights_row[k])
+        y, y_tol = ref_expert_row(xq, s_x, w13[e], w13_scale[e], w2[e], w2_scale[e])
+        # The library rounds each expert row to bfloat16 before the combine.
+        y_err = y_tol + _bf16_half_ulp(y.abs() + y_tol)
+        out += w * y
+        tol += abs(w) * y_err + _REL * abs(w * y)  # float32 accumulation of the combine
+    return out, tol
+
+
+def _bf16_half_ulp(mag: torch.Tensor) -> torch.Tensor:
+    """Half a bfloat16 ulp at magnitude ``mag`` (float64): the worst rounding error there."""
+    _, exp = torch.frexp(mag)  # mag = m * 2**exp, m in [0.5, 1): ulp = 2**(exp - 8)
+    half = torch.ldexp(torch.ones_like(mag), exp - 9)
+    return torch.where(mag == 0, torch.zeros_like(mag), half)
+
+
+def assert_bf16_matches(got: torch.Tensor, ref: torch.Tensor, tol: torch.Tensor, what: str) -> None:
+    assert got.dtype == torch.bfloat16
+    err = (got.double() - ref).abs()
+    bound = tol + _bf16_half_ulp(ref.abs() + tol)
+    bad = err > bound
+    assert not bad.any(), (
+        f"{what}: {int(bad.sum())} elements off, first at {bad.nonzero()[0].tolist()}: "
+        f"got {got.double()[bad][0].item()}, ref {ref[bad][0].item()}, bound {bound[bad][0].item()}"
+    )
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _make_weights(gen: torch.Generator, num_experts: int, hidden: int, inter: int):
+    """Random W8A8 expert weights (unpermuted) with scales giving h and y of order 1."""
+    w13 = torch.randint(-128, 128, (num_experts, 2 * inter, hidden), generator=gen, dtype=torch.int8)
+    w2 = torch.randint(-128, 128, (num_experts, inter, hidden), generator=gen, dtype=torch.int8)
+    # |int8| has rms ~74 and xq rms ~40, so these scales make h and y roughly unit-sized.
+    w13_scale = (0.5 + torch.rand(num_experts, 2 * inter, generator=gen)) * 2 / (74 * 40 * 0.01 * hidden**0.5)
+    w2_scale = (0.5 + torch.rand(num_experts, hidden, generator=gen)) / (74 * 40 * inter**0.5)
+    return w13, w13_scale.float(), w2, w2_scale.float()
+
+
+# ----------------------------------------------------------------------------- FuseMode
+
+
+def test_fuse_mode_values_match_deepep_ascend():
+    assert FuseMode.FUSED_DEEP_MOE == 1
+    assert FuseMode(2) is FuseMode.DISPATCH_FFN_COMBINE
+    assert isinstance(FuseMode.FUSED_DEEP_MOE, int)
+
+
+# ----------------------------------------------------------------------------- weight layout
+
+
+def test_permute_tile_order_hand_checked():
+    # I = 128: gate rows 0..127, up rows 128..255; scale r identifies original row r.
+    two_i, hidden = 256, 2
+    rows = torch.arange(two_i)
+    w13 = torch.stack([rows - 128, 127 - rows], dim=1).to(torch.int8)[None]  # [1, 256, 2]
+    w13_scale = rows.float()[None]
+    w1, w1_scale = permute_gmm1_weight(w13, w13_scale)
+    expected_order = (
+        list(range(0, 64))  # tile 0: gate columns 0..63
+        + list(range(128, 192))  # tile 1: up columns 0..63
+        + list(range(64, 128))  # tile 2: gate columns 64..127
+        + list(range(192, 256))  # tile 3: up columns 64..127
+    )
+    assert w1.shape == (1, hidden, two_i) and w1.dtype == torch.int8 and w1.is_contiguous()
+    assert w1_scale.tolist() == [[float(r) for r in expected_order]]
+    assert w1[0, 0].tolist() == [r - 128 for r in expected_order]
+    assert w1[0, 1].tolist() == [127 - r for r in expected_order]
+
+
+@pytest.mark.parametrize("num_experts,inter,hidden", [(1, 64, 8), (3, 192, 5), (2, 256, 130)])
+def test_permute_unpermute_round_trip(num_experts, inter, hidden):
+    gen = torch.Generator().manual_seed(1)
+    w13 = torch.randint(-128, 128, (num_experts, 2 * inter, hidden), generator=gen, dtype=torch.int8)
+    w13_scale = torch.rand(num_experts, 2 * inter, generator=gen)
+    w1, w1_scale = permute_gmm1_weight(w13, w13_scale)
+    assert w1.shape == (num_experts, hidden, 2 * inter) and w1_scale.shape == (num_experts, 2 * inter)
+    back, back_scale = unpermute_gmm1_weight(w1, w1_scale)
+    assert torch.equal(back, w13) and torch.equal(back_scale, w13_scale)
+    # Columns are a permutation of the rows of w13 (weights move together with their scales).
+    for c in range(0, 2 * inter, 37):
+        r = int((w13_scale[0] == w1_scale[0, c]).nonzero()[0])
+        assert torch.equal(w1[0, :, c], w13[0, r])
+
+
+def test_permute_errors():
+    w13 = torch.zeros(2, 256, 4, dtype=torch.int8)
+    scale = torch.zeros(2, 256)
+    with pytest.raises(ValueError, match=r"w13\.shape\[1\].*multiple of 128.*192"):
+        permute_gmm1_weight(torch.zeros(2, 192, 4, dtype=torch.int8), torch.zeros(2, 192))
+    with pytest.raises(TypeError, match="w13.*int8.*float32"):
+        permute_gmm1_weight(w13.float(), scale)
+    with pytest.raises(TypeError, match="w13_scale.*float32.*bfloat16"):
+        permute_gmm1_weight(w13, scale.bfloat16())
+    with pytest.raises(ValueError, match=r"w13_scale.*\(2, 256\).*\(3, 256\)"):
+        permute_gmm1_weight(w13, torch.zeros(3, 256))
+    with pytest.raises(ValueError, match="w13.*3-D"):
+        permute_gmm1_weight(w13[0], scale)
+    with pytest.raises(ValueError, match=r"w1\.shape\[2\].*multiple of 128"):
+        unpermute_gmm1_weight(torch.zeros(2, 4, 64, dtype=torch.int8), torch.zeros(2, 64))
+    with pytest.raises(ValueError, match="w1_scale"):
+        unpermute_gmm1_weight(torch.zeros(2, 4, 256, dtype=torch.int8), torch.zeros(2, 128))
+
+
+# ----------------------------------------------------------------------------- quantization
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_quantize_properties_and_reference(dtype):
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(9, 333, generator=gen) * torch.logspace(-3, 3, 9)[:, None]
+    x[3] = 0  # zero row
+    x[4] = 0
+    x[4, 17] = -2.5  # single non-zero element -> q = -127 there
+    x = x.to(dtype)
+    q, scale = quantize_per_token_int8(x)
+    assert q.dtype == torch.int8 and q.shape == x.shape
+    assert scale.dtype == torch.float32 and scale.shape == (9,)
+    assert int(q.abs().max()) <= 127
+
+    deq = q.double() * scale.double()[:, None]
+    assert torch.isfinite(deq).all()
+    # Spec bound |deq - x| <= scale/2; the relative 2e-5 slack covers float32 rounding
+    # of x / scale (<= 127 * 2^-24) and of scale itself.
+    assert ((deq - x.double()).abs() <= scale.double()[:, None] * (0.5 + 2e-5)).all()
+
+    assert scale[3] == 0 and not q[3].any() and not deq[3].any()
+    assert q[4, 17] == -127 and q[4].abs().sum() == 127
+
+    for t in range(x.shape[0]):
+        # Against the exact quotient: equal except within float32 rounding of a tie.
+        ref_q, ref_scale, amb = ref_quantize_row(x[t], 1e-5)
+        assert scale[t].item() == ref_scale
+        diff = (q[t].double() - ref_q).abs()
+        assert (diff[~amb] == 0).all() and (diff[amb] <= 1).all()
+        # Against the float32 quotient: bit-exact.
+        ref_q32, _, _ = ref_quantize_row(x[t], 0.0, quotient_in_float32=True)
+        assert torch.equal(q[t].double(), ref_q32)
+        # Each row's largest element maps to +-127.
+        if ref_scale > 0:
+            assert int(q[t].abs().max()) == 127
+
+
+def test_quantize_empty_nonfinite_and_meta():
+    q, scale = quantize_per_token_int8(torch.zeros(0, 16, dtype=torch.bfloat16))
+    assert q.shape == (0, 16) and scale.shape == (0,)
+    x = torch.ones(3, 4)
+    x[1, 2] = float("inf")
+    x[2, 0] = float("nan")
+    _, scale = quantize_per_token_int8(x)
+    assert scale[0] == 1 / 127 and scale[1] == float("inf") and scale[2].isnan()
+    q, scale = quantize_per_token_int8(torch.empty(5, 7, dtype=torch.float16, device="meta"))
+    assert q.device.type == "meta" and q.dtype == torch.int8 and scale.shape == (5,)
+
+
+def test_quantize_errors():
+    with pytest.raises(TypeError, match="x.*bfloat16, float16 or float32.*float64"):
+        quantize_per_token_int8(torch.zeros(2, 3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="x.*int8"):
+        quantize_per_token_int8(torch.zeros(2, 3, dtype=torch.int8))
+    with pytest.raises(ValueError, match=r"x.*2-D.*\(6,\)"):
+        quantize_per_token_int8(torch.zeros(6))
+    with pytest.raises(ValueError, match=r"x.*H >= 1.*\(2, 0\)"):
+        quantize_per_token_int8(torch.zeros(2, 0))
+    with pytest.raises(TypeError, match="x.*Tensor.*list"):
+        quantize_per_token_int8([[1.0]])
+
+
+# ----------------------------------------------------------------------------- grouped MLP
+
+
+def _run_grouped_case(gen, num_experts, inter, hidden, counts, padding, as_tensor):
+    w13, w13_scale, w2, w2_scale = _make_weights(gen, num_experts, hidden, inter)
+    w1, w1_scale = permute_gmm1_weight(w13, w13_scale)
+    num_rows = sum(counts) + padding
+    xq = torch.randint(-127, 128, (num_rows, hidden), generator=gen, dtype=torch.int8)
+    xq[0, :3] = -128  # the int8 minimum is a legal input even though our quantizer never emits it
+    x_scale = (0.5 + torch.rand(num_rows, generator=gen)) * 0.01
+    if num_rows > 1:
+        xq[1] = 0  # an all-zero row, as quantize_per_token_int8 emits it
+        x_scale[1] = 0
+    rows = torch.tensor(counts, dtype=torch.int64) if as_tensor else counts
+    out = grouped_swiglu_mlp_int8(xq, x_scale, rows, w1, w1_scale, w2, w2_scale)
+    assert out.shape == (num_rows, hidden) and out.dtype == torch.bfloat16
+
+    expert_of_row = [e for e, c in enumerate(counts) for _ in range(c)]
+    for row, e in enumerate(expert_of_row):
+        y, tol = ref_expert_row(xq[row], x_scale[row].item(), w13[e], w13_scale[e], w2[e], w2_scale[e])
+        assert_bf16_matches(out[row], y, tol, f"row {row} (expert {e})")
+    assert not out[len(expert_of_row) :].any(), "padding rows past the counts must be zero"
+    if num_rows > 1 and counts[0] > 1:
+        assert not out[1].any()
+
+
+@pytest.mark.parametrize("hidden", [128, 200])
+@pytest.mark.parametrize("inter", [64, 192])
+@pytest.mark.parametrize("num_experts", [1, 3])
+def test_grouped_mlp_matches_reference(num_experts, inter, hidden):
+    gen = torch.Generator().manual_seed(1000 * num_experts + 10 * inter + hidden)
+    counts = [11] if num_experts == 1 else [5, 0, 9]  # uneven, one expert without rows
+    _run_grouped_case(gen, num_experts, inter, hidden, counts, padding=3, as_tensor=(hidden == 200))
+
+
+@pytest.mark.parametrize("path", ["int_mm", "float32"])
+def test_grouped_mlp_large_hidden_exact_accumulation(monkeypatch, path):
+    # H = 2100 > 1024: a plain float32 GEMM over int8 values could round partial sums.
+    if path == "float32":
+        monkeypatch.setattr(fused, "_cpu_int_mm_is_exact", lambda: False)
+    elif not fused._cpu_int_mm_is_exact():
+        pytest.skip("torch._int_mm is not exact on this CPU; the float32 path is used")
+    gen = torch.Generator().manual_seed(7)
+    _run_grouped_case(gen, 2, 128, 2100, [4, 3], padding=1, as_tensor=False)
+
+
+@pytest.mark.parametrize("k", [2100, 140_000])
+def test_int8_matmul_paths_are_exact(monkeypatch, k):
+    gen = torch.Generator().manual_seed(k)
+    a = torch.randint(-128, 128, (3, k), generator=gen, dtype=torch.int8)
+    b = torch.randint(-128, 128, (k, 5), generator=gen, dtype=torch.int8)
+    a[0], b[:, 0] = 127, 127  # partial sums 16129 * j: odd, past 2^24 (float32) for j > 1040
+    a[1], b[:, 1] = -128, -128  # 16384 * 140000 > 2^31: past int32 for the larger k
+    exact = (a.double() @ b.double()).float()  # float64 holds these sums exactly
+    results = {"float32": None}
+    if fused._cpu_int_mm_is_exact():
+        results["int_mm"] = fused._int8_matmul_exact(a, b)
+    monkeypatch.setattr(fused, "_cpu_int_mm_is_exact", lambda: False)
+    results["float32"] = fused._int8_matmul_exact(a, b)
+    for name, got in results.items():
+        assert torch.equal(got, exact), name
+
+
+def test_grouped_mlp_paths_agree_bitwise(monkeypatch):
+    if not fused._cpu_int_mm_is_exact():
+        pytest.skip("torch._int_mm is not exact on this CPU")
+    gen = torch.Generator().manual_seed(11)
+    w13, w13_scale, w2, w2_scale = _make_weights(gen, 2, 1500, 64)
+    w1, w1_scale = permute_gmm1_weight(w13, w13_scale)
+    xq = torch.randint(-127, 128, (9, 1500), generator=gen, dtype=torch.int8)
+    x_scale = torch.rand(9, generator=gen) * 0.01
+    args = (xq, x_scale, [5, 3], w1, w1_scale, w2, w2_scale)
+    via_int_mm = grouped_swiglu_mlp_int8(*args)
+    monkeypatch.setattr(fused, "_cpu_int_mm_is_exact", lambda: False)
+    assert torch.equal(grouped_swiglu_mlp_int8(*args), via_int_mm)
+
+
+def test_single_rank_moe_matches_per_token_reference():
+    """quantize -> expert-major expansion (what dispatch does) -> grouped MLP -> combine."""
+    gen = torch.Generator().manual_seed(5)
+    num_tokens, topk, num_experts, hidden, inter = 13, 3, 4, 136, 128
+    w13, w13_scale, w2, w2_scale = _make_weights(gen, num_experts, hidden, inter)
+    w1, w1_scale = permute_gmm1_weight(w13, w13_scale)
+    x = torch.randn(num_tokens, hidden, generator=gen).to(torch.bfloat16)
+    x[2] = 0
+    topk_idx = torch.stack([torch.randperm(num_experts, generator=gen)[:topk] for _ in range(num_tokens)])
+    topk_idx[0, 1] = -1
+    topk_idx[4] = -1  # a token with no expert gets zeros
+    topk_weights = torch.rand(num_tokens, topk, generator=gen)
+
+    xq, x_scale = quantize_per_token_int8(x)
+    src = [(t, k) for e in range(num_experts) for t in range(num_tokens) for k in range(topk) if topk_idx[t, k] == e]
+    counts = [int((topk_idx == e).sum()) for e in range(num_experts)]
+    tok = torch.tensor([t for t, _ in src] + [0, 0])  # two padding rows with real data in them
+    y = grouped_swiglu_mlp_int8(xq[tok], x_scale[tok], counts, w1, w1_scale, w2, w2_scale)
+    combined = torch.zeros(num_tokens, hidden, dtype=torch.float32)
+    for row, (t, k) in enumerate(src):
+        combined[t] += topk_weights[t, k] * y[row].float()
+    out = combined.to(torch.bfloat16)
+
+    for t in range(num_tokens):
+        ref, tol = ref_moe_token(x[t], topk_idx[t], topk_weights[t], w13, w13_scale, w2, w2_scale)
+        assert_bf16_matches(out[t], ref, tol, f"token {t}")
+    assert not out[4].any() and not out[2].any()
+
+
+def test_grouped_mlp_empty_and_all_padding():
+    w1 = torch.zeros(2, 16, 128, dtype=torch.int8)
+    args = (torch.ones(2, 128), w1.new_zeros(2, 64, 16), torch.ones(2, 16))
+    out = grouped_swiglu_mlp_int8(torch.zeros(0, 16, dtype=torch.int8), torch.zeros(0), [0, 0], w1, *args)
+    assert out.shape == (0, 16)
+    out = grouped_swiglu_mlp_int8(torch.ones(4, 16, dtype=torch.int8), torch.ones(4), [0, 0], w1, *args)
+    assert out.dtype == torch.bfloat16 and not out.any()
+
+
+def _valid_args():
+    num_experts, hidden, inter, rows = 2, 8, 64, 5
+    return dict(
+        xq=torch.zeros(rows, hidden, dtype=torch.int8),
+        x_scale=torch.zeros(rows),
+        rows_per_expert=[2, 3],
+        w1=torch.zeros(num_experts, hidden, 2 * inter, dtype=torch.int8),
+        w1_scale=torch.zeros(num_experts, 2 * inter),
+        w2=torch.zeros(num_experts, inter, hidden, dtype=torch.int8),
+        w2_scale=torch.zeros(num_experts, hidden),
+    )
+
+
+@pytest.mark.parametrize(
+    "name,value,exc,pattern",
+    [
+        ("xq", torch.zeros(5, 8), TypeError, r"xq.*int8.*float32"),
+        ("xq", torch.zeros(5, 9, dtype=torch.int8), ValueError, r"w1.*\(2, 9, 128\).*\(2, 8, 128\)"),
+        ("xq", torch.zeros(5, 0, dtype=torch.int8), ValueError, r"xq.*H >= 1"),
+        ("xq", [[0]], TypeError, r"xq.*Tensor.*list"),
+        ("x_scale", torch.zeros(4), ValueError, r"x_scale.*\(5,\).*\(4,\)"),
+        ("x_scale", torch.zeros(5, dtype=torch.bfloat16), TypeError, r"x_scale.*float32.*bfloat16"),
+        ("w1", torch.zeros(2, 8, 192, dtype=torch.int8), ValueError, r"w1\.shape\[2\].*multiple of 128.*192"),
+        ("w1", torch.zeros(2, 8, 128, dtype=torch.uint8), TypeError, r"w1.*int8.*uint8"),
+        ("w1", torch.zeros(0, 8, 128, dtype=torch.int8), ValueError, r"w1.*L >= 1"),
+        ("w1", torch.zeros(8, 128, dtype=torch.int8), ValueError, r"w1.*3-D"),
+        ("w1_scale", torch.zeros(3, 128), ValueError, r"w1_scale.*\(2, 128\).*\(3, 128\)"),
+        ("w2", torch.zeros(3, 64, 8, dtype=torch.int8), ValueError, r"w2.*\(2, 64, 8\).*\(3, 64, 8\)"),
+        ("w2", torch.zeros(2, 128, 8, dtype=torch.int8), ValueError, r"w2.*\(2, 64, 8\)"),
+        ("w2_scale", torch.zeros(2, 9), ValueError, r"w2_scale.*\(2, 8\).*\(2, 9\)"),
+        ("rows_per_expert", [5], ValueError, r"rows_per_expert.*2 entries.*1 entries"),
+        ("rows_per_expert", [3, 3], ValueError, r"rows_per_expert.*at most 5.*sum 6"),
+        ("rows_per_expert", [-1, 3], ValueError, r"rows_per_expert.*non-negative"),
+        ("rows_per_expert", [1.0, 3], TypeError, r"rows_per_expert.*ints.*float"),
+        ("rows_per_expert", [True, 3], TypeError, r"rows_per_expert.*ints"),
+        ("rows_per_expert", torch.tensor([2.0, 3.0]), TypeError, r"rows_per_expert.*int64.*float32"),
+        ("rows_per_expert", torch.tensor([[2, 3]]), ValueError, r"rows_per_expert.*1-D"),
+        ("rows_per_expert", 5, TypeError, r"rows_per_expert.*list of ints.*int"),
+        ("w2_scale", torch.zeros(2, 8, device="meta"), ValueError, r"w2_scale.*device cpu.*meta"),
+    ],
+)
+def test_grouped_mlp_errors(name, value, exc, pattern):
+    args = _valid_args()
+    args[name] = value
+    with pytest.raises(exc, match=pattern):
+        grouped_swiglu_mlp_int8(**args)
+
+
+def test_grouped_mlp_valid_args_pass():
+    out = grouped_swiglu_mlp_int8(**_valid_args())
+    assert out.shape == (5, 8) and not out.any()
