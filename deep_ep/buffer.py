@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from . import layout, ops
 from .config import Config
+from .pool import OutputPool
 from .transport import collective, shm
 from .transport.fields import as_byte_rows
 from .utils import (FLOAT_DTYPES, NATIVE_DTYPE_CODES, EventOverlap, check_one_of, check_tensor,
@@ -144,6 +145,7 @@ class Buffer:
         self.shm: Optional[shm.NodeShm] = None
         if normal_strategy == "default" and self.num_nodes == 1:
             self.shm = shm.NodeShm(self.comm, self.local_ranks, self.num_nvl_bytes, "deep_ep normal mode")
+        self.pool = OutputPool()
         self.destroyed = False
 
     # ---- topology --------------------------------------------------------------------------------
@@ -211,6 +213,7 @@ class Buffer:
         if self.shm is not None:
             self.shm.close()
             self.shm = None
+        self.pool.clear()
         self.destroyed = True
 
     def __del__(self) -> None:
@@ -360,7 +363,7 @@ class Buffer:
                 raise ValueError(f"num_worst_tokens={num_worst_tokens} is too small: ranks {over} receive "
                                  f"{[int(plan.rows_per_rank[r]) for r in over]} rows")
             out_rows = num_worst_tokens or plan.num_recv_rows
-            outs = [torch.empty(out_rows, width, dtype=dtype) for dtype, width in kinds]
+            outs = [self.pool.empty((out_rows, width), dtype) for dtype, width in kinds]
             src_rank = torch.full((out_rows,), -1, dtype=torch.int64)
             src_idx = torch.full((out_rows,), -1, dtype=torch.int64)
             state_box.update(plan=plan, outs=outs, src_rank=src_rank, src_idx=src_idx)
@@ -448,7 +451,7 @@ class Buffer:
         plan = state.plan
         header = torch.tensor([OP_CACHED_DISPATCH, state.num_tokens, hidden, 0, plan.num_experts, dtype_code,
                                1 if len(kinds) == 2 else 0, 0, state.num_out_rows], dtype=torch.int64)
-        outs = [torch.empty(state.num_out_rows, width, dtype=dtype) for dtype, width in kinds]
+        outs = [self.pool.empty((state.num_out_rows, width), dtype) for dtype, width in kinds]
         out_bytes = [as_byte_rows(o) for o in outs]
 
         def check(meta_all: torch.Tensor) -> None:
@@ -510,7 +513,7 @@ class Buffer:
         for i, b in enumerate(biases):
             check_tensor(f"bias[{i}]", b, dtypes=FLOAT_DTYPES, shape=(num_tokens, state.hidden))
         x = x.contiguous()
-        out = torch.empty(num_tokens, state.hidden, dtype=x.dtype)
+        out = self.pool.empty((num_tokens, state.hidden), x.dtype)
         header = torch.tensor([OP_COMBINE, num_tokens, state.hidden, num_topk, plan.num_experts,
                                NATIVE_DTYPE_CODES[x.dtype], 0, 0, state.num_out_rows], dtype=torch.int64)
 

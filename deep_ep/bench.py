@@ -1,0 +1,149 @@
+"""The main job: a short multi-rank dispatch/combine run on local CPU ranks.
+
+    python -m deep_ep.bench                        # 2 ranks, normal mode, checked, then timed
+    python -m deep_ep.bench --num-processes 4 --int8
+
+Every rank first checks one dispatch/combine against the pure-torch reference, then
+times each strategy; all figures in the table come from this one run:
+  - dispatch / combine time (slowest rank, median over iterations) and GB/s
+    (bytes of recv_x / time),
+  - plain memcpy GB/s of the same bytes, copied by every rank at the same time,
+  - the ratio between the strategies.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable, Dict, List
+
+import torch
+import torch.distributed as dist
+
+from . import Buffer
+from .reference import quantize_reference, reference_combine, reference_dispatch
+from .testing import spawn_ranks
+
+
+def make_rank_inputs(rank: int, args: argparse.Namespace):
+    generator = torch.Generator().manual_seed(rank)
+    num_tokens = args.num_tokens
+    x = torch.randn(num_tokens, args.hidden, generator=generator).to(torch.bfloat16)
+    scores = torch.rand(num_tokens, args.num_experts, generator=generator)
+    topk_idx = scores.topk(args.num_topk, dim=1).indices
+    topk_weights = torch.softmax(scores.gather(1, topk_idx), dim=1)
+    return x, topk_idx, topk_weights
+
+
+def timed(group: dist.ProcessGroup, fn: Callable[[], object], iters: int) -> float:
+    """Median over iterations of the slowest rank's time, in seconds (ranks start together)."""
+    times = []
+    for _ in range(iters):
+        dist.barrier(group)
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    slowest = torch.tensor(times, dtype=torch.float64)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
+    return statistics.median(slowest.tolist())
+
+
+def recv_bytes(recv_x) -> int:
+    if isinstance(recv_x, tuple):
+        return recv_x[0].numel() + recv_x[1].numel() * 4
+    return recv_x.numel() * recv_x.element_size()
+
+
+def check_against_reference(rank: int, group, buffer: Buffer, args, x, topk_idx, topk_weights, quant: str) -> None:
+    everyone: List = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, (x, topk_idx, topk_weights), group=group)
+    _, _, per_expert, _, _ = buffer.get_dispatch_layout(topk_idx, args.num_experts)
+    recv_x, _, _, counts, handle, _ = buffer.dispatch(x, num_tokens_per_expert=per_expert, topk_idx=topk_idx,
+                                                      topk_weights=topk_weights, quant_mode=quant)
+    ref = reference_dispatch([e[0] for e in everyone], [e[1] for e in everyone], [e[2] for e in everyone],
+                             args.num_experts, rank)
+    if quant == "int8":
+        q_ref, scale_ref = quantize_reference(ref["x"])
+        ok = bool(((recv_x[0].int() - q_ref.int()).abs() <= 1).all()) and \
+            torch.allclose(recv_x[1].double(), scale_ref, rtol=1e-6, atol=0)
+        y = (recv_x[0].float() * recv_x[1].unsqueeze(1)).to(torch.bfloat16)
+    else:
+        ok = torch.equal(recv_x, ref["x"])
+        y = recv_x
+    if not ok or counts != ref["rows_per_expert"]:
+        raise AssertionError(f"rank {rank}: dispatch differs from the reference")
+    combined, _, _ = buffer.combine(y, handle)
+    x_used = x.float() if quant == "bf16" else \
+        (lambda q: q[0].double() * q[1].unsqueeze(1))(quantize_reference(x)).float()
+    selection = x_used.to(torch.bfloat16).unsqueeze(1).expand(-1, args.num_topk, -1)
+    expected = reference_combine(selection, topk_idx, topk_weights)
+    if not torch.allclose(combined.double(), expected, rtol=2e-2, atol=5e-2 if quant == "int8" else 2e-2):
+        raise AssertionError(f"rank {rank}: combine differs from the reference")
+
+
+def bench_rank(rank: int, num_ranks: int, group, args: argparse.Namespace) -> None:
+    x, topk_idx, topk_weights = make_rank_inputs(rank, args)
+    quant = "int8" if args.int8 else "bf16"
+    rows: Dict[str, Dict[str, float]] = {}
+    for strategy in ("default", "alltoall"):
+        buffer = Buffer(group, num_nvl_bytes=args.nvl_bytes, normal_strategy=strategy)
+        check_against_reference(rank, group, buffer, args, x, topk_idx, topk_weights, quant)
+        per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, args.num_experts)
+        kwargs = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                      topk_idx=topk_idx, topk_weights=topk_weights, quant_mode=quant)
+        result = {}
+
+        def dispatch():
+            result["out"] = buffer.dispatch(x, **kwargs)
+
+        for _ in range(args.warmup):
+            dispatch()
+        dispatch_s = timed(group, dispatch, args.iters)
+        recv_x, handle = result["out"][0], result["out"][4]
+        y = (recv_x[0].float() * recv_x[1].unsqueeze(1)).to(torch.bfloat16) if quant == "int8" else recv_x
+        for _ in range(args.warmup):
+            buffer.combine(y, handle)
+        combine_s = timed(group, lambda: buffer.combine(y, handle), args.iters)
+        rows[strategy] = dict(dispatch=dispatch_s, combine=combine_s, bytes=recv_bytes(recv_x),
+                              combine_bytes=y.numel() * y.element_size())
+        buffer.destroy()
+        del result, recv_x, handle, y
+    # memcpy of the same bytes, every rank copying at the same time as in dispatch.
+    nbytes = rows["default"]["bytes"]
+    src, dst = torch.empty(nbytes, dtype=torch.uint8).fill_(1), torch.empty(nbytes, dtype=torch.uint8).fill_(0)
+    memcpy_s = timed(group, lambda: dst.copy_(src), args.iters)
+    if rank != 0:
+        return
+    gbps = lambda n, s: n / s / 1e9  # noqa: E731
+    print(f"\ndeep_ep normal mode: {num_ranks} ranks, {args.num_tokens} tokens/rank, hidden {args.hidden}, "
+          f"top-{args.num_topk} of {args.num_experts} experts, dispatch {quant}, combine bf16 "
+          f"(rank 0 receives {nbytes / 1e6:.1f} MB)")
+    print(f"{'strategy':<22}{'dispatch us':>13}{'GB/s':>8}{'combine us':>13}{'GB/s':>8}{'total us':>12}")
+    for name, label in (("default", "default (shm)"), ("alltoall", "alltoall (gloo)")):
+        r = rows[name]
+        print(f"{label:<22}{r['dispatch'] * 1e6:>13.0f}{gbps(r['bytes'], r['dispatch']):>8.2f}"
+              f"{r['combine'] * 1e6:>13.0f}{gbps(r['combine_bytes'], r['combine']):>8.2f}"
+              f"{(r['dispatch'] + r['combine']) * 1e6:>12.0f}")
+    print(f"{'memcpy (same bytes)':<22}{memcpy_s * 1e6:>13.0f}{gbps(nbytes, memcpy_s):>8.2f}")
+    total = {k: v["dispatch"] + v["combine"] for k, v in rows.items()}
+    print(f"default vs alltoall, dispatch+combine: {total['alltoall'] / total['default']:.2f}x faster")
+    print(f"default dispatch GB/s vs memcpy GB/s: {memcpy_s / rows['default']['dispatch']:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-processes", type=int, default=2, help="local CPU ranks")
+    parser.add_argument("--num-tokens", type=int, default=1024, help="tokens per rank")
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--num-topk", type=int, default=8)
+    parser.add_argument("--num-experts", type=int, default=32)
+    parser.add_argument("--int8", action="store_true", help="per-token int8 dispatch")
+    parser.add_argument("--nvl-bytes", type=int, default=256 << 20, help="shared-memory bytes per rank")
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+    spawn_ranks(bench_rank, args.num_processes, args)
+
+
+if __name__ == "__main__":
+    main()
