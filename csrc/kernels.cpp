@@ -1,5 +1,7 @@
 #include "kernels.hpp"
 
+#include "cpu.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -9,9 +11,6 @@
 namespace deep_ep {
 
 namespace {
-
-// Below this much work per thread, starting threads costs more than it saves.
-constexpr std::size_t kBytesPerThread = 1 << 20;
 
 float bf16_to_float(std::uint16_t v) {
     std::uint32_t bits = static_cast<std::uint32_t>(v) << 16;
@@ -23,9 +22,11 @@ float bf16_to_float(std::uint16_t v) {
 std::uint16_t float_to_bf16(float f) {
     std::uint32_t bits;
     std::memcpy(&bits, &f, sizeof(bits));
-    if (std::isnan(f)) return 0x7FC0;
-    bits += 0x7FFF + ((bits >> 16) & 1);  // round to nearest even, as torch does
-    return static_cast<std::uint16_t>(bits >> 16);
+    // Round to nearest even, as torch does; NaN becomes the canonical quiet NaN. Branch-free, so
+    // the row loops vectorize.
+    const std::uint32_t rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16;
+    const bool nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
+    return static_cast<std::uint16_t>(nan ? 0x7FC0u : rounded);
 }
 
 float f16_to_float(std::uint16_t h) {
@@ -75,26 +76,7 @@ std::uint16_t float_to_f16(float f) {
     return sign | static_cast<std::uint16_t>(value >> 13);
 }
 
-template <typename Fn>
-void parallel_for(std::size_t n, std::size_t bytes, int num_threads, Fn&& fn) {
-    std::size_t threads = std::max(1, num_threads);
-    threads = std::min<std::size_t>(threads, std::max<std::size_t>(1, bytes / kBytesPerThread));
-    threads = std::min(threads, std::max<std::size_t>(1, n));
-    if (threads <= 1) {
-        fn(0, n);
-        return;
-    }
-    std::vector<std::thread> workers;
-    workers.reserve(threads - 1);
-    const std::size_t chunk = (n + threads - 1) / threads;
-    for (std::size_t t = 1; t < threads; ++t) {
-        const std::size_t begin = std::min(n, t * chunk), end = std::min(n, begin + chunk);
-        workers.emplace_back([&fn, begin, end] { fn(begin, end); });
-    }
-    fn(0, std::min(n, chunk));
-    for (auto& w : workers) w.join();
-}
-
+DEEP_EP_VECTORIZED
 void load_row(const std::uint8_t* row, Dtype dtype, std::size_t hidden, float* out) {
     switch (dtype) {
         case Dtype::Float32:
@@ -113,6 +95,7 @@ void load_row(const std::uint8_t* row, Dtype dtype, std::size_t hidden, float* o
     }
 }
 
+DEEP_EP_VECTORIZED
 void store_row(const float* acc, Dtype dtype, std::size_t hidden, std::uint8_t* row) {
     switch (dtype) {
         case Dtype::Float32:
@@ -132,6 +115,7 @@ void store_row(const float* acc, Dtype dtype, std::size_t hidden, std::uint8_t* 
 }
 
 // acc += weight * row, one element at a time in a fixed order (no FMA: see CMake flags).
+DEEP_EP_VECTORIZED
 void accumulate_row(float* acc, const std::uint8_t* row, Dtype dtype, std::size_t hidden, float weight) {
     switch (dtype) {
         case Dtype::Float32: {
@@ -156,6 +140,35 @@ void accumulate_row(float* acc, const std::uint8_t* row, Dtype dtype, std::size_
 
 std::size_t dtype_size(Dtype dtype) { return dtype == Dtype::Float32 ? 4 : 2; }
 
+DEEP_EP_VECTORIZED
+float quantize_row(const std::uint8_t* row, Dtype dtype, std::size_t hidden, float* scratch, std::int8_t* q) {
+    load_row(row, dtype, hidden, scratch);
+    // max |x| over the bits of |x| (ordered like the values); NaN is skipped as std::max skips it.
+    std::int32_t max_bits = 0;  // signed compares vectorize on every x86-64 level
+    for (std::size_t h = 0; h < hidden; ++h) {
+        std::int32_t bits;
+        std::memcpy(&bits, &scratch[h], sizeof(bits));
+        bits &= 0x7FFFFFFF;
+        bits = bits > 0x7F800000 ? 0 : bits;
+        max_bits = bits > max_bits ? bits : max_bits;
+    }
+    float amax;
+    std::memcpy(&amax, &max_bits, sizeof(amax));
+    const float scale = amax / 127.0f;
+    if (scale == 0.0f) {
+        std::memset(q, 0, hidden);
+        return scale;
+    }
+    // (v + 1.5 * 2^23) - 1.5 * 2^23 rounds |v| <= 2^22 to nearest even: std::nearbyint, vectorizable.
+    constexpr float kRound = 12582912.0f;
+    for (std::size_t h = 0; h < hidden; ++h) {
+        float v = scratch[h] / scale;
+        v = (v + kRound) - kRound;
+        q[h] = static_cast<std::int8_t>(std::min(127.0f, std::max(-127.0f, v)));
+    }
+    return scale;
+}
+
 void copy_rows(std::uint8_t* dst, std::size_t dst_stride, const std::vector<const std::uint8_t*>& srcs,
                std::size_t src_stride, const std::int32_t* src_rank, const std::int64_t* src_row,
                const std::int64_t* dst_row, std::size_t n, std::size_t row_bytes, int num_threads) {
@@ -173,22 +186,8 @@ void quantize_int8(const void* x, Dtype dtype, std::size_t rows, std::size_t hid
     const std::size_t stride = hidden * dtype_size(dtype);
     parallel_for(rows, rows * stride, num_threads, [&](std::size_t begin, std::size_t end) {
         std::vector<float> row(hidden);
-        for (std::size_t r = begin; r < end; ++r) {
-            load_row(base + r * stride, dtype, hidden, row.data());
-            float amax = 0.0f;
-            for (float v : row) amax = std::max(amax, std::fabs(v));
-            const float scale = amax / 127.0f;
-            scales[r] = scale;
-            std::int8_t* out = q + r * hidden;
-            if (scale == 0.0f) {
-                std::memset(out, 0, hidden);
-                continue;
-            }
-            for (std::size_t h = 0; h < hidden; ++h) {
-                const float v = std::nearbyint(row[h] / scale);
-                out[h] = static_cast<std::int8_t>(std::min(127.0f, std::max(-127.0f, v)));
-            }
-        }
+        for (std::size_t r = begin; r < end; ++r)
+            scales[r] = quantize_row(base + r * stride, dtype, hidden, row.data(), q + r * hidden);
     });
 }
 

@@ -23,6 +23,9 @@ void copy_rows(std::uint8_t* dst, std::size_t dst_stride, const std::vector<cons
 void quantize_int8(const void* x, Dtype dtype, std::size_t rows, std::size_t hidden, std::int8_t* q,
                    float* scales, int num_threads);
 
+// One row of quantize_int8: returns the scale, writes q [hidden]; scratch holds hidden floats.
+float quantize_row(const std::uint8_t* row, Dtype dtype, std::size_t hidden, float* scratch, std::int8_t* q);
+
 // out[t] = sum_k weights[t, k] * x[src_rank[t, k]][src_row[t, k]] (k ascending,
 // float32, entries with src_rank < 0 skipped) + bias0[t] + bias1[t].
 struct Bias {

@@ -9,11 +9,17 @@
 #include <string>
 
 #include "kernels.hpp"
+#include "routing.hpp"
 #include "shared_memory.hpp"
 #include "sync.hpp"
 
 namespace py = pybind11;
 using namespace deep_ep;
+
+namespace deep_ep {
+// Low-latency mode kernels (low_latency_bindings.cpp).
+void register_low_latency(py::module_& m);
+}  // namespace deep_ep
 
 namespace {
 
@@ -61,6 +67,7 @@ void poll_python_signals() {
 
 PYBIND11_MODULE(deep_ep_cpp, m) {
     m.doc() = "deep_ep native core: shared-memory segments, node barriers and row kernels";
+    register_low_latency(m);
 
     py::class_<SharedMemory>(m, "SharedMemory", py::buffer_protocol())
         .def(py::init<const std::string&, std::size_t, bool>(), py::arg("name"), py::arg("size"), py::arg("create"))
@@ -127,6 +134,40 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
         py::arg("src_stride"), py::arg("row_bytes"), py::arg("src_rank"), py::arg("src_row"), py::arg("dst_row"),
         py::arg("num_threads") = 1,
         "dst[dst_row[i]] = srcs[src_rank[i]][src_row[i]] (row_bytes each) for every i.");
+
+    m.def(
+        "expert_major_entries",
+        [](const Array<std::int64_t>& topk_idx, std::int64_t tokens, std::int64_t topk, std::int64_t expert_begin,
+           std::int64_t expert_end) {
+            if (tokens < 0 || topk < 0 || expert_end < expert_begin)
+                throw py::value_error("expert_major_entries: negative sizes or an empty expert range");
+            const auto* idx = checked_data(topk_idx, static_cast<std::size_t>(tokens * topk), "topk_idx");
+            const ExpertMajorSort sort(idx, tokens, topk, expert_begin, expert_end);
+            const auto n = static_cast<py::ssize_t>(sort.count());
+            py::array_t<std::int64_t> token(n), k(n), expert(n), within(n);
+            std::int64_t* outs[] = {token.mutable_data(), k.mutable_data(), expert.mutable_data(),
+                                    within.mutable_data()};
+            {
+                py::gil_scoped_release release;
+                sort.fill(outs[0], outs[1], outs[2], outs[3]);
+            }
+            return py::make_tuple(token, k, expert, within);
+        },
+        py::arg("topk_idx"), py::arg("tokens"), py::arg("topk"), py::arg("expert_begin"), py::arg("expert_end"),
+        "(token, k, expert, index within the expert) of the selections in [expert_begin, expert_end), "
+        "ordered by expert then token.");
+
+    m.def(
+        "localize_experts",
+        [](py::array_t<std::int64_t, py::array::c_style> topk_idx, std::int64_t expert_begin,
+           std::int64_t experts_per_rank) {
+            auto* data = topk_idx.mutable_data();
+            const auto n = static_cast<std::size_t>(topk_idx.size());
+            py::gil_scoped_release release;
+            localize_experts(data, n, expert_begin, experts_per_rank);
+        },
+        py::arg("topk_idx"), py::arg("expert_begin"), py::arg("experts_per_rank"),
+        "In place: global expert ids to local ids [0, experts_per_rank), others to -1.");
 
     m.def(
         "quantize_int8",

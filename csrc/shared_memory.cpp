@@ -6,6 +6,7 @@
 #include <stdexcept>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 namespace deep_ep {
@@ -22,6 +23,20 @@ struct FdGuard {
 
 std::string errno_text(int err) { return std::string(std::strerror(err)); }
 
+// The creator could not reserve the segment: say how much was needed, what /dev/shm has, and the fix.
+std::string no_space_text(int fd, std::size_t size, int err) {
+    std::string space;
+    struct statvfs fs{};
+    if (::fstatvfs(fd, &fs) == 0) {
+        space = "; /dev/shm has " + std::to_string(static_cast<unsigned long long>(fs.f_bavail) * fs.f_frsize) +
+                " of " + std::to_string(static_cast<unsigned long long>(fs.f_blocks) * fs.f_frsize) + " bytes free";
+    }
+    return "deep_ep: cannot allocate " + std::to_string(size) + " bytes of shared memory in /dev/shm (" +
+           errno_text(err) + space +
+           "). Give the container a larger /dev/shm (for example docker run --shm-size=8g) "
+           "or pass a smaller num_nvl_bytes / num_rdma_bytes to deep_ep.Buffer.";
+}
+
 }  // namespace
 
 SharedMemory::SharedMemory(const std::string& name, std::size_t size, bool create)
@@ -34,19 +49,15 @@ SharedMemory::SharedMemory(const std::string& name, std::size_t size, bool creat
     }
     if (create) {
         if (::ftruncate(guard.fd, static_cast<off_t>(size)) != 0) {
-            const int err = errno;
+            const std::string text = no_space_text(guard.fd, size, errno);
             ::shm_unlink(name.c_str());
-            throw std::runtime_error("deep_ep: cannot size shared memory " + name + " to " +
-                                     std::to_string(size) + " bytes: " + errno_text(err));
+            throw std::runtime_error(text);
         }
         const int err = ::posix_fallocate(guard.fd, 0, static_cast<off_t>(size));
         if (err != 0) {
+            const std::string text = no_space_text(guard.fd, size, err);
             ::shm_unlink(name.c_str());
-            throw std::runtime_error(
-                "deep_ep: cannot allocate " + std::to_string(size) +
-                " bytes of shared memory in /dev/shm (" + errno_text(err) +
-                "). Give the container a larger /dev/shm (for example docker run --shm-size=8g) "
-                "or pass a smaller num_nvl_bytes / num_rdma_bytes to deep_ep.Buffer.");
+            throw std::runtime_error(text);
         }
     } else {
         struct stat st{};

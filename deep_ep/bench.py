@@ -2,11 +2,13 @@
 
     python -m deep_ep.bench                        # 2 ranks, normal mode, checked, then timed
     python -m deep_ep.bench --num-processes 4 --int8
+    python -m deep_ep.bench --mode low_latency     # 128 tokens per rank (Nmax 128), int8 dispatch
 
 Every rank first checks one dispatch/combine against the pure-torch reference, then
 times each strategy; all figures in the table come from this one run:
   - dispatch / combine time (slowest rank, median over iterations) and GB/s
-    (bytes of recv_x / time),
+    (bytes received on rank 0 / time; in low-latency mode the rows that hold data, at the bytes
+    the format moves per (token, expert) selection: int8 = H + 4 scale bytes, bf16 = 2H),
   - plain memcpy GB/s of the same bytes, copied by every rank at the same time,
   - the ratio between the strategies.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Callable, Dict, List
 
 import torch
@@ -23,6 +26,16 @@ import torch.distributed as dist
 from . import Buffer
 from .reference import quantize_reference, reference_combine, reference_dispatch
 from .testing import spawn_ranks
+
+
+@dataclass
+class Timing:
+    """One strategy's figures for the table."""
+
+    dispatch: float  # seconds
+    combine: float
+    bytes: int  # dispatch bytes received on rank 0
+    combine_bytes: int
 
 
 def make_rank_inputs(rank: int, args: argparse.Namespace):
@@ -35,14 +48,17 @@ def make_rank_inputs(rank: int, args: argparse.Namespace):
     return x, topk_idx, topk_weights
 
 
-def timed(group: dist.ProcessGroup, fn: Callable[[], object], iters: int) -> float:
-    """Median over iterations of the slowest rank's time, in seconds (ranks start together)."""
+def timed(group: dist.ProcessGroup, fn: Callable[[], object], iters: int, batch: int = 1) -> float:
+    """Median over iterations of the slowest rank's time per call, in seconds (ranks start together).
+    With batch > 1 an iteration times `batch` calls in a row, so that the ranks' skew on leaving the
+    barrier (tens of microseconds) does not count as latency of a call that takes about as long."""
     times = []
     for _ in range(iters):
         dist.barrier(group)
         start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+        for _ in range(batch):
+            fn()
+        times.append((time.perf_counter() - start) / batch)
     slowest = torch.tensor(times, dtype=torch.float64)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
     return statistics.median(slowest.tolist())
@@ -81,10 +97,9 @@ def check_against_reference(rank: int, group, buffer: Buffer, args, x, topk_idx,
         raise AssertionError(f"rank {rank}: combine differs from the reference")
 
 
-def bench_rank(rank: int, num_ranks: int, group, args: argparse.Namespace) -> None:
+def bench_normal(rank: int, group, args: argparse.Namespace, quant: str) -> Dict[str, Timing]:
     x, topk_idx, topk_weights = make_rank_inputs(rank, args)
-    quant = "int8" if args.int8 else "bf16"
-    rows: Dict[str, Dict[str, float]] = {}
+    rows: Dict[str, Timing] = {}
     for strategy in ("default", "alltoall"):
         buffer = Buffer(group, num_nvl_bytes=args.nvl_bytes, normal_strategy=strategy)
         check_against_reference(rank, group, buffer, args, x, topk_idx, topk_weights, quant)
@@ -104,44 +119,136 @@ def bench_rank(rank: int, num_ranks: int, group, args: argparse.Namespace) -> No
         for _ in range(args.warmup):
             buffer.combine(y, handle)
         combine_s = timed(group, lambda: buffer.combine(y, handle), args.iters)
-        rows[strategy] = dict(dispatch=dispatch_s, combine=combine_s, bytes=recv_bytes(recv_x),
-                              combine_bytes=y.numel() * y.element_size())
+        rows[strategy] = Timing(dispatch_s, combine_s, recv_bytes(recv_x), y.numel() * y.element_size())
         buffer.destroy()
         del result, recv_x, handle, y
+    return rows
+
+
+def check_low_latency(rank: int, group, buffer: Buffer, args, x, topk_idx, topk_weights, use_fp8: bool) -> None:
+    everyone: List = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, (x, topk_idx, topk_weights), group=group)
+    recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(x, topk_idx, args.num_max_tokens,
+                                                                   args.num_experts, use_fp8=use_fp8)
+    ref = reference_dispatch([e[0] for e in everyone], [e[1] for e in everyone], [e[2] for e in everyone],
+                             args.num_experts, rank)
+    real = ref["x"].shape[0]
+    if use_fp8:
+        q_ref, scale_ref = quantize_reference(ref["x"])
+        ok = bool(((recv_x[0][:real].int() - q_ref.int()).abs() <= 1).all()) and \
+            torch.allclose(recv_x[1][:real].double(), scale_ref, rtol=1e-6, atol=0)
+        y = (recv_x[0].float() * recv_x[1].unsqueeze(1)).to(torch.bfloat16)
+    else:
+        ok = torch.equal(recv_x[:real], ref["x"])
+        y = recv_x
+    if not ok or recv_count.tolist() != ref["rows_per_expert"]:
+        raise AssertionError(f"rank {rank}: low_latency_dispatch differs from the reference")
+    combined, _, _ = buffer.low_latency_combine(y, topk_idx, topk_weights, handle)
+    x_used = x.float() if not use_fp8 else \
+        (lambda q: q[0].double() * q[1].unsqueeze(1))(quantize_reference(x)).float()
+    selection = x_used.to(torch.bfloat16).unsqueeze(1).expand(-1, args.num_topk, -1)
+    expected = reference_combine(selection, topk_idx, topk_weights)
+    if not torch.allclose(combined.double(), expected, rtol=2e-2, atol=5e-2 if use_fp8 else 2e-2):
+        raise AssertionError(f"rank {rank}: low_latency_combine differs from the reference")
+
+
+def bench_low_latency(rank: int, group, args: argparse.Namespace, quant: str) -> Dict[str, Timing]:
+    x, topk_idx, topk_weights = make_rank_inputs(rank, args)
+    num_ranks = dist.get_world_size(group)
+    use_fp8 = quant == "int8"
+    size = Buffer.get_low_latency_rdma_size_hint(args.num_max_tokens, args.hidden, num_ranks, args.num_experts)
+    rows: Dict[str, Timing] = {}
+    for strategy in ("default", "alltoall"):
+        buffer = Buffer(group, num_nvl_bytes=4096, num_rdma_bytes=size, low_latency_mode=True,
+                        low_latency_strategy=strategy)
+        check_low_latency(rank, group, buffer, args, x, topk_idx, topk_weights, use_fp8)
+        result = {}
+
+        def dispatch():
+            result["out"] = buffer.low_latency_dispatch(x, topk_idx, args.num_max_tokens, args.num_experts,
+                                                        use_fp8=use_fp8)
+
+        for _ in range(args.warmup):
+            dispatch()
+        dispatch_s = timed(group, dispatch, args.iters, args.batch)
+        recv_x, recv_count, handle = result["out"][:3]
+        y = (recv_x[0].float() * recv_x[1].unsqueeze(1)).to(torch.bfloat16) if use_fp8 else recv_x.clone()
+
+        def combine():
+            buffer.low_latency_combine(y, topk_idx, topk_weights, handle)
+
+        for _ in range(args.warmup):
+            combine()
+        combine_s = timed(group, combine, args.iters, args.batch)
+        selections = int(recv_count.sum())
+        per_selection = args.hidden + 4 if use_fp8 else 2 * args.hidden
+        rows[strategy] = Timing(dispatch_s, combine_s, selections * per_selection, selections * 2 * args.hidden)
+        buffer.destroy()
+        del result, recv_x, handle, y
+    return rows
+
+
+def bench_rank(rank: int, num_ranks: int, group, args: argparse.Namespace) -> None:
+    quant = args.quant or ("int8" if args.int8 or args.mode == "low_latency" else "bf16")
+    bench = bench_low_latency if args.mode == "low_latency" else bench_normal
+    rows = bench(rank, group, args, quant)
     # memcpy of the same bytes, every rank copying at the same time as in dispatch.
-    nbytes = rows["default"]["bytes"]
+    nbytes = torch.tensor([rows["default"].bytes], dtype=torch.int64)
+    dist.broadcast(nbytes, 0, group=group)
+    nbytes = int(nbytes)
     src, dst = torch.empty(nbytes, dtype=torch.uint8).fill_(1), torch.empty(nbytes, dtype=torch.uint8).fill_(0)
-    memcpy_s = timed(group, lambda: dst.copy_(src), args.iters)
+    for _ in range(args.warmup):
+        dst.copy_(src)
+    memcpy_s = timed(group, lambda: dst.copy_(src), args.iters, args.batch)
     if rank != 0:
         return
     gbps = lambda n, s: n / s / 1e9  # noqa: E731
-    print(f"\ndeep_ep normal mode: {num_ranks} ranks, {args.num_tokens} tokens/rank, hidden {args.hidden}, "
-          f"top-{args.num_topk} of {args.num_experts} experts, dispatch {quant}, combine bf16 "
+    tokens = f"{args.num_tokens} tokens/rank" + (f" (Nmax {args.num_max_tokens})" if args.mode == "low_latency" else "")
+    per_selection = ""
+    if args.mode == "low_latency":
+        per_selection = f", {args.hidden + 4 if quant == 'int8' else 2 * args.hidden} B per selection"
+    print(f"\ndeep_ep {args.mode.replace('_', '-')} mode: {num_ranks} ranks, {tokens}, hidden {args.hidden}, "
+          f"top-{args.num_topk} of {args.num_experts} experts, dispatch {quant}{per_selection}, combine bf16 "
           f"(rank 0 receives {nbytes / 1e6:.1f} MB)")
     print(f"{'strategy':<22}{'dispatch us':>13}{'GB/s':>8}{'combine us':>13}{'GB/s':>8}{'total us':>12}")
     for name, label in (("default", "default (shm)"), ("alltoall", "alltoall (gloo)")):
         r = rows[name]
-        print(f"{label:<22}{r['dispatch'] * 1e6:>13.0f}{gbps(r['bytes'], r['dispatch']):>8.2f}"
-              f"{r['combine'] * 1e6:>13.0f}{gbps(r['combine_bytes'], r['combine']):>8.2f}"
-              f"{(r['dispatch'] + r['combine']) * 1e6:>12.0f}")
+        print(f"{label:<22}{r.dispatch * 1e6:>13.0f}{gbps(r.bytes, r.dispatch):>8.2f}"
+              f"{r.combine * 1e6:>13.0f}{gbps(r.combine_bytes, r.combine):>8.2f}"
+              f"{(r.dispatch + r.combine) * 1e6:>12.0f}")
     print(f"{'memcpy (same bytes)':<22}{memcpy_s * 1e6:>13.0f}{gbps(nbytes, memcpy_s):>8.2f}")
-    total = {k: v["dispatch"] + v["combine"] for k, v in rows.items()}
+    total = {k: v.dispatch + v.combine for k, v in rows.items()}
     print(f"default vs alltoall, dispatch+combine: {total['alltoall'] / total['default']:.2f}x faster")
-    print(f"default dispatch GB/s vs memcpy GB/s: {memcpy_s / rows['default']['dispatch']:.2f}")
+    print(f"default dispatch GB/s vs memcpy GB/s: {memcpy_s / rows['default'].dispatch:.2f} "
+          f"(dispatch takes {rows['default'].dispatch / memcpy_s:.2f}x the memcpy time)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-processes", type=int, default=2, help="local CPU ranks")
-    parser.add_argument("--num-tokens", type=int, default=1024, help="tokens per rank")
+    parser.add_argument("--mode", choices=("normal", "low_latency"), default="normal")
+    parser.add_argument("--num-tokens", type=int, default=None,
+                        help="tokens per rank (default 1024; 128 in low-latency mode)")
+    parser.add_argument("--num-max-tokens", type=int, default=None,
+                        help="low-latency mode: num_max_dispatch_tokens_per_rank (default: --num-tokens)")
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--num-topk", type=int, default=8)
     parser.add_argument("--num-experts", type=int, default=32)
     parser.add_argument("--int8", action="store_true", help="per-token int8 dispatch")
+    parser.add_argument("--quant", choices=("bf16", "int8"), default=None,
+                        help="dispatch format (default: bf16 in normal mode unless --int8, int8 in low-latency)")
     parser.add_argument("--nvl-bytes", type=int, default=256 << 20, help="shared-memory bytes per rank")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=None,
+                        help="calls timed in a row per iteration (default 1; 20 in low-latency mode)")
     args = parser.parse_args()
+    if args.num_tokens is None:
+        args.num_tokens = 128 if args.mode == "low_latency" else 1024
+    if args.num_max_tokens is None:
+        args.num_max_tokens = args.num_tokens
+    if args.batch is None:
+        args.batch = 20 if args.mode == "low_latency" else 1
     spawn_ranks(bench_rank, args.num_processes, args)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 
@@ -46,12 +47,14 @@ def dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int,
 def expert_major_entries(topk_idx: torch.Tensor, expert_begin: int, expert_end: int):
     """The top-k entries of `topk_idx` [T, K] whose expert lies in [expert_begin, expert_end),
     ordered by expert then token: exactly the order in which their rows are laid out
-    on the receiving rank. Returns (token, k, expert), int64 [n] each."""
-    selected = (topk_idx >= expert_begin) & (topk_idx < expert_end)
-    token, k = selected.nonzero(as_tuple=True)
-    expert = topk_idx[token, k]
-    order = torch.argsort(expert * max(1, topk_idx.shape[0]) + token)
-    return token[order], k[order], expert[order]
+    on the receiving rank. Returns (token, k, expert, index within the expert's group),
+    int64 [n] each."""
+    import deep_ep_cpp  # a counting sort: one pass to count, one to place
+
+    topk_idx = topk_idx.contiguous()
+    entries = deep_ep_cpp.expert_major_entries(topk_idx.cpu().numpy().reshape(-1), topk_idx.shape[0],
+                                               topk_idx.shape[1], expert_begin, expert_end)
+    return tuple(torch.from_numpy(e) for e in entries)
 
 
 def positions_in_groups(group: torch.Tensor, num_groups: int) -> torch.Tensor:
@@ -105,12 +108,33 @@ class RoutingPlan:
         block = torch.repeat_interleave(torch.arange(count.numel()), count)
         return start[block] + positions_in_groups(block, count.numel())
 
-    def receive_positions(self, source: int, expert: torch.Tensor, already: torch.Tensor) -> torch.Tensor:
-        """Rows for a source's selections `expert` (global ids, sorted by expert then token)
-        of this rank, given `already` int64 [L] rows of that source placed before them."""
-        local = expert - self.rank * self.experts_per_rank
-        within = positions_in_groups(local, self.experts_per_rank)
-        return self.block_start[self.rank, local, source] + already[local] + within
+    def receive_rows(self, topk_window: torch.Tensor, origin_rank, origin_token: torch.Tensor,
+                     already: torch.Tensor):
+        """Where the published rows of one window land in this rank's received layout.
+
+        Args:
+            topk_window: int64 [w, K], the global top-k ids of the window's rows.
+            origin_rank: the source rank of every row: an int (all rows from one source) or int64 [w].
+            origin_token: int64 [w], each row's token index on its source rank.
+            already: int64 [R, L], rows per (source, local expert) placed by earlier windows; updated.
+        Returns: (row in window, output row, source rank, source token), int64 [n] each.
+        """
+        experts_per_rank = self.experts_per_rank
+        first_expert = self.rank * experts_per_rank
+        row, _, expert, within = expert_major_entries(topk_window, first_expert, first_expert + experts_per_rank)
+        local = expert - first_expert
+        if isinstance(origin_rank, int):
+            source = torch.full_like(row, origin_rank)
+        else:
+            # Rows from several sources (forwarded from other nodes): count within (expert, source).
+            source = origin_rank[row]
+            group = local * self.num_ranks + source
+            order = torch.sort(group, stable=True).indices
+            within = torch.empty_like(within)
+            within[order] = positions_in_groups(group[order], experts_per_rank * self.num_ranks)
+        out_row = self.block_start[self.rank, local, source] + already[source, local] + within
+        already.view(-1).index_add_(0, source * experts_per_rank + local, torch.ones_like(local))
+        return row, out_row, source, origin_token[row]
 
 
 def plan_routing(topk_idx: torch.Tensor, tokens_per_expert_all: torch.Tensor, rank: int,
@@ -131,9 +155,8 @@ def plan_routing(topk_idx: torch.Tensor, tokens_per_expert_all: torch.Tensor, ra
     block_start = expert_start.unsqueeze(2) + torch.cumsum(counts, 2) - counts
     dest_rank = torch.full_like(topk_idx, -1)
     dest_row = torch.full_like(topk_idx, -1)
-    token, k, expert = expert_major_entries(topk_idx, 0, num_experts)
+    token, k, expert, within = expert_major_entries(topk_idx, 0, num_experts)
     if token.numel():
-        within = positions_in_groups(expert, num_experts)
         dst, local = expert // experts_per_rank, expert % experts_per_rank
         dest_rank[token, k] = dst
         dest_row[token, k] = block_start[dst, local, rank] + within
@@ -143,8 +166,59 @@ def plan_routing(topk_idx: torch.Tensor, tokens_per_expert_all: torch.Tensor, ra
                        expert_rows=padded[rank].tolist(), dest_rank=dest_rank, dest_row=dest_row)
 
 
-def local_topk_idx(topk_idx: torch.Tensor, rank: int, experts_per_rank: int) -> torch.Tensor:
-    """Maps global expert ids to this rank's local ids [0, L); other experts become -1."""
-    local = topk_idx - rank * experts_per_rank
-    return torch.where((topk_idx >= 0) & (local >= 0) & (local < experts_per_rank), local,
-                       torch.full_like(local, -1))
+def localize_topk_idx_(topk_idx: torch.Tensor, rank: int, experts_per_rank: int) -> torch.Tensor:
+    """In place on a contiguous CPU int64 tensor: global expert ids -> this rank's local ids
+    [0, L); other experts and -1 become -1."""
+    import deep_ep_cpp
+
+    deep_ep_cpp.localize_experts(topk_idx.numpy(), rank * experts_per_rank, experts_per_rank)
+    return topk_idx
+
+
+# ---- low-latency mode --------------------------------------------------------------------------------
+# A receiver keeps fixed slots per (local expert l, source rank s): the rows source s sends to expert l
+# sit in slots 0, 1, ... in the source's token order. The packed layout (recv_x) is expert-major:
+# block (l, s) occupies rows [layout_range[l * R + s] - count, layout_range[l * R + s]), which equals
+# normal mode's received layout without padding.
+
+
+def low_latency_slots(topk_idx: torch.Tensor, num_experts: int):
+    """Which slot every selection of this rank fills.
+
+    Args:
+        topk_idx: int64 [T, K] in [-1, E), contiguous CPU.
+    Returns:
+        slot int64 [T, K]: tokens before t that select expert topk_idx[t, k] (-1 where it is -1);
+        counts int64 [E]: tokens of this rank that select each expert.
+    Raises ValueError for ids outside [-1, E) or an expert repeated in a row.
+    """
+    import deep_ep_cpp
+
+    slot, counts = deep_ep_cpp.expert_slots(topk_idx.numpy(), topk_idx.shape[0], topk_idx.shape[1], num_experts)
+    return torch.from_numpy(slot).view(topk_idx.shape), torch.from_numpy(counts)
+
+
+def low_latency_recv_layout(counts: np.ndarray, layout_range: np.ndarray, recv_count: np.ndarray) -> np.ndarray:
+    """The packed layout on a receiver, from the rows every source sends to each local expert.
+    numpy arrays (views of torch tensors or of shared memory): a few microseconds less per call.
+
+    Args:
+        counts: int64 [R, L], rows source s sends to local expert l.
+        layout_range: int64 [L * R] output: inclusive prefix of the rows of blocks (l, s), l-major.
+        recv_count: int64 [L] output: rows per local expert.
+    Returns: int64 [L * R], the rows of every block, l-major.
+    """
+    block_rows = np.ascontiguousarray(counts.T).reshape(-1)
+    np.cumsum(block_rows, out=layout_range)
+    np.sum(counts, axis=0, out=recv_count)
+    return block_rows
+
+
+def low_latency_arrival_rows(counts: torch.Tensor, layout_range: torch.Tensor) -> torch.Tensor:
+    """Packed row of every row that arrives source by source, each source's rows by local expert
+    then slot (the collective transport's order). counts int64 [R, L]; returns int64 [counts.sum()]."""
+    num_ranks, experts_per_rank = counts.shape
+    block_rows = counts.reshape(-1)  # source-major
+    start = (layout_range - counts.t().reshape(-1)).view(experts_per_rank, num_ranks).t().reshape(-1)
+    block = torch.repeat_interleave(torch.arange(block_rows.numel()), block_rows)
+    return start[block] + positions_in_groups(block, block_rows.numel())

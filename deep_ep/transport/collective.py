@@ -7,18 +7,129 @@ the receiver expects from it.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Sequence
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
+# ---- failures ------------------------------------------------------------------------------------------
+# gloo reports a missing or dead peer as a RuntimeError that names no rank ("Timed out waiting 3000ms for
+# send operation", "Connection reset by peer"), and the group is unusable afterwards ("Application timeout
+# caused pair closure"). Every collective below goes through `_run`, which turns such an error into one
+# that names the ranks, and remembers the failure so that later calls say the Buffer must be recreated.
 
 
-def all_gather_meta(group: dist.ProcessGroup, meta: torch.Tensor) -> torch.Tensor:
-    """int64 [R, m]: every rank's meta vector (all ranks pass the same m)."""
-    parts = [torch.empty_like(meta) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, meta, group=group)
-    return torch.stack(parts)
+@dataclass
+class _GroupInfo:
+    timeout_s: Optional[float] = None
+    pids: Dict[int, int] = field(default_factory=dict)  # group rank -> pid, peers whose liveness we can see
+    failure: Optional[str] = None
+
+
+_groups: "weakref.WeakKeyDictionary[dist.ProcessGroup, _GroupInfo]" = weakref.WeakKeyDictionary()
+
+
+def process_alive(pid: int) -> bool:
+    """False once `pid` has exited (also while it is a zombie not yet reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    state = stat[stat.rfind(")") + 2: stat.rfind(")") + 3]
+    return state not in ("Z", "X")
+
+
+def watch_group(group: dist.ProcessGroup, timeout_s: float, pids: Dict[int, int]) -> None:
+    """Registers the group's timeout and the pids of peers on this host (group rank -> pid), so that
+    failures name the ranks that died. Peers invisible from here (another pid namespace) are left out."""
+    _groups[group] = _GroupInfo(timeout_s, {r: p for r, p in pids.items() if process_alive(p)})
+
+
+def failure(group: dist.ProcessGroup) -> Optional[str]:
+    """The message of an earlier failure on `group` (it must be recreated), or None."""
+    info = _groups.get(group)
+    return info.failure if info is not None else None
+
+
+def _describe(group: dist.ProcessGroup, what: str, error: RuntimeError, info: _GroupInfo) -> str:
+    me = dist.get_rank(group)
+    others = [r for r in range(dist.get_world_size(group)) if r != me]
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    timed_out = "timed out" in text.lower() or "timeout" in text.lower()
+    # A killed peer's sockets close a moment before its process is gone: give it that moment.
+    deadline = time.monotonic() + (0 if timed_out else 0.5)
+    while True:
+        dead = sorted(r for r, pid in info.pids.items() if not process_alive(pid))
+        if dead or time.monotonic() >= deadline:
+            break
+        time.sleep(0.01)
+    if dead:
+        return (f"deep_ep: rank {me} failed in {what}: ranks {dead} have exited (gloo: {text}). "
+                "The Buffer must be recreated.")
+    if timed_out:
+        after = f" after {info.timeout_s:g} s" if info.timeout_s else ""
+        return (f"deep_ep: rank {me} timed out{after} in {what} waiting for ranks {others} (DEEP_EP_TIMEOUT_S; "
+                f"gloo: {text}). A peer crashed, is stuck, or called a different operation; "
+                "the Buffer must be recreated.")
+    return (f"deep_ep: rank {me} lost the connection in {what} with ranks {others} (gloo: {text}). "
+            "A peer crashed or its host is unreachable; the Buffer must be recreated.")
+
+
+def _run(group: dist.ProcessGroup, what: str, call: Callable[[], None]) -> None:
+    info = _groups.get(group)
+    if info is None:
+        info = _groups[group] = _GroupInfo()
+    if info.failure:
+        raise RuntimeError(info.failure)
+    try:
+        call()
+        return
+    except RuntimeError as error:
+        message = _describe(group, what, error, info)
+    # Raised outside the handler so that gloo's exception and its traceback (which holds the failed
+    # work object) are freed now: kept alive until exit, they abort the process when torch tears down.
+    info.failure = (f"deep_ep: this Buffer can no longer be used after an earlier failure ({message}); "
+                    "destroy it and create a new one on every rank.")
+    raise RuntimeError(message)
+
+
+# ---- metadata ------------------------------------------------------------------------------------------
+# int64 words gathered in the first step: [m, meta[:META_PREFIX - 1]] (a header and up to ~260 experts).
+META_PREFIX = 272
+
+
+def all_gather_meta(group: dist.ProcessGroup, meta: torch.Tensor,
+                    what: str = "the metadata exchange") -> torch.Tensor:
+    """int64 [R, m]: every rank's meta vector.
+
+    Ranks may pass vectors of different lengths (they disagree on the operation or on num_experts);
+    gloo would abort the process on such a size mismatch, so the vectors travel as a fixed-size prefix
+    first and the rest (only when longer than the prefix) once every rank has the same length. When
+    the lengths differ, the result holds only every rank's first min(m) values: callers put what
+    decides m (operation, num_experts) at the front and reject the disagreement from there.
+    """
+    num_ranks = dist.get_world_size(group)
+    length = meta.numel()
+    first = min(length, META_PREFIX - 1)
+    head = torch.zeros(META_PREFIX, dtype=torch.int64)
+    head[0] = length
+    head[1: 1 + first] = meta[:first]
+    heads = [torch.empty_like(head) for _ in range(num_ranks)]
+    _run(group, what, lambda: dist.all_gather(heads, head, group=group))
+    table = torch.stack(heads)
+    lengths = table[:, 0]
+    if bool((lengths != length).any()):
+        return table[:, 1: 1 + min(int(lengths.min()), META_PREFIX - 1)]
+    if length == first:
+        return table[:, 1: 1 + length]
+    rest = meta[first:].contiguous()
+    parts = [torch.empty_like(rest) for _ in range(num_ranks)]
+    _run(group, what, lambda: dist.all_gather(parts, rest, group=group))
+    return torch.cat([table[:, 1:], torch.stack(parts)], dim=1)
 
 
 def send_order(dest_rank: torch.Tensor, dest_row: torch.Tensor) -> torch.Tensor:
@@ -30,11 +141,11 @@ def send_order(dest_rank: torch.Tensor, dest_row: torch.Tensor) -> torch.Tensor:
 
 
 def exchange_rows(group: dist.ProcessGroup, send: torch.Tensor, send_counts: Sequence[int],
-                  recv_counts: Sequence[int]) -> torch.Tensor:
+                  recv_counts: Sequence[int], what: str = "the row exchange") -> torch.Tensor:
     """all_to_all_single of uint8 rows [P, b] with uneven splits; returns [sum(recv_counts), b]."""
     recv = torch.empty(int(sum(recv_counts)), send.shape[1], dtype=send.dtype, device=send.device)
-    dist.all_to_all_single(recv, send, output_split_sizes=list(map(int, recv_counts)),
-                           input_split_sizes=list(map(int, send_counts)), group=group)
+    _run(group, what, lambda: dist.all_to_all_single(recv, send, output_split_sizes=list(map(int, recv_counts)),
+                                                     input_split_sizes=list(map(int, send_counts)), group=group))
     return recv
 
 
@@ -56,12 +167,14 @@ def dispatch_rows(group: dist.ProcessGroup, num_ranks: int, topk: int, fields_in
     payload = fields_in + [token.view(-1, 1).view(torch.uint8) if token.numel() else
                            torch.empty(0, 8, dtype=torch.uint8)]
     send = torch.cat([f.index_select(0, token) if i < len(fields_in) else f for i, f in enumerate(payload)], dim=1)
-    recv = exchange_rows(group, send, send_counts, recv_counts)
+    recv = exchange_rows(group, send, send_counts, recv_counts, "dispatch")
     offset = 0
     for out in fields_out:
         width = out.shape[1]
         out.index_copy_(0, recv_rows, recv[:, offset: offset + width])
         offset += width
+    if not recv.shape[0]:  # nothing arrived: an empty view may sit at an offset int64 cannot view
+        return torch.empty(0, dtype=torch.int64)
     return recv[:, offset:].contiguous().view(torch.int64).flatten()
 
 
@@ -77,7 +190,7 @@ def combine_rows(group: dist.ProcessGroup, num_ranks: int, x_rows: torch.Tensor,
     """
     order = send_order(dest_rank, dest_row)
     back_counts = torch.bincount(dest_rank.reshape(-1)[order], minlength=num_ranks).tolist()
-    recv = exchange_rows(group, x_rows.index_select(0, rows_by_source), recv_counts, back_counts)
+    recv = exchange_rows(group, x_rows.index_select(0, rows_by_source), recv_counts, back_counts, "combine")
     position = torch.full((dest_rank.numel(),), -1, dtype=torch.int64)
     position[order] = torch.arange(order.numel())
     position = position.view_as(dest_rank)

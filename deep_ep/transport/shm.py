@@ -69,6 +69,38 @@ def remove_stale_segments() -> None:
                 pass
 
 
+def map_node_segments(group: dist.ProcessGroup, local_ranks: Sequence[int], size: int) -> list:
+    """Creates this rank's segment of `size` bytes, maps every local peer's, and unlinks the names.
+
+    Collective over `group` (the names travel through it). Every segment starts with the control
+    words (BARRIER_WORD, PID_WORD); the creator writes its pid. Once every rank has passed the
+    closing barrier, every peer has mapped every segment, so the names are removed at once and no
+    segment can outlive the processes. Returns deep_ep_cpp.SharedMemory objects in `local_ranks` order.
+    """
+    rank = dist.get_rank(group)
+    remove_stale_segments()
+    name = f"/{SEGMENT_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:12]}_{rank}"
+    own = deep_ep_cpp.SharedMemory(name, size, True)
+    try:
+        control = torch.frombuffer(own, dtype=torch.int64, count=CONTROL_BYTES // 8)
+        control[PID_WORD] = os.getpid()
+        names: List[Optional[str]] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(names, name, group=group)
+        segments = [own if r == rank else deep_ep_cpp.SharedMemory(names[r], size, False) for r in local_ranks]
+        # Every peer has mapped every segment once all pass this barrier.
+        dist.barrier(group=group)
+    finally:
+        own.unlink()
+    return segments
+
+
+def node_sync(segments: Sequence, local_index: int, local_ranks: Sequence[int]):
+    """The deep_ep_cpp.NodeSync over the BARRIER_WORD of every segment (from map_node_segments)."""
+    pids = [int(torch.frombuffer(s, dtype=torch.int64, count=CONTROL_BYTES // 8)[PID_WORD]) for s in segments]
+    return deep_ep_cpp.NodeSync([s.address + BARRIER_WORD * 8 for s in segments], local_index, list(local_ranks),
+                                pids)
+
+
 class NodeShm:
     """The shared-memory segments of one node's ranks and the barrier between them.
 
@@ -85,26 +117,11 @@ class NodeShm:
         self.local_index = self.local_ranks.index(self.rank)
         self.data_bytes = data_bytes
         self.what = what
-        remove_stale_segments()
-        name = f"/{SEGMENT_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:12]}_{self.rank}"
-        own = deep_ep_cpp.SharedMemory(name, DATA_OFFSET + data_bytes, True)
-        try:
-            control = torch.frombuffer(own, dtype=torch.int64, count=CONTROL_BYTES // 8)
-            control[PID_WORD] = os.getpid()
-            names: List[Optional[str]] = [None] * dist.get_world_size(group)
-            dist.all_gather_object(names, name, group=group)
-            self.segments = [own if r == self.rank else deep_ep_cpp.SharedMemory(names[r], DATA_OFFSET + data_bytes, False)
-                             for r in self.local_ranks]
-            # Every peer has mapped every segment once all pass this barrier.
-            dist.barrier(group=group)
-        finally:
-            own.unlink()
+        self.segments = map_node_segments(group, self.local_ranks, DATA_OFFSET + data_bytes)
         self.bytes = [torch.frombuffer(s, dtype=torch.uint8) for s in self.segments]
         self.meta = [b[CONTROL_BYTES:DATA_OFFSET].view(torch.int64) for b in self.bytes]
         self.data = [b[DATA_OFFSET:] for b in self.bytes]
-        pids = [int(b[:CONTROL_BYTES].view(torch.int64)[PID_WORD]) for b in self.bytes]
-        self.sync = deep_ep_cpp.NodeSync([s.address + BARRIER_WORD * 8 for s in self.segments], self.local_index,
-                                         self.local_ranks, pids)
+        self.sync = node_sync(self.segments, self.local_index, self.local_ranks)
         self.broken: Optional[str] = None
 
     @property

@@ -52,7 +52,14 @@ def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def our_segments() -> List[str]:
+    """Every deep_ep segment name in /dev/shm (including other jobs' short-lived ones)."""
     return sorted(n for n in os.listdir("/dev/shm") if n.startswith("deep_ep_"))
+
+
+def leaked_segments() -> List[str]:
+    """Segments whose creating process has exited: a leak. (A live process's segment exists
+    for a moment between its creation and its unlink, and may belong to another job.)"""
+    return [n for n in our_segments() if not os.path.exists(f"/proc/{n.split('_')[2]}")]
 
 
 @dataclass

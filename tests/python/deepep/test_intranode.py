@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import deep_ep  # noqa: E402
-from common import calc_diff, gather_objects, make_inputs, our_segments  # noqa: E402
+from common import calc_diff, gather_objects, leaked_segments, make_inputs  # noqa: E402
 from deep_ep.reference import quantize_reference, reference_combine, reference_dispatch  # noqa: E402
 from deep_ep.testing import spawn_ranks  # noqa: E402
 
@@ -154,7 +154,7 @@ def run_cases(rank: int, num_ranks: int, group, cases: List[Case]) -> None:
             for k, v in saved.items():
                 os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     if rank == 0:
-        assert not our_segments(), f"leaked shared memory: {our_segments()}"
+        assert not leaked_segments(), f"leaked shared memory: {leaked_segments()}"
 
 
 def cases_for(num_ranks: int) -> List[Case]:
@@ -181,7 +181,7 @@ def cases_for(num_ranks: int) -> List[Case]:
 @pytest.mark.parametrize("num_ranks", [1, 2, 3, 4, 8])
 def test_intranode(num_ranks: int) -> None:
     spawn_ranks(run_cases, num_ranks, cases_for(num_ranks))
-    assert not our_segments()
+    assert not leaked_segments()
 
 
 def strategies_agree(rank: int, num_ranks: int, group) -> None:

@@ -1,0 +1,209 @@
+// Python bindings of the low-latency kernels (registered into deep_ep_cpp by module.cpp).
+// Every index that comes from Python or from a peer's shared memory is checked here, before
+// any byte moves.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+
+#include "low_latency.hpp"
+#include "sync.hpp"
+
+namespace py = pybind11;
+
+namespace deep_ep {
+
+namespace {
+
+template <typename T>
+using Array = py::array_t<T, py::array::c_style | py::array::forcecast>;
+
+template <typename T>
+const T* sized(const Array<T>& array, std::size_t expected, const char* name) {
+    if (static_cast<std::size_t>(array.size()) != expected)
+        throw py::value_error(std::string(name) + ": expected " + std::to_string(expected) + " entries, got " +
+                              std::to_string(array.size()));
+    return array.data();
+}
+
+Dtype dtype_of(int code) {
+    if (code < 0 || code > 2) throw py::value_error("dtype code must be 0 (float32), 1 (bfloat16) or 2 (float16)");
+    return static_cast<Dtype>(code);
+}
+
+template <typename T>
+T* pointer(std::uintptr_t addr) {
+    return reinterpret_cast<T*>(addr);
+}
+
+void publish_checked(const std::vector<std::uintptr_t>& header_addrs, const std::vector<std::int64_t>& header,
+                     const std::int64_t* extra, std::size_t extra_words,
+                     const std::vector<std::uintptr_t>& signal_addrs, std::uint64_t value) {
+    if (header_addrs.size() != signal_addrs.size())
+        throw py::value_error("ll_publish: header_addrs and signal_addrs differ in length");
+    ll_publish(header_addrs, header, extra, extra_words, signal_addrs, value);
+}
+
+}  // namespace
+
+void register_low_latency(py::module_& m) {
+    m.def(
+        "expert_slots",
+        [](const Array<std::int64_t>& topk_idx, std::size_t tokens, std::size_t topk, std::int64_t num_experts) {
+            if (num_experts <= 0) throw py::value_error("expert_slots: num_experts must be positive");
+            const auto* idx = sized(topk_idx, tokens * topk, "topk_idx");
+            py::array_t<std::int64_t> slot(static_cast<py::ssize_t>(tokens * topk));
+            py::array_t<std::int64_t> counts(static_cast<py::ssize_t>(num_experts));
+            expert_slots(idx, tokens, topk, num_experts, slot.mutable_data(), counts.mutable_data());
+            return py::make_tuple(slot, counts);
+        },
+        py::arg("topk_idx"), py::arg("tokens"), py::arg("topk"), py::arg("num_experts"),
+        "(slot int64 [T*K], counts int64 [E]): slot[t,k] = tokens before t that select topk_idx[t,k] "
+        "(-1 for -1); ValueError for ids outside [-1, E) or an expert repeated in a row.");
+
+    m.def(
+        "ll_dispatch_send",
+        [](std::uintptr_t x, int dtype, bool quantize, std::size_t tokens, std::size_t hidden, std::size_t topk,
+           const Array<std::int64_t>& topk_idx, const Array<std::int64_t>& slot, std::size_t experts_per_rank,
+           std::size_t rank, std::size_t max_tokens, std::uintptr_t token_rows, std::uintptr_t token_scales,
+           const std::vector<std::uintptr_t>& info_addrs, const std::vector<std::int64_t>& header,
+           const std::vector<std::uintptr_t>& header_addrs, const Array<std::int64_t>& counts,
+           const std::vector<std::uintptr_t>& signal_addrs, std::uint64_t value, int num_threads) {
+            const std::size_t num_ranks = info_addrs.size();
+            if (header_addrs.size() != num_ranks)
+                throw py::value_error("ll_dispatch_send: one header address per rank is needed");
+            if (experts_per_rank == 0 || rank >= num_ranks || tokens > max_tokens)
+                throw py::value_error("ll_dispatch_send: bad sizes");
+            const Dtype type = dtype_of(dtype);
+            if (!quantize && dtype_size(type) != 2)
+                throw py::value_error("ll_dispatch_send: only 16-bit rows travel unquantized");
+            const auto* idx = sized(topk_idx, tokens * topk, "topk_idx");
+            const auto* slots = sized(slot, tokens * topk, "slot");
+            const auto* count = sized(counts, num_ranks * experts_per_rank, "counts");
+            const auto experts = static_cast<std::int64_t>(num_ranks * experts_per_rank);
+            for (std::size_t i = 0; i < tokens * topk; ++i) {
+                if (idx[i] < -1 || idx[i] >= experts)
+                    throw py::index_error("ll_dispatch_send: expert " + std::to_string(idx[i]) + " out of range");
+                if (idx[i] >= 0 && (slots[i] < 0 || slots[i] >= static_cast<std::int64_t>(max_tokens)))
+                    throw py::index_error("ll_dispatch_send: slot " + std::to_string(slots[i]) + " out of range");
+            }
+            std::vector<std::int32_t*> infos;
+            for (auto a : info_addrs) infos.push_back(pointer<std::int32_t>(a));
+            py::gil_scoped_release release;
+            ll_send_tokens(pointer<const void>(x), type, quantize, tokens, hidden, topk, idx, slots,
+                           experts_per_rank, num_ranks, rank, max_tokens, pointer<std::uint8_t>(token_rows),
+                           pointer<float>(token_scales), infos, num_threads);
+            publish_checked(header_addrs, header, count, experts_per_rank, signal_addrs, value);
+        },
+        py::arg("x"), py::arg("dtype"), py::arg("quantize"), py::arg("tokens"), py::arg("hidden"), py::arg("topk"),
+        py::arg("topk_idx"), py::arg("slot"), py::arg("experts_per_rank"), py::arg("rank"), py::arg("max_tokens"),
+        py::arg("token_rows"), py::arg("token_scales"), py::arg("info_addrs"), py::arg("header"),
+        py::arg("header_addrs"), py::arg("counts"), py::arg("signal_addrs"), py::arg("value"),
+        py::arg("num_threads") = 1,
+        "Publishes this rank's token rows (int8-quantized with `quantize`) into its token area, writes the "
+        "(token, k) reference of every selection into its receiver's slot, then each receiver's header and "
+        "counts, then release-stores `value` into each receiver's signal word.");
+
+    m.def(
+        "ll_pack",
+        [](std::uintptr_t info, const std::vector<std::uintptr_t>& row_addrs,
+           const std::vector<std::uintptr_t>& scale_addrs, std::size_t row_bytes, std::size_t topk,
+           const Array<std::int64_t>& counts, const Array<std::int64_t>& ends, std::size_t max_tokens,
+           std::uintptr_t out, std::uintptr_t out_scales, py::array_t<std::int32_t, py::array::c_style> out_info,
+           std::size_t out_rows, const std::vector<std::uintptr_t>& ack_addrs, std::uint64_t ack_value,
+           int num_threads) {
+            const std::size_t num_ranks = row_addrs.size();
+            const auto blocks = static_cast<std::size_t>(counts.size());
+            if (num_ranks == 0 || blocks % num_ranks || (!scale_addrs.empty() && scale_addrs.size() != num_ranks))
+                throw py::value_error("ll_pack: blocks must be L * num_ranks, one token area per rank");
+            const auto* count = counts.data();
+            const auto* end = sized(ends, blocks, "ends");
+            if (static_cast<std::size_t>(out_info.size()) != 3 * out_rows)
+                throw py::value_error("ll_pack: out_info must hold 3 * out_rows entries");
+            const auto* refs = pointer<const std::int32_t>(info);
+            std::int64_t previous = 0;
+            for (std::size_t b = 0; b < blocks; ++b) {
+                if (count[b] < 0 || count[b] > static_cast<std::int64_t>(max_tokens) || end[b] - count[b] != previous)
+                    throw py::index_error("ll_pack: block " + std::to_string(b) + " has " + std::to_string(count[b]) +
+                                          " rows ending at " + std::to_string(end[b]) +
+                                          ": not an inclusive prefix of counts within max_tokens");
+                previous = end[b];
+                // The references come from a peer's writes: each must name one of its tokens.
+                for (std::int64_t i = 0; i < count[b]; ++i) {
+                    const std::int32_t* ref = refs + 2 * (b * max_tokens + static_cast<std::size_t>(i));
+                    if (ref[0] < 0 || ref[0] >= static_cast<std::int64_t>(max_tokens) || ref[1] < 0 ||
+                        static_cast<std::size_t>(ref[1]) >= topk)
+                        throw py::index_error("ll_pack: slot " + std::to_string(i) + " of block " + std::to_string(b) +
+                                              " names token " + std::to_string(ref[0]) + " k " +
+                                              std::to_string(ref[1]) + ", out of range");
+                }
+            }
+            if (previous > static_cast<std::int64_t>(out_rows))
+                throw py::index_error("ll_pack: " + std::to_string(previous) + " rows do not fit " +
+                                      std::to_string(out_rows) + " output rows");
+            auto* info_out = out_info.mutable_data();
+            std::vector<const std::uint8_t*> rows;
+            std::vector<const float*> scales;
+            for (auto a : row_addrs) rows.push_back(pointer<const std::uint8_t>(a));
+            for (auto a : scale_addrs) scales.push_back(pointer<const float>(a));
+            py::gil_scoped_release release;
+            ll_pack(refs, rows, scales, row_bytes, count, end, blocks, num_ranks, max_tokens,
+                    pointer<std::uint8_t>(out), pointer<float>(out_scales), info_out, out_rows, num_threads);
+            for (std::uintptr_t addr : ack_addrs) store_counter(addr, ack_value);
+            return previous;
+        },
+        py::arg("info"), py::arg("row_addrs"), py::arg("scale_addrs"), py::arg("row_bytes"), py::arg("topk"),
+        py::arg("counts"), py::arg("ends"), py::arg("max_tokens"), py::arg("out"), py::arg("out_scales"),
+        py::arg("out_info"), py::arg("out_rows"), py::arg("ack_addrs"), py::arg("ack_value"),
+        py::arg("num_threads") = 1,
+        "Packs the referenced token rows expert-major into out (and out_scales; scale_addrs empty for 16-bit "
+        "rows), fills out_info [out_rows, 3], then release-stores ack_value into every ack address. Returns "
+        "the number of packed rows.");
+
+    m.def(
+        "ll_combine_send",
+        [](std::uintptr_t x, std::size_t row_bytes, std::size_t rows, const Array<std::int32_t>& info,
+           std::size_t topk, const std::vector<std::uintptr_t>& dest_addrs, std::size_t dest_rows,
+           const std::vector<std::int64_t>& header, const std::vector<std::uintptr_t>& header_addrs,
+           const std::vector<std::uintptr_t>& signal_addrs, std::uint64_t value, int num_threads) {
+            const auto* source = sized(info, 3 * rows, "info");
+            for (std::size_t i = 0; i < rows; ++i) {
+                const std::int32_t* s = source + 3 * i;
+                if (s[0] < 0 || static_cast<std::size_t>(s[0]) >= dest_addrs.size() || s[1] < 0 || s[2] < 0 ||
+                    static_cast<std::size_t>(s[2]) >= topk ||
+                    static_cast<std::size_t>(s[1]) * topk + static_cast<std::size_t>(s[2]) >= dest_rows)
+                    throw py::index_error("ll_combine_send: row " + std::to_string(i) + " names rank " +
+                                          std::to_string(s[0]) + " token " + std::to_string(s[1]) + " k " +
+                                          std::to_string(s[2]) + ", out of range");
+            }
+            std::vector<std::uint8_t*> dests;
+            for (auto a : dest_addrs) dests.push_back(pointer<std::uint8_t>(a));
+            py::gil_scoped_release release;
+            ll_return_rows(pointer<const std::uint8_t>(x), row_bytes, rows, source, topk, dests, num_threads);
+            publish_checked(header_addrs, header, nullptr, 0, signal_addrs, value);
+        },
+        py::arg("x"), py::arg("row_bytes"), py::arg("rows"), py::arg("info"), py::arg("topk"),
+        py::arg("dest_addrs"), py::arg("dest_rows"), py::arg("header"), py::arg("header_addrs"),
+        py::arg("signal_addrs"), py::arg("value"), py::arg("num_threads") = 1,
+        "Writes packed row i into row token*topk+k of rank `source` ((source, token, k) = info[i]), then "
+        "publishes the header and release-stores `value` into every signal word.");
+
+    m.def(
+        "ll_publish",
+        [](const std::vector<std::uintptr_t>& header_addrs, const std::vector<std::int64_t>& header,
+           const std::vector<std::uintptr_t>& signal_addrs, std::uint64_t value) {
+            publish_checked(header_addrs, header, nullptr, 0, signal_addrs, value);
+        },
+        py::arg("header_addrs"), py::arg("header"), py::arg("signal_addrs"), py::arg("value"),
+        "Writes the header at every header address, then release-stores `value` into every signal word.");
+
+    m.def(
+        "store_counters",
+        [](const std::vector<std::uintptr_t>& addrs, std::uint64_t value) {
+            for (std::uintptr_t addr : addrs) store_counter(addr, value);
+        },
+        py::arg("addrs"), py::arg("value"), "Release-stores `value` into every counter.");
+}
+
+}  // namespace deep_ep

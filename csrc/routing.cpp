@@ -1,0 +1,38 @@
+#include "routing.hpp"
+
+namespace deep_ep {
+
+ExpertMajorSort::ExpertMajorSort(const std::int64_t* topk_idx, std::int64_t tokens, std::int64_t topk,
+                                 std::int64_t expert_begin, std::int64_t expert_end)
+    : topk_idx_(topk_idx), tokens_(tokens), topk_(topk), expert_begin_(expert_begin), span_(expert_end - expert_begin),
+      first_(static_cast<std::size_t>(span_) + 1, 0) {
+    for (std::int64_t i = 0; i < tokens_ * topk_; ++i) {
+        const std::int64_t e = topk_idx_[i] - expert_begin_;
+        if (e >= 0 && e < span_) ++first_[e + 1];
+    }
+    for (std::int64_t e = 0; e < span_; ++e) first_[e + 1] += first_[e];
+}
+
+void ExpertMajorSort::fill(std::int64_t* token, std::int64_t* k, std::int64_t* expert, std::int64_t* within) const {
+    std::vector<std::int64_t> next(first_.begin(), first_.end() - 1);
+    for (std::int64_t t = 0; t < tokens_; ++t) {
+        for (std::int64_t j = 0; j < topk_; ++j) {
+            const std::int64_t e = topk_idx_[t * topk_ + j] - expert_begin_;
+            if (e < 0 || e >= span_) continue;
+            const std::int64_t pos = next[e]++;
+            token[pos] = t;
+            k[pos] = j;
+            expert[pos] = e + expert_begin_;
+            within[pos] = pos - first_[e];
+        }
+    }
+}
+
+void localize_experts(std::int64_t* topk_idx, std::size_t n, std::int64_t expert_begin, std::int64_t experts_per_rank) {
+    for (std::size_t i = 0; i < n; ++i) {
+        const std::int64_t local = topk_idx[i] - expert_begin;
+        topk_idx[i] = (topk_idx[i] >= 0 && local >= 0 && local < experts_per_rank) ? local : -1;
+    }
+}
+
+}  // namespace deep_ep

@@ -1,0 +1,380 @@
+"""Low-latency dispatch/combine on CPU ranks, checked against the pure-torch reference.
+
+    python tests/python/deepep/test_low_latency.py --num-processes 2   # checks, then prints us and GB/s
+    python -m pytest tests/python/deepep/test_low_latency.py           # the test suite
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass, replace
+from typing import List
+
+import pytest
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import deep_ep  # noqa: E402
+from common import calc_diff, gather_objects, make_inputs, our_segments  # noqa: E402
+from deep_ep.reference import quantize_reference, reference_combine, reference_dispatch  # noqa: E402
+from deep_ep.testing import spawn_ranks  # noqa: E402
+
+
+@dataclass
+class Case:
+    tokens: List[int]  # tokens per rank (cycled over the ranks)
+    max_tokens: int = 24
+    hidden: int = 96
+    experts_per_rank: int = 4
+    topk: int = 4
+    quant: str = "int8"
+    hook: bool = False
+    pattern: str = "random"
+    seed: int = 0
+
+
+def expert_output(recv_x, recv_count: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
+    """The 'expert' of the tests: local expert l multiplies its rows by 1 + l / 8. Rows past the
+    received ones get a large value, which combine must ignore."""
+    values = recv_x[0].float() * recv_x[1].unsqueeze(1) if isinstance(recv_x, tuple) else recv_x.float()
+    factor = torch.repeat_interleave(1 + torch.arange(recv_count.numel()) / 8, recv_count)
+    out = torch.full_like(values, 1e4)
+    out[: factor.numel()] = values[: factor.numel()] * factor.unsqueeze(1)
+    return out.to(dtype)
+
+
+def buffer_for(group, num_ranks: int, cases: List[Case], strategy: str = "default") -> deep_ep.Buffer:
+    size = max(deep_ep.Buffer.get_low_latency_rdma_size_hint(c.max_tokens, c.hidden, num_ranks,
+                                                             c.experts_per_rank * num_ranks) for c in cases)
+    return deep_ep.Buffer(group, num_nvl_bytes=4096, num_rdma_bytes=size, low_latency_mode=True,
+                          low_latency_strategy=strategy)
+
+
+def dispatch(buffer, case: Case, inputs, stats=None):
+    num_experts = case.experts_per_rank * buffer.group_size
+    recv_x, recv_count, handle, event, hook = buffer.low_latency_dispatch(
+        inputs.x, inputs.topk_idx, case.max_tokens, num_experts, cumulative_local_expert_recv_stats=stats,
+        use_fp8=case.quant == "int8", return_recv_hook=case.hook, topk_weights=inputs.topk_weights)
+    event.current_stream_wait()
+    assert (hook is not None) == case.hook
+    return recv_x, recv_count, handle, hook
+
+
+def check_received(rank: int, num_ranks: int, case: Case, everyone, recv_x, recv_count, handle) -> int:
+    """recv_x, counts, order and handle against the reference; returns the number of real rows."""
+    num_experts = case.experts_per_rank * num_ranks
+    ref = reference_dispatch([i.x for i in everyone], [i.topk_idx for i in everyone],
+                             [i.topk_weights for i in everyone], num_experts, rank)
+    real = ref["src_idx"].numel()
+    rows = case.max_tokens * num_ranks * min(case.topk, case.experts_per_rank)
+    assert recv_count.dtype == torch.int64 and recv_count.tolist() == ref["rows_per_expert"]
+    if case.quant == "int8":
+        q, scale = recv_x
+        assert q.dtype == torch.int8 and q.shape == (rows, case.hidden) and scale.shape == (rows,)
+        q_ref, scale_ref = quantize_reference(ref["x"])
+        assert torch.allclose(scale[:real].double(), scale_ref, rtol=1e-6, atol=0)
+        # Within half a quantization step of the sent value (scale / 2).
+        error = (q[:real].double() * scale[:real].double().unsqueeze(1) - ref["x"].double()).abs()
+        assert bool((error <= scale_ref.unsqueeze(1) * (0.5 + 1e-5) + 1e-12).all())
+    else:
+        assert recv_x.dtype == torch.bfloat16 and recv_x.shape == (rows, case.hidden)
+        assert torch.equal(recv_x[:real], ref["x"])
+    # Rows in the documented order: expert-major, then source rank, then source token.
+    src_info, layout_range = handle[0], handle[1]
+    assert src_info.shape == (rows, 3)
+    assert torch.equal(src_info[:real, 0].long(), ref["src_rank"]) and torch.equal(src_info[:real, 1].long(),
+                                                                                 ref["src_idx"])
+    expected_k = torch.stack([(everyone[s].topk_idx[t] == rank * case.experts_per_rank + l).nonzero().flatten()[0]
+                              for s, t, l in zip(ref["src_rank"].tolist(), ref["src_idx"].tolist(),
+                                                 torch.repeat_interleave(torch.arange(case.experts_per_rank),
+                                                                         recv_count).tolist())]) \
+        if real else torch.zeros(0, dtype=torch.int64)
+    assert torch.equal(src_info[:real, 2].long(), expected_k)
+    assert bool((src_info[real:] == -1).all())
+    per_block = torch.tensor([[int((everyone[s].topk_idx == rank * case.experts_per_rank + l).sum())
+                               for s in range(num_ranks)] for l in range(case.experts_per_rank)])
+    assert torch.equal(layout_range, torch.cumsum(per_block.reshape(-1), 0))
+    assert handle[2:5] == (case.max_tokens, case.hidden, num_experts) and handle[5] is recv_count
+    return real
+
+
+def expected_combine(case: Case, inputs, weights) -> torch.Tensor:
+    x_used = inputs.x.double()
+    if case.quant == "int8":
+        q, scale = quantize_reference(inputs.x)
+        x_used = q.double() * scale.unsqueeze(1)
+    factor = 1 + (inputs.topk_idx.clamp_min(0) % case.experts_per_rank).double() / 8
+    selection = (x_used.float().unsqueeze(1) * factor.float().unsqueeze(2)).to(torch.bfloat16)
+    return reference_combine(selection, inputs.topk_idx, weights)
+
+
+def check_case(rank: int, num_ranks: int, buffer, case: Case, group) -> None:
+    num_tokens = case.tokens[rank % len(case.tokens)]
+    inputs = make_inputs(rank, num_tokens, case.hidden, case.experts_per_rank * num_ranks, case.topk, num_ranks,
+                         pattern=case.pattern, seed=case.seed)
+    everyone = gather_objects(inputs, group)
+    stats = torch.arange(case.experts_per_rank, dtype=torch.int32)
+    recv_x, recv_count, handle, hook = dispatch(buffer, case, inputs, stats)
+    if hook is not None:
+        hook()
+    check_received(rank, num_ranks, case, everyone, recv_x, recv_count, handle)
+    assert torch.equal(stats, torch.arange(case.experts_per_rank, dtype=torch.int32) + recv_count.to(torch.int32))
+    assert torch.equal(handle[6], inputs.topk_weights)
+
+    y = expert_output(recv_x, recv_count)
+    weights = torch.rand(num_tokens, case.topk)
+    out = torch.empty(num_tokens, case.hidden, dtype=torch.bfloat16)
+    combined, event, hook = buffer.low_latency_combine(y, inputs.topk_idx, weights, handle,
+                                                       return_recv_hook=case.hook, out=out)
+    event.current_stream_wait()
+    if hook is not None:
+        hook()
+    assert combined is out and combined.dtype == torch.bfloat16 and combined.shape == (num_tokens, case.hidden)
+    assert not bool(torch.isnan(combined).any())
+    expected = expected_combine(case, inputs, weights)
+    assert calc_diff(combined, expected) < 1e-5, calc_diff(combined, expected)
+    tolerance = 0.1 if case.quant == "int8" else 2e-2
+    assert torch.allclose(combined.double(), expected, rtol=tolerance, atol=tolerance)
+
+
+def run_cases(rank: int, num_ranks: int, group, cases: List[Case]) -> None:
+    buffer = buffer_for(group, num_ranks, cases)
+    try:
+        for case in cases:
+            try:
+                check_case(rank, num_ranks, buffer, case, group)
+            except Exception as error:
+                raise AssertionError(f"rank {rank}, case {case}: {error!r}") from error
+    finally:
+        buffer.destroy()
+    dist.barrier(group)
+    if rank == 0:
+        assert not our_segments(), f"leaked shared memory: {our_segments()}"
+
+
+def cases_for(num_ranks: int) -> List[Case]:
+    base = Case(tokens=[17, 0, 24, 5][: max(1, num_ranks)] if num_ranks > 1 else [21])
+    cases = [base,
+             replace(base, quant="bf16", hook=True, seed=1),
+             replace(base, hook=True, hidden=200, seed=2),
+             replace(base, pattern="one_rank", topk=3, seed=3),
+             replace(base, pattern="one_expert", topk=2, quant="bf16", seed=4),
+             replace(base, topk=1, experts_per_rank=1, seed=5),
+             replace(base, tokens=[0], seed=6)]
+    if num_ranks >= 4:  # keep the largest world sizes quick
+        cases = cases[:2] + cases[5:]
+    return cases
+
+
+@pytest.mark.parametrize("num_ranks", [1, 2, 3, 4, 8])
+def test_low_latency(num_ranks: int) -> None:
+    spawn_ranks(run_cases, num_ranks, cases_for(num_ranks))
+    assert not our_segments()
+
+
+def strategies_agree(rank: int, num_ranks: int, group) -> None:
+    """Both strategies, alive at once, give the same bits; 20 calls in a row give the same bits;
+    two results are alive at once and the third call reuses the first's memory."""
+    case = Case(tokens=[24, 9, 0], hidden=128, experts_per_rank=3, topk=4)
+    inputs = make_inputs(rank, case.tokens[rank % 3], case.hidden, 3 * num_ranks, case.topk, num_ranks, seed=9)
+    other = make_inputs(rank, case.tokens[(rank + 1) % 3], case.hidden, 3 * num_ranks, case.topk, num_ranks,
+                        seed=10)
+    everyone, everyone_other = gather_objects(inputs, group), gather_objects(other, group)
+    buffers = [buffer_for(group, num_ranks, [case], "default"), buffer_for(group, num_ranks, [case], "alltoall")]
+    results = []
+    for buffer in buffers:
+        for quant in ("int8", "bf16"):
+            c = replace(case, quant=quant)
+            runs = []
+            for _ in range(20):
+                recv_x, recv_count, handle, _ = dispatch(buffer, c, inputs)
+                y = expert_output(recv_x, recv_count)
+                combined = buffer.low_latency_combine(y, inputs.topk_idx, inputs.topk_weights, handle)[0]
+                real = int(recv_count.sum())
+                data = recv_x[0][:real].clone() if quant == "int8" else recv_x[:real].clone()
+                scales = recv_x[1][:real].clone() if quant == "int8" else None
+                runs.append((data, scales, recv_count.clone(), handle[0].clone(), handle[1].clone(), combined))
+            for run in runs[1:]:
+                for a, b in zip(run, runs[0]):
+                    assert (a is None and b is None) or torch.equal(a, b)
+            results.append(runs[0])
+        # Two results alive at once (hooks pending), received in the opposite order; then a third call.
+        c = replace(case, hook=True)
+        first = dispatch(buffer, c, inputs)
+        second = dispatch(buffer, c, other)
+        with pytest.raises(RuntimeError, match="at most two"):
+            dispatch(buffer, c, inputs)
+        second[3]()
+        first[3]()
+        check_received(rank, num_ranks, c, everyone, *first[:3])
+        check_received(rank, num_ranks, c, everyone_other, *second[:3])
+        for recv_x, recv_count, handle, _ in (second, first):
+            y = expert_output(recv_x, recv_count)
+            combined, _, hook = buffer.low_latency_combine(y, handle[7].topk_idx, handle[7].topk_weights, handle,
+                                                           return_recv_hook=True)
+            hook()
+            src = inputs if recv_x is first[0] else other
+            assert calc_diff(combined, expected_combine(c, src, src.topk_weights)) < 1e-5
+        third = dispatch(buffer, replace(c, hook=False), inputs)
+        assert third[0][0].data_ptr() == first[0][0].data_ptr()
+    for a, b in zip(results[:2], results[2:]):
+        for x, y in zip(a, b):
+            assert (x is None and y is None) or torch.equal(x, y)
+    for buffer in buffers:
+        buffer.destroy()
+
+
+def test_strategies_agree_and_repeat() -> None:
+    spawn_ranks(strategies_agree, 3)
+
+
+def errors(rank: int, num_ranks: int, group) -> None:
+    """Clear errors before any data moves; the Buffer stays usable after them."""
+    case = Case(tokens=[8], max_tokens=8, hidden=64, experts_per_rank=2, topk=2)
+    for strategy in ("default", "alltoall"):
+        buffer = buffer_for(group, num_ranks, [replace(case, max_tokens=16)], strategy)
+        inputs = make_inputs(rank, 8, 64, 2 * num_ranks, 2, num_ranks)
+
+        def ok():
+            recv_x, recv_count, handle, _ = dispatch(buffer, case, inputs)
+            combined = buffer.low_latency_combine(expert_output(recv_x, recv_count), inputs.topk_idx,
+                                                  inputs.topk_weights, handle)[0]
+            assert calc_diff(combined, expected_combine(case, inputs, inputs.topk_weights)) < 1e-5
+            return handle
+
+        handle = ok()
+        # T > Nmax on one rank: that rank says so, the others name it, nobody waits.
+        big = make_inputs(rank, 12, 64, 2 * num_ranks, 2, num_ranks) if rank == 1 else inputs
+        with pytest.raises(ValueError, match="num_max_dispatch_tokens_per_rank" if rank == 1 else r"ranks \[1\]"):
+            dispatch(buffer, case, big)
+        ok()
+        # Different Nmax / E across ranks: detected from the headers, not a hang.
+        with pytest.raises(ValueError, match="num_max_dispatch_tokens_per_rank"):
+            dispatch(buffer, replace(case, max_tokens=8 + 8 * (rank == 0)), inputs)
+        ok()
+        with pytest.raises(ValueError, match="num_experts|rejected"):
+            experts = 2 * num_ranks * (2 if rank == 0 else 1)
+            buffer.low_latency_dispatch(inputs.x, inputs.topk_idx, 8, experts)
+        ok()
+        # Wrong H / dtype for the handle; int8 of a dtype that cannot be quantized; too small a buffer.
+        recv_x, recv_count, handle, _ = dispatch(buffer, case, inputs)
+        y = expert_output(recv_x, recv_count)
+        with pytest.raises(ValueError, match=r"x must have shape|rejected"):
+            bad = torch.cat([y, y[:, :1]], 1) if rank == 0 else y
+            buffer.low_latency_combine(bad, inputs.topk_idx, inputs.topk_weights, handle)
+        with pytest.raises(TypeError, match="x must have dtype torch.bfloat16"):
+            buffer.low_latency_combine(y.float(), inputs.topk_idx, inputs.topk_weights, handle)
+        with pytest.raises(TypeError, match="cannot be quantized"):
+            buffer.low_latency_dispatch(inputs.x.to(torch.int32), inputs.topk_idx, 8, 2 * num_ranks)
+        with pytest.raises(ValueError, match=r"too small .* it needs \d+ bytes"):
+            buffer.low_latency_dispatch(inputs.x, inputs.topk_idx, 1024, 2 * num_ranks)
+        bad_idx = inputs.topk_idx.clone()
+        bad_idx[0, 0] = 2 * num_ranks
+        with pytest.raises(ValueError, match=r"outside \[-1|rejected"):
+            buffer.low_latency_dispatch(inputs.x, bad_idx, 8, 2 * num_ranks)
+        ok()
+        buffer.destroy()
+    if num_ranks > 1:
+        missing_peer(rank, num_ranks, group)
+
+
+def missing_peer(rank: int, num_ranks: int, group) -> None:
+    """A rank that does not arrive: the others raise RuntimeError naming it within DEEP_EP_TIMEOUT_S;
+    clean_low_latency_buffer() makes the Buffer usable again."""
+    case = Case(tokens=[8], max_tokens=8, hidden=64, experts_per_rank=2, topk=2)
+    os.environ["DEEP_EP_TIMEOUT_S"] = "2"
+    buffer = buffer_for(group, num_ranks, [case])
+    inputs = make_inputs(rank, 8, 64, 2 * num_ranks, 2, num_ranks)
+    if rank == 0:
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"ranks \[1"):
+            dispatch(buffer, case, inputs)
+        assert time.monotonic() - start < 2 + 5
+        with pytest.raises(RuntimeError, match="clean_low_latency_buffer"):
+            dispatch(buffer, case, inputs)
+    dist.barrier(group)
+    buffer.clean_low_latency_buffer(case.max_tokens, case.hidden, 2 * num_ranks)
+    recv_x, recv_count, handle, _ = dispatch(buffer, case, inputs)
+    combined = buffer.low_latency_combine(expert_output(recv_x, recv_count), inputs.topk_idx, inputs.topk_weights,
+                                          handle)[0]
+    assert calc_diff(combined, expected_combine(case, inputs, inputs.topk_weights)) < 1e-5
+    buffer.destroy()
+    del os.environ["DEEP_EP_TIMEOUT_S"]
+
+
+def test_errors() -> None:
+    spawn_ranks(errors, 2)
+    assert not our_segments()
+
+
+# ---- script mode: correctness, then latency and bandwidth ---------------------------------------------------
+def bench_rank(rank: int, num_ranks: int, group, args) -> None:
+    run_cases(rank, num_ranks, group, cases_for(num_ranks)[:3])
+    num_experts = args.num_experts
+    size = deep_ep.Buffer.get_low_latency_rdma_size_hint(args.num_max_tokens, args.hidden, num_ranks, num_experts)
+    buffer = deep_ep.Buffer(group, num_nvl_bytes=4096, num_rdma_bytes=size, low_latency_mode=True)
+    inputs = make_inputs(rank, args.num_tokens, args.hidden, num_experts, args.num_topk, num_ranks)
+
+    def timed(fn) -> float:
+        for _ in range(3):
+            fn()
+        dist.barrier(group)
+        start = time.perf_counter()
+        for _ in range(args.iters):
+            fn()
+        seconds = torch.tensor([(time.perf_counter() - start) / args.iters], dtype=torch.float64)
+        dist.all_reduce(seconds, op=dist.ReduceOp.MAX, group=group)
+        return float(seconds)
+
+    for quant in ("int8", "bf16"):
+        use_fp8 = quant == "int8"
+        state = {}
+
+        def run_dispatch():
+            state["out"] = buffer.low_latency_dispatch(inputs.x, inputs.topk_idx, args.num_max_tokens, num_experts,
+                                                       use_fp8=use_fp8)
+
+        dispatch_s = timed(run_dispatch)
+        recv_x, recv_count, handle = state["out"][:3]
+        y = expert_output(recv_x, recv_count)
+        combine_s = timed(lambda: buffer.low_latency_combine(y, inputs.topk_idx, inputs.topk_weights, handle))
+
+        def both():
+            run_dispatch()
+            buffer.low_latency_combine(y, inputs.topk_idx, inputs.topk_weights, state["out"][2])
+
+        total_s = timed(both)
+        # Bytes the format really moves per (token, expert) selection received here.
+        per_row = args.hidden + 4 if use_fp8 else 2 * args.hidden
+        selections = torch.tensor([int(recv_count.sum())], dtype=torch.float64)
+        dist.all_reduce(selections, group=group)
+        dispatch_bytes = float(selections) / num_ranks * per_row
+        combine_bytes = float(selections) / num_ranks * 2 * args.hidden
+        if rank == 0:
+            print(f"[{num_ranks} ranks, {args.num_tokens} tokens, H={args.hidden}, K={args.num_topk}, "
+                  f"E={num_experts}] dispatch {quant} ({per_row} B/selection): {dispatch_s * 1e6:.0f} us "
+                  f"{dispatch_bytes / dispatch_s / 1e9:.2f} GB/s | combine bf16 ({2 * args.hidden} B/selection): "
+                  f"{combine_s * 1e6:.0f} us {combine_bytes / combine_s / 1e9:.2f} GB/s | dispatch+combine "
+                  f"{total_s * 1e6:.0f} us {(dispatch_bytes + combine_bytes) / total_s / 1e9:.2f} GB/s", flush=True)
+    buffer.destroy()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-processes", type=int, default=2)
+    parser.add_argument("--num-tokens", type=int, default=128)
+    parser.add_argument("--num-max-tokens", type=int, default=128)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--num-topk", type=int, default=8)
+    parser.add_argument("--num-experts", type=int, default=32)
+    parser.add_argument("--iters", type=int, default=50)
+    args = parser.parse_args()
+    spawn_ranks(bench_rank, args.num_processes, args)
+
+
+if __name__ == "__main__":
+    main()
