@@ -6,7 +6,9 @@
 #
 # The SoC is recorded in the wheel (deep_ep/_build_info.py, TARGET_SOC) through the
 # environment variable DEEP_EP_TARGET_SOC, which setup.py reads. Without CANN on this
-# machine the CPU package is built (TARGET_SOC = "cpu") and the script says so.
+# machine the CPU package is built (TARGET_SOC = "cpu") and the script says so. When the
+# machine's SoC differs from the one asked for, build.sh warns (if torch_npu can tell), and so does
+# deep_ep at run time when a Buffer is created on NPUs (deep_ep/npu.py check_build_soc).
 set -euo pipefail
 
 usage() {
@@ -21,6 +23,8 @@ Builds the deep_ep wheel into output/.
 
 CANN is looked for in $ASCEND_HOME_PATH, $ASCEND_TOOLKIT_HOME and /usr/local/Ascend.
 Without it the CPU package is built (TARGET_SOC = "cpu"); it runs on CPU ranks.
+The SoC is recorded in the wheel; a warning says so when this machine's NPU is another
+SoC (here, if torch_npu can tell, and at run time when a Buffer is created on NPUs).
 Install the result with:  pip install output/deep_ep-*.whl
 EOF
 }
@@ -62,6 +66,24 @@ done
 if [ -n "$CANN_HOME" ]; then
     export DEEP_EP_TARGET_SOC="$SOC"
     echo "build.sh: CANN found at $CANN_HOME: building deep_ep for Atlas $SOC (-a $TARGET)"
+    # The same check deep_ep makes at run time (deep_ep/npu.py check_build_soc): warn when the SoC
+    # asked for is not this machine's. Best effort: needs torch_npu and a visible NPU.
+    MACHINE_SOC="$(python - 2>/dev/null <<'EOF' || true
+try:
+    import torch, torch_npu  # noqa: F401
+    name = torch.npu.get_device_name() if torch.npu.is_available() else ""
+except Exception:
+    name = ""
+print("A2" if name.startswith("Ascend910B") else "A3" if name.startswith("Ascend910_93") else "")
+EOF
+)"
+    if [ -z "$MACHINE_SOC" ]; then
+        echo "build.sh: could not detect this machine's SoC (no torch_npu or no NPU visible);" \
+             "deep_ep warns at run time if the NPU is not an Atlas $SOC"
+    elif [ "$MACHINE_SOC" != "$SOC" ]; then
+        echo "build.sh: WARNING: building for Atlas $SOC (-a $TARGET), but this machine is Atlas $MACHINE_SOC" \
+             "(-a $([ "$MACHINE_SOC" = A2 ] && echo deepep2 || echo deepep) builds for it)" >&2
+    fi
 else
     export DEEP_EP_TARGET_SOC="cpu"
     echo "build.sh: NO CANN found (ASCEND_HOME_PATH, ASCEND_TOOLKIT_HOME and /usr/local/Ascend are unset or absent)."

@@ -79,6 +79,11 @@ std::uint16_t float_to_f16(float f) {
 DEEP_EP_VECTORIZED
 void load_row(const std::uint8_t* row, Dtype dtype, std::size_t hidden, float* out) {
     switch (dtype) {
+        case Dtype::Float64: {
+            const auto* v = reinterpret_cast<const double*>(row);
+            for (std::size_t h = 0; h < hidden; ++h) out[h] = static_cast<float>(v[h]);
+            break;
+        }
         case Dtype::Float32:
             std::memcpy(out, row, hidden * sizeof(float));
             break;
@@ -95,42 +100,53 @@ void load_row(const std::uint8_t* row, Dtype dtype, std::size_t hidden, float* o
     }
 }
 
+// Writes a float64 accumulator as `dtype` (16-bit types through float32, always the same bits).
 DEEP_EP_VECTORIZED
-void store_row(const float* acc, Dtype dtype, std::size_t hidden, std::uint8_t* row) {
+void store_row(const double* acc, Dtype dtype, std::size_t hidden, std::uint8_t* row) {
     switch (dtype) {
-        case Dtype::Float32:
-            std::memcpy(row, acc, hidden * sizeof(float));
+        case Dtype::Float64:
+            std::memcpy(row, acc, hidden * sizeof(double));
             break;
+        case Dtype::Float32: {
+            auto* v = reinterpret_cast<float*>(row);
+            for (std::size_t h = 0; h < hidden; ++h) v[h] = static_cast<float>(acc[h]);
+            break;
+        }
         case Dtype::BFloat16: {
             auto* v = reinterpret_cast<std::uint16_t*>(row);
-            for (std::size_t h = 0; h < hidden; ++h) v[h] = float_to_bf16(acc[h]);
+            for (std::size_t h = 0; h < hidden; ++h) v[h] = float_to_bf16(static_cast<float>(acc[h]));
             break;
         }
         case Dtype::Float16: {
             auto* v = reinterpret_cast<std::uint16_t*>(row);
-            for (std::size_t h = 0; h < hidden; ++h) v[h] = float_to_f16(acc[h]);
+            for (std::size_t h = 0; h < hidden; ++h) v[h] = float_to_f16(static_cast<float>(acc[h]));
             break;
         }
     }
 }
 
-// acc += weight * row, one element at a time in a fixed order (no FMA: see CMake flags).
+// acc += weight * row in float64, one element at a time in a fixed order (no FMA: see CMake flags).
 DEEP_EP_VECTORIZED
-void accumulate_row(float* acc, const std::uint8_t* row, Dtype dtype, std::size_t hidden, float weight) {
+void accumulate_row(double* acc, const std::uint8_t* row, Dtype dtype, std::size_t hidden, double weight) {
     switch (dtype) {
+        case Dtype::Float64: {
+            const auto* v = reinterpret_cast<const double*>(row);
+            for (std::size_t h = 0; h < hidden; ++h) acc[h] += weight * v[h];
+            break;
+        }
         case Dtype::Float32: {
             const auto* v = reinterpret_cast<const float*>(row);
-            for (std::size_t h = 0; h < hidden; ++h) acc[h] += weight * v[h];
+            for (std::size_t h = 0; h < hidden; ++h) acc[h] += weight * static_cast<double>(v[h]);
             break;
         }
         case Dtype::BFloat16: {
             const auto* v = reinterpret_cast<const std::uint16_t*>(row);
-            for (std::size_t h = 0; h < hidden; ++h) acc[h] += weight * bf16_to_float(v[h]);
+            for (std::size_t h = 0; h < hidden; ++h) acc[h] += weight * static_cast<double>(bf16_to_float(v[h]));
             break;
         }
         case Dtype::Float16: {
             const auto* v = reinterpret_cast<const std::uint16_t*>(row);
-            for (std::size_t h = 0; h < hidden; ++h) acc[h] += weight * f16_to_float(v[h]);
+            for (std::size_t h = 0; h < hidden; ++h) acc[h] += weight * static_cast<double>(f16_to_float(v[h]));
             break;
         }
     }
@@ -138,18 +154,28 @@ void accumulate_row(float* acc, const std::uint8_t* row, Dtype dtype, std::size_
 
 }  // namespace
 
-std::size_t dtype_size(Dtype dtype) { return dtype == Dtype::Float32 ? 4 : 2; }
+std::size_t dtype_size(Dtype dtype) {
+    switch (dtype) {
+        case Dtype::Float64:
+            return 8;
+        case Dtype::Float32:
+            return 4;
+        default:
+            return 2;
+    }
+}
 
 DEEP_EP_VECTORIZED
 float quantize_row(const std::uint8_t* row, Dtype dtype, std::size_t hidden, float* scratch, std::int8_t* q) {
     load_row(row, dtype, hidden, scratch);
-    // max |x| over the bits of |x| (ordered like the values); NaN is skipped as std::max skips it.
+    // max |x| over the bits of |x| (ordered like the values, NaN above inf): a row holding a NaN gets
+    // scale NaN and one holding an inf scale inf, so non-finite input stays visible after
+    // dequantization instead of turning into plausible numbers (as torch's amax does on NPU).
     std::int32_t max_bits = 0;  // signed compares vectorize on every x86-64 level
     for (std::size_t h = 0; h < hidden; ++h) {
         std::int32_t bits;
         std::memcpy(&bits, &scratch[h], sizeof(bits));
         bits &= 0x7FFFFFFF;
-        bits = bits > 0x7F800000 ? 0 : bits;
         max_bits = bits > max_bits ? bits : max_bits;
     }
     float amax;
@@ -191,28 +217,30 @@ void quantize_int8(const void* x, Dtype dtype, std::size_t rows, std::size_t hid
     });
 }
 
-void combine_reduce(void* out, Dtype out_dtype, std::size_t tokens, std::size_t topk, std::size_t hidden,
-                    const std::vector<const std::uint8_t*>& srcs, Dtype src_dtype, const std::int32_t* src_rank,
-                    const std::int64_t* src_row, const float* weights, const Bias& bias0, const Bias& bias1,
-                    int num_threads) {
+void combine_reduce(void* out, Dtype out_dtype, std::size_t tokens, std::size_t columns, std::size_t hidden,
+                    const std::vector<const std::uint8_t*>& srcs, const std::vector<Dtype>& src_dtypes,
+                    const std::int32_t* src_rank, const std::int64_t* src_row, const float* weights,
+                    const Bias& bias0, const Bias& bias1, int num_threads) {
     auto* out_base = static_cast<std::uint8_t*>(out);
     const std::size_t out_stride = hidden * dtype_size(out_dtype);
-    const std::size_t src_stride = hidden * dtype_size(src_dtype);
-    parallel_for(tokens, tokens * topk * src_stride, num_threads, [&](std::size_t begin, std::size_t end) {
-        std::vector<float> acc(hidden), bias(hidden);
+    parallel_for(tokens, tokens * columns * hidden * 2, num_threads, [&](std::size_t begin, std::size_t end) {
+        std::vector<double> acc(hidden);
+        std::vector<float> bias(hidden);
         for (std::size_t t = begin; t < end; ++t) {
-            std::fill(acc.begin(), acc.end(), 0.0f);
-            for (std::size_t k = 0; k < topk; ++k) {
-                const std::size_t e = t * topk + k;
-                if (src_rank[e] < 0) continue;
-                accumulate_row(acc.data(), srcs[src_rank[e]] + static_cast<std::size_t>(src_row[e]) * src_stride,
-                               src_dtype, hidden, weights[e]);
+            std::fill(acc.begin(), acc.end(), 0.0);
+            for (std::size_t c = 0; c < columns; ++c) {
+                const std::size_t e = t * columns + c;
+                const std::int32_t s = src_rank[e];
+                if (s < 0) continue;
+                const Dtype dtype = src_dtypes[s];
+                accumulate_row(acc.data(), srcs[s] + static_cast<std::size_t>(src_row[e]) * hidden * dtype_size(dtype),
+                               dtype, hidden, weights[e]);
             }
             for (const Bias* b : {&bias0, &bias1}) {
                 if (b->data == nullptr) continue;
                 const std::size_t stride = hidden * dtype_size(b->dtype);
                 load_row(static_cast<const std::uint8_t*>(b->data) + t * stride, b->dtype, hidden, bias.data());
-                for (std::size_t h = 0; h < hidden; ++h) acc[h] += bias[h];
+                for (std::size_t h = 0; h < hidden; ++h) acc[h] += static_cast<double>(bias[h]);
             }
             store_row(acc.data(), out_dtype, hidden, out_base + t * out_stride);
         }

@@ -9,7 +9,7 @@
 
 namespace deep_ep {
 
-enum class Dtype : int { Float32 = 0, BFloat16 = 1, Float16 = 2 };
+enum class Dtype : int { Float32 = 0, BFloat16 = 1, Float16 = 2, Float64 = 3 };
 
 std::size_t dtype_size(Dtype dtype);
 
@@ -26,16 +26,19 @@ void quantize_int8(const void* x, Dtype dtype, std::size_t rows, std::size_t hid
 // One row of quantize_int8: returns the scale, writes q [hidden]; scratch holds hidden floats.
 float quantize_row(const std::uint8_t* row, Dtype dtype, std::size_t hidden, float* scratch, std::int8_t* q);
 
-// out[t] = sum_k weights[t, k] * x[src_rank[t, k]][src_row[t, k]] (k ascending,
-// float32, entries with src_rank < 0 skipped) + bias0[t] + bias1[t].
+// out[t] = sum over c of weights[t, c] * srcs[src_rank[t, c]][src_row[t, c]] (c ascending,
+// entries with src_rank < 0 skipped) + bias0[t] + bias1[t], accumulated in float64: every
+// product of a float32 weight and a 16/32-bit value is exact there, so sums that are split
+// differently (per node, in internode combine) round to the same output in all but
+// vanishingly rare cases. Source s holds rows of src_dtypes[s] (Float64 for partial sums).
 struct Bias {
     const void* data = nullptr;  // [tokens, hidden] or null
     Dtype dtype = Dtype::Float32;
 };
 
-void combine_reduce(void* out, Dtype out_dtype, std::size_t tokens, std::size_t topk, std::size_t hidden,
-                    const std::vector<const std::uint8_t*>& srcs, Dtype src_dtype, const std::int32_t* src_rank,
-                    const std::int64_t* src_row, const float* weights, const Bias& bias0, const Bias& bias1,
-                    int num_threads);
+void combine_reduce(void* out, Dtype out_dtype, std::size_t tokens, std::size_t columns, std::size_t hidden,
+                    const std::vector<const std::uint8_t*>& srcs, const std::vector<Dtype>& src_dtypes,
+                    const std::int32_t* src_rank, const std::int64_t* src_row, const float* weights,
+                    const Bias& bias0, const Bias& bias1, int num_threads);
 
 }  // namespace deep_ep

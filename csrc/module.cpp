@@ -35,7 +35,8 @@ const T* checked_data(const Array<T>& array, std::size_t expected, const char* n
 }
 
 Dtype to_dtype(int code) {
-    if (code < 0 || code > 2) throw py::value_error("dtype code must be 0 (float32), 1 (bfloat16) or 2 (float16)");
+    if (code < 0 || code > 3)
+        throw py::value_error("dtype code must be 0 (float32), 1 (bfloat16), 2 (float16) or 3 (float64)");
     return static_cast<Dtype>(code);
 }
 
@@ -182,28 +183,31 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
 
     m.def(
         "combine_reduce",
-        [](std::uintptr_t out, int out_dtype, std::size_t tokens, std::size_t topk, std::size_t hidden,
-           const std::vector<std::uintptr_t>& srcs, const std::vector<std::int64_t>& src_rows, int src_dtype,
-           const Array<std::int32_t>& src_rank, const Array<std::int64_t>& src_row, const Array<float>& weights,
-           std::uintptr_t bias0, int bias0_dtype, std::uintptr_t bias1, int bias1_dtype, int num_threads) {
-            if (srcs.size() != src_rows.size())
-                throw py::value_error("combine_reduce: srcs and src_rows differ in length");
-            const std::size_t n = tokens * topk;
+        [](std::uintptr_t out, int out_dtype, std::size_t tokens, std::size_t columns, std::size_t hidden,
+           const std::vector<std::uintptr_t>& srcs, const std::vector<std::int64_t>& src_rows,
+           const std::vector<int>& src_dtypes, const Array<std::int32_t>& src_rank, const Array<std::int64_t>& src_row,
+           const Array<float>& weights, std::uintptr_t bias0, int bias0_dtype, std::uintptr_t bias1, int bias1_dtype,
+           int num_threads) {
+            if (srcs.size() != src_rows.size() || srcs.size() != src_dtypes.size())
+                throw py::value_error("combine_reduce: srcs, src_rows and src_dtypes differ in length");
+            const std::size_t n = tokens * columns;
             const auto* rank = checked_data(src_rank, n, "src_rank");
             const auto* row = checked_data(src_row, n, "src_row");
             const auto* w = checked_data(weights, n, "weights");
             check_sources(rank, row, n, src_rows, true, "combine_reduce");
             const auto pointers = to_pointers(srcs);
+            std::vector<Dtype> dtypes;
+            for (int code : src_dtypes) dtypes.push_back(to_dtype(code));
             const Bias b0{reinterpret_cast<const void*>(bias0), to_dtype(bias0_dtype)};
             const Bias b1{reinterpret_cast<const void*>(bias1), to_dtype(bias1_dtype)};
-            const Dtype in_dtype = to_dtype(src_dtype), out_type = to_dtype(out_dtype);
+            const Dtype out_type = to_dtype(out_dtype);
             py::gil_scoped_release release;
-            combine_reduce(reinterpret_cast<void*>(out), out_type, tokens, topk, hidden, pointers, in_dtype, rank, row,
+            combine_reduce(reinterpret_cast<void*>(out), out_type, tokens, columns, hidden, pointers, dtypes, rank, row,
                            w, b0, b1, num_threads);
         },
-        py::arg("out"), py::arg("out_dtype"), py::arg("tokens"), py::arg("topk"), py::arg("hidden"), py::arg("srcs"),
-        py::arg("src_rows"), py::arg("src_dtype"), py::arg("src_rank"), py::arg("src_row"), py::arg("weights"),
-        py::arg("bias0") = 0, py::arg("bias0_dtype") = 0, py::arg("bias1") = 0, py::arg("bias1_dtype") = 0,
-        py::arg("num_threads") = 1,
-        "out[t] = sum_k weights[t,k] * srcs[src_rank[t,k]][src_row[t,k]] (+ biases), float32, k ascending.");
+        py::arg("out"), py::arg("out_dtype"), py::arg("tokens"), py::arg("columns"), py::arg("hidden"),
+        py::arg("srcs"), py::arg("src_rows"), py::arg("src_dtypes"), py::arg("src_rank"), py::arg("src_row"),
+        py::arg("weights"), py::arg("bias0") = 0, py::arg("bias0_dtype") = 0, py::arg("bias1") = 0,
+        py::arg("bias1_dtype") = 0, py::arg("num_threads") = 1,
+        "out[t] = sum_c weights[t,c] * srcs[src_rank[t,c]][src_row[t,c]] (+ biases), in float64, c ascending.");
 }

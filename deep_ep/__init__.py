@@ -5,6 +5,8 @@ torch.distributed between hosts) and on Ascend NPUs through torch_npu.
 """
 from .buffer import Buffer, topk_idx_t
 from .config import Config
+from .fused import FuseMode, permute_gmm1_weight, unpermute_gmm1_weight
 from .utils import EventOverlap
 
-__all__ = ["Buffer", "Config", "EventOverlap", "topk_idx_t"]
+__all__ = ["Buffer", "Config", "EventOverlap", "FuseMode", "permute_gmm1_weight", "topk_idx_t",
+           "unpermute_gmm1_weight"]

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from . import Buffer
 from .reference import quantize_reference, reference_combine, reference_dispatch
 from .testing import spawn_ranks
+from .transport import hierarchical
 
 
 @dataclass
@@ -36,6 +37,8 @@ class Timing:
     combine: float
     bytes: int  # dispatch bytes received on rank 0
     combine_bytes: int
+    network_bytes: int = 0  # dispatch bytes rank 0 sends to other nodes, per call
+    network_rows: int = 0
 
 
 def make_rank_inputs(rank: int, args: argparse.Namespace):
@@ -97,8 +100,16 @@ def check_against_reference(rank: int, group, buffer: Buffer, args, x, topk_idx,
         raise AssertionError(f"rank {rank}: combine differs from the reference")
 
 
+def alltoall_network_rows(topk_idx: torch.Tensor, args: argparse.Namespace, rank: int, num_ranks: int) -> int:
+    """Rows the alltoall strategy sends to other nodes: one per (token, rank of another node)."""
+    per_node = args.ranks_per_node or num_ranks
+    owner = torch.where(topk_idx >= 0, topk_idx // (args.num_experts // num_ranks), -1)
+    return sum(int((owner == r).any(1).sum()) for r in range(num_ranks) if r // per_node != rank // per_node)
+
+
 def bench_normal(rank: int, group, args: argparse.Namespace, quant: str) -> Dict[str, Timing]:
     x, topk_idx, topk_weights = make_rank_inputs(rank, args)
+    num_ranks = dist.get_world_size(group)
     rows: Dict[str, Timing] = {}
     for strategy in ("default", "alltoall"):
         buffer = Buffer(group, num_nvl_bytes=args.nvl_bytes, normal_strategy=strategy)
@@ -113,13 +124,24 @@ def bench_normal(rank: int, group, args: argparse.Namespace, quant: str) -> Dict
 
         for _ in range(args.warmup):
             dispatch()
+        before = dict(hierarchical.traffic)
         dispatch_s = timed(group, dispatch, args.iters)
         recv_x, handle = result["out"][0], result["out"][4]
+        # Bytes a dispatch sends to other nodes: counted by the hierarchical transport, one row per
+        # (token, node); the alltoall strategy sends one row (the same bytes) per (token, rank).
+        network_rows = (hierarchical.traffic["dispatch_rows"] - before["dispatch_rows"]) // args.iters
+        network_bytes = (hierarchical.traffic["dispatch_bytes"] - before["dispatch_bytes"]) // args.iters
+        if strategy == "alltoall":
+            row_bytes = network_bytes // network_rows if network_rows else rows["default"].network_bytes // max(
+                1, rows["default"].network_rows)
+            network_rows = alltoall_network_rows(topk_idx, args, rank, num_ranks)
+            network_bytes = network_rows * row_bytes
         y = (recv_x[0].float() * recv_x[1].unsqueeze(1)).to(torch.bfloat16) if quant == "int8" else recv_x
         for _ in range(args.warmup):
             buffer.combine(y, handle)
         combine_s = timed(group, lambda: buffer.combine(y, handle), args.iters)
-        rows[strategy] = Timing(dispatch_s, combine_s, recv_bytes(recv_x), y.numel() * y.element_size())
+        rows[strategy] = Timing(dispatch_s, combine_s, recv_bytes(recv_x), y.numel() * y.element_size(),
+                                network_bytes, network_rows)
         buffer.destroy()
         del result, recv_x, handle, y
     return rows
@@ -221,6 +243,14 @@ def bench_rank(rank: int, num_ranks: int, group, args: argparse.Namespace) -> No
     print(f"default vs alltoall, dispatch+combine: {total['alltoall'] / total['default']:.2f}x faster")
     print(f"default dispatch GB/s vs memcpy GB/s: {memcpy_s / rows['default'].dispatch:.2f} "
           f"(dispatch takes {rows['default'].dispatch / memcpy_s:.2f}x the memcpy time)")
+    if args.ranks_per_node and args.mode == "normal":
+        print(f"\n{num_ranks // args.ranks_per_node if num_ranks % args.ranks_per_node == 0 else 'uneven'} simulated "
+              f"nodes of {args.ranks_per_node} ranks (DEEP_EP_RANKS_PER_NODE); rank 0 per dispatch:")
+        print(f"{'strategy':<22}{'rows to other nodes':>21}{'MB':>9}{'inter-node GB/s':>17}{'intra-node GB/s':>17}")
+        for name, label in (("default", "hierarchical (shm)"), ("alltoall", "alltoall (gloo)")):
+            r = rows[name]
+            print(f"{label:<22}{r.network_rows:>21}{r.network_bytes / 1e6:>9.2f}"
+                  f"{gbps(r.network_bytes, r.dispatch):>17.2f}{gbps(r.bytes, r.dispatch):>17.2f}")
 
 
 def main() -> None:
@@ -240,6 +270,9 @@ def main() -> None:
     parser.add_argument("--nvl-bytes", type=int, default=256 << 20, help="shared-memory bytes per rank")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--ranks-per-node", type=int, default=0,
+                        help="simulate nodes of this many ranks (DEEP_EP_RANKS_PER_NODE): the hierarchical "
+                             "transport between them")
     parser.add_argument("--batch", type=int, default=None,
                         help="calls timed in a row per iteration (default 1; 20 in low-latency mode)")
     args = parser.parse_args()
@@ -249,7 +282,8 @@ def main() -> None:
         args.num_max_tokens = args.num_tokens
     if args.batch is None:
         args.batch = 20 if args.mode == "low_latency" else 1
-    spawn_ranks(bench_rank, args.num_processes, args)
+    env = {"DEEP_EP_RANKS_PER_NODE": str(args.ranks_per_node)} if args.ranks_per_node else {}
+    spawn_ranks(bench_rank, args.num_processes, args, env=env)
 
 
 if __name__ == "__main__":

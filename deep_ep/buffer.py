@@ -17,10 +17,11 @@ import torch.distributed as dist
 
 import deep_ep_cpp
 
-from . import layout, ops
+from . import fused, layout, npu, ops
 from .config import Config
+from .fused import FuseMode
 from .pool import OutputPool
-from .transport import alltoall_low_latency, collective, shm, shm_low_latency
+from .transport import alltoall_low_latency, collective, hierarchical, shm, shm_low_latency
 from .transport.fields import as_byte_rows
 from .utils import (FLOAT_DTYPES, NATIVE_DTYPE_CODES, EventOverlap, check_one_of, check_tensor, num_threads,
                     timeout_seconds)
@@ -55,11 +56,24 @@ class DispatchState:
     hidden: int
     topk_idx: torch.Tensor
     topk_weights: torch.Tensor
+    expert_alignment: int = 1
+    num_worst_tokens: int = 0
+    internode: Optional["InternodeState"] = None
 
     @functools.cached_property
     def rows_by_source(self) -> torch.Tensor:
         """int64 [real rows]: received rows in arrival (source) order (collective transport)."""
         return self.plan.rows_by_source()
+
+
+@dataclass
+class InternodeState:
+    """A dispatch's routes across nodes (hierarchical transport), kept for combine."""
+
+    forwarding: hierarchical.Forwarding
+    forwarded_weights: torch.Tensor  # float32 [F, K], the dispatch weights of the forwarded rows
+    selection_rank: torch.Tensor  # int32 [T + F, K]: node-local holder of each selection, -1 elsewhere
+    selection_row: torch.Tensor  # int64 [T + F, K]: its row there
 
 
 def _env_flag(name: str) -> bool:
@@ -101,8 +115,10 @@ class Buffer:
         num_rdma_bytes: bytes of the low-latency / inter-node buffer.
         low_latency_mode: enables low_latency_dispatch / low_latency_combine.
         normal_strategy: "default" (shared memory inside a node) or "alltoall"
-            (torch.distributed all_to_all_single for everything).
-        low_latency_strategy: "default", "alltoall" or "ops" (NPU only).
+            (torch.distributed all_to_all_single for everything). On NPU (an 'hccl' group) both
+            run HCCL all_to_all_single (deep_ep/npu.py).
+        low_latency_strategy: "default", "alltoall" or "ops" (NPU only). On NPU "default" and "ops"
+            run CANN's MC2 operators; "alltoall" is not available there.
         explicitly_destroy: if True, `destroy()` must be called before exit.
         Other arguments are accepted for DeepEP compatibility and have no effect on CPU.
     """
@@ -130,12 +146,24 @@ class Buffer:
         self.rank = dist.get_rank(group)
         self.group_size = dist.get_world_size(group)
         self.backend = dist.get_backend(group)
-        if self.backend != "gloo":
-            raise ValueError(f"group backend must be 'gloo' for CPU ranks, got {self.backend!r} "
-                             "(the NPU path needs torch_npu and an 'hccl' group)")
-        if low_latency_strategy == "ops":
+        # Backend choice: an 'hccl' group takes the NPU path (deep_ep/npu.py), a 'gloo' group the CPU one.
+        self.on_npu = self.backend == npu.NPU_BACKEND
+        if self.on_npu:
+            npu.init_backend()  # torch_npu importable; warns when the wheel was built for another SoC
+            normal_strategy, low_latency_strategy = npu.resolve_strategies(normal_strategy, low_latency_strategy,
+                                                                           low_latency_mode)
+        elif self.backend != "gloo":
+            raise ValueError(f"group backend must be 'gloo' for CPU ranks or 'hccl' for Ascend NPUs, got "
+                             f"{self.backend!r}")
+        elif low_latency_strategy == "ops":
             raise ValueError("low_latency_strategy='ops' (DEEP_USE_MODE=ops) needs torch_npu and CANN's MC2 "
                              "operators; on CPU use 'default' or 'alltoall'")
+        self.device = npu.current_device() if self.on_npu else torch.device("cpu")
+        # The device path (NPU; or CPU with DEEP_EP_FORCE_TORCH_OPS=1, which runs the NPU path's code on
+        # CPU): normal mode over the collective transport with torch ops and plain torch allocations.
+        self.device_path = self.on_npu or ops.torch_ops_forced()
+        if self.device_path:
+            normal_strategy = npu.NORMAL_ON_NPU[normal_strategy]
         self.normal_strategy = normal_strategy
         self.low_latency_strategy = low_latency_strategy
         self.low_latency_mode = low_latency_mode
@@ -146,11 +174,16 @@ class Buffer:
         self.comm = dist.new_group(list(range(self.group_size)) if group is dist.group.WORLD else
                                    dist.get_process_group_ranks(group),
                                    backend="gloo", timeout=timedelta(seconds=timeout_seconds()))
+        # Token rows of the collective transport: on NPU over HCCL (the caller's group); metadata stays on
+        # the host and goes over `comm` (gloo) everywhere.
+        self.data_comm = group if self.on_npu else self.comm
         self.rank_to_node = self._discover_nodes()
         self.node = int(self.rank_to_node[self.rank])
         self.local_ranks = (self.rank_to_node == self.node).nonzero().flatten().tolist()
+        self.topology = hierarchical.Topology(self.rank, self.rank_to_node)
         self.shm: Optional[shm.NodeShm] = None
-        if normal_strategy == "default" and self.num_nodes == 1:
+        if normal_strategy == "default":
+            # Shared memory inside this rank's node; with several nodes, the hierarchical transport.
             self.shm = shm.NodeShm(self.comm, self.local_ranks, self.num_nvl_bytes, "deep_ep normal mode")
         self.pool = OutputPool()
         self.destroyed = False
@@ -229,10 +262,15 @@ class Buffer:
         if getattr(self, "ll", None) is not None:
             self.ll.close()
             self.ll = None
+        if getattr(self, "npu_ll", None) is not None:
+            npu.destroy_low_latency(self.npu_ll)
+            self.npu_ll = None
         self.pool.clear()
         # Our own group goes now, too: a gloo group that lives on until interpreter exit (a Buffer
         # kept alive by an exception's traceback, say) can abort the process when it is freed then.
         comm, self.comm = getattr(self, "comm", None), None
+        if getattr(self, "data_comm", None) is comm:
+            self.data_comm = None
         if comm is not None and dist.is_initialized():
             try:
                 dist.destroy_process_group(comm)
@@ -253,7 +291,8 @@ class Buffer:
             raise RuntimeError("deep_ep: this Buffer was destroyed; create a new one")
         # After a peer timed out or died, the barriers / the group cannot be trusted: say so before
         # touching any shared state.
-        broken = (self.shm.broken if self.shm is not None else None) or collective.failure(self.comm)
+        broken = (self.shm.broken if self.shm is not None else None) or collective.failure(self.comm) or \
+            collective.failure(self.data_comm)  # NPU: the rows' HCCL group
         if broken:
             raise RuntimeError(broken)
 
@@ -264,6 +303,7 @@ class Buffer:
     # and more than one node use transport/alltoall_low_latency.py. Both give the same bits.
     def _init_low_latency(self) -> None:
         self.ll: Optional[shm_low_latency.LowLatencyShm] = None
+        self.npu_ll = None  # NPU: CANN's MC2 operators on a dedicated HCCL group (transport/npu_ops.py)
         self._ll_seq = [0, 0]  # calls so far per kind (dispatch, combine); equal on every rank
         self._ll_pending: List[List[Optional[int]]] = [[None, None], [None, None]]  # [kind][parity] -> seq
         self._ll_recv: List[Optional[tuple]] = [None, None]  # per parity: (key, recv tensors)
@@ -278,6 +318,8 @@ class Buffer:
             raise ValueError(f"num_rdma_bytes must be the same on every rank, got {sizes} (by rank)")
         if self.low_latency_strategy == "default" and self.num_nodes == 1 and self.num_rdma_bytes > 0:
             self.ll = shm_low_latency.LowLatencyShm(self.comm, self.local_ranks, self.num_rdma_bytes)
+        if self.on_npu:
+            self.npu_ll = npu.create_low_latency(self)
 
     @staticmethod
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
@@ -412,6 +454,10 @@ class Buffer:
         """
         what = "low_latency_dispatch"
         self._ll_ready(what)
+        if self.npu_ll is not None:  # NPU: npu_moe_distribute_dispatch_v2 (deep_ep/npu.py)
+            return npu.low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
+                                            cumulative_local_expert_recv_stats, use_fp8, return_recv_hook,
+                                            topk_weights, quant_mode)
         seq = self._ll_begin(0, what)
         try:
             quant = self._ll_quant(x, use_fp8, quant_mode)
@@ -556,6 +602,8 @@ class Buffer:
         """
         what = "low_latency_combine"
         self._ll_ready(what)
+        if self.npu_ll is not None:  # NPU: npu_moe_distribute_combine_v2 (deep_ep/npu.py)
+            return npu.low_latency_combine(self, x, topk_idx, topk_weights, handle, return_recv_hook, out)
         state = _ll_state_of(handle)
         if not state.received:
             raise RuntimeError("deep_ep low_latency_combine: call the hook of the low_latency_dispatch that made "
@@ -637,6 +685,8 @@ class Buffer:
         self._check_alive()
         if not self.low_latency_mode:
             raise RuntimeError("deep_ep: clean_low_latency_buffer needs a Buffer created with low_latency_mode=True")
+        if self.npu_ll is not None:
+            return npu.clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank, hidden, num_experts)
         self._ll_check_sizes(num_max_dispatch_tokens_per_rank, hidden, num_experts)
         dist.barrier(group=self.comm)
         if self.ll is not None:
@@ -646,6 +696,55 @@ class Buffer:
         self._ll_pending = [[None, None], [None, None]]
         self._ll_epoch += 1
         self._ll_broken = None
+
+    # ---- fused_deep_moe (pipeline in fused.py) -----------------------------------------------------
+    def fused_deep_moe(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                       gmm1_permuted_weight: torch.Tensor, gmm1_permuted_weight_scale: torch.Tensor,
+                       gmm2_weight: torch.Tensor, gmm2_weight_scale: torch.Tensor,
+                       num_max_dispatch_tokens_per_rank: int, num_experts: int, quant_mode: int = 1,
+                       fuse_mode: int = FuseMode.FUSED_DEEP_MOE, profile_enable: bool = False):
+        """Dispatch + W8A8 SwiGLU expert MLP + combine in one call (decode; needs low_latency_mode=True).
+
+        Per token: int8 quantization (s_x = max|x| / 127), low-latency dispatch; per received row of
+        local expert e: h = (xq @ W1[e]) * s_x * s_w1[e] (float32, exact int32 accumulation),
+        a = silu(gate) * up, int8 requantization of a (s_a = max|a| / 127), y = (aq @ W2[e]) * s_a *
+        s_w2[e] rounded to bfloat16; then combine: output[t] = sum over k of topk_weights[t, k] * y.
+
+        Args:
+            x: [T, H] bfloat16 (float16 / float32 also accepted), T <= num_max_dispatch_tokens_per_rank.
+            topk_idx: int64 [T, K] in [-1, E), -1 = no expert; the experts of a row are distinct.
+            topk_weights: float32 [T, K], the weights of the combine.
+            gmm1_permuted_weight: int8 [L, H, 2I], this rank's L = E / R local experts; columns gate/up
+                interleaved in tiles of 64 (deep_ep.permute_gmm1_weight makes it from [L, 2I, H]
+                gate-then-up weights); 2I a multiple of 128.
+            gmm1_permuted_weight_scale: float32 [L, 2I] per-column scales, same column order (float16 /
+                bfloat16 are converted to float32, as DeepEP-Ascend does).
+            gmm2_weight: int8 [L, I, H].
+            gmm2_weight_scale: float32 [L, H] per-column scales (float16 / bfloat16 converted).
+            num_max_dispatch_tokens_per_rank: Nmax, the same on every rank (num_rdma_bytes must hold
+                Buffer.get_low_latency_rdma_size_hint(Nmax, H, R, E)).
+            num_experts: E, the same on every rank, a multiple of R.
+            quant_mode: 1 (W8A8 per-token dynamic int8), the only mode; anything else is a ValueError.
+            fuse_mode: FuseMode.FUSED_DEEP_MOE (or 1), the only mode; FuseMode.DISPATCH_FFN_COMBINE and
+                other values are a ValueError.
+            profile_enable: accepted for DeepEP-Ascend compatibility; no effect.
+        Returns:
+            (output [T, H] bfloat16 (float16 for float16 x), ep_recv_count int32 [L * R]):
+            ep_recv_count[e * R + r] = rows local expert e received from rank r.
+        Raises:
+            TypeError / ValueError on the calling rank before any data moves (wrong dtype or shape of any
+            argument, L != E / R, H or I that do not match, T > Nmax); the peers then raise ValueError
+            naming that rank instead of waiting.
+        """
+        if self.npu_ll is not None:  # NPU: MC2 dispatch + npu_grouped_matmul + ... (deep_ep/npu.py)
+            fused.check_modes(quant_mode, fuse_mode)
+            return npu.fused_deep_moe(self, x, topk_idx, topk_weights, gmm1_permuted_weight,
+                                      gmm1_permuted_weight_scale, gmm2_weight, gmm2_weight_scale,
+                                      num_max_dispatch_tokens_per_rank, num_experts, quant_mode)
+        return fused.fused_deep_moe(self, x, topk_idx, topk_weights, gmm1_permuted_weight,
+                                    gmm1_permuted_weight_scale, gmm2_weight, gmm2_weight_scale,
+                                    num_max_dispatch_tokens_per_rank, num_experts, quant_mode, fuse_mode,
+                                    profile_enable)
 
     # -- low-latency mode over all_to_all_single (strategy "alltoall", or more than one node) --
     def _ll_alltoall_dispatch(self, state: "LowLatencyState", x: torch.Tensor, counts: torch.Tensor) -> None:
@@ -737,6 +836,7 @@ class Buffer:
         """
         self._check_alive()
         self._check_topk_idx(topk_idx, num_experts)
+        self._check_devices(topk_idx=topk_idx)
         per_rank, per_node, per_expert, in_rank = layout.dispatch_layout(
             topk_idx, num_experts, self.group_size, self.rank_to_node if self.num_nodes > 1 else None)
         return per_rank, per_node, per_expert, in_rank, EventOverlap()
@@ -771,6 +871,20 @@ class Buffer:
         if shm.window_rows(self.num_nvl_bytes, bytes_per_token, num_fields) < 1:
             raise ValueError(f"num_nvl_bytes={self.num_nvl_bytes} is too small for {what}: one token row "
                              f"needs at least {needed} bytes; create the Buffer with num_nvl_bytes >= {needed}")
+
+    def _empty(self, shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised output: from the pool on CPU, a plain allocation on the Buffer's device otherwise."""
+        if self.device_path:
+            return torch.empty(*shape, dtype=dtype, device=self.device)
+        return self.pool.empty(shape, dtype)
+
+    def _check_devices(self, **tensors) -> None:
+        """ValueError naming the first tensor that is not on the Buffer's device (CPU or this process's NPU)."""
+        for name, tensor in tensors.items():
+            for index, t in enumerate(tensor if isinstance(tensor, (tuple, list)) else [tensor]):
+                if isinstance(t, torch.Tensor) and t.device != self.device:
+                    shown = f"{name}[{index}]" if isinstance(tensor, (tuple, list)) else name
+                    raise ValueError(f"{shown} must be on the Buffer's device {self.device}, got {t.device}")
 
     def dispatch(self, x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]], handle: Optional[tuple] = None,
                  num_tokens_per_rank: Optional[torch.Tensor] = None,
@@ -811,9 +925,11 @@ class Buffer:
         check_tensor("num_tokens_per_expert", num_tokens_per_expert, dtypes=(torch.int32, torch.int64),
                      shape=(None,))
         num_experts = num_tokens_per_expert.shape[0]
-        self._check_topk_idx(topk_idx, num_experts, "num_experts (the length of num_tokens_per_expert)")
+        host_idx = topk_idx.cpu()  # the routing math runs on the host (the same tensor on CPU)
+        self._check_topk_idx(host_idx, num_experts, "num_experts (the length of num_tokens_per_expert)")
         num_tokens, num_topk = topk_idx.shape
         check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=(num_tokens, num_topk))
+        self._check_devices(x=x, topk_idx=topk_idx, topk_weights=topk_weights)
         fields, kinds, hidden, dtype_code = self._token_fields(x, quant)
         if fields[0].shape[0] != num_tokens:
             raise ValueError(f"x must have {num_tokens} rows (as topk_idx), got {fields[0].shape[0]}")
@@ -823,8 +939,8 @@ class Buffer:
         for name, value in (("expert_alignment", expert_alignment), ("num_worst_tokens", num_worst_tokens)):
             if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name == "expert_alignment" else 0):
                 raise ValueError(f"{name} must be an int >= {1 if name == 'expert_alignment' else 0}, got {value!r}")
-        tokens_per_expert = torch.bincount(topk_idx[topk_idx >= 0], minlength=num_experts)
-        if not torch.equal(tokens_per_expert, num_tokens_per_expert.to(torch.int64)):
+        tokens_per_expert = torch.bincount(host_idx[host_idx >= 0], minlength=num_experts)
+        if not torch.equal(tokens_per_expert, num_tokens_per_expert.cpu().to(torch.int64)):
             raise ValueError("num_tokens_per_expert does not match topk_idx; pass the counts get_dispatch_layout "
                              "returned for this topk_idx")
         fields += [as_byte_rows(topk_idx), as_byte_rows(topk_weights)]
@@ -840,29 +956,39 @@ class Buffer:
             problem = _disagreement(meta_all, HEADER_FIELDS, skip=(1,))
             if problem:
                 raise ValueError(f"deep_ep dispatch: {problem}")
-            plan = layout.plan_routing(topk_idx, meta_all[:, len(HEADER_FIELDS):], self.rank, expert_alignment)
+            plan = layout.plan_routing(host_idx, meta_all[:, len(HEADER_FIELDS):], self.rank, expert_alignment)
             if num_worst_tokens and int(plan.rows_per_rank.max()) > num_worst_tokens:
                 over = [r for r, n in enumerate(plan.rows_per_rank.tolist()) if n > num_worst_tokens]
                 raise ValueError(f"num_worst_tokens={num_worst_tokens} is too small: ranks {over} receive "
                                  f"{[int(plan.rows_per_rank[r]) for r in over]} rows")
             out_rows = num_worst_tokens or plan.num_recv_rows
-            outs = [self.pool.empty((out_rows, width), dtype) for dtype, width in kinds]
+            outs = [self._empty((out_rows, width), dtype) for dtype, width in kinds]
             src_rank = torch.full((out_rows,), -1, dtype=torch.int64)
             src_idx = torch.full((out_rows,), -1, dtype=torch.int64)
             state_box.update(plan=plan, outs=outs, src_rank=src_rank, src_idx=src_idx)
             already = torch.zeros(self.group_size, experts_per_rank, dtype=torch.int64)
 
             def routes(source: int, regions: List[torch.Tensor], begin: int, end: int):
-                window_topk = regions[-2][: end - begin].view(torch.int64)
-                row, out_row, rank, token = plan.receive_rows(window_topk, self.local_ranks[source],
-                                                              torch.arange(begin, end), already)
+                window_topk = regions[len(kinds) - 2][: end - begin].view(torch.int64)
+                if len(regions) > len(kinds):  # rows forwarded from other nodes say where they come from
+                    origin_rank = regions[-2][: end - begin].view(torch.int64).flatten()
+                    origin_token = regions[-1][: end - begin].view(torch.int64).flatten()
+                else:
+                    origin_rank, origin_token = self.local_ranks[source], torch.arange(begin, end)
+                row, out_row, rank, token = plan.receive_rows(window_topk, origin_rank, origin_token, already)
                 src_rank[out_row], src_idx[out_row] = rank, token
                 return row + begin, out_row
 
             return [as_byte_rows(o) for o in outs], routes
 
         meta = torch.cat([header, tokens_per_expert])
-        if self.shm is not None:
+        internode = None
+        if self.shm is not None and self.num_nodes > 1:
+            placement = decide(collective.all_gather_meta(self.comm, meta, "dispatch"))
+            plan, outs = state_box["plan"], state_box["outs"]
+            internode = self._dispatch_across_nodes(fields, topk_idx, placement, plan)
+            rows_by_source = None
+        elif self.shm is not None:
             shm.dispatch_rows(self.shm, meta, fields, decide)
             plan, outs = state_box["plan"], state_box["outs"]
             rows_by_source = None
@@ -870,7 +996,7 @@ class Buffer:
             decide(collective.all_gather_meta(self.comm, meta, "dispatch"))
             plan, outs = state_box["plan"], state_box["outs"]
             rows_by_source = plan.rows_by_source()
-            arrived = collective.dispatch_rows(self.comm, self.group_size, num_topk, fields,
+            arrived = collective.dispatch_rows(self.data_comm, self.group_size, num_topk, fields,
                                                [as_byte_rows(o) for o in outs], plan.dest_rank, plan.dest_row,
                                                plan.recv_counts.sum(0).tolist(), rows_by_source)
             sources = torch.repeat_interleave(torch.arange(self.group_size), plan.recv_counts.sum(0))
@@ -883,10 +1009,11 @@ class Buffer:
         recv_topk_idx = layout.localize_topk_idx_(recv_raw_topk, self.rank, experts_per_rank)
         state = DispatchState(plan=plan, recv_src_rank=src_rank, recv_src_idx=src_idx,
                               num_out_rows=src_rank.numel(), num_tokens=num_tokens, hidden=hidden,
-                              topk_idx=topk_idx, topk_weights=topk_weights)
+                              topk_idx=topk_idx, topk_weights=topk_weights, expert_alignment=expert_alignment,
+                              num_worst_tokens=num_worst_tokens, internode=internode)
         if rows_by_source is not None:
             state.rows_by_source = rows_by_source
-        handle = self._make_handle(state, topk_idx)
+        handle = self._make_handle(state, host_idx)
         counts = plan.expert_rows
         if os.environ.get("MOE_EXPERT_TOKEN_NUMS_TYPE", "1").strip() == "0":
             counts = torch.cumsum(torch.tensor(counts, dtype=torch.int64), 0).tolist()
@@ -900,7 +1027,33 @@ class Buffer:
             return
         for index, out in enumerate(outs):
             is_topk_idx = topk_fill and index == len(outs) - 2
-            out.index_fill_(0, padding, -1 if is_topk_idx else 0)
+            out.index_fill_(0, padding.to(out.device), -1 if is_topk_idx else 0)
+
+    def _dispatch_across_nodes(self, fields: List[torch.Tensor], topk_idx: torch.Tensor, placement: tuple,
+                               plan: layout.RoutingPlan) -> InternodeState:
+        """Hierarchical dispatch: each (token, node) pair crosses the network once, to the node's
+        forwarder, which publishes it beside its own tokens in the node's shared memory.
+
+        fields: uint8 row fields ending with topk_idx and topk_weights; placement: (output
+        fields, routes) as decided for this rank."""
+        num_tokens, num_topk = topk_idx.shape
+        forwarding = hierarchical.plan_forwarding(self.comm, self.topology, topk_idx, plan.experts_per_rank)
+        tokens = torch.arange(num_tokens)
+        arrived = hierarchical.forward_rows(self.comm, forwarding, fields + [as_byte_rows(tokens)])
+        forwarding.origin_token = arrived[-1].view(torch.int64).flatten()
+        published = [torch.cat([own, far]) for own, far in zip(fields, arrived)]
+        published.append(as_byte_rows(torch.cat([torch.full_like(tokens, self.rank), forwarding.origin_rank])))
+        published.append(as_byte_rows(torch.cat([tokens, forwarding.origin_token])))
+        node_header = torch.tensor([OP_DISPATCH, published[0].shape[0]], dtype=torch.int64)
+        shm.dispatch_rows(self.shm, node_header, published, lambda _: placement)
+        forwarded_topk = arrived[len(fields) - 2].view(torch.int64).view(-1, num_topk)
+        # Destinations outside this node come out wrong here (the forwarder holds only the tokens
+        # that touch its node) and are dropped by to_local.
+        far_rank, far_row = plan.destinations(forwarded_topk, forwarding.origin_rank, 0, plan.num_experts)
+        selection_rank, selection_row = hierarchical.to_local(torch.cat([plan.dest_rank, far_rank]),
+                                                              torch.cat([plan.dest_row, far_row]), self.topology)
+        forwarded_weights = arrived[len(fields) - 1].view(torch.float32).view(-1, num_topk)
+        return InternodeState(forwarding, forwarded_weights, selection_rank, selection_row)
 
     def _make_handle(self, state: DispatchState, topk_idx: torch.Tensor) -> tuple:
         plan = state.plan
@@ -925,6 +1078,14 @@ class Buffer:
 
     def _cached_dispatch(self, x, handle: tuple, quant: str):
         state = self._state_of(handle)
+        if state.internode is not None:
+            # Across nodes the forwarders need the top-k to place rows: a dispatch with the handle's
+            # routing lands every row where the first one did.
+            recv_x = self.dispatch(x, num_tokens_per_expert=state.plan.tokens_per_expert_all[self.rank],
+                                   topk_idx=state.topk_idx, topk_weights=state.topk_weights,
+                                   expert_alignment=state.expert_alignment, num_worst_tokens=state.num_worst_tokens,
+                                   quant_mode=quant)[0]
+            return recv_x, None, None, None, None, EventOverlap()
         fields, kinds, hidden, dtype_code = self._token_fields(x, quant)
         if fields[0].shape[0] != state.num_tokens:
             raise ValueError(f"x must have {state.num_tokens} rows (the handle's tokens), got {fields[0].shape[0]}")
@@ -932,7 +1093,8 @@ class Buffer:
         plan = state.plan
         header = torch.tensor([OP_CACHED_DISPATCH, state.num_tokens, hidden, 0, plan.num_experts, dtype_code,
                                1 if len(kinds) == 2 else 0, 0, state.num_out_rows], dtype=torch.int64)
-        outs = [self.pool.empty((state.num_out_rows, width), dtype) for dtype, width in kinds]
+        self._check_devices(x=x)
+        outs = [self._empty((state.num_out_rows, width), dtype) for dtype, width in kinds]
         out_bytes = [as_byte_rows(o) for o in outs]
 
         def check(meta_all: torch.Tensor) -> None:
@@ -958,7 +1120,7 @@ class Buffer:
             shm.dispatch_rows(self.shm, header, fields, decide)
         else:
             check(collective.all_gather_meta(self.comm, header, "dispatch (cached)"))
-            collective.dispatch_rows(self.comm, self.group_size, state.topk_idx.shape[1], fields, out_bytes,
+            collective.dispatch_rows(self.data_comm, self.group_size, state.topk_idx.shape[1], fields, out_bytes,
                                      plan.dest_rank, plan.dest_row, plan.recv_counts.sum(0).tolist(),
                                      state.rows_by_source)
         self._zero_padding(outs, state.recv_src_rank, topk_fill=False)
@@ -994,8 +1156,9 @@ class Buffer:
         for i, b in enumerate(biases):
             check_tensor(f"bias[{i}]", b, dtypes=FLOAT_DTYPES, shape=(num_tokens, state.hidden))
         self._check_buffer_fits(state.hidden * x.element_size(), 1, "combine")
+        self._check_devices(x=x, topk_weights=weights, bias=biases)
         x = x.contiguous()
-        out = self.pool.empty((num_tokens, state.hidden), x.dtype)
+        out = self._empty((num_tokens, state.hidden), x.dtype)
         header = torch.tensor([OP_COMBINE, num_tokens, state.hidden, num_topk, plan.num_experts,
                                NATIVE_DTYPE_CODES[x.dtype], 0, 0, state.num_out_rows], dtype=torch.int64)
 
@@ -1008,12 +1171,25 @@ class Buffer:
             ops.weighted_reduce(out, sources, x.dtype, src_rank, src_row, weights, biases)
 
         x_rows = as_byte_rows(x)
-        if self.shm is not None:
+        if state.internode is not None:
+            check(collective.all_gather_meta(self.comm, header, "combine"))
+            internode = state.internode
+            forwarded_weights = internode.forwarded_weights
+            if topk_weights is not None:  # the forwarders sum with the owner's new weights
+                forwarded_weights = hierarchical.forward_rows(self.comm, internode.forwarding, [as_byte_rows(weights)],
+                                                              "combine")[0].view(torch.float32)
+                forwarded_weights = forwarded_weights.view(-1, num_topk)
+            reduce = hierarchical.hierarchical_reduce(self.comm, self.topology, internode.forwarding, out, x.dtype,
+                                                      weights, forwarded_weights, biases)
+            shm.combine_rows(self.shm, header, lambda _: None, x_rows,
+                             [int(plan.rows_per_rank[r]) for r in self.local_ranks], internode.selection_rank,
+                             internode.selection_row, reduce)
+        elif self.shm is not None:
             shm.combine_rows(self.shm, header, check, x_rows, plan.rows_per_rank.tolist(), plan.dest_rank,
                              plan.dest_row, reduce)
         else:
             check(collective.all_gather_meta(self.comm, header, "combine"))
-            collective.combine_rows(self.comm, self.group_size, x_rows, state.rows_by_source,
+            collective.combine_rows(self.data_comm, self.group_size, x_rows, state.rows_by_source,
                                     plan.recv_counts.sum(0).tolist(), plan.dest_rank, plan.dest_row, reduce)
         return out, None, EventOverlap()
 

@@ -1,9 +1,10 @@
-"""Compute half of ``fused_deep_moe``: the W8A8 SwiGLU expert MLP, no communication.
+"""``fused_deep_moe``: low-latency dispatch (int8) -> W8A8 SwiGLU expert MLP -> combine.
 
-``Buffer.fused_deep_moe`` = low-latency dispatch (int8) -> :func:`grouped_swiglu_mlp_int8`
--> low-latency combine.  This module holds everything between the two
-communication steps, plus the weight-layout helpers users need to prepare
-``gmm1_permuted_weight`` (see SPEC.md, section "fused_deep_moe").
+:func:`fused_deep_moe` (behind ``Buffer.fused_deep_moe``) runs the whole MoE layer of a
+decode step in one call; :func:`grouped_swiglu_mlp_int8` is its compute half on its own,
+for callers that do their own dispatch; :func:`permute_gmm1_weight` /
+:func:`unpermute_gmm1_weight` prepare ``gmm1_permuted_weight`` (see SPEC.md, section
+"fused_deep_moe").
 
 Math, per received row with int8 ``xq`` and float32 scale ``s_x`` of local expert e::
 
@@ -11,6 +12,12 @@ Math, per received row with int8 ``xq`` and float32 scale ``s_x`` of local exper
     a  = silu(gate) * up                          gate/up = first/last I columns (unpermuted)
     aq, s_a = quantize_per_token_int8(a)
     y  = (aq @ W2[e]) * s_a * s_w2[e]             -> bfloat16
+
+Both entry points share :func:`_swiglu_mlp_rows`, so they give the same bits.  The fused
+call saves what the unfused pipeline (``low_latency_dispatch`` -> ``grouped_swiglu_mlp_int8``
+-> ``low_latency_combine``) repeats: it computes only the received rows (no zeroed padding),
+and writes the expert output and its float32 intermediates into warm pooled memory that
+combine reads directly.
 """
 
 from __future__ import annotations
@@ -19,10 +26,17 @@ import enum
 import functools
 import operator
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, Callable, NoReturn
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .ops import quantize_int8
+from .utils import FLOAT_DTYPES, check_tensor
+
+if TYPE_CHECKING:
+    from .buffer import Buffer
 
 __all__ = [
     "FuseMode",
@@ -30,6 +44,7 @@ __all__ = [
     "unpermute_gmm1_weight",
     "quantize_per_token_int8",
     "grouped_swiglu_mlp_int8",
+    "fused_deep_moe",
 ]
 
 #: Width of the gate/up column tiles in ``gmm1_permuted_weight`` (Ascend's GMM1 tiling).
@@ -65,26 +80,52 @@ def _fail(exc: type[Exception], name: str, expected: str, given: object) -> NoRe
     raise exc(f"{name}: expected {expected}, got {given}")
 
 
-def _check_tensor(name: str, t: object, dtype: torch.dtype, ndim: int) -> Tensor:
-    """Checks type, dtype and rank; returns ``t`` typed as a Tensor."""
-    if not isinstance(t, Tensor):
-        _fail(TypeError, name, "a torch.Tensor", type(t).__name__)
-    if t.dtype != dtype:
-        _fail(TypeError, name, f"dtype {dtype}", t.dtype)
-    if t.dim() != ndim:
-        _fail(ValueError, name, f"a {ndim}-D tensor", f"shape {tuple(t.shape)}")
-    return t
-
-
-def _check_shape(name: str, t: Tensor, shape: tuple[int, ...], what: str) -> None:
-    if tuple(t.shape) != shape:
-        _fail(ValueError, name, f"shape {shape} ({what})", f"shape {tuple(t.shape)}")
-
-
 def _check_two_i(name: str, two_i: int) -> None:
     # Gate and up each need whole 64-column tiles.
     if two_i <= 0 or two_i % (2 * GMM1_TILE) != 0:
         _fail(ValueError, name, f"2I (gate+up columns) a positive multiple of {2 * GMM1_TILE}", two_i)
+
+
+def _check_expert_weights(
+    w1: object,
+    w1_scale: object,
+    w2: object,
+    w2_scale: object,
+    hidden: int,
+    hidden_from: str,
+    device: torch.device,
+    num_experts: int | None = None,
+    experts_from: str = "",
+    names: tuple[str, str, str, str] = ("w1", "w1_scale", "w2", "w2_scale"),
+    scale_dtypes: tuple[torch.dtype, ...] = (torch.float32,),
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Checks the expert weights of the W8A8 SwiGLU MLP; returns them contiguous, scales float32.
+
+    Shapes: ``w1`` int8 ``[L, H, 2I]`` (2I a multiple of 128), ``w1_scale`` ``[L, 2I]``,
+    ``w2`` int8 ``[L, I, H]``, ``w2_scale`` ``[L, H]``.  ``H`` must equal ``hidden`` (taken
+    from ``hidden_from``); ``L`` must equal ``num_experts`` when given (from ``experts_from``).
+    ``names`` are the argument names the errors use.
+    """
+    n1, n1s, n2, n2s = names
+    w1 = check_tensor(n1, w1, dtypes=(torch.int8,), shape=(None, None, None))
+    if num_experts is None:
+        num_experts = w1.shape[0]
+        if num_experts == 0:
+            _fail(ValueError, n1, "at least one local expert (L >= 1)", f"shape {list(w1.shape)}")
+    two_i = w1.shape[2]
+    _check_two_i(f"{n1}.shape[2]", two_i)
+    inter = two_i // 2
+    check_tensor(n1, w1, dtypes=(torch.int8,), shape=(num_experts, hidden, two_i),
+                 what=f"[L, H, 2I]: {experts_from + ', ' if experts_from else ''}H from {hidden_from}")
+    check_tensor(n1s, w1_scale, dtypes=scale_dtypes, shape=(num_experts, two_i), what=f"[L, 2I] of {n1}")
+    check_tensor(n2, w2, dtypes=(torch.int8,), shape=(num_experts, inter, hidden),
+                 what=f"[L, I, H] of {n1} and {hidden_from}")
+    check_tensor(n2s, w2_scale, dtypes=scale_dtypes, shape=(num_experts, hidden), what=f"[L, H] of {n2}")
+    tensors = (w1, w1_scale, w2, w2_scale)
+    for name, t in zip(names, tensors):
+        if t.device != device:
+            _fail(ValueError, name, f"device {device} (that of {hidden_from})", t.device)
+    return w1.contiguous(), w1_scale.float().contiguous(), w2.contiguous(), w2_scale.float().contiguous()
 
 
 # --------------------------------------------------------------------------- weight layout
@@ -107,11 +148,10 @@ def permute_gmm1_weight(w13: Tensor, w13_scale: Tensor) -> tuple[Tensor, Tensor]
     Raises:
         TypeError / ValueError: wrong types, dtypes or shapes, or ``2I % 128 != 0``.
     """
-    w13 = _check_tensor("w13", w13, torch.int8, 3)
-    w13_scale = _check_tensor("w13_scale", w13_scale, torch.float32, 2)
+    check_tensor("w13", w13, dtypes=(torch.int8,), shape=(None, None, None))
     num_experts, two_i, hidden = w13.shape
     _check_two_i("w13.shape[1]", two_i)
-    _check_shape("w13_scale", w13_scale, (num_experts, two_i), "[L, 2I] of w13")
+    check_tensor("w13_scale", w13_scale, dtypes=(torch.float32,), shape=(num_experts, two_i), what="[L, 2I] of w13")
     tiles = two_i // (2 * GMM1_TILE)
     # [L, (gate|up), tile j, 64, H] -> [L, tile j, (gate|up), 64, H]: tile pairs side by side.
     w1 = w13.reshape(num_experts, 2, tiles, GMM1_TILE, hidden).transpose(1, 2)
@@ -134,11 +174,10 @@ def unpermute_gmm1_weight(w1: Tensor, w1_scale: Tensor) -> tuple[Tensor, Tensor]
     Raises:
         TypeError / ValueError: wrong types, dtypes or shapes, or ``2I % 128 != 0``.
     """
-    w1 = _check_tensor("w1", w1, torch.int8, 3)
-    w1_scale = _check_tensor("w1_scale", w1_scale, torch.float32, 2)
+    check_tensor("w1", w1, dtypes=(torch.int8,), shape=(None, None, None))
     num_experts, hidden, two_i = w1.shape
     _check_two_i("w1.shape[2]", two_i)
-    _check_shape("w1_scale", w1_scale, (num_experts, two_i), "[L, 2I] of w1")
+    check_tensor("w1_scale", w1_scale, dtypes=(torch.float32,), shape=(num_experts, two_i), what="[L, 2I] of w1")
     tiles = two_i // (2 * GMM1_TILE)
     w13 = w1.transpose(1, 2).reshape(num_experts, tiles, 2, GMM1_TILE, hidden).transpose(1, 2)
     w13_scale = w1_scale.reshape(num_experts, tiles, 2, GMM1_TILE).transpose(1, 2)
@@ -151,22 +190,22 @@ def unpermute_gmm1_weight(w1: Tensor, w1_scale: Tensor) -> tuple[Tensor, Tensor]
 # --------------------------------------------------------------------------- quantization
 
 
-_QUANT_INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
 def quantize_per_token_int8(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-row dynamic symmetric int8 quantization (SPEC: ``quant_mode="int8"``).
+    """Per-row dynamic symmetric int8 quantization (SPEC: ``quant_mode="int8"``), checked.
+
+    The public, argument-checking face of :func:`deep_ep.ops.quantize_int8`, the one
+    quantizer of the package (dispatch, low-latency dispatch and the expert MLP use it):
+    native on CPU, torch ops with the same definition on other devices (NPU, meta).
 
     ``scale = max|x_row| / 127`` in float32 and ``q = round(x / scale)`` clamped to
     ``[-127, 127]``, with ``x / scale`` the correctly rounded float32 quotient and
-    ``round`` half-to-even (``torch.round``), so ``|q * scale - x| <= scale / 2`` up to
-    float32 rounding (relative 1e-5).
+    ``round`` half-to-even, so ``|q * scale - x| <= scale / 2`` up to float32 rounding
+    (relative 1e-5).
 
     A row of zeros keeps the formula's ``scale = 0`` (as vLLM's int8 kernels do) and
-    quantizes to zeros; it is divided by 1 instead of 0, so no NaN appears and it
-    dequantizes to exact zeros.  A row containing inf/NaN gets a non-finite scale, so
-    the problem stays visible downstream instead of turning into plausible numbers.
-    Pure torch; runs on ``x``'s device.
+    quantizes to zeros, so it dequantizes to exact zeros (no NaN).  A row containing
+    inf/NaN gets a non-finite scale, so the problem stays visible downstream instead of
+    turning into plausible numbers.
 
     Args:
         x: ``[T, H]`` bfloat16, float16 or float32, ``H >= 1`` (``T`` may be 0).
@@ -178,17 +217,10 @@ def quantize_per_token_int8(x: Tensor) -> tuple[Tensor, Tensor]:
         TypeError: ``x`` is not a tensor of a supported dtype.
         ValueError: ``x`` is not 2-D or has ``H == 0``.
     """
-    if not isinstance(x, Tensor):
-        _fail(TypeError, "x", "a torch.Tensor", type(x).__name__)
-    if x.dtype not in _QUANT_INPUT_DTYPES:
-        _fail(TypeError, "x", "dtype bfloat16, float16 or float32", x.dtype)
-    if x.dim() != 2 or x.shape[1] == 0:
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, shape=(None, None), what="[T, H]")
+    if x.shape[1] == 0:
         _fail(ValueError, "x", "a 2-D tensor [T, H] with H >= 1", f"shape {tuple(x.shape)}")
-    xf = x.float()
-    scale = xf.abs().amax(dim=1) / 127.0
-    divisor = torch.where(scale == 0, torch.ones_like(scale), scale)
-    q = torch.round(xf / divisor[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q, scale
+    return quantize_int8(x)
 
 
 # --------------------------------------------------------------------------- exact int8 GEMM
@@ -218,8 +250,8 @@ def _cpu_int_mm_is_exact() -> bool:
     return torch.equal(got.double(), a.double() @ b.double())
 
 
-def _int8_matmul_exact(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` for int8 ``a [m, k]`` and ``b [k, n]`` as float32 ``[m, n]``.
+def _int8_matmul_exact(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+    """``a @ b`` for int8 ``a [m, k]`` and ``b [k, n]`` as float32 ``[m, n]`` (into ``out`` if given).
 
     Every entry is the exact integer dot product rounded once to float32 — the same
     value an int32-accumulating Ascend GMM produces before its float32 dequant.
@@ -232,19 +264,21 @@ def _int8_matmul_exact(a: Tensor, b: Tensor) -> Tensor:
     see ``_F32_EXACT_K``) summed in float64.
     """
     k = a.shape[1]
+    if out is None:
+        out = torch.empty(a.shape[0], b.shape[1], dtype=torch.float32, device=a.device)
     if a.device.type == "cpu" and _cpu_int_mm_is_exact():
         if k <= _I32_EXACT_K:
-            return torch._int_mm(a, b).float()
+            return out.copy_(torch._int_mm(a, b))
         acc = torch.zeros(a.shape[0], b.shape[1], dtype=torch.int64, device=a.device)
         for k0 in range(0, k, _I32_EXACT_K):
             acc += torch._int_mm(a[:, k0 : k0 + _I32_EXACT_K], b[k0 : k0 + _I32_EXACT_K])
-        return acc.float()
+        return out.copy_(acc)
     if k <= _F32_EXACT_K:
-        return a.float() @ b.float()
+        return torch.matmul(a.float(), b.float(), out=out)
     acc = torch.zeros(a.shape[0], b.shape[1], dtype=torch.float64, device=a.device)
     for k0 in range(0, k, _F32_EXACT_K):
         acc += a[:, k0 : k0 + _F32_EXACT_K].float() @ b[k0 : k0 + _F32_EXACT_K].float()
-    return acc.float()
+    return out.copy_(acc)
 
 
 # --------------------------------------------------------------------------- grouped MLP
@@ -253,10 +287,7 @@ def _int8_matmul_exact(a: Tensor, b: Tensor) -> Tensor:
 def _rows_per_expert_to_list(rows_per_expert: object, num_experts: int, num_rows: int) -> list[int]:
     name = "rows_per_expert"
     if isinstance(rows_per_expert, Tensor):
-        if rows_per_expert.dtype not in (torch.int32, torch.int64):
-            _fail(TypeError, name, "an int64 (or int32) tensor", f"dtype {rows_per_expert.dtype}")
-        if rows_per_expert.dim() != 1:
-            _fail(ValueError, name, "a 1-D tensor [L]", f"shape {tuple(rows_per_expert.shape)}")
+        check_tensor(name, rows_per_expert, dtypes=(torch.int64, torch.int32), shape=(None,), what="[L]")
         counts = rows_per_expert.tolist()
     elif isinstance(rows_per_expert, Sequence) and not isinstance(rows_per_expert, (str, bytes)):
         counts = []
@@ -276,6 +307,60 @@ def _rows_per_expert_to_list(rows_per_expert: object, num_experts: int, num_rows
     if sum(counts) > num_rows:
         _fail(ValueError, name, f"counts summing to at most {num_rows} (rows of xq)", f"sum {sum(counts)}")
     return counts
+
+
+def _swiglu_mlp_rows(
+    xq: Tensor,
+    x_scale: Tensor,
+    counts: list[int],
+    w1: Tensor,
+    w1_scale: Tensor,
+    w2: Tensor,
+    w2_scale: Tensor,
+    out: Tensor,
+    empty: Callable[..., Tensor] | None = None,
+) -> None:
+    """Writes the W8A8 SwiGLU MLP of rows ``[0, sum(counts))`` into the same rows of ``out``.
+
+    No checks (callers validate).  Row block ``e`` (``counts[e]`` rows, expert-major) goes
+    through expert ``e``; rows of ``out`` past the total are left as they are.  The int8
+    GEMMs run once per expert block (``torch._int_mm``, int32 accumulation); everything
+    elementwise (scales, SwiGLU, requantization) runs once over all rows, so the Python
+    work per call is a few operations per local expert, none per row.  ``empty(shape,
+    dtype=...)`` allocates the float32 intermediates (default: ``torch.empty`` on xq's device;
+    a Buffer's output pool keeps them warm).
+    """
+    total = sum(counts)
+    if total == 0:
+        return
+    if empty is None:
+        empty = functools.partial(torch.empty, device=xq.device)
+    inter, hidden = w2.shape[1], w2.shape[2]
+    blocks = []
+    start = 0
+    for e, count in enumerate(counts):
+        if count:
+            blocks.append((e, start, start + count))
+        start += count
+    # GMM1 + dequant: h = (xq @ W1) * s_x * s_w1, in this order of roundings.
+    h = empty((total, 2 * inter), dtype=torch.float32)
+    for e, begin, end in blocks:
+        _int8_matmul_exact(xq[begin:end], w1[e], out=h[begin:end])
+    h.mul_(x_scale[:total, None])
+    for e, begin, end in blocks:
+        h[begin:end].mul_(w1_scale[e])
+    # Column tiles alternate gate/up: [rows, tile j, (gate|up), 64]; tile j of gate and of
+    # up cover the same intermediate columns, so pairing them keeps the order.
+    tiles = h.view(total, inter // GMM1_TILE, 2, GMM1_TILE)
+    a = torch.nn.functional.silu(tiles[:, :, 0, :]).mul_(tiles[:, :, 1, :]).view(total, inter)
+    aq, a_scale = quantize_int8(a)
+    # GMM2 + dequant: y = (aq @ W2) * s_a * s_w2, rounded once to out's dtype.
+    y = empty((total, hidden), dtype=torch.float32)
+    for e, begin, end in blocks:
+        _int8_matmul_exact(aq[begin:end], w2[e], out=y[begin:end])
+    y.mul_(a_scale[:, None])
+    for e, begin, end in blocks:
+        torch.mul(y[begin:end], w2_scale[e], out=out[begin:end])
 
 
 def grouped_swiglu_mlp_int8(
@@ -317,46 +402,134 @@ def grouped_swiglu_mlp_int8(
         ValueError: inconsistent shapes, ``2I % 128 != 0``, bad counts, or tensors on
             different devices.
     """
-    xq = _check_tensor("xq", xq, torch.int8, 2)
-    x_scale = _check_tensor("x_scale", x_scale, torch.float32, 1)
-    w1 = _check_tensor("w1", w1, torch.int8, 3)
-    w1_scale = _check_tensor("w1_scale", w1_scale, torch.float32, 2)
-    w2 = _check_tensor("w2", w2, torch.int8, 3)
-    w2_scale = _check_tensor("w2_scale", w2_scale, torch.float32, 2)
+    check_tensor("xq", xq, dtypes=(torch.int8,), shape=(None, None), what="[M, H]")
+    check_tensor("x_scale", x_scale, dtypes=(torch.float32,), shape=(None,), what="[M]")
     num_rows, hidden = xq.shape
     if hidden == 0:
         _fail(ValueError, "xq", "H >= 1 columns", f"shape {tuple(xq.shape)}")
-    num_experts, two_i = w1.shape[0], w1.shape[2]
-    if num_experts == 0:
-        _fail(ValueError, "w1", "at least one local expert (L >= 1)", f"shape {tuple(w1.shape)}")
-    _check_two_i("w1.shape[2]", two_i)
-    inter = two_i // 2
-    _check_shape("x_scale", x_scale, (num_rows,), "[M] of xq")
-    _check_shape("w1", w1, (num_experts, hidden, two_i), "[L, H, 2I], H from xq")
-    _check_shape("w1_scale", w1_scale, (num_experts, two_i), "[L, 2I] of w1")
-    _check_shape("w2", w2, (num_experts, inter, hidden), "[L, I, H] of w1 and xq")
-    _check_shape("w2_scale", w2_scale, (num_experts, hidden), "[L, H] of w2")
-    for name, t in (("x_scale", x_scale), ("w1", w1), ("w1_scale", w1_scale), ("w2", w2), ("w2_scale", w2_scale)):
-        if t.device != xq.device:
-            _fail(ValueError, name, f"device {xq.device} (that of xq)", t.device)
-    counts = _rows_per_expert_to_list(rows_per_expert, num_experts, num_rows)
-
+    w1, w1_scale, w2, w2_scale = _check_expert_weights(w1, w1_scale, w2, w2_scale, hidden, "xq", xq.device)
+    check_tensor("x_scale", x_scale, dtypes=(torch.float32,), shape=(num_rows,), what="[M] of xq",
+                 device=xq.device)
+    counts = _rows_per_expert_to_list(rows_per_expert, w1.shape[0], num_rows)
     out = torch.empty(num_rows, hidden, dtype=torch.bfloat16, device=xq.device)
-    start = 0
-    for e, count in enumerate(counts):
-        if count == 0:
-            continue
-        end = start + count
-        h = _int8_matmul_exact(xq[start:end], w1[e])
-        h.mul_(x_scale[start:end, None]).mul_(w1_scale[e])
-        # Column tiles alternate gate/up: [m, tile j, (gate|up), 64]; tile j of gate and
-        # of up cover the same intermediate columns, so pairing them keeps the order.
-        h = h.view(count, inter // GMM1_TILE, 2, GMM1_TILE)
-        a = torch.nn.functional.silu(h[:, :, 0, :]).mul_(h[:, :, 1, :]).reshape(count, inter)
-        aq, a_scale = quantize_per_token_int8(a)
-        y = _int8_matmul_exact(aq, w2[e])
-        y.mul_(a_scale[:, None]).mul_(w2_scale[e])
-        out[start:end] = y
-        start = end
-    out[start:] = 0
+    _swiglu_mlp_rows(xq, x_scale, counts, w1, w1_scale, w2, w2_scale, out)
+    out[sum(counts) :] = 0
     return out
+
+
+# --------------------------------------------------------------------------- fused pipeline
+
+
+#: ``quant_mode`` values of ``fused_deep_moe`` (DeepEP-Ascend's numbering).
+QUANT_MODES = {1: "W8A8: per-token dynamic int8 activations, per-channel int8 weights"}
+
+
+def check_modes(quant_mode: object, fuse_mode: object) -> None:
+    """ValueError unless quant_mode is 1 and fuse_mode is FuseMode.FUSED_DEEP_MOE (or 1)."""
+    if type(quant_mode) is int and quant_mode == 1 and (fuse_mode is FuseMode.FUSED_DEEP_MOE or (
+            type(fuse_mode) is int and fuse_mode == 1)):
+        return
+    if isinstance(quant_mode, bool) or not isinstance(quant_mode, int) or quant_mode not in QUANT_MODES:
+        supported = ", ".join(f"{k} ({v})" for k, v in QUANT_MODES.items())
+        raise ValueError(f"quant_mode must be one of: {supported}; got {quant_mode!r}")
+    mode = None
+    if not isinstance(fuse_mode, bool) and isinstance(fuse_mode, int):
+        try:
+            mode = FuseMode(fuse_mode)
+        except ValueError:
+            pass
+    if mode is not FuseMode.FUSED_DEEP_MOE:
+        named = f"{mode.name} ({int(mode)})" if mode is not None else repr(fuse_mode)
+        why = " is Ascend's DispatchFFNCombine operator, which this backend does not implement" if mode else ""
+        raise ValueError(f"fuse_mode must be FuseMode.FUSED_DEEP_MOE (1); got {named}{why}")
+
+
+def _reject(buffer: Buffer, x: object, num_max_dispatch_tokens_per_rank: object, what: str) -> None:
+    """This rank rejected its arguments before dispatching: consume the low-latency dispatch call
+    on every rank with a "rejected" header, so the peers fail fast (ValueError naming this rank)
+    instead of waiting for rows that never come, and every rank's call numbers stay in step."""
+    seq = buffer._ll_begin(0, what)
+    tokens = x.shape[0] if isinstance(x, Tensor) and x.dim() == 2 else -1
+    nmax = num_max_dispatch_tokens_per_rank if isinstance(num_max_dispatch_tokens_per_rank, int) else -1
+    buffer._ll_reject(0, seq, [seq, 1, nmax, -1, -1, -1, -1, tokens], what)
+
+
+def fused_deep_moe(
+    buffer: Buffer,
+    x: Tensor,
+    topk_idx: Tensor,
+    topk_weights: Tensor,
+    gmm1_permuted_weight: Tensor,
+    gmm1_permuted_weight_scale: Tensor,
+    gmm2_weight: Tensor,
+    gmm2_weight_scale: Tensor,
+    num_max_dispatch_tokens_per_rank: int,
+    num_experts: int,
+    quant_mode: int = 1,
+    fuse_mode: int = FuseMode.FUSED_DEEP_MOE,
+    profile_enable: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """The body of ``Buffer.fused_deep_moe`` (see its docstring for the arguments).
+
+    Steps: checks (a rank that rejects its arguments tells its peers, as low-latency
+    dispatch does) -> ``low_latency_dispatch`` with int8 (x quantized once, on the way
+    into the peers' buffers) -> :func:`_swiglu_mlp_rows` straight on the received int8
+    rows and scales, only the ``recv_count.sum()`` real ones, into a pooled ``[M, H]``
+    tensor -> ``low_latency_combine`` of that tensor with ``topk_weights``.
+    """
+    what = "fused_deep_moe"
+    buffer._ll_ready(what)
+    try:
+        check_modes(quant_mode, fuse_mode)
+        check_tensor("x", x, dtypes=FLOAT_DTYPES, shape=(None, None), what="[T, H]")
+        ranks = buffer.group_size
+        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts <= 0 \
+                or num_experts % ranks:
+            raise ValueError(f"num_experts must be a positive multiple of the {ranks} ranks, got {num_experts!r}")
+        weights = _fused_weights(gmm1_permuted_weight, gmm1_permuted_weight_scale, gmm2_weight, gmm2_weight_scale,
+                                 x, num_experts // ranks, num_experts, ranks)
+    except (TypeError, ValueError):
+        _reject(buffer, x, num_max_dispatch_tokens_per_rank, what)
+        raise
+    # low_latency_dispatch checks the rest (topk_idx, topk_weights float32 [T, K], T <= Nmax, the
+    # buffer size) the same way: on this rank before any data moves, with the peers told.
+    recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(
+        x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, topk_weights=topk_weights, quant_mode="int8")
+    (xq, x_scale), layout_range, state = recv_x, handle[1], handle[7]  # handle[7]: LowLatencyState
+    expert_out = buffer.pool.empty((xq.shape[0], x.shape[1]), state.dtype)  # combine reads rows < total only
+    _swiglu_mlp_rows(xq, x_scale, recv_count.tolist(), *weights, out=expert_out, empty=buffer.pool.empty)
+    output, _, _ = buffer.low_latency_combine(expert_out, topk_idx, topk_weights, handle)
+    prefix = layout_range.tolist()  # inclusive prefix of the (local expert, source rank) blocks -> counts
+    ep_recv_count = torch.tensor([b - a for a, b in zip([0] + prefix, prefix)], dtype=torch.int32)
+    return output, ep_recv_count
+
+
+# The weights checked by the last calls, per gmm1_permuted_weight tensor (a decode loop passes the
+# same weights every step): (fingerprint, checked weights). The fingerprint changes when any of the
+# four tensors is replaced, modified in place, or the expected shapes change.
+_CHECKED_WEIGHTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _fingerprint(t: object) -> tuple:
+    if not isinstance(t, Tensor):
+        return (id(t),)
+    return id(t), t._version, t.data_ptr(), t.dtype, t.shape, t.stride(), t.device
+
+
+def _fused_weights(w1: object, w1_scale: object, w2: object, w2_scale: object, x: Tensor, num_local: int,
+                   num_experts: int, ranks: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """_check_expert_weights for fused_deep_moe, skipped when the same weights were checked before."""
+    key = (_fingerprint(w1), _fingerprint(w1_scale), _fingerprint(w2), _fingerprint(w2_scale), x.shape[1],
+           x.device, num_local)
+    cached = _CHECKED_WEIGHTS.get(w1) if isinstance(w1, Tensor) else None
+    if cached is not None and cached[0] == key:
+        first, rest = cached[1]
+        return (w1 if first is None else first, *rest)
+    checked = _check_expert_weights(
+        w1, w1_scale, w2, w2_scale, hidden=x.shape[1], hidden_from="x", device=x.device, num_experts=num_local,
+        experts_from=f"L = num_experts / ranks = {num_experts} / {ranks}",
+        names=("gmm1_permuted_weight", "gmm1_permuted_weight_scale", "gmm2_weight", "gmm2_weight_scale"),
+        scale_dtypes=FLOAT_DTYPES)
+    # The entry must not hold w1 itself (the key): it would never be freed.
+    _CHECKED_WEIGHTS[w1] = (key, (None if checked[0] is w1 else checked[0], checked[1:]))
+    return checked

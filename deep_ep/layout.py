@@ -126,15 +126,37 @@ class RoutingPlan:
         if isinstance(origin_rank, int):
             source = torch.full_like(row, origin_rank)
         else:
-            # Rows from several sources (forwarded from other nodes): count within (expert, source).
             source = origin_rank[row]
-            group = local * self.num_ranks + source
-            order = torch.sort(group, stable=True).indices
-            within = torch.empty_like(within)
-            within[order] = positions_in_groups(group[order], experts_per_rank * self.num_ranks)
+            within = self._within_source(local, source, experts_per_rank)
         out_row = self.block_start[self.rank, local, source] + already[source, local] + within
         already.view(-1).index_add_(0, source * experts_per_rank + local, torch.ones_like(local))
         return row, out_row, source, origin_token[row]
+
+    def destinations(self, topk_rows: torch.Tensor, origin_rank: torch.Tensor, expert_begin: int,
+                     expert_end: int):
+        """Holder rank and row (int64 [n, K], -1 elsewhere) of the selections of experts in
+        [expert_begin, expert_end) by rows from several sources: `topk_rows` int64 [n, K], every
+        source's rows in token order and complete for those experts (what a forwarder holds)."""
+        dest_rank = torch.full_like(topk_rows, -1)
+        dest_row = torch.full_like(topk_rows, -1)
+        row, k, expert, _ = expert_major_entries(topk_rows, expert_begin, expert_end)
+        if row.numel():
+            source = origin_rank[row]
+            local = expert % self.experts_per_rank
+            holder = expert // self.experts_per_rank
+            within = self._within_source(expert - expert_begin, source, expert_end - expert_begin)
+            dest_rank[row, k] = holder
+            dest_row[row, k] = self.block_start[holder, local, source] + within
+        return dest_rank, dest_row
+
+    def _within_source(self, expert: torch.Tensor, source: torch.Tensor, num_experts: int) -> torch.Tensor:
+        """For entries sorted by (expert, row), the index of each inside its (expert, source) group
+        (rows from one source are in token order)."""
+        group = expert * self.num_ranks + source
+        order = torch.sort(group, stable=True).indices
+        within = torch.empty_like(group)
+        within[order] = positions_in_groups(group[order], num_experts * self.num_ranks)
+        return within
 
 
 def plan_routing(topk_idx: torch.Tensor, tokens_per_expert_all: torch.Tensor, rank: int,
@@ -167,8 +189,13 @@ def plan_routing(topk_idx: torch.Tensor, tokens_per_expert_all: torch.Tensor, ra
 
 
 def localize_topk_idx_(topk_idx: torch.Tensor, rank: int, experts_per_rank: int) -> torch.Tensor:
-    """In place on a contiguous CPU int64 tensor: global expert ids -> this rank's local ids
-    [0, L); other experts and -1 become -1."""
+    """In place on a contiguous int64 tensor: global expert ids -> this rank's local ids
+    [0, L); other experts and -1 become -1. (Native on CPU; torch ops on other devices.)"""
+    from .ops import native_ok
+
+    if not native_ok(topk_idx):
+        local = topk_idx - rank * experts_per_rank
+        return topk_idx.copy_(torch.where((local >= 0) & (local < experts_per_rank), local, -1))
     import deep_ep_cpp
 
     deep_ep_cpp.localize_experts(topk_idx.numpy(), rank * experts_per_rank, experts_per_rank)

@@ -3,7 +3,8 @@ combine reduction. CPU tensors use deep_ep_cpp; other devices (NPU) use torch op
 with the same definition."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+import os
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -16,15 +17,29 @@ def _native():
     return deep_ep_cpp
 
 
+def torch_ops_forced() -> bool:
+    """Env DEEP_EP_FORCE_TORCH_OPS=1: CPU tensors take the device (NPU) branches too, and a Buffer
+    takes the device path (collective transport, plain torch allocations). For tests and debugging:
+    it runs on CPU exactly the code the NPU path runs."""
+    return os.environ.get("DEEP_EP_FORCE_TORCH_OPS", "0").strip() in ("1", "true", "True")
+
+
+def native_ok(tensor: torch.Tensor) -> bool:
+    """Whether deep_ep_cpp's kernels handle `tensor` (CPU, and the torch branches not forced)."""
+    return tensor.device.type == "cpu" and not torch_ops_forced()
+
+
 def quantize_int8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-token dynamic int8: `scale = max|x_row| / 127`, `q = round_half_even(x / scale)`.
 
     Args: x [T, H] float32/bfloat16/float16.
-    Returns: (q int8 [T, H], scale float32 [T]); an all-zero row gets scale 0 and q 0.
+    Returns: (q int8 [T, H], scale float32 [T]); an all-zero row gets scale 0 and q 0, a row
+    holding inf / NaN a non-finite scale (inf / NaN), so the problem stays visible downstream.
+    The one quantizer of the package; `deep_ep.fused.quantize_per_token_int8` is its checked face.
     """
     x = x.contiguous()
     rows, hidden = x.shape
-    if x.device.type == "cpu":
+    if native_ok(x):
         q = torch.empty(rows, hidden, dtype=torch.int8)
         scale = torch.empty(rows, dtype=torch.float32)
         _native().quantize_int8(x.data_ptr(), NATIVE_DTYPE_CODES[x.dtype], rows, hidden, q.data_ptr(),
@@ -42,41 +57,55 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
     return (q.float() * scale.unsqueeze(1)).to(dtype)
 
 
-def weighted_reduce(out: torch.Tensor, sources: List[torch.Tensor], src_dtype: torch.dtype, src_rank: torch.Tensor,
+def weighted_reduce(out: torch.Tensor, sources: List[torch.Tensor],
+                    src_dtype: Union[torch.dtype, Sequence[torch.dtype]], src_rank: torch.Tensor,
                     src_row: torch.Tensor, weights: torch.Tensor,
                     biases: Sequence[Optional[torch.Tensor]] = ()) -> torch.Tensor:
-    """out[t] = sum over k ascending of weights[t, k] * row(t, k) (+ biases), in float32.
+    """out[t] = sum over columns c ascending of weights[t, c] * row(t, c) (+ biases).
+
+    Accumulates in float64: every product of a float32 weight and a 16/32-bit value is exact
+    there, so the same sum split differently (per node in internode combine) rounds to the
+    same output but in vanishingly rare cases; the order is fixed, so repeated calls and both
+    strategies give the same bits.
 
     Args:
-        out: [T, H] float32/bfloat16/float16, written in place.
-        sources: uint8 [rows_i, H * itemsize] row tensors holding values of `src_dtype`.
-        src_rank: int32 [T, K], index into `sources`, -1 where the selection has no row.
-        src_row: int64 [T, K], row in that source.
-        weights: float32 [T, K].
+        out: [T, H] float32/bfloat16/float16 (float64 for partial sums), written in place.
+        sources: uint8 [rows_i, H * itemsize] row tensors.
+        src_dtype: the dtype of the values in every source, or one dtype per source.
+        src_rank: int32 [T, C], index into `sources`, -1 where the column has no row.
+        src_row: int64 [T, C], row in that source.
+        weights: float32 [T, C].
         biases: up to two [T, H] tensors added at the end.
     """
-    tokens, topk = src_rank.shape
+    tokens, columns = src_rank.shape
     hidden = out.shape[1]
+    dtypes = [src_dtype] * len(sources) if isinstance(src_dtype, torch.dtype) else list(src_dtype)
     biases = [b.contiguous() for b in biases if b is not None]
-    if out.device.type == "cpu":
+    if native_ok(out):
         bias_args = []
         for i in range(2):
             bias_args += [biases[i].data_ptr(), NATIVE_DTYPE_CODES[biases[i].dtype]] if i < len(biases) else [0, 0]
-        _native().combine_reduce(out.data_ptr(), NATIVE_DTYPE_CODES[out.dtype], tokens, topk, hidden,
+        _native().combine_reduce(out.data_ptr(), NATIVE_DTYPE_CODES[out.dtype], tokens, columns, hidden,
                                  [s.data_ptr() for s in sources], [s.shape[0] for s in sources],
-                                 NATIVE_DTYPE_CODES[src_dtype], src_rank.contiguous().numpy(),
+                                 [NATIVE_DTYPE_CODES[d] for d in dtypes], src_rank.contiguous().numpy(),
                                  src_row.contiguous().numpy(), weights.contiguous().numpy(), *bias_args,
                                  num_threads())
         return out
-    acc = torch.zeros(tokens, hidden, dtype=torch.float32, device=out.device)
-    values = [s.view(src_dtype) for s in sources]
-    for k in range(topk):
+    # Device (NPU) branch: no host syncs, index tensors moved to the rows' device. Ascend NPUs have no
+    # fast float64, so there the sum is float32 (as the SPEC asks); on CPU (forced) float64 as above.
+    device = out.device
+    acc_dtype = torch.float64 if device.type == "cpu" or out.dtype == torch.float64 else torch.float32
+    acc = torch.zeros(tokens, hidden, dtype=acc_dtype, device=device)
+    values = [s.view(d) for s, d in zip(sources, dtypes)]
+    src_rank, src_row, weights = src_rank.to(device), src_row.to(device), weights.to(device)
+    for c in range(columns):
         for index, source in enumerate(values):
-            mask = src_rank[:, k] == index
-            if bool(mask.any()):
-                rows = source.index_select(0, src_row[:, k][mask]).float()
-                acc[mask] += weights[:, k][mask].unsqueeze(1) * rows
+            take = src_rank[:, c] == index
+            if not source.shape[0]:
+                continue
+            rows = source.index_select(0, torch.where(take, src_row[:, c], 0)).to(acc_dtype)
+            acc += torch.where(take.unsqueeze(1), weights[:, c].to(acc_dtype).unsqueeze(1) * rows, 0.0)
     for bias in biases:
-        acc += bias.float()
-    out.copy_(acc)
+        acc += bias.to(device).float().to(acc_dtype)
+    out.copy_(acc.float() if out.dtype != torch.float64 else acc)
     return out

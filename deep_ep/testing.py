@@ -1,4 +1,5 @@
-"""Helpers to run a function on several local CPU ranks (tests, benchmarks, examples)."""
+"""Helpers to run a function on several local ranks (tests, benchmarks, examples): CPU ranks joined by
+gloo, or one NPU per rank joined by HCCL."""
 from __future__ import annotations
 
 import os
@@ -16,19 +17,57 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_rank(rank: int, num_ranks: int, port: int, env: dict, fn: Callable, args: tuple) -> None:
+DEVICES = ("cpu", "npu")
+
+
+def _run_rank(rank: int, num_ranks: int, port: int, env: dict, fn: Callable, args: tuple,
+              device: str = "cpu") -> None:
     os.environ.update(env)
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     # Ranks share the machine's cores; oversubscribed threads would only slow every rank down.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_ranks))
-    dist.init_process_group("gloo", rank=rank, world_size=num_ranks)
+    backend = "gloo"
+    if device == "npu":  # one NPU per rank, HCCL between them: the Buffer takes the NPU path
+        import torch_npu  # noqa: F401
+
+        torch.npu.set_device(rank)
+        backend = "hccl"
+    dist.init_process_group(backend, rank=rank, world_size=num_ranks)
     try:
         fn(rank, num_ranks, dist.group.WORLD, *args)
     finally:
         dist.destroy_process_group()
 
 
-def spawn_ranks(fn: Callable[..., Any], num_ranks: int, *args: Any, env: dict | None = None) -> None:
-    """Runs fn(rank, num_ranks, group, *args) on `num_ranks` processes joined by gloo on
-    127.0.0.1. An exception on any rank is raised here. `env` is set in every rank."""
-    mp.spawn(_run_rank, args=(num_ranks, free_port(), dict(env or {}), fn, args), nprocs=num_ranks, join=True)
+def spawn_ranks(fn: Callable[..., Any], num_ranks: int, *args: Any, env: dict | None = None,
+                device: str = "cpu") -> None:
+    """Runs fn(rank, num_ranks, group, *args) on `num_ranks` processes on 127.0.0.1. An exception on
+    any rank is raised here. `env` is set in every rank.
+
+    device "cpu": CPU ranks joined by gloo. device "npu": rank r uses NPU r (torch.npu.set_device)
+    and the group is HCCL; fn finds the device with `rank_device()`.
+    """
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {list(DEVICES)}, got {device!r}")
+    mp.spawn(_run_rank, args=(num_ranks, free_port(), dict(env or {}), fn, args, device), nprocs=num_ranks,
+             join=True)
+
+
+def rank_device(group=None) -> torch.device:
+    """Where a rank's tensors live: this process's NPU when the group is HCCL, else the CPU."""
+    if dist.get_backend(group) == "hccl":
+        return torch.device("npu", torch.npu.current_device())
+    return torch.device("cpu")
+
+
+def npu_skip_reason(num_ranks: int = 1) -> str | None:
+    """Why NPU tests cannot run here (None when torch_npu and `num_ranks` NPUs are available)."""
+    try:
+        import torch_npu  # noqa: F401
+    except Exception as error:  # a broken CANN install raises more than ImportError
+        return f"NPU run skipped: torch_npu is not importable ({type(error).__name__}: {error})"
+    if not torch.npu.is_available():
+        return "NPU run skipped: torch_npu is importable but no NPU is visible"
+    if torch.npu.device_count() < num_ranks:
+        return f"NPU run skipped: needs {num_ranks} NPUs, {torch.npu.device_count()} visible"
+    return None

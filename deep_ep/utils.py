@@ -6,9 +6,10 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-# dtype codes understood by deep_ep_cpp.
-NATIVE_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-FLOAT_DTYPES = tuple(NATIVE_DTYPE_CODES)
+# dtype codes understood by deep_ep_cpp (float64 only for combine's partial sums).
+NATIVE_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
+# What token rows and expert outputs may be.
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class EventOverlap:
@@ -48,9 +49,10 @@ def num_threads() -> int:
 
 
 def check_tensor(name: str, value: Any, *, dtypes: Sequence[torch.dtype], shape: Sequence[Optional[int]],
-                 device: Optional[torch.device] = None) -> torch.Tensor:
+                 device: Optional[torch.device] = None, what: Optional[str] = None) -> torch.Tensor:
     """Raises TypeError/ValueError naming `name`, the expectation and what was given.
-    `shape` entries of None match any size."""
+    `shape` entries of None match any size; `what` says where the expected shape comes from
+    (for example "[L, 2I] of w13") and is shown after it."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.dtype not in dtypes:
@@ -58,6 +60,10 @@ def check_tensor(name: str, value: Any, *, dtypes: Sequence[torch.dtype], shape:
         raise TypeError(f"{name} must have dtype {wanted}, got {value.dtype}")
     if value.dim() != len(shape) or any(want is not None and want != got for want, got in zip(shape, value.shape)):
         wanted = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+        if what:
+            wanted += f" ({what})"
+        if value.dim() != len(shape):
+            raise ValueError(f"{name} must have shape {wanted}, a {len(shape)}-D tensor, got {list(value.shape)}")
         raise ValueError(f"{name} must have shape {wanted}, got {list(value.shape)}")
     if device is not None and value.device != device:
         raise ValueError(f"{name} must be on device {device}, got {value.device}")

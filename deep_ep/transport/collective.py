@@ -18,8 +18,9 @@ import torch.distributed as dist
 # ---- failures ------------------------------------------------------------------------------------------
 # gloo reports a missing or dead peer as a RuntimeError that names no rank ("Timed out waiting 3000ms for
 # send operation", "Connection reset by peer"), and the group is unusable afterwards ("Application timeout
-# caused pair closure"). Every collective below goes through `_run`, which turns such an error into one
-# that names the ranks, and remembers the failure so that later calls say the Buffer must be recreated.
+# caused pair closure"). Every collective below goes through `run_collective`, which turns such an error
+# into one that names the ranks, and remembers the failure so that later calls say the Buffer must be
+# recreated (Buffer._check_alive asks `failure`).
 
 
 @dataclass
@@ -51,7 +52,7 @@ def watch_group(group: dist.ProcessGroup, timeout_s: float, pids: Dict[int, int]
 
 def failure(group: dist.ProcessGroup) -> Optional[str]:
     """The message of an earlier failure on `group` (it must be recreated), or None."""
-    info = _groups.get(group)
+    info = _groups.get(group) if group is not None else None
     return info.failure if info is not None else None
 
 
@@ -79,7 +80,10 @@ def _describe(group: dist.ProcessGroup, what: str, error: RuntimeError, info: _G
             "A peer crashed or its host is unreachable; the Buffer must be recreated.")
 
 
-def _run(group: dist.ProcessGroup, what: str, call: Callable[[], None]) -> None:
+def run_collective(group: dist.ProcessGroup, what: str, call: Callable[[], None]) -> None:
+    """Runs `call()` (torch.distributed collectives on `group`). A RuntimeError from it becomes one that
+    names the ranks waited for (dead ones when their pids tell), mentioning `what` (e.g. "dispatch"); the
+    group is then marked failed and every later call raises at once, saying the Buffer must be recreated."""
     info = _groups.get(group)
     if info is None:
         info = _groups[group] = _GroupInfo()
@@ -90,8 +94,8 @@ def _run(group: dist.ProcessGroup, what: str, call: Callable[[], None]) -> None:
         return
     except RuntimeError as error:
         message = _describe(group, what, error, info)
-    # Raised outside the handler so that gloo's exception and its traceback (which holds the failed
-    # work object) are freed now: kept alive until exit, they abort the process when torch tears down.
+    # Raised outside the handler, so that gloo's exception and its traceback (which holds the failed
+    # work and its tensors) are freed now instead of living on as our exception's context.
     info.failure = (f"deep_ep: this Buffer can no longer be used after an earlier failure ({message}); "
                     "destroy it and create a new one on every rank.")
     raise RuntimeError(message)
@@ -119,16 +123,16 @@ def all_gather_meta(group: dist.ProcessGroup, meta: torch.Tensor,
     head[0] = length
     head[1: 1 + first] = meta[:first]
     heads = [torch.empty_like(head) for _ in range(num_ranks)]
-    _run(group, what, lambda: dist.all_gather(heads, head, group=group))
+    run_collective(group, what, lambda: dist.all_gather(heads, head, group=group))
     table = torch.stack(heads)
     lengths = table[:, 0]
     if bool((lengths != length).any()):
-        return table[:, 1: 1 + min(int(lengths.min()), META_PREFIX - 1)]
+        return table[:, 1: 1 + min(int(lengths.min()), META_PREFIX - 1)].contiguous()
     if length == first:
-        return table[:, 1: 1 + length]
+        return table[:, 1: 1 + length].contiguous()
     rest = meta[first:].contiguous()
     parts = [torch.empty_like(rest) for _ in range(num_ranks)]
-    _run(group, what, lambda: dist.all_gather(parts, rest, group=group))
+    run_collective(group, what, lambda: dist.all_gather(parts, rest, group=group))
     return torch.cat([table[:, 1:], torch.stack(parts)], dim=1)
 
 
@@ -144,8 +148,9 @@ def exchange_rows(group: dist.ProcessGroup, send: torch.Tensor, send_counts: Seq
                   recv_counts: Sequence[int], what: str = "the row exchange") -> torch.Tensor:
     """all_to_all_single of uint8 rows [P, b] with uneven splits; returns [sum(recv_counts), b]."""
     recv = torch.empty(int(sum(recv_counts)), send.shape[1], dtype=send.dtype, device=send.device)
-    _run(group, what, lambda: dist.all_to_all_single(recv, send, output_split_sizes=list(map(int, recv_counts)),
-                                                     input_split_sizes=list(map(int, send_counts)), group=group))
+    run_collective(group, what, lambda: dist.all_to_all_single(
+        recv, send, output_split_sizes=list(map(int, recv_counts)), input_split_sizes=list(map(int, send_counts)),
+        group=group))
     return recv
 
 
@@ -162,10 +167,13 @@ def dispatch_rows(group: dist.ProcessGroup, num_ranks: int, topk: int, fields_in
     Returns: int64 [sum(recv_counts)], the source token index of each arriving row.
     """
     order = send_order(dest_rank, dest_row)
-    token = order // topk
     send_counts = torch.bincount(dest_rank.reshape(-1)[order], minlength=num_ranks).tolist()
+    # The plan lives on the host; rows live on the fields' device (NPU): move the indices there.
+    device = fields_in[0].device
+    token = (order // topk).to(device)
+    recv_rows = recv_rows.to(device)
     payload = fields_in + [token.view(-1, 1).view(torch.uint8) if token.numel() else
-                           torch.empty(0, 8, dtype=torch.uint8)]
+                           torch.empty(0, 8, dtype=torch.uint8, device=device)]
     send = torch.cat([f.index_select(0, token) if i < len(fields_in) else f for i, f in enumerate(payload)], dim=1)
     recv = exchange_rows(group, send, send_counts, recv_counts, "dispatch")
     offset = 0
@@ -175,7 +183,7 @@ def dispatch_rows(group: dist.ProcessGroup, num_ranks: int, topk: int, fields_in
         offset += width
     if not recv.shape[0]:  # nothing arrived: an empty view may sit at an offset int64 cannot view
         return torch.empty(0, dtype=torch.int64)
-    return recv[:, offset:].contiguous().view(torch.int64).flatten()
+    return recv[:, offset:].contiguous().view(torch.int64).flatten().cpu()  # source token indices, host
 
 
 def combine_rows(group: dist.ProcessGroup, num_ranks: int, x_rows: torch.Tensor, rows_by_source: torch.Tensor,
@@ -190,7 +198,8 @@ def combine_rows(group: dist.ProcessGroup, num_ranks: int, x_rows: torch.Tensor,
     """
     order = send_order(dest_rank, dest_row)
     back_counts = torch.bincount(dest_rank.reshape(-1)[order], minlength=num_ranks).tolist()
-    recv = exchange_rows(group, x_rows.index_select(0, rows_by_source), recv_counts, back_counts, "combine")
+    recv = exchange_rows(group, x_rows.index_select(0, rows_by_source.to(x_rows.device)), recv_counts, back_counts,
+                         "combine")
     position = torch.full((dest_rank.numel(),), -1, dtype=torch.int64)
     position[order] = torch.arange(order.numel())
     position = position.view_as(dest_rank)

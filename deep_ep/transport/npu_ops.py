@@ -313,9 +313,11 @@ class NpuLowLatency:
             expert_scales=weights_pad if hierarchy else None,
             quant_mode=2 if use_int8 else 0, global_bs=global_bs, expert_token_nums_type=1)
         if self._use_v2:
+            # comm_alg only when set: "" is its default, and torch_npu builds older than CANN 8.3
+            # may not take the argument at all
             outputs = self._torch_npu.npu_moe_distribute_dispatch_v2(
                 x_pad, expert_ids, self.comm_name, num_ranks, self.rank, num_experts,
-                comm_alg=comm_alg, **kwargs)
+                **(dict(comm_alg=comm_alg) if comm_alg else {}), **kwargs)
         else:  # v1 has no comm_alg: HCCL's environment selects the algorithm
             outputs = self._torch_npu.npu_moe_distribute_dispatch(
                 x_pad, expert_ids, self.comm_name, num_ranks, self.rank, num_experts, **kwargs)
@@ -379,7 +381,7 @@ class NpuLowLatency:
             combined = self._torch_npu.npu_moe_distribute_combine_v2(
                 x, handle.expert_ids, handle.assist_info_for_combine, handle.ep_recv_counts, weights,
                 self.comm_name, self.num_ranks, self.rank, handle.num_experts,
-                comm_alg=handle.comm_alg, **kwargs)
+                **(dict(comm_alg=handle.comm_alg) if handle.comm_alg else {}), **kwargs)
         else:
             combined = self._torch_npu.npu_moe_distribute_combine(
                 x, handle.expert_ids, handle.assist_info_for_combine, handle.ep_recv_counts, weights,

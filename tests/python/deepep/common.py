@@ -35,6 +35,39 @@ def make_topk_idx(num_tokens: int, num_experts: int, topk: int, generator: torch
     return torch.where(drop, torch.full_like(idx, -1), idx)
 
 
+def skip_unless_device(device: str, num_ranks: int) -> None:
+    """Skips an NPU run (with the reason) unless torch_npu and `num_ranks` NPUs are available."""
+    if device == "npu":
+        from deep_ep.testing import npu_skip_reason
+
+        reason = npu_skip_reason(num_ranks)
+        if reason:
+            import pytest
+
+            pytest.skip(reason)
+
+
+def to_device(obj, device: Optional[torch.device] = None):
+    """Tensors (also inside tuples/lists) moved to the rank's device: the same objects on CPU."""
+    from deep_ep.testing import rank_device
+
+    device = device or rank_device()
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(o, device) for o in obj)
+    return obj
+
+
+def to_host(obj):
+    """Tensors (also inside tuples/lists) moved to the CPU for the checks: the same objects on CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_host(o) for o in obj)
+    return obj
+
+
 def gather_objects(obj, group) -> list:
     """Every rank's `obj`, in rank order (the reference needs all ranks' inputs)."""
     out: List[Optional[object]] = [None] * dist.get_world_size(group)

@@ -18,7 +18,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import deep_ep  # noqa: E402
-from common import calc_diff, gather_objects, leaked_segments, make_inputs  # noqa: E402
+from common import (calc_diff, gather_objects, leaked_segments, make_inputs, skip_unless_device, to_device,  # noqa: E402
+                    to_host)
 from deep_ep.reference import quantize_reference, reference_combine, reference_dispatch  # noqa: E402
 from deep_ep.testing import spawn_ranks  # noqa: E402
 
@@ -60,8 +61,11 @@ def check_dispatch_and_combine(rank: int, num_ranks: int, buffer: deep_ep.Buffer
     everyone = gather_objects(inputs, group)
     local_experts = case.experts // num_ranks
 
+    # Inputs live on the rank's device (NPU under --device npu); results come back to the host for the checks.
+    x_dev, idx_dev, weights_dev = to_device((inputs.x, inputs.topk_idx, inputs.topk_weights))
     # Layout: counted independently here.
-    per_rank, per_node, per_expert, in_rank, _ = buffer.get_dispatch_layout(inputs.topk_idx, case.experts)
+    layout_dev = buffer.get_dispatch_layout(idx_dev, case.experts)
+    per_rank, per_node, per_expert, in_rank, _ = to_host(layout_dev)
     owner = torch.where(inputs.topk_idx >= 0, inputs.topk_idx // local_experts, -1)
     expected_in_rank = torch.stack([(owner == r).any(1) for r in range(num_ranks)], 1).to(torch.int32) \
         if num_tokens else torch.zeros(0, num_ranks, dtype=torch.int32)
@@ -69,13 +73,20 @@ def check_dispatch_and_combine(rank: int, num_ranks: int, buffer: deep_ep.Buffer
     assert torch.equal(per_rank, expected_in_rank.sum(0).to(torch.int32))
     assert torch.equal(per_expert, torch.tensor([int((inputs.topk_idx == e).sum()) for e in range(case.experts)],
                                                 dtype=torch.int32))
-    assert per_node is None
+    node_size = int(os.environ.get("DEEP_EP_RANKS_PER_NODE") or num_ranks)
+    if node_size >= num_ranks:
+        assert per_node is None
+    else:  # tokens with at least one expert on each (simulated) node
+        expected_per_node = [int(expected_in_rank[:, n * node_size:(n + 1) * node_size].any(1).sum())
+                             for n in range(-(-num_ranks // node_size))]
+        assert per_node.tolist() == expected_per_node
 
     recv_x, recv_topk_idx, recv_topk_weights, counts, handle, event = buffer.dispatch(
-        inputs.x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-        topk_idx=inputs.topk_idx, topk_weights=inputs.topk_weights, expert_alignment=case.alignment,
-        num_worst_tokens=case.worst, quant_mode=case.quant)
+        x_dev, num_tokens_per_rank=layout_dev[0], is_token_in_rank=layout_dev[3],
+        num_tokens_per_expert=layout_dev[2], topk_idx=idx_dev, topk_weights=weights_dev,
+        expert_alignment=case.alignment, num_worst_tokens=case.worst, quant_mode=case.quant)
     event.current_stream_wait()
+    recv_x, recv_topk_idx, recv_topk_weights = to_host((recv_x, recv_topk_idx, recv_topk_weights))
     ref = reference_dispatch([i.x for i in everyone], [i.topk_idx for i in everyone],
                              [i.topk_weights for i in everyone], case.experts, rank, case.alignment)
     real_rows = ref["src_idx"].numel()
@@ -104,14 +115,14 @@ def check_dispatch_and_combine(rank: int, num_ranks: int, buffer: deep_ep.Buffer
     # Handle: rank prefix matrix and source indices hold real values.
     sent = torch.tensor([[int(((i.topk_idx >= d * local_experts) & (i.topk_idx < (d + 1) * local_experts)).sum())
                           for d in range(num_ranks)] for i in everyone])
-    assert torch.equal(handle[0], torch.cumsum(sent, 0).to(torch.int32))
-    assert torch.equal(handle[3][:real_rows].long(), ref["src_idx"])
-    assert torch.equal(handle[6], inputs.topk_idx) and torch.equal(handle[7], inputs.topk_weights)
+    assert torch.equal(to_host(handle[0]), torch.cumsum(sent, 0).to(torch.int32))
+    assert torch.equal(to_host(handle[3])[:real_rows].long(), ref["src_idx"])
+    assert torch.equal(to_host(handle[6]), inputs.topk_idx) and torch.equal(to_host(handle[7]), inputs.topk_weights)
 
     # Combine with the weights recorded at dispatch, and with explicit weights plus biases.
     y = expert_output(dequantized(recv_x), counts if os.environ.get("MOE_EXPERT_TOKEN_NUMS_TYPE") != "0"
                       else ref["rows_per_expert"], case.dtype)
-    combined, _, _ = buffer.combine(y, handle)
+    combined = to_host(buffer.combine(to_device(y), handle)[0])
     x_used = dequantized(quantize_reference(inputs.x.double())) if case.quant == "int8" else inputs.x.float()
     factor = 1 + (inputs.topk_idx.clamp_min(0) % local_experts).float() / 8
     selection = (x_used.unsqueeze(1) * factor.unsqueeze(2)).to(case.dtype)
@@ -124,14 +135,16 @@ def check_dispatch_and_combine(rank: int, num_ranks: int, buffer: deep_ep.Buffer
     assert torch.allclose(combined.double(), expected, rtol=tolerance, atol=tolerance)
     weights2 = torch.rand(num_tokens, case.topk)
     bias = (torch.ones(num_tokens, case.hidden, dtype=case.dtype), torch.full((num_tokens, case.hidden), 0.5))
-    combined2, _, _ = buffer.combine(y, handle, topk_weights=weights2, bias=bias)
+    combined2 = to_host(buffer.combine(to_device(y), handle, topk_weights=to_device(weights2),
+                                       bias=to_device(bias))[0])
     expected2 = reference_combine(selection, inputs.topk_idx, weights2) + 1.5
     assert torch.allclose(combined2.double(), expected2, rtol=tolerance, atol=tolerance)
 
     # Cached mode: a new x along the same routes.
     if case.quant == "bf16":
         x2 = (inputs.x.float() * 2 + 1).to(case.dtype)
-        recv2, none1, none2, none3, none4, _ = buffer.dispatch(x2, handle=handle)
+        recv2, none1, none2, none3, none4, _ = buffer.dispatch(to_device(x2), handle=handle)
+        recv2 = to_host(recv2)
         assert none1 is None and none2 is None and none3 is None and none4 is None
         ref2 = reference_dispatch([(i.x.float() * 2 + 1).to(case.dtype) for i in everyone],
                                   [i.topk_idx for i in everyone], [i.topk_weights for i in everyone], case.experts,
@@ -179,8 +192,9 @@ def cases_for(num_ranks: int) -> List[Case]:
 
 
 @pytest.mark.parametrize("num_ranks", [1, 2, 3, 4, 8])
-def test_intranode(num_ranks: int) -> None:
-    spawn_ranks(run_cases, num_ranks, cases_for(num_ranks))
+def test_intranode(num_ranks: int, device: str) -> None:
+    skip_unless_device(device, num_ranks)
+    spawn_ranks(run_cases, num_ranks, cases_for(num_ranks), device=device)
     assert not leaked_segments()
 
 

@@ -19,9 +19,11 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import deep_ep  # noqa: E402
-from common import calc_diff, gather_objects, make_inputs, our_segments  # noqa: E402
+from common import (calc_diff, gather_objects, make_inputs, our_segments, skip_unless_device, to_device,  # noqa: E402
+                    to_host)
 from deep_ep.reference import quantize_reference, reference_combine, reference_dispatch  # noqa: E402
-from deep_ep.testing import spawn_ranks  # noqa: E402
+from deep_ep.testing import rank_device, spawn_ranks  # noqa: E402
+from deep_ep.transport.npu_ops import hccl_buffsize_mb  # noqa: E402
 
 
 @dataclass
@@ -57,8 +59,9 @@ def buffer_for(group, num_ranks: int, cases: List[Case], strategy: str = "defaul
 def dispatch(buffer, case: Case, inputs, stats=None):
     num_experts = case.experts_per_rank * buffer.group_size
     recv_x, recv_count, handle, event, hook = buffer.low_latency_dispatch(
-        inputs.x, inputs.topk_idx, case.max_tokens, num_experts, cumulative_local_expert_recv_stats=stats,
-        use_fp8=case.quant == "int8", return_recv_hook=case.hook, topk_weights=inputs.topk_weights)
+        to_device(inputs.x), to_device(inputs.topk_idx), case.max_tokens, num_experts,
+        cumulative_local_expert_recv_stats=stats, use_fp8=case.quant == "int8", return_recv_hook=case.hook,
+        topk_weights=to_device(inputs.topk_weights))
     event.current_stream_wait()
     assert (hook is not None) == case.hook
     return recv_x, recv_count, handle, hook
@@ -66,6 +69,8 @@ def dispatch(buffer, case: Case, inputs, stats=None):
 
 def check_received(rank: int, num_ranks: int, case: Case, everyone, recv_x, recv_count, handle) -> int:
     """recv_x, counts, order and handle against the reference; returns the number of real rows."""
+    assert handle[5] is recv_count
+    recv_x, recv_count, src_info, layout_range = to_host((recv_x, recv_count, handle[0], handle[1]))
     num_experts = case.experts_per_rank * num_ranks
     ref = reference_dispatch([i.x for i in everyone], [i.topk_idx for i in everyone],
                              [i.topk_weights for i in everyone], num_experts, rank)
@@ -84,7 +89,12 @@ def check_received(rank: int, num_ranks: int, case: Case, everyone, recv_x, recv
         assert recv_x.dtype == torch.bfloat16 and recv_x.shape == (rows, case.hidden)
         assert torch.equal(recv_x[:real], ref["x"])
     # Rows in the documented order: expert-major, then source rank, then source token.
-    src_info, layout_range = handle[0], handle[1]
+    assert handle[2:5] == (case.max_tokens, case.hidden, num_experts)
+    assert torch.equal(layout_range, torch.cumsum(torch.tensor(
+        [[int((everyone[s].topk_idx == rank * case.experts_per_rank + l).sum()) for s in range(num_ranks)]
+         for l in range(case.experts_per_rank)]).reshape(-1), 0))
+    if rank_device().type == "npu":  # handle[0] holds the MC2 operators' own per-row data there
+        return real
     assert src_info.shape == (rows, 3)
     assert torch.equal(src_info[:real, 0].long(), ref["src_rank"]) and torch.equal(src_info[:real, 1].long(),
                                                                                  ref["src_idx"])
@@ -95,10 +105,6 @@ def check_received(rank: int, num_ranks: int, case: Case, everyone, recv_x, recv
         if real else torch.zeros(0, dtype=torch.int64)
     assert torch.equal(src_info[:real, 2].long(), expected_k)
     assert bool((src_info[real:] == -1).all())
-    per_block = torch.tensor([[int((everyone[s].topk_idx == rank * case.experts_per_rank + l).sum())
-                               for s in range(num_ranks)] for l in range(case.experts_per_rank)])
-    assert torch.equal(layout_range, torch.cumsum(per_block.reshape(-1), 0))
-    assert handle[2:5] == (case.max_tokens, case.hidden, num_experts) and handle[5] is recv_count
     return real
 
 
@@ -117,23 +123,25 @@ def check_case(rank: int, num_ranks: int, buffer, case: Case, group) -> None:
     inputs = make_inputs(rank, num_tokens, case.hidden, case.experts_per_rank * num_ranks, case.topk, num_ranks,
                          pattern=case.pattern, seed=case.seed)
     everyone = gather_objects(inputs, group)
-    stats = torch.arange(case.experts_per_rank, dtype=torch.int32)
+    stats = to_device(torch.arange(case.experts_per_rank, dtype=torch.int32))
     recv_x, recv_count, handle, hook = dispatch(buffer, case, inputs, stats)
     if hook is not None:
         hook()
     check_received(rank, num_ranks, case, everyone, recv_x, recv_count, handle)
-    assert torch.equal(stats, torch.arange(case.experts_per_rank, dtype=torch.int32) + recv_count.to(torch.int32))
-    assert torch.equal(handle[6], inputs.topk_weights)
+    assert torch.equal(to_host(stats), torch.arange(case.experts_per_rank, dtype=torch.int32) +
+                       to_host(recv_count).to(torch.int32))
+    assert torch.equal(to_host(handle[6]), inputs.topk_weights)
 
-    y = expert_output(recv_x, recv_count)
+    y = expert_output(to_host(recv_x), to_host(recv_count))
     weights = torch.rand(num_tokens, case.topk)
-    out = torch.empty(num_tokens, case.hidden, dtype=torch.bfloat16)
-    combined, event, hook = buffer.low_latency_combine(y, inputs.topk_idx, weights, handle,
-                                                       return_recv_hook=case.hook, out=out)
+    out = to_device(torch.empty(num_tokens, case.hidden, dtype=torch.bfloat16))
+    combined, event, hook = buffer.low_latency_combine(to_device(y), to_device(inputs.topk_idx), to_device(weights),
+                                                       handle, return_recv_hook=case.hook, out=out)
     event.current_stream_wait()
     if hook is not None:
         hook()
     assert combined is out and combined.dtype == torch.bfloat16 and combined.shape == (num_tokens, case.hidden)
+    combined = to_host(combined)
     assert not bool(torch.isnan(combined).any())
     expected = expected_combine(case, inputs, weights)
     assert calc_diff(combined, expected) < 1e-5, calc_diff(combined, expected)
@@ -170,8 +178,22 @@ def cases_for(num_ranks: int) -> List[Case]:
     return cases
 
 
+def npu_cases(num_ranks: int) -> List[Case]:
+    """The cases within the MC2 operators' limits (NPU.md): A3 needs 1024 <= H <= 8192."""
+    return [replace(c, hidden=max(c.hidden, 1024)) for c in cases_for(num_ranks)]
+
+
 @pytest.mark.parametrize("num_ranks", [1, 2, 3, 4, 8])
-def test_low_latency(num_ranks: int) -> None:
+def test_low_latency(num_ranks: int, device: str) -> None:
+    skip_unless_device(device, num_ranks)
+    if device == "npu":
+        if num_ranks == 1:
+            pytest.skip("NPU run skipped: the MC2 operators need at least 2 ranks (ep_world_size >= 2)")
+        cases = npu_cases(num_ranks)
+        buffsize = max(hccl_buffsize_mb(c.max_tokens, c.hidden, num_ranks, c.experts_per_rank * num_ranks, c.topk)
+                       for c in cases)
+        spawn_ranks(run_cases, num_ranks, cases, env={"HCCL_BUFFSIZE": str(buffsize)}, device="npu")
+        return
     spawn_ranks(run_cases, num_ranks, cases_for(num_ranks))
     assert not our_segments()
 

@@ -1,0 +1,292 @@
+"""Buffer.fused_deep_moe on CPU ranks: dispatch + W8A8 SwiGLU expert MLP + combine in one call.
+
+Every case is checked against
+  (a) an independent per-token reference (test_fused_math.ref_moe_token: one token and its top-k
+      experts at a time, unpermuted gate-then-up weights, float64 math), with the tolerances
+      explained in test_fused_math.py, and
+  (b) the unfused pipeline of the same library, run in the same test on the same Buffer:
+      low_latency_dispatch (int8) -> grouped_swiglu_mlp_int8 -> low_latency_combine, which must give
+      the same bits;
+and ep_recv_count against the counts computed from every rank's topk_idx.
+
+    python tests/python/deepep/test_fused_deep_moe.py --num-processes 2   # checks, then fused vs unfused time
+    python -m pytest tests/python/deepep/test_fused_deep_moe.py           # the test suite
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, replace
+from typing import List
+
+import pytest
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import deep_ep  # noqa: E402
+from common import gather_objects, make_inputs, our_segments, skip_unless_device, to_device, to_host  # noqa: E402
+from deep_ep.fused import grouped_swiglu_mlp_int8, quantize_per_token_int8  # noqa: E402
+from deep_ep.testing import rank_device, spawn_ranks  # noqa: E402
+from deep_ep.transport.npu_ops import hccl_buffsize_mb  # noqa: E402
+from test_fused_math import _make_weights, assert_bf16_matches, ref_moe_token  # noqa: E402
+from test_low_latency import buffer_for  # noqa: E402  (a low-latency Buffer big enough for the cases)
+
+
+@dataclass
+class Case:
+    tokens: List[int]  # tokens per rank (cycled over the ranks)
+    max_tokens: int = 24
+    hidden: int = 128
+    inter: int = 64
+    experts_per_rank: int = 2
+    topk: int = 3
+    pattern: str = "random"
+    seed: int = 0
+
+
+def expert_weights(case: Case, num_ranks: int):
+    """Every expert's weights (the same on every rank): unpermuted w13 [E, 2I, H], scales, w2, scales."""
+    generator = torch.Generator().manual_seed(100 + case.seed)
+    return _make_weights(generator, case.experts_per_rank * num_ranks, case.hidden, case.inter)
+
+
+def local_weights(rank: int, case: Case, weights):
+    """This rank's L experts in the layout fused_deep_moe takes."""
+    w13, w13_scale, w2, w2_scale = weights
+    mine = slice(rank * case.experts_per_rank, (rank + 1) * case.experts_per_rank)
+    w1, w1_scale = deep_ep.permute_gmm1_weight(w13[mine], w13_scale[mine])
+    return w1, w1_scale, w2[mine].contiguous(), w2_scale[mine].contiguous()
+
+
+def unfused(buffer, inputs, case: Case, num_experts: int, weights):
+    """The same layer through the library's separate steps."""
+    recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(inputs.x, inputs.topk_idx, case.max_tokens,
+                                                                   num_experts, quant_mode="int8")
+    y = grouped_swiglu_mlp_int8(recv_x[0], recv_x[1], recv_count, *weights)
+    return buffer.low_latency_combine(y, inputs.topk_idx, inputs.topk_weights, handle)[0]
+
+
+def check_case(rank: int, num_ranks: int, group, buffer, case: Case) -> None:
+    num_experts = case.experts_per_rank * num_ranks
+    num_tokens = case.tokens[rank % len(case.tokens)]
+    inputs = make_inputs(rank, num_tokens, case.hidden, num_experts, case.topk, num_ranks, pattern=case.pattern,
+                         seed=case.seed)
+    everyone = gather_objects(inputs.topk_idx, group)
+    weights = expert_weights(case, num_ranks)
+    mine = local_weights(rank, case, weights)
+
+    # Inputs on the rank's device (NPU under --device npu), results back on the host for the checks.
+    out, ep_recv_count = to_host(buffer.fused_deep_moe(*to_device((inputs.x, inputs.topk_idx, inputs.topk_weights)),
+                                                       *to_device(mine), case.max_tokens, num_experts))
+    assert out.dtype == torch.bfloat16 and out.shape == (num_tokens, case.hidden)
+    # ep_recv_count[e * R + r]: rows local expert e received from rank r.
+    expected = [int((everyone[r] == rank * case.experts_per_rank + e).sum())
+                for e in range(case.experts_per_rank) for r in range(num_ranks)]
+    assert ep_recv_count.dtype == torch.int32 and ep_recv_count.tolist() == expected
+
+    # (b) the unfused pipeline: the same bits (CPU; on NPU the expert MLP is CANN's, not fused.py's).
+    if rank_device().type == "cpu":
+        assert torch.equal(out, unfused(buffer, inputs, case, num_experts, mine))
+
+    # (a) the per-token reference.
+    for t in range(num_tokens):
+        ref, tol = ref_moe_token(inputs.x[t], inputs.topk_idx[t], inputs.topk_weights[t], *weights)
+        assert_bf16_matches(out[t], ref, tol, f"rank {rank} token {t}")
+    no_expert = (inputs.topk_idx < 0).all(1)
+    assert not out[no_expert].any()
+
+
+def run_cases(rank: int, num_ranks: int, group, cases: List[Case], strategy: str = "default") -> None:
+    buffer = buffer_for(group, num_ranks, cases, strategy)
+    try:
+        for case in cases:
+            try:
+                check_case(rank, num_ranks, group, buffer, case)
+            except Exception as error:
+                raise AssertionError(f"rank {rank}, case {case}: {error!r}") from error
+    finally:
+        buffer.destroy()
+
+
+def cases_for(num_ranks: int) -> List[Case]:
+    single = num_ranks == 1
+    base = Case(tokens=[13] if single else [17, 0, 9, 5][:num_ranks],  # T = 0 on rank 1
+                experts_per_rank=4 if single else 2)
+    return [base,
+            replace(base, inter=192, hidden=200, topk=4, experts_per_rank=3 + 2 * single, seed=1),  # I = 192
+            replace(base, pattern="one_expert", seed=2)]
+
+
+@pytest.mark.parametrize("num_ranks", [1, 2, 4])
+def test_fused_deep_moe(num_ranks: int, device: str) -> None:
+    skip_unless_device(device, num_ranks)
+    if device == "npu":
+        if num_ranks == 1:
+            pytest.skip("NPU run skipped: the MC2 operators need at least 2 ranks (ep_world_size >= 2)")
+        cases = [replace(c, hidden=1024) for c in cases_for(num_ranks)]  # A3 needs 1024 <= H <= 8192
+        buffsize = max(hccl_buffsize_mb(c.max_tokens, c.hidden, num_ranks, c.experts_per_rank * num_ranks, c.topk)
+                       for c in cases)
+        spawn_ranks(run_cases, num_ranks, cases, env={"HCCL_BUFFSIZE": str(buffsize)}, device="npu")
+        return
+    spawn_ranks(run_cases, num_ranks, cases_for(num_ranks))
+    assert not our_segments()
+
+
+def test_fused_deep_moe_alltoall() -> None:
+    """Strategy "alltoall" (the transport of several hosts) gives the same results."""
+    spawn_ranks(run_cases, 2, [Case(tokens=[11, 6], inter=128, seed=4)], "alltoall")
+
+
+def errors(rank: int, num_ranks: int, group) -> None:
+    """Clear errors on the calling rank before any data moves; the peers name it instead of waiting;
+    the Buffer stays usable."""
+    case = Case(tokens=[8], max_tokens=8, experts_per_rank=2, topk=2)
+    num_experts = 2 * num_ranks
+    buffer = buffer_for(group, num_ranks, [case])
+    inputs = make_inputs(rank, 8, case.hidden, num_experts, case.topk, num_ranks)
+    w1, w1_scale, w2, w2_scale = local_weights(rank, case, expert_weights(case, num_ranks))
+    good = dict(x=inputs.x, topk_idx=inputs.topk_idx, topk_weights=inputs.topk_weights, gmm1_permuted_weight=w1,
+                gmm1_permuted_weight_scale=w1_scale, gmm2_weight=w2, gmm2_weight_scale=w2_scale,
+                num_max_dispatch_tokens_per_rank=case.max_tokens, num_experts=num_experts)
+
+    def ok() -> None:
+        out, _ = buffer.fused_deep_moe(**good)
+        assert torch.equal(out, unfused(buffer, inputs, case, num_experts, (w1, w1_scale, w2, w2_scale)))
+
+    ok()
+    bad_cases = [
+        (ValueError, "fuse_mode.*DISPATCH_FFN_COMBINE \\(2\\)", dict(fuse_mode=deep_ep.FuseMode.DISPATCH_FFN_COMBINE)),
+        (ValueError, "fuse_mode.*FUSED_DEEP_MOE.*got 7", dict(fuse_mode=7)),
+        (ValueError, "quant_mode.*1 \\(W8A8.*got 0", dict(quant_mode=0)),
+        (TypeError, "gmm1_permuted_weight must have dtype torch.int8, got torch.float32",
+         dict(gmm1_permuted_weight=w1.float())),
+        (ValueError, r"gmm1_permuted_weight must have shape \[2, 128, 128\] \(\[L, H, 2I\]: L = num_experts / "
+                     r"ranks = \d+ / \d+, H from x\), got \[3, 128, 128\]",
+         dict(gmm1_permuted_weight=torch.cat([w1, w1[:1]]))),
+        (ValueError, r"gmm1_permuted_weight.shape\[2\].*multiple of 128.*got 64",
+         dict(gmm1_permuted_weight=w1[:, :, :64].contiguous())),
+        (ValueError, r"gmm1_permuted_weight must have shape \[2, 128, 128\].*H from x.*got \[2, 64, 128\]",
+         dict(gmm1_permuted_weight=w1[:, :64].contiguous())),
+        (ValueError, r"gmm1_permuted_weight_scale must have shape \[2, 128\]", dict(gmm1_permuted_weight_scale=w1_scale[:, :64])),
+        (ValueError, r"gmm2_weight must have shape \[2, 64, 128\].*got \[2, 128, 128\]",
+         dict(gmm2_weight=torch.cat([w2, w2], 1))),
+        (TypeError, "gmm2_weight_scale must have dtype", dict(gmm2_weight_scale=w2_scale.to(torch.int32))),
+        (ValueError, "gmm2_weight_scale must have shape", dict(gmm2_weight_scale=w2_scale[:, :-1])),
+        (ValueError, "topk_weights must have shape", dict(topk_weights=inputs.topk_weights[:, :1])),
+        (TypeError, "topk_weights must have dtype", dict(topk_weights=inputs.topk_weights.double())),
+        (ValueError, "num_experts must be a positive multiple", dict(num_experts=num_experts + 1)),
+        (ValueError, "topk_idx", dict(topk_idx=inputs.topk_idx.clamp_max(0) + num_experts)),
+        (TypeError, "x must have dtype", dict(x=inputs.x.to(torch.int32))),
+    ]
+    for error, pattern, change in bad_cases:
+        # Both ranks pass the bad argument: each names it.
+        with pytest.raises(error, match=pattern):
+            buffer.fused_deep_moe(**{**good, **change})
+        ok()
+        # Only rank 0 does: rank 0 names it, the peers say which rank rejected (no waiting).
+        if num_ranks > 1:
+            start = time.monotonic()
+            with pytest.raises(error if rank == 0 else ValueError,
+                               match=pattern if rank == 0 else r"ranks \[0\] rejected"):
+                buffer.fused_deep_moe(**{**good, **(change if rank == 0 else {})})
+            assert time.monotonic() - start < 10
+            ok()
+    # T > Nmax on one rank: the low-latency checks apply.
+    with pytest.raises(ValueError, match="num_max_dispatch_tokens_per_rank" if rank == 0 else r"ranks \[0\]"):
+        big = torch.cat([inputs.x, inputs.x]) if rank == 0 else inputs.x
+        idx = torch.cat([inputs.topk_idx, inputs.topk_idx]) if rank == 0 else inputs.topk_idx
+        w = torch.cat([inputs.topk_weights, inputs.topk_weights]) if rank == 0 else inputs.topk_weights
+        buffer.fused_deep_moe(**{**good, "x": big, "topk_idx": idx, "topk_weights": w})
+    ok()
+    buffer.destroy()
+    normal = deep_ep.Buffer(group, num_nvl_bytes=1 << 20)
+    with pytest.raises(RuntimeError, match="low_latency_mode=True"):
+        normal.fused_deep_moe(**good)
+    normal.destroy()
+
+
+def test_errors() -> None:
+    spawn_ranks(errors, 2)
+    assert not our_segments()
+
+
+# ---- script mode: correctness, then fused vs unfused time ---------------------------------------------------
+def bench_rank(rank: int, num_ranks: int, group, args) -> None:
+    run_cases(rank, num_ranks, group, cases_for(num_ranks)[:2])
+    num_experts, hidden, inter = args.num_experts, args.hidden, args.inter
+    local = num_experts // num_ranks
+    size = deep_ep.Buffer.get_low_latency_rdma_size_hint(args.num_tokens, hidden, num_ranks, num_experts)
+    buffer = deep_ep.Buffer(group, num_nvl_bytes=4096, num_rdma_bytes=size, low_latency_mode=True)
+    inputs = make_inputs(rank, args.num_tokens, hidden, num_experts, args.num_topk, num_ranks, seed=7)
+    generator = torch.Generator().manual_seed(1000 + rank)
+    w13, w13_scale, w2, w2_scale = _make_weights(generator, local, hidden, inter)
+    w1, w1_scale = deep_ep.permute_gmm1_weight(w13, w13_scale)
+    weights = (w1, w1_scale, w2, w2_scale)
+    case = Case(tokens=[args.num_tokens], max_tokens=args.num_tokens, hidden=hidden, inter=inter,
+                experts_per_rank=local, topk=args.num_topk)
+
+    def fused():
+        return buffer.fused_deep_moe(inputs.x, inputs.topk_idx, inputs.topk_weights, *weights, args.num_tokens,
+                                     num_experts)[0]
+
+    def separate():
+        return unfused(buffer, inputs, case, num_experts, weights)
+
+    def separate_bf16():
+        """Dispatch in bf16 (twice the bytes), quantize on the expert side: the same bits again."""
+        recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(inputs.x, inputs.topk_idx, args.num_tokens,
+                                                                       num_experts, use_fp8=False)
+        xq, x_scale = quantize_per_token_int8(recv_x[: int(recv_count.sum())])
+        y = grouped_swiglu_mlp_int8(xq, x_scale, recv_count, *weights)
+        y = torch.cat([y, y.new_zeros(recv_x.shape[0] - y.shape[0], hidden)])
+        return buffer.low_latency_combine(y, inputs.topk_idx, inputs.topk_weights, handle)[0]
+
+    variants = {"fused": fused, "unfused": separate, "unfused_bf16": separate_bf16}
+    assert torch.equal(fused(), separate()) and torch.equal(fused(), separate_bf16())
+    times = {name: [] for name in variants}
+    for i in range(args.warmup + args.iters):
+        # Rotate the order, so no variant always runs on the caches another one warmed.
+        for name, fn in list(variants.items())[i % 3:] + list(variants.items())[: i % 3]:
+            dist.barrier(group)
+            start = time.perf_counter()
+            fn()
+            elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX, group=group)  # the slowest rank decides
+            if i >= args.warmup:
+                times[name].append(float(elapsed))
+    rows = torch.tensor([float(inputs.topk_idx.ge(0).sum())], dtype=torch.float64)
+    dist.all_reduce(rows, group=group)
+    buffer.destroy()
+    if rank == 0:
+        us = {name: statistics.median(t) * 1e6 for name, t in times.items()}
+        print(f"[{num_ranks} ranks, {args.num_tokens} tokens/rank, H={hidden}, I={inter}, K={args.num_topk}, "
+              f"E={num_experts}, {int(rows) // num_ranks} expert rows/rank, {torch.get_num_threads()} threads/rank; "
+              f"median of {args.iters}, slowest rank]\n"
+              f"  fused_deep_moe                                                        {us['fused']:7.0f} us\n"
+              f"  unfused: low_latency_dispatch(int8) -> grouped_swiglu_mlp_int8 -> combine {us['unfused']:7.0f} us"
+              f"  (fused {us['unfused'] / us['fused']:.2f}x faster)\n"
+              f"  unfused: low_latency_dispatch(bf16) -> quantize -> grouped -> combine     {us['unfused_bf16']:7.0f} us"
+              f"  (fused {us['unfused_bf16'] / us['fused']:.2f}x faster)", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-processes", type=int, default=2)
+    parser.add_argument("--num-tokens", type=int, default=64)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--inter", type=int, default=512)
+    parser.add_argument("--num-topk", type=int, default=8)
+    parser.add_argument("--num-experts", type=int, default=16)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=40)
+    args = parser.parse_args()
+    spawn_ranks(bench_rank, args.num_processes, args)
+
+
+if __name__ == "__main__":
+    main()
