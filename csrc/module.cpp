@@ -159,6 +159,41 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
         "ordered by expert then token.");
 
     m.def(
+        "place_selections",
+        [](const Array<std::int64_t>& topk_idx, std::int64_t rows, std::int64_t topk, std::int64_t expert_begin,
+           std::int64_t expert_end, const Array<std::int64_t>& start,
+           py::array_t<std::int64_t, py::array::c_style> taken, const Array<std::int64_t>& origin) {
+            if (rows < 0 || topk < 0 || expert_end < expert_begin)
+                throw py::value_error("place_selections: negative sizes or an empty expert range");
+            const std::int64_t span = expert_end - expert_begin;
+            const auto num_sources = span ? static_cast<std::int64_t>(start.size()) / span : 0;
+            const auto* idx = checked_data(topk_idx, static_cast<std::size_t>(rows * topk), "topk_idx");
+            checked_data(start, static_cast<std::size_t>(span * num_sources), "start");
+            if (static_cast<std::int64_t>(taken.size()) != span * num_sources)
+                throw py::value_error("place_selections: taken must have the shape of start");
+            const auto* from = checked_data(origin, static_cast<std::size_t>(rows), "origin");
+            for (std::int64_t r = 0; r < rows; ++r)
+                if (from[r] < 0 || from[r] >= num_sources)
+                    throw py::index_error("place_selections: origin " + std::to_string(from[r]) + " of row " +
+                                          std::to_string(r) + " out of range [0, " + std::to_string(num_sources) +
+                                          ")");
+            py::array_t<std::int64_t> row(rows * topk), k(rows * topk), placed(rows * topk);
+            std::int64_t* outs[] = {row.mutable_data(), k.mutable_data(), placed.mutable_data()};
+            std::int64_t* counters = taken.mutable_data();
+            std::int64_t n;
+            {
+                py::gil_scoped_release release;
+                n = place_selections(idx, rows, topk, expert_begin, expert_end, start.data(), counters, num_sources,
+                                     from, outs[0], outs[1], outs[2]);
+            }
+            return py::make_tuple(row, k, placed, n);
+        },
+        py::arg("topk_idx"), py::arg("rows"), py::arg("topk"), py::arg("expert_begin"), py::arg("expert_end"),
+        py::arg("start"), py::arg("taken").noconvert(), py::arg("origin"),
+        "(row, k, placed row, count) of the selections in [expert_begin, expert_end), in (row, k) order: "
+        "placed = start[e][origin[row]] + taken[e][origin[row]]++.");
+
+    m.def(
         "localize_experts",
         [](py::array_t<std::int64_t, py::array::c_style> topk_idx, std::int64_t expert_begin,
            std::int64_t experts_per_rank) {
@@ -167,7 +202,7 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
             py::gil_scoped_release release;
             localize_experts(data, n, expert_begin, experts_per_rank);
         },
-        py::arg("topk_idx"), py::arg("expert_begin"), py::arg("experts_per_rank"),
+        py::arg("topk_idx").noconvert(), py::arg("expert_begin"), py::arg("experts_per_rank"),
         "In place: global expert ids to local ids [0, experts_per_rank), others to -1.");
 
     m.def(

@@ -28,6 +28,26 @@ void ExpertMajorSort::fill(std::int64_t* token, std::int64_t* k, std::int64_t* e
     }
 }
 
+std::int64_t place_selections(const std::int64_t* topk_idx, std::int64_t rows, std::int64_t topk,
+                              std::int64_t expert_begin, std::int64_t expert_end, const std::int64_t* start,
+                              std::int64_t* taken, std::int64_t num_sources, const std::int64_t* origin,
+                              std::int64_t* row_out, std::int64_t* k_out, std::int64_t* placed_out) {
+    const std::int64_t span = expert_end - expert_begin;
+    std::int64_t n = 0;
+    for (std::int64_t r = 0; r < rows; ++r) {
+        for (std::int64_t j = 0; j < topk; ++j) {
+            const std::int64_t e = topk_idx[r * topk + j] - expert_begin;
+            if (e < 0 || e >= span) continue;
+            const std::int64_t cell = e * num_sources + origin[r];
+            row_out[n] = r;
+            k_out[n] = j;
+            placed_out[n] = start[cell] + taken[cell]++;
+            ++n;
+        }
+    }
+    return n;
+}
+
 void localize_experts(std::int64_t* topk_idx, std::size_t n, std::int64_t expert_begin, std::int64_t experts_per_rank) {
     for (std::size_t i = 0; i < n; ++i) {
         const std::int64_t local = topk_idx[i] - expert_begin;

@@ -966,7 +966,7 @@ class Buffer:
             src_rank = torch.full((out_rows,), -1, dtype=torch.int64)
             src_idx = torch.full((out_rows,), -1, dtype=torch.int64)
             state_box.update(plan=plan, outs=outs, src_rank=src_rank, src_idx=src_idx)
-            already = torch.zeros(self.group_size, experts_per_rank, dtype=torch.int64)
+            already = torch.zeros(experts_per_rank, self.group_size, dtype=torch.int64)
 
             def routes(source: int, regions: List[torch.Tensor], begin: int, end: int):
                 window_topk = regions[len(kinds) - 2][: end - begin].view(torch.int64)
@@ -974,7 +974,8 @@ class Buffer:
                     origin_rank = regions[-2][: end - begin].view(torch.int64).flatten()
                     origin_token = regions[-1][: end - begin].view(torch.int64).flatten()
                 else:
-                    origin_rank, origin_token = self.local_ranks[source], torch.arange(begin, end)
+                    origin_token = torch.arange(begin, end)
+                    origin_rank = torch.full_like(origin_token, self.local_ranks[source])
                 row, out_row, rank, token = plan.receive_rows(window_topk, origin_rank, origin_token, already)
                 src_rank[out_row], src_idx[out_row] = rank, token
                 return row + begin, out_row
@@ -1049,7 +1050,7 @@ class Buffer:
         forwarded_topk = arrived[len(fields) - 2].view(torch.int64).view(-1, num_topk)
         # Destinations outside this node come out wrong here (the forwarder holds only the tokens
         # that touch its node) and are dropped by to_local.
-        far_rank, far_row = plan.destinations(forwarded_topk, forwarding.origin_rank, 0, plan.num_experts)
+        far_rank, far_row = plan.destinations(forwarded_topk, forwarding.origin_rank)
         selection_rank, selection_row = hierarchical.to_local(torch.cat([plan.dest_rank, far_rank]),
                                                               torch.cat([plan.dest_row, far_row]), self.topology)
         forwarded_weights = arrived[len(fields) - 1].view(torch.float32).view(-1, num_topk)

@@ -57,6 +57,22 @@ def expert_major_entries(topk_idx: torch.Tensor, expert_begin: int, expert_end: 
     return tuple(torch.from_numpy(e) for e in entries)
 
 
+def place_selections(topk_idx: torch.Tensor, expert_begin: int, expert_end: int, start: torch.Tensor,
+                     taken: torch.Tensor, origin: torch.Tensor):
+    """Rows in expert-major layouts for the selections of `topk_idx` [n, K] whose expert e lies in
+    [expert_begin, expert_end), visited in (row, k) order: start[e - expert_begin, origin[row]]
+    plus how many selections of that (expert, source) came before (`taken`, int64 [span, R],
+    updated in place). origin: int64 [n], each row's source rank.
+    Returns (row, k, placed row), int64 [m] each, in (row, k) order."""
+    import deep_ep_cpp  # one pass, no sort: rows of one (expert, source) arrive in token order
+
+    topk_idx = topk_idx.contiguous()
+    row, k, placed, count = deep_ep_cpp.place_selections(
+        topk_idx.numpy().reshape(-1), topk_idx.shape[0], topk_idx.shape[1], expert_begin, expert_end,
+        start.contiguous().numpy().reshape(-1), taken.numpy(), origin.contiguous().numpy())
+    return (torch.from_numpy(row[:count]), torch.from_numpy(k[:count]), torch.from_numpy(placed[:count]))
+
+
 def positions_in_groups(group: torch.Tensor, num_groups: int) -> torch.Tensor:
     """For `group` sorted ascending, the index of every element inside its group."""
     counts = torch.bincount(group, minlength=num_groups)
@@ -108,55 +124,41 @@ class RoutingPlan:
         block = torch.repeat_interleave(torch.arange(count.numel()), count)
         return start[block] + positions_in_groups(block, count.numel())
 
-    def receive_rows(self, topk_window: torch.Tensor, origin_rank, origin_token: torch.Tensor,
+    @property
+    def expert_starts(self) -> torch.Tensor:
+        """int64 [E, R]: first row of block (expert e, source s) on the rank holding e."""
+        return self.block_start.view(self.num_experts, self.num_ranks)
+
+    def receive_rows(self, topk_window: torch.Tensor, origin_rank: torch.Tensor, origin_token: torch.Tensor,
                      already: torch.Tensor):
         """Where the published rows of one window land in this rank's received layout.
 
         Args:
             topk_window: int64 [w, K], the global top-k ids of the window's rows.
-            origin_rank: the source rank of every row: an int (all rows from one source) or int64 [w].
-            origin_token: int64 [w], each row's token index on its source rank.
-            already: int64 [R, L], rows per (source, local expert) placed by earlier windows; updated.
+            origin_rank / origin_token: int64 [w], each row's source rank and token index there
+                (rows of one source in token order).
+            already: int64 [L, R], rows per (local expert, source) placed by earlier windows; updated.
         Returns: (row in window, output row, source rank, source token), int64 [n] each.
         """
-        experts_per_rank = self.experts_per_rank
-        first_expert = self.rank * experts_per_rank
-        row, _, expert, within = expert_major_entries(topk_window, first_expert, first_expert + experts_per_rank)
-        local = expert - first_expert
-        if isinstance(origin_rank, int):
-            source = torch.full_like(row, origin_rank)
-        else:
-            source = origin_rank[row]
-            within = self._within_source(local, source, experts_per_rank)
-        out_row = self.block_start[self.rank, local, source] + already[source, local] + within
-        already.view(-1).index_add_(0, source * experts_per_rank + local, torch.ones_like(local))
-        return row, out_row, source, origin_token[row]
+        first = self.rank * self.experts_per_rank
+        last = first + self.experts_per_rank
+        row, _, out_row = place_selections(topk_window, first, last, self.expert_starts[first:last], already,
+                                           origin_rank)
+        return row, out_row, origin_rank[row], origin_token[row]
 
-    def destinations(self, topk_rows: torch.Tensor, origin_rank: torch.Tensor, expert_begin: int,
-                     expert_end: int):
-        """Holder rank and row (int64 [n, K], -1 elsewhere) of the selections of experts in
-        [expert_begin, expert_end) by rows from several sources: `topk_rows` int64 [n, K], every
-        source's rows in token order and complete for those experts (what a forwarder holds)."""
+    def destinations(self, topk_rows: torch.Tensor, origin_rank: torch.Tensor):
+        """Holder rank and row (int64 [n, K], -1 for no expert) of every selection of rows from
+        several sources: `topk_rows` int64 [n, K], each source's rows in token order. Exact for
+        holders that receive all of a source's rows (a forwarder's node, or every holder for a
+        source's own tokens)."""
         dest_rank = torch.full_like(topk_rows, -1)
         dest_row = torch.full_like(topk_rows, -1)
-        row, k, expert, _ = expert_major_entries(topk_rows, expert_begin, expert_end)
-        if row.numel():
-            source = origin_rank[row]
-            local = expert % self.experts_per_rank
-            holder = expert // self.experts_per_rank
-            within = self._within_source(expert - expert_begin, source, expert_end - expert_begin)
-            dest_rank[row, k] = holder
-            dest_row[row, k] = self.block_start[holder, local, source] + within
+        taken = torch.zeros(self.num_experts, self.num_ranks, dtype=torch.int64)
+        row, k, placed = place_selections(topk_rows, 0, self.num_experts, self.expert_starts, taken, origin_rank)
+        flat = row * topk_rows.shape[1] + k
+        dest_rank.view(-1)[flat] = topk_rows.view(-1)[flat] // self.experts_per_rank
+        dest_row.view(-1)[flat] = placed
         return dest_rank, dest_row
-
-    def _within_source(self, expert: torch.Tensor, source: torch.Tensor, num_experts: int) -> torch.Tensor:
-        """For entries sorted by (expert, row), the index of each inside its (expert, source) group
-        (rows from one source are in token order)."""
-        group = expert * self.num_ranks + source
-        order = torch.sort(group, stable=True).indices
-        within = torch.empty_like(group)
-        within[order] = positions_in_groups(group[order], num_experts * self.num_ranks)
-        return within
 
 
 def plan_routing(topk_idx: torch.Tensor, tokens_per_expert_all: torch.Tensor, rank: int,
@@ -175,17 +177,12 @@ def plan_routing(topk_idx: torch.Tensor, tokens_per_expert_all: torch.Tensor, ra
     padded = (real + alignment - 1) // alignment * alignment
     expert_start = torch.cumsum(padded, 1) - padded
     block_start = expert_start.unsqueeze(2) + torch.cumsum(counts, 2) - counts
-    dest_rank = torch.full_like(topk_idx, -1)
-    dest_row = torch.full_like(topk_idx, -1)
-    token, k, expert, within = expert_major_entries(topk_idx, 0, num_experts)
-    if token.numel():
-        dst, local = expert // experts_per_rank, expert % experts_per_rank
-        dest_rank[token, k] = dst
-        dest_row[token, k] = block_start[dst, local, rank] + within
-    return RoutingPlan(num_ranks=num_ranks, rank=rank, num_experts=num_experts,
-                       tokens_per_expert_all=tokens_per_expert_all, block_start=block_start,
+    plan = RoutingPlan(num_ranks=num_ranks, rank=rank, num_experts=num_experts,
+                       tokens_per_expert_all=tokens_per_expert_all, block_start=block_start.contiguous(),
                        rows_per_rank=padded.sum(1), recv_counts=counts[rank].clone(),
-                       expert_rows=padded[rank].tolist(), dest_rank=dest_rank, dest_row=dest_row)
+                       expert_rows=padded[rank].tolist(), dest_rank=topk_idx, dest_row=topk_idx)
+    plan.dest_rank, plan.dest_row = plan.destinations(topk_idx, torch.full((topk_idx.shape[0],), rank))
+    return plan
 
 
 def localize_topk_idx_(topk_idx: torch.Tensor, rank: int, experts_per_rank: int) -> torch.Tensor:
