@@ -15,9 +15,9 @@ Math, per received row with int8 ``xq`` and float32 scale ``s_x`` of local exper
 
 Both entry points share :func:`_swiglu_mlp_rows`, so they give the same bits.  The fused
 call saves what the unfused pipeline (``low_latency_dispatch`` -> ``grouped_swiglu_mlp_int8``
--> ``low_latency_combine``) repeats: it computes only the received rows (no zeroed padding),
-and writes the expert output and its float32 intermediates into warm pooled memory that
-combine reads directly.
+-> ``low_latency_combine``) repeats: it computes only the received rows (no zeroed padding)
+straight into the ``[M, H]`` tensor combine reads, and checks the weights of a decode loop once,
+not every step.
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ from __future__ import annotations
 import enum
 import functools
 import operator
+import weakref
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Callable, NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .ops import quantize_int8
 from .utils import FLOAT_DTYPES, check_tensor
@@ -318,7 +318,6 @@ def _swiglu_mlp_rows(
     w2: Tensor,
     w2_scale: Tensor,
     out: Tensor,
-    empty: Callable[..., Tensor] | None = None,
 ) -> None:
     """Writes the W8A8 SwiGLU MLP of rows ``[0, sum(counts))`` into the same rows of ``out``.
 
@@ -326,15 +325,11 @@ def _swiglu_mlp_rows(
     through expert ``e``; rows of ``out`` past the total are left as they are.  The int8
     GEMMs run once per expert block (``torch._int_mm``, int32 accumulation); everything
     elementwise (scales, SwiGLU, requantization) runs once over all rows, so the Python
-    work per call is a few operations per local expert, none per row.  ``empty(shape,
-    dtype=...)`` allocates the float32 intermediates (default: ``torch.empty`` on xq's device;
-    a Buffer's output pool keeps them warm).
+    work per call is a few operations per local expert, none per row.
     """
     total = sum(counts)
     if total == 0:
         return
-    if empty is None:
-        empty = functools.partial(torch.empty, device=xq.device)
     inter, hidden = w2.shape[1], w2.shape[2]
     blocks = []
     start = 0
@@ -343,7 +338,7 @@ def _swiglu_mlp_rows(
             blocks.append((e, start, start + count))
         start += count
     # GMM1 + dequant: h = (xq @ W1) * s_x * s_w1, in this order of roundings.
-    h = empty((total, 2 * inter), dtype=torch.float32)
+    h = torch.empty(total, 2 * inter, dtype=torch.float32, device=xq.device)
     for e, begin, end in blocks:
         _int8_matmul_exact(xq[begin:end], w1[e], out=h[begin:end])
     h.mul_(x_scale[:total, None])
@@ -355,7 +350,7 @@ def _swiglu_mlp_rows(
     a = torch.nn.functional.silu(tiles[:, :, 0, :]).mul_(tiles[:, :, 1, :]).view(total, inter)
     aq, a_scale = quantize_int8(a)
     # GMM2 + dequant: y = (aq @ W2) * s_a * s_w2, rounded once to out's dtype.
-    y = empty((total, hidden), dtype=torch.float32)
+    y = torch.empty(total, hidden, dtype=torch.float32, device=xq.device)
     for e, begin, end in blocks:
         _int8_matmul_exact(aq[begin:end], w2[e], out=y[begin:end])
     y.mul_(a_scale[:, None])
@@ -439,8 +434,8 @@ def check_modes(quant_mode: object, fuse_mode: object) -> None:
         except ValueError:
             pass
     if mode is not FuseMode.FUSED_DEEP_MOE:
-        named = f"{mode.name} ({int(mode)})" if mode is not None else repr(fuse_mode)
-        why = " is Ascend's DispatchFFNCombine operator, which this backend does not implement" if mode else ""
+        named = f"FuseMode.{mode.name} ({int(mode)})" if mode is not None else repr(fuse_mode)
+        why = " (Ascend's DispatchFFNCombine operator, which this backend does not implement)" if mode else ""
         raise ValueError(f"fuse_mode must be FuseMode.FUSED_DEEP_MOE (1); got {named}{why}")
 
 
@@ -474,7 +469,7 @@ def fused_deep_moe(
     Steps: checks (a rank that rejects its arguments tells its peers, as low-latency
     dispatch does) -> ``low_latency_dispatch`` with int8 (x quantized once, on the way
     into the peers' buffers) -> :func:`_swiglu_mlp_rows` straight on the received int8
-    rows and scales, only the ``recv_count.sum()`` real ones, into a pooled ``[M, H]``
+    rows and scales, only the ``recv_count.sum()`` real ones, into the ``[M, H]``
     tensor -> ``low_latency_combine`` of that tensor with ``topk_weights``.
     """
     what = "fused_deep_moe"
@@ -495,41 +490,41 @@ def fused_deep_moe(
     # buffer size) the same way: on this rank before any data moves, with the peers told.
     recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(
         x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, topk_weights=topk_weights, quant_mode="int8")
-    (xq, x_scale), layout_range, state = recv_x, handle[1], handle[7]  # handle[7]: LowLatencyState
-    expert_out = buffer.pool.empty((xq.shape[0], x.shape[1]), state.dtype)  # combine reads rows < total only
-    _swiglu_mlp_rows(xq, x_scale, recv_count.tolist(), *weights, out=expert_out, empty=buffer.pool.empty)
-    output, _, _ = buffer.low_latency_combine(expert_out, topk_idx, topk_weights, handle)
-    prefix = layout_range.tolist()  # inclusive prefix of the (local expert, source rank) blocks -> counts
+    (xq, x_scale), state = recv_x, handle[7]  # handle[7]: LowLatencyState
+    prefix = handle[1].tolist()  # inclusive prefix of the (local expert, source rank) blocks -> counts
     ep_recv_count = torch.tensor([b - a for a, b in zip([0] + prefix, prefix)], dtype=torch.int32)
+    expert_out = torch.empty((xq.shape[0], x.shape[1]), dtype=state.dtype)  # combine reads rows < total only
+    _swiglu_mlp_rows(xq, x_scale, recv_count.tolist(), *weights, out=expert_out)
+    output, _, _ = buffer.low_latency_combine(expert_out, topk_idx, topk_weights, handle)
     return output, ep_recv_count
 
 
-# The weights checked by the last calls, per gmm1_permuted_weight tensor (a decode loop passes the
-# same weights every step): (fingerprint, checked weights). The fingerprint changes when any of the
-# four tensors is replaced, modified in place, or the expected shapes change.
-_CHECKED_WEIGHTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
-def _fingerprint(t: object) -> tuple:
-    if not isinstance(t, Tensor):
-        return (id(t),)
-    return id(t), t._version, t.data_ptr(), t.dtype, t.shape, t.stride(), t.device
+# Weights fused_deep_moe has checked, by id(gmm1_permuted_weight) (a decode loop passes the same
+# weights of each layer every step): (weakref to it, fingerprint, the checked tensors but it). The
+# fingerprint changes when any of the four tensors is replaced or modified in place, or the
+# expected shapes change; the entry goes when gmm1_permuted_weight is freed.
+_CHECKED_WEIGHTS: dict = {}
 
 
 def _fused_weights(w1: object, w1_scale: object, w2: object, w2_scale: object, x: Tensor, num_local: int,
                    num_experts: int, ranks: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """_check_expert_weights for fused_deep_moe, skipped when the same weights were checked before."""
-    key = (_fingerprint(w1), _fingerprint(w1_scale), _fingerprint(w2), _fingerprint(w2_scale), x.shape[1],
-           x.device, num_local)
-    cached = _CHECKED_WEIGHTS.get(w1) if isinstance(w1, Tensor) else None
-    if cached is not None and cached[0] == key:
-        first, rest = cached[1]
-        return (w1 if first is None else first, *rest)
+    tensors = (w1, w1_scale, w2, w2_scale)
+    key = None
+    if all(type(t) is Tensor for t in tensors):
+        key = (*((id(t), t._version, t.data_ptr(), t.shape) for t in tensors), x.shape[1], num_local, x.device)
+        entry = _CHECKED_WEIGHTS.get(id(w1))
+        if entry is not None and entry[0]() is w1 and entry[1] == key:
+            first, rest = entry[2]
+            return (w1 if first is None else first, *rest)
     checked = _check_expert_weights(
         w1, w1_scale, w2, w2_scale, hidden=x.shape[1], hidden_from="x", device=x.device, num_experts=num_local,
         experts_from=f"L = num_experts / ranks = {num_experts} / {ranks}",
         names=("gmm1_permuted_weight", "gmm1_permuted_weight_scale", "gmm2_weight", "gmm2_weight_scale"),
         scale_dtypes=FLOAT_DTYPES)
-    # The entry must not hold w1 itself (the key): it would never be freed.
-    _CHECKED_WEIGHTS[w1] = (key, (None if checked[0] is w1 else checked[0], checked[1:]))
+    if key is not None:
+        # The entry must not hold w1 itself: it would never be freed.
+        ident = id(w1)
+        ref = weakref.ref(w1, lambda _, ident=ident: _CHECKED_WEIGHTS.pop(ident, None))
+        _CHECKED_WEIGHTS[ident] = (ref, key, (None if checked[0] is w1 else checked[0], checked[1:]))
     return checked

@@ -172,7 +172,8 @@ def errors(rank: int, num_ranks: int, group) -> None:
          dict(gmm1_permuted_weight=w1[:, :, :64].contiguous())),
         (ValueError, r"gmm1_permuted_weight must have shape \[2, 128, 128\].*H from x.*got \[2, 64, 128\]",
          dict(gmm1_permuted_weight=w1[:, :64].contiguous())),
-        (ValueError, r"gmm1_permuted_weight_scale must have shape \[2, 128\]", dict(gmm1_permuted_weight_scale=w1_scale[:, :64])),
+        (ValueError, r"gmm1_permuted_weight_scale must have shape \[2, 128\]",
+         dict(gmm1_permuted_weight_scale=w1_scale[:, :64])),
         (ValueError, r"gmm2_weight must have shape \[2, 64, 128\].*got \[2, 128, 128\]",
          dict(gmm2_weight=torch.cat([w2, w2], 1))),
         (TypeError, "gmm2_weight_scale must have dtype", dict(gmm2_weight_scale=w2_scale.to(torch.int32))),
@@ -267,11 +268,11 @@ def bench_rank(rank: int, num_ranks: int, group, args) -> None:
         print(f"[{num_ranks} ranks, {args.num_tokens} tokens/rank, H={hidden}, I={inter}, K={args.num_topk}, "
               f"E={num_experts}, {int(rows) // num_ranks} expert rows/rank, {torch.get_num_threads()} threads/rank; "
               f"median of {args.iters}, slowest rank]\n"
-              f"  fused_deep_moe                                                        {us['fused']:7.0f} us\n"
-              f"  unfused: low_latency_dispatch(int8) -> grouped_swiglu_mlp_int8 -> combine {us['unfused']:7.0f} us"
-              f"  (fused {us['unfused'] / us['fused']:.2f}x faster)\n"
-              f"  unfused: low_latency_dispatch(bf16) -> quantize -> grouped -> combine     {us['unfused_bf16']:7.0f} us"
-              f"  (fused {us['unfused_bf16'] / us['fused']:.2f}x faster)", flush=True)
+              f"  fused_deep_moe                                                          {us['fused']:7.0f} us\n"
+              f"  unfused: low_latency_dispatch(int8) -> grouped_swiglu_mlp_int8 -> combine "
+              f"{us['unfused']:7.0f} us  (fused {us['unfused'] / us['fused']:.2f}x faster)\n"
+              f"  unfused: low_latency_dispatch(bf16) -> quantize -> grouped -> combine     "
+              f"{us['unfused_bf16']:7.0f} us  (fused {us['unfused_bf16'] / us['fused']:.2f}x faster)", flush=True)
 
 
 def main() -> None:
