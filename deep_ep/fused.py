@@ -439,16 +439,6 @@ def check_modes(quant_mode: object, fuse_mode: object) -> None:
         raise ValueError(f"fuse_mode must be FuseMode.FUSED_DEEP_MOE (1); got {named}{why}")
 
 
-def _reject(buffer: Buffer, x: object, num_max_dispatch_tokens_per_rank: object, what: str) -> None:
-    """This rank rejected its arguments before dispatching: consume the low-latency dispatch call
-    on every rank with a "rejected" header, so the peers fail fast (ValueError naming this rank)
-    instead of waiting for rows that never come, and every rank's call numbers stay in step."""
-    seq = buffer._ll_begin(0, what)
-    tokens = x.shape[0] if isinstance(x, Tensor) and x.dim() == 2 else -1
-    nmax = num_max_dispatch_tokens_per_rank if isinstance(num_max_dispatch_tokens_per_rank, int) else -1
-    buffer._ll_reject(0, seq, [seq, 1, nmax, -1, -1, -1, -1, tokens], what)
-
-
 def fused_deep_moe(
     buffer: Buffer,
     x: Tensor,
@@ -484,7 +474,10 @@ def fused_deep_moe(
         weights = _fused_weights(gmm1_permuted_weight, gmm1_permuted_weight_scale, gmm2_weight, gmm2_weight_scale,
                                  x, num_experts // ranks, num_experts, ranks)
     except (TypeError, ValueError):
-        _reject(buffer, x, num_max_dispatch_tokens_per_rank, what)
+        # Consume the low-latency dispatch call on every rank with a "rejected" header, so the peers
+        # fail fast (ValueError naming this rank) instead of waiting for rows that never come, and
+        # every rank's call numbers stay in step.
+        buffer._ll_reject_dispatch(buffer._ll_begin(0, what), x, num_max_dispatch_tokens_per_rank, what)
         raise
     # low_latency_dispatch checks the rest (topk_idx, topk_weights float32 [T, K], T <= Nmax, the
     # buffer size) the same way: on this rank before any data moves, with the peers told.

@@ -22,13 +22,12 @@ import torch
 import torch.distributed as dist
 
 from .transport import npu_ops
-from .utils import EventOverlap, check_tensor
+from .utils import EventOverlap, check_num_topk, check_positive_int, check_tensor
 
 NPU_BACKEND = "hccl"
 # Strategy names as the Buffer accepts them -> what runs on NPU.
 NORMAL_ON_NPU = {"default": "alltoall", "alltoall": "alltoall"}
 LOW_LATENCY_ON_NPU = {"default": "ops", "ops": "ops"}
-MAX_TOPK = 16
 _BUILD_TARGETS = {"A3": "build.sh -a deepep", "A2": "build.sh -a deepep2"}
 _soc_warned = False
 
@@ -147,11 +146,6 @@ class NpuLowLatencyState:
     topk_weights: Optional[torch.Tensor]
 
 
-def _positive_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
 def _check_device(buffer, **tensors) -> None:
     for name, tensor in tensors.items():
         if tensor is not None and tensor.device != buffer.device:
@@ -165,12 +159,11 @@ def _check_mc2_inputs(buffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_weig
     num_tokens, hidden = x.shape
     check_tensor("topk_idx", topk_idx, dtypes=(torch.int64,), shape=(num_tokens, None))
     num_topk = topk_idx.shape[1]
-    if not 1 <= num_topk <= MAX_TOPK:
-        raise ValueError(f"topk_idx must have 1 to {MAX_TOPK} columns (top-k), got {num_topk}")
+    check_num_topk(num_topk)
     if topk_weights is not None:
         check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=(num_tokens, num_topk))
-    _positive_int("num_max_dispatch_tokens_per_rank", num_max_tokens)
-    _positive_int("num_experts", num_experts)
+    check_positive_int("num_max_dispatch_tokens_per_rank", num_max_tokens)
+    check_positive_int("num_experts", num_experts)
     if num_experts % buffer.group_size:
         raise ValueError(f"num_experts must be a positive multiple of the {buffer.group_size} ranks, got {num_experts}")
     if num_tokens > num_max_tokens:
@@ -243,9 +236,9 @@ def low_latency_combine(buffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_we
 
 def clean_low_latency_buffer(buffer, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
     """Checks the sizes; the MC2 operators keep no signalling state for deep_ep to reset."""
-    _positive_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank)
-    _positive_int("hidden", hidden)
-    _positive_int("num_experts", num_experts)
+    check_positive_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank)
+    check_positive_int("hidden", hidden)
+    check_positive_int("num_experts", num_experts)
     if num_experts % buffer.group_size:
         raise ValueError(f"num_experts must be a positive multiple of the {buffer.group_size} ranks, got {num_experts}")
 

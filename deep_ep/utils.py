@@ -10,6 +10,12 @@ import torch
 NATIVE_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
 # What token rows and expert outputs may be.
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# dtype of topk_idx, as DeepEP's `deep_ep.topk_idx_t`.
+topk_idx_t = torch.int64
+# Most columns (top-k) a topk_idx may have.
+MAX_TOPK = 16
+# quant_mode values of dispatch: bf16 rows as given, or per-token dynamic int8.
+QUANT_MODES = ("bf16", "int8")
 
 
 class EventOverlap:
@@ -73,3 +79,21 @@ def check_tensor(name: str, value: Any, *, dtypes: Sequence[torch.dtype], shape:
 def check_one_of(name: str, value: Any, allowed: Sequence[Any]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_num_topk(num_topk: int) -> None:
+    if not 1 <= num_topk <= MAX_TOPK:
+        raise ValueError(f"topk_idx must have 1 to {MAX_TOPK} columns (top-k), got {num_topk}")
+
+
+def resolve_quant_mode(quant_mode: Optional[str], int8_by_default: bool) -> str:
+    """quant_mode if given (one of QUANT_MODES), else "int8" or "bf16" as `int8_by_default` says."""
+    if quant_mode is not None:
+        check_one_of("quant_mode", quant_mode, QUANT_MODES)
+        return quant_mode
+    return "int8" if int8_by_default else "bf16"

@@ -1,0 +1,613 @@
+"""Low-latency mode of deep_ep.Buffer (decode): low_latency_dispatch, low_latency_combine and
+clean_low_latency_buffer, with their receive hooks.
+
+Fixed-size buffers, no host-side layout step, at most two results of each kind in flight (double
+buffering, calls numbered the same on every rank). Strategy "default" on one node uses
+transport/shm_low_latency.py (senders write rows into fixed slots of the receivers' shared memory
+and bump a counter; the receive step waits for the counters and packs expert-major); "alltoall"
+and more than one node use transport/alltoall_low_latency.py. Both give the same bits. On NPU the
+calls go to CANN's MC2 operators (deep_ep/npu.py). `LowLatencyMode` is a mixin of `deep_ep.Buffer`.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import List, Optional, Union
+
+import torch
+import torch.distributed as dist
+
+import deep_ep_cpp
+
+from . import layout, npu, ops
+from .pool import OutputPool
+from .transport import alltoall_low_latency, shm_low_latency
+from .transport.fields import as_byte_rows
+from .utils import (FLOAT_DTYPES, NATIVE_DTYPE_CODES, EventOverlap, check_num_topk, check_positive_int,
+                    check_tensor, num_threads, resolve_quant_mode, topk_idx_t)
+
+LL_FORMAT_INT8 = 3  # header format code of int8 rows (16-bit rows use NATIVE_DTYPE_CODES)
+LL_FORMAT_NAMES = {0: "float32", 1: "bfloat16", 2: "float16", LL_FORMAT_INT8: "int8"}
+LL_HEADER_FIELDS = ("call number", "status", "num_max_dispatch_tokens_per_rank", "num_experts", "hidden",
+                    "num_topk", "format", "num_tokens")
+# Per call kind (0: dispatch, 1: combine): its name in messages, and how many leading header words every
+# rank must agree on (dispatch: all but num_tokens; combine: all, the last being the dispatch's call number).
+LL_KINDS = ("low_latency_dispatch", "low_latency_combine")
+LL_COMPARED = (7, 8)
+
+
+@dataclass
+class LowLatencyState:
+    """What the hook, low_latency_combine and the handle need from one low_latency_dispatch."""
+
+    seq: int  # dispatch call number, the same on every rank
+    epoch: int
+    header: List[int]
+    num_max_tokens: int
+    hidden: int
+    num_experts: int
+    num_topk: int
+    num_tokens: int
+    num_rows: int  # M
+    quantized: bool
+    dtype: torch.dtype  # dtype of combine's x
+    topk_idx: torch.Tensor
+    topk_weights: Optional[torch.Tensor]
+    src_info: torch.Tensor  # int32 [M, 3]
+    layout_range: torch.Tensor  # int64 [L * R]
+    recv_count: torch.Tensor  # int64 [L]
+    stats: Optional[torch.Tensor]
+    recv: tuple = ()
+    received: bool = False
+    # collective transport only
+    arrived: Optional[torch.Tensor] = None
+    counts_from: Optional[torch.Tensor] = None
+    arrival_rows: Optional[torch.Tensor] = None
+    selection_rows: Optional[torch.Tensor] = None
+    dropped: Optional[torch.Tensor] = None
+    total: int = 0  # received rows, recv_count.sum()
+
+
+@dataclass
+class LowLatencyCombine:
+    """One low_latency_combine call, for its hook."""
+
+    state: LowLatencyState
+    seq: int
+    header: List[int]
+    topk_idx: torch.Tensor
+    weights: torch.Tensor
+    result: torch.Tensor
+    out: Optional[torch.Tensor]
+    received: bool = False
+    arrived: Optional[torch.Tensor] = None
+    arrived_row: Optional[torch.Tensor] = None
+
+
+LowLatencyCall = Union[LowLatencyState, LowLatencyCombine]
+
+
+def _ll_state_of(handle) -> LowLatencyState:
+    if not isinstance(handle, tuple) or len(handle) < 8 or not isinstance(handle[7], LowLatencyState):
+        raise TypeError("handle must be the handle returned by Buffer.low_latency_dispatch")
+    return handle[7]
+
+
+def _ll_dropped(state: LowLatencyState, topk_idx: torch.Tensor) -> torch.Tensor:
+    """int32 [T, K]: -1 where topk_idx has no expert, else 0 (the one source of the reduction)."""
+    if topk_idx is not state.topk_idx:
+        return (topk_idx < 0).to(torch.int32).neg_()
+    if state.dropped is None:
+        state.dropped = (topk_idx < 0).to(torch.int32).neg_()
+    return state.dropped
+
+
+def _ll_selection_rows(state: LowLatencyState) -> torch.Tensor:
+    """int64 [T, K]: the combine row of selection (t, k), t * K + k."""
+    if state.selection_rows is None:
+        state.selection_rows = torch.arange(state.num_tokens * state.num_topk).view(state.num_tokens,
+                                                                                    state.num_topk)
+    return state.selection_rows
+
+
+def _ll_disagreement(headers: List[List[int]], mine: List[int], compared: int, what: str) -> Optional[str]:
+    """Why the ranks' headers (one per source rank) do not allow this call, or None."""
+    expected = mine[:compared]
+    if all(h[:compared] == expected for h in headers):
+        return None
+    rejected = [r for r, h in enumerate(headers) if h[1] != 0]
+    if rejected:
+        details = []
+        for r in rejected:
+            h = headers[r]
+            if what == "low_latency_dispatch" and h[2] >= 0 and h[7] > h[2]:
+                details.append(f"rank {r} has {h[7]} tokens > num_max_dispatch_tokens_per_rank {h[2]}")
+        more = f" ({'; '.join(details)})" if details else ""
+        return (f"deep_ep {what}: ranks {rejected} rejected their arguments{more}; no data moved. "
+                "See the error raised on those ranks.")
+    for index in range(compared):
+        column = [h[index] for h in headers]
+        if any(v != mine[index] for v in column):
+            name = LL_HEADER_FIELDS[index] if not (what == "low_latency_combine" and index == 7) else \
+                "the dispatch handle (call number)"
+            shown = [LL_FORMAT_NAMES.get(v, v) for v in column] if index == 6 and what == "low_latency_dispatch" \
+                else column
+            values = ", ".join(f"rank {r}: {v}" for r, v in enumerate(shown))
+            return f"deep_ep {what}: ranks disagree on {name} ({values})"
+    return None
+
+
+class LowLatencyMode:
+    """Buffer's low-latency methods (a mixin of `deep_ep.Buffer`)."""
+
+    # Set by Buffer.__init__ (buffer.py).
+    group_size: int
+    comm: dist.ProcessGroup
+    local_ranks: List[int]
+    num_nodes: int
+    on_npu: bool
+    low_latency_mode: bool
+    low_latency_strategy: str
+    num_rdma_bytes: int
+    pool: OutputPool
+    destroyed: bool
+
+    def _init_low_latency(self) -> None:
+        self.ll: Optional[shm_low_latency.LowLatencyShm] = None
+        self.npu_ll = None  # NPU: CANN's MC2 operators on a dedicated HCCL group (transport/npu_ops.py)
+        self._ll_seq = [0, 0]  # calls so far per kind (dispatch, combine); equal on every rank
+        self._ll_pending: List[List[Optional[int]]] = [[None, None], [None, None]]  # [kind][parity] -> seq
+        self._ll_recv: List[Optional[tuple]] = [None, None]  # per parity: (key, recv tensors)
+        self._ll_epoch = 0  # bumped by clean_low_latency_buffer: older hooks refuse to run
+        self._ll_broken: Optional[str] = None
+        self._ll_fits: set = set()
+        if not self.low_latency_mode:
+            return
+        sizes: List[Optional[int]] = [None] * self.group_size
+        dist.all_gather_object(sizes, self.num_rdma_bytes, group=self.comm)
+        if len(set(sizes)) > 1:
+            raise ValueError(f"num_rdma_bytes must be the same on every rank, got {sizes} (by rank)")
+        if self.low_latency_strategy == "default" and self.num_nodes == 1 and self.num_rdma_bytes > 0:
+            self.ll = shm_low_latency.LowLatencyShm(self.comm, self.local_ranks, self.num_rdma_bytes)
+        if self.on_npu:
+            self.npu_ll = npu.create_low_latency(self)
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
+                                       num_experts: int) -> int:
+        """Bytes of `num_rdma_bytes` that low-latency mode needs (the real size, not a placeholder).
+
+        Args:
+            num_max_dispatch_tokens_per_rank: Nmax, the most tokens any rank dispatches in one call.
+            hidden: H. num_ranks: R, ranks in the group. num_experts: E, a multiple of R.
+        Returns: control words and mailboxes for R ranks plus, twice (double buffering), E * Nmax
+            dispatch slots of 8 bytes, Nmax token rows of 2H bytes with a float32 scale each, and
+            Nmax * min(E, 16) combine rows of 2H bytes.
+        """
+        for name, value in (("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank),
+                            ("hidden", hidden), ("num_ranks", num_ranks), ("num_experts", num_experts)):
+            check_positive_int(name, value)
+        if num_experts % num_ranks:
+            raise ValueError(f"num_experts must be a multiple of num_ranks, got {num_experts} and {num_ranks}")
+        return shm_low_latency.bytes_needed(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
+
+    # ---- call bookkeeping (also used by fused.py and npu.py) -----------------------------------------
+    def _ll_ready(self, what: str) -> None:
+        if self.ll is None or self.destroyed:  # the shared-memory path uses neither NodeShm nor the group
+            self._check_alive()
+        if not self.low_latency_mode:
+            raise RuntimeError(f"deep_ep: {what} needs a Buffer created with low_latency_mode=True")
+        if self._ll_broken:
+            raise RuntimeError(self._ll_broken)
+
+    def _ll_check_sizes(self, num_max_tokens, hidden: int, num_experts) -> None:
+        """Nmax / E are ints, E % R == 0, and num_rdma_bytes holds the layout (ValueError naming the size)."""
+        key = (num_max_tokens, hidden, num_experts)
+        if key in self._ll_fits:
+            return
+        check_positive_int("num_max_dispatch_tokens_per_rank", num_max_tokens)
+        check_positive_int("num_experts", num_experts)
+        if num_experts % self.group_size:
+            raise ValueError(f"num_experts must be a positive multiple of the {self.group_size} ranks, "
+                             f"got {num_experts}")
+        if num_experts // self.group_size > shm_low_latency.MAX_LOCAL_EXPERTS:
+            raise ValueError(f"low-latency mode supports up to {shm_low_latency.MAX_LOCAL_EXPERTS} experts per "
+                             f"rank, got {num_experts // self.group_size}")
+        needed = self.get_low_latency_rdma_size_hint(num_max_tokens, hidden, self.group_size, num_experts)
+        if self.num_rdma_bytes < needed or (self.ll is not None and not self.ll.fits(num_max_tokens, hidden,
+                                                                                     num_experts)):
+            raise ValueError(f"num_rdma_bytes={self.num_rdma_bytes} is too small for low-latency mode with "
+                             f"num_max_dispatch_tokens_per_rank={num_max_tokens}, hidden={hidden}, "
+                             f"{self.group_size} ranks and num_experts={num_experts}: it needs {needed} bytes "
+                             f"(Buffer.get_low_latency_rdma_size_hint({num_max_tokens}, {hidden}, "
+                             f"{self.group_size}, {num_experts}))")
+        self._ll_fits.add(key)
+
+    def _ll_begin(self, kind: int, what: str) -> int:
+        """The sequence number of the next call of `kind`; refuses a third call in flight."""
+        seq = self._ll_seq[kind] + 1
+        if self._ll_pending[kind][seq & 1] is not None:
+            raise RuntimeError(f"deep_ep {what}: two earlier calls still wait for their hook; call the older "
+                               "hook first (at most two low-latency results may be in flight)")
+        return seq
+
+    def _ll_reject(self, kind: int, seq: int, header: List[int], what: str) -> None:
+        """This rank rejected its arguments: tell the peers (so they fail fast instead of waiting) and
+        consume their call, which keeps every rank's sequence numbers in step."""
+        self._ll_seq[kind] = seq
+        if self.ll is not None:
+            parity = seq & 1
+            self._ll_guard(lambda: self.ll.wait_acks(kind, parity, seq, what))
+            self.ll.publish(kind, parity, seq, header)
+            self.ll.ack(kind, parity, seq)
+        else:
+            counts = torch.zeros(self.group_size, 1, dtype=torch.int64)
+            alltoall_low_latency.exchange_headers(self.comm, header, counts, what)
+
+    def _ll_reject_dispatch(self, seq: int, x, num_max_dispatch_tokens_per_rank, what: str) -> None:
+        """_ll_reject of a dispatch call (low_latency_dispatch, fused_deep_moe): the "rejected" header
+        carries x's token count and Nmax, so the peers can name a rank that has more tokens than Nmax."""
+        tokens = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() == 2 else -1
+        nmax = num_max_dispatch_tokens_per_rank if isinstance(num_max_dispatch_tokens_per_rank, int) else -1
+        self._ll_reject(0, seq, [seq, 1, nmax, -1, -1, -1, -1, tokens], what)
+
+    def _ll_guard(self, wait) -> None:
+        """Runs a wait on peers; a timeout or a dead peer leaves low-latency mode unusable until
+        clean_low_latency_buffer() runs on every rank (or the Buffer is recreated)."""
+        try:
+            wait()
+        except RuntimeError as error:
+            self._ll_broken = (f"deep_ep: low-latency mode cannot be used after an earlier failure ({error}); "
+                               "call clean_low_latency_buffer() on every rank, or recreate the Buffer.")
+            raise
+
+    def _ll_quant(self, x, use_fp8: bool, quant_mode: Optional[str]) -> str:
+        quant = resolve_quant_mode(quant_mode, use_fp8)
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor [T, H], got {type(x).__name__}")
+        if quant == "int8" and x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"x of dtype {x.dtype} cannot be quantized to int8 (use_fp8=True / quant_mode='int8'); "
+                            "pass bfloat16, float16 or float32")
+        if quant == "bf16" and x.dtype not in (torch.bfloat16, torch.float16):
+            raise TypeError(f"x must be bfloat16 or float16 without int8 quantization (use_fp8=False / "
+                            f"quant_mode='bf16'), got {x.dtype}")
+        return quant
+
+    def _ll_check_hook(self, state: LowLatencyState, what: str) -> None:
+        if state.epoch != self._ll_epoch:
+            raise RuntimeError(f"deep_ep {what}: this hook belongs to a call made before "
+                               "clean_low_latency_buffer(); its data is gone")
+        self._check_alive()
+        if self._ll_broken:
+            raise RuntimeError(self._ll_broken)
+
+    def _ll_finish(self, kind: int, call: LowLatencyCall) -> None:
+        call.received = True
+        if self._ll_pending[kind][call.seq & 1] == call.seq:
+            self._ll_pending[kind][call.seq & 1] = None
+
+    def _ll_shm_headers(self, kind: int, call: LowLatencyCall) -> None:
+        """Shared memory: waits for every peer's rows of `call` and checks their headers. On a
+        disagreement it acknowledges and finishes the call (no peer waits for this rank) and raises
+        ValueError."""
+        what = LL_KINDS[kind]
+        parity = call.seq & 1
+        self._ll_guard(lambda: self.ll.wait_signals(kind, parity, call.seq, f"{what} (receive)"))
+        problem = _ll_disagreement(self.ll.headers(kind, parity).tolist(), call.header, LL_COMPARED[kind], what)
+        if problem:
+            self.ll.ack(kind, parity, call.seq)
+            self._ll_finish(kind, call)
+            raise ValueError(problem)
+
+    def _ll_alltoall_headers(self, kind: int, call: LowLatencyCall, counts_to: torch.Tensor) -> torch.Tensor:
+        """all_to_all_single: sends `call`'s header and counts_to[d] (int64 [R, C]) to every rank d and
+        checks the headers that arrive. On a disagreement it drops the call from the pending ones and
+        raises ValueError. Returns int64 [R, HEADER_WORDS + MAX_LOCAL_EXPERTS]: what every source sent."""
+        what = LL_KINDS[kind]
+        meta = alltoall_low_latency.exchange_headers(self.comm, call.header, counts_to, what)
+        problem = _ll_disagreement(meta[:, :shm_low_latency.HEADER_WORDS].tolist(), call.header, LL_COMPARED[kind],
+                                   what)
+        if problem:
+            self._ll_pending[kind][call.seq & 1] = None
+            raise ValueError(problem)
+        return meta
+
+    # ---- dispatch --------------------------------------------------------------------------------
+    def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
+                             num_experts: int, cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
+                             use_fp8: bool = True, round_scale: bool = False, use_ue8m0: bool = False,
+                             async_finish: bool = False, return_recv_hook: bool = False,
+                             topk_weights: Optional[torch.Tensor] = None, quant_mode: Optional[str] = None):
+        """Sends every token to the ranks holding its top-k experts, into fixed-size buffers (decode path).
+
+        Args:
+            x: [T, H] bfloat16 (float16 too; float32 with int8), T <= num_max_dispatch_tokens_per_rank.
+            topk_idx: int64 [T, K] in [-1, E), -1 = no expert; the experts of a row are distinct.
+            num_max_dispatch_tokens_per_rank: Nmax, the same on every rank.
+            num_experts: E, the same on every rank, a multiple of R.
+            cumulative_local_expert_recv_stats: None or int32 [L]; recv_count is added to it.
+            use_fp8: True (default): per-token int8 (scale = max|x| / 127, A2/A3 behaviour); False: bf16.
+            round_scale, use_ue8m0: accepted for DeepEP compatibility; no effect (int8 scales are float32).
+            async_finish: accepted (CPU calls complete before returning).
+            return_recv_hook: if True the call only sends; `hook()` receives and packs, and the results
+                are valid only after it.
+            topk_weights: None or float32 [T, K]; kept in the handle.
+            quant_mode: None, "bf16" or "int8"; overrides use_fp8.
+        Returns:
+            recv_x: [M, H] with M = Nmax * R * min(K, L) (x's dtype), or with int8 the pair
+                (int8 [M, H], float32 scales [M]). Rows are packed expert-major: local expert 0's rows
+                from rank 0 in token order, then from rank 1, ..., then expert 1, ...; only the first
+                recv_count.sum() rows hold data. The memory is reused by the call after next (two
+                results may be alive at once).
+            recv_count: int64 [L], rows per local expert.
+            handle: (src_info int32 [M, 3] (source rank, source token, top-k column; -1 past the rows),
+                layout_range int64 [L * R] (inclusive prefix of the rows of (local expert, source rank)
+                blocks, expert-major), Nmax, H, E, recv_count, topk_weights, state).
+            event: EventOverlap. hook: callable with return_recv_hook, else None.
+        """
+        what = "low_latency_dispatch"
+        self._ll_ready(what)
+        if self.npu_ll is not None:  # NPU: npu_moe_distribute_dispatch_v2 (deep_ep/npu.py)
+            return npu.low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
+                                            cumulative_local_expert_recv_stats, use_fp8, return_recv_hook,
+                                            topk_weights, quant_mode)
+        seq = self._ll_begin(0, what)
+        try:
+            quant = self._ll_quant(x, use_fp8, quant_mode)
+            if not (x.dim() == 2 and isinstance(topk_idx, torch.Tensor) and topk_idx.dtype == topk_idx_t
+                    and topk_idx.dim() == 2 and topk_idx.shape[0] == x.shape[0]):  # else: say what is wrong
+                check_tensor("x", x, dtypes=FLOAT_DTYPES, shape=(None, None))
+                check_tensor("topk_idx", topk_idx, dtypes=(topk_idx_t,), shape=(x.shape[0], None))
+            num_tokens, hidden = x.shape
+            num_topk = topk_idx.shape[1]
+            check_num_topk(num_topk)
+            self._ll_check_sizes(num_max_dispatch_tokens_per_rank, hidden, num_experts)
+            if num_tokens > num_max_dispatch_tokens_per_rank:
+                raise ValueError(f"x has {num_tokens} tokens, more than num_max_dispatch_tokens_per_rank="
+                                 f"{num_max_dispatch_tokens_per_rank}")
+            experts_per_rank = num_experts // self.group_size
+            if cumulative_local_expert_recv_stats is not None:
+                check_tensor("cumulative_local_expert_recv_stats", cumulative_local_expert_recv_stats,
+                             dtypes=(torch.int32,), shape=(experts_per_rank,))
+            if topk_weights is not None:
+                check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=(num_tokens, num_topk))
+            x, topk_idx = x.contiguous(), topk_idx.contiguous()
+            slot, counts = layout.low_latency_slots(topk_idx, num_experts)
+        except (ValueError, TypeError):
+            self._ll_reject_dispatch(seq, x, num_max_dispatch_tokens_per_rank, what)
+            raise
+        self._ll_seq[0] = seq
+        parity = seq & 1
+        num_max = num_max_dispatch_tokens_per_rank
+        quantized = quant == "int8"
+        fmt = LL_FORMAT_INT8 if quantized else NATIVE_DTYPE_CODES[x.dtype]
+        header = [seq, 0, num_max, num_experts, hidden, num_topk, fmt, num_tokens]
+        num_rows = num_max * self.group_size * min(num_topk, experts_per_rank)
+        state = LowLatencyState(seq=seq, epoch=self._ll_epoch, header=header, num_max_tokens=num_max,
+                                hidden=hidden, num_experts=num_experts, num_topk=num_topk, num_tokens=num_tokens,
+                                num_rows=num_rows, quantized=quantized,
+                                dtype=x.dtype if x.dtype != torch.float32 else torch.bfloat16,
+                                topk_idx=topk_idx, topk_weights=topk_weights,
+                                src_info=torch.empty(num_rows, 3, dtype=torch.int32),
+                                layout_range=torch.empty(experts_per_rank * self.group_size, dtype=torch.int64),
+                                recv_count=torch.empty(experts_per_rank, dtype=torch.int64),
+                                stats=cumulative_local_expert_recv_stats)
+        state.recv = self._ll_recv_buffers(parity, num_rows, hidden, quantized, state.dtype)
+        if self.ll is not None:
+            areas = self.ll.areas(num_max, hidden, num_experts, parity)
+            self._ll_guard(lambda: self.ll.wait_acks(0, parity, seq, what))
+            me = self.ll.local_index
+            deep_ep_cpp.ll_dispatch_send(x.data_ptr(), NATIVE_DTYPE_CODES[x.dtype], quantized, num_tokens, hidden,
+                                         num_topk, topk_idx.numpy(), slot.numpy(), experts_per_rank, me, num_max,
+                                         areas.tokens[me], areas.scales[me], areas.info, header,
+                                         self.ll.send_header[0][parity], counts.numpy(),
+                                         self.ll.send_signal[0][parity], seq, num_threads())
+        else:
+            self._ll_alltoall_dispatch(state, x, counts)
+        self._ll_pending[0][parity] = seq
+        hook = functools.partial(self._ll_dispatch_receive, state)
+        recv_x = state.recv if quantized else state.recv[0]
+        handle = (state.src_info, state.layout_range, num_max, hidden, num_experts, state.recv_count,
+                  topk_weights, state)
+        if return_recv_hook:
+            return recv_x, state.recv_count, handle, EventOverlap(), hook
+        hook()
+        return recv_x, state.recv_count, handle, EventOverlap(), None
+
+    def _ll_recv_buffers(self, parity: int, rows: int, hidden: int, quantized: bool, dtype: torch.dtype):
+        """The receive tensors of one parity, reused by every other call (double buffering)."""
+        key = (rows, hidden, quantized, dtype)
+        cached = self._ll_recv[parity]
+        if cached is None or cached[0] != key:
+            if quantized:
+                tensors = (torch.empty(rows, hidden, dtype=torch.int8), torch.empty(rows, dtype=torch.float32))
+            else:
+                tensors = (torch.empty(rows, hidden, dtype=dtype),)
+            cached = self._ll_recv[parity] = (key, tensors)
+        return cached[1]
+
+    def _ll_dispatch_receive(self, state: LowLatencyState) -> None:
+        """Waits for every source's rows of this call and packs them expert-major (the hook)."""
+        if state.received:
+            return
+        self._ll_check_hook(state, "low_latency_dispatch (receive)")
+        if self.ll is not None:
+            self._ll_shm_headers(0, state)
+            parity = state.seq & 1
+            counts = self.ll.counts(parity, state.num_experts // self.group_size)
+            block_rows = layout.low_latency_recv_layout(counts, state.layout_range.numpy(), state.recv_count.numpy())
+            areas = self.ll.areas(state.num_max_tokens, state.hidden, state.num_experts, parity)
+            me = self.ll.local_index
+            recv = state.recv
+            state.total = deep_ep_cpp.ll_pack(
+                areas.info[me], areas.tokens, areas.scales if state.quantized else [],
+                recv[0].shape[1] * recv[0].element_size(), state.num_topk, block_rows,
+                state.layout_range.numpy(), state.num_max_tokens, recv[0].data_ptr(),
+                recv[1].data_ptr() if state.quantized else 0, state.src_info.numpy(), state.num_rows,
+                self.ll.recv_ack[0][parity], state.seq, num_threads())
+        else:
+            self._ll_alltoall_pack(state)
+        if state.stats is not None:
+            state.stats.add_(state.recv_count)
+        self._ll_finish(0, state)
+
+    # ---- combine ---------------------------------------------------------------------------------
+    def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                            handle: tuple, zero_copy: bool = False, async_finish: bool = False,
+                            return_recv_hook: bool = False, out: Optional[torch.Tensor] = None):
+        """Returns expert outputs to their tokens and sums them with the routing weights.
+
+        Args:
+            x: [M, H] expert outputs in the packed layout of low_latency_dispatch, in the handle's dtype
+                (bfloat16 unless x was float16); rows past recv_count.sum() are ignored.
+            topk_idx: int64 [T, K], as given to low_latency_dispatch (entries may be set to -1 to drop them).
+            topk_weights: float32 [T, K], the weights of the sum.
+            handle: from low_latency_dispatch (after its hook, if any).
+            zero_copy, async_finish: accepted for DeepEP compatibility.
+            return_recv_hook: if True the call only sends; `hook()` receives and reduces, and
+                combined_x is valid only after it.
+            out: None or a [T, H] tensor of x's dtype that receives the result.
+        Returns:
+            (combined_x [T, H], EventOverlap, hook or None). combined_x[t] = sum over k with
+            topk_idx[t, k] != -1 of topk_weights[t, k] * x[row(t, k)], in float32, k ascending.
+        """
+        what = "low_latency_combine"
+        self._ll_ready(what)
+        if self.npu_ll is not None:  # NPU: npu_moe_distribute_combine_v2 (deep_ep/npu.py)
+            return npu.low_latency_combine(self, x, topk_idx, topk_weights, handle, return_recv_hook, out)
+        state = _ll_state_of(handle)
+        if not state.received:
+            raise RuntimeError("deep_ep low_latency_combine: call the hook of the low_latency_dispatch that made "
+                               "this handle first")
+        seq = self._ll_begin(1, what)
+        num_tokens, num_topk, hidden = state.num_tokens, state.num_topk, state.hidden
+        try:
+            check_tensor("x", x, dtypes=(state.dtype,), shape=(state.num_rows, hidden))
+            check_tensor("topk_idx", topk_idx, dtypes=(topk_idx_t,), shape=(num_tokens, num_topk))
+            check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=(num_tokens, num_topk))
+            if out is not None:
+                check_tensor("out", out, dtypes=(state.dtype,), shape=(num_tokens, hidden))
+            if topk_idx is not state.topk_idx and not torch.equal(topk_idx, state.topk_idx):
+                kept = topk_idx >= 0
+                if not torch.equal(topk_idx[kept], state.topk_idx[kept]):
+                    raise ValueError("topk_idx must be the one given to low_latency_dispatch (entries may be set "
+                                     "to -1 to leave them out)")
+        except (ValueError, TypeError):
+            self._ll_reject(1, seq, [seq, 1, -1, -1, -1, -1, -1, state.seq], what)
+            raise
+        self._ll_seq[1] = seq
+        parity = seq & 1
+        x = x.contiguous()
+        header = [seq, 0, state.num_max_tokens, state.num_experts, hidden, num_topk, NATIVE_DTYPE_CODES[x.dtype],
+                  state.seq]
+        result = out if out is not None and out.is_contiguous() else self.pool.empty((num_tokens, hidden), x.dtype)
+        total = state.total
+        task = LowLatencyCombine(state=state, seq=seq, header=header, topk_idx=topk_idx, weights=topk_weights,
+                                 result=result, out=out)
+        if self.ll is not None:
+            areas = self.ll.areas(state.num_max_tokens, hidden, state.num_experts, parity)
+            self._ll_guard(lambda: self.ll.wait_acks(1, parity, seq, what))
+            deep_ep_cpp.ll_combine_send(x.data_ptr(), hidden * x.element_size(), total, state.src_info[:total].numpy(),
+                                        num_topk, areas.returns, areas.return_rows, header,
+                                        self.ll.send_header[1][parity], self.ll.send_signal[1][parity], seq,
+                                        num_threads())
+        else:
+            self._ll_alltoall_combine(task, x)
+        self._ll_pending[1][parity] = seq
+        hook = functools.partial(self._ll_combine_receive, task)
+        if return_recv_hook:
+            return result if out is None else out, EventOverlap(), hook
+        hook()
+        return result if out is None else out, EventOverlap(), None
+
+    def _ll_combine_receive(self, task: LowLatencyCombine) -> None:
+        """Waits for every holder's rows of this call and reduces them (the hook)."""
+        if task.received:
+            return
+        state = task.state
+        self._ll_check_hook(state, "low_latency_combine (receive)")
+        dropped = _ll_dropped(state, task.topk_idx)
+        if self.ll is not None:
+            self._ll_shm_headers(1, task)
+            parity = task.seq & 1
+            rows = self.ll.return_view(state.num_max_tokens, state.hidden, state.num_experts, parity)
+            ops.weighted_reduce(task.result, [rows], task.result.dtype, dropped, _ll_selection_rows(state),
+                                task.weights)
+            self.ll.ack(1, parity, task.seq)
+        else:
+            ops.weighted_reduce(task.result, [task.arrived], task.result.dtype, dropped, task.arrived_row,
+                                task.weights)
+        if task.out is not None and task.out is not task.result:
+            task.out.copy_(task.result)
+        self._ll_finish(1, task)
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        """Resets the low-latency signalling state (collective: call it on every rank).
+
+        Args: Nmax, H, E of the calls to come; num_rdma_bytes must hold them (ValueError otherwise).
+        Hooks of earlier calls can no longer run; results already received stay valid.
+        """
+        self._check_alive()
+        if not self.low_latency_mode:
+            raise RuntimeError("deep_ep: clean_low_latency_buffer needs a Buffer created with low_latency_mode=True")
+        if self.npu_ll is not None:
+            return npu.clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank, hidden, num_experts)
+        self._ll_check_sizes(num_max_dispatch_tokens_per_rank, hidden, num_experts)
+        dist.barrier(group=self.comm)
+        if self.ll is not None:
+            self.ll.reset()
+        dist.barrier(group=self.comm)
+        self._ll_seq = [0, 0]
+        self._ll_pending = [[None, None], [None, None]]
+        self._ll_epoch += 1
+        self._ll_broken = None
+
+    # ---- over all_to_all_single (strategy "alltoall", or more than one node) ----------------------
+    def _ll_alltoall_dispatch(self, state: LowLatencyState, x: torch.Tensor, counts: torch.Tensor) -> None:
+        """Exchanges headers, counts and rows now; the hook packs them (_ll_alltoall_pack)."""
+        experts_per_rank = state.num_experts // self.group_size
+        counts_to = counts.view(self.group_size, experts_per_rank)
+        meta = self._ll_alltoall_headers(0, state, counts_to)
+        counts_from = meta[:, shm_low_latency.HEADER_WORDS: shm_low_latency.HEADER_WORDS + experts_per_rank]
+        token, k, _, _ = layout.expert_major_entries(state.topk_idx, 0, state.num_experts)
+        if state.quantized:
+            q, scale = ops.quantize_int8(x)
+            fields = [q, scale.view(-1, 1)]
+        else:
+            fields = [x]
+        info = torch.stack([token, k], 1).to(torch.int32)
+        send = torch.cat([as_byte_rows(f.index_select(0, token)) for f in fields] + [as_byte_rows(info)], 1)
+        state.arrived = alltoall_low_latency.exchange(self.comm, send, counts_to.sum(1).tolist(),
+                                                      counts_from.sum(1).tolist(), "low_latency_dispatch")
+        state.counts_from = counts_from.clone()
+
+    def _ll_alltoall_pack(self, state: LowLatencyState) -> None:
+        layout.low_latency_recv_layout(state.counts_from.numpy(), state.layout_range.numpy(),
+                                       state.recv_count.numpy())
+        rows = layout.low_latency_arrival_rows(state.counts_from, state.layout_range)
+        state.arrival_rows = rows
+        arrived, recv = state.arrived, state.recv
+        width = recv[0].shape[1] * recv[0].element_size()
+        recv[0].view(torch.uint8).view(-1, width).index_copy_(0, rows, arrived[:, :width])
+        if state.quantized:
+            recv[1].view(torch.uint8).view(-1, 4).index_copy_(0, rows, arrived[:, width: width + 4])
+        info = arrived[:, -8:].clone(memory_format=torch.contiguous_format).view(torch.int32)  # fresh storage: aligned
+        sources = torch.repeat_interleave(torch.arange(self.group_size), state.counts_from.sum(1))
+        state.src_info.fill_(-1)
+        state.src_info[rows] = torch.cat([sources.to(torch.int32).view(-1, 1), info], 1)
+        state.total = rows.numel()
+        state.arrived = None
+
+    def _ll_alltoall_combine(self, task: LowLatencyCombine, x: torch.Tensor) -> None:
+        state = task.state
+        self._ll_alltoall_headers(1, task, torch.zeros(self.group_size, 1, dtype=torch.int64))
+        experts_per_rank = state.num_experts // self.group_size
+        _, counts = layout.low_latency_slots(state.topk_idx, state.num_experts)
+        back = counts.view(self.group_size, experts_per_rank).sum(1).tolist()
+        send = as_byte_rows(x).index_select(0, state.arrival_rows)
+        task.arrived = alltoall_low_latency.exchange(self.comm, send, state.counts_from.sum(1).tolist(), back,
+                                                     "low_latency_combine")
+        token, k, _, _ = layout.expert_major_entries(state.topk_idx, 0, state.num_experts)
+        position = torch.full((state.num_tokens * state.num_topk,), -1, dtype=torch.int64)
+        position[token * state.num_topk + k] = torch.arange(token.numel())
+        task.arrived_row = position.clamp_min(0).view(state.num_tokens, state.num_topk)

@@ -1,0 +1,470 @@
+"""Normal mode of deep_ep.Buffer (prefill / training): get_dispatch_layout, dispatch (fresh and
+cached) and combine.
+
+`NormalMode` checks the arguments, agrees a per-call header with the peers, computes the routing
+once (`layout.py`) and hands the rows to one transport: shared memory inside a node
+(`transport/shm.py`), the hierarchical transport between nodes (`transport/hierarchical.py`), or
+torch.distributed's all_to_all_single (`transport/collective.py`, also the NPU path). `Buffer`
+inherits it; the group, topology and shared memory come from `Buffer.__init__`.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import List, Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+
+from . import layout, ops
+from .config import Config
+from .pool import OutputPool
+from .transport import collective, hierarchical, shm
+from .transport.fields import as_byte_rows
+from .utils import (FLOAT_DTYPES, NATIVE_DTYPE_CODES, EventOverlap, check_num_topk, check_tensor,
+                    resolve_quant_mode, topk_idx_t)
+
+# Operation codes in the per-call header, so ranks that call different things fail fast.
+OP_DISPATCH, OP_CACHED_DISPATCH, OP_COMBINE = 1, 2, 3
+OP_NAMES = {OP_DISPATCH: "dispatch", OP_CACHED_DISPATCH: "dispatch (cached)", OP_COMBINE: "combine"}
+# Header fields that every rank must agree on (index 1 is the token count, which may differ).
+HEADER_FIELDS = ("operation", "num_tokens", "hidden", "num_topk", "num_experts", "x dtype", "quant_mode",
+                 "expert_alignment", "num_worst_tokens")
+
+
+@dataclass
+class DispatchState:
+    """What combine and cached dispatch need from a dispatch (kept at the end of the handle)."""
+
+    plan: layout.RoutingPlan
+    recv_src_rank: torch.Tensor  # int64 [N_out], -1 for padding rows
+    recv_src_idx: torch.Tensor  # int64 [N_out]
+    num_out_rows: int
+    num_tokens: int
+    hidden: int
+    topk_idx: torch.Tensor
+    topk_weights: torch.Tensor
+    expert_alignment: int = 1
+    num_worst_tokens: int = 0
+    internode: Optional["InternodeState"] = None
+
+    @functools.cached_property
+    def rows_by_source(self) -> torch.Tensor:
+        """int64 [real rows]: received rows in arrival (source) order (collective transport)."""
+        return self.plan.rows_by_source()
+
+
+@dataclass
+class InternodeState:
+    """A dispatch's routes across nodes (hierarchical transport), kept for combine."""
+
+    forwarding: hierarchical.Forwarding
+    forwarded_weights: torch.Tensor  # float32 [F, K], the dispatch weights of the forwarded rows
+    selection_rank: torch.Tensor  # int32 [T + F, K]: node-local holder of each selection, -1 elsewhere
+    selection_row: torch.Tensor  # int64 [T + F, K]: its row there
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip() in ("1", "true", "True")
+
+
+def _check_agreement(meta_all: torch.Tensor, what: str, skip: Tuple[int, ...]) -> None:
+    """ValueError naming the first header field the ranks disagree on.
+
+    meta_all: int64 [R, >= len(HEADER_FIELDS)], every rank's header; skip: indices of the fields
+    that may differ between ranks."""
+    for index, name in enumerate(HEADER_FIELDS):
+        if index in skip:
+            continue
+        column = meta_all[:, index]
+        if bool((column != column[0]).any()):
+            shown = [OP_NAMES.get(v, v) for v in column.tolist()] if index == 0 else column.tolist()
+            values = ", ".join(f"rank {r}: {v}" for r, v in enumerate(shown))
+            raise ValueError(f"deep_ep {what}: ranks disagree on {name} ({values})")
+
+
+class NormalMode:
+    """Buffer's normal-mode methods (a mixin of `deep_ep.Buffer`)."""
+
+    # Set by Buffer.__init__ (buffer.py).
+    rank: int
+    group_size: int
+    comm: dist.ProcessGroup  # gloo: the per-call headers and metadata
+    data_comm: dist.ProcessGroup  # the token rows of the collective transport
+    rank_to_node: torch.Tensor
+    num_nodes: int
+    local_ranks: List[int]
+    topology: hierarchical.Topology
+    shm: Optional[shm.NodeShm]  # None: the collective transport
+    num_nvl_bytes: int
+    device: torch.device
+    device_path: bool
+    pool: OutputPool
+
+    # ---- layout ----------------------------------------------------------------------------------
+    def _check_topk_idx(self, topk_idx: torch.Tensor, num_experts: int,
+                        experts_name: str = "num_experts") -> None:
+        check_tensor("topk_idx", topk_idx, dtypes=(topk_idx_t,), shape=(None, None))
+        check_num_topk(topk_idx.shape[1])
+        if not isinstance(num_experts, int) or num_experts <= 0 or num_experts % self.group_size:
+            raise ValueError(f"{experts_name} must be a positive multiple of the {self.group_size} ranks, "
+                             f"got {num_experts!r}")
+        if topk_idx.numel():
+            low, high = int(topk_idx.min()), int(topk_idx.max())
+            if low < -1 or high >= num_experts:
+                raise ValueError(f"topk_idx values must lie in [-1, {num_experts}), got values in [{low}, {high}]")
+            ordered = torch.sort(topk_idx, dim=1).values
+            if bool(((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any()):
+                raise ValueError("topk_idx: the experts of one token must be distinct (apart from -1)")
+
+    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int, previous_event: Optional[EventOverlap] = None,
+                            async_finish: bool = False, allocate_on_comm_stream: bool = False):
+        """Counts the rows this rank will send.
+
+        Args:
+            topk_idx: int64 [T, K], values in [-1, num_experts).
+            num_experts: E, a multiple of the group size.
+        Returns:
+            num_tokens_per_rank int32 [R], num_tokens_per_rdma_rank int32 [nodes] (None for one node),
+            num_tokens_per_expert int32 [E], is_token_in_rank int32 [T, R], EventOverlap.
+        """
+        self._check_alive()
+        self._check_topk_idx(topk_idx, num_experts)
+        self._check_devices(topk_idx=topk_idx)
+        per_rank, per_node, per_expert, in_rank = layout.dispatch_layout(
+            topk_idx, num_experts, self.group_size, self.rank_to_node if self.num_nodes > 1 else None)
+        return per_rank, per_node, per_expert, in_rank, EventOverlap()
+
+    # ---- dispatch --------------------------------------------------------------------------------
+    def _token_fields(self, x, quant: str) -> Tuple[List[torch.Tensor], List[Tuple[torch.dtype, int]], int, int]:
+        """Splits x into byte-row fields; returns (fields, [(dtype, width)], hidden, dtype code)."""
+        if isinstance(x, (tuple, list)):
+            if len(x) != 2:
+                raise ValueError(f"x as a pair must be (int8 [T, H], float32 scales [T]), got {len(x)} items")
+            q = check_tensor("x[0]", x[0], dtypes=(torch.int8,), shape=(None, None))
+            check_tensor("x[1]", x[1], dtypes=(torch.float32,), shape=(q.shape[0],))
+            return [as_byte_rows(q), as_byte_rows(x[1])], [(torch.int8, q.shape[1]), (torch.float32, 1)], \
+                q.shape[1], -1
+        check_tensor("x", x, dtypes=FLOAT_DTYPES, shape=(None, None))
+        if quant == "int8":
+            q, scale = ops.quantize_int8(x)
+            return [as_byte_rows(q), as_byte_rows(scale)], [(torch.int8, x.shape[1]), (torch.float32, 1)], \
+                x.shape[1], NATIVE_DTYPE_CODES[x.dtype]
+        return [as_byte_rows(x)], [(x.dtype, x.shape[1])], x.shape[1], NATIVE_DTYPE_CODES[x.dtype]
+
+    def _check_buffer_fits(self, bytes_per_token: int, num_fields: int, what: str) -> None:
+        if self.shm is None:
+            return
+        needed = shm.data_bytes_needed(1, bytes_per_token, num_fields)
+        if shm.window_rows(self.num_nvl_bytes, bytes_per_token, num_fields) < 1:
+            raise ValueError(f"num_nvl_bytes={self.num_nvl_bytes} is too small for {what}: one token row "
+                             f"needs at least {needed} bytes; create the Buffer with num_nvl_bytes >= {needed}")
+
+    def _empty(self, shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised output: from the pool on CPU, a plain allocation on the Buffer's device otherwise."""
+        if self.device_path:
+            return torch.empty(*shape, dtype=dtype, device=self.device)
+        return self.pool.empty(shape, dtype)
+
+    def _check_devices(self, **tensors) -> None:
+        """ValueError naming the first tensor that is not on the Buffer's device (CPU or this process's NPU)."""
+        for name, tensor in tensors.items():
+            for index, t in enumerate(tensor if isinstance(tensor, (tuple, list)) else [tensor]):
+                if isinstance(t, torch.Tensor) and t.device != self.device:
+                    shown = f"{name}[{index}]" if isinstance(tensor, (tuple, list)) else name
+                    raise ValueError(f"{shown} must be on the Buffer's device {self.device}, got {t.device}")
+
+    def dispatch(self, x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]], handle: Optional[tuple] = None,
+                 num_tokens_per_rank: Optional[torch.Tensor] = None,
+                 num_tokens_per_rdma_rank: Optional[torch.Tensor] = None,
+                 is_token_in_rank: Optional[torch.Tensor] = None,
+                 num_tokens_per_expert: Optional[torch.Tensor] = None, topk_idx: Optional[torch.Tensor] = None,
+                 topk_weights: Optional[torch.Tensor] = None, expert_alignment: int = 1, num_worst_tokens: int = 0,
+                 config: Optional[Config] = None, previous_event: Optional[EventOverlap] = None,
+                 async_finish: bool = False, allocate_on_comm_stream: bool = False,
+                 quant_mode: Optional[str] = None):
+        """Sends every token to the ranks holding its top-k experts (normal mode).
+
+        Args:
+            x: [T, H] bfloat16/float16/float32, or an already quantized pair
+                (int8 [T, H], float32 scales [T]) that is sent as is.
+            handle: the handle of an earlier dispatch: cached mode, same routes, only x moves.
+            num_tokens_per_expert: int32 [E] from get_dispatch_layout (gives E); other layout
+                tensors are accepted for API compatibility.
+            topk_idx: int64 [T, K] in [-1, E); topk_weights: float32 [T, K].
+            expert_alignment: pad every expert's block to a multiple of it with zero rows.
+            num_worst_tokens: if > 0, recv_x has exactly this many rows.
+            quant_mode: None, "bf16" or "int8" (per-token dynamic int8).
+        Returns:
+            recv_x [N, H] (a pair (int8 [N, H], float32 [N]) with int8), recv_topk_idx int64 [N, K]
+            (local expert ids, -1 elsewhere), recv_topk_weights float32 [N, K],
+            num_recv_tokens_per_expert_list (L ints), handle, EventOverlap.
+            Received rows are grouped by local expert, then source rank, then source token.
+        """
+        self._check_alive()
+        quant = resolve_quant_mode(quant_mode, _env_flag("DEEP_NORMAL_MODE_USE_INT8_QUANT"))
+        if handle is not None:
+            return self._cached_dispatch(x, handle, quant)
+        if topk_idx is None or topk_weights is None:
+            raise ValueError("dispatch needs topk_idx and topk_weights unless a handle is given")
+        if num_tokens_per_expert is None:
+            raise ValueError("dispatch needs num_tokens_per_expert (from get_dispatch_layout) unless a handle "
+                             "is given")
+        check_tensor("num_tokens_per_expert", num_tokens_per_expert, dtypes=(torch.int32, torch.int64),
+                     shape=(None,))
+        num_experts = num_tokens_per_expert.shape[0]
+        host_idx = topk_idx.cpu()  # the routing math runs on the host (the same tensor on CPU)
+        self._check_topk_idx(host_idx, num_experts, "num_experts (the length of num_tokens_per_expert)")
+        num_tokens, num_topk = topk_idx.shape
+        check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=(num_tokens, num_topk))
+        self._check_devices(x=x, topk_idx=topk_idx, topk_weights=topk_weights)
+        fields, kinds, hidden, dtype_code = self._token_fields(x, quant)
+        if fields[0].shape[0] != num_tokens:
+            raise ValueError(f"x must have {num_tokens} rows (as topk_idx), got {fields[0].shape[0]}")
+        if is_token_in_rank is not None:
+            check_tensor("is_token_in_rank", is_token_in_rank, dtypes=(torch.int32, torch.bool),
+                         shape=(num_tokens, self.group_size))
+        for name, value in (("expert_alignment", expert_alignment), ("num_worst_tokens", num_worst_tokens)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name == "expert_alignment" else 0):
+                raise ValueError(f"{name} must be an int >= {1 if name == 'expert_alignment' else 0}, got {value!r}")
+        tokens_per_expert = torch.bincount(host_idx[host_idx >= 0], minlength=num_experts)
+        if not torch.equal(tokens_per_expert, num_tokens_per_expert.cpu().to(torch.int64)):
+            raise ValueError("num_tokens_per_expert does not match topk_idx; pass the counts get_dispatch_layout "
+                             "returned for this topk_idx")
+        fields += [as_byte_rows(topk_idx), as_byte_rows(topk_weights)]
+        kinds += [(torch.int64, num_topk), (torch.float32, num_topk)]
+        self._check_buffer_fits(sum(f.shape[1] for f in fields), len(fields), "dispatch")
+        quant_code = 1 if len(kinds) == 4 else 0
+        header = torch.tensor([OP_DISPATCH, num_tokens, hidden, num_topk, num_experts, dtype_code, quant_code,
+                               expert_alignment, num_worst_tokens], dtype=torch.int64)
+        experts_per_rank = num_experts // self.group_size
+        state_box = {}
+
+        def decide(meta_all: torch.Tensor):
+            _check_agreement(meta_all, "dispatch", skip=(1,))
+            plan = layout.plan_routing(host_idx, meta_all[:, len(HEADER_FIELDS):], self.rank, expert_alignment)
+            if num_worst_tokens and int(plan.rows_per_rank.max()) > num_worst_tokens:
+                over = [r for r, n in enumerate(plan.rows_per_rank.tolist()) if n > num_worst_tokens]
+                raise ValueError(f"num_worst_tokens={num_worst_tokens} is too small: ranks {over} receive "
+                                 f"{[int(plan.rows_per_rank[r]) for r in over]} rows")
+            out_rows = num_worst_tokens or plan.num_recv_rows
+            outs = [self._empty((out_rows, width), dtype) for dtype, width in kinds]
+            src_rank = torch.full((out_rows,), -1, dtype=torch.int64)
+            src_idx = torch.full((out_rows,), -1, dtype=torch.int64)
+            state_box.update(plan=plan, outs=outs, src_rank=src_rank, src_idx=src_idx)
+            already = torch.zeros(experts_per_rank, self.group_size, dtype=torch.int64)
+
+            def routes(source: int, regions: List[torch.Tensor], begin: int, end: int):
+                window_topk = regions[len(kinds) - 2][: end - begin].view(torch.int64)
+                if len(regions) > len(kinds):  # rows forwarded from other nodes say where they come from
+                    origin_rank = regions[-2][: end - begin].view(torch.int64).flatten()
+                    origin_token = regions[-1][: end - begin].view(torch.int64).flatten()
+                else:
+                    origin_token = torch.arange(begin, end)
+                    origin_rank = torch.full_like(origin_token, self.local_ranks[source])
+                row, out_row, rank, token = plan.receive_rows(window_topk, origin_rank, origin_token, already)
+                src_rank[out_row], src_idx[out_row] = rank, token
+                return row + begin, out_row
+
+            return [as_byte_rows(o) for o in outs], routes
+
+        meta = torch.cat([header, tokens_per_expert])
+        internode = rows_by_source = None
+        if self.shm is not None and self.num_nodes > 1:
+            placement = decide(collective.all_gather_meta(self.comm, meta, "dispatch"))
+            internode = self._dispatch_across_nodes(fields, topk_idx, placement, state_box["plan"])
+        elif self.shm is not None:
+            shm.dispatch_rows(self.shm, meta, fields, decide)
+        else:
+            out_bytes, _ = decide(collective.all_gather_meta(self.comm, meta, "dispatch"))
+            plan = state_box["plan"]
+            rows_by_source = plan.rows_by_source()
+            arrived = collective.dispatch_rows(self.data_comm, self.group_size, num_topk, fields, out_bytes,
+                                               plan.dest_rank, plan.dest_row, plan.recv_counts.sum(0).tolist(),
+                                               rows_by_source)
+            sources = torch.repeat_interleave(torch.arange(self.group_size), plan.recv_counts.sum(0))
+            state_box["src_rank"][rows_by_source] = sources
+            state_box["src_idx"][rows_by_source] = arrived
+        plan, outs, src_rank, src_idx = (state_box[key] for key in ("plan", "outs", "src_rank", "src_idx"))
+        self._zero_padding(outs, src_rank, topk_fill=True)
+        recv_raw_topk, recv_topk_weights = outs[-2], outs[-1]
+        recv_x = (outs[0], outs[1].view(-1)) if quant_code or isinstance(x, (tuple, list)) else outs[0]
+        recv_topk_idx = layout.localize_topk_idx_(recv_raw_topk, self.rank, experts_per_rank)
+        state = DispatchState(plan=plan, recv_src_rank=src_rank, recv_src_idx=src_idx,
+                              num_out_rows=src_rank.numel(), num_tokens=num_tokens, hidden=hidden,
+                              topk_idx=topk_idx, topk_weights=topk_weights, expert_alignment=expert_alignment,
+                              num_worst_tokens=num_worst_tokens, internode=internode)
+        if rows_by_source is not None:
+            state.rows_by_source = rows_by_source
+        handle = self._make_handle(state, host_idx)
+        counts = plan.expert_rows
+        if os.environ.get("MOE_EXPERT_TOKEN_NUMS_TYPE", "1").strip() == "0":
+            counts = torch.cumsum(torch.tensor(counts, dtype=torch.int64), 0).tolist()
+        return recv_x, recv_topk_idx, recv_topk_weights, counts, handle, EventOverlap()
+
+    @staticmethod
+    def _zero_padding(outs: List[torch.Tensor], src_rank: torch.Tensor, topk_fill: bool) -> None:
+        """Padding rows (no source) are zero; their top-k ids are -1."""
+        padding = (src_rank < 0).nonzero().flatten()
+        if not padding.numel():
+            return
+        for index, out in enumerate(outs):
+            is_topk_idx = topk_fill and index == len(outs) - 2
+            out.index_fill_(0, padding.to(out.device), -1 if is_topk_idx else 0)
+
+    def _dispatch_across_nodes(self, fields: List[torch.Tensor], topk_idx: torch.Tensor, placement: tuple,
+                               plan: layout.RoutingPlan) -> InternodeState:
+        """Hierarchical dispatch: each (token, node) pair crosses the network once, to the node's
+        forwarder, which publishes it beside its own tokens in the node's shared memory.
+
+        fields: uint8 row fields ending with topk_idx and topk_weights; placement: (output
+        fields, routes) as decided for this rank."""
+        num_tokens, num_topk = topk_idx.shape
+        forwarding = hierarchical.plan_forwarding(self.comm, self.topology, topk_idx, plan.experts_per_rank)
+        tokens = torch.arange(num_tokens)
+        arrived = hierarchical.forward_rows(self.comm, forwarding, fields + [as_byte_rows(tokens)])
+        forwarding.origin_token = arrived[-1].view(torch.int64).flatten()
+        published = [torch.cat([own, far]) for own, far in zip(fields, arrived)]
+        published.append(as_byte_rows(torch.cat([torch.full_like(tokens, self.rank), forwarding.origin_rank])))
+        published.append(as_byte_rows(torch.cat([tokens, forwarding.origin_token])))
+        node_header = torch.tensor([OP_DISPATCH, published[0].shape[0]], dtype=torch.int64)
+        shm.dispatch_rows(self.shm, node_header, published, lambda _: placement)
+        forwarded_topk = arrived[len(fields) - 2].view(torch.int64).view(-1, num_topk)
+        # Destinations outside this node come out wrong here (the forwarder holds only the tokens
+        # that touch its node) and are dropped by to_local.
+        far_rank, far_row = plan.destinations(forwarded_topk, forwarding.origin_rank)
+        selection_rank, selection_row = hierarchical.to_local(torch.cat([plan.dest_rank, far_rank]),
+                                                              torch.cat([plan.dest_row, far_row]), self.topology)
+        forwarded_weights = arrived[len(fields) - 1].view(torch.float32).view(-1, num_topk)
+        return InternodeState(forwarding, forwarded_weights, selection_rank, selection_row)
+
+    def _make_handle(self, state: DispatchState, topk_idx: torch.Tensor) -> tuple:
+        plan = state.plan
+        num_ranks = self.group_size
+        dest = torch.where(topk_idx >= 0, topk_idx // plan.experts_per_rank, torch.full_like(topk_idx, num_ranks))
+        in_rank = torch.zeros(topk_idx.shape[0], num_ranks + 1, dtype=torch.int32).scatter_(1, dest, 1)
+        return (plan.rank_prefix_matrix(),
+                plan.block_start[self.rank].t().contiguous().to(torch.int32),  # [R, L] block starts
+                torch.cumsum(torch.tensor(plan.expert_rows, dtype=torch.int64), 0).to(torch.int32),
+                state.recv_src_idx.to(torch.int32),
+                in_rank[:, :num_ranks].contiguous(),
+                plan.recv_counts.to(torch.int32),
+                state.topk_idx,
+                state.topk_weights,
+                state)
+
+    @staticmethod
+    def _state_of(handle) -> DispatchState:
+        if not isinstance(handle, tuple) or len(handle) < 9 or not isinstance(handle[8], DispatchState):
+            raise TypeError("handle must be the handle returned by Buffer.dispatch")
+        return handle[8]
+
+    def _cached_dispatch(self, x, handle: tuple, quant: str):
+        state = self._state_of(handle)
+        if state.internode is not None:
+            # Across nodes the forwarders need the top-k to place rows: a dispatch with the handle's
+            # routing lands every row where the first one did.
+            recv_x = self.dispatch(x, num_tokens_per_expert=state.plan.tokens_per_expert_all[self.rank],
+                                   topk_idx=state.topk_idx, topk_weights=state.topk_weights,
+                                   expert_alignment=state.expert_alignment, num_worst_tokens=state.num_worst_tokens,
+                                   quant_mode=quant)[0]
+            return recv_x, None, None, None, None, EventOverlap()
+        fields, kinds, hidden, dtype_code = self._token_fields(x, quant)
+        if fields[0].shape[0] != state.num_tokens:
+            raise ValueError(f"x must have {state.num_tokens} rows (the handle's tokens), got {fields[0].shape[0]}")
+        self._check_buffer_fits(sum(f.shape[1] for f in fields), len(fields), "dispatch")
+        plan = state.plan
+        header = torch.tensor([OP_CACHED_DISPATCH, state.num_tokens, hidden, 0, plan.num_experts, dtype_code,
+                               1 if len(kinds) == 2 else 0, 0, state.num_out_rows], dtype=torch.int64)
+        self._check_devices(x=x)
+        outs = [self._empty((state.num_out_rows, width), dtype) for dtype, width in kinds]
+        out_bytes = [as_byte_rows(o) for o in outs]
+        check = functools.partial(_check_agreement, what="dispatch (cached)", skip=(1, 8))
+
+        if self.shm is not None:
+            real = (state.recv_src_rank >= 0).nonzero().flatten()
+            by_source = {r: real[state.recv_src_rank[real] == r] for r in self.local_ranks}
+
+            def decide(meta_all: torch.Tensor):
+                check(meta_all)
+
+                def routes(source: int, regions, begin: int, end: int):
+                    rows = by_source[self.local_ranks[source]]
+                    token = state.recv_src_idx[rows]
+                    keep = (token >= begin) & (token < end)
+                    return token[keep], rows[keep]
+
+                return out_bytes, routes
+
+            shm.dispatch_rows(self.shm, header, fields, decide)
+        else:
+            check(collective.all_gather_meta(self.comm, header, "dispatch (cached)"))
+            collective.dispatch_rows(self.data_comm, self.group_size, state.topk_idx.shape[1], fields, out_bytes,
+                                     plan.dest_rank, plan.dest_row, plan.recv_counts.sum(0).tolist(),
+                                     state.rows_by_source)
+        self._zero_padding(outs, state.recv_src_rank, topk_fill=False)
+        recv_x = (outs[0], outs[1].view(-1)) if len(outs) == 2 else outs[0]
+        return recv_x, None, None, None, None, EventOverlap()
+
+    # ---- combine ---------------------------------------------------------------------------------
+    def combine(self, x: torch.Tensor, handle: tuple, topk_weights: Optional[torch.Tensor] = None,
+                bias: Union[None, torch.Tensor, Tuple[torch.Tensor, torch.Tensor]] = None,
+                config: Optional[Config] = None, previous_event: Optional[EventOverlap] = None,
+                async_finish: bool = False, allocate_on_comm_stream: bool = False):
+        """Returns expert outputs to their tokens and sums them with the routing weights.
+
+        Args:
+            x: [N, H] bfloat16/float16/float32 expert outputs in the received layout.
+            handle: from dispatch.
+            topk_weights: float32 [T, K] of this rank's tokens; default: the weights sent at dispatch.
+            bias: None, a [T, H] tensor or a pair of them, added to the result.
+        Returns:
+            (combined_x [T, H] in x's dtype, None, EventOverlap). combined_x[t] = sum over k with
+            topk_idx[t, k] != -1 of w[t, k] * x[row(t, k)], accumulated in float32 in k order.
+        """
+        self._check_alive()
+        state = self._state_of(handle)
+        plan = state.plan
+        check_tensor("x", x, dtypes=FLOAT_DTYPES, shape=(state.num_out_rows, state.hidden))
+        num_tokens, num_topk = state.topk_idx.shape
+        weights = state.topk_weights if topk_weights is None else topk_weights
+        check_tensor("topk_weights", weights, dtypes=(torch.float32,), shape=(num_tokens, num_topk))
+        biases = list(bias) if isinstance(bias, (tuple, list)) else [bias] if bias is not None else []
+        if len(biases) > 2:
+            raise ValueError(f"bias must be a tensor or a pair of tensors, got {len(biases)} items")
+        for i, b in enumerate(biases):
+            check_tensor(f"bias[{i}]", b, dtypes=FLOAT_DTYPES, shape=(num_tokens, state.hidden))
+        self._check_buffer_fits(state.hidden * x.element_size(), 1, "combine")
+        self._check_devices(x=x, topk_weights=weights, bias=biases)
+        x = x.contiguous()
+        out = self._empty((num_tokens, state.hidden), x.dtype)
+        header = torch.tensor([OP_COMBINE, num_tokens, state.hidden, num_topk, plan.num_experts,
+                               NATIVE_DTYPE_CODES[x.dtype], 0, 0, state.num_out_rows], dtype=torch.int64)
+        check = functools.partial(_check_agreement, what="combine", skip=(1, 8))
+
+        def reduce(sources: List[torch.Tensor], src_rank: torch.Tensor, src_row: torch.Tensor) -> None:
+            ops.weighted_reduce(out, sources, x.dtype, src_rank, src_row, weights, biases)
+
+        x_rows = as_byte_rows(x)
+        if state.internode is not None:
+            check(collective.all_gather_meta(self.comm, header, "combine"))
+            internode = state.internode
+            forwarded_weights = internode.forwarded_weights
+            if topk_weights is not None:  # the forwarders sum with the owner's new weights
+                forwarded_weights = hierarchical.forward_rows(self.comm, internode.forwarding, [as_byte_rows(weights)],
+                                                              "combine")[0].view(torch.float32)
+                forwarded_weights = forwarded_weights.view(-1, num_topk)
+            reduce = hierarchical.hierarchical_reduce(self.comm, self.topology, internode.forwarding, out, x.dtype,
+                                                      weights, forwarded_weights, biases)
+            shm.combine_rows(self.shm, header, lambda _: None, x_rows,
+                             [int(plan.rows_per_rank[r]) for r in self.local_ranks], internode.selection_rank,
+                             internode.selection_row, reduce)
+        elif self.shm is not None:
+            shm.combine_rows(self.shm, header, check, x_rows, plan.rows_per_rank.tolist(), plan.dest_rank,
+                             plan.dest_row, reduce)
+        else:
+            check(collective.all_gather_meta(self.comm, header, "combine"))
+            collective.combine_rows(self.data_comm, self.group_size, x_rows, state.rows_by_source,
+                                    plan.recv_counts.sum(0).tolist(), plan.dest_rank, plan.dest_row, reduce)
+        return out, None, EventOverlap()
