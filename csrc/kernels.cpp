@@ -2,6 +2,10 @@
 
 #include "cpu.hpp"
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -195,14 +199,51 @@ float quantize_row(const std::uint8_t* row, Dtype dtype, std::size_t hidden, flo
     return scale;
 }
 
+namespace {
+
+// Copies larger than this write with streaming stores: the destination is not read again
+// soon, and skipping the read-for-ownership of every line saves a third of the memory
+// traffic when ranks share the memory bandwidth (as a large memcpy does).
+constexpr std::size_t kStreamingBytes = 8 << 20;
+
+void stream_row(std::uint8_t* dst, const std::uint8_t* src, std::size_t bytes) {
+#if defined(__SSE2__)
+    for (std::size_t offset = 0; offset < bytes; offset += 64) {
+        const auto* from = reinterpret_cast<const __m128i*>(src + offset);
+        auto* to = reinterpret_cast<__m128i*>(dst + offset);
+        const __m128i a = _mm_loadu_si128(from), b = _mm_loadu_si128(from + 1);
+        const __m128i c = _mm_loadu_si128(from + 2), d = _mm_loadu_si128(from + 3);
+        _mm_stream_si128(to, a);
+        _mm_stream_si128(to + 1, b);
+        _mm_stream_si128(to + 2, c);
+        _mm_stream_si128(to + 3, d);
+    }
+#else
+    std::memcpy(dst, src, bytes);
+#endif
+}
+
+}  // namespace
+
 void copy_rows(std::uint8_t* dst, std::size_t dst_stride, const std::vector<const std::uint8_t*>& srcs,
                std::size_t src_stride, const std::int32_t* src_rank, const std::int64_t* src_row,
                const std::int64_t* dst_row, std::size_t n, std::size_t row_bytes, int num_threads) {
+    // Streaming needs 16-byte aligned destination rows made of whole cache lines.
+    const bool streaming = n * row_bytes >= kStreamingBytes && row_bytes % 64 == 0 && dst_stride % 16 == 0 &&
+                           reinterpret_cast<std::uintptr_t>(dst) % 16 == 0;
     parallel_for(n, n * row_bytes, num_threads, [&](std::size_t begin, std::size_t end) {
         for (std::size_t i = begin; i < end; ++i) {
-            std::memcpy(dst + static_cast<std::size_t>(dst_row[i]) * dst_stride,
-                        srcs[src_rank[i]] + static_cast<std::size_t>(src_row[i]) * src_stride, row_bytes);
+            std::uint8_t* to = dst + static_cast<std::size_t>(dst_row[i]) * dst_stride;
+            const std::uint8_t* from = srcs[src_rank[i]] + static_cast<std::size_t>(src_row[i]) * src_stride;
+            if (streaming) {
+                stream_row(to, from, row_bytes);
+            } else {
+                std::memcpy(to, from, row_bytes);
+            }
         }
+#if defined(__SSE2__)
+        if (streaming) _mm_sfence();  // the rows are visible before the caller's barrier
+#endif
     });
 }
 

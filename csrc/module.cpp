@@ -194,6 +194,20 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
         "placed = start[e][origin[row]] + taken[e][origin[row]]++.");
 
     m.def(
+        "summarize_topk",
+        [](const Array<std::int64_t>& topk_idx, std::int64_t rows, std::int64_t topk) {
+            const auto* idx = checked_data(topk_idx, static_cast<std::size_t>(rows * topk), "topk_idx");
+            TopkSummary summary;
+            {
+                py::gil_scoped_release release;
+                summary = summarize_topk(idx, rows, topk);
+            }
+            return py::make_tuple(summary.min, summary.max, summary.duplicate_row);
+        },
+        py::arg("topk_idx"), py::arg("rows"), py::arg("topk"),
+        "(min id, max id, first row with a repeated expert or -1) of topk_idx [rows, topk].");
+
+    m.def(
         "localize_experts",
         [](py::array_t<std::int64_t, py::array::c_style> topk_idx, std::int64_t expert_begin,
            std::int64_t experts_per_rank) {

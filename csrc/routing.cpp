@@ -1,5 +1,10 @@
 #include "routing.hpp"
 
+#include <algorithm>
+#include <limits>
+
+#include "cpu.hpp"
+
 namespace deep_ep {
 
 ExpertMajorSort::ExpertMajorSort(const std::int64_t* topk_idx, std::int64_t tokens, std::int64_t topk,
@@ -48,11 +53,31 @@ std::int64_t place_selections(const std::int64_t* topk_idx, std::int64_t rows, s
     return n;
 }
 
+DEEP_EP_VECTORIZED
 void localize_experts(std::int64_t* topk_idx, std::size_t n, std::int64_t expert_begin, std::int64_t experts_per_rank) {
+    // Branch-free so it vectorizes; -1 maps below expert_begin >= 0 and so to -1 as well.
     for (std::size_t i = 0; i < n; ++i) {
         const std::int64_t local = topk_idx[i] - expert_begin;
-        topk_idx[i] = (topk_idx[i] >= 0 && local >= 0 && local < experts_per_rank) ? local : -1;
+        const bool mine = topk_idx[i] >= 0 && local >= 0 && local < experts_per_rank;
+        topk_idx[i] = mine ? local : -1;
     }
+}
+
+TopkSummary summarize_topk(const std::int64_t* topk_idx, std::int64_t rows, std::int64_t topk) {
+    TopkSummary summary;
+    if (rows * topk == 0) return summary;
+    summary.min = summary.max = topk_idx[0];
+    for (std::int64_t r = 0; r < rows; ++r) {
+        const std::int64_t* row = topk_idx + r * topk;
+        for (std::int64_t j = 0; j < topk; ++j) {
+            summary.min = std::min(summary.min, row[j]);
+            summary.max = std::max(summary.max, row[j]);
+            for (std::int64_t i = 0; i < j; ++i)
+                if (row[i] == row[j] && row[j] >= 0) summary.duplicate_row = std::min(summary.duplicate_row, r);
+        }
+    }
+    if (summary.duplicate_row == std::numeric_limits<std::int64_t>::max()) summary.duplicate_row = -1;
+    return summary;
 }
 
 }  // namespace deep_ep

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 namespace deep_ep {
@@ -32,6 +33,14 @@ std::int64_t place_selections(const std::int64_t* topk_idx, std::int64_t rows, s
                               std::int64_t expert_begin, std::int64_t expert_end, const std::int64_t* start,
                               std::int64_t* taken, std::int64_t num_sources, const std::int64_t* origin,
                               std::int64_t* row_out, std::int64_t* k_out, std::int64_t* placed_out);
+
+// One pass over topk_idx [rows, topk]: the smallest and largest id, and the first row that
+// names an expert twice (-1 if none).
+struct TopkSummary {
+    std::int64_t min = 0, max = 0;
+    std::int64_t duplicate_row = std::numeric_limits<std::int64_t>::max();
+};
+TopkSummary summarize_topk(const std::int64_t* topk_idx, std::int64_t rows, std::int64_t topk);
 
 // In place: global expert ids -> local ids [0, experts_per_rank) of the rank whose first
 // expert is expert_begin; every other id (and -1) becomes -1.

@@ -9,7 +9,7 @@ multiple of `alignment`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -55,6 +55,15 @@ def expert_major_entries(topk_idx: torch.Tensor, expert_begin: int, expert_end: 
     entries = deep_ep_cpp.expert_major_entries(topk_idx.cpu().numpy().reshape(-1), topk_idx.shape[0],
                                                topk_idx.shape[1], expert_begin, expert_end)
     return tuple(torch.from_numpy(e) for e in entries)
+
+
+def summarize_topk(topk_idx: torch.Tensor) -> Tuple[int, int, int]:
+    """(smallest id, largest id, first row that names an expert twice or -1) of int64 [T, K],
+    in one native pass on a host copy."""
+    import deep_ep_cpp
+
+    host = topk_idx.cpu().contiguous()
+    return deep_ep_cpp.summarize_topk(host.numpy().reshape(-1), host.shape[0], host.shape[1])
 
 
 def place_selections(topk_idx: torch.Tensor, expert_begin: int, expert_end: int, start: torch.Tensor,

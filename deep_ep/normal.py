@@ -111,12 +111,12 @@ class NormalMode:
             raise ValueError(f"{experts_name} must be a positive multiple of the {self.group_size} ranks, "
                              f"got {num_experts!r}")
         if topk_idx.numel():
-            low, high = int(topk_idx.min()), int(topk_idx.max())
+            low, high, repeated = layout.summarize_topk(topk_idx)
             if low < -1 or high >= num_experts:
                 raise ValueError(f"topk_idx values must lie in [-1, {num_experts}), got values in [{low}, {high}]")
-            ordered = torch.sort(topk_idx, dim=1).values
-            if bool(((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any()):
-                raise ValueError("topk_idx: the experts of one token must be distinct (apart from -1)")
+            if repeated >= 0:
+                raise ValueError(f"topk_idx: the experts of one token must be distinct (apart from -1); "
+                                 f"row {repeated} repeats one: {topk_idx[repeated].tolist()}")
 
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int, previous_event: Optional[EventOverlap] = None,
                             async_finish: bool = False, allocate_on_comm_stream: bool = False):
@@ -228,7 +228,7 @@ class NormalMode:
         for name, value in (("expert_alignment", expert_alignment), ("num_worst_tokens", num_worst_tokens)):
             if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name == "expert_alignment" else 0):
                 raise ValueError(f"{name} must be an int >= {1 if name == 'expert_alignment' else 0}, got {value!r}")
-        tokens_per_expert = torch.bincount(host_idx[host_idx >= 0], minlength=num_experts)
+        tokens_per_expert = torch.bincount(host_idx.reshape(-1) + 1, minlength=num_experts + 1)[1:]  # -1 -> bin 0
         if not torch.equal(tokens_per_expert, num_tokens_per_expert.cpu().to(torch.int64)):
             raise ValueError("num_tokens_per_expert does not match topk_idx; pass the counts get_dispatch_layout "
                              "returned for this topk_idx")
