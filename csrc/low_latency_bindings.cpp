@@ -7,6 +7,7 @@
 
 #include <string>
 
+#include "bindings.hpp"
 #include "low_latency.hpp"
 #include "sync.hpp"
 
@@ -15,22 +16,6 @@ namespace py = pybind11;
 namespace deep_ep {
 
 namespace {
-
-template <typename T>
-using Array = py::array_t<T, py::array::c_style | py::array::forcecast>;
-
-template <typename T>
-const T* sized(const Array<T>& array, std::size_t expected, const char* name) {
-    if (static_cast<std::size_t>(array.size()) != expected)
-        throw py::value_error(std::string(name) + ": expected " + std::to_string(expected) + " entries, got " +
-                              std::to_string(array.size()));
-    return array.data();
-}
-
-Dtype dtype_of(int code) {
-    if (code < 0 || code > 2) throw py::value_error("dtype code must be 0 (float32), 1 (bfloat16) or 2 (float16)");
-    return static_cast<Dtype>(code);
-}
 
 template <typename T>
 T* pointer(std::uintptr_t addr) {
@@ -52,7 +37,7 @@ void register_low_latency(py::module_& m) {
         "expert_slots",
         [](const Array<std::int64_t>& topk_idx, std::size_t tokens, std::size_t topk, std::int64_t num_experts) {
             if (num_experts <= 0) throw py::value_error("expert_slots: num_experts must be positive");
-            const auto* idx = sized(topk_idx, tokens * topk, "topk_idx");
+            const auto* idx = checked_data(topk_idx, tokens * topk, "topk_idx");
             py::array_t<std::int64_t> slot(static_cast<py::ssize_t>(tokens * topk));
             py::array_t<std::int64_t> counts(static_cast<py::ssize_t>(num_experts));
             expert_slots(idx, tokens, topk, num_experts, slot.mutable_data(), counts.mutable_data());
@@ -75,12 +60,12 @@ void register_low_latency(py::module_& m) {
                 throw py::value_error("ll_dispatch_send: one header address per rank is needed");
             if (experts_per_rank == 0 || rank >= num_ranks || tokens > max_tokens)
                 throw py::value_error("ll_dispatch_send: bad sizes");
-            const Dtype type = dtype_of(dtype);
+            const Dtype type = to_dtype(dtype);
             if (!quantize && dtype_size(type) != 2)
                 throw py::value_error("ll_dispatch_send: only 16-bit rows travel unquantized");
-            const auto* idx = sized(topk_idx, tokens * topk, "topk_idx");
-            const auto* slots = sized(slot, tokens * topk, "slot");
-            const auto* count = sized(counts, num_ranks * experts_per_rank, "counts");
+            const auto* idx = checked_data(topk_idx, tokens * topk, "topk_idx");
+            const auto* slots = checked_data(slot, tokens * topk, "slot");
+            const auto* count = checked_data(counts, num_ranks * experts_per_rank, "counts");
             const auto experts = static_cast<std::int64_t>(num_ranks * experts_per_rank);
             for (std::size_t i = 0; i < tokens * topk; ++i) {
                 if (idx[i] < -1 || idx[i] >= experts)
@@ -118,7 +103,7 @@ void register_low_latency(py::module_& m) {
             if (num_ranks == 0 || blocks % num_ranks || (!scale_addrs.empty() && scale_addrs.size() != num_ranks))
                 throw py::value_error("ll_pack: blocks must be L * num_ranks, one token area per rank");
             const auto* count = counts.data();
-            const auto* end = sized(ends, blocks, "ends");
+            const auto* end = checked_data(ends, blocks, "ends");
             if (static_cast<std::size_t>(out_info.size()) != 3 * out_rows)
                 throw py::value_error("ll_pack: out_info must hold 3 * out_rows entries");
             const auto* refs = pointer<const std::int32_t>(info);
@@ -167,7 +152,7 @@ void register_low_latency(py::module_& m) {
            std::size_t topk, const std::vector<std::uintptr_t>& dest_addrs, std::size_t dest_rows,
            const std::vector<std::int64_t>& header, const std::vector<std::uintptr_t>& header_addrs,
            const std::vector<std::uintptr_t>& signal_addrs, std::uint64_t value, int num_threads) {
-            const auto* source = sized(info, 3 * rows, "info");
+            const auto* source = checked_data(info, 3 * rows, "info");
             for (std::size_t i = 0; i < rows; ++i) {
                 const std::int32_t* s = source + 3 * i;
                 if (s[0] < 0 || static_cast<std::size_t>(s[0]) >= dest_addrs.size() || s[1] < 0 || s[2] < 0 ||

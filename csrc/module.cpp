@@ -8,6 +8,7 @@
 
 #include <string>
 
+#include "bindings.hpp"
 #include "kernels.hpp"
 #include "routing.hpp"
 #include "shared_memory.hpp"
@@ -22,23 +23,6 @@ void register_low_latency(py::module_& m);
 }  // namespace deep_ep
 
 namespace {
-
-template <typename T>
-using Array = py::array_t<T, py::array::c_style | py::array::forcecast>;
-
-template <typename T>
-const T* checked_data(const Array<T>& array, std::size_t expected, const char* name) {
-    if (static_cast<std::size_t>(array.size()) != expected)
-        throw py::value_error(std::string(name) + ": expected " + std::to_string(expected) + " entries, got " +
-                              std::to_string(array.size()));
-    return array.data();
-}
-
-Dtype to_dtype(int code) {
-    if (code < 0 || code > 3)
-        throw py::value_error("dtype code must be 0 (float32), 1 (bfloat16), 2 (float16) or 3 (float64)");
-    return static_cast<Dtype>(code);
-}
 
 std::vector<const std::uint8_t*> to_pointers(const std::vector<std::uintptr_t>& addrs) {
     std::vector<const std::uint8_t*> out;
@@ -246,10 +230,10 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
             check_sources(rank, row, n, src_rows, true, "combine_reduce");
             const auto pointers = to_pointers(srcs);
             std::vector<Dtype> dtypes;
-            for (int code : src_dtypes) dtypes.push_back(to_dtype(code));
+            for (int code : src_dtypes) dtypes.push_back(to_dtype(code, true));
             const Bias b0{reinterpret_cast<const void*>(bias0), to_dtype(bias0_dtype)};
             const Bias b1{reinterpret_cast<const void*>(bias1), to_dtype(bias1_dtype)};
-            const Dtype out_type = to_dtype(out_dtype);
+            const Dtype out_type = to_dtype(out_dtype, true);
             py::gil_scoped_release release;
             combine_reduce(reinterpret_cast<void*>(out), out_type, tokens, columns, hidden, pointers, dtypes, rank, row,
                            w, b0, b1, num_threads);
