@@ -52,11 +52,6 @@ def quantize_int8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """q int8 [N, H] * scale float32 [N] -> [N, H] of `dtype`."""
-    return (q.float() * scale.unsqueeze(1)).to(dtype)
-
-
 def weighted_reduce(out: torch.Tensor, sources: List[torch.Tensor],
                     src_dtype: Union[torch.dtype, Sequence[torch.dtype]], src_rank: torch.Tensor,
                     src_row: torch.Tensor, weights: torch.Tensor,

@@ -36,7 +36,7 @@ from torch.overrides import TorchFunctionMode
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import deep_ep  # noqa: E402
-from common import make_inputs  # noqa: E402
+from common import make_inputs, to_host  # noqa: E402
 from deep_ep import npu, npu_env  # noqa: E402
 from deep_ep.reference import reference_combine, reference_dispatch  # noqa: E402
 from deep_ep.testing import spawn_ranks  # noqa: E402
@@ -331,14 +331,6 @@ def _run_normal(buffer, inputs, case, move, back):
     return out
 
 
-def _host(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.cpu()
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_host(o) for o in obj)
-    return obj
-
-
 def _compare(native, device, case):
     assert device["counts"] == native["counts"] and device["rows"] == native["rows"]
     for key in ("recv_x", "recv_idx", "recv_w", "cached", "layout", "handle"):
@@ -373,7 +365,7 @@ def normal_mode_device_path(rank: int, num_ranks: int, group, strict: bool) -> N
             if strict:
                 mode = StrictDevice()
                 with strict_collectives(buffer.data_comm) as calls, mode:
-                    device = _run_normal(buffer, inputs, case, lambda t: t.to(DEVICE), _host)
+                    device = _run_normal(buffer, inputs, case, lambda t: t.to(DEVICE), to_host)
                 # the rows went over all_to_all_single (dispatch, combine x2, cached), metadata over gloo
                 assert calls["all_to_all_single"] == (4 if case["quant"] == "bf16" else 3)
                 with StrictDevice(), pytest.raises(ValueError, match="must be on the Buffer's device meta"):
