@@ -83,11 +83,15 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
                const std::vector<int>& owners, double timeout_s, const std::string& what) {
                 if (addrs.size() != targets.size() || addrs.size() != owners.size())
                     throw py::value_error("wait_at_least: addrs, targets and owners differ in length");
+                for (int owner : owners)
+                    if (owner < 0 || owner >= static_cast<int>(sync.arrivals_ns().size()))
+                        throw py::value_error("wait_at_least: owner index out of range");
                 py::gil_scoped_release release;
                 sync.wait_at_least(addrs, targets, owners, timeout_s, what, poll_python_signals);
             },
             py::arg("addrs"), py::arg("targets"), py::arg("owners"), py::arg("timeout_s"), py::arg("what"))
-        .def_property_readonly("generation", &NodeSync::generation);
+        .def_property_readonly("generation", &NodeSync::generation)
+        .def_property_readonly("arrivals_ns", &NodeSync::arrivals_ns);
 
     m.def("store_counter", &store_counter, py::arg("addr"), py::arg("value"));
     m.def("load_counter", &load_counter, py::arg("addr"));

@@ -65,6 +65,7 @@ NodeSync::NodeSync(std::vector<std::uintptr_t> counter_addrs, int my_index, std:
         throw std::invalid_argument("NodeSync: my_index out of range");
     // A peer in another pid namespace is invisible here: then only the deadline applies.
     for (std::int64_t pid : pids_) check_liveness_.push_back(process_alive(pid));
+    arrivals_ns_.assign(counter_addrs_.size(), 0);
     generation_ = load_counter(counter_addrs_[my_index_]);
 }
 
@@ -72,6 +73,8 @@ bool NodeSync::peer_alive(int index) const { return !check_liveness_[index] || p
 
 void NodeSync::barrier(double timeout_s, const std::string& what, const std::function<void()>& poll) {
     ++generation_;
+    arrivals_ns_[my_index_] = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                  std::chrono::steady_clock::now().time_since_epoch()).count();
     store_counter(counter_addrs_[my_index_], generation_);
     std::vector<std::uintptr_t> addrs;
     std::vector<std::uint64_t> targets;
@@ -96,8 +99,17 @@ void NodeSync::wait_at_least(const std::vector<std::uintptr_t>& addrs, const std
     for (std::size_t i = 0; i < pending.size(); ++i) pending[i] = i;
     for (std::uint64_t iteration = 0;; ++iteration) {
         std::size_t kept = 0;
-        for (std::size_t i : pending)
-            if (load_counter(addrs[i]) < targets[i]) pending[kept++] = i;
+        std::int64_t seen_ns = -1;
+        for (std::size_t i : pending) {
+            if (load_counter(addrs[i]) < targets[i]) {
+                pending[kept++] = i;
+            } else {
+                if (seen_ns < 0)
+                    seen_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(clock::now().time_since_epoch())
+                                  .count();
+                arrivals_ns_[owners[i]] = seen_ns;
+            }
+        }
         pending.resize(kept);
         if (pending.empty()) return;
         // Spin briefly (the peer is usually microseconds away), then yield, then sleep:

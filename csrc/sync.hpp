@@ -27,6 +27,10 @@ public:
 
     std::uint64_t generation() const { return generation_; }
 
+    // steady_clock (CLOCK_MONOTONIC) nanoseconds at which each local peer was last seen arriving in
+    // barrier() (this rank: when it arrived itself); the cost statistics of dispatch / combine.
+    const std::vector<std::int64_t>& arrivals_ns() const { return arrivals_ns_; }
+
 private:
     bool peer_alive(int index) const;
 
@@ -36,6 +40,7 @@ private:
     std::vector<std::int64_t> pids_;
     std::vector<bool> check_liveness_;
     std::uint64_t generation_ = 0;
+    std::vector<std::int64_t> arrivals_ns_;
 };
 
 // Release-store of a 64-bit counter in shared memory.
