@@ -9,16 +9,19 @@ computed in `layout.py` and the bytes are moved by `transport/`.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 from datetime import timedelta
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
 
-from . import fused, npu, ops
+from . import env, fused, npu, ops
 from .config import Config
+from .ep_strategy import (LowLatencyEPCommStrategy, LowLatencyStrategy, NormalEPCommStrategy, NormalStrategy,
+                          get_low_latency_strategy, get_normal_strategy)
 from .fused import FuseMode
 from .low_latency import LowLatencyMode
 from .normal import NormalMode
@@ -28,11 +31,10 @@ from .utils import EventOverlap, check_one_of, timeout_seconds, topk_idx_t
 
 __all__ = ["Buffer", "FuseMode", "topk_idx_t"]
 
-NORMAL_STRATEGIES = ("default", "alltoall")
-LOW_LATENCY_STRATEGIES = ("default", "alltoall", "ops")
-# DEEP_USE_MODE -> (normal_strategy, low_latency_strategy), as in DeepEP-Ascend.
-USE_MODES = {"default": ("default", "default"), "alltoall": ("alltoall", "alltoall"), "ops": ("default", "ops")}
+NORMAL_STRATEGIES = tuple(NormalStrategy.get_all_strategies())
+LOW_LATENCY_STRATEGIES = tuple(LowLatencyStrategy.get_all_strategies())
 DEFAULT_NVL_BYTES = 64 << 20
+_runtime_ids = itertools.count(1)
 
 
 def _host_identity() -> str:
@@ -70,7 +72,8 @@ class Buffer(NormalMode, LowLatencyMode):
     def __init__(self, group: dist.ProcessGroup, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0,
                  low_latency_mode: bool = False, num_qps_per_rank: int = 12,
                  allow_nvlink_for_low_latency_mode: bool = True, allow_mnnvl: bool = False,
-                 normal_strategy: str = "default", low_latency_strategy: str = "default",
+                 normal_strategy: Union[str, NormalEPCommStrategy] = "default",
+                 low_latency_strategy: Union[str, LowLatencyEPCommStrategy] = "default",
                  explicitly_destroy: bool = False) -> None:
         if not dist.is_initialized():
             raise RuntimeError("deep_ep.Buffer needs torch.distributed: call torch.distributed.init_process_group "
@@ -78,12 +81,17 @@ class Buffer(NormalMode, LowLatencyMode):
         for name, value in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-        check_one_of("normal_strategy", normal_strategy, NORMAL_STRATEGIES)
-        check_one_of("low_latency_strategy", low_latency_strategy, LOW_LATENCY_STRATEGIES)
-        use_mode = os.environ.get("DEEP_USE_MODE")
+        # An instance passed in was built on another Buffer's runtime: only its name carries over.
+        normal_name = normal_strategy.get_name() if isinstance(normal_strategy, NormalEPCommStrategy) \
+            else normal_strategy
+        low_latency_name = low_latency_strategy.get_name() \
+            if isinstance(low_latency_strategy, LowLatencyEPCommStrategy) else low_latency_strategy
+        check_one_of("normal_strategy", normal_name, NORMAL_STRATEGIES)
+        check_one_of("low_latency_strategy", low_latency_name, LOW_LATENCY_STRATEGIES)
+        use_mode = env.use_mode()
         if use_mode:
-            check_one_of("DEEP_USE_MODE", use_mode, tuple(USE_MODES))
-            normal_strategy, low_latency_strategy = USE_MODES[use_mode]
+            normal_name, low_latency_name = env.USE_MODES[use_mode]
+        normal_strategy, low_latency_strategy = normal_name, low_latency_name
         self.group = group
         self.rank = dist.get_rank(group)
         self.group_size = dist.get_world_size(group)
@@ -106,8 +114,7 @@ class Buffer(NormalMode, LowLatencyMode):
         self.device_path = self.on_npu or ops.torch_ops_forced()
         if self.device_path:
             normal_strategy = npu.NORMAL_ON_NPU[normal_strategy]
-        self.normal_strategy = normal_strategy
-        self.low_latency_strategy = low_latency_strategy
+        self.runtime_id = next(_runtime_ids)
         self.low_latency_mode = low_latency_mode
         self.num_nvl_bytes = num_nvl_bytes or DEFAULT_NVL_BYTES
         self.num_rdma_bytes = num_rdma_bytes
@@ -123,13 +130,64 @@ class Buffer(NormalMode, LowLatencyMode):
         self.node = int(self.rank_to_node[self.rank])
         self.local_ranks = (self.rank_to_node == self.node).nonzero().flatten().tolist()
         self.topology = hierarchical.Topology(self.rank, self.rank_to_node)
-        self.shm: Optional[shm.NodeShm] = None
-        if normal_strategy == "default":
-            # Shared memory inside this rank's node; with several nodes, the hierarchical transport.
-            self.shm = shm.NodeShm(self.comm, self.local_ranks, self.num_nvl_bytes, "deep_ep normal mode")
+        self.shm: Optional[shm.NodeShm] = None  # mapped by the first "default" normal strategy (node_shm)
         self.pool = OutputPool()
         self.destroyed = False
         self._init_low_latency()
+        # The backends, chosen once: every mode's calls go to them (deep_ep/strategies/).
+        self._normal_strategy: NormalEPCommStrategy = get_normal_strategy(normal_strategy)(runtime=self, group=group)
+        self._low_latency_strategy: LowLatencyEPCommStrategy = self._make_low_latency_strategy(low_latency_strategy)
+
+    # ---- strategies ------------------------------------------------------------------------------
+    @property
+    def runtime(self) -> "Buffer":
+        """The state the strategies run on (groups, shared memory, call bookkeeping): build strategies
+        with `Strategy(runtime=buffer.runtime, group=group)`. Here it is the Buffer itself."""
+        return self
+
+    def node_shm(self) -> shm.NodeShm:
+        """The node's normal-mode shared memory, mapped on first use (collective: every rank builds the
+        "default" normal strategy at the same point)."""
+        if self.shm is None:
+            self.shm = shm.NodeShm(self.comm, self.local_ranks, self.num_nvl_bytes, "deep_ep normal mode")
+        return self.shm
+
+    def _make_low_latency_strategy(self, name: str) -> LowLatencyEPCommStrategy:
+        cls = get_low_latency_strategy(name)
+        if name == "ops" or (name == "default" and self.npu_ll is not None):
+            # "ops", and "default" on NPU: CANN's MC2 operators (deep_ep/npu.py)
+            return get_low_latency_strategy("ops" if self.on_npu else name)(runtime=self, group=self.group)
+        return cls(runtime=self, group=self.group)
+
+    def _adopt(self, strategy, base: type, name: str, make: Callable):
+        if isinstance(strategy, str):
+            return make(strategy)
+        if not isinstance(strategy, base):
+            raise TypeError(f"{name} must be a strategy name or a {base.__name__}, got {type(strategy).__name__}")
+        if strategy.runtime is not self:
+            raise ValueError(f"{name} was built on another Buffer's runtime; build it with runtime=buffer.runtime")
+        return strategy
+
+    @property
+    def normal_strategy(self) -> NormalEPCommStrategy:
+        """The normal-mode backend (compares equal to its name); assign a name or an instance built with
+        runtime=buffer.runtime between calls."""
+        return self._normal_strategy
+
+    @normal_strategy.setter
+    def normal_strategy(self, strategy: Union[str, NormalEPCommStrategy]) -> None:
+        self._normal_strategy = self._adopt(strategy, NormalEPCommStrategy, "normal_strategy",
+                                            lambda n: get_normal_strategy(n)(runtime=self, group=self.group))
+
+    @property
+    def low_latency_strategy(self) -> LowLatencyEPCommStrategy:
+        """The low-latency backend (compares equal to its name); assignable like normal_strategy."""
+        return self._low_latency_strategy
+
+    @low_latency_strategy.setter
+    def low_latency_strategy(self, strategy: Union[str, LowLatencyEPCommStrategy]) -> None:
+        self._low_latency_strategy = self._adopt(strategy, LowLatencyEPCommStrategy, "low_latency_strategy",
+                                                 self._make_low_latency_strategy)
 
     # ---- topology --------------------------------------------------------------------------------
     def _discover_nodes(self) -> torch.Tensor:
@@ -235,6 +293,111 @@ class Buffer(NormalMode, LowLatencyMode):
             collective.failure(self.data_comm)  # NPU: the rows' HCCL group
         if broken:
             raise RuntimeError(broken)
+
+    # ---- normal mode: validate, delegate to the normal strategy ------------------------------------
+    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int,
+                            previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                            allocate_on_comm_stream: bool = False):
+        """Counts the rows this rank will send (deep_ep/normal.py NormalMode.dispatch_layout).
+
+        Returns: num_tokens_per_rank int32 [R], num_tokens_per_rdma_rank int32 [nodes] (None on one
+        node), num_tokens_per_expert int32 [E] ([rounds * E] with DEEPEP_NORMAL_LONG_SEQ_ROUND),
+        is_token_in_rank int32 [T, R], EventOverlap."""
+        return self.normal_strategy.get_dispatch_layout(topk_idx, num_experts, previous_event, async_finish,
+                                                        allocate_on_comm_stream)
+
+    def dispatch(self, x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]], handle=None,
+                 num_tokens_per_rank: Optional[torch.Tensor] = None,
+                 num_tokens_per_rdma_rank: Optional[torch.Tensor] = None,
+                 is_token_in_rank: Optional[torch.Tensor] = None,
+                 num_tokens_per_expert: Optional[torch.Tensor] = None, topk_idx: Optional[torch.Tensor] = None,
+                 topk_weights: Optional[torch.Tensor] = None, expert_alignment: int = 1, num_worst_tokens: int = 0,
+                 config: Optional[Config] = None, previous_event: Optional[EventOverlap] = None,
+                 async_finish: bool = False, allocate_on_comm_stream: bool = False,
+                 dispatch_wait_recv_cost_stats: Optional[torch.Tensor] = None, quant_mode: Optional[str] = None):
+        """Sends every token to the ranks holding its top-k experts (see NormalMode.normal_dispatch for
+        shapes). Returns (recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list,
+        handle, EventOverlap); with a handle (cached dispatch) only recv_x and the event are set.
+        The handle is upstream's (deep_ep/handles.py): the 8-tuple on one node, the 9-tuple across
+        nodes ("default"), a dict ("alltoall"). dispatch_wait_recv_cost_stats: None or int32 [R] on the
+        host; entry r grows by the microseconds this rank waited for rank r's rows."""
+        config = self.get_dispatch_config(self.group_size) if config is None else config
+        return self.normal_strategy.dispatch(
+            x=x, handle=handle, num_tokens_per_rank=num_tokens_per_rank,
+            num_tokens_per_rdma_rank=num_tokens_per_rdma_rank, is_token_in_rank=is_token_in_rank,
+            num_tokens_per_expert=num_tokens_per_expert, topk_idx=topk_idx, topk_weights=topk_weights,
+            expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens, config=config,
+            previous_event=previous_event, async_finish=async_finish, allocate_on_comm_stream=allocate_on_comm_stream,
+            dispatch_wait_recv_cost_stats=dispatch_wait_recv_cost_stats, quant_mode=quant_mode)
+
+    def combine(self, x: torch.Tensor, handle, topk_weights: Optional[torch.Tensor] = None,
+                bias: Union[None, torch.Tensor, Tuple[torch.Tensor, torch.Tensor]] = None,
+                config: Optional[Config] = None, previous_event: Optional[EventOverlap] = None,
+                async_finish: bool = False, allocate_on_comm_stream: bool = False,
+                combine_send_cost_stats: Optional[torch.Tensor] = None):
+        """Returns expert outputs to their tokens and sums them with the routing weights (see
+        NormalMode.normal_combine). Returns (combined_x [T, H], combined_topk_weights float32 [T, K],
+        EventOverlap). combine_send_cost_stats: None or int32 [R] on the host; entry r grows by the
+        microseconds it took to hand this rank's rows over to rank r."""
+        config = self.get_combine_config(self.group_size) if config is None else config
+        return self.normal_strategy.combine(
+            x=x, handle=handle, topk_weights=topk_weights, bias=bias, config=config, previous_event=previous_event,
+            async_finish=async_finish, allocate_on_comm_stream=allocate_on_comm_stream,
+            combine_send_cost_stats=combine_send_cost_stats)
+
+    def internode_dispatch(self, x, handle=None, num_tokens_per_rank=None, num_tokens_per_rdma_rank=None,
+                           is_token_in_rank=None, num_tokens_per_expert=None, topk_idx=None, topk_weights=None,
+                           expert_alignment: int = 1, config: Optional[Config] = None,
+                           previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                           allocate_on_comm_stream: bool = False):
+        """Upstream's internode entry point: dispatch (which picks the transport by itself)."""
+        return self.dispatch(x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
+                             num_tokens_per_expert, topk_idx, topk_weights, expert_alignment, 0, config,
+                             previous_event, async_finish, allocate_on_comm_stream)
+
+    def internode_combine(self, x: torch.Tensor, handle, topk_weights: Optional[torch.Tensor] = None, bias=None,
+                          config: Optional[Config] = None, previous_event: Optional[EventOverlap] = None,
+                          async_finish: bool = False, allocate_on_comm_stream: bool = False):
+        """Upstream's internode entry point: combine."""
+        return self.combine(x, handle, topk_weights, bias, config, previous_event, async_finish,
+                            allocate_on_comm_stream)
+
+    # ---- low-latency mode: delegate to the low-latency strategy -------------------------------------
+    def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
+                             num_experts: int, cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
+                             use_fp8: bool = True, round_scale: bool = False, use_ue8m0: bool = False,
+                             use_mxfp4: bool = False, async_finish: bool = False, return_recv_hook: bool = False,
+                             topk_weights: Optional[torch.Tensor] = None, quant_mode: Optional[str] = None):
+        """Sends every token to the ranks holding its top-k experts, into fixed-size buffers (see
+        LowLatencyMode.ll_dispatch for shapes). Format: quant_mode "bf16" / "int8", or as upstream maps
+        the flags when it is None (use_fp8 -> int8, else bf16; use_ue8m0 with use_fp8 -> MXFP8 and
+        use_mxfp4 -> MXFP4, which are a ValueError here). round_scale and async_finish: no effect.
+        Returns (recv_x, recv_count int64 [L], handle (upstream's 7-tuple), EventOverlap, hook): hook is
+        always a callable; with return_recv_hook the data is there only after hook()."""
+        return self.low_latency_strategy.low_latency_dispatch(
+            x=x, topk_idx=topk_idx, num_max_dispatch_tokens_per_rank=num_max_dispatch_tokens_per_rank,
+            num_experts=num_experts, cumulative_local_expert_recv_stats=cumulative_local_expert_recv_stats,
+            use_fp8=use_fp8, round_scale=round_scale, use_ue8m0=use_ue8m0, use_mxfp4=use_mxfp4,
+            async_finish=async_finish, return_recv_hook=return_recv_hook, topk_weights=topk_weights,
+            quant_mode=quant_mode)
+
+    def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle: tuple,
+                            zero_copy: bool = False, async_finish: bool = False, return_recv_hook: bool = False,
+                            out: Optional[torch.Tensor] = None):
+        """Returns expert outputs to their tokens and sums them with topk_weights (see
+        LowLatencyMode.ll_combine). zero_copy, async_finish: no effect. Returns (combined_x [T, H],
+        EventOverlap, hook)."""
+        return self.low_latency_strategy.low_latency_combine(
+            x=x, topk_idx=topk_idx, topk_weights=topk_weights, handle=handle, zero_copy=zero_copy,
+            async_finish=async_finish, return_recv_hook=return_recv_hook, out=out)
+
+    # ---- profiling (upstream's NPU kernel profiler) ------------------------------------------------
+    def begin_profile(self, num_profile_skip_launches: int, num_profile_active_launches: int,
+                      profile_trace_dir: Optional[str] = "") -> None:
+        """Accepted for DeepEP-Ascend compatibility: there is no device kernel to profile on CPU."""
+
+    def end_profile(self) -> None:
+        """Accepted for DeepEP-Ascend compatibility (see begin_profile)."""
 
     # ---- fused_deep_moe (pipeline in fused.py) -----------------------------------------------------
     def fused_deep_moe(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,

@@ -483,7 +483,7 @@ def fused_deep_moe(
     # buffer size) the same way: on this rank before any data moves, with the peers told.
     recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(
         x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, topk_weights=topk_weights, quant_mode="int8")
-    (xq, x_scale), state = recv_x, handle[7]  # handle[7]: LowLatencyState
+    (xq, x_scale), state = recv_x, handle.state  # the LowLatencyState beside the 7-tuple
     prefix = handle[1].tolist()  # inclusive prefix of the (local expert, source rank) blocks -> counts
     ep_recv_count = torch.tensor([b - a for a, b in zip([0] + prefix, prefix)], dtype=torch.int32)
     expert_out = torch.empty((xq.shape[0], x.shape[1]), dtype=state.dtype)  # combine reads rows < total only

@@ -1,5 +1,6 @@
-"""Low-latency mode of deep_ep.Buffer (decode): low_latency_dispatch, low_latency_combine and
-clean_low_latency_buffer, with their receive hooks.
+"""Low-latency mode (decode): the runtime's low_latency_dispatch / low_latency_combine calls (used by
+the low-latency strategies, deep_ep/strategies/low_latency_strategy.py) and clean_low_latency_buffer,
+with their receive hooks.
 
 Fixed-size buffers, no host-side layout step, at most two results of each kind in flight (double
 buffering, calls numbered the same on every rank). Strategy "default" on one node uses
@@ -19,7 +20,7 @@ import torch.distributed as dist
 
 import deep_ep_cpp
 
-from . import layout, npu, ops
+from . import env, layout, npu, ops
 from .pool import OutputPool
 from .transport import alltoall_low_latency, shm_low_latency
 from .transport.fields import as_byte_rows
@@ -57,6 +58,8 @@ class LowLatencyState:
     layout_range: torch.Tensor  # int64 [L * R]
     recv_count: torch.Tensor  # int64 [L]
     stats: Optional[torch.Tensor]
+    ll: Optional[shm_low_latency.LowLatencyShm] = None  # the shared memory the call uses; None: alltoall
+    recv_count_out: Optional[torch.Tensor] = None  # recv_count as returned (prefix sums: expert_token_nums_type 0)
     recv: tuple = ()
     received: bool = False
     # collective transport only
@@ -85,12 +88,6 @@ class LowLatencyCombine:
 
 
 LowLatencyCall = Union[LowLatencyState, LowLatencyCombine]
-
-
-def _ll_state_of(handle) -> LowLatencyState:
-    if not isinstance(handle, tuple) or len(handle) < 8 or not isinstance(handle[7], LowLatencyState):
-        raise TypeError("handle must be the handle returned by Buffer.low_latency_dispatch")
-    return handle[7]
 
 
 def _ll_dropped(state: LowLatencyState, topk_idx: torch.Tensor) -> torch.Tensor:
@@ -167,10 +164,17 @@ class LowLatencyMode:
         dist.all_gather_object(sizes, self.num_rdma_bytes, group=self.comm)
         if len(set(sizes)) > 1:
             raise ValueError(f"num_rdma_bytes must be the same on every rank, got {sizes} (by rank)")
-        if self.low_latency_strategy == "default" and self.num_nodes == 1 and self.num_rdma_bytes > 0:
-            self.ll = shm_low_latency.LowLatencyShm(self.comm, self.local_ranks, self.num_rdma_bytes)
         if self.on_npu:
             self.npu_ll = npu.create_low_latency(self)
+
+    def low_latency_shm(self) -> Optional[shm_low_latency.LowLatencyShm]:
+        """The node's low-latency shared memory (mapped on first use: collective, every rank calls it
+        when building a "default" low-latency strategy), or None where there is none: several nodes,
+        num_rdma_bytes=0, low_latency_mode=False or the NPU path."""
+        if self.ll is None and self.low_latency_mode and self.num_nodes == 1 and self.num_rdma_bytes > 0 \
+                and not self.on_npu:
+            self.ll = shm_low_latency.LowLatencyShm(self.comm, self.local_ranks, self.num_rdma_bytes)
+        return self.ll
 
     @staticmethod
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
@@ -200,9 +204,10 @@ class LowLatencyMode:
         if self._ll_broken:
             raise RuntimeError(self._ll_broken)
 
-    def _ll_check_sizes(self, num_max_tokens, hidden: int, num_experts) -> None:
+    def _ll_check_sizes(self, num_max_tokens, hidden: int, num_experts,
+                        ll: Optional[shm_low_latency.LowLatencyShm] = None) -> None:
         """Nmax / E are ints, E % R == 0, and num_rdma_bytes holds the layout (ValueError naming the size)."""
-        key = (num_max_tokens, hidden, num_experts)
+        key = (num_max_tokens, hidden, num_experts, ll is not None)
         if key in self._ll_fits:
             return
         check_positive_int("num_max_dispatch_tokens_per_rank", num_max_tokens)
@@ -214,8 +219,7 @@ class LowLatencyMode:
             raise ValueError(f"low-latency mode supports up to {shm_low_latency.MAX_LOCAL_EXPERTS} experts per "
                              f"rank, got {num_experts // self.group_size}")
         needed = self.get_low_latency_rdma_size_hint(num_max_tokens, hidden, self.group_size, num_experts)
-        if self.num_rdma_bytes < needed or (self.ll is not None and not self.ll.fits(num_max_tokens, hidden,
-                                                                                     num_experts)):
+        if self.num_rdma_bytes < needed or (ll is not None and not ll.fits(num_max_tokens, hidden, num_experts)):
             raise ValueError(f"num_rdma_bytes={self.num_rdma_bytes} is too small for low-latency mode with "
                              f"num_max_dispatch_tokens_per_rank={num_max_tokens}, hidden={hidden}, "
                              f"{self.group_size} ranks and num_experts={num_experts}: it needs {needed} bytes "
@@ -231,25 +235,30 @@ class LowLatencyMode:
                                "hook first (at most two low-latency results may be in flight)")
         return seq
 
-    def _ll_reject(self, kind: int, seq: int, header: List[int], what: str) -> None:
+    def _ll_reject(self, kind: int, seq: int, header: List[int], what: str,
+                   ll: Optional[shm_low_latency.LowLatencyShm]) -> None:
         """This rank rejected its arguments: tell the peers (so they fail fast instead of waiting) and
         consume their call, which keeps every rank's sequence numbers in step."""
         self._ll_seq[kind] = seq
-        if self.ll is not None:
+        if ll is not None:
             parity = seq & 1
-            self._ll_guard(lambda: self.ll.wait_acks(kind, parity, seq, what))
-            self.ll.publish(kind, parity, seq, header)
-            self.ll.ack(kind, parity, seq)
+            self._ll_guard(lambda: ll.wait_acks(kind, parity, seq, what))
+            ll.publish(kind, parity, seq, header)
+            ll.ack(kind, parity, seq)
         else:
             counts = torch.zeros(self.group_size, 1, dtype=torch.int64)
             alltoall_low_latency.exchange_headers(self.comm, header, counts, what)
 
-    def _ll_reject_dispatch(self, seq: int, x, num_max_dispatch_tokens_per_rank, what: str) -> None:
+    def _ll_reject_dispatch(self, seq: int, x, num_max_dispatch_tokens_per_rank, what: str,
+                            ll: Optional[shm_low_latency.LowLatencyShm] = None) -> None:
         """_ll_reject of a dispatch call (low_latency_dispatch, fused_deep_moe): the "rejected" header
-        carries x's token count and Nmax, so the peers can name a rank that has more tokens than Nmax."""
+        carries x's token count and Nmax, so the peers can name a rank that has more tokens than Nmax.
+        `ll`: the call's shared memory; by default the one of the Buffer's low-latency strategy."""
+        if ll is None:
+            ll = getattr(self.low_latency_strategy, "ll", None)
         tokens = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() == 2 else -1
         nmax = num_max_dispatch_tokens_per_rank if isinstance(num_max_dispatch_tokens_per_rank, int) else -1
-        self._ll_reject(0, seq, [seq, 1, nmax, -1, -1, -1, -1, tokens], what)
+        self._ll_reject(0, seq, [seq, 1, nmax, -1, -1, -1, -1, tokens], what, ll)
 
     def _ll_guard(self, wait) -> None:
         """Runs a wait on peers; a timeout or a dead peer leaves low-latency mode unusable until
@@ -292,10 +301,11 @@ class LowLatencyMode:
         ValueError."""
         what = LL_KINDS[kind]
         parity = call.seq & 1
-        self._ll_guard(lambda: self.ll.wait_signals(kind, parity, call.seq, f"{what} (receive)"))
-        problem = _ll_disagreement(self.ll.headers(kind, parity).tolist(), call.header, LL_COMPARED[kind], what)
+        ll = (call if kind == 0 else call.state).ll
+        self._ll_guard(lambda: ll.wait_signals(kind, parity, call.seq, f"{what} (receive)"))
+        problem = _ll_disagreement(ll.headers(kind, parity).tolist(), call.header, LL_COMPARED[kind], what)
         if problem:
-            self.ll.ack(kind, parity, call.seq)
+            ll.ack(kind, parity, call.seq)
             self._ll_finish(kind, call)
             raise ValueError(problem)
 
@@ -313,22 +323,21 @@ class LowLatencyMode:
         return meta
 
     # ---- dispatch --------------------------------------------------------------------------------
-    def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
-                             num_experts: int, cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
-                             use_fp8: bool = True, round_scale: bool = False, use_ue8m0: bool = False,
-                             async_finish: bool = False, return_recv_hook: bool = False,
-                             topk_weights: Optional[torch.Tensor] = None, quant_mode: Optional[str] = None):
+    def ll_dispatch(self, ll: Optional[shm_low_latency.LowLatencyShm], x: torch.Tensor, topk_idx: torch.Tensor,
+                    num_max_dispatch_tokens_per_rank: int, num_experts: int,
+                    cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None, use_fp8: bool = True,
+                    return_recv_hook: bool = False, topk_weights: Optional[torch.Tensor] = None,
+                    quant_mode: Optional[str] = None):
         """Sends every token to the ranks holding its top-k experts, into fixed-size buffers (decode path).
 
         Args:
+            ll: the strategy's shared memory (one node), or None: all_to_all_single.
             x: [T, H] bfloat16 (float16 too; float32 with int8), T <= num_max_dispatch_tokens_per_rank.
             topk_idx: int64 [T, K] in [-1, E), -1 = no expert; the experts of a row are distinct.
             num_max_dispatch_tokens_per_rank: Nmax, the same on every rank.
             num_experts: E, the same on every rank, a multiple of R.
             cumulative_local_expert_recv_stats: None or int32 [L]; recv_count is added to it.
             use_fp8: True (default): per-token int8 (scale = max|x| / 127, A2/A3 behaviour); False: bf16.
-            round_scale, use_ue8m0: accepted for DeepEP compatibility; no effect (int8 scales are float32).
-            async_finish: accepted (CPU calls complete before returning).
             return_recv_hook: if True the call only sends; `hook()` receives and packs, and the results
                 are valid only after it.
             topk_weights: None or float32 [T, K]; kept in the handle.
@@ -339,18 +348,15 @@ class LowLatencyMode:
                 from rank 0 in token order, then from rank 1, ..., then expert 1, ...; only the first
                 recv_count.sum() rows hold data. The memory is reused by the call after next (two
                 results may be alive at once).
-            recv_count: int64 [L], rows per local expert.
-            handle: (src_info int32 [M, 3] (source rank, source token, top-k column; -1 past the rows),
-                layout_range int64 [L * R] (inclusive prefix of the rows of (local expert, source rank)
-                blocks, expert-major), Nmax, H, E, recv_count, topk_weights, state).
-            event: EventOverlap. hook: callable with return_recv_hook, else None.
+            recv_count: int64 [L], rows per local expert (their inclusive prefix sums with
+                MOE_EXPERT_TOKEN_NUMS_TYPE=0).
+            state: the LowLatencyState (the strategy makes the handle from it: src_info int32 [M, 3]
+                (source rank, source token, top-k column; -1 past the rows), layout_range int64 [L * R]
+                (inclusive prefix of the rows of (local expert, source rank) blocks, expert-major)).
+            event: EventOverlap. hook: a callable that receives (a no-op once received).
         """
         what = "low_latency_dispatch"
         self._ll_ready(what)
-        if self.npu_ll is not None:  # NPU: npu_moe_distribute_dispatch_v2 (deep_ep/npu.py)
-            return npu.low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
-                                            cumulative_local_expert_recv_stats, use_fp8, return_recv_hook,
-                                            topk_weights, quant_mode)
         seq = self._ll_begin(0, what)
         try:
             quant = self._ll_quant(x, use_fp8, quant_mode)
@@ -361,7 +367,7 @@ class LowLatencyMode:
             num_tokens, hidden = x.shape
             num_topk = topk_idx.shape[1]
             check_num_topk(num_topk)
-            self._ll_check_sizes(num_max_dispatch_tokens_per_rank, hidden, num_experts)
+            self._ll_check_sizes(num_max_dispatch_tokens_per_rank, hidden, num_experts, ll)
             if num_tokens > num_max_dispatch_tokens_per_rank:
                 raise ValueError(f"x has {num_tokens} tokens, more than num_max_dispatch_tokens_per_rank="
                                  f"{num_max_dispatch_tokens_per_rank}")
@@ -374,7 +380,7 @@ class LowLatencyMode:
             x, topk_idx = x.contiguous(), topk_idx.contiguous()
             slot, counts = layout.low_latency_slots(topk_idx, num_experts)
         except (ValueError, TypeError):
-            self._ll_reject_dispatch(seq, x, num_max_dispatch_tokens_per_rank, what)
+            self._ll_reject_dispatch(seq, x, num_max_dispatch_tokens_per_rank, what, ll)
             raise
         self._ll_seq[0] = seq
         parity = seq & 1
@@ -391,28 +397,27 @@ class LowLatencyMode:
                                 src_info=torch.empty(num_rows, 3, dtype=torch.int32),
                                 layout_range=torch.empty(experts_per_rank * self.group_size, dtype=torch.int64),
                                 recv_count=torch.empty(experts_per_rank, dtype=torch.int64),
-                                stats=cumulative_local_expert_recv_stats)
+                                stats=cumulative_local_expert_recv_stats, ll=ll)
+        state.recv_count_out = state.recv_count if env.expert_token_nums_type() == 1 else \
+            torch.empty_like(state.recv_count)
         state.recv = self._ll_recv_buffers(parity, num_rows, hidden, quantized, state.dtype)
-        if self.ll is not None:
-            areas = self.ll.areas(num_max, hidden, num_experts, parity)
-            self._ll_guard(lambda: self.ll.wait_acks(0, parity, seq, what))
-            me = self.ll.local_index
+        if ll is not None:
+            areas = ll.areas(num_max, hidden, num_experts, parity)
+            self._ll_guard(lambda: ll.wait_acks(0, parity, seq, what))
+            me = ll.local_index
             deep_ep_cpp.ll_dispatch_send(x.data_ptr(), NATIVE_DTYPE_CODES[x.dtype], quantized, num_tokens, hidden,
                                          num_topk, topk_idx.numpy(), slot.numpy(), experts_per_rank, me, num_max,
                                          areas.tokens[me], areas.scales[me], areas.info, header,
-                                         self.ll.send_header[0][parity], counts.numpy(),
-                                         self.ll.send_signal[0][parity], seq, num_threads())
+                                         ll.send_header[0][parity], counts.numpy(),
+                                         ll.send_signal[0][parity], seq, num_threads())
         else:
             self._ll_alltoall_dispatch(state, x, counts)
         self._ll_pending[0][parity] = seq
         hook = functools.partial(self._ll_dispatch_receive, state)
+        if not return_recv_hook:
+            hook()
         recv_x = state.recv if quantized else state.recv[0]
-        handle = (state.src_info, state.layout_range, num_max, hidden, num_experts, state.recv_count,
-                  topk_weights, state)
-        if return_recv_hook:
-            return recv_x, state.recv_count, handle, EventOverlap(), hook
-        hook()
-        return recv_x, state.recv_count, handle, EventOverlap(), None
+        return recv_x, state.recv_count_out, state, EventOverlap(), hook
 
     def _ll_recv_buffers(self, parity: int, rows: int, hidden: int, quantized: bool, dtype: torch.dtype):
         """The receive tensors of one parity, reused by every other call (double buffering)."""
@@ -431,30 +436,32 @@ class LowLatencyMode:
         if state.received:
             return
         self._ll_check_hook(state, "low_latency_dispatch (receive)")
-        if self.ll is not None:
+        ll = state.ll
+        if ll is not None:
             self._ll_shm_headers(0, state)
             parity = state.seq & 1
-            counts = self.ll.counts(parity, state.num_experts // self.group_size)
+            counts = ll.counts(parity, state.num_experts // self.group_size)
             block_rows = layout.low_latency_recv_layout(counts, state.layout_range.numpy(), state.recv_count.numpy())
-            areas = self.ll.areas(state.num_max_tokens, state.hidden, state.num_experts, parity)
-            me = self.ll.local_index
+            areas = ll.areas(state.num_max_tokens, state.hidden, state.num_experts, parity)
+            me = ll.local_index
             recv = state.recv
             state.total = deep_ep_cpp.ll_pack(
                 areas.info[me], areas.tokens, areas.scales if state.quantized else [],
                 recv[0].shape[1] * recv[0].element_size(), state.num_topk, block_rows,
                 state.layout_range.numpy(), state.num_max_tokens, recv[0].data_ptr(),
                 recv[1].data_ptr() if state.quantized else 0, state.src_info.numpy(), state.num_rows,
-                self.ll.recv_ack[0][parity], state.seq, num_threads())
+                ll.recv_ack[0][parity], state.seq, num_threads())
         else:
             self._ll_alltoall_pack(state)
         if state.stats is not None:
             state.stats.add_(state.recv_count)
+        if state.recv_count_out is not state.recv_count:
+            torch.cumsum(state.recv_count, 0, out=state.recv_count_out)
         self._ll_finish(0, state)
 
     # ---- combine ---------------------------------------------------------------------------------
-    def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
-                            handle: tuple, zero_copy: bool = False, async_finish: bool = False,
-                            return_recv_hook: bool = False, out: Optional[torch.Tensor] = None):
+    def ll_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                   state: LowLatencyState, return_recv_hook: bool = False, out: Optional[torch.Tensor] = None):
         """Returns expert outputs to their tokens and sums them with the routing weights.
 
         Args:
@@ -462,20 +469,16 @@ class LowLatencyMode:
                 (bfloat16 unless x was float16); rows past recv_count.sum() are ignored.
             topk_idx: int64 [T, K], as given to low_latency_dispatch (entries may be set to -1 to drop them).
             topk_weights: float32 [T, K], the weights of the sum.
-            handle: from low_latency_dispatch (after its hook, if any).
-            zero_copy, async_finish: accepted for DeepEP compatibility.
+            state: the LowLatencyState of low_latency_dispatch's handle (after its hook, if any).
             return_recv_hook: if True the call only sends; `hook()` receives and reduces, and
                 combined_x is valid only after it.
             out: None or a [T, H] tensor of x's dtype that receives the result.
         Returns:
-            (combined_x [T, H], EventOverlap, hook or None). combined_x[t] = sum over k with
+            (combined_x [T, H], EventOverlap, hook: a callable that receives; a no-op once received). combined_x[t] = sum over k with
             topk_idx[t, k] != -1 of topk_weights[t, k] * x[row(t, k)], in float32, k ascending.
         """
         what = "low_latency_combine"
         self._ll_ready(what)
-        if self.npu_ll is not None:  # NPU: npu_moe_distribute_combine_v2 (deep_ep/npu.py)
-            return npu.low_latency_combine(self, x, topk_idx, topk_weights, handle, return_recv_hook, out)
-        state = _ll_state_of(handle)
         if not state.received:
             raise RuntimeError("deep_ep low_latency_combine: call the hook of the low_latency_dispatch that made "
                                "this handle first")
@@ -493,7 +496,7 @@ class LowLatencyMode:
                     raise ValueError("topk_idx must be the one given to low_latency_dispatch (entries may be set "
                                      "to -1 to leave them out)")
         except (ValueError, TypeError):
-            self._ll_reject(1, seq, [seq, 1, -1, -1, -1, -1, -1, state.seq], what)
+            self._ll_reject(1, seq, [seq, 1, -1, -1, -1, -1, -1, state.seq], what, state.ll)
             raise
         self._ll_seq[1] = seq
         parity = seq & 1
@@ -504,21 +507,21 @@ class LowLatencyMode:
         total = state.total
         task = LowLatencyCombine(state=state, seq=seq, header=header, topk_idx=topk_idx, weights=topk_weights,
                                  result=result, out=out)
-        if self.ll is not None:
-            areas = self.ll.areas(state.num_max_tokens, hidden, state.num_experts, parity)
-            self._ll_guard(lambda: self.ll.wait_acks(1, parity, seq, what))
+        ll = state.ll
+        if ll is not None:
+            areas = ll.areas(state.num_max_tokens, hidden, state.num_experts, parity)
+            self._ll_guard(lambda: ll.wait_acks(1, parity, seq, what))
             deep_ep_cpp.ll_combine_send(x.data_ptr(), hidden * x.element_size(), total, state.src_info[:total].numpy(),
                                         num_topk, areas.returns, areas.return_rows, header,
-                                        self.ll.send_header[1][parity], self.ll.send_signal[1][parity], seq,
+                                        ll.send_header[1][parity], ll.send_signal[1][parity], seq,
                                         num_threads())
         else:
             self._ll_alltoall_combine(task, x)
         self._ll_pending[1][parity] = seq
         hook = functools.partial(self._ll_combine_receive, task)
-        if return_recv_hook:
-            return result if out is None else out, EventOverlap(), hook
-        hook()
-        return result if out is None else out, EventOverlap(), None
+        if not return_recv_hook:
+            hook()
+        return result if out is None else out, EventOverlap(), hook
 
     def _ll_combine_receive(self, task: LowLatencyCombine) -> None:
         """Waits for every holder's rows of this call and reduces them (the hook)."""
@@ -527,13 +530,14 @@ class LowLatencyMode:
         state = task.state
         self._ll_check_hook(state, "low_latency_combine (receive)")
         dropped = _ll_dropped(state, task.topk_idx)
-        if self.ll is not None:
+        ll = state.ll
+        if ll is not None:
             self._ll_shm_headers(1, task)
             parity = task.seq & 1
-            rows = self.ll.return_view(state.num_max_tokens, state.hidden, state.num_experts, parity)
+            rows = ll.return_view(state.num_max_tokens, state.hidden, state.num_experts, parity)
             ops.weighted_reduce(task.result, [rows], task.result.dtype, dropped, _ll_selection_rows(state),
                                 task.weights)
-            self.ll.ack(1, parity, task.seq)
+            ll.ack(1, parity, task.seq)
         else:
             ops.weighted_reduce(task.result, [task.arrived], task.result.dtype, dropped, task.arrived_row,
                                 task.weights)

@@ -1,24 +1,23 @@
-"""Normal mode of deep_ep.Buffer (prefill / training): get_dispatch_layout, dispatch (fresh and
-cached) and combine.
+"""Normal mode (prefill / training): the layout counts, dispatch (fresh and cached) and combine.
 
 `NormalMode` checks the arguments, agrees a per-call header with the peers, computes the routing
-once (`layout.py`) and hands the rows to one transport: shared memory inside a node
-(`transport/shm.py`), the hierarchical transport between nodes (`transport/hierarchical.py`), or
-torch.distributed's all_to_all_single (`transport/collective.py`, also the NPU path). `Buffer`
-inherits it; the group, topology and shared memory come from `Buffer.__init__`.
+once (`layout.py`) and hands the rows to the transport of the calling strategy
+(deep_ep/strategies/normal_strategy.py: shared memory inside a node, the hierarchical transport
+between nodes, or torch.distributed's all_to_all_single). It is a mixin of the Buffer's runtime;
+the group, topology and shared memory come from `Buffer.__init__`. The strategies turn the
+DispatchState it returns into DeepEP-Ascend's handle (deep_ep/handles.py).
 """
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
-from typing import List, Optional, Tuple, Union
+from typing import Any, Callable, List, Optional, Protocol, Tuple, Union
+
 
 import torch
 import torch.distributed as dist
 
-from . import layout, ops
-from .config import Config
+from . import env, layout, ops
 from .pool import OutputPool
 from .transport import collective, hierarchical, shm
 from .transport.fields import as_byte_rows
@@ -35,7 +34,7 @@ HEADER_FIELDS = ("operation", "num_tokens", "hidden", "num_topk", "num_experts",
 
 @dataclass
 class DispatchState:
-    """What combine and cached dispatch need from a dispatch (kept at the end of the handle)."""
+    """What combine and cached dispatch need from a dispatch (the `state` of its handle)."""
 
     plan: layout.RoutingPlan
     recv_src_rank: torch.Tensor  # int64 [N_out], -1 for padding rows
@@ -48,6 +47,7 @@ class DispatchState:
     expert_alignment: int = 1
     num_worst_tokens: int = 0
     internode: Optional["InternodeState"] = None
+    transport: Any = None  # the NormalTransport that moved the rows; combine must use the same
 
     @functools.cached_property
     def rows_by_source(self) -> torch.Tensor:
@@ -65,11 +65,7 @@ class InternodeState:
     selection_row: torch.Tensor  # int64 [T + F, K]: its row there
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "0").strip() in ("1", "true", "True")
-
-
-def _check_agreement(meta_all: torch.Tensor, what: str, skip: Tuple[int, ...]) -> None:
+def check_agreement(meta_all: torch.Tensor, what: str, skip: Tuple[int, ...]) -> None:
     """ValueError naming the first header field the ranks disagree on.
 
     meta_all: int64 [R, >= len(HEADER_FIELDS)], every rank's header; skip: indices of the fields
@@ -84,8 +80,30 @@ def _check_agreement(meta_all: torch.Tensor, what: str, skip: Tuple[int, ...]) -
             raise ValueError(f"deep_ep {what}: ranks disagree on {name} ({values})")
 
 
+class NormalTransport(Protocol):
+    """How one normal strategy moves rows (deep_ep/strategies/normal_strategy.py). `runtime` is the
+    NormalMode; `stats` the caller's int32 [R] cost statistics or None."""
+
+    shm: Optional[shm.NodeShm]  # the shared memory whose data area bounds a row, or None
+
+    def dispatch(self, runtime: "NormalMode", meta: torch.Tensor, fields: List[torch.Tensor], topk_idx: torch.Tensor,
+                 decide: Callable, state_box: dict, stats: Optional[torch.Tensor]):
+        """Moves a fresh dispatch's rows; returns (InternodeState or None, rows_by_source or None)."""
+
+    def cached_dispatch(self, runtime: "NormalMode", state: "DispatchState", header: torch.Tensor,
+                        fields: List[torch.Tensor], out_bytes: List[torch.Tensor], check: Callable,
+                        stats: Optional[torch.Tensor]) -> None:
+        """Moves a cached dispatch's rows along the routes of `state`."""
+
+    def combine(self, runtime: "NormalMode", state: "DispatchState", header: torch.Tensor, x_rows: torch.Tensor,
+                check: Callable, reduce: Callable, out: torch.Tensor, weights: torch.Tensor,
+                new_weights: Optional[torch.Tensor], biases: List[torch.Tensor],
+                stats: Optional[torch.Tensor]) -> None:
+        """Returns the expert outputs `x_rows` and reduces them into `out`."""
+
+
 class NormalMode:
-    """Buffer's normal-mode methods (a mixin of `deep_ep.Buffer`)."""
+    """The runtime's normal-mode calls (a mixin of the Buffer's runtime, called by the normal strategies)."""
 
     # Set by Buffer.__init__ (buffer.py).
     rank: int
@@ -118,22 +136,31 @@ class NormalMode:
                 raise ValueError(f"topk_idx: the experts of one token must be distinct (apart from -1); "
                                  f"row {repeated} repeats one: {topk_idx[repeated].tolist()}")
 
-    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int, previous_event: Optional[EventOverlap] = None,
-                            async_finish: bool = False, allocate_on_comm_stream: bool = False):
-        """Counts the rows this rank will send.
+    def dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int):
+        """Counts the rows this rank will send (get_dispatch_layout of every normal strategy).
 
         Args:
             topk_idx: int64 [T, K], values in [-1, num_experts).
             num_experts: E, a multiple of the group size.
         Returns:
             num_tokens_per_rank int32 [R], num_tokens_per_rdma_rank int32 [nodes] (None for one node),
-            num_tokens_per_expert int32 [E], is_token_in_rank int32 [T, R], EventOverlap.
+            num_tokens_per_expert int32 [E] (or [rounds * E] per long-sequence round, see
+            deep_ep.env.long_seq_rounds), is_token_in_rank int32 [T, R], EventOverlap.
         """
         self._check_alive()
         self._check_topk_idx(topk_idx, num_experts)
         self._check_devices(topk_idx=topk_idx)
+        rounds = env.long_seq_rounds()
+        if rounds.configured and topk_idx.shape[0] > rounds.rounds * rounds.per_round_tokens:
+            raise ValueError(f"topk_idx has {topk_idx.shape[0]} tokens, more than DEEPEP_NORMAL_LONG_SEQ_ROUND * "
+                             f"DEEPEP_NORMAL_LONG_SEQ_PER_ROUND_TOKENS = {rounds.rounds * rounds.per_round_tokens}")
         per_rank, per_node, per_expert, in_rank = layout.dispatch_layout(
             topk_idx, num_experts, self.group_size, self.rank_to_node if self.num_nodes > 1 else None)
+        if rounds.rounds > 1:
+            per_expert = torch.cat([layout.dispatch_layout(topk_idx[r * rounds.per_round_tokens:
+                                                                    (r + 1) * rounds.per_round_tokens],
+                                                           num_experts, self.group_size)[2]
+                                    for r in range(rounds.rounds)])
         return per_rank, per_node, per_expert, in_rank, EventOverlap()
 
     # ---- dispatch --------------------------------------------------------------------------------
@@ -153,8 +180,9 @@ class NormalMode:
                 x.shape[1], NATIVE_DTYPE_CODES[x.dtype]
         return [as_byte_rows(x)], [(x.dtype, x.shape[1])], x.shape[1], NATIVE_DTYPE_CODES[x.dtype]
 
-    def _check_buffer_fits(self, bytes_per_token: int, num_fields: int, what: str) -> None:
-        if self.shm is None:
+    def _check_buffer_fits(self, transport: "NormalTransport", bytes_per_token: int, num_fields: int,
+                           what: str) -> None:
+        if transport.shm is None:
             return
         needed = shm.data_bytes_needed(1, bytes_per_token, num_fields)
         if shm.window_rows(self.num_nvl_bytes, bytes_per_token, num_fields) < 1:
@@ -167,6 +195,12 @@ class NormalMode:
             return torch.empty(*shape, dtype=dtype, device=self.device)
         return self.pool.empty(shape, dtype)
 
+    def _check_cost_stats(self, name: str, stats: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """None, or `stats` checked to be int32 [R] on the host (the times are measured there)."""
+        if stats is not None:
+            check_tensor(name, stats, dtypes=(torch.int32,), shape=(self.group_size,), device=torch.device("cpu"))
+        return stats
+
     def _check_devices(self, **tensors) -> None:
         """ValueError naming the first tensor that is not on the Buffer's device (CPU or this process's NPU)."""
         for name, tensor in tensors.items():
@@ -175,37 +209,42 @@ class NormalMode:
                     shown = f"{name}[{index}]" if isinstance(tensor, (tuple, list)) else name
                     raise ValueError(f"{shown} must be on the Buffer's device {self.device}, got {t.device}")
 
-    def dispatch(self, x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]], handle: Optional[tuple] = None,
-                 num_tokens_per_rank: Optional[torch.Tensor] = None,
-                 num_tokens_per_rdma_rank: Optional[torch.Tensor] = None,
-                 is_token_in_rank: Optional[torch.Tensor] = None,
-                 num_tokens_per_expert: Optional[torch.Tensor] = None, topk_idx: Optional[torch.Tensor] = None,
-                 topk_weights: Optional[torch.Tensor] = None, expert_alignment: int = 1, num_worst_tokens: int = 0,
-                 config: Optional[Config] = None, previous_event: Optional[EventOverlap] = None,
-                 async_finish: bool = False, allocate_on_comm_stream: bool = False,
-                 quant_mode: Optional[str] = None):
+    def normal_dispatch(self, transport: "NormalTransport", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
+                        handle_state: Optional["DispatchState"] = None,
+                        num_tokens_per_rank: Optional[torch.Tensor] = None,
+                        is_token_in_rank: Optional[torch.Tensor] = None,
+                        num_tokens_per_expert: Optional[torch.Tensor] = None, topk_idx: Optional[torch.Tensor] = None,
+                        topk_weights: Optional[torch.Tensor] = None, expert_alignment: int = 1,
+                        num_worst_tokens: int = 0, dispatch_wait_recv_cost_stats: Optional[torch.Tensor] = None,
+                        quant_mode: Optional[str] = None):
         """Sends every token to the ranks holding its top-k experts (normal mode).
 
         Args:
             x: [T, H] bfloat16/float16/float32, or an already quantized pair
                 (int8 [T, H], float32 scales [T]) that is sent as is.
-            handle: the handle of an earlier dispatch: cached mode, same routes, only x moves.
-            num_tokens_per_expert: int32 [E] from get_dispatch_layout (gives E); other layout
-                tensors are accepted for API compatibility.
+            transport: the strategy's row mover (deep_ep/strategies/normal_strategy.py).
+            handle_state: the state of an earlier dispatch's handle: cached mode, same routes, only x moves.
+            num_tokens_per_expert: int32 [E] from get_dispatch_layout (gives E), or [rounds * E] with the
+                long-sequence rounds (deep_ep.env.long_seq_rounds); num_tokens_per_rank and
+                is_token_in_rank are checked when given.
             topk_idx: int64 [T, K] in [-1, E); topk_weights: float32 [T, K].
             expert_alignment: pad every expert's block to a multiple of it with zero rows.
             num_worst_tokens: if > 0, recv_x has exactly this many rows.
+            dispatch_wait_recv_cost_stats: None or int32 [R]; entry r grows by the microseconds this
+                rank waited for the rows of rank r.
             quant_mode: None, "bf16" or "int8" (per-token dynamic int8).
         Returns:
             recv_x [N, H] (a pair (int8 [N, H], float32 [N]) with int8), recv_topk_idx int64 [N, K]
             (local expert ids, -1 elsewhere), recv_topk_weights float32 [N, K],
-            num_recv_tokens_per_expert_list (L ints), handle, EventOverlap.
+            num_recv_tokens_per_expert_list (L ints), the DispatchState (the strategy makes the handle),
+            EventOverlap.
             Received rows are grouped by local expert, then source rank, then source token.
         """
         self._check_alive()
-        quant = resolve_quant_mode(quant_mode, _env_flag("DEEP_NORMAL_MODE_USE_INT8_QUANT"))
-        if handle is not None:
-            return self._cached_dispatch(x, handle, quant)
+        quant = resolve_quant_mode(quant_mode, env.normal_int8_quant())
+        stats = self._check_cost_stats("dispatch_wait_recv_cost_stats", dispatch_wait_recv_cost_stats)
+        if handle_state is not None:
+            return self._cached_dispatch(transport, x, handle_state, quant, stats)
         if topk_idx is None or topk_weights is None:
             raise ValueError("dispatch needs topk_idx and topk_weights unless a handle is given")
         if num_tokens_per_expert is None:
@@ -213,7 +252,11 @@ class NormalMode:
                              "is given")
         check_tensor("num_tokens_per_expert", num_tokens_per_expert, dtypes=(torch.int32, torch.int64),
                      shape=(None,))
-        num_experts = num_tokens_per_expert.shape[0]
+        rounds = env.long_seq_rounds().rounds
+        if num_tokens_per_expert.shape[0] % rounds:
+            raise ValueError(f"num_tokens_per_expert must have rounds * E entries ({rounds} long-sequence rounds), "
+                             f"got {num_tokens_per_expert.shape[0]}")
+        num_experts = num_tokens_per_expert.shape[0] // rounds
         host_idx = topk_idx.cpu()  # the routing math runs on the host (the same tensor on CPU)
         self._check_topk_idx(host_idx, num_experts, "num_experts (the length of num_tokens_per_expert)")
         num_tokens, num_topk = topk_idx.shape
@@ -225,16 +268,20 @@ class NormalMode:
         if is_token_in_rank is not None:
             check_tensor("is_token_in_rank", is_token_in_rank, dtypes=(torch.int32, torch.bool),
                          shape=(num_tokens, self.group_size))
+        if num_tokens_per_rank is not None:
+            check_tensor("num_tokens_per_rank", num_tokens_per_rank, dtypes=(torch.int32, torch.int64),
+                         shape=(self.group_size,))
         for name, value in (("expert_alignment", expert_alignment), ("num_worst_tokens", num_worst_tokens)):
             if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name == "expert_alignment" else 0):
                 raise ValueError(f"{name} must be an int >= {1 if name == 'expert_alignment' else 0}, got {value!r}")
         tokens_per_expert = torch.bincount(host_idx.reshape(-1) + 1, minlength=num_experts + 1)[1:]  # -1 -> bin 0
-        if not torch.equal(tokens_per_expert, num_tokens_per_expert.cpu().to(torch.int64)):
+        given = num_tokens_per_expert.cpu().to(torch.int64).view(rounds, num_experts).sum(0)
+        if not torch.equal(tokens_per_expert, given):
             raise ValueError("num_tokens_per_expert does not match topk_idx; pass the counts get_dispatch_layout "
                              "returned for this topk_idx")
         fields += [as_byte_rows(topk_idx), as_byte_rows(topk_weights)]
         kinds += [(torch.int64, num_topk), (torch.float32, num_topk)]
-        self._check_buffer_fits(sum(f.shape[1] for f in fields), len(fields), "dispatch")
+        self._check_buffer_fits(transport, sum(f.shape[1] for f in fields), len(fields), "dispatch")
         quant_code = 1 if len(kinds) == 4 else 0
         header = torch.tensor([OP_DISPATCH, num_tokens, hidden, num_topk, num_experts, dtype_code, quant_code,
                                expert_alignment, num_worst_tokens], dtype=torch.int64)
@@ -242,7 +289,7 @@ class NormalMode:
         state_box = {}
 
         def decide(meta_all: torch.Tensor):
-            _check_agreement(meta_all, "dispatch", skip=(1,))
+            check_agreement(meta_all, "dispatch", skip=(1,))
             plan = layout.plan_routing(host_idx, meta_all[:, len(HEADER_FIELDS):], self.rank, expert_alignment)
             if num_worst_tokens and int(plan.rows_per_rank.max()) > num_worst_tokens:
                 over = [r for r, n in enumerate(plan.rows_per_rank.tolist()) if n > num_worst_tokens]
@@ -270,22 +317,7 @@ class NormalMode:
             return [as_byte_rows(o) for o in outs], routes
 
         meta = torch.cat([header, tokens_per_expert])
-        internode = rows_by_source = None
-        if self.shm is not None and self.num_nodes > 1:
-            placement = decide(collective.all_gather_meta(self.comm, meta, "dispatch"))
-            internode = self._dispatch_across_nodes(fields, topk_idx, placement, state_box["plan"])
-        elif self.shm is not None:
-            shm.dispatch_rows(self.shm, meta, fields, decide)
-        else:
-            out_bytes, _ = decide(collective.all_gather_meta(self.comm, meta, "dispatch"))
-            plan = state_box["plan"]
-            rows_by_source = plan.rows_by_source()
-            arrived = collective.dispatch_rows(self.data_comm, self.group_size, num_topk, fields, out_bytes,
-                                               plan.dest_rank, plan.dest_row, plan.recv_counts.sum(0).tolist(),
-                                               rows_by_source)
-            sources = torch.repeat_interleave(torch.arange(self.group_size), plan.recv_counts.sum(0))
-            state_box["src_rank"][rows_by_source] = sources
-            state_box["src_idx"][rows_by_source] = arrived
+        internode, rows_by_source = transport.dispatch(self, meta, fields, topk_idx, decide, state_box, stats)
         plan, outs, src_rank, src_idx = (state_box[key] for key in ("plan", "outs", "src_rank", "src_idx"))
         self._zero_padding(outs, src_rank, topk_fill=True)
         recv_raw_topk, recv_topk_weights = outs[-2], outs[-1]
@@ -297,11 +329,11 @@ class NormalMode:
                               num_worst_tokens=num_worst_tokens, internode=internode)
         if rows_by_source is not None:
             state.rows_by_source = rows_by_source
-        handle = self._make_handle(state, host_idx)
+        state.transport = transport
         counts = plan.expert_rows
-        if os.environ.get("MOE_EXPERT_TOKEN_NUMS_TYPE", "1").strip() == "0":
+        if env.expert_token_nums_type() == 0:
             counts = torch.cumsum(torch.tensor(counts, dtype=torch.int64), 0).tolist()
-        return recv_x, recv_topk_idx, recv_topk_weights, counts, handle, EventOverlap()
+        return recv_x, recv_topk_idx, recv_topk_weights, counts, state, EventOverlap()
 
     @staticmethod
     def _zero_padding(outs: List[torch.Tensor], src_rank: torch.Tensor, topk_fill: bool) -> None:
@@ -313,118 +345,56 @@ class NormalMode:
             is_topk_idx = topk_fill and index == len(outs) - 2
             out.index_fill_(0, padding.to(out.device), -1 if is_topk_idx else 0)
 
-    def _dispatch_across_nodes(self, fields: List[torch.Tensor], topk_idx: torch.Tensor, placement: tuple,
-                               plan: layout.RoutingPlan) -> InternodeState:
-        """Hierarchical dispatch: each (token, node) pair crosses the network once, to the node's
-        forwarder, which publishes it beside its own tokens in the node's shared memory.
-
-        fields: uint8 row fields ending with topk_idx and topk_weights; placement: (output
-        fields, routes) as decided for this rank."""
-        num_tokens, num_topk = topk_idx.shape
-        forwarding = hierarchical.plan_forwarding(self.comm, self.topology, topk_idx, plan.experts_per_rank)
-        tokens = torch.arange(num_tokens)
-        arrived = hierarchical.forward_rows(self.comm, forwarding, fields + [as_byte_rows(tokens)])
-        forwarding.origin_token = arrived[-1].view(torch.int64).flatten()
-        published = [torch.cat([own, far]) for own, far in zip(fields, arrived)]
-        published.append(as_byte_rows(torch.cat([torch.full_like(tokens, self.rank), forwarding.origin_rank])))
-        published.append(as_byte_rows(torch.cat([tokens, forwarding.origin_token])))
-        node_header = torch.tensor([OP_DISPATCH, published[0].shape[0]], dtype=torch.int64)
-        shm.dispatch_rows(self.shm, node_header, published, lambda _: placement)
-        forwarded_topk = arrived[len(fields) - 2].view(torch.int64).view(-1, num_topk)
-        # Destinations outside this node come out wrong here (the forwarder holds only the tokens
-        # that touch its node) and are dropped by to_local.
-        far_rank, far_row = plan.destinations(forwarded_topk, forwarding.origin_rank)
-        selection_rank, selection_row = hierarchical.to_local(torch.cat([plan.dest_rank, far_rank]),
-                                                              torch.cat([plan.dest_row, far_row]), self.topology)
-        forwarded_weights = arrived[len(fields) - 1].view(torch.float32).view(-1, num_topk)
-        return InternodeState(forwarding, forwarded_weights, selection_rank, selection_row)
-
-    def _make_handle(self, state: DispatchState, topk_idx: torch.Tensor) -> tuple:
-        plan = state.plan
-        num_ranks = self.group_size
-        dest = torch.where(topk_idx >= 0, topk_idx // plan.experts_per_rank, torch.full_like(topk_idx, num_ranks))
-        in_rank = torch.zeros(topk_idx.shape[0], num_ranks + 1, dtype=torch.int32).scatter_(1, dest, 1)
-        return (plan.rank_prefix_matrix(),
-                plan.block_start[self.rank].t().contiguous().to(torch.int32),  # [R, L] block starts
-                torch.cumsum(torch.tensor(plan.expert_rows, dtype=torch.int64), 0).to(torch.int32),
-                state.recv_src_idx.to(torch.int32),
-                in_rank[:, :num_ranks].contiguous(),
-                plan.recv_counts.to(torch.int32),
-                state.topk_idx,
-                state.topk_weights,
-                state)
-
-    @staticmethod
-    def _state_of(handle) -> DispatchState:
-        if not isinstance(handle, tuple) or len(handle) < 9 or not isinstance(handle[8], DispatchState):
-            raise TypeError("handle must be the handle returned by Buffer.dispatch")
-        return handle[8]
-
-    def _cached_dispatch(self, x, handle: tuple, quant: str):
-        state = self._state_of(handle)
+    def _cached_dispatch(self, transport: "NormalTransport", x, state: DispatchState, quant: str,
+                         stats: Optional[torch.Tensor]):
         if state.internode is not None:
             # Across nodes the forwarders need the top-k to place rows: a dispatch with the handle's
             # routing lands every row where the first one did.
-            recv_x = self.dispatch(x, num_tokens_per_expert=state.plan.tokens_per_expert_all[self.rank],
-                                   topk_idx=state.topk_idx, topk_weights=state.topk_weights,
-                                   expert_alignment=state.expert_alignment, num_worst_tokens=state.num_worst_tokens,
-                                   quant_mode=quant)[0]
+            counts = state.plan.tokens_per_expert_all[self.rank]
+            rounds = env.long_seq_rounds().rounds  # the counts of round 0 carry them all
+            counts = torch.cat([counts, counts.new_zeros((rounds - 1) * counts.numel())])
+            recv_x = self.normal_dispatch(transport, x, num_tokens_per_expert=counts, topk_idx=state.topk_idx,
+                                          topk_weights=state.topk_weights, expert_alignment=state.expert_alignment,
+                                          num_worst_tokens=state.num_worst_tokens,
+                                          dispatch_wait_recv_cost_stats=stats, quant_mode=quant)[0]
             return recv_x, None, None, None, None, EventOverlap()
         fields, kinds, hidden, dtype_code = self._token_fields(x, quant)
         if fields[0].shape[0] != state.num_tokens:
             raise ValueError(f"x must have {state.num_tokens} rows (the handle's tokens), got {fields[0].shape[0]}")
-        self._check_buffer_fits(sum(f.shape[1] for f in fields), len(fields), "dispatch")
+        self._check_buffer_fits(transport, sum(f.shape[1] for f in fields), len(fields), "dispatch")
         plan = state.plan
         header = torch.tensor([OP_CACHED_DISPATCH, state.num_tokens, hidden, 0, plan.num_experts, dtype_code,
                                1 if len(kinds) == 2 else 0, 0, state.num_out_rows], dtype=torch.int64)
         self._check_devices(x=x)
         outs = [self._empty((state.num_out_rows, width), dtype) for dtype, width in kinds]
         out_bytes = [as_byte_rows(o) for o in outs]
-        check = functools.partial(_check_agreement, what="dispatch (cached)", skip=(1, 8))
-
-        if self.shm is not None:
-            real = (state.recv_src_rank >= 0).nonzero().flatten()
-            by_source = {r: real[state.recv_src_rank[real] == r] for r in self.local_ranks}
-
-            def decide(meta_all: torch.Tensor):
-                check(meta_all)
-
-                def routes(source: int, regions, begin: int, end: int):
-                    rows = by_source[self.local_ranks[source]]
-                    token = state.recv_src_idx[rows]
-                    keep = (token >= begin) & (token < end)
-                    return token[keep], rows[keep]
-
-                return out_bytes, routes
-
-            shm.dispatch_rows(self.shm, header, fields, decide)
-        else:
-            check(collective.all_gather_meta(self.comm, header, "dispatch (cached)"))
-            collective.dispatch_rows(self.data_comm, self.group_size, state.topk_idx.shape[1], fields, out_bytes,
-                                     plan.dest_rank, plan.dest_row, plan.recv_counts.sum(0).tolist(),
-                                     state.rows_by_source)
+        check = functools.partial(check_agreement, what="dispatch (cached)", skip=(1, 8))
+        transport.cached_dispatch(self, state, header, fields, out_bytes, check, stats)
         self._zero_padding(outs, state.recv_src_rank, topk_fill=False)
         recv_x = (outs[0], outs[1].view(-1)) if len(outs) == 2 else outs[0]
         return recv_x, None, None, None, None, EventOverlap()
 
     # ---- combine ---------------------------------------------------------------------------------
-    def combine(self, x: torch.Tensor, handle: tuple, topk_weights: Optional[torch.Tensor] = None,
-                bias: Union[None, torch.Tensor, Tuple[torch.Tensor, torch.Tensor]] = None,
-                config: Optional[Config] = None, previous_event: Optional[EventOverlap] = None,
-                async_finish: bool = False, allocate_on_comm_stream: bool = False):
+    def normal_combine(self, transport: "NormalTransport", x: torch.Tensor, state: DispatchState,
+                       topk_weights: Optional[torch.Tensor] = None,
+                       bias: Union[None, torch.Tensor, Tuple[torch.Tensor, torch.Tensor]] = None,
+                       combine_send_cost_stats: Optional[torch.Tensor] = None):
         """Returns expert outputs to their tokens and sums them with the routing weights.
 
         Args:
             x: [N, H] bfloat16/float16/float32 expert outputs in the received layout.
-            handle: from dispatch.
+            state: the DispatchState of the dispatch's handle.
             topk_weights: float32 [T, K] of this rank's tokens; default: the weights sent at dispatch.
             bias: None, a [T, H] tensor or a pair of them, added to the result.
+            combine_send_cost_stats: None or int32 [R]; entry r grows by the microseconds it took to
+                hand this rank's rows over to rank r.
         Returns:
-            (combined_x [T, H] in x's dtype, None, EventOverlap). combined_x[t] = sum over k with
-            topk_idx[t, k] != -1 of w[t, k] * x[row(t, k)], accumulated in float32 in k order.
+            (combined_x [T, H] in x's dtype, combined_topk_weights float32 [T, K] (the weights used, 0
+            where topk_idx is -1), EventOverlap). combined_x[t] = sum over k with topk_idx[t, k] != -1 of
+            w[t, k] * x[row(t, k)], accumulated in float32 in k order.
         """
         self._check_alive()
-        state = self._state_of(handle)
+        stats = self._check_cost_stats("combine_send_cost_stats", combine_send_cost_stats)
         plan = state.plan
         check_tensor("x", x, dtypes=FLOAT_DTYPES, shape=(state.num_out_rows, state.hidden))
         num_tokens, num_topk = state.topk_idx.shape
@@ -435,36 +405,17 @@ class NormalMode:
             raise ValueError(f"bias must be a tensor or a pair of tensors, got {len(biases)} items")
         for i, b in enumerate(biases):
             check_tensor(f"bias[{i}]", b, dtypes=FLOAT_DTYPES, shape=(num_tokens, state.hidden))
-        self._check_buffer_fits(state.hidden * x.element_size(), 1, "combine")
+        self._check_buffer_fits(transport, state.hidden * x.element_size(), 1, "combine")
         self._check_devices(x=x, topk_weights=weights, bias=biases)
         x = x.contiguous()
         out = self._empty((num_tokens, state.hidden), x.dtype)
         header = torch.tensor([OP_COMBINE, num_tokens, state.hidden, num_topk, plan.num_experts,
                                NATIVE_DTYPE_CODES[x.dtype], 0, 0, state.num_out_rows], dtype=torch.int64)
-        check = functools.partial(_check_agreement, what="combine", skip=(1, 8))
+        check = functools.partial(check_agreement, what="combine", skip=(1, 8))
 
         def reduce(sources: List[torch.Tensor], src_rank: torch.Tensor, src_row: torch.Tensor) -> None:
             ops.weighted_reduce(out, sources, x.dtype, src_rank, src_row, weights, biases)
 
-        x_rows = as_byte_rows(x)
-        if state.internode is not None:
-            check(collective.all_gather_meta(self.comm, header, "combine"))
-            internode = state.internode
-            forwarded_weights = internode.forwarded_weights
-            if topk_weights is not None:  # the forwarders sum with the owner's new weights
-                forwarded_weights = hierarchical.forward_rows(self.comm, internode.forwarding, [as_byte_rows(weights)],
-                                                              "combine")[0].view(torch.float32)
-                forwarded_weights = forwarded_weights.view(-1, num_topk)
-            reduce = hierarchical.hierarchical_reduce(self.comm, self.topology, internode.forwarding, out, x.dtype,
-                                                      weights, forwarded_weights, biases)
-            shm.combine_rows(self.shm, header, lambda _: None, x_rows,
-                             [int(plan.rows_per_rank[r]) for r in self.local_ranks], internode.selection_rank,
-                             internode.selection_row, reduce)
-        elif self.shm is not None:
-            shm.combine_rows(self.shm, header, check, x_rows, plan.rows_per_rank.tolist(), plan.dest_rank,
-                             plan.dest_row, reduce)
-        else:
-            check(collective.all_gather_meta(self.comm, header, "combine"))
-            collective.combine_rows(self.data_comm, self.group_size, x_rows, state.rows_by_source,
-                                    plan.recv_counts.sum(0).tolist(), plan.dest_rank, plan.dest_row, reduce)
-        return out, None, EventOverlap()
+        transport.combine(self, state, header, as_byte_rows(x), check, reduce, out, weights, topk_weights, biases,
+                          stats)
+        return out, weights.masked_fill(state.topk_idx < 0, 0), EventOverlap()

@@ -16,6 +16,9 @@ topk_idx_t = torch.int64
 MAX_TOPK = 16
 # quant_mode values of dispatch: bf16 rows as given, or per-token dynamic int8.
 QUANT_MODES = ("bf16", "int8")
+# DeepEP-Ascend's other formats (A5 / C310 hardware): a ValueError naming the format, never a fallback.
+UNAVAILABLE_QUANT_MODES = {"mx_fp8_e4m3": "MXFP8 e4m3", "mx_fp8_e5m2": "MXFP8 e5m2",
+                           "pertoken_fp8_e4m3": "per-token FP8 e4m3", "mx_fp4_e2m1": "MXFP4 e2m1"}
 
 
 class EventOverlap:
@@ -93,7 +96,22 @@ def check_num_topk(num_topk: int) -> None:
 
 def resolve_quant_mode(quant_mode: Optional[str], int8_by_default: bool) -> str:
     """quant_mode if given (one of QUANT_MODES), else "int8" or "bf16" as `int8_by_default` says."""
+    if quant_mode in UNAVAILABLE_QUANT_MODES:
+        raise ValueError(f"quant_mode={quant_mode!r} ({UNAVAILABLE_QUANT_MODES[quant_mode]}) is not available in "
+                         f"deep_ep (DeepEP-Ascend runs it on A5 NPUs only); use one of {list(QUANT_MODES)}")
     if quant_mode is not None:
         check_one_of("quant_mode", quant_mode, QUANT_MODES)
         return quant_mode
     return "int8" if int8_by_default else "bf16"
+
+
+def low_latency_quant_mode(quant_mode: Optional[str], use_fp8: bool, use_ue8m0: bool, use_mxfp4: bool) -> str:
+    """low_latency_dispatch's format, mapped as DeepEP-Ascend maps its flags when quant_mode is None:
+    use_mxfp4 -> MXFP4, use_fp8 with use_ue8m0 -> MXFP8, use_fp8 -> int8, else bf16. Formats deep_ep
+    cannot move are a ValueError naming them."""
+    if quant_mode is None:
+        if use_mxfp4:
+            quant_mode = "mx_fp4_e2m1"
+        elif use_fp8 and use_ue8m0:
+            quant_mode = "mx_fp8_e4m3"
+    return resolve_quant_mode(quant_mode, bool(use_fp8))

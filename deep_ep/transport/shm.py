@@ -14,6 +14,7 @@ is left in /dev/shm even if a process is killed.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -128,6 +129,13 @@ class NodeShm:
     def num_local(self) -> int:
         return len(self.local_ranks)
 
+    def timed_barrier(self, start_ns: int, waits: Optional[torch.Tensor]) -> None:
+        """barrier(); with `waits` (int64 [local ranks]), adds to waits[i] the nanoseconds from
+        `start_ns` (time.monotonic_ns) until local rank i was seen arriving."""
+        self.barrier()
+        if waits is not None:
+            waits += (torch.tensor(self.sync.arrivals_ns, dtype=torch.int64) - start_ns).clamp_min_(0)
+
     def barrier(self) -> None:
         if self.broken:
             raise RuntimeError(self.broken)
@@ -177,7 +185,8 @@ class NodeShm:
 
 
 def dispatch_rows(node: NodeShm, meta: torch.Tensor, fields_in: List[torch.Tensor],
-                  make_plan: Callable[[torch.Tensor], Tuple[List[torch.Tensor], Callable]]) -> torch.Tensor:
+                  make_plan: Callable[[torch.Tensor], Tuple[List[torch.Tensor], Callable]],
+                  waits: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Moves token rows from their owners to the receivers, through shared memory.
 
     Args:
@@ -186,6 +195,8 @@ def dispatch_rows(node: NodeShm, meta: torch.Tensor, fields_in: List[torch.Tenso
         make_plan: called with every rank's meta int64 [R, m] once published; returns the
             output fields uint8 [N, b_i] and `routes(source, window_topk or None, begin, end)`
             giving (source token, output row) pairs of the rows to pull from that window.
+        waits: None or int64 [local ranks]; gets the nanoseconds this rank waited for every local
+            rank's rows to be published (all rounds).
     Returns: every rank's meta [R, m].
     """
     widths = [f.shape[1] for f in fields_in]
@@ -199,7 +210,7 @@ def dispatch_rows(node: NodeShm, meta: torch.Tensor, fields_in: List[torch.Tenso
 
     node.publish_meta(meta)
     publish(0)
-    node.barrier()
+    node.timed_barrier(time.monotonic_ns(), waits)
     meta_all = node.read_meta(meta.numel())
     fields_out, routes = node.agreed(make_plan, meta_all)
     max_tokens = int(meta_all[:, 1].max())
@@ -208,7 +219,7 @@ def dispatch_rows(node: NodeShm, meta: torch.Tensor, fields_in: List[torch.Tenso
         begin = round_index * window
         if round_index > 0:
             publish(begin)
-            node.barrier()
+            node.timed_barrier(time.monotonic_ns(), waits)
         src_rank, src_row, dst_row = [], [], []
         for source in range(node.num_local):
             count = min(int(meta_all[source, 1]) - begin, window)
@@ -231,7 +242,8 @@ def dispatch_rows(node: NodeShm, meta: torch.Tensor, fields_in: List[torch.Tenso
 
 def combine_rows(node: NodeShm, meta: torch.Tensor, check: Callable[[torch.Tensor], None], x: torch.Tensor,
                  rows_per_rank: Sequence[int], dest_rank: torch.Tensor, dest_row: torch.Tensor,
-                 reduce: Callable[[List[torch.Tensor], torch.Tensor, torch.Tensor], None]) -> None:
+                 reduce: Callable[[List[torch.Tensor], torch.Tensor, torch.Tensor], None],
+                 sends: Optional[torch.Tensor] = None) -> None:
     """Publishes this rank's expert outputs and reduces its tokens from every holder.
 
     Args:
@@ -241,6 +253,8 @@ def combine_rows(node: NodeShm, meta: torch.Tensor, check: Callable[[torch.Tenso
         dest_rank / dest_row: int64 [T, K], holder (local index) and row of each selection, -1 if none.
         reduce: reduce(sources, src_rank, src_row) runs the weighted reduction over the uint8
             row tensors `sources`, indexed by int32 / int64 [T, K] (src_rank -1: no row).
+        sends: None or int64 [local ranks]; gets the nanoseconds from publishing this rank's rows until
+            every local rank was done reading them (all rounds).
     """
     bytes_per_row = x.shape[1] * x.element_size()
     window = window_rows(node.data_bytes, bytes_per_row, 1)
@@ -249,13 +263,14 @@ def combine_rows(node: NodeShm, meta: torch.Tensor, check: Callable[[torch.Tenso
     node.publish_meta(meta)
     valid = dest_rank >= 0
     if num_rounds == 1:
+        start = time.monotonic_ns()
         node.regions(node.local_index, [bytes_per_row], window)[0][: rows_per_rank[node.local_index]].copy_(
             x_bytes[: rows_per_rank[node.local_index]])
         node.barrier()
         node.agreed(check, node.read_meta(meta.numel()))
         sources = [node.regions(s, [bytes_per_row], window)[0] for s in range(node.num_local)]
         reduce(sources, torch.where(valid, dest_rank, -1).to(torch.int32), dest_row)
-        node.barrier()
+        node.timed_barrier(start, sends)
         return
     # More rows than the data area holds: stage this rank's rows locally, round by round,
     # then reduce from the stage, so the sums are the same bits as in one round.
@@ -265,6 +280,7 @@ def combine_rows(node: NodeShm, meta: torch.Tensor, check: Callable[[torch.Tenso
     stage_row[selections] = torch.arange(len(selections[0]))
     holder, holder_row = dest_rank[selections], dest_row[selections]
     for round_index in range(num_rounds):
+        start = time.monotonic_ns()
         begin = round_index * window
         mine = x_bytes[begin: min(rows_per_rank[node.local_index], begin + window)]
         node.regions(node.local_index, [bytes_per_row], window)[0][: mine.shape[0]].copy_(mine)
@@ -277,5 +293,5 @@ def combine_rows(node: NodeShm, meta: torch.Tensor, check: Callable[[torch.Tenso
                               bytes_per_row, bytes_per_row, holder[in_round].to(torch.int32).numpy(),
                               (holder_row[in_round] - begin).numpy(), in_round.nonzero().flatten().numpy(),
                               num_threads())
-        node.barrier()
+        node.timed_barrier(start, sends)
     reduce([stage], torch.where(valid, 0, -1).to(torch.int32), stage_row)

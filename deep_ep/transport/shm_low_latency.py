@@ -127,6 +127,7 @@ class LowLatencyShm:
         self.recv_ack = [[[mailbox(me, k, p, s) + ACK_WORD * 8 for s in words] for p in (0, 1)] for k in (0, 1)]
         self._areas = {}
         self._headers = [[self.inbox[k, p, :, HEADER_WORD: HEADER_WORD + HEADER_WORDS] for p in (0, 1)] for k in (0, 1)]
+        self.last_seq = [[0, 0], [0, 0]]  # [kind][parity]: the last call sent through this memory
         # Read once: the hot path should not parse the environment on every wait.
         self.timeout_s = timeout_seconds()
 
@@ -161,10 +162,13 @@ class LowLatencyShm:
 
     # ---- signalling ----------------------------------------------------------------------------------------
     def wait_acks(self, kind: int, parity: int, seq: int, what: str) -> None:
-        """Before sending call `seq`: every owner has consumed call seq - 2 on this parity."""
-        if seq > 2:
-            self.sync.wait_at_least(self.send_ack[kind][parity], [seq - 2] * self.num_local, self.owners,
+        """Before sending call `seq`: every owner has consumed the previous call on this parity through
+        this shared memory (seq - 2, unless calls of another low-latency strategy came in between)."""
+        previous = self.last_seq[kind][parity]
+        if previous > 0:
+            self.sync.wait_at_least(self.send_ack[kind][parity], [previous] * self.num_local, self.owners,
                                     self.timeout_s, what)
+        self.last_seq[kind][parity] = seq
 
     def wait_signals(self, kind: int, parity: int, seq: int, what: str) -> None:
         """Every source has published call `seq` on this parity."""
@@ -206,3 +210,4 @@ class LowLatencyShm:
     def reset(self) -> None:
         """Zeroes this rank's mailboxes (clean_low_latency_buffer; peers must be quiet)."""
         self.inbox.zero_()
+        self.last_seq = [[0, 0], [0, 0]]

@@ -115,9 +115,16 @@ def check_dispatch_and_combine(rank: int, num_ranks: int, buffer: deep_ep.Buffer
     # Handle: rank prefix matrix and source indices hold real values.
     sent = torch.tensor([[int(((i.topk_idx >= d * local_experts) & (i.topk_idx < (d + 1) * local_experts)).sum())
                           for d in range(num_ranks)] for i in everyone])
-    assert torch.equal(to_host(handle[0]), torch.cumsum(sent, 0).to(torch.int32))
-    assert torch.equal(to_host(handle[3])[:real_rows].long(), ref["src_idx"])
-    assert torch.equal(to_host(handle[6]), inputs.topk_idx) and torch.equal(to_host(handle[7]), inputs.topk_weights)
+    if isinstance(handle, dict):  # "alltoall": upstream's dict handle
+        assert handle["input_splits"] == sent[rank].tolist()
+        assert handle["output_splits"] == sent[:, rank].tolist()
+        assert torch.equal(to_host(handle["topk_weights"]), inputs.topk_weights)
+    else:
+        assert len(handle) == 8
+        assert torch.equal(to_host(handle[0]), torch.cumsum(sent, 0).to(torch.int32))
+        assert torch.equal(to_host(handle[3])[:real_rows].long(), ref["src_idx"])
+        assert torch.equal(to_host(handle[6]), inputs.topk_idx)
+        assert torch.equal(to_host(handle[7]), inputs.topk_weights)
 
     # Combine with the weights recorded at dispatch, and with explicit weights plus biases.
     y = expert_output(dequantized(recv_x), counts if os.environ.get("MOE_EXPERT_TOKEN_NUMS_TYPE") != "0"
@@ -213,7 +220,7 @@ def strategies_agree(rank: int, num_ranks: int, group) -> None:
         outputs = [buffer.combine(y, handle)[0] for _ in range(20)]
         for out in outputs[1:]:
             assert torch.equal(out, outputs[0])
-        results.append((recv_x, recv_idx, recv_w, counts, handle[3], outputs[0]))
+        results.append((recv_x, recv_idx, recv_w, counts, handle.state.recv_src_idx, outputs[0]))
     for a, b in zip(*results):
         assert (a == b) if isinstance(a, list) else torch.equal(a, b)
     shm_buffer.destroy()

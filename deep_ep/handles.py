@@ -1,0 +1,146 @@
+"""DeepEP-Ascend's handles, with our own bookkeeping beside them.
+
+Callers unpack handles by position (`(..., topk_idx, topk_weights) = handle`, `handle[7]`,
+`handle[4]`) or, for the "alltoall" normal strategy, by key (`handle["topk_weights"]`). So the
+handles are exactly upstream's tuples / dict; what combine needs (the DispatchState or
+LowLatencyState) rides along as the attribute `state`, and `owner` names the runtime that made
+it. A tuple or dict rebuilt from a handle has neither: combine rejects it with a TypeError.
+
+Normal mode, one node (DefaultNormalCommStrategy), 8 entries:
+    rank_prefix_matrix int32 [R, R], channel_prefix_matrix int32 [R, L] (first row of block
+    (source, local expert)), recv_channel_prefix_matrix int32 [L] (inclusive prefix of the rows per
+    local expert), recv_src_idx int32 [N] (source token of every received row, -1 for padding),
+    is_token_in_rank int32 [T, R], send_head int32 [L, R] (real rows per (local expert, source)),
+    topk_idx int64 [T, K], topk_weights float32 [T, K].
+Normal mode, several nodes (DefaultNormalCommStrategy), 9 entries:
+    recv_src_idx int32 [N], is_token_in_rank int32 [T, R], send_head int32 [L, R], topk_idx,
+    topk_weights, offset_inner int32 [R, L] (as channel_prefix_matrix), offset_outer int32
+    [T, nodes] (index of the token among those this rank sends to each node, -1 if none),
+    count_outer int32 [nodes] (tokens sent to each node), expand_scales float32 [N] (the routing
+    weight of every received row's selection, 0 for padding).
+Normal mode, AlltoAllNormalCommStrategy: a dict with upstream's keys, see `alltoall_handle`.
+Low-latency mode, 7 entries: src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden,
+    num_experts, packed_recv_count, expand_scales (None, as upstream's default strategy).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Tuple, Type
+
+import torch
+
+from . import layout
+from .transport import collective
+
+
+class NormalHandle(tuple):
+    """The tuple handle of dispatch; `state` is its DispatchState, `owner` the runtime's id."""
+
+    state: Any
+    owner: int
+
+    def __new__(cls, items: Iterable, state: Any = None, owner: int = -1) -> "NormalHandle":
+        handle = super().__new__(cls, items)
+        handle.state, handle.owner = state, owner
+        return handle
+
+    def __getnewargs__(self) -> Tuple:
+        return tuple(self), self.state, self.owner
+
+
+class LowLatencyHandle(NormalHandle):
+    """The tuple handle of low_latency_dispatch; `state` is its LowLatencyState."""
+
+
+class AlltoAllHandle(dict):
+    """The dict handle of the "alltoall" normal strategy; `state` is its DispatchState."""
+
+    state: Any
+    owner: int
+
+    def __init__(self, items: dict, state: Any = None, owner: int = -1) -> None:
+        super().__init__(items)
+        self.state, self.owner = state, owner
+
+
+def state_of(handle: Any, kinds: Tuple[Type, ...], owner: int, what: str) -> Any:
+    """The state of a handle this runtime made, or TypeError / ValueError saying what is wrong."""
+    if not isinstance(handle, kinds) or getattr(handle, "state", None) is None:
+        expected = " or ".join(k.__name__ for k in kinds)
+        raise TypeError(f"handle must be the handle returned by {what} of this Buffer ({expected}), got "
+                        f"{type(handle).__name__}; a tuple or dict rebuilt from a handle is not one")
+    if handle.owner != owner:
+        raise ValueError(f"handle was returned by {what} of another Buffer; use it with that Buffer")
+    return handle.state
+
+
+def _is_token_in_rank(topk_idx: torch.Tensor, experts_per_rank: int, num_ranks: int) -> torch.Tensor:
+    """int32 [T, R] on the host: 1 where the token selects an expert of the rank."""
+    return layout.dispatch_layout(topk_idx, experts_per_rank * num_ranks, num_ranks)[3]
+
+
+def intranode_handle(state: Any, rank: int, owner: int) -> NormalHandle:
+    """Upstream's 8-entry intranode handle of a DispatchState."""
+    plan = state.plan
+    host_idx = state.topk_idx.cpu()
+    return NormalHandle((plan.rank_prefix_matrix(),
+                         plan.block_start[rank].t().contiguous().to(torch.int32),  # [R, L] block starts
+                         torch.cumsum(torch.tensor(plan.expert_rows, dtype=torch.int64), 0).to(torch.int32),
+                         state.recv_src_idx.to(torch.int32),
+                         _is_token_in_rank(host_idx, plan.experts_per_rank, plan.num_ranks),
+                         plan.recv_counts.to(torch.int32),
+                         state.topk_idx,
+                         state.topk_weights), state, owner)
+
+
+def internode_handle(state: Any, rank: int, rank_to_node: torch.Tensor, recv_topk_idx: torch.Tensor,
+                     recv_topk_weights: torch.Tensor, owner: int) -> NormalHandle:
+    """Upstream's 9-entry internode handle of a DispatchState (several nodes).
+
+    recv_topk_idx / recv_topk_weights: dispatch's [N, K] outputs (local expert ids, -1 elsewhere)."""
+    plan = state.plan
+    host_idx = state.topk_idx.cpu()
+    in_rank = _is_token_in_rank(host_idx, plan.experts_per_rank, plan.num_ranks)
+    num_nodes = int(rank_to_node.max()) + 1
+    in_node = torch.zeros(in_rank.shape[0], num_nodes, dtype=torch.int32).index_add_(1, rank_to_node, in_rank) > 0
+    offset_outer = torch.where(in_node, torch.cumsum(in_node.to(torch.int32), 0) - 1, -1).to(torch.int32)
+    # Local expert of every received row: rows are grouped by local expert (padded blocks).
+    row_expert = torch.repeat_interleave(torch.arange(plan.experts_per_rank),
+                                         torch.tensor(plan.expert_rows, dtype=torch.int64))
+    row_expert = torch.cat([row_expert, row_expert.new_full((state.num_out_rows - row_expert.numel(),), -1)])
+    match = (recv_topk_idx.cpu() == row_expert.view(-1, 1)) & (row_expert.view(-1, 1) >= 0)
+    first = match.to(torch.int32).argmax(1, keepdim=True)
+    expand_scales = recv_topk_weights.cpu().gather(1, first).flatten() * match.any(1)
+    return NormalHandle((state.recv_src_idx.to(torch.int32),
+                         in_rank,
+                         plan.recv_counts.to(torch.int32),
+                         state.topk_idx,
+                         state.topk_weights,
+                         plan.block_start[rank].t().contiguous().to(torch.int32),
+                         offset_outer,
+                         in_node.sum(0, dtype=torch.int32),
+                         expand_scales), state, owner)
+
+
+def alltoall_handle(state: Any, rank: int, hidden_shape: torch.Size, owner: int) -> AlltoAllHandle:
+    """Upstream's dict handle of the "alltoall" normal strategy:
+    input_splits (rows sent to every rank), output_splits (rows received from every rank),
+    topk_weights float32 [T, K], reversed_local_mapping int32 [T * K] (position of selection t * K + k
+    among the rows sent, -1 for none), reversed_global_mapping int32 [real rows] (received-layout row
+    of every arriving row, in arrival order; None with one local expert, as upstream),
+    hidden_shape / hidden_shape_before_permute (x's shape), num_local_experts."""
+    plan = state.plan
+    experts_per_rank = plan.experts_per_rank
+    order = collective.send_order(plan.dest_rank, plan.dest_row)
+    position = torch.full((plan.dest_rank.numel(),), -1, dtype=torch.int32)
+    position[order] = torch.arange(order.numel(), dtype=torch.int32)
+    sent = plan.tokens_per_expert_all[rank].view(plan.num_ranks, experts_per_rank).sum(1)
+    return AlltoAllHandle({
+        "input_splits": sent.tolist(),
+        "output_splits": plan.recv_counts.sum(0).tolist(),
+        "topk_weights": state.topk_weights,
+        "reversed_local_mapping": position,
+        "reversed_global_mapping": state.rows_by_source.to(torch.int32) if experts_per_rank > 1 else None,
+        "hidden_shape": hidden_shape,
+        "hidden_shape_before_permute": hidden_shape,
+        "num_local_experts": experts_per_rank,
+    }, state, owner)
