@@ -1,0 +1,130 @@
+"""DeepEP-Ascend's API as its scripts call it: handles unpacked by position / key, combine with
+handle[7] (or handle["topk_weights"]) as weights, cost-stats tensors, strategies built on
+buffer.runtime and swapped on one Buffer, the environment variables; checked against the
+independent reference (deep_ep/reference.py) on several world sizes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import deep_ep
+from deep_ep.ep_strategy import get_low_latency_strategy
+from deep_ep.reference import reference_combine
+from deep_ep.strategies import AlltoAllNormalCommStrategy, DefaultNormalCommStrategy
+from deep_ep.testing import spawn_ranks
+
+from common import calc_diff, gather_objects, make_topk_idx
+
+HIDDEN, EXPERTS_PER_RANK, TOPK, TOKENS = 64, 2, 2, 24
+
+
+def inputs(rank: int, num_experts: int):
+    g = torch.Generator().manual_seed(100 + rank)
+    x = torch.randn(TOKENS, HIDDEN, generator=g).to(torch.bfloat16)
+    topk_idx = make_topk_idx(TOKENS, num_experts, min(TOPK, num_experts), g)
+    topk_weights = torch.rand(topk_idx.shape, generator=g)
+    return x, topk_idx, topk_weights
+
+
+def normal_round(rank, num_ranks, group, buffer, num_experts, x, topk_idx, topk_weights):
+    """One layout + dispatch + combine exactly as upstream's scripts write it."""
+    (num_tokens_per_rank, _, num_tokens_per_expert, is_token_in_rank, _) = buffer.get_dispatch_layout(
+        topk_idx, num_experts)
+    wait_stats = torch.zeros(num_ranks, dtype=torch.int32)
+    recv_x, recv_topk_idx, recv_topk_weights, counts, handle, event = buffer.dispatch(
+        x=x, num_tokens_per_rank=num_tokens_per_rank, is_token_in_rank=is_token_in_rank,
+        num_tokens_per_expert=num_tokens_per_expert, config=deep_ep.Config(24, 8, 256), topk_idx=topk_idx,
+        topk_weights=topk_weights, dispatch_wait_recv_cost_stats=wait_stats, quant_mode=None)
+    weights = handle["topk_weights"] if isinstance(handle, dict) else handle[7]
+    if not isinstance(handle, dict):
+        (rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, in_rank, send_head,
+         handle_topk_idx, handle_topk_weights) = handle
+        assert torch.equal(handle_topk_idx, topk_idx) and torch.equal(in_rank, is_token_in_rank)
+    assert torch.equal(weights, topk_weights)
+    send_stats = torch.zeros(num_ranks, dtype=torch.int32)
+    combined_x, combined_topk_weights, _ = buffer.combine(x=recv_x, handle=handle, topk_weights=weights,
+                                                          config=None, async_finish=False,
+                                                          combine_send_cost_stats=send_stats)
+    # Measured microseconds: non-negative, and some rank's rows took time to arrive / leave.
+    assert bool((wait_stats >= 0).all()) and bool((send_stats >= 0).all())
+    assert int(send_stats.sum()) > 0
+    # Experts return their rows unchanged: combined = x * sum of the kept weights (upstream's check).
+    everyone = gather_objects((x, topk_idx, topk_weights), group)
+    selection = x.float().unsqueeze(1).expand(-1, topk_idx.shape[1], -1)
+    expected = reference_combine(selection, topk_idx, topk_weights)
+    assert calc_diff(combined_x.float(), expected.float()) < 1e-5
+    assert len(everyone) == num_ranks and sum(counts) == recv_x.shape[0]
+    return combined_x
+
+
+def compat_rank(rank: int, num_ranks: int, group) -> None:
+    num_experts = EXPERTS_PER_RANK * num_ranks
+    x, topk_idx, topk_weights = inputs(rank, num_experts)
+    nmax = TOKENS
+    rdma = deep_ep.Buffer.get_low_latency_rdma_size_hint(nmax, HIDDEN, num_ranks, num_experts)
+    buffer = deep_ep.Buffer(group, int(2e8), rdma, True, num_experts // num_ranks, True, False, "default", "default")
+    normal_default = DefaultNormalCommStrategy(runtime=buffer.runtime, group=group)
+    normal_alltoall = AlltoAllNormalCommStrategy(runtime=buffer.runtime, group=group)
+    ll_default = get_low_latency_strategy("default")(runtime=buffer.runtime, group=group)
+    ll_alltoall = get_low_latency_strategy("alltoall")(runtime=buffer.runtime, group=group)
+    results = []
+    for normal, ll in ((normal_default, ll_default), (normal_alltoall, ll_alltoall), (normal_default, ll_default)):
+        buffer.normal_strategy = normal
+        buffer.low_latency_strategy = ll
+        combined = normal_round(rank, num_ranks, group, buffer, num_experts, x, topk_idx, topk_weights)
+        recv_x, recv_count, handle, event, hook = buffer.low_latency_dispatch(
+            x, topk_idx, nmax, num_experts, cumulative_local_expert_recv_stats=None, use_fp8=False,
+            round_scale=False, use_ue8m0=False, use_mxfp4=False, async_finish=False, return_recv_hook=False,
+            topk_weights=topk_weights, quant_mode=None)
+        hook()  # always callable
+        (src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden, n_experts, packed_recv_count,
+         expand_scales) = handle
+        assert (num_max_dispatch_tokens_per_rank, hidden, n_experts) == (nmax, HIDDEN, num_experts)
+        ll_combined, _, hook = buffer.low_latency_combine(recv_x, topk_idx, topk_weights, handle)
+        hook()
+        expected = reference_combine(x.float().unsqueeze(1).expand(-1, topk_idx.shape[1], -1), topk_idx,
+                                     topk_weights)
+        assert calc_diff(ll_combined.float(), expected.float()) < 1e-5
+        results.append((combined, ll_combined))
+    for a, b in zip(results[0], results[1]):
+        assert torch.equal(a, b)  # the strategies agree bit for bit
+    # A handle rebuilt as a plain tuple, or a format we cannot move, is a clear error.
+    _, _, per_expert, _, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
+    *_, handle, _ = buffer.dispatch(x, topk_idx=topk_idx, topk_weights=topk_weights, num_tokens_per_expert=per_expert)
+    with pytest.raises(TypeError, match="handle"):
+        buffer.combine(x, tuple(handle))
+    with pytest.raises(ValueError, match="mx_fp4_e2m1"):
+        buffer.low_latency_dispatch(x, topk_idx, nmax, num_experts, use_mxfp4=True)
+    with pytest.raises(ValueError, match="mx_fp8_e4m3"):
+        buffer.dispatch(x, topk_idx=topk_idx, topk_weights=topk_weights, num_tokens_per_expert=per_expert,
+                        quant_mode="mx_fp8_e4m3")
+    buffer.destroy()
+
+
+@pytest.mark.parametrize("num_ranks", [1, 2, 3])
+def test_upstream_calls(num_ranks: int) -> None:
+    spawn_ranks(compat_rank, num_ranks)
+
+
+def env_rank(rank: int, num_ranks: int, group) -> None:
+    """MOE_EXPERT_TOKEN_NUMS_TYPE=0 (prefix sums, both modes) and the long-sequence rounds."""
+    num_experts = EXPERTS_PER_RANK * num_ranks
+    x, topk_idx, topk_weights = inputs(rank, num_experts)
+    buffer = deep_ep.Buffer(group, low_latency_mode=True, num_rdma_bytes=deep_ep.Buffer.get_low_latency_rdma_size_hint(
+        TOKENS, HIDDEN, num_ranks, num_experts))
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
+    assert per_expert.shape == (2 * num_experts,)  # DEEPEP_NORMAL_LONG_SEQ_ROUND=2
+    first = torch.bincount(topk_idx[:32][topk_idx[:32] >= 0], minlength=num_experts)
+    assert torch.equal(per_expert[:num_experts].long(), first)
+    recv_x, _, _, counts, handle, _ = buffer.dispatch(x, topk_idx=topk_idx, topk_weights=topk_weights,
+                                                      num_tokens_per_expert=per_expert)
+    rows = torch.diff(torch.tensor([0] + counts)).tolist()
+    assert counts[-1] == recv_x.shape[0] and all(r >= 0 for r in rows)  # prefix sums
+    _, recv_count, handle, _, _ = buffer.low_latency_dispatch(x, topk_idx, TOKENS, num_experts, use_fp8=False)
+    assert torch.equal(recv_count, handle.state.recv_count.cumsum(0))
+    buffer.destroy()
+
+
+def test_environment_variables() -> None:
+    spawn_ranks(env_rank, 2, env={"MOE_EXPERT_TOKEN_NUMS_TYPE": "0", "DEEPEP_NORMAL_LONG_SEQ_ROUND": "2",
+                                  "DEEPEP_NORMAL_LONG_SEQ_PER_ROUND_TOKENS": "32"})
