@@ -170,7 +170,8 @@ def combine_errors(buffer: deep_ep.Buffer, recv_x: torch.Tensor, handle: tuple, 
            lambda: buffer.combine(recv_x, handle, bias=(torch.zeros(tokens, HIDDEN), torch.zeros(tokens, 1))))
     expect(ValueError, ["bias", "3 items"],
            lambda: buffer.combine(recv_x, handle, bias=[torch.zeros(tokens, HIDDEN)] * 3))
-    expect(TypeError, ["handle"], lambda: buffer.combine(recv_x, handle[:8]))
+    rebuilt = dict(handle) if isinstance(handle, dict) else tuple(handle)  # no state beside it
+    expect(TypeError, ["handle"], lambda: buffer.combine(recv_x, rebuilt))
 
 
 def constructor_errors(group) -> None:
