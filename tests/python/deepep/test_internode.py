@@ -41,7 +41,11 @@ def run_all_calls(buffer: deep_ep.Buffer, inputs, num_experts: int, quant: str, 
     combined2 = buffer.combine(y, handle, topk_weights=weights, bias=bias)[0]
     cached = buffer.dispatch((inputs.x.float() * 3).to(torch.bfloat16), handle=handle)[0]
     flat = list(recv_x) if quant == "int8" else [recv_x]
-    return flat + [recv_idx, recv_w, torch.tensor(counts), *handle[:6], combined, combined2, cached]
+    if buffer.get_num_rdma_ranks() > 1:  # upstream's internode handle: topk_weights at [4]
+        assert len(handle) == 9 and handle[3] is inputs.topk_idx and handle[4] is inputs.topk_weights
+    state = handle.state
+    return flat + [recv_idx, recv_w, torch.tensor(counts), state.recv_src_rank, state.recv_src_idx, combined,
+                   combined2, cached]
 
 
 def same_as_one_node(rank: int, num_ranks: int, group, ranks_per_node: int) -> None:

@@ -119,6 +119,15 @@ def check_dispatch_and_combine(rank: int, num_ranks: int, buffer: deep_ep.Buffer
         assert handle["input_splits"] == sent[rank].tolist()
         assert handle["output_splits"] == sent[:, rank].tolist()
         assert torch.equal(to_host(handle["topk_weights"]), inputs.topk_weights)
+    elif len(handle) == 9:  # several nodes: upstream's internode handle
+        assert torch.equal(to_host(handle[0])[:real_rows].long(), ref["src_idx"])
+        assert torch.equal(to_host(handle[3]), inputs.topk_idx)
+        assert torch.equal(to_host(handle[4]), inputs.topk_weights)
+        # expand_scales: the weight of every row's own selection (its local expert's column)
+        row_expert = torch.repeat_interleave(torch.arange(local_experts), torch.tensor(ref["rows_per_expert"]))
+        own = to_host(recv_topk_idx)[: row_expert.numel()] == row_expert.unsqueeze(1)
+        expected = (to_host(recv_topk_weights)[: row_expert.numel()] * own).sum(1)
+        assert torch.equal(to_host(handle[8])[: row_expert.numel()], expected)
     else:
         assert len(handle) == 8
         assert torch.equal(to_host(handle[0]), torch.cumsum(sent, 0).to(torch.int32))
