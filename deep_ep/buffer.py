@@ -100,8 +100,8 @@ class Buffer(NormalMode, LowLatencyMode):
         self.on_npu = self.backend == npu.NPU_BACKEND
         if self.on_npu:
             npu.init_backend()  # torch_npu importable; warns when the wheel was built for another SoC
-            normal_strategy, low_latency_strategy = npu.resolve_strategies(normal_strategy, low_latency_strategy,
-                                                                           low_latency_mode)
+            # The normal strategy keeps its name (and its handle format); low-latency maps to MC2.
+            low_latency_strategy = npu.resolve_strategies(normal_strategy, low_latency_strategy, low_latency_mode)[1]
         elif self.backend != "gloo":
             raise ValueError(f"group backend must be 'gloo' for CPU ranks or 'hccl' for Ascend NPUs, got "
                              f"{self.backend!r}")
@@ -111,9 +111,8 @@ class Buffer(NormalMode, LowLatencyMode):
         self.device = npu.current_device() if self.on_npu else torch.device("cpu")
         # The device path (NPU; or CPU with DEEP_EP_FORCE_TORCH_OPS=1, which runs the NPU path's code on
         # CPU): normal mode over the collective transport with torch ops and plain torch allocations.
+        # The device path: the "default" normal strategy moves rows with all_to_all_single there.
         self.device_path = self.on_npu or ops.torch_ops_forced()
-        if self.device_path:
-            normal_strategy = npu.NORMAL_ON_NPU[normal_strategy]
         self.runtime_id = next(_runtime_ids)
         self.low_latency_mode = low_latency_mode
         self.num_nvl_bytes = num_nvl_bytes or DEFAULT_NVL_BYTES

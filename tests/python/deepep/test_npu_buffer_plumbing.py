@@ -277,7 +277,7 @@ def backend_choice(rank: int, num_ranks: int, group) -> None:
         fake = install_npu_stand_in(patch)
         buffer = deep_ep.Buffer(group)  # hccl: the NPU path
         assert buffer.on_npu and buffer.device == DEVICE and buffer.device_path
-        assert buffer.shm is None and buffer.normal_strategy == "alltoall" and buffer.data_comm is group
+        assert buffer.shm is None and buffer.normal_strategy == "default" and buffer.data_comm is group
         assert buffer.npu_ll is None and fake.new_group_calls == []  # no MC2 group without low_latency_mode
         buffer.destroy()
         buffer = deep_ep.Buffer(group, low_latency_mode=True, normal_strategy="alltoall")
@@ -289,7 +289,7 @@ def backend_choice(rank: int, num_ranks: int, group) -> None:
             deep_ep.Buffer(group, low_latency_mode=True, low_latency_strategy="alltoall")
         os.environ["DEEP_USE_MODE"] = "ops"
         buffer = deep_ep.Buffer(group, low_latency_mode=True)
-        assert (buffer.normal_strategy, buffer.low_latency_strategy) == ("alltoall", "ops")
+        assert (buffer.normal_strategy, buffer.low_latency_strategy) == ("default", "ops")
         buffer.destroy()
     finally:
         os.environ.pop("DEEP_USE_MODE", None)
@@ -361,7 +361,7 @@ def normal_mode_device_path(rank: int, num_ranks: int, group, strict: bool) -> N
             else:
                 os.environ["DEEP_EP_FORCE_TORCH_OPS"] = "1"
             buffer = deep_ep.Buffer(group, num_nvl_bytes=1 << 20)
-            assert buffer.device_path and buffer.shm is None and buffer.normal_strategy == "alltoall"
+            assert buffer.device_path and buffer.shm is None and buffer.normal_strategy == "default"
             if strict:
                 mode = StrictDevice()
                 with strict_collectives(buffer.data_comm) as calls, mode:
@@ -440,7 +440,7 @@ def low_latency_on_npu(rank: int, num_ranks: int, group) -> None:
                 assert recv_count.device == DEVICE and recv_count.dtype == torch.int64
                 assert torch.equal(recv_count.cpu(), ref_counts) and handle[5] is recv_count
                 assert handle[1].dtype == torch.int64 and torch.equal(handle[1].cpu(), ref_counts.cumsum(0))
-                assert handle[2:5] == (nmax, hidden, num_experts) and handle[6] is not None
+                assert len(handle) == 7 and handle[2:5] == (nmax, hidden, num_experts) and handle[6] is None
                 if quant == "int8":
                     q, scale = recv_x
                     assert q.dtype == torch.int8 and q.shape == (rows_m, hidden) and scale.shape == (rows_m,)
