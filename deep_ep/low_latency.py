@@ -206,7 +206,8 @@ class LowLatencyMode:
 
     def _ll_check_sizes(self, num_max_tokens, hidden: int, num_experts,
                         ll: Optional[shm_low_latency.LowLatencyShm] = None) -> None:
-        """Nmax / E are ints, E % R == 0, and num_rdma_bytes holds the layout (ValueError naming the size)."""
+        """Nmax / E are ints, E % R == 0, and num_rdma_bytes holds the layout (ValueError naming the size).
+        num_rdma_bytes=0, which upstream accepts, needs no room: the calls go over all_to_all_single."""
         key = (num_max_tokens, hidden, num_experts, ll is not None)
         if key in self._ll_fits:
             return
@@ -219,7 +220,8 @@ class LowLatencyMode:
             raise ValueError(f"low-latency mode supports up to {shm_low_latency.MAX_LOCAL_EXPERTS} experts per "
                              f"rank, got {num_experts // self.group_size}")
         needed = self.get_low_latency_rdma_size_hint(num_max_tokens, hidden, self.group_size, num_experts)
-        if self.num_rdma_bytes < needed or (ll is not None and not ll.fits(num_max_tokens, hidden, num_experts)):
+        too_small = 0 < self.num_rdma_bytes < needed
+        if too_small or (ll is not None and not ll.fits(num_max_tokens, hidden, num_experts)):
             raise ValueError(f"num_rdma_bytes={self.num_rdma_bytes} is too small for low-latency mode with "
                              f"num_max_dispatch_tokens_per_rank={num_max_tokens}, hidden={hidden}, "
                              f"{self.group_size} ranks and num_experts={num_experts}: it needs {needed} bytes "

@@ -128,3 +128,49 @@ def env_rank(rank: int, num_ranks: int, group) -> None:
 def test_environment_variables() -> None:
     spawn_ranks(env_rank, 2, env={"MOE_EXPERT_TOKEN_NUMS_TYPE": "0", "DEEPEP_NORMAL_LONG_SEQ_ROUND": "2",
                                   "DEEPEP_NORMAL_LONG_SEQ_PER_ROUND_TOKENS": "32"})
+
+
+def sglang_rank(rank: int, num_ranks: int, group) -> None:
+    """SGLang's DeepEP dispatcher: keyword calls with events, expert_alignment=128, num_rdma_bytes=0 in
+    low-latency mode; a handle of another Buffer is a clear error."""
+    num_experts = EXPERTS_PER_RANK * num_ranks
+    x, topk_idx, topk_weights = inputs(rank, num_experts)
+    buffer = deep_ep.Buffer(group, num_nvl_bytes=1 << 22, num_rdma_bytes=0, low_latency_mode=True,
+                            num_qps_per_rank=num_experts // num_ranks)
+    previous_event = deep_ep.Buffer.capture()
+    (num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank,
+     previous_event) = buffer.get_dispatch_layout(topk_idx, num_experts, previous_event=previous_event,
+                                                  async_finish=True, allocate_on_comm_stream=True)
+    recv_x, recv_topk_idx, recv_topk_weights, counts, handle, event = buffer.dispatch(
+        x, topk_idx=topk_idx, topk_weights=topk_weights, num_tokens_per_rank=num_tokens_per_rank,
+        num_tokens_per_rdma_rank=num_tokens_per_rdma_rank, is_token_in_rank=is_token_in_rank,
+        num_tokens_per_expert=num_tokens_per_expert, previous_event=previous_event, async_finish=True,
+        allocate_on_comm_stream=True, expert_alignment=128, config=deep_ep.Buffer.get_dispatch_config(num_ranks))
+    event.current_stream_wait()
+    assert all(c % 128 == 0 for c in counts) and sum(counts) == recv_x.shape[0]
+    combined_x, _, event = buffer.combine(recv_x, handle, async_finish=True, previous_event=event,
+                                          allocate_on_comm_stream=True,
+                                          config=deep_ep.Buffer.get_combine_config(num_ranks))
+    expected = reference_combine(x.float().unsqueeze(1).expand(-1, topk_idx.shape[1], -1), topk_idx, topk_weights)
+    assert calc_diff(combined_x.float(), expected.float()) < 1e-5
+    buffer.clean_low_latency_buffer(TOKENS, HIDDEN, num_experts)
+    recv_x, recv_count, ll_handle, event, hook = buffer.low_latency_dispatch(
+        x, topk_idx, TOKENS, num_experts, use_fp8=True, async_finish=False, return_recv_hook=True,
+        round_scale=False, use_ue8m0=False)
+    hook()
+    q, scale = recv_x
+    values = (q.float() * scale.unsqueeze(1)).to(torch.bfloat16)
+    ll_combined, event, hook = buffer.low_latency_combine(values, topk_idx, topk_weights, ll_handle,
+                                                          async_finish=False, return_recv_hook=True, zero_copy=False)
+    hook()
+    assert calc_diff(ll_combined.float(), expected.float()) < 1e-3  # int8 rows
+    other = deep_ep.Buffer(group, num_nvl_bytes=1 << 22)
+    with pytest.raises(ValueError, match="another Buffer"):
+        other.combine(combined_x, handle)
+    other.destroy()
+    buffer.destroy()
+
+
+@pytest.mark.parametrize("num_ranks", [2, 4])
+def test_sglang_dispatcher_calls(num_ranks: int) -> None:
+    spawn_ranks(sglang_rank, num_ranks)
