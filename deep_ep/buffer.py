@@ -1,11 +1,13 @@
 """deep_ep.Buffer: DeepEP-Ascend's expert-parallel API over CPU and NPU transports.
 
-This module holds the Buffer itself: construction (strategy choice, the group's nodes, the
-normal-mode shared memory), static helpers and lifetime. Its modes come from mixins, one module
-each: normal mode (get_dispatch_layout / dispatch / combine) from `normal.py`, low-latency mode
-(low_latency_dispatch / low_latency_combine / clean_low_latency_buffer) from `low_latency.py`;
-fused_deep_moe's pipeline lives in `fused.py` (CPU) and `npu.py` (NPU). The routing itself is
-computed in `layout.py` and the bytes are moved by `transport/`.
+The Buffer validates and delegates: every normal-mode call (get_dispatch_layout / dispatch /
+combine) goes to `self.normal_strategy`, every low-latency call (low_latency_dispatch /
+low_latency_combine) to `self.low_latency_strategy`; both are chosen once in __init__ (by name,
+instance or DEEP_USE_MODE) and may be replaced between calls (deep_ep/ep_strategy.py,
+deep_ep/strategies/). The strategies run on the Buffer's runtime state, which the Buffer holds
+itself: the group, its nodes, the shared memory, and the calls' checks and bookkeeping from two
+mixins, `normal.py` and `low_latency.py`. fused_deep_moe's pipeline lives in `fused.py` (CPU) and
+`npu.py` (NPU); the routing is computed in `layout.py` and the bytes are moved by `transport/`.
 """
 from __future__ import annotations
 
@@ -56,13 +58,15 @@ class Buffer(NormalMode, LowLatencyMode):
             every rank of the group constructs the Buffer.
         num_nvl_bytes: bytes of this rank's intra-node (shared-memory) data area; 0 picks
             64 MiB. Larger data goes in rounds; it must hold one token row.
-        num_rdma_bytes: bytes of the low-latency / inter-node buffer.
+        num_rdma_bytes: bytes of the low-latency shared memory (get_low_latency_rdma_size_hint);
+            0: low-latency calls go over all_to_all_single (same results).
         low_latency_mode: enables low_latency_dispatch / low_latency_combine.
-        normal_strategy: "default" (shared memory inside a node) or "alltoall"
-            (torch.distributed all_to_all_single for everything). On NPU (an 'hccl' group) both
-            run HCCL all_to_all_single (deep_ep/npu.py).
-        low_latency_strategy: "default", "alltoall" or "ops" (NPU only). On NPU "default" and "ops"
-            run CANN's MC2 operators; "alltoall" is not available there.
+        normal_strategy: a name or a NormalEPCommStrategy: "default" (shared memory inside a node,
+            the hierarchical transport across nodes; HCCL all_to_all_single on NPU) or "alltoall"
+            (all_to_all_single for everything). An instance of another Buffer gives its name.
+        low_latency_strategy: a name or a LowLatencyEPCommStrategy: "default", "alltoall" or "ops"
+            (NPU only). On NPU "default" and "ops" run CANN's MC2 operators; "alltoall" is not
+            available there. DEEP_USE_MODE overrides both names.
         explicitly_destroy: if True, `destroy()` must be called before exit.
         Other arguments are accepted for DeepEP compatibility and have no effect on CPU.
     """
