@@ -1,6 +1,6 @@
 """Low-latency mode (decode): the runtime's low_latency_dispatch / low_latency_combine calls (used by
-the low-latency strategies, deep_ep/strategies/low_latency_strategy.py) and clean_low_latency_buffer,
-with their receive hooks.
+the low-latency strategies, deep_ep/strategies/low_latency_strategy.py, whose transports move the
+rows) and clean_low_latency_buffer, with their receive hooks.
 
 Fixed-size buffers, no host-side layout step, at most two results of each kind in flight (double
 buffering, calls numbered the same on every rank). Strategy "default" on one node uses
@@ -13,19 +13,16 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import List, Optional, Union
+from typing import Any, List, Optional, Union
 
 import torch
 import torch.distributed as dist
 
-import deep_ep_cpp
-
-from . import env, layout, npu, ops
+from . import env, layout, npu
 from .pool import OutputPool
-from .transport import alltoall_low_latency, shm_low_latency
-from .transport.fields import as_byte_rows
+from .transport import shm_low_latency
 from .utils import (FLOAT_DTYPES, NATIVE_DTYPE_CODES, EventOverlap, check_num_topk, check_positive_int,
-                    check_tensor, num_threads, resolve_quant_mode, topk_idx_t)
+                    check_tensor, resolve_quant_mode, topk_idx_t)
 
 LL_FORMAT_INT8 = 3  # header format code of int8 rows (16-bit rows use NATIVE_DTYPE_CODES)
 LL_FORMAT_NAMES = {0: "float32", 1: "bfloat16", 2: "float16", LL_FORMAT_INT8: "int8"}
@@ -58,7 +55,7 @@ class LowLatencyState:
     layout_range: torch.Tensor  # int64 [L * R]
     recv_count: torch.Tensor  # int64 [L]
     stats: Optional[torch.Tensor]
-    ll: Optional[shm_low_latency.LowLatencyShm] = None  # the shared memory the call uses; None: alltoall
+    transport: Any = None  # the LowLatencyTransport that moves the call's rows
     recv_count_out: Optional[torch.Tensor] = None  # recv_count as returned (prefix sums: expert_token_nums_type 0)
     recv: tuple = ()
     received: bool = False
@@ -99,7 +96,7 @@ def _ll_dropped(state: LowLatencyState, topk_idx: torch.Tensor) -> torch.Tensor:
     return state.dropped
 
 
-def _ll_selection_rows(state: LowLatencyState) -> torch.Tensor:
+def ll_selection_rows(state: LowLatencyState) -> torch.Tensor:
     """int64 [T, K]: the combine row of selection (t, k), t * K + k."""
     if state.selection_rows is None:
         state.selection_rows = torch.arange(state.num_tokens * state.num_topk).view(state.num_tokens,
@@ -107,7 +104,7 @@ def _ll_selection_rows(state: LowLatencyState) -> torch.Tensor:
     return state.selection_rows
 
 
-def _ll_disagreement(headers: List[List[int]], mine: List[int], compared: int, what: str) -> Optional[str]:
+def ll_disagreement(headers: List[List[int]], mine: List[int], compared: int, what: str) -> Optional[str]:
     """Why the ranks' headers (one per source rank) do not allow this call, or None."""
     expected = mine[:compared]
     if all(h[:compared] == expected for h in headers):
@@ -237,32 +234,24 @@ class LowLatencyMode:
                                "hook first (at most two low-latency results may be in flight)")
         return seq
 
-    def _ll_reject(self, kind: int, seq: int, header: List[int], what: str,
-                   ll: Optional[shm_low_latency.LowLatencyShm]) -> None:
+    def _ll_reject(self, kind: int, seq: int, header: List[int], what: str, transport: "LowLatencyTransport") -> None:
         """This rank rejected its arguments: tell the peers (so they fail fast instead of waiting) and
         consume their call, which keeps every rank's sequence numbers in step."""
         self._ll_seq[kind] = seq
-        if ll is not None:
-            parity = seq & 1
-            self._ll_guard(lambda: ll.wait_acks(kind, parity, seq, what))
-            ll.publish(kind, parity, seq, header)
-            ll.ack(kind, parity, seq)
-        else:
-            counts = torch.zeros(self.group_size, 1, dtype=torch.int64)
-            alltoall_low_latency.exchange_headers(self.comm, header, counts, what)
+        transport.reject(self, kind, seq, header, what)
 
     def _ll_reject_dispatch(self, seq: int, x, num_max_dispatch_tokens_per_rank, what: str,
-                            ll: Optional[shm_low_latency.LowLatencyShm] = None) -> None:
+                            transport: Optional["LowLatencyTransport"] = None) -> None:
         """_ll_reject of a dispatch call (low_latency_dispatch, fused_deep_moe): the "rejected" header
         carries x's token count and Nmax, so the peers can name a rank that has more tokens than Nmax.
-        `ll`: the call's shared memory; by default the one of the Buffer's low-latency strategy."""
-        if ll is None:
-            ll = getattr(self.low_latency_strategy, "ll", None)
+        `transport`: the call's; by default that of the Buffer's low-latency strategy."""
+        if transport is None:
+            transport = self.low_latency_strategy.transport
         tokens = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() == 2 else -1
         nmax = num_max_dispatch_tokens_per_rank if isinstance(num_max_dispatch_tokens_per_rank, int) else -1
-        self._ll_reject(0, seq, [seq, 1, nmax, -1, -1, -1, -1, tokens], what, ll)
+        self._ll_reject(0, seq, [seq, 1, nmax, -1, -1, -1, -1, tokens], what, transport)
 
-    def _ll_guard(self, wait) -> None:
+    def ll_guard(self, wait) -> None:
         """Runs a wait on peers; a timeout or a dead peer leaves low-latency mode unusable until
         clean_low_latency_buffer() runs on every rank (or the Buffer is recreated)."""
         try:
@@ -292,40 +281,17 @@ class LowLatencyMode:
         if self._ll_broken:
             raise RuntimeError(self._ll_broken)
 
-    def _ll_finish(self, kind: int, call: LowLatencyCall) -> None:
+    def ll_drop_pending(self, kind: int, seq: int) -> None:
+        """Call `seq` of `kind` failed before its hook: it no longer counts as in flight."""
+        self._ll_pending[kind][seq & 1] = None
+
+    def ll_finish(self, kind: int, call: LowLatencyCall) -> None:
         call.received = True
         if self._ll_pending[kind][call.seq & 1] == call.seq:
             self._ll_pending[kind][call.seq & 1] = None
 
-    def _ll_shm_headers(self, kind: int, call: LowLatencyCall) -> None:
-        """Shared memory: waits for every peer's rows of `call` and checks their headers. On a
-        disagreement it acknowledges and finishes the call (no peer waits for this rank) and raises
-        ValueError."""
-        what = LL_KINDS[kind]
-        parity = call.seq & 1
-        ll = (call if kind == 0 else call.state).ll
-        self._ll_guard(lambda: ll.wait_signals(kind, parity, call.seq, f"{what} (receive)"))
-        problem = _ll_disagreement(ll.headers(kind, parity).tolist(), call.header, LL_COMPARED[kind], what)
-        if problem:
-            ll.ack(kind, parity, call.seq)
-            self._ll_finish(kind, call)
-            raise ValueError(problem)
-
-    def _ll_alltoall_headers(self, kind: int, call: LowLatencyCall, counts_to: torch.Tensor) -> torch.Tensor:
-        """all_to_all_single: sends `call`'s header and counts_to[d] (int64 [R, C]) to every rank d and
-        checks the headers that arrive. On a disagreement it drops the call from the pending ones and
-        raises ValueError. Returns int64 [R, HEADER_WORDS + MAX_LOCAL_EXPERTS]: what every source sent."""
-        what = LL_KINDS[kind]
-        meta = alltoall_low_latency.exchange_headers(self.comm, call.header, counts_to, what)
-        problem = _ll_disagreement(meta[:, :shm_low_latency.HEADER_WORDS].tolist(), call.header, LL_COMPARED[kind],
-                                   what)
-        if problem:
-            self._ll_pending[kind][call.seq & 1] = None
-            raise ValueError(problem)
-        return meta
-
     # ---- dispatch --------------------------------------------------------------------------------
-    def ll_dispatch(self, ll: Optional[shm_low_latency.LowLatencyShm], x: torch.Tensor, topk_idx: torch.Tensor,
+    def ll_dispatch(self, transport: "LowLatencyTransport", x: torch.Tensor, topk_idx: torch.Tensor,
                     num_max_dispatch_tokens_per_rank: int, num_experts: int,
                     cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None, use_fp8: bool = True,
                     return_recv_hook: bool = False, topk_weights: Optional[torch.Tensor] = None,
@@ -333,7 +299,7 @@ class LowLatencyMode:
         """Sends every token to the ranks holding its top-k experts, into fixed-size buffers (decode path).
 
         Args:
-            ll: the strategy's shared memory (one node), or None: all_to_all_single.
+            transport: the strategy's row mover (deep_ep/strategies/low_latency_strategy.py).
             x: [T, H] bfloat16 (float16 too; float32 with int8), T <= num_max_dispatch_tokens_per_rank.
             topk_idx: int64 [T, K] in [-1, E), -1 = no expert; the experts of a row are distinct.
             num_max_dispatch_tokens_per_rank: Nmax, the same on every rank.
@@ -369,7 +335,7 @@ class LowLatencyMode:
             num_tokens, hidden = x.shape
             num_topk = topk_idx.shape[1]
             check_num_topk(num_topk)
-            self._ll_check_sizes(num_max_dispatch_tokens_per_rank, hidden, num_experts, ll)
+            self._ll_check_sizes(num_max_dispatch_tokens_per_rank, hidden, num_experts, transport.ll)
             if num_tokens > num_max_dispatch_tokens_per_rank:
                 raise ValueError(f"x has {num_tokens} tokens, more than num_max_dispatch_tokens_per_rank="
                                  f"{num_max_dispatch_tokens_per_rank}")
@@ -382,7 +348,7 @@ class LowLatencyMode:
             x, topk_idx = x.contiguous(), topk_idx.contiguous()
             slot, counts = layout.low_latency_slots(topk_idx, num_experts)
         except (ValueError, TypeError):
-            self._ll_reject_dispatch(seq, x, num_max_dispatch_tokens_per_rank, what, ll)
+            self._ll_reject_dispatch(seq, x, num_max_dispatch_tokens_per_rank, what, transport)
             raise
         self._ll_seq[0] = seq
         parity = seq & 1
@@ -399,21 +365,11 @@ class LowLatencyMode:
                                 src_info=torch.empty(num_rows, 3, dtype=torch.int32),
                                 layout_range=torch.empty(experts_per_rank * self.group_size, dtype=torch.int64),
                                 recv_count=torch.empty(experts_per_rank, dtype=torch.int64),
-                                stats=cumulative_local_expert_recv_stats, ll=ll)
+                                stats=cumulative_local_expert_recv_stats, transport=transport)
         state.recv_count_out = state.recv_count if env.expert_token_nums_type() == 1 else \
             torch.empty_like(state.recv_count)
         state.recv = self._ll_recv_buffers(parity, num_rows, hidden, quantized, state.dtype)
-        if ll is not None:
-            areas = ll.areas(num_max, hidden, num_experts, parity)
-            self._ll_guard(lambda: ll.wait_acks(0, parity, seq, what))
-            me = ll.local_index
-            deep_ep_cpp.ll_dispatch_send(x.data_ptr(), NATIVE_DTYPE_CODES[x.dtype], quantized, num_tokens, hidden,
-                                         num_topk, topk_idx.numpy(), slot.numpy(), experts_per_rank, me, num_max,
-                                         areas.tokens[me], areas.scales[me], areas.info, header,
-                                         ll.send_header[0][parity], counts.numpy(),
-                                         ll.send_signal[0][parity], seq, num_threads())
-        else:
-            self._ll_alltoall_dispatch(state, x, counts)
+        transport.send_dispatch(self, state, x, slot, counts, what)
         self._ll_pending[0][parity] = seq
         hook = functools.partial(self._ll_dispatch_receive, state)
         if not return_recv_hook:
@@ -438,28 +394,12 @@ class LowLatencyMode:
         if state.received:
             return
         self._ll_check_hook(state, "low_latency_dispatch (receive)")
-        ll = state.ll
-        if ll is not None:
-            self._ll_shm_headers(0, state)
-            parity = state.seq & 1
-            counts = ll.counts(parity, state.num_experts // self.group_size)
-            block_rows = layout.low_latency_recv_layout(counts, state.layout_range.numpy(), state.recv_count.numpy())
-            areas = ll.areas(state.num_max_tokens, state.hidden, state.num_experts, parity)
-            me = ll.local_index
-            recv = state.recv
-            state.total = deep_ep_cpp.ll_pack(
-                areas.info[me], areas.tokens, areas.scales if state.quantized else [],
-                recv[0].shape[1] * recv[0].element_size(), state.num_topk, block_rows,
-                state.layout_range.numpy(), state.num_max_tokens, recv[0].data_ptr(),
-                recv[1].data_ptr() if state.quantized else 0, state.src_info.numpy(), state.num_rows,
-                ll.recv_ack[0][parity], state.seq, num_threads())
-        else:
-            self._ll_alltoall_pack(state)
+        state.transport.receive_dispatch(self, state)
         if state.stats is not None:
             state.stats.add_(state.recv_count)
         if state.recv_count_out is not state.recv_count:
             torch.cumsum(state.recv_count, 0, out=state.recv_count_out)
-        self._ll_finish(0, state)
+        self.ll_finish(0, state)
 
     # ---- combine ---------------------------------------------------------------------------------
     def ll_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
@@ -498,7 +438,7 @@ class LowLatencyMode:
                     raise ValueError("topk_idx must be the one given to low_latency_dispatch (entries may be set "
                                      "to -1 to leave them out)")
         except (ValueError, TypeError):
-            self._ll_reject(1, seq, [seq, 1, -1, -1, -1, -1, -1, state.seq], what, state.ll)
+            self._ll_reject(1, seq, [seq, 1, -1, -1, -1, -1, -1, state.seq], what, state.transport)
             raise
         self._ll_seq[1] = seq
         parity = seq & 1
@@ -509,16 +449,7 @@ class LowLatencyMode:
         total = state.total
         task = LowLatencyCombine(state=state, seq=seq, header=header, topk_idx=topk_idx, weights=topk_weights,
                                  result=result, out=out)
-        ll = state.ll
-        if ll is not None:
-            areas = ll.areas(state.num_max_tokens, hidden, state.num_experts, parity)
-            self._ll_guard(lambda: ll.wait_acks(1, parity, seq, what))
-            deep_ep_cpp.ll_combine_send(x.data_ptr(), hidden * x.element_size(), total, state.src_info[:total].numpy(),
-                                        num_topk, areas.returns, areas.return_rows, header,
-                                        ll.send_header[1][parity], ll.send_signal[1][parity], seq,
-                                        num_threads())
-        else:
-            self._ll_alltoall_combine(task, x)
+        state.transport.send_combine(self, task, x, what)
         self._ll_pending[1][parity] = seq
         hook = functools.partial(self._ll_combine_receive, task)
         if not return_recv_hook:
@@ -532,20 +463,10 @@ class LowLatencyMode:
         state = task.state
         self._ll_check_hook(state, "low_latency_combine (receive)")
         dropped = _ll_dropped(state, task.topk_idx)
-        ll = state.ll
-        if ll is not None:
-            self._ll_shm_headers(1, task)
-            parity = task.seq & 1
-            rows = ll.return_view(state.num_max_tokens, state.hidden, state.num_experts, parity)
-            ops.weighted_reduce(task.result, [rows], task.result.dtype, dropped, _ll_selection_rows(state),
-                                task.weights)
-            ll.ack(1, parity, task.seq)
-        else:
-            ops.weighted_reduce(task.result, [task.arrived], task.result.dtype, dropped, task.arrived_row,
-                                task.weights)
+        state.transport.receive_combine(self, task, dropped)
         if task.out is not None and task.out is not task.result:
             task.out.copy_(task.result)
-        self._ll_finish(1, task)
+        self.ll_finish(1, task)
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
         """Resets the low-latency signalling state (collective: call it on every rank).
@@ -567,53 +488,3 @@ class LowLatencyMode:
         self._ll_pending = [[None, None], [None, None]]
         self._ll_epoch += 1
         self._ll_broken = None
-
-    # ---- over all_to_all_single (strategy "alltoall", or more than one node) ----------------------
-    def _ll_alltoall_dispatch(self, state: LowLatencyState, x: torch.Tensor, counts: torch.Tensor) -> None:
-        """Exchanges headers, counts and rows now; the hook packs them (_ll_alltoall_pack)."""
-        experts_per_rank = state.num_experts // self.group_size
-        counts_to = counts.view(self.group_size, experts_per_rank)
-        meta = self._ll_alltoall_headers(0, state, counts_to)
-        counts_from = meta[:, shm_low_latency.HEADER_WORDS: shm_low_latency.HEADER_WORDS + experts_per_rank]
-        token, k, _, _ = layout.expert_major_entries(state.topk_idx, 0, state.num_experts)
-        if state.quantized:
-            q, scale = ops.quantize_int8(x)
-            fields = [q, scale.view(-1, 1)]
-        else:
-            fields = [x]
-        info = torch.stack([token, k], 1).to(torch.int32)
-        send = torch.cat([as_byte_rows(f.index_select(0, token)) for f in fields] + [as_byte_rows(info)], 1)
-        state.arrived = alltoall_low_latency.exchange(self.comm, send, counts_to.sum(1).tolist(),
-                                                      counts_from.sum(1).tolist(), "low_latency_dispatch")
-        state.counts_from = counts_from.clone()
-
-    def _ll_alltoall_pack(self, state: LowLatencyState) -> None:
-        layout.low_latency_recv_layout(state.counts_from.numpy(), state.layout_range.numpy(),
-                                       state.recv_count.numpy())
-        rows = layout.low_latency_arrival_rows(state.counts_from, state.layout_range)
-        state.arrival_rows = rows
-        arrived, recv = state.arrived, state.recv
-        width = recv[0].shape[1] * recv[0].element_size()
-        recv[0].view(torch.uint8).view(-1, width).index_copy_(0, rows, arrived[:, :width])
-        if state.quantized:
-            recv[1].view(torch.uint8).view(-1, 4).index_copy_(0, rows, arrived[:, width: width + 4])
-        info = arrived[:, -8:].clone(memory_format=torch.contiguous_format).view(torch.int32)  # fresh storage: aligned
-        sources = torch.repeat_interleave(torch.arange(self.group_size), state.counts_from.sum(1))
-        state.src_info.fill_(-1)
-        state.src_info[rows] = torch.cat([sources.to(torch.int32).view(-1, 1), info], 1)
-        state.total = rows.numel()
-        state.arrived = None
-
-    def _ll_alltoall_combine(self, task: LowLatencyCombine, x: torch.Tensor) -> None:
-        state = task.state
-        self._ll_alltoall_headers(1, task, torch.zeros(self.group_size, 1, dtype=torch.int64))
-        experts_per_rank = state.num_experts // self.group_size
-        _, counts = layout.low_latency_slots(state.topk_idx, state.num_experts)
-        back = counts.view(self.group_size, experts_per_rank).sum(1).tolist()
-        send = as_byte_rows(x).index_select(0, state.arrival_rows)
-        task.arrived = alltoall_low_latency.exchange(self.comm, send, state.counts_from.sum(1).tolist(), back,
-                                                     "low_latency_combine")
-        token, k, _, _ = layout.expert_major_entries(state.topk_idx, 0, state.num_experts)
-        position = torch.full((state.num_tokens * state.num_topk,), -1, dtype=torch.int64)
-        position[token * state.num_topk + k] = torch.arange(token.numel())
-        task.arrived_row = position.clamp_min(0).view(state.num_tokens, state.num_topk)

@@ -19,14 +19,167 @@ from typing import Callable, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from .. import handles, npu
+import deep_ep_cpp
+
+from .. import handles, layout, npu, ops
 from ..ep_strategy import LowLatencyEPCommStrategy, register_low_latency_strategy
-from ..low_latency import LowLatencyMode
-from ..utils import EventOverlap, low_latency_quant_mode
+from ..low_latency import (LL_COMPARED, LL_KINDS, LowLatencyCall, LowLatencyCombine, LowLatencyMode, LowLatencyState,
+                           ll_disagreement, ll_selection_rows)
+from ..transport import alltoall_low_latency, shm_low_latency
+from ..transport.fields import as_byte_rows
+from ..utils import NATIVE_DTYPE_CODES, EventOverlap, low_latency_quant_mode, num_threads
 
 
 def _no_hook() -> None:
     """The hook of a call whose data has arrived."""
+
+
+class SharedMemoryLowLatency:
+    """The node's low-latency shared memory (transport/shm_low_latency.py): senders write rows into
+    fixed slots of the receivers' memory and bump a counter; the hook waits for the counters and packs."""
+
+    def __init__(self, ll: shm_low_latency.LowLatencyShm) -> None:
+        self.ll = ll
+
+    def reject(self, rt: LowLatencyMode, kind: int, seq: int, header: List[int], what: str) -> None:
+        ll, parity = self.ll, seq & 1
+        rt.ll_guard(lambda: ll.wait_acks(kind, parity, seq, what))
+        ll.publish(kind, parity, seq, header)
+        ll.ack(kind, parity, seq)
+
+    def _headers(self, rt: LowLatencyMode, kind: int, call: LowLatencyCall) -> None:
+        """Waits for every peer's rows of `call` and checks their headers. On a disagreement it
+        acknowledges and finishes the call (no peer waits for this rank) and raises ValueError."""
+        what = LL_KINDS[kind]
+        ll, parity = self.ll, call.seq & 1
+        rt.ll_guard(lambda: ll.wait_signals(kind, parity, call.seq, f"{what} (receive)"))
+        problem = ll_disagreement(ll.headers(kind, parity).tolist(), call.header, LL_COMPARED[kind], what)
+        if problem:
+            ll.ack(kind, parity, call.seq)
+            rt.ll_finish(kind, call)
+            raise ValueError(problem)
+
+    def send_dispatch(self, rt: LowLatencyMode, state: LowLatencyState, x: torch.Tensor, slot: torch.Tensor,
+                      counts: torch.Tensor, what: str) -> None:
+        ll, seq, parity = self.ll, state.seq, state.seq & 1
+        areas = ll.areas(state.num_max_tokens, state.hidden, state.num_experts, parity)
+        rt.ll_guard(lambda: ll.wait_acks(0, parity, seq, what))
+        me = ll.local_index
+        deep_ep_cpp.ll_dispatch_send(x.data_ptr(), NATIVE_DTYPE_CODES[x.dtype], state.quantized, state.num_tokens,
+                                     state.hidden, state.num_topk, state.topk_idx.numpy(), slot.numpy(),
+                                     state.num_experts // rt.group_size, me, state.num_max_tokens, areas.tokens[me],
+                                     areas.scales[me], areas.info, state.header, ll.send_header[0][parity],
+                                     counts.numpy(), ll.send_signal[0][parity], seq, num_threads())
+
+    def receive_dispatch(self, rt: LowLatencyMode, state: LowLatencyState) -> None:
+        ll = self.ll
+        self._headers(rt, 0, state)
+        parity = state.seq & 1
+        counts = ll.counts(parity, state.num_experts // rt.group_size)
+        block_rows = layout.low_latency_recv_layout(counts, state.layout_range.numpy(), state.recv_count.numpy())
+        areas = ll.areas(state.num_max_tokens, state.hidden, state.num_experts, parity)
+        me = ll.local_index
+        recv = state.recv
+        state.total = deep_ep_cpp.ll_pack(
+            areas.info[me], areas.tokens, areas.scales if state.quantized else [],
+            recv[0].shape[1] * recv[0].element_size(), state.num_topk, block_rows,
+            state.layout_range.numpy(), state.num_max_tokens, recv[0].data_ptr(),
+            recv[1].data_ptr() if state.quantized else 0, state.src_info.numpy(), state.num_rows,
+            ll.recv_ack[0][parity], state.seq, num_threads())
+
+    def send_combine(self, rt: LowLatencyMode, task: LowLatencyCombine, x: torch.Tensor, what: str) -> None:
+        ll, state, seq, parity = self.ll, task.state, task.seq, task.seq & 1
+        total, hidden = state.total, state.hidden
+        areas = ll.areas(state.num_max_tokens, hidden, state.num_experts, parity)
+        rt.ll_guard(lambda: ll.wait_acks(1, parity, seq, what))
+        deep_ep_cpp.ll_combine_send(x.data_ptr(), hidden * x.element_size(), total, state.src_info[:total].numpy(),
+                                    state.num_topk, areas.returns, areas.return_rows, task.header,
+                                    ll.send_header[1][parity], ll.send_signal[1][parity], seq, num_threads())
+
+    def receive_combine(self, rt: LowLatencyMode, task: LowLatencyCombine, dropped: torch.Tensor) -> None:
+        ll, state = self.ll, task.state
+        self._headers(rt, 1, task)
+        parity = task.seq & 1
+        rows = ll.return_view(state.num_max_tokens, state.hidden, state.num_experts, parity)
+        ops.weighted_reduce(task.result, [rows], task.result.dtype, dropped, ll_selection_rows(state), task.weights)
+        ll.ack(1, parity, task.seq)
+
+
+class AllToAllLowLatency:
+    """torch.distributed all_to_all_single (transport/alltoall_low_latency.py): headers, counts and rows
+    move at the call; the hook places / reduces them. Same bits as the shared memory."""
+
+    ll = None
+
+    def reject(self, rt: LowLatencyMode, kind: int, seq: int, header: List[int], what: str) -> None:
+        counts = torch.zeros(rt.group_size, 1, dtype=torch.int64)
+        alltoall_low_latency.exchange_headers(rt.comm, header, counts, what)
+
+    def _headers(self, rt: LowLatencyMode, kind: int, call: LowLatencyCall, counts_to: torch.Tensor) -> torch.Tensor:
+        """Sends `call`'s header and counts_to[d] (int64 [R, C]) to every rank d and checks the headers
+        that arrive. On a disagreement it drops the call from the pending ones and raises ValueError.
+        Returns int64 [R, HEADER_WORDS + MAX_LOCAL_EXPERTS]: what every source sent."""
+        what = LL_KINDS[kind]
+        meta = alltoall_low_latency.exchange_headers(rt.comm, call.header, counts_to, what)
+        problem = ll_disagreement(meta[:, :shm_low_latency.HEADER_WORDS].tolist(), call.header, LL_COMPARED[kind],
+                                  what)
+        if problem:
+            rt.ll_drop_pending(kind, call.seq)
+            raise ValueError(problem)
+        return meta
+
+    def send_dispatch(self, rt: LowLatencyMode, state: LowLatencyState, x: torch.Tensor, slot: torch.Tensor,
+                      counts: torch.Tensor, what: str) -> None:
+        """Exchanges headers, counts and rows now; the hook places them (receive_dispatch)."""
+        experts_per_rank = state.num_experts // rt.group_size
+        counts_to = counts.view(rt.group_size, experts_per_rank)
+        meta = self._headers(rt, 0, state, counts_to)
+        counts_from = meta[:, shm_low_latency.HEADER_WORDS: shm_low_latency.HEADER_WORDS + experts_per_rank]
+        token, k, _, _ = layout.expert_major_entries(state.topk_idx, 0, state.num_experts)
+        if state.quantized:
+            q, scale = ops.quantize_int8(x)
+            fields = [q, scale.view(-1, 1)]
+        else:
+            fields = [x]
+        info = torch.stack([token, k], 1).to(torch.int32)
+        send = torch.cat([as_byte_rows(f.index_select(0, token)) for f in fields] + [as_byte_rows(info)], 1)
+        state.arrived = alltoall_low_latency.exchange(rt.comm, send, counts_to.sum(1).tolist(),
+                                                      counts_from.sum(1).tolist(), "low_latency_dispatch")
+        state.counts_from = counts_from.clone()
+
+    def receive_dispatch(self, rt: LowLatencyMode, state: LowLatencyState) -> None:
+        layout.low_latency_recv_layout(state.counts_from.numpy(), state.layout_range.numpy(),
+                                       state.recv_count.numpy())
+        rows = layout.low_latency_arrival_rows(state.counts_from, state.layout_range)
+        state.arrival_rows = rows
+        arrived, recv = state.arrived, state.recv
+        width = recv[0].shape[1] * recv[0].element_size()
+        recv[0].view(torch.uint8).view(-1, width).index_copy_(0, rows, arrived[:, :width])
+        if state.quantized:
+            recv[1].view(torch.uint8).view(-1, 4).index_copy_(0, rows, arrived[:, width: width + 4])
+        info = arrived[:, -8:].clone(memory_format=torch.contiguous_format).view(torch.int32)  # fresh storage: aligned
+        sources = torch.repeat_interleave(torch.arange(rt.group_size), state.counts_from.sum(1))
+        state.src_info.fill_(-1)
+        state.src_info[rows] = torch.cat([sources.to(torch.int32).view(-1, 1), info], 1)
+        state.total = rows.numel()
+        state.arrived = None
+
+    def send_combine(self, rt: LowLatencyMode, task: LowLatencyCombine, x: torch.Tensor, what: str) -> None:
+        state = task.state
+        self._headers(rt, 1, task, torch.zeros(rt.group_size, 1, dtype=torch.int64))
+        experts_per_rank = state.num_experts // rt.group_size
+        _, counts = layout.low_latency_slots(state.topk_idx, state.num_experts)
+        back = counts.view(rt.group_size, experts_per_rank).sum(1).tolist()
+        send = as_byte_rows(x).index_select(0, state.arrival_rows)
+        task.arrived = alltoall_low_latency.exchange(rt.comm, send, state.counts_from.sum(1).tolist(), back,
+                                                     "low_latency_combine")
+        token, k, _, _ = layout.expert_major_entries(state.topk_idx, 0, state.num_experts)
+        position = torch.full((state.num_tokens * state.num_topk,), -1, dtype=torch.int64)
+        position[token * state.num_topk + k] = torch.arange(token.numel())
+        task.arrived_row = position.clamp_min(0).view(state.num_tokens, state.num_topk)
+
+    def receive_combine(self, rt: LowLatencyMode, task: LowLatencyCombine, dropped: torch.Tensor) -> None:
+        ops.weighted_reduce(task.result, [task.arrived], task.result.dtype, dropped, task.arrived_row, task.weights)
 
 
 class _LowLatencyStrategyBase(LowLatencyEPCommStrategy):
@@ -35,7 +188,7 @@ class _LowLatencyStrategyBase(LowLatencyEPCommStrategy):
     def __init__(self, runtime: LowLatencyMode, group: dist.ProcessGroup) -> None:
         super().__init__(group)
         self.runtime = runtime
-        self.ll = None  # the shared memory of the calls; None: all_to_all_single
+        self.transport = AllToAllLowLatency()  # the default strategy may pick the shared memory instead
         self.on_npu = False
 
     def get_supported_modes(self) -> List[str]:
@@ -55,7 +208,7 @@ class _LowLatencyStrategyBase(LowLatencyEPCommStrategy):
             handle = handles.LowLatencyHandle(tuple(npu_handle[:6]) + (None,), npu_handle, rt.runtime_id)
             return recv_x, recv_count, handle, event, _no_hook
         recv_x, recv_count, state, event, hook = rt.ll_dispatch(
-            self.ll, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, cumulative_local_expert_recv_stats,
+            self.transport, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, cumulative_local_expert_recv_stats,
             quant == "int8", return_recv_hook, topk_weights, quant)
         handle = handles.LowLatencyHandle((state.src_info, state.layout_range, num_max_dispatch_tokens_per_rank,
                                            state.hidden, num_experts, recv_count, None), state, rt.runtime_id)
@@ -69,7 +222,7 @@ class _LowLatencyStrategyBase(LowLatencyEPCommStrategy):
         if self.on_npu:
             combined, event, _ = npu.low_latency_combine(rt, x, topk_idx, topk_weights, state, return_recv_hook, out)
             return combined, event, _no_hook
-        if state.ll is not self.ll:
+        if type(state.transport) is not type(self.transport) or state.transport.ll is not self.transport.ll:
             raise ValueError(f"low_latency_combine: the handle was made by another low-latency strategy than this "
                              f"Buffer's {self.get_name()!r}; use the strategy that dispatched it")
         return rt.ll_combine(x, topk_idx, topk_weights, state, return_recv_hook, out)
@@ -83,7 +236,9 @@ class DefaultLowLatencyCommStrategy(_LowLatencyStrategyBase):
     def __init__(self, runtime: LowLatencyMode, group: dist.ProcessGroup) -> None:
         super().__init__(runtime, group)
         self.on_npu = runtime.npu_ll is not None
-        self.ll = None if self.on_npu else runtime.low_latency_shm()
+        ll = None if self.on_npu else runtime.low_latency_shm()
+        if ll is not None:
+            self.transport = SharedMemoryLowLatency(ll)
 
     def get_name(self) -> str:
         return "default"
