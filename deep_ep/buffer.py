@@ -251,7 +251,8 @@ class Buffer(NormalMode, LowLatencyMode):
 
         Args:
             x: [T, H] bfloat16 (float16 / float32 also accepted), T <= num_max_dispatch_tokens_per_rank.
-            topk_idx: int64 [T, K] in [-1, E), -1 = no expert; the experts of a row are distinct.
+            topk_idx: int64 or int32 [T, K] in [-1, E), -1 = no expert; a row may name an expert more
+                than once (each selection is its own received row and its own term of the sum).
             topk_weights: float32 [T, K], the weights of the combine.
             gmm1_permuted_weight: int8 [L, H, 2I], this rank's L = E / R local experts; columns gate/up
                 interleaved in tiles of 64 (deep_ep.permute_gmm1_weight makes it from [L, 2I, H]

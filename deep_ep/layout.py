@@ -57,9 +57,9 @@ def expert_major_entries(topk_idx: torch.Tensor, expert_begin: int, expert_end: 
     return tuple(torch.from_numpy(e) for e in entries)
 
 
-def summarize_topk(topk_idx: torch.Tensor) -> Tuple[int, int, int]:
-    """(smallest id, largest id, first row that names an expert twice or -1) of int64 [T, K],
-    in one native pass on a host copy."""
+def summarize_topk(topk_idx: torch.Tensor) -> Tuple[int, int]:
+    """(smallest id, largest id) of int64 [T, K], in one native pass on a host copy. A row may name
+    an expert more than once (each selection is routed on its own, as DeepEP-Ascend does)."""
     import deep_ep_cpp
 
     host = topk_idx.cpu().contiguous()
@@ -215,20 +215,29 @@ def localize_topk_idx_(topk_idx: torch.Tensor, rank: int, experts_per_rank: int)
 # normal mode's received layout without padding.
 
 
-def low_latency_slots(topk_idx: torch.Tensor, num_experts: int):
+def low_latency_slots(topk_idx: torch.Tensor, num_experts: int, num_slots: Optional[int] = None):
     """Which slot every selection of this rank fills.
 
     Args:
-        topk_idx: int64 [T, K] in [-1, E), contiguous CPU.
+        topk_idx: int64 [T, K] in [-1, E), contiguous CPU. A row may name an expert more than once:
+            every (t, k) selection takes its own slot.
+        num_slots: the slots per (expert, source rank) (Nmax), or None for no limit.
     Returns:
-        slot int64 [T, K]: tokens before t that select expert topk_idx[t, k] (-1 where it is -1);
-        counts int64 [E]: tokens of this rank that select each expert.
-    Raises ValueError for ids outside [-1, E) or an expert repeated in a row.
+        slot int64 [T, K]: selections before (t, k), in (token, k) order, of expert topk_idx[t, k]
+        (-1 where it is -1); counts int64 [E]: selections of each expert by this rank.
+    Raises ValueError for ids outside [-1, E), or for an expert selected more than num_slots times
+    (possible only with repeated experts: T <= Nmax otherwise).
     """
     import deep_ep_cpp
 
     slot, counts = deep_ep_cpp.expert_slots(topk_idx.numpy(), topk_idx.shape[0], topk_idx.shape[1], num_experts)
-    return torch.from_numpy(slot).view(topk_idx.shape), torch.from_numpy(counts)
+    counts = torch.from_numpy(counts)
+    if num_slots is not None and counts.numel() and int(counts.max()) > num_slots:
+        expert = int(counts.argmax())
+        raise ValueError(f"topk_idx selects expert {expert} {int(counts[expert])} times (repeats in a row count "
+                         f"once each); low-latency mode holds at most num_max_dispatch_tokens_per_rank="
+                         f"{num_slots} selections of one expert per rank")
+    return torch.from_numpy(slot).view(topk_idx.shape), counts
 
 
 def low_latency_recv_layout(counts: np.ndarray, layout_range: np.ndarray, recv_count: np.ndarray) -> np.ndarray:

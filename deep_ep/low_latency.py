@@ -322,7 +322,8 @@ class LowLatencyMode:
 
         Args:
             x: [T, H] bfloat16 (float16 too; float32 with int8), T <= num_max_dispatch_tokens_per_rank.
-            topk_idx: int64 [T, K] in [-1, E), -1 = no expert; the experts of a row are distinct.
+            topk_idx: int64 [T, K] in [-1, E), -1 = no expert. A row may name an expert more than once:
+                each (t, k) selection is its own received row (at most Nmax selections of one expert).
             num_max_dispatch_tokens_per_rank: Nmax, the same on every rank.
             num_experts: E, the same on every rank, a multiple of R.
             cumulative_local_expert_recv_stats: None or int32 [L]; recv_count is added to it.
@@ -372,7 +373,7 @@ class LowLatencyMode:
             if topk_weights is not None:
                 check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=(num_tokens, num_topk))
             x, topk_idx = x.contiguous(), topk_idx.contiguous()
-            slot, counts = layout.low_latency_slots(topk_idx, num_experts)
+            slot, counts = layout.low_latency_slots(topk_idx, num_experts, num_max_dispatch_tokens_per_rank)
         except (ValueError, TypeError):
             self._ll_reject_dispatch(seq, x, num_max_dispatch_tokens_per_rank, what)
             raise

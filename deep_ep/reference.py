@@ -12,19 +12,23 @@ def reference_dispatch(xs: Sequence[torch.Tensor], topk_idxs: Sequence[torch.Ten
                        topk_weights: Sequence[torch.Tensor], num_experts: int, rank: int, alignment: int = 1):
     """What `rank` receives. xs[s]: [T_s, H]; topk_idxs[s]: int64 [T_s, K]; weights float32.
 
+    One row per (token, k) selection of a local expert: a token that names the same expert twice
+    arrives twice, in k order.
     Returns dict with x [N, H], topk_idx (local ids) [N, K], weights [N, K], src_rank [N],
-    src_idx [N] (-1 for padding), rows_per_expert (list, padded).
+    src_idx [N] and src_k [N] (the selection's top-k column; -1 for padding), rows_per_expert
+    (list, padded).
     """
     num_ranks = len(xs)
     local_experts = num_experts // num_ranks
     hidden, topk = xs[0].shape[1], topk_idxs[0].shape[1]
-    parts = {"x": [], "topk_idx": [], "weights": [], "src_rank": [], "src_idx": []}
+    parts = {"x": [], "topk_idx": [], "weights": [], "src_rank": [], "src_idx": [], "src_k": []}
     rows_per_expert: List[int] = []
     for local in range(local_experts):
         expert = rank * local_experts + local
         count = 0
         for source in range(num_ranks):
-            tokens = (topk_idxs[source] == expert).any(dim=1).nonzero().flatten()
+            selections = (topk_idxs[source] == expert).nonzero()  # row-major: (token, k) order
+            tokens = selections[:, 0]
             idx = topk_idxs[source][tokens]
             mine = (idx >= rank * local_experts) & (idx < (rank + 1) * local_experts)
             parts["x"].append(xs[source][tokens])
@@ -32,6 +36,7 @@ def reference_dispatch(xs: Sequence[torch.Tensor], topk_idxs: Sequence[torch.Ten
             parts["weights"].append(topk_weights[source][tokens])
             parts["src_rank"].append(torch.full((len(tokens),), source, dtype=torch.int64))
             parts["src_idx"].append(tokens)
+            parts["src_k"].append(selections[:, 1])
             count += len(tokens)
         pad = (-count) % alignment
         parts["x"].append(torch.zeros(pad, hidden, dtype=xs[0].dtype))
@@ -39,6 +44,7 @@ def reference_dispatch(xs: Sequence[torch.Tensor], topk_idxs: Sequence[torch.Ten
         parts["weights"].append(torch.zeros(pad, topk, dtype=torch.float32))
         parts["src_rank"].append(torch.full((pad,), -1, dtype=torch.int64))
         parts["src_idx"].append(torch.full((pad,), -1, dtype=torch.int64))
+        parts["src_k"].append(torch.full((pad,), -1, dtype=torch.int64))
         rows_per_expert.append(count + pad)
     out = {k: torch.cat(v) for k, v in parts.items()}
     out["rows_per_expert"] = rows_per_expert

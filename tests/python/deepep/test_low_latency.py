@@ -98,12 +98,7 @@ def check_received(rank: int, num_ranks: int, case: Case, everyone, recv_x, recv
     assert src_info.shape == (rows, 3)
     assert torch.equal(src_info[:real, 0].long(), ref["src_rank"]) and torch.equal(src_info[:real, 1].long(),
                                                                                  ref["src_idx"])
-    expected_k = torch.stack([(everyone[s].topk_idx[t] == rank * case.experts_per_rank + l).nonzero().flatten()[0]
-                              for s, t, l in zip(ref["src_rank"].tolist(), ref["src_idx"].tolist(),
-                                                 torch.repeat_interleave(torch.arange(case.experts_per_rank),
-                                                                         recv_count).tolist())]) \
-        if real else torch.zeros(0, dtype=torch.int64)
-    assert torch.equal(src_info[:real, 2].long(), expected_k)
+    assert torch.equal(src_info[:real, 2].long(), ref["src_k"])
     assert bool((src_info[real:] == -1).all())
     return real
 
@@ -172,7 +167,11 @@ def cases_for(num_ranks: int) -> List[Case]:
              replace(base, pattern="one_rank", topk=3, seed=3),
              replace(base, pattern="one_expert", topk=2, quant="bf16", seed=4),
              replace(base, topk=1, experts_per_rank=1, seed=5),
-             replace(base, tokens=[0], seed=6)]
+             replace(base, tokens=[0], seed=6),
+             # A row naming an expert twice: one packed row and one combine term per selection.
+             replace(base, pattern="repeat", topk=3, seed=7),
+             replace(base, tokens=[3, 0, 4, 2], pattern="repeat", topk=6, experts_per_rank=2, quant="bf16", hook=True,
+                     seed=8)]
     if num_ranks >= 4:  # keep the largest world sizes quick
         cases = cases[:2] + cases[5:]
     return cases
@@ -294,6 +293,11 @@ def errors(rank: int, num_ranks: int, group) -> None:
             buffer.low_latency_dispatch(inputs.x.to(torch.int32), inputs.topk_idx, 8, 2 * num_ranks)
         with pytest.raises(ValueError, match=r"too small .* it needs \d+ bytes"):
             buffer.low_latency_dispatch(inputs.x, inputs.topk_idx, 1024, 2 * num_ranks)
+        # Repeats are fine, but one expert holds at most Nmax selections per source rank.
+        crowded = torch.zeros(8, 2, dtype=torch.int64)
+        with pytest.raises(ValueError, match="selects expert 0 16 times|rejected"):
+            buffer.low_latency_dispatch(inputs.x, crowded, 8, 2 * num_ranks)
+        ok()
         bad_idx = inputs.topk_idx.clone()
         bad_idx[0, 0] = 2 * num_ranks
         with pytest.raises(ValueError, match=r"outside \[-1|rejected"):
