@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 import deep_ep_cpp
 
-from . import layout, npu, ops
+from . import env, layout, npu, ops
 from .pool import OutputPool
 from .transport import alltoall_low_latency, shm_low_latency
 from .transport.fields import as_byte_rows
@@ -66,6 +66,9 @@ class LowLatencyState:
     selection_rows: Optional[torch.Tensor] = None
     dropped: Optional[torch.Tensor] = None
     total: int = 0  # received rows, recv_count.sum()
+    # With shared-expert ranks: the placement; topk_idx / num_experts / num_topk above are then the
+    # transports' virtual ones (layout.SharedExperts), the handle shows the caller's.
+    shared: Optional[layout.SharedExperts] = None
 
 
 @dataclass
@@ -187,9 +190,11 @@ class LowLatencyMode:
         for name, value in (("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank),
                             ("hidden", hidden), ("num_ranks", num_ranks), ("num_experts", num_experts)):
             check_positive_int(name, value)
-        if num_experts % num_ranks:
+        shared = env.shared_expert_rank_num()
+        if not shared and num_experts % num_ranks:
             raise ValueError(f"num_experts must be a multiple of num_ranks, got {num_experts} and {num_ranks}")
-        return shm_low_latency.bytes_needed(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
+        return shm_low_latency.bytes_needed(num_max_dispatch_tokens_per_rank, hidden, num_ranks,
+                                            layout.hint_experts(num_experts, num_ranks, shared))
 
     # ---- call bookkeeping (also used by fused.py and npu.py) -----------------------------------------
     def _ll_ready(self, what: str) -> None:
@@ -200,28 +205,27 @@ class LowLatencyMode:
         if self._ll_broken:
             raise RuntimeError(self._ll_broken)
 
-    def _ll_check_sizes(self, num_max_tokens, hidden: int, num_experts) -> None:
-        """Nmax / E are ints, E % R == 0, and num_rdma_bytes holds the layout (ValueError naming the size)."""
-        key = (num_max_tokens, hidden, num_experts)
+    def _ll_check_sizes(self, num_max_tokens, hidden: int, num_experts) -> layout.SharedExperts:
+        """Nmax / E are ints, E a multiple of the expert-holding ranks, and num_rdma_bytes holds the
+        layout (ValueError naming the size). Returns the expert placement (MOE_SHARED_EXPERT_RANK_NUM)."""
+        roles = layout.SharedExperts.check(num_experts, self.group_size, env.shared_expert_rank_num())
+        key = (num_max_tokens, hidden, roles)
         if key in self._ll_fits:
-            return
+            return roles
         check_positive_int("num_max_dispatch_tokens_per_rank", num_max_tokens)
-        check_positive_int("num_experts", num_experts)
-        if num_experts % self.group_size:
-            raise ValueError(f"num_experts must be a positive multiple of the {self.group_size} ranks, "
-                             f"got {num_experts}")
-        if num_experts // self.group_size > shm_low_latency.MAX_LOCAL_EXPERTS:
+        if roles.experts_per_rank > shm_low_latency.MAX_LOCAL_EXPERTS:
             raise ValueError(f"low-latency mode supports up to {shm_low_latency.MAX_LOCAL_EXPERTS} experts per "
-                             f"rank, got {num_experts // self.group_size}")
-        needed = self.get_low_latency_rdma_size_hint(num_max_tokens, hidden, self.group_size, num_experts)
+                             f"rank, got {roles.experts_per_rank}")
+        needed = shm_low_latency.bytes_needed(num_max_tokens, hidden, self.group_size, roles.virtual_experts)
         if self.num_rdma_bytes < needed or (self.ll is not None and not self.ll.fits(num_max_tokens, hidden,
-                                                                                     num_experts)):
+                                                                                     roles.virtual_experts)):
             raise ValueError(f"num_rdma_bytes={self.num_rdma_bytes} is too small for low-latency mode with "
                              f"num_max_dispatch_tokens_per_rank={num_max_tokens}, hidden={hidden}, "
                              f"{self.group_size} ranks and num_experts={num_experts}: it needs {needed} bytes "
                              f"(Buffer.get_low_latency_rdma_size_hint({num_max_tokens}, {hidden}, "
                              f"{self.group_size}, {num_experts}))")
         self._ll_fits.add(key)
+        return roles
 
     def _ll_begin(self, kind: int, what: str) -> int:
         """The sequence number of the next call of `kind`; refuses a third call in flight."""
@@ -362,18 +366,21 @@ class LowLatencyMode:
             num_tokens, hidden = x.shape
             num_topk = topk_idx.shape[1]
             check_num_topk(num_topk)
-            self._ll_check_sizes(num_max_dispatch_tokens_per_rank, hidden, num_experts)
+            roles = self._ll_check_sizes(num_max_dispatch_tokens_per_rank, hidden, num_experts)
             if num_tokens > num_max_dispatch_tokens_per_rank:
                 raise ValueError(f"x has {num_tokens} tokens, more than num_max_dispatch_tokens_per_rank="
                                  f"{num_max_dispatch_tokens_per_rank}")
-            experts_per_rank = num_experts // self.group_size
+            local_experts = roles.local_experts(self.rank)
             if cumulative_local_expert_recv_stats is not None:
                 check_tensor("cumulative_local_expert_recv_stats", cumulative_local_expert_recv_stats,
-                             dtypes=(torch.int32,), shape=(experts_per_rank,))
+                             dtypes=(torch.int32,), shape=(local_experts,))
             if topk_weights is not None:
                 check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=(num_tokens, num_topk))
             x, topk_idx = x.contiguous(), topk_idx.contiguous()
-            slot, counts = layout.low_latency_slots(topk_idx, num_experts, num_max_dispatch_tokens_per_rank)
+            shared = roles if roles.num_shared_ranks else None
+            if shared is not None:  # the transports route the shared expert as one more top-k column
+                topk_idx = shared.virtual_topk(topk_idx, self.rank)
+            slot, counts = layout.low_latency_slots(topk_idx, roles.virtual_experts, num_max_dispatch_tokens_per_rank)
         except (ValueError, TypeError):
             self._ll_reject_dispatch(seq, x, num_max_dispatch_tokens_per_rank, what)
             raise
@@ -382,8 +389,10 @@ class LowLatencyMode:
         num_max = num_max_dispatch_tokens_per_rank
         quantized = quant == "int8"
         fmt = LL_FORMAT_INT8 if quantized else NATIVE_DTYPE_CODES[x.dtype]
+        num_rows = roles.packed_rows(self.rank, num_max, num_topk)
+        public_experts, experts_per_rank = num_experts, roles.experts_per_rank
+        num_experts, num_topk = roles.virtual_experts, topk_idx.shape[1]
         header = [seq, 0, num_max, num_experts, hidden, num_topk, fmt, num_tokens]
-        num_rows = num_max * self.group_size * min(num_topk, experts_per_rank)
         state = LowLatencyState(seq=seq, epoch=self._ll_epoch, header=header, num_max_tokens=num_max,
                                 hidden=hidden, num_experts=num_experts, num_topk=num_topk, num_tokens=num_tokens,
                                 num_rows=num_rows, quantized=quantized,
@@ -392,7 +401,7 @@ class LowLatencyMode:
                                 src_info=torch.empty(num_rows, 3, dtype=torch.int32),
                                 layout_range=torch.empty(experts_per_rank * self.group_size, dtype=torch.int64),
                                 recv_count=torch.empty(experts_per_rank, dtype=torch.int64),
-                                stats=cumulative_local_expert_recv_stats)
+                                stats=cumulative_local_expert_recv_stats, shared=shared)
         state.recv = self._ll_recv_buffers(parity, num_rows, hidden, quantized, state.dtype)
         if self.ll is not None:
             areas = self.ll.areas(num_max, hidden, num_experts, parity)
@@ -408,12 +417,13 @@ class LowLatencyMode:
         self._ll_pending[0][parity] = seq
         hook = functools.partial(self._ll_dispatch_receive, state)
         recv_x = state.recv if quantized else state.recv[0]
-        handle = (state.src_info, state.layout_range, num_max, hidden, num_experts, state.recv_count,
-                  topk_weights, state)
+        # A shared rank has one local expert: its blocks are the first R of the virtual layout.
+        recv_count, layout_range = state.recv_count[:local_experts], state.layout_range[:local_experts * self.group_size]
+        handle = (state.src_info, layout_range, num_max, hidden, public_experts, recv_count, topk_weights, state)
         if return_recv_hook:
-            return recv_x, state.recv_count, handle, EventOverlap(), hook
+            return recv_x, recv_count, handle, EventOverlap(), hook
         hook()
-        return recv_x, state.recv_count, handle, EventOverlap(), None
+        return recv_x, recv_count, handle, EventOverlap(), None
 
     def _ll_recv_buffers(self, parity: int, rows: int, hidden: int, quantized: bool, dtype: torch.dtype):
         """The receive tensors of one parity, reused by every other call (double buffering)."""
@@ -448,8 +458,8 @@ class LowLatencyMode:
                 self.ll.recv_ack[0][parity], state.seq, num_threads())
         else:
             self._ll_alltoall_pack(state)
-        if state.stats is not None:
-            state.stats.add_(state.recv_count)
+        if state.stats is not None:  # [local experts]: 1 on a shared rank, whose other counts are 0
+            state.stats.add_(state.recv_count[: state.stats.numel()])
         self._ll_finish(0, state)
 
     # ---- combine ---------------------------------------------------------------------------------
@@ -483,6 +493,11 @@ class LowLatencyMode:
         seq = self._ll_begin(1, what)
         num_tokens, num_topk, hidden = state.num_tokens, state.num_topk, state.hidden
         try:
+            if state.shared is not None:  # the shared expert's column, as at dispatch
+                check_tensor("topk_idx", topk_idx, dtypes=(topk_idx_t,), shape=(num_tokens, num_topk - 1))
+                check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=(num_tokens, num_topk - 1))
+                topk_idx = state.shared.virtual_topk(topk_idx, self.rank)
+                topk_weights = state.shared.virtual_weights(topk_weights)
             check_tensor("x", x, dtypes=(state.dtype,), shape=(state.num_rows, hidden))
             check_tensor("topk_idx", topk_idx, dtypes=(topk_idx_t,), shape=(num_tokens, num_topk))
             check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=(num_tokens, num_topk))
