@@ -418,7 +418,8 @@ class LowLatencyMode:
         hook = functools.partial(self._ll_dispatch_receive, state)
         recv_x = state.recv if quantized else state.recv[0]
         # A shared rank has one local expert: its blocks are the first R of the virtual layout.
-        recv_count, layout_range = state.recv_count[:local_experts], state.layout_range[:local_experts * self.group_size]
+        recv_count = state.recv_count[:local_experts]
+        layout_range = state.layout_range[:local_experts * self.group_size]
         handle = (state.src_info, layout_range, num_max, hidden, public_experts, recv_count, topk_weights, state)
         if return_recv_hook:
             return recv_x, recv_count, handle, EventOverlap(), hook
