@@ -189,6 +189,42 @@ def test_fused_deep_moe_alltoall() -> None:
     spawn_ranks(run_cases, 2, [Case(tokens=[11, 6], inter=128, seed=4)], "alltoall")
 
 
+def shared_expert_ranks(rank: int, num_ranks: int, group) -> None:
+    """MOE_SHARED_EXPERT_RANK_NUM=1: rank 0 runs the shared expert (L = 1) on every token, the other
+    ranks the routed ones; each token's output is its routed sum plus the shared expert's output."""
+    case = Case(tokens=[9, 0, 13], experts_per_rank=2, topk=3, pattern="repeat", seed=11)
+    num_experts = case.experts_per_rank * (num_ranks - 1)
+    inputs = make_inputs(rank, case.tokens[rank % 3], case.hidden, num_experts, case.topk, num_ranks,
+                         pattern=case.pattern, seed=case.seed)
+    everyone = gather_objects(inputs.topk_idx, group)
+    generator = torch.Generator().manual_seed(77)
+    routed = _make_weights(generator, num_experts, case.hidden, case.inter)
+    shared = _make_weights(generator, 1, case.hidden, case.inter)
+    mine = local_weights(0, replace(case, experts_per_rank=1), shared) if rank == 0 else \
+        local_weights(rank - 1, case, routed)
+    size = deep_ep.Buffer.get_low_latency_rdma_size_hint(case.max_tokens, case.hidden, num_ranks, num_experts)
+    buffer = deep_ep.Buffer(group, num_rdma_bytes=size, low_latency_mode=True)
+    out, ep_recv_count = buffer.fused_deep_moe(inputs.x, inputs.topk_idx, inputs.topk_weights, *mine,
+                                               case.max_tokens, num_experts, 0)
+    buffer.destroy()
+    if rank == 0:  # one block per source rank: all its tokens
+        expected = [everyone[s].shape[0] for s in range(num_ranks)]
+    else:
+        expected = [int((everyone[s] == (rank - 1) * case.experts_per_rank + e).sum())
+                    for e in range(case.experts_per_rank) for s in range(num_ranks)]
+    assert ep_recv_count.tolist() == expected
+    one = torch.tensor([0])
+    for t in range(inputs.x.shape[0]):
+        ref, tol = ref_moe_token(inputs.x[t], inputs.topk_idx[t], inputs.topk_weights[t], *routed)
+        ref_shared, tol_shared = ref_moe_token(inputs.x[t], one, torch.ones(1), *shared)
+        assert_bf16_matches(out[t], ref + ref_shared, tol + tol_shared, f"rank {rank} token {t}")
+
+
+def test_shared_expert_ranks() -> None:
+    spawn_ranks(shared_expert_ranks, 3, env={"MOE_SHARED_EXPERT_RANK_NUM": "1"})
+    assert not our_segments()
+
+
 def errors(rank: int, num_ranks: int, group) -> None:
     """Clear errors on the calling rank before any data moves; the peers name it instead of waiting;
     the Buffer stays usable."""
