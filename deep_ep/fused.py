@@ -411,6 +411,18 @@ def _swiglu(h: Tensor, tiled: bool) -> Tensor:
     return torch.nn.functional.silu(h[:, :inter]).mul_(h[:, inter:])
 
 
+def _grouped_matmul(rows: Tensor, weight: Tensor, blocks: list[tuple[int, int, int]]) -> Tensor:
+    """float32 ``[total, N]``: each block's rows times its expert's ``weight[e]`` ``[K, N]``; int8
+    operands exactly (int32 accumulation), floating ones in float32."""
+    out = torch.empty(blocks[-1][2], weight.shape[2], dtype=torch.float32, device=rows.device)
+    for e, begin, end in blocks:
+        if weight.dtype == torch.int8:
+            _int8_matmul_exact(rows[begin:end], weight[e], out=out[begin:end])
+        else:
+            torch.matmul(rows[begin:end].float(), weight[e].float(), out=out[begin:end])
+    return out
+
+
 def _swiglu_mlp_rows(xq: Tensor, x_scale: Tensor, counts: list[int], weights: ExpertWeights, out: Tensor) -> None:
     """Writes the W8A8 SwiGLU MLP of rows ``[0, sum(counts))`` into the same rows of ``out``.
 
@@ -420,23 +432,17 @@ def _swiglu_mlp_rows(xq: Tensor, x_scale: Tensor, counts: list[int], weights: Ex
     elementwise (scales, SwiGLU, requantization) runs once over all rows, so the Python
     work per call is a few operations per local expert, none per row.
     """
-    total = sum(counts)
-    if total == 0:
-        return
-    w1, w2 = weights.w1, weights.w2
     blocks = _expert_blocks(counts)
+    if not blocks:
+        return
     # GMM1 + dequant: h = (xq @ W1) * s_x * s_w1, in this order of roundings.
-    h = torch.empty(total, w1.shape[2], dtype=torch.float32, device=xq.device)
-    for e, begin, end in blocks:
-        _int8_matmul_exact(xq[begin:end], w1[e], out=h[begin:end])
-    h.mul_(x_scale[:total, None])
+    h = _grouped_matmul(xq, weights.w1, blocks)
+    h.mul_(x_scale[: h.shape[0], None])
     for e, begin, end in blocks:
         h[begin:end].mul_(weights.w1_scale[e])
     aq, a_scale = quantize_int8(_swiglu(h, weights.tiled_gmm1))
     # GMM2 + dequant: y = (aq @ W2) * s_a * s_w2, rounded once to out's dtype.
-    y = torch.empty(total, w2.shape[2], dtype=torch.float32, device=xq.device)
-    for e, begin, end in blocks:
-        _int8_matmul_exact(aq[begin:end], w2[e], out=y[begin:end])
+    y = _grouped_matmul(aq, weights.w2, blocks)
     y.mul_(a_scale[:, None])
     for e, begin, end in blocks:
         torch.mul(y[begin:end], weights.w2_scale[e], out=out[begin:end])
@@ -448,22 +454,18 @@ def _float_mlp_rows(x: Tensor, counts: list[int], weights: ExpertWeights, out: T
     Products accumulate in float32; the optional scales multiply per output column; ``a`` is
     rounded to the weights' dtype before GMM2 (the device feeds GMM2 in that dtype).
     """
-    total = sum(counts)
-    if total == 0:
-        return
-    w1, w2 = weights.w1, weights.w2
     blocks = _expert_blocks(counts)
-    h = torch.empty(total, w1.shape[2], dtype=torch.float32, device=x.device)
+    if not blocks:
+        return
+    h = _grouped_matmul(x, weights.w1, blocks)
     for e, begin, end in blocks:
-        torch.matmul(x[begin:end].float(), w1[e].float(), out=h[begin:end])
         if weights.w1_scale is not None:
             h[begin:end].mul_(weights.w1_scale[e])
-    a = _swiglu(h, weights.tiled_gmm1).to(w1.dtype)
+    y = _grouped_matmul(_swiglu(h, weights.tiled_gmm1).to(weights.w1.dtype), weights.w2, blocks)
     for e, begin, end in blocks:
-        y = a[begin:end].float() @ w2[e].float()
         if weights.w2_scale is not None:
-            y.mul_(weights.w2_scale[e])
-        out[begin:end] = y
+            y[begin:end].mul_(weights.w2_scale[e])
+    out[: y.shape[0]] = y
 
 
 def grouped_swiglu_mlp_int8(
