@@ -185,7 +185,8 @@ class LowLatencyMode:
             hidden: H. num_ranks: R, ranks in the group. num_experts: E, a multiple of R.
         Returns: control words and mailboxes for R ranks plus, twice (double buffering), E * Nmax
             dispatch slots of 8 bytes, Nmax token rows of 2H bytes with a float32 scale each, and
-            Nmax * min(E, 16) combine rows of 2H bytes.
+            Nmax * 17 combine rows of 2H bytes. With MOE_SHARED_EXPERT_RANK_NUM = S > 0 the slots are
+            for R * ceil(E / (R - S)) experts (E may count the shared expert or not).
         """
         for name, value in (("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank),
                             ("hidden", hidden), ("num_ranks", num_ranks), ("num_experts", num_experts)):
@@ -329,7 +330,10 @@ class LowLatencyMode:
             topk_idx: int64 [T, K] in [-1, E), -1 = no expert. A row may name an expert more than once:
                 each (t, k) selection is its own received row (at most Nmax selections of one expert).
             num_max_dispatch_tokens_per_rank: Nmax, the same on every rank.
-            num_experts: E, the same on every rank, a multiple of R.
+            num_experts: E, the same on every rank, a multiple of R. With MOE_SHARED_EXPERT_RANK_NUM = S > 0
+                (docs/semantics.md): E routed experts, a multiple of R - S, L = E / (R - S) on ranks [S, R);
+                ranks [0, S) hold the shared expert (L = 1) and receive every token of the sources
+                s with s % S == rank; combine adds its output with weight 1.
             cumulative_local_expert_recv_stats: None or int32 [L]; recv_count is added to it.
             use_fp8: True (default): per-token int8 (scale = max|x| / 127, A2/A3 behaviour); False: bf16.
             round_scale, use_ue8m0: accepted for DeepEP compatibility; no effect (int8 scales are float32).
@@ -339,7 +343,8 @@ class LowLatencyMode:
             topk_weights: None or float32 [T, K]; kept in the handle.
             quant_mode: None, "bf16" or "int8"; overrides use_fp8.
         Returns:
-            recv_x: [M, H] with M = Nmax * R * min(K, L) (x's dtype), or with int8 the pair
+            recv_x: [M, H] with M = Nmax * R * min(K, L) (Nmax * ceil(R / S) on a shared-expert rank)
+                (x's dtype), or with int8 the pair
                 (int8 [M, H], float32 scales [M]). Rows are packed expert-major: local expert 0's rows
                 from rank 0 in token order, then from rank 1, ..., then expert 1, ...; only the first
                 recv_count.sum() rows hold data. The memory is reused by the call after next (two
