@@ -25,11 +25,6 @@ void expert_slots(const std::int64_t* topk_idx, std::size_t tokens, std::size_t 
                 throw std::invalid_argument("topk_idx[" + std::to_string(t) + ", " + std::to_string(k) + "] = " +
                                             std::to_string(e) + " is outside [-1, " + std::to_string(num_experts) +
                                             ")");
-            for (std::size_t j = 0; j < k; ++j)
-                if (row[j] == e)
-                    throw std::invalid_argument("topk_idx: row " + std::to_string(t) + " selects expert " +
-                                                std::to_string(e) + " twice; the experts of one token must be "
-                                                "distinct (apart from -1)");
             slot[t * topk + k] = counts[e]++;
         }
     }

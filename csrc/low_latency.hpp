@@ -17,9 +17,10 @@
 
 namespace deep_ep {
 
-// Routing of one rank's tokens (deep_ep/layout.py): slot[t, k] = how many tokens before t select
-// expert topk_idx[t, k] (-1 where topk_idx is -1); counts[e] = tokens selecting e. Throws
-// std::invalid_argument for an id outside [-1, num_experts) or an expert repeated in one row.
+// Routing of one rank's tokens (deep_ep/layout.py): slot[t, k] = how many selections before (t, k),
+// in (token, k) order, name expert topk_idx[t, k] (-1 where topk_idx is -1); counts[e] = selections
+// of e. A row may name an expert more than once: each selection gets its own slot. Throws
+// std::invalid_argument for an id outside [-1, num_experts).
 void expert_slots(const std::int64_t* topk_idx, std::size_t tokens, std::size_t topk, std::int64_t num_experts,
                   std::int64_t* slot, std::int64_t* counts);
 

@@ -44,8 +44,8 @@ void register_low_latency(py::module_& m) {
             return py::make_tuple(slot, counts);
         },
         py::arg("topk_idx"), py::arg("tokens"), py::arg("topk"), py::arg("num_experts"),
-        "(slot int64 [T*K], counts int64 [E]): slot[t,k] = tokens before t that select topk_idx[t,k] "
-        "(-1 for -1); ValueError for ids outside [-1, E) or an expert repeated in a row.");
+        "(slot int64 [T*K], counts int64 [E]): slot[t,k] = selections before (t, k) of expert topk_idx[t,k] "
+        "(-1 for -1); counts: selections per expert; ValueError for ids outside [-1, E).");
 
     m.def(
         "ll_dispatch_send",

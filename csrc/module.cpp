@@ -190,10 +190,10 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
                 py::gil_scoped_release release;
                 summary = summarize_topk(idx, rows, topk);
             }
-            return py::make_tuple(summary.min, summary.max, summary.duplicate_row);
+            return py::make_tuple(summary.min, summary.max);
         },
         py::arg("topk_idx"), py::arg("rows"), py::arg("topk"),
-        "(min id, max id, first row with a repeated expert or -1) of topk_idx [rows, topk].");
+        "(min id, max id) of topk_idx [rows, topk].");
 
     m.def(
         "localize_experts",

@@ -1,7 +1,6 @@
 #include "routing.hpp"
 
 #include <algorithm>
-#include <limits>
 
 #include "cpu.hpp"
 
@@ -66,17 +65,9 @@ void localize_experts(std::int64_t* topk_idx, std::size_t n, std::int64_t expert
 TopkSummary summarize_topk(const std::int64_t* topk_idx, std::int64_t rows, std::int64_t topk) {
     TopkSummary summary;
     if (rows * topk == 0) return summary;
-    summary.min = summary.max = topk_idx[0];
-    for (std::int64_t r = 0; r < rows; ++r) {
-        const std::int64_t* row = topk_idx + r * topk;
-        for (std::int64_t j = 0; j < topk; ++j) {
-            summary.min = std::min(summary.min, row[j]);
-            summary.max = std::max(summary.max, row[j]);
-            for (std::int64_t i = 0; i < j; ++i)
-                if (row[i] == row[j] && row[j] >= 0) summary.duplicate_row = std::min(summary.duplicate_row, r);
-        }
-    }
-    if (summary.duplicate_row == std::numeric_limits<std::int64_t>::max()) summary.duplicate_row = -1;
+    const auto [low, high] = std::minmax_element(topk_idx, topk_idx + rows * topk);
+    summary.min = *low;
+    summary.max = *high;
     return summary;
 }
 

@@ -2,7 +2,6 @@
 #pragma once
 
 #include <cstdint>
-#include <limits>
 #include <vector>
 
 namespace deep_ep {
@@ -34,11 +33,10 @@ std::int64_t place_selections(const std::int64_t* topk_idx, std::int64_t rows, s
                               std::int64_t* taken, std::int64_t num_sources, const std::int64_t* origin,
                               std::int64_t* row_out, std::int64_t* k_out, std::int64_t* placed_out);
 
-// One pass over topk_idx [rows, topk]: the smallest and largest id, and the first row that
-// names an expert twice (-1 if none).
+// One pass over topk_idx [rows, topk]: the smallest and largest id (0 and 0 when empty). A row
+// may name an expert more than once: every (row, k) selection is routed on its own.
 struct TopkSummary {
     std::int64_t min = 0, max = 0;
-    std::int64_t duplicate_row = std::numeric_limits<std::int64_t>::max();
 };
 TopkSummary summarize_topk(const std::int64_t* topk_idx, std::int64_t rows, std::int64_t topk);
 

@@ -408,44 +408,54 @@ class Buffer(NormalMode, LowLatencyMode):
                        gmm2_weight: torch.Tensor, gmm2_weight_scale: torch.Tensor,
                        num_max_dispatch_tokens_per_rank: int, num_experts: int, quant_mode: int = 1,
                        fuse_mode: int = FuseMode.FUSED_DEEP_MOE, profile_enable: bool = False):
-        """Dispatch + W8A8 SwiGLU expert MLP + combine in one call (decode; needs low_latency_mode=True).
+        """Dispatch + SwiGLU expert MLP + combine in one call (decode; needs low_latency_mode=True).
 
-        Per token: int8 quantization (s_x = max|x| / 127), low-latency dispatch; per received row of
-        local expert e: h = (xq @ W1[e]) * s_x * s_w1[e] (float32, exact int32 accumulation),
-        a = silu(gate) * up, int8 requantization of a (s_a = max|a| / 127), y = (aq @ W2[e]) * s_a *
-        s_w2[e] rounded to bfloat16; then combine: output[t] = sum over k of topk_weights[t, k] * y.
+        The weights' dtype decides the math (quant_mode 0 and 1 both accepted, as DeepEP-Ascend's own
+        callers pass 0 with int8 weights). Int8 weights (W8A8): per token int8 quantization (s_x =
+        max|x| / 127), low-latency dispatch; per received row of local expert e: h = (xq @ W1[e]) * s_x *
+        s_w1[e] (float32, exact int32 accumulation), a = silu(gate) * up, int8 requantization of a (s_a =
+        max|a| / 127), y = (aq @ W2[e].T) * s_a * s_w2[e] rounded to bfloat16. bf16 weights: the rows
+        travel in bf16, h = x @ W1[e] (times s_w1 if given), a in bf16, y = a @ W2[e].T (times s_w2 if
+        given). Then combine: output[t] = sum over k of topk_weights[t, k] * y (plus the shared expert's
+        output with MOE_SHARED_EXPERT_RANK_NUM > 0).
 
         Args:
             x: [T, H] bfloat16 (float16 / float32 also accepted), T <= num_max_dispatch_tokens_per_rank.
-            topk_idx: int64 [T, K] in [-1, E), -1 = no expert; the experts of a row are distinct.
+            topk_idx: int64 or int32 [T, K] in [-1, E), -1 = no expert; a row may name an expert more
+                than once (each selection is its own received row and its own term of the sum).
             topk_weights: float32 [T, K], the weights of the combine.
-            gmm1_permuted_weight: int8 [L, H, 2I], this rank's L = E / R local experts; columns gate/up
-                interleaved in tiles of 64 (deep_ep.permute_gmm1_weight makes it from [L, 2I, H]
-                gate-then-up weights); 2I a multiple of 128.
-            gmm1_permuted_weight_scale: float32 [L, 2I] per-column scales, same column order (float16 /
-                bfloat16 are converted to float32, as DeepEP-Ascend does).
-            gmm2_weight: int8 [L, I, H].
-            gmm2_weight_scale: float32 [L, H] per-column scales (float16 / bfloat16 converted).
-            num_max_dispatch_tokens_per_rank: Nmax, the same on every rank (num_rdma_bytes must hold
-                Buffer.get_low_latency_rdma_size_hint(Nmax, H, R, E)).
-            num_experts: E, the same on every rank, a multiple of R.
-            quant_mode: 1 (W8A8 per-token dynamic int8), the only mode; anything else is a ValueError.
-            fuse_mode: FuseMode.FUSED_DEEP_MOE (or 1), the only mode; FuseMode.DISPATCH_FFN_COMBINE and
-                other values are a ValueError.
+            gmm1_permuted_weight: int8 or bfloat16 [L, H, 2I], this rank's L local experts (E / R; with
+                shared-expert ranks 1 on those, E / (R - S) on the others); FUSED_DEEP_MOE: columns
+                gate/up interleaved in tiles of 64 (deep_ep.permute_gmm1_weight makes it from [L, 2I, H]
+                gate-then-up weights), 2I a multiple of 128; DISPATCH_FFN_COMBINE: [gate | up] columns.
+            gmm1_permuted_weight_scale: [L, 2I] per-column scales, same column order: float32 (float16 /
+                bfloat16 converted) or int64 holding float32 bit patterns (DISPATCH_FFN_COMBINE's form);
+                optional (None) with bfloat16 weights.
+            gmm2_weight: FUSED_DEEP_MOE: [L, H, I] in gmm1's dtype, each expert's down projection in
+                [out, in] order as DeepEP-Ascend's callers pass it; DISPATCH_FFN_COMBINE: [L, I, H].
+            gmm2_weight_scale: [L, H] per-column scales (dtypes as gmm1_permuted_weight_scale).
+            num_max_dispatch_tokens_per_rank: FUSED_DEEP_MOE: Nmax, the same on every rank (num_rdma_bytes
+                must hold Buffer.get_low_latency_rdma_size_hint(Nmax, H, R, E)); DISPATCH_FFN_COMBINE: the
+                most rows a rank receives, max_bs * R * K as DeepEP-Ascend's callers pass it.
+            num_experts: E (routed experts), the same on every rank, a multiple of R (of R - S with
+                shared-expert ranks).
+            quant_mode: 0 or 1 (the weights' dtype decides); anything else is a ValueError.
+            fuse_mode: FuseMode.FUSED_DEEP_MOE (1) or FuseMode.DISPATCH_FFN_COMBINE (2; int8 weights, no
+                shared-expert ranks; NPU: not yet).
             profile_enable: accepted for DeepEP-Ascend compatibility; no effect.
         Returns:
-            (output [T, H] bfloat16 (float16 for float16 x), ep_recv_count int32 [L * R]):
+            FUSED_DEEP_MOE: (output [T, H] bfloat16 (float16 for float16 x), ep_recv_count int32 [L * R]):
             ep_recv_count[e * R + r] = rows local expert e received from rank r.
+            DISPATCH_FFN_COMBINE: (output, expert_token_nums int32 [L], rows per local expert).
         Raises:
             TypeError / ValueError on the calling rank before any data moves (wrong dtype or shape of any
-            argument, L != E / R, H or I that do not match, T > Nmax); the peers then raise ValueError
-            naming that rank instead of waiting.
+            argument, L that does not match, H or I that do not match, T > Nmax); the peers then raise
+            ValueError naming that rank instead of waiting.
         """
         if self.npu_ll is not None:  # NPU: MC2 dispatch + npu_grouped_matmul + ... (deep_ep/npu.py)
-            fused.check_modes(quant_mode, fuse_mode)
             return npu.fused_deep_moe(self, x, topk_idx, topk_weights, gmm1_permuted_weight,
                                       gmm1_permuted_weight_scale, gmm2_weight, gmm2_weight_scale,
-                                      num_max_dispatch_tokens_per_rank, num_experts, quant_mode)
+                                      num_max_dispatch_tokens_per_rank, num_experts, quant_mode, fuse_mode)
         return fused.fused_deep_moe(self, x, topk_idx, topk_weights, gmm1_permuted_weight,
                                     gmm1_permuted_weight_scale, gmm2_weight, gmm2_weight_scale,
                                     num_max_dispatch_tokens_per_rank, num_experts, quant_mode, fuse_mode,

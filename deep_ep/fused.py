@@ -1,39 +1,49 @@
-"""``fused_deep_moe``: low-latency dispatch (int8) -> W8A8 SwiGLU expert MLP -> combine.
+"""``fused_deep_moe``: low-latency dispatch -> SwiGLU expert MLP -> combine.
 
 :func:`fused_deep_moe` (behind ``Buffer.fused_deep_moe``) runs the whole MoE layer of a
 decode step in one call; :func:`grouped_swiglu_mlp_int8` is its compute half on its own,
 for callers that do their own dispatch; :func:`permute_gmm1_weight` /
-:func:`unpermute_gmm1_weight` prepare ``gmm1_permuted_weight`` (see SPEC.md, section
+:func:`unpermute_gmm1_weight` prepare ``gmm1_permuted_weight`` (docs/semantics.md,
 "fused_deep_moe").
 
-Math, per received row with int8 ``xq`` and float32 scale ``s_x`` of local expert e::
+The weights' dtype decides the math (as DeepEP-Ascend's callers use it: its own fused test
+passes ``quant_mode=0`` with int8 weights).  Int8 weights, per received row with int8 ``xq``
+and float32 scale ``s_x`` of local expert e (W8A8)::
 
     h  = (xq @ W1[e]) * s_x * s_w1[e]            float32, int32-exact accumulation
     a  = silu(gate) * up                          gate/up = first/last I columns (unpermuted)
     aq, s_a = quantize_per_token_int8(a)
     y  = (aq @ W2[e]) * s_a * s_w2[e]             -> bfloat16
 
-Both entry points share :func:`_swiglu_mlp_rows`, so they give the same bits.  The fused
-call saves what the unfused pipeline (``low_latency_dispatch`` -> ``grouped_swiglu_mlp_int8``
--> ``low_latency_combine``) repeats: it computes only the received rows (no zeroed padding)
-straight into the ``[M, H]`` tensor combine reads, and checks the weights of a decode loop once,
-not every step.
+Floating (bf16) weights: the rows travel in bf16 and ``h = x @ W1[e]`` (times ``s_w1`` when
+scales are given), ``a`` as above rounded to the weights' dtype, ``y = a @ W2[e]`` (times
+``s_w2``).  Here ``W2[e]`` is ``[I, H]``; ``fused_deep_moe`` takes it as upstream passes it,
+``gmm2_weight [L, H, I]`` (each expert's down projection in ``[out, in]`` order), and
+``FuseMode.DISPATCH_FFN_COMBINE`` as ``[L, I, H]`` with gmm1 in the plain ``[gate | up]``
+column order and scales as int64 bit patterns of float32.
+
+The fused call saves what the unfused pipeline (``low_latency_dispatch`` ->
+``grouped_swiglu_mlp_int8`` -> ``low_latency_combine``) repeats: it computes only the
+received rows (no zeroed padding) straight into the ``[M, H]`` tensor combine reads, and
+checks (and lays out) the weights of a decode loop once, not every step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 import operator
 import weakref
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NoReturn, Optional
 
 import torch
 from torch import Tensor
 
+from . import env, layout
 from .ops import quantize_int8
-from .utils import FLOAT_DTYPES, check_tensor
+from .utils import FLOAT_DTYPES, check_tensor, topk_idx_t
 
 if TYPE_CHECKING:
     from .buffer import Buffer
@@ -69,7 +79,9 @@ class FuseMode(enum.IntEnum):
 
     #: dispatch + GMM1 + SwiGLU + GMM2 + combine (Ascend's ``FusedDeepMoe`` operator).
     FUSED_DEEP_MOE = 1
-    #: Ascend's ``DispatchFFNCombine`` operator; listed so the value has a name in errors.
+    #: Ascend's ``DispatchFFNCombine`` operator: gmm1 in the plain ``[gate | up]`` layout, gmm2
+    #: ``[L, I, H]``, scales as int64 bit patterns of float32, int8 weights, no shared experts;
+    #: returns per-local-expert counts.
     DISPATCH_FFN_COMBINE = 2
 
 
@@ -80,10 +92,66 @@ def _fail(exc: type[Exception], name: str, expected: str, given: object) -> NoRe
     raise exc(f"{name}: expected {expected}, got {given}")
 
 
-def _check_two_i(name: str, two_i: int) -> None:
-    # Gate and up each need whole 64-column tiles.
-    if two_i <= 0 or two_i % (2 * GMM1_TILE) != 0:
-        _fail(ValueError, name, f"2I (gate+up columns) a positive multiple of {2 * GMM1_TILE}", two_i)
+def _check_two_i(name: str, two_i: int, tiled: bool = True) -> None:
+    # Tiled: gate and up each need whole 64-column tiles; plain: two equal halves.
+    step = 2 * GMM1_TILE if tiled else 2
+    if two_i <= 0 or two_i % step != 0:
+        _fail(ValueError, name, f"2I (gate+up columns) a positive multiple of {step}", two_i)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightLayout:
+    """How a caller lays out the expert weights.
+
+    tiled_gmm1: gmm1's 2I columns are gate/up interleaved in 64-column tiles (else ``[gate | up]``).
+    gmm2_out_in: gmm2 is ``[L, H, I]``, each expert's down projection in ``[out, in]`` order
+        (``y = a @ W2[e].T``); else ``[L, I, H]`` (``y = a @ W2[e]``, npu_grouped_matmul's order).
+    """
+
+    tiled_gmm1: bool
+    gmm2_out_in: bool
+
+
+#: ``fused_deep_moe`` with ``FuseMode.FUSED_DEEP_MOE``, as DeepEP-Ascend's callers pass the weights.
+FUSED_DEEP_MOE_LAYOUT = WeightLayout(tiled_gmm1=True, gmm2_out_in=True)
+#: ``FuseMode.DISPATCH_FFN_COMBINE`` (DeepEP-Ascend's test transposes both ``[L, out, in]`` weights).
+DISPATCH_FFN_COMBINE_LAYOUT = WeightLayout(tiled_gmm1=False, gmm2_out_in=False)
+#: :func:`grouped_swiglu_mlp_int8`: the layout of a hand-written grouped-matmul pipeline.
+GROUPED_MLP_LAYOUT = WeightLayout(tiled_gmm1=True, gmm2_out_in=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertWeights:
+    """Checked expert weights in the compute layout.
+
+    w1: ``[L, H, 2I]`` (tiled as ``tiled_gmm1`` says); w2: ``[L, I, H]`` contiguous. Both int8
+    (W8A8) or both floating (a floating MLP). Scales float32 ``[L, 2I]`` / ``[L, H]``, or None
+    for floating weights given without scales.
+    """
+
+    w1: Tensor
+    w1_scale: Optional[Tensor]
+    w2: Tensor
+    w2_scale: Optional[Tensor]
+    tiled_gmm1: bool
+
+    @property
+    def quantized(self) -> bool:
+        return self.w1.dtype == torch.int8
+
+
+def _float_scale(name: str, scale: object, shape: tuple[int, ...], what: str, dtypes: tuple[torch.dtype, ...],
+                 optional: bool) -> Optional[Tensor]:
+    """A weight scale as float32: floating dtypes converted, int64 read as float32 bit patterns
+    (DeepEP-Ascend's DISPATCH_FFN_COMBINE convention); None when optional and absent or empty."""
+    if optional and (scale is None or (isinstance(scale, Tensor) and scale.numel() == 0)):
+        return None
+    scale = check_tensor(name, scale, dtypes=dtypes + (torch.int64,), shape=shape, what=what)
+    if scale.dtype != torch.int64:
+        return scale.float().contiguous()
+    if scale.numel() and (int(scale.min()) < -(2**31) or int(scale.max()) >= 2**32):
+        _fail(ValueError, name, "int64 values holding the 32 bits of float32 scales", "values outside 32 bits")
+    return scale.to(torch.int32).view(torch.float32).contiguous()  # int64 -> int32 keeps the low 32 bits
 
 
 def _check_expert_weights(
@@ -98,64 +166,78 @@ def _check_expert_weights(
     experts_from: str = "",
     names: tuple[str, str, str, str] = ("w1", "w1_scale", "w2", "w2_scale"),
     scale_dtypes: tuple[torch.dtype, ...] = (torch.float32,),
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Checks the expert weights of the W8A8 SwiGLU MLP; returns them contiguous, scales float32.
+    layout: WeightLayout = GROUPED_MLP_LAYOUT,
+    weight_dtypes: tuple[torch.dtype, ...] = (torch.int8,),
+) -> ExpertWeights:
+    """Checks the expert weights of the SwiGLU MLP; returns them in the compute layout.
 
-    Shapes: ``w1`` int8 ``[L, H, 2I]`` (2I a multiple of 128), ``w1_scale`` ``[L, 2I]``,
-    ``w2`` int8 ``[L, I, H]``, ``w2_scale`` ``[L, H]``.  ``H`` must equal ``hidden`` (taken
-    from ``hidden_from``); ``L`` must equal ``num_experts`` when given (from ``experts_from``).
+    Shapes: ``w1`` ``[L, H, 2I]`` (2I a multiple of 128 when tiled, else even), ``w1_scale``
+    ``[L, 2I]``, ``w2`` ``[L, H, I]`` or ``[L, I, H]`` as ``layout.gmm2_out_in`` says, ``w2_scale``
+    ``[L, H]``.  ``w1`` and ``w2`` share one dtype of ``weight_dtypes``; int8 weights need both
+    scales, floating weights take them or not.  ``H`` must equal ``hidden`` (taken from
+    ``hidden_from``); ``L`` must equal ``num_experts`` when given (from ``experts_from``).
     ``names`` are the argument names the errors use.
     """
     n1, n1s, n2, n2s = names
-    w1 = check_tensor(n1, w1, dtypes=(torch.int8,), shape=(None, None, None))
+    w1 = check_tensor(n1, w1, dtypes=weight_dtypes, shape=(None, None, None))
     if num_experts is None:
         num_experts = w1.shape[0]
         if num_experts == 0:
             _fail(ValueError, n1, "at least one local expert (L >= 1)", f"shape {list(w1.shape)}")
     two_i = w1.shape[2]
-    _check_two_i(f"{n1}.shape[2]", two_i)
+    _check_two_i(f"{n1}.shape[2]", two_i, layout.tiled_gmm1)
     inter = two_i // 2
-    check_tensor(n1, w1, dtypes=(torch.int8,), shape=(num_experts, hidden, two_i),
+    check_tensor(n1, w1, dtypes=weight_dtypes, shape=(num_experts, hidden, two_i),
                  what=f"[L, H, 2I]: {experts_from + ', ' if experts_from else ''}H from {hidden_from}")
-    check_tensor(n1s, w1_scale, dtypes=scale_dtypes, shape=(num_experts, two_i), what=f"[L, 2I] of {n1}")
-    check_tensor(n2, w2, dtypes=(torch.int8,), shape=(num_experts, inter, hidden),
-                 what=f"[L, I, H] of {n1} and {hidden_from}")
-    check_tensor(n2s, w2_scale, dtypes=scale_dtypes, shape=(num_experts, hidden), what=f"[L, H] of {n2}")
-    tensors = (w1, w1_scale, w2, w2_scale)
-    for name, t in zip(names, tensors):
-        if t.device != device:
+    w2_shape, w2_what = ((num_experts, hidden, inter), "[L, H, I]") if layout.gmm2_out_in else \
+        ((num_experts, inter, hidden), "[L, I, H]")
+    check_tensor(n2, w2, dtypes=(w1.dtype,), shape=w2_shape, what=f"{w2_what} of {n1} and {hidden_from}")
+    optional = w1.dtype != torch.int8
+    s1 = _float_scale(n1s, w1_scale, (num_experts, two_i), f"[L, 2I] of {n1}", scale_dtypes, optional)
+    s2 = _float_scale(n2s, w2_scale, (num_experts, hidden), f"[L, H] of {n2}", scale_dtypes, optional)
+    for name, t in zip(names, (w1, w1_scale, w2, w2_scale)):
+        if isinstance(t, Tensor) and t.numel() and t.device != device:
             _fail(ValueError, name, f"device {device} (that of {hidden_from})", t.device)
-    return w1.contiguous(), w1_scale.float().contiguous(), w2.contiguous(), w2_scale.float().contiguous()
+    # [L, H, I] -> [L, I, H] once: every GEMM below is then rows @ [in, out].
+    w2 = w2.transpose(1, 2) if layout.gmm2_out_in else w2
+    return ExpertWeights(w1=w1.contiguous(), w1_scale=s1, w2=w2.contiguous(), w2_scale=s2,
+                         tiled_gmm1=layout.tiled_gmm1)
 
 
 # --------------------------------------------------------------------------- weight layout
 
 
-def permute_gmm1_weight(w13: Tensor, w13_scale: Tensor) -> tuple[Tensor, Tensor]:
+def permute_gmm1_weight(w13: Tensor, w13_scale: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
     """Converts gate-then-up GMM1 weights to the ``gmm1_permuted_weight`` layout.
 
+    Only GMM1 is permuted: ``fused_deep_moe`` takes ``gmm2_weight`` as a model stores its down
+    projection, ``[L, H, I]`` (``[out, in]`` per expert), with ``gmm2_weight_scale [L, H]``.
+
     Args:
-        w13: int8 ``[L, 2I, H]``; rows ``[0, I)`` are the gate projection, rows
+        w13: int8 or bfloat16 ``[L, 2I, H]``; rows ``[0, I)`` are the gate projection, rows
             ``[I, 2I)`` the up projection (the usual ``w13_weight`` of MoE layers).
-        w13_scale: float32 ``[L, 2I]``, per-output-channel scales in the same row order.
+        w13_scale: float32 ``[L, 2I]``, per-output-channel scales in the same row order; None
+            for weights without scales (bfloat16).
 
     Returns:
-        ``(w1, w1_scale)``: int8 ``[L, H, 2I]`` (contiguous) whose columns are gate/up
-        interleaved in tiles of 64 — tile ``2j`` holds gate columns ``[64j, 64j+64)``,
-        tile ``2j+1`` up columns ``[64j, 64j+64)`` — and float32 ``[L, 2I]`` in the
-        same column order.
+        ``(w1, w1_scale)``: ``[L, H, 2I]`` in w13's dtype (contiguous) whose columns are
+        gate/up interleaved in tiles of 64 — tile ``2j`` holds gate columns ``[64j, 64j+64)``,
+        tile ``2j+1`` up columns ``[64j, 64j+64)`` — and float32 ``[L, 2I]`` in the same column
+        order (None when w13_scale is None).
 
     Raises:
         TypeError / ValueError: wrong types, dtypes or shapes, or ``2I % 128 != 0``.
     """
-    check_tensor("w13", w13, dtypes=(torch.int8,), shape=(None, None, None))
+    check_tensor("w13", w13, dtypes=(torch.int8,) + FLOAT_DTYPES, shape=(None, None, None))
     num_experts, two_i, hidden = w13.shape
     _check_two_i("w13.shape[1]", two_i)
-    check_tensor("w13_scale", w13_scale, dtypes=(torch.float32,), shape=(num_experts, two_i), what="[L, 2I] of w13")
     tiles = two_i // (2 * GMM1_TILE)
     # [L, (gate|up), tile j, 64, H] -> [L, tile j, (gate|up), 64, H]: tile pairs side by side.
     w1 = w13.reshape(num_experts, 2, tiles, GMM1_TILE, hidden).transpose(1, 2)
     w1 = w1.reshape(num_experts, two_i, hidden).transpose(1, 2).contiguous()
+    if w13_scale is None:
+        return w1, None
+    check_tensor("w13_scale", w13_scale, dtypes=(torch.float32,), shape=(num_experts, two_i), what="[L, 2I] of w13")
     w1_scale = w13_scale.reshape(num_experts, 2, tiles, GMM1_TILE).transpose(1, 2)
     return w1, w1_scale.reshape(num_experts, two_i).contiguous()
 
@@ -309,16 +391,39 @@ def _rows_per_expert_to_list(rows_per_expert: object, num_experts: int, num_rows
     return counts
 
 
-def _swiglu_mlp_rows(
-    xq: Tensor,
-    x_scale: Tensor,
-    counts: list[int],
-    w1: Tensor,
-    w1_scale: Tensor,
-    w2: Tensor,
-    w2_scale: Tensor,
-    out: Tensor,
-) -> None:
+def _expert_blocks(counts: list[int]) -> list[tuple[int, int, int]]:
+    """(expert, first row, end row) of every non-empty expert-major block."""
+    blocks, start = [], 0
+    for e, count in enumerate(counts):
+        if count:
+            blocks.append((e, start, start + count))
+        start += count
+    return blocks
+
+
+def _swiglu(h: Tensor, tiled: bool) -> Tensor:
+    """float32 ``[n, I]`` = silu(gate) * up of ``h [n, 2I]`` (columns tiled or ``[gate | up]``)."""
+    total, two_i = h.shape
+    inter = two_i // 2
+    if tiled:  # [rows, tile j, (gate|up), 64]: tile j of gate and of up cover the same columns
+        tiles = h.view(total, inter // GMM1_TILE, 2, GMM1_TILE)
+        return torch.nn.functional.silu(tiles[:, :, 0, :]).mul_(tiles[:, :, 1, :]).view(total, inter)
+    return torch.nn.functional.silu(h[:, :inter]).mul_(h[:, inter:])
+
+
+def _grouped_matmul(rows: Tensor, weight: Tensor, blocks: list[tuple[int, int, int]]) -> Tensor:
+    """float32 ``[total, N]``: each block's rows times its expert's ``weight[e]`` ``[K, N]``; int8
+    operands exactly (int32 accumulation), floating ones in float32."""
+    out = torch.empty(blocks[-1][2], weight.shape[2], dtype=torch.float32, device=rows.device)
+    for e, begin, end in blocks:
+        if weight.dtype == torch.int8:
+            _int8_matmul_exact(rows[begin:end], weight[e], out=out[begin:end])
+        else:
+            torch.matmul(rows[begin:end].float(), weight[e].float(), out=out[begin:end])
+    return out
+
+
+def _swiglu_mlp_rows(xq: Tensor, x_scale: Tensor, counts: list[int], weights: ExpertWeights, out: Tensor) -> None:
     """Writes the W8A8 SwiGLU MLP of rows ``[0, sum(counts))`` into the same rows of ``out``.
 
     No checks (callers validate).  Row block ``e`` (``counts[e]`` rows, expert-major) goes
@@ -327,35 +432,40 @@ def _swiglu_mlp_rows(
     elementwise (scales, SwiGLU, requantization) runs once over all rows, so the Python
     work per call is a few operations per local expert, none per row.
     """
-    total = sum(counts)
-    if total == 0:
+    blocks = _expert_blocks(counts)
+    if not blocks:
         return
-    inter, hidden = w2.shape[1], w2.shape[2]
-    blocks = []
-    start = 0
-    for e, count in enumerate(counts):
-        if count:
-            blocks.append((e, start, start + count))
-        start += count
     # GMM1 + dequant: h = (xq @ W1) * s_x * s_w1, in this order of roundings.
-    h = torch.empty(total, 2 * inter, dtype=torch.float32, device=xq.device)
+    h = _grouped_matmul(xq, weights.w1, blocks)
+    h.mul_(x_scale[: h.shape[0], None])
     for e, begin, end in blocks:
-        _int8_matmul_exact(xq[begin:end], w1[e], out=h[begin:end])
-    h.mul_(x_scale[:total, None])
-    for e, begin, end in blocks:
-        h[begin:end].mul_(w1_scale[e])
-    # Column tiles alternate gate/up: [rows, tile j, (gate|up), 64]; tile j of gate and of
-    # up cover the same intermediate columns, so pairing them keeps the order.
-    tiles = h.view(total, inter // GMM1_TILE, 2, GMM1_TILE)
-    a = torch.nn.functional.silu(tiles[:, :, 0, :]).mul_(tiles[:, :, 1, :]).view(total, inter)
-    aq, a_scale = quantize_int8(a)
+        h[begin:end].mul_(weights.w1_scale[e])
+    aq, a_scale = quantize_int8(_swiglu(h, weights.tiled_gmm1))
     # GMM2 + dequant: y = (aq @ W2) * s_a * s_w2, rounded once to out's dtype.
-    y = torch.empty(total, hidden, dtype=torch.float32, device=xq.device)
-    for e, begin, end in blocks:
-        _int8_matmul_exact(aq[begin:end], w2[e], out=y[begin:end])
+    y = _grouped_matmul(aq, weights.w2, blocks)
     y.mul_(a_scale[:, None])
     for e, begin, end in blocks:
-        torch.mul(y[begin:end], w2_scale[e], out=out[begin:end])
+        torch.mul(y[begin:end], weights.w2_scale[e], out=out[begin:end])
+
+
+def _float_mlp_rows(x: Tensor, counts: list[int], weights: ExpertWeights, out: Tensor) -> None:
+    """The floating-weight SwiGLU MLP of rows ``[0, sum(counts))`` of ``x`` into ``out``.
+
+    Products accumulate in float32; the optional scales multiply per output column; ``a`` is
+    rounded to the weights' dtype before GMM2 (the device feeds GMM2 in that dtype).
+    """
+    blocks = _expert_blocks(counts)
+    if not blocks:
+        return
+    h = _grouped_matmul(x, weights.w1, blocks)
+    for e, begin, end in blocks:
+        if weights.w1_scale is not None:
+            h[begin:end].mul_(weights.w1_scale[e])
+    y = _grouped_matmul(_swiglu(h, weights.tiled_gmm1).to(weights.w1.dtype), weights.w2, blocks)
+    for e, begin, end in blocks:
+        if weights.w2_scale is not None:
+            y[begin:end].mul_(weights.w2_scale[e])
+    out[: y.shape[0]] = y
 
 
 def grouped_swiglu_mlp_int8(
@@ -386,7 +496,8 @@ def grouped_swiglu_mlp_int8(
         w1: int8 ``[L, H, 2I]`` in the tiled layout of :func:`permute_gmm1_weight`;
             ``2I`` must be a multiple of 128.
         w1_scale: float32 ``[L, 2I]`` in the same column order.
-        w2: int8 ``[L, I, H]``.
+        w2: int8 ``[L, I, H]`` (npu_grouped_matmul's order, as in a hand-written pipeline;
+            ``fused_deep_moe`` instead takes ``[L, H, I]`` as DeepEP-Ascend's callers pass it).
         w2_scale: float32 ``[L, H]``.
 
     Returns:
@@ -402,12 +513,12 @@ def grouped_swiglu_mlp_int8(
     num_rows, hidden = xq.shape
     if hidden == 0:
         _fail(ValueError, "xq", "H >= 1 columns", f"shape {tuple(xq.shape)}")
-    w1, w1_scale, w2, w2_scale = _check_expert_weights(w1, w1_scale, w2, w2_scale, hidden, "xq", xq.device)
+    weights = _check_expert_weights(w1, w1_scale, w2, w2_scale, hidden, "xq", xq.device)
     check_tensor("x_scale", x_scale, dtypes=(torch.float32,), shape=(num_rows,), what="[M] of xq",
                  device=xq.device)
-    counts = _rows_per_expert_to_list(rows_per_expert, w1.shape[0], num_rows)
+    counts = _rows_per_expert_to_list(rows_per_expert, weights.w1.shape[0], num_rows)
     out = torch.empty(num_rows, hidden, dtype=torch.bfloat16, device=xq.device)
-    _swiglu_mlp_rows(xq, x_scale, counts, w1, w1_scale, w2, w2_scale, out)
+    _swiglu_mlp_rows(xq, x_scale, counts, weights, out)
     out[sum(counts) :] = 0
     return out
 
@@ -415,28 +526,21 @@ def grouped_swiglu_mlp_int8(
 # --------------------------------------------------------------------------- fused pipeline
 
 
-#: ``quant_mode`` values of ``fused_deep_moe`` (DeepEP-Ascend's numbering).
-QUANT_MODES = {1: "W8A8: per-token dynamic int8 activations, per-channel int8 weights"}
+#: ``quant_mode`` values of ``fused_deep_moe`` (DeepEP-Ascend's numbering). The weights' dtype
+#: decides the math, as DeepEP-Ascend's own callers rely on (its fused test passes 0 with int8 weights).
+QUANT_MODES = {0: "no quantization requested", 1: "W8A8: per-token dynamic int8 activations, int8 weights"}
 
 
-def check_modes(quant_mode: object, fuse_mode: object) -> None:
-    """ValueError unless quant_mode is 1 and fuse_mode is FuseMode.FUSED_DEEP_MOE (or 1)."""
-    if type(quant_mode) is int and quant_mode == 1 and (fuse_mode is FuseMode.FUSED_DEEP_MOE or (
-            type(fuse_mode) is int and fuse_mode == 1)):
-        return
+def check_modes(quant_mode: object, fuse_mode: object) -> FuseMode:
+    """The FuseMode of ``fuse_mode`` (a FuseMode or its int value); ValueError unless quant_mode is
+    0 or 1 and fuse_mode names a FuseMode."""
     if isinstance(quant_mode, bool) or not isinstance(quant_mode, int) or quant_mode not in QUANT_MODES:
         supported = ", ".join(f"{k} ({v})" for k, v in QUANT_MODES.items())
         raise ValueError(f"quant_mode must be one of: {supported}; got {quant_mode!r}")
-    mode = None
-    if not isinstance(fuse_mode, bool) and isinstance(fuse_mode, int):
-        try:
-            mode = FuseMode(fuse_mode)
-        except ValueError:
-            pass
-    if mode is not FuseMode.FUSED_DEEP_MOE:
-        named = f"FuseMode.{mode.name} ({int(mode)})" if mode is not None else repr(fuse_mode)
-        why = " (Ascend's DispatchFFNCombine operator, which this backend does not implement)" if mode else ""
-        raise ValueError(f"fuse_mode must be FuseMode.FUSED_DEEP_MOE (1); got {named}{why}")
+    if not isinstance(fuse_mode, bool) and isinstance(fuse_mode, int) and fuse_mode in FuseMode.__members__.values():
+        return FuseMode(fuse_mode)
+    modes = ", ".join(f"FuseMode.{m.name} ({int(m)})" for m in FuseMode)
+    raise ValueError(f"fuse_mode must be one of {modes}; got {fuse_mode!r}")
 
 
 def fused_deep_moe(
@@ -457,67 +561,99 @@ def fused_deep_moe(
     """The body of ``Buffer.fused_deep_moe`` (see its docstring for the arguments).
 
     Steps: checks (a rank that rejects its arguments tells its peers, as low-latency
-    dispatch does) -> ``low_latency_dispatch`` with int8 (x quantized once, on the way
-    into the peers' buffers) -> :func:`_swiglu_mlp_rows` straight on the received int8
-    rows and scales, only the ``recv_count.sum()`` real ones, into the ``[M, H]``
-    tensor -> ``low_latency_combine`` of that tensor with ``topk_weights``.
+    dispatch does) -> ``low_latency_dispatch`` (int8 with int8 weights: x quantized once, on
+    the way into the peers' buffers; bf16 with floating weights) -> the expert MLP straight
+    on the received rows, only the ``recv_count.sum()`` real ones, into the ``[M, H]`` tensor
+    -> ``low_latency_combine`` of that tensor with ``topk_weights``.
     """
     what = "fused_deep_moe"
     buffer._ll_ready(what)
     try:
-        check_modes(quant_mode, fuse_mode)
+        mode = check_modes(quant_mode, fuse_mode)
         check_tensor("x", x, dtypes=FLOAT_DTYPES, shape=(None, None), what="[T, H]")
+        check_tensor("topk_idx", topk_idx, dtypes=(topk_idx_t, torch.int32), shape=(x.shape[0], None))
         ranks = buffer.group_size
-        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts <= 0 \
-                or num_experts % ranks:
-            raise ValueError(f"num_experts must be a positive multiple of the {ranks} ranks, got {num_experts!r}")
+        shared = env.shared_expert_rank_num()
+        roles = layout.SharedExperts.check(num_experts, ranks, shared)
+        ffn_combine = mode is FuseMode.DISPATCH_FFN_COMBINE
+        if ffn_combine and shared:
+            raise ValueError(f"fuse_mode FuseMode.DISPATCH_FFN_COMBINE has no shared experts (as DeepEP-Ascend); "
+                             f"got MOE_SHARED_EXPERT_RANK_NUM={shared}")
+        num_local = roles.local_experts(buffer.rank)
         weights = _fused_weights(gmm1_permuted_weight, gmm1_permuted_weight_scale, gmm2_weight, gmm2_weight_scale,
-                                 x, num_experts // ranks, num_experts, ranks)
+                                 x, num_local, roles.describe_local(buffer.rank),
+                                 DISPATCH_FFN_COMBINE_LAYOUT if ffn_combine else FUSED_DEEP_MOE_LAYOUT)
+        num_max = num_max_dispatch_tokens_per_rank
+        if ffn_combine:
+            if not weights.quantized:
+                raise ValueError(f"fuse_mode FuseMode.DISPATCH_FFN_COMBINE needs int8 weights (as DeepEP-Ascend); "
+                                 f"got {weights.w1.dtype}")
+            num_max = _tokens_per_rank_of_output_size(num_max_dispatch_tokens_per_rank, topk_idx.shape[1], ranks)
     except (TypeError, ValueError):
         # Consume the low-latency dispatch call on every rank with a "rejected" header, so the peers
         # fail fast (ValueError naming this rank) instead of waiting for rows that never come, and
         # every rank's call numbers stay in step.
         buffer._ll_reject_dispatch(buffer._ll_begin(0, what), x, num_max_dispatch_tokens_per_rank, what)
         raise
-    # low_latency_dispatch checks the rest (topk_idx, topk_weights float32 [T, K], T <= Nmax, the
-    # buffer size) the same way: on this rank before any data moves, with the peers told.
+    topk_idx = topk_idx.to(topk_idx_t)
+    out_dtype = torch.bfloat16 if x.dtype == torch.float32 else x.dtype
+    # low_latency_dispatch checks the rest (topk_idx values, topk_weights float32 [T, K], T <= Nmax,
+    # the buffer size) the same way: on this rank before any data moves, with the peers told.
     recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(
-        x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, topk_weights=topk_weights, quant_mode="int8")
-    (xq, x_scale), state = recv_x, handle.state  # the LowLatencyState beside the 7-tuple
-    prefix = handle[1].tolist()  # inclusive prefix of the (local expert, source rank) blocks -> counts
-    ep_recv_count = torch.tensor([b - a for a, b in zip([0] + prefix, prefix)], dtype=torch.int32)
-    expert_out = torch.empty((xq.shape[0], x.shape[1]), dtype=state.dtype)  # combine reads rows < total only
-    _swiglu_mlp_rows(xq, x_scale, recv_count.tolist(), *weights, out=expert_out)
+        x if weights.quantized else x.to(out_dtype), topk_idx, num_max, num_experts, topk_weights=topk_weights,
+        quant_mode="int8" if weights.quantized else "bf16")
+    rows = recv_x[0] if weights.quantized else recv_x
+    expert_out = torch.empty((rows.shape[0], x.shape[1]), dtype=out_dtype)  # combine reads rows < total only
+    counts = recv_count.tolist()
+    if weights.quantized:
+        _swiglu_mlp_rows(recv_x[0], recv_x[1], counts, weights, expert_out)
+    else:
+        _float_mlp_rows(recv_x, counts, weights, expert_out)
     output, _, _ = buffer.low_latency_combine(expert_out, topk_idx, topk_weights, handle)
-    return output, ep_recv_count
+    if ffn_combine:
+        return output, recv_count.to(torch.int32)
+    prefix = handle[1].tolist()  # inclusive prefix of the (local expert, source rank) blocks -> counts
+    return output, torch.tensor([b - a for a, b in zip([0] + prefix, prefix)], dtype=torch.int32)
+
+
+def _tokens_per_rank_of_output_size(max_output_size: object, num_topk: int, ranks: int) -> int:
+    """FuseMode.DISPATCH_FFN_COMBINE takes the most rows one rank may receive (max_bs * R * K, as
+    DeepEP-Ascend's callers compute it); the low-latency buffers are sized by max_bs = that / (R * K)."""
+    if isinstance(max_output_size, bool) or not isinstance(max_output_size, int) or max_output_size <= 0:
+        raise ValueError(f"num_max_dispatch_tokens_per_rank (with FuseMode.DISPATCH_FFN_COMBINE: the most rows a "
+                         f"rank receives, max_bs * ranks * topk) must be a positive int, got {max_output_size!r}")
+    return max(1, max_output_size // (ranks * num_topk))
 
 
 # Weights fused_deep_moe has checked, by id(gmm1_permuted_weight) (a decode loop passes the same
-# weights of each layer every step): (weakref to it, fingerprint, the checked tensors but it). The
+# weights of each layer every step): (weakref to it, fingerprint, the compute-layout w1 unless it is
+# gmm1_permuted_weight itself, the ExpertWeights without w1). The
 # fingerprint changes when any of the four tensors is replaced or modified in place, or the
 # expected shapes change; the entry goes when gmm1_permuted_weight is freed.
 _CHECKED_WEIGHTS: dict = {}
 
 
 def _fused_weights(w1: object, w1_scale: object, w2: object, w2_scale: object, x: Tensor, num_local: int,
-                   num_experts: int, ranks: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                   experts_from: str, weight_layout: WeightLayout) -> ExpertWeights:
     """_check_expert_weights for fused_deep_moe, skipped when the same weights were checked before."""
     tensors = (w1, w1_scale, w2, w2_scale)
     key = None
     if all(type(t) is Tensor for t in tensors):
-        key = (*((id(t), t._version, t.data_ptr(), t.shape) for t in tensors), x.shape[1], num_local, x.device)
+        key = (*((id(t), t._version, t.data_ptr(), t.shape, t.dtype) for t in tensors), x.shape[1], num_local,
+               x.device, weight_layout)
         entry = _CHECKED_WEIGHTS.get(id(w1))
         if entry is not None and entry[0]() is w1 and entry[1] == key:
-            first, rest = entry[2]
-            return (w1 if first is None else first, *rest)
+            return dataclasses.replace(entry[3], w1=w1 if entry[2] is None else entry[2])
     checked = _check_expert_weights(
         w1, w1_scale, w2, w2_scale, hidden=x.shape[1], hidden_from="x", device=x.device, num_experts=num_local,
-        experts_from=f"L = num_experts / ranks = {num_experts} / {ranks}",
+        experts_from=experts_from,
         names=("gmm1_permuted_weight", "gmm1_permuted_weight_scale", "gmm2_weight", "gmm2_weight_scale"),
-        scale_dtypes=FLOAT_DTYPES)
+        scale_dtypes=FLOAT_DTYPES, layout=weight_layout, weight_dtypes=(torch.int8,) + FLOAT_DTYPES)
     if key is not None:
-        # The entry must not hold w1 itself: it would never be freed.
+        # The entry must not hold w1 itself (it would never be freed): when the compute layout is
+        # w1 as given, the entry keeps None in its place and the lookup puts w1 back.
         ident = id(w1)
         ref = weakref.ref(w1, lambda _, ident=ident: _CHECKED_WEIGHTS.pop(ident, None))
-        _CHECKED_WEIGHTS[ident] = (ref, key, (None if checked[0] is w1 else checked[0], checked[1:]))
+        own_w1 = None if checked.w1 is w1 else checked.w1
+        _CHECKED_WEIGHTS[ident] = (ref, key, own_w1, dataclasses.replace(checked, w1=None))
     return checked

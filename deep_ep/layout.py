@@ -57,9 +57,9 @@ def expert_major_entries(topk_idx: torch.Tensor, expert_begin: int, expert_end: 
     return tuple(torch.from_numpy(e) for e in entries)
 
 
-def summarize_topk(topk_idx: torch.Tensor) -> Tuple[int, int, int]:
-    """(smallest id, largest id, first row that names an expert twice or -1) of int64 [T, K],
-    in one native pass on a host copy."""
+def summarize_topk(topk_idx: torch.Tensor) -> Tuple[int, int]:
+    """(smallest id, largest id) of int64 [T, K], in one native pass on a host copy. A row may name
+    an expert more than once (each selection is routed on its own, as DeepEP-Ascend does)."""
     import deep_ep_cpp
 
     host = topk_idx.cpu().contiguous()
@@ -215,20 +215,29 @@ def localize_topk_idx_(topk_idx: torch.Tensor, rank: int, experts_per_rank: int)
 # normal mode's received layout without padding.
 
 
-def low_latency_slots(topk_idx: torch.Tensor, num_experts: int):
+def low_latency_slots(topk_idx: torch.Tensor, num_experts: int, num_slots: Optional[int] = None):
     """Which slot every selection of this rank fills.
 
     Args:
-        topk_idx: int64 [T, K] in [-1, E), contiguous CPU.
+        topk_idx: int64 [T, K] in [-1, E), contiguous CPU. A row may name an expert more than once:
+            every (t, k) selection takes its own slot.
+        num_slots: the slots per (expert, source rank) (Nmax), or None for no limit.
     Returns:
-        slot int64 [T, K]: tokens before t that select expert topk_idx[t, k] (-1 where it is -1);
-        counts int64 [E]: tokens of this rank that select each expert.
-    Raises ValueError for ids outside [-1, E) or an expert repeated in a row.
+        slot int64 [T, K]: selections before (t, k), in (token, k) order, of expert topk_idx[t, k]
+        (-1 where it is -1); counts int64 [E]: selections of each expert by this rank.
+    Raises ValueError for ids outside [-1, E), or for an expert selected more than num_slots times
+    (possible only with repeated experts: T <= Nmax otherwise).
     """
     import deep_ep_cpp
 
     slot, counts = deep_ep_cpp.expert_slots(topk_idx.numpy(), topk_idx.shape[0], topk_idx.shape[1], num_experts)
-    return torch.from_numpy(slot).view(topk_idx.shape), torch.from_numpy(counts)
+    counts = torch.from_numpy(counts)
+    if num_slots is not None and counts.numel() and int(counts.max()) > num_slots:
+        expert = int(counts.argmax())
+        raise ValueError(f"topk_idx selects expert {expert} {int(counts[expert])} times (repeats in a row count "
+                         f"once each); low-latency mode holds at most num_max_dispatch_tokens_per_rank="
+                         f"{num_slots} selections of one expert per rank")
+    return torch.from_numpy(slot).view(topk_idx.shape), counts
 
 
 def low_latency_recv_layout(counts: np.ndarray, layout_range: np.ndarray, recv_count: np.ndarray) -> np.ndarray:
@@ -255,3 +264,98 @@ def low_latency_arrival_rows(counts: torch.Tensor, layout_range: torch.Tensor) -
     start = (layout_range - counts.t().reshape(-1)).view(experts_per_rank, num_ranks).t().reshape(-1)
     block = torch.repeat_interleave(torch.arange(block_rows.numel()), block_rows)
     return start[block] + positions_in_groups(block, block_rows.numel())
+
+
+# ---- shared-expert ranks (low-latency mode and fused_deep_moe) ------------------------------------------
+@dataclass(frozen=True)
+class SharedExperts:
+    """Expert placement of low-latency mode, with S = MOE_SHARED_EXPERT_RANK_NUM shared-expert ranks
+    (as CANN's MC2 dispatch / combine operators place them, with one shared expert):
+
+    - ranks [0, S) each hold a copy of the shared expert (one local expert); ranks [S, R) hold the
+      E routed experts, L = E / (R - S) each: routed expert e lives on rank S + e // L;
+    - every token of source rank s also goes to shared rank s % S, into the source's block, and
+      that rank's output for it is added to the token's combine result with weight 1, after the
+      routed terms;
+    - S = 0: the plain placement (L = E / R, rank r holds [r * L, (r + 1) * L)).
+
+    The transports see a uniform "virtual" placement instead: R * L experts, rank r owning
+    [r * L, (r + 1) * L); routed expert e is virtual expert S * L + e; the shared copy on rank j
+    is virtual expert j * L, named by one extra top-k column (index K), whose weight is 1.
+    """
+
+    num_experts: int  # E, routed experts (the num_experts argument)
+    num_ranks: int
+    num_shared_ranks: int
+
+    @staticmethod
+    def check(num_experts: object, num_ranks: int, num_shared_ranks: int) -> "SharedExperts":
+        """ValueError naming num_experts / MOE_SHARED_EXPERT_RANK_NUM unless the placement exists."""
+        if not 0 <= num_shared_ranks < num_ranks:
+            raise ValueError(f"MOE_SHARED_EXPERT_RANK_NUM must be in [0, {num_ranks}) for {num_ranks} ranks "
+                             f"(at least one rank holds routed experts), got {num_shared_ranks}")
+        routed = num_ranks - num_shared_ranks
+        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts <= 0 \
+                or num_experts % routed:
+            holders = f"{routed} routed-expert ranks (R - MOE_SHARED_EXPERT_RANK_NUM = {num_ranks} - " \
+                      f"{num_shared_ranks})" if num_shared_ranks else f"{num_ranks} ranks"
+            raise ValueError(f"num_experts must be a positive multiple of the {holders}, got {num_experts!r}")
+        return SharedExperts(num_experts, num_ranks, num_shared_ranks)
+
+    @property
+    def experts_per_rank(self) -> int:
+        """L, the routed experts of a routed rank (and the virtual experts of every rank)."""
+        return self.num_experts // (self.num_ranks - self.num_shared_ranks)
+
+    @property
+    def virtual_experts(self) -> int:
+        return self.num_ranks * self.experts_per_rank
+
+    def is_shared(self, rank: int) -> bool:
+        return rank < self.num_shared_ranks
+
+    def local_experts(self, rank: int) -> int:
+        """Experts rank holds: 1 on a shared rank, L on a routed one."""
+        return 1 if self.is_shared(rank) else self.experts_per_rank
+
+    def describe_local(self, rank: int) -> str:
+        """Where local_experts(rank) comes from, for error messages."""
+        if self.is_shared(rank):
+            return f"L = 1: rank {rank} holds the shared expert (MOE_SHARED_EXPERT_RANK_NUM={self.num_shared_ranks})"
+        ranks = self.num_ranks - self.num_shared_ranks
+        return f"L = num_experts / routed ranks = {self.num_experts} / {ranks}"
+
+    def packed_rows(self, rank: int, num_max_tokens: int, num_topk: int) -> int:
+        """Rows of rank's packed low-latency output: Nmax * R * min(K, L) on a routed rank (CANN's
+        A); a shared rank receives the tokens of ceil(R / S) sources at most."""
+        if self.is_shared(rank):
+            return num_max_tokens * -(-self.num_ranks // self.num_shared_ranks)
+        return num_max_tokens * self.num_ranks * min(num_topk, self.experts_per_rank)
+
+    def virtual_topk(self, topk_idx: torch.Tensor, rank: int) -> torch.Tensor:
+        """int64 [T, K + 1]: topk_idx [T, K] (routed ids, -1 kept) in virtual ids, plus the column of
+        this source's shared copy. ValueError for ids outside [-1, E)."""
+        if topk_idx.numel():
+            low, high = summarize_topk(topk_idx)
+            if low < -1 or high >= self.num_experts:
+                raise ValueError(f"topk_idx values must lie in [-1, {self.num_experts}), got values in "
+                                 f"[{low}, {high}]")
+        shift = self.num_shared_ranks * self.experts_per_rank
+        routed = torch.where(topk_idx >= 0, topk_idx + shift, topk_idx)
+        shared = torch.full((topk_idx.shape[0], 1), rank % self.num_shared_ranks * self.experts_per_rank,
+                            dtype=topk_idx.dtype)
+        return torch.cat([routed, shared], 1).contiguous()
+
+    @staticmethod
+    def virtual_weights(topk_weights: torch.Tensor) -> torch.Tensor:
+        """float32 [T, K + 1]: the shared expert's output is added with weight 1."""
+        return torch.cat([topk_weights, topk_weights.new_ones(topk_weights.shape[0], 1)], 1)
+
+
+def hint_experts(num_experts: int, num_ranks: int, num_shared_ranks: int) -> int:
+    """The virtual expert count low-latency buffers are sized for, from the num_experts a caller
+    passes to the size hint: with shared-expert ranks R * ceil(E / (R - S)), which also covers
+    callers that count the shared expert in E (as DeepEP-Ascend's scripts do)."""
+    if not num_shared_ranks:
+        return num_experts
+    return num_ranks * -(-num_experts // (num_ranks - num_shared_ranks))

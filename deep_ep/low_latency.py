@@ -66,6 +66,11 @@ class LowLatencyState:
     selection_rows: Optional[torch.Tensor] = None
     dropped: Optional[torch.Tensor] = None
     total: int = 0  # received rows, recv_count.sum()
+    # With shared-expert ranks: the placement; topk_idx / num_experts / num_topk above are then the
+    # transports' virtual ones (layout.SharedExperts), the handle shows the caller's.
+    shared: Optional[layout.SharedExperts] = None
+    public_experts: int = 0  # num_experts as the caller gave it (the handle's)
+    local_experts: int = 0  # experts of this rank as the caller sees them (1 on a shared-expert rank)
 
 
 @dataclass
@@ -183,14 +188,17 @@ class LowLatencyMode:
             hidden: H. num_ranks: R, ranks in the group. num_experts: E, a multiple of R.
         Returns: control words and mailboxes for R ranks plus, twice (double buffering), E * Nmax
             dispatch slots of 8 bytes, Nmax token rows of 2H bytes with a float32 scale each, and
-            Nmax * min(E, 16) combine rows of 2H bytes.
+            Nmax * 17 combine rows of 2H bytes. With MOE_SHARED_EXPERT_RANK_NUM = S > 0 the slots are
+            for R * ceil(E / (R - S)) experts (E may count the shared expert or not).
         """
         for name, value in (("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank),
                             ("hidden", hidden), ("num_ranks", num_ranks), ("num_experts", num_experts)):
             check_positive_int(name, value)
-        if num_experts % num_ranks:
+        shared = env.shared_expert_rank_num()
+        if not shared and num_experts % num_ranks:
             raise ValueError(f"num_experts must be a multiple of num_ranks, got {num_experts} and {num_ranks}")
-        return shm_low_latency.bytes_needed(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
+        return shm_low_latency.bytes_needed(num_max_dispatch_tokens_per_rank, hidden, num_ranks,
+                                            layout.hint_experts(num_experts, num_ranks, shared))
 
     # ---- call bookkeeping (also used by fused.py and npu.py) -----------------------------------------
     def _ll_ready(self, what: str) -> None:
@@ -202,29 +210,28 @@ class LowLatencyMode:
             raise RuntimeError(self._ll_broken)
 
     def _ll_check_sizes(self, num_max_tokens, hidden: int, num_experts,
-                        ll: Optional[shm_low_latency.LowLatencyShm] = None) -> None:
-        """Nmax / E are ints, E % R == 0, and num_rdma_bytes holds the layout (ValueError naming the size).
+                        ll: Optional[shm_low_latency.LowLatencyShm] = None) -> layout.SharedExperts:
+        """Nmax / E are ints, E a multiple of the expert-holding ranks, and num_rdma_bytes holds the
+        layout (ValueError naming the size). Returns the expert placement (MOE_SHARED_EXPERT_RANK_NUM).
         num_rdma_bytes=0, which upstream accepts, needs no room: the calls go over all_to_all_single."""
-        key = (num_max_tokens, hidden, num_experts, ll is not None)
+        roles = layout.SharedExperts.check(num_experts, self.group_size, env.shared_expert_rank_num())
+        key = (num_max_tokens, hidden, roles, ll is not None)
         if key in self._ll_fits:
-            return
+            return roles
         check_positive_int("num_max_dispatch_tokens_per_rank", num_max_tokens)
-        check_positive_int("num_experts", num_experts)
-        if num_experts % self.group_size:
-            raise ValueError(f"num_experts must be a positive multiple of the {self.group_size} ranks, "
-                             f"got {num_experts}")
-        if num_experts // self.group_size > shm_low_latency.MAX_LOCAL_EXPERTS:
+        if roles.experts_per_rank > shm_low_latency.MAX_LOCAL_EXPERTS:
             raise ValueError(f"low-latency mode supports up to {shm_low_latency.MAX_LOCAL_EXPERTS} experts per "
-                             f"rank, got {num_experts // self.group_size}")
-        needed = self.get_low_latency_rdma_size_hint(num_max_tokens, hidden, self.group_size, num_experts)
+                             f"rank, got {roles.experts_per_rank}")
+        needed = shm_low_latency.bytes_needed(num_max_tokens, hidden, self.group_size, roles.virtual_experts)
         too_small = 0 < self.num_rdma_bytes < needed
-        if too_small or (ll is not None and not ll.fits(num_max_tokens, hidden, num_experts)):
+        if too_small or (ll is not None and not ll.fits(num_max_tokens, hidden, roles.virtual_experts)):
             raise ValueError(f"num_rdma_bytes={self.num_rdma_bytes} is too small for low-latency mode with "
                              f"num_max_dispatch_tokens_per_rank={num_max_tokens}, hidden={hidden}, "
                              f"{self.group_size} ranks and num_experts={num_experts}: it needs {needed} bytes "
                              f"(Buffer.get_low_latency_rdma_size_hint({num_max_tokens}, {hidden}, "
                              f"{self.group_size}, {num_experts}))")
         self._ll_fits.add(key)
+        return roles
 
     def _ll_begin(self, kind: int, what: str) -> int:
         """The sequence number of the next call of `kind`; refuses a third call in flight."""
@@ -301,9 +308,13 @@ class LowLatencyMode:
         Args:
             transport: the strategy's row mover (deep_ep/strategies/low_latency_strategy.py).
             x: [T, H] bfloat16 (float16 too; float32 with int8), T <= num_max_dispatch_tokens_per_rank.
-            topk_idx: int64 [T, K] in [-1, E), -1 = no expert; the experts of a row are distinct.
+            topk_idx: int64 [T, K] in [-1, E), -1 = no expert. A row may name an expert more than once:
+                each (t, k) selection is its own received row (at most Nmax selections of one expert).
             num_max_dispatch_tokens_per_rank: Nmax, the same on every rank.
-            num_experts: E, the same on every rank, a multiple of R.
+            num_experts: E, the same on every rank, a multiple of R. With MOE_SHARED_EXPERT_RANK_NUM = S > 0
+                (docs/semantics.md): E routed experts, a multiple of R - S, L = E / (R - S) on ranks [S, R);
+                ranks [0, S) hold the shared expert (L = 1) and receive every token of the sources
+                s with s % S == rank; combine adds its output with weight 1.
             cumulative_local_expert_recv_stats: None or int32 [L]; recv_count is added to it.
             use_fp8: True (default): per-token int8 (scale = max|x| / 127, A2/A3 behaviour); False: bf16.
             return_recv_hook: if True the call only sends; `hook()` receives and packs, and the results
@@ -311,7 +322,8 @@ class LowLatencyMode:
             topk_weights: None or float32 [T, K]; kept in the handle.
             quant_mode: None, "bf16" or "int8"; overrides use_fp8.
         Returns:
-            recv_x: [M, H] with M = Nmax * R * min(K, L) (x's dtype), or with int8 the pair
+            recv_x: [M, H] with M = Nmax * R * min(K, L) (Nmax * ceil(R / S) on a shared-expert rank)
+                (x's dtype), or with int8 the pair
                 (int8 [M, H], float32 scales [M]). Rows are packed expert-major: local expert 0's rows
                 from rank 0 in token order, then from rank 1, ..., then expert 1, ...; only the first
                 recv_count.sum() rows hold data. The memory is reused by the call after next (two
@@ -335,18 +347,21 @@ class LowLatencyMode:
             num_tokens, hidden = x.shape
             num_topk = topk_idx.shape[1]
             check_num_topk(num_topk)
-            self._ll_check_sizes(num_max_dispatch_tokens_per_rank, hidden, num_experts, transport.ll)
+            roles = self._ll_check_sizes(num_max_dispatch_tokens_per_rank, hidden, num_experts, transport.ll)
             if num_tokens > num_max_dispatch_tokens_per_rank:
                 raise ValueError(f"x has {num_tokens} tokens, more than num_max_dispatch_tokens_per_rank="
                                  f"{num_max_dispatch_tokens_per_rank}")
-            experts_per_rank = num_experts // self.group_size
+            local_experts = roles.local_experts(self.rank)
             if cumulative_local_expert_recv_stats is not None:
                 check_tensor("cumulative_local_expert_recv_stats", cumulative_local_expert_recv_stats,
-                             dtypes=(torch.int32,), shape=(experts_per_rank,))
+                             dtypes=(torch.int32,), shape=(local_experts,))
             if topk_weights is not None:
                 check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=(num_tokens, num_topk))
             x, topk_idx = x.contiguous(), topk_idx.contiguous()
-            slot, counts = layout.low_latency_slots(topk_idx, num_experts)
+            shared = roles if roles.num_shared_ranks else None
+            if shared is not None:  # the transports route the shared expert as one more top-k column
+                topk_idx = shared.virtual_topk(topk_idx, self.rank)
+            slot, counts = layout.low_latency_slots(topk_idx, roles.virtual_experts, num_max_dispatch_tokens_per_rank)
         except (ValueError, TypeError):
             self._ll_reject_dispatch(seq, x, num_max_dispatch_tokens_per_rank, what, transport)
             raise
@@ -355,8 +370,10 @@ class LowLatencyMode:
         num_max = num_max_dispatch_tokens_per_rank
         quantized = quant == "int8"
         fmt = LL_FORMAT_INT8 if quantized else NATIVE_DTYPE_CODES[x.dtype]
+        num_rows = roles.packed_rows(self.rank, num_max, num_topk)
+        public_experts, experts_per_rank = num_experts, roles.experts_per_rank
+        num_experts, num_topk = roles.virtual_experts, topk_idx.shape[1]
         header = [seq, 0, num_max, num_experts, hidden, num_topk, fmt, num_tokens]
-        num_rows = num_max * self.group_size * min(num_topk, experts_per_rank)
         state = LowLatencyState(seq=seq, epoch=self._ll_epoch, header=header, num_max_tokens=num_max,
                                 hidden=hidden, num_experts=num_experts, num_topk=num_topk, num_tokens=num_tokens,
                                 num_rows=num_rows, quantized=quantized,
@@ -365,7 +382,8 @@ class LowLatencyMode:
                                 src_info=torch.empty(num_rows, 3, dtype=torch.int32),
                                 layout_range=torch.empty(experts_per_rank * self.group_size, dtype=torch.int64),
                                 recv_count=torch.empty(experts_per_rank, dtype=torch.int64),
-                                stats=cumulative_local_expert_recv_stats, transport=transport)
+                                stats=cumulative_local_expert_recv_stats, transport=transport, shared=shared,
+                                public_experts=public_experts, local_experts=local_experts)
         state.recv_count_out = state.recv_count if env.expert_token_nums_type() == 1 else \
             torch.empty_like(state.recv_count)
         state.recv = self._ll_recv_buffers(parity, num_rows, hidden, quantized, state.dtype)
@@ -375,7 +393,8 @@ class LowLatencyMode:
         if not return_recv_hook:
             hook()
         recv_x = state.recv if quantized else state.recv[0]
-        return recv_x, state.recv_count_out, state, EventOverlap(), hook
+        # A shared rank has one local expert: its blocks are the first R of the virtual layout.
+        return recv_x, state.recv_count_out[:local_experts], state, EventOverlap(), hook
 
     def _ll_recv_buffers(self, parity: int, rows: int, hidden: int, quantized: bool, dtype: torch.dtype):
         """The receive tensors of one parity, reused by every other call (double buffering)."""
@@ -395,8 +414,8 @@ class LowLatencyMode:
             return
         self._ll_check_hook(state, "low_latency_dispatch (receive)")
         state.transport.receive_dispatch(self, state)
-        if state.stats is not None:
-            state.stats.add_(state.recv_count)
+        if state.stats is not None:  # [local experts]: 1 on a shared rank, whose other counts are 0
+            state.stats.add_(state.recv_count[: state.stats.numel()])
         if state.recv_count_out is not state.recv_count:
             torch.cumsum(state.recv_count, 0, out=state.recv_count_out)
         self.ll_finish(0, state)
@@ -427,6 +446,11 @@ class LowLatencyMode:
         seq = self._ll_begin(1, what)
         num_tokens, num_topk, hidden = state.num_tokens, state.num_topk, state.hidden
         try:
+            if state.shared is not None:  # the shared expert's column, as at dispatch
+                check_tensor("topk_idx", topk_idx, dtypes=(topk_idx_t,), shape=(num_tokens, num_topk - 1))
+                check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=(num_tokens, num_topk - 1))
+                topk_idx = state.shared.virtual_topk(topk_idx, self.rank)
+                topk_weights = state.shared.virtual_weights(topk_weights)
             check_tensor("x", x, dtypes=(state.dtype,), shape=(state.num_rows, hidden))
             check_tensor("topk_idx", topk_idx, dtypes=(topk_idx_t,), shape=(num_tokens, num_topk))
             check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=(num_tokens, num_topk))

@@ -129,12 +129,9 @@ class NormalMode:
             raise ValueError(f"{experts_name} must be a positive multiple of the {self.group_size} ranks, "
                              f"got {num_experts!r}")
         if topk_idx.numel():
-            low, high, repeated = layout.summarize_topk(topk_idx)
+            low, high = layout.summarize_topk(topk_idx)
             if low < -1 or high >= num_experts:
                 raise ValueError(f"topk_idx values must lie in [-1, {num_experts}), got values in [{low}, {high}]")
-            if repeated >= 0:
-                raise ValueError(f"topk_idx: the experts of one token must be distinct (apart from -1); "
-                                 f"row {repeated} repeats one: {topk_idx[repeated].tolist()}")
 
     def dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int):
         """Counts the rows this rank will send (get_dispatch_layout of every normal strategy).

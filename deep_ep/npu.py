@@ -21,6 +21,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from . import env, layout
+from .fused import FuseMode, check_modes
 from .transport import npu_ops
 from .utils import EventOverlap, check_num_topk, check_positive_int, check_tensor
 
@@ -163,19 +165,14 @@ def _check_mc2_inputs(buffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_weig
     if topk_weights is not None:
         check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=(num_tokens, num_topk))
     check_positive_int("num_max_dispatch_tokens_per_rank", num_max_tokens)
-    check_positive_int("num_experts", num_experts)
-    if num_experts % buffer.group_size:
-        raise ValueError(f"num_experts must be a positive multiple of the {buffer.group_size} ranks, got {num_experts}")
+    layout.SharedExperts.check(num_experts, buffer.group_size, env.shared_expert_rank_num())
     if num_tokens > num_max_tokens:
         raise ValueError(f"x has {num_tokens} tokens, more than num_max_dispatch_tokens_per_rank={num_max_tokens}")
     _check_device(buffer, x=x, topk_idx=topk_idx, topk_weights=topk_weights)
     # One host sync for all value checks; the message is worked out only when something is wrong.
-    if topk_idx.numel():
-        ordered = torch.sort(topk_idx, dim=1).values
-        bad = ((topk_idx < -1) | (topk_idx >= num_experts)).any() | \
-            ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any()
-        if bool(bad):
-            buffer._check_topk_idx(topk_idx.cpu(), num_experts)
+    if topk_idx.numel() and bool(((topk_idx < -1) | (topk_idx >= num_experts)).any()):
+        low, high = int(topk_idx.min()), int(topk_idx.max())
+        raise ValueError(f"topk_idx values must lie in [-1, {num_experts}), got values in [{low}, {high}]")
     npu_ops.NpuLowLatency.check_limits(buffer.npu_ll.soc, buffer.group_size, hidden, num_max_tokens, num_topk)
     check_hccl_buffsize(buffer.npu_ll.soc, num_max_tokens, hidden, buffer.group_size, num_experts, num_topk)
     return num_tokens, hidden, num_topk
@@ -199,13 +196,15 @@ def low_latency_dispatch(buffer, x: torch.Tensor, topk_idx: torch.Tensor, num_ma
     num_tokens, hidden, num_topk = _check_mc2_inputs(
         buffer, x, topk_idx, topk_weights, num_max_dispatch_tokens_per_rank, num_experts,
         (torch.bfloat16, torch.float16))
+    shared = env.shared_expert_rank_num()
     if cumulative_local_expert_recv_stats is not None:
+        local = layout.SharedExperts.check(num_experts, buffer.group_size, shared).local_experts(buffer.rank)
         check_tensor("cumulative_local_expert_recv_stats", cumulative_local_expert_recv_stats,
-                     dtypes=(torch.int32,), shape=(num_experts // buffer.group_size,))
+                     dtypes=(torch.int32,), shape=(local,))
         _check_device(buffer, cumulative_local_expert_recv_stats=cumulative_local_expert_recv_stats)
     recv_x, recv_count, op = buffer.npu_ll.dispatch(
         x, topk_idx, topk_weights, num_max_dispatch_tokens_per_rank, num_experts, quant == "int8",
-        cumulative_local_expert_recv_stats)
+        cumulative_local_expert_recv_stats, num_shared_ranks=shared)
     num_rows = (recv_x[0] if isinstance(recv_x, tuple) else recv_x).shape[0]
     state = NpuLowLatencyState(op=op, dtype=x.dtype, num_rows=num_rows, topk_idx=topk_idx, topk_weights=topk_weights)
     handle = (op.assist_info_for_combine, op.recv_layout_prefix.to(torch.int64), num_max_dispatch_tokens_per_rank,
@@ -246,11 +245,15 @@ def clean_low_latency_buffer(buffer, num_max_dispatch_tokens_per_rank: int, hidd
 def fused_deep_moe(buffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                    gmm1_permuted_weight: torch.Tensor, gmm1_permuted_weight_scale: torch.Tensor,
                    gmm2_weight: torch.Tensor, gmm2_weight_scale: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
-                   num_experts: int, quant_mode: int = 1):
+                   num_experts: int, quant_mode: int = 1, fuse_mode: int = 1):
     """Buffer.fused_deep_moe on NPU: MC2 dispatch (int8) + npu_grouped_matmul + npu_dequant_swiglu_quant +
-    npu_grouped_matmul + MC2 combine. Returns (output bf16 [T, H], ep_recv_count int32 [L * R])."""
-    if quant_mode != 1:
-        raise ValueError(f"fused_deep_moe supports quant_mode=1 (W8A8 per-token dynamic int8), got {quant_mode!r}")
+    npu_grouped_matmul + MC2 combine, for int8 weights with quant_mode 0 or 1 (the weights decide, as on
+    CPU) and gmm2_weight [L, H, I]. Returns (output bf16 [T, H], ep_recv_count int32 [L * R])."""
+    if check_modes(quant_mode, fuse_mode) is not FuseMode.FUSED_DEEP_MOE:
+        raise ValueError("fuse_mode FuseMode.DISPATCH_FFN_COMBINE is not available on the NPU path yet (CPU "
+                         "ranks run it); use FuseMode.FUSED_DEEP_MOE")
+    if isinstance(topk_idx, torch.Tensor) and topk_idx.dtype == torch.int32:
+        topk_idx = topk_idx.long()
     _check_mc2_inputs(buffer, x, topk_idx, topk_weights, num_max_dispatch_tokens_per_rank, num_experts,
                       (torch.bfloat16,))
     if topk_weights is None:
@@ -259,4 +262,5 @@ def fused_deep_moe(buffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights
                   gmm1_permuted_weight_scale=gmm1_permuted_weight_scale, gmm2_weight=gmm2_weight,
                   gmm2_weight_scale=gmm2_weight_scale)
     return buffer.npu_ll.fused_deep_moe(x, topk_idx, topk_weights, gmm1_permuted_weight, gmm1_permuted_weight_scale,
-                                        gmm2_weight, gmm2_weight_scale, num_max_dispatch_tokens_per_rank, num_experts)
+                                        gmm2_weight, gmm2_weight_scale, num_max_dispatch_tokens_per_rank, num_experts,
+                                        num_shared_ranks=env.shared_expert_rank_num())

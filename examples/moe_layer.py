@@ -3,9 +3,11 @@
 The block: a router (sigmoid scores with group-limited top-k, DeepSeek-V3 style, or softmax top-k),
 routed SwiGLU experts sharded across the ranks (rank r holds experts [r*L, (r+1)*L)), and a shared
 SwiGLU expert that every rank runs on its own tokens, all in bfloat16. Tokens reach their experts
-with deep_ep's normal-mode dispatch and come back, weighted, with combine.
+with deep_ep's normal-mode dispatch and come back, weighted, with combine (the prefill path); the
+decode path runs the routed experts in one fused_deep_moe call on a low-latency Buffer, with the
+weights as the model stores them (w13 permuted once into gate/up tiles, w2 [L, H, I] as is).
 
-Each rank feeds its own tokens through the EP block; then rank 0 runs the same block, with every
+Each rank feeds its own tokens through both EP paths; then rank 0 runs the same block, with every
 expert, on all ranks' tokens in one process and checks that the outputs agree.
 
     python examples/moe_layer.py --num-processes 2                  # local CPU ranks (deep_ep.testing)
@@ -122,6 +124,16 @@ class MoEBlock(torch.nn.Module):
         routed, _, _ = buffer.combine(out, handle)  # sum over k of weights[t, k] * out[row(t, k)]
         return routed + self.shared(x)
 
+    def forward_fused(self, x: torch.Tensor, buffer: deep_ep.Buffer, max_tokens: int) -> torch.Tensor:
+        """The decode path: dispatch + routed experts + combine in one fused_deep_moe call. bf16 weights
+        select the bf16 SwiGLU MLP (int8 weights with scales would select W8A8); gmm2 is the stored
+        down projection [L, H, I]; only gmm1 needs the tiled gate/up column order."""
+        idx, weights = self.route(x)
+        w1, _ = deep_ep.permute_gmm1_weight(self.w13, None)  # a real model does this once, at load time
+        routed, _ = buffer.fused_deep_moe(x, idx, weights, w1, None, self.w2, None, max_tokens,
+                                          self.cfg.num_experts)
+        return routed + self.shared(x)
+
 
 def run(rank: int, num_ranks: int, group, args) -> None:
     cfg = Config(scoring=args.scoring)
@@ -136,23 +148,29 @@ def run(rank: int, num_ranks: int, group, args) -> None:
     buffer = deep_ep.Buffer(group)  # collective: every rank of the group constructs it
     y = block.forward_ep(x, buffer)
     buffer.destroy()
+    max_tokens = args.tokens + 7 * (num_ranks - 1)  # the most tokens any rank has (the same on every rank)
+    ll_bytes = deep_ep.Buffer.get_low_latency_rdma_size_hint(max_tokens, cfg.hidden, num_ranks, cfg.num_experts)
+    low_latency = deep_ep.Buffer(group, low_latency_mode=True, num_rdma_bytes=ll_bytes)
+    y_fused = block.forward_fused(x, low_latency, max_tokens)
+    low_latency.destroy()
 
     # The same block in one process: rank 0 runs it on every rank's tokens with all experts.
-    xs = [None] * num_ranks
-    ys = [None] * num_ranks
+    xs, ys, ys_fused = ([None] * num_ranks for _ in range(3))
     dist.all_gather_object(xs, x, group=group)
     dist.all_gather_object(ys, y, group=group)
+    dist.all_gather_object(ys_fused, y_fused, group=group)
     if rank == 0:
         reference = MoEBlock(cfg, range(cfg.num_experts)).forward_dense(torch.cat(xs)).float()
-        got = torch.cat(ys).float()
-        # bf16 tolerance: a few bf16 ulps of the output's scale. A row sent to the wrong expert or
-        # combined with the wrong weight is off by the size of the output itself.
-        error = (got - reference).abs().max().item()
-        bound = 2e-2 * reference.abs().max().item()
-        print(f"EP on {num_ranks} ranks vs one process: {got.shape[0]} tokens, max |diff| {error:.4f} "
-              f"(bound {bound:.4f}), max |y| {reference.abs().max().item():.2f}")
-        if not error <= bound:
-            raise SystemExit("MISMATCH: the EP block differs from the single-process block")
+        for path, outputs in (("dispatch/combine", ys), ("fused_deep_moe", ys_fused)):
+            got = torch.cat(outputs).float()
+            # bf16 tolerance: a few bf16 ulps of the output's scale. A row sent to the wrong expert or
+            # combined with the wrong weight is off by the size of the output itself.
+            error = (got - reference).abs().max().item()
+            bound = 2e-2 * reference.abs().max().item()
+            print(f"EP ({path}) on {num_ranks} ranks vs one process: {got.shape[0]} tokens, max |diff| "
+                  f"{error:.4f} (bound {bound:.4f}), max |y| {reference.abs().max().item():.2f}")
+            if not error <= bound:
+                raise SystemExit(f"MISMATCH: the EP block ({path}) differs from the single-process block")
         print("OK")
 
 

@@ -210,8 +210,11 @@ class _LowLatencyStrategyBase(LowLatencyEPCommStrategy):
         recv_x, recv_count, state, event, hook = rt.ll_dispatch(
             self.transport, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, cumulative_local_expert_recv_stats,
             quant == "int8", return_recv_hook, topk_weights, quant)
-        handle = handles.LowLatencyHandle((state.src_info, state.layout_range, num_max_dispatch_tokens_per_rank,
-                                           state.hidden, num_experts, recv_count, None), state, rt.runtime_id)
+        # A shared-expert rank shows one local expert: the first R blocks of the virtual layout.
+        layout_range = state.layout_range[: state.local_experts * rt.group_size]
+        handle = handles.LowLatencyHandle((state.src_info, layout_range, num_max_dispatch_tokens_per_rank,
+                                           state.hidden, state.public_experts, recv_count, None), state,
+                                          rt.runtime_id)
         return recv_x, recv_count, handle, event, hook
 
     def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle: tuple,

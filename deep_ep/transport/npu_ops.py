@@ -33,6 +33,8 @@ import weakref
 import torch
 import torch.distributed as dist
 
+from .. import layout
+
 # A2 fullmesh rank counts for the v2 operators (NPU.md "Limits (v2)").
 _A2_RANKS = frozenset(range(2, 9)) | {16, 32, 64, 128, 256}
 # gmm1_permuted_weight interleaves gate/up columns in tiles of this width (SPEC).
@@ -122,6 +124,19 @@ def _unpermute_gate_up(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch
             s.reshape(num_local_experts, two_i).to(torch.float32).contiguous())
 
 
+def _shared_expert_args(num_shared_ranks: int) -> dict:
+    """The operators' shared-expert arguments: none without shared-expert ranks (their defaults);
+    else one shared expert on the first ``num_shared_ranks`` ranks, as DeepEP-Ascend passes them."""
+    if not num_shared_ranks:
+        return {}
+    return dict(shared_expert_num=1, shared_expert_rank_num=num_shared_ranks)
+
+
+def _in_out_weight(weight: torch.Tensor, scale: None) -> tuple[torch.Tensor, None]:
+    """gmm2 ``[L, H, I]`` ([out, in]) -> contiguous ``[L, I, H]``, npu_grouped_matmul's weight order."""
+    return weight.transpose(1, 2).contiguous(), scale
+
+
 def _fill_masked_expert_ids(topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Replace ``-1`` in ``topk_idx`` (int64 ``[BS, K]``) by valid ids; returns int32 ``[BS, K]``.
 
@@ -166,6 +181,7 @@ class NpuLowLatencyHandle:
     global_bs: int
     comm_alg: str
     use_v2: bool
+    num_shared_ranks: int = 0  # shared_expert_rank_num of the operators (MOE_SHARED_EXPERT_RANK_NUM)
 
 
 class NpuLowLatency:
@@ -213,7 +229,7 @@ class NpuLowLatency:
         self.comm_name: str = self.group._get_backend(_npu_device()).get_hccl_comm_name(rank)
         self._use_v2 = (hasattr(torch_npu, "npu_moe_distribute_dispatch_v2")
                         and hasattr(torch_npu, "npu_moe_distribute_combine_v2"))
-        # id(gmm1 weight) -> (weight ref, weight version, scale ref, scale version, [gate|up] weight, scale)
+        # id(weight) -> (weight ref, weight version, scale ref, scale version, converted weight, scale)
         self._gate_up_cache: dict[int, tuple] = {}
 
     @staticmethod
@@ -249,7 +265,7 @@ class NpuLowLatency:
 
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor | None,
                  num_max_dispatch_tokens_per_rank: int, num_experts: int, use_int8: bool,
-                 cumulative_local_expert_recv_stats: torch.Tensor | None
+                 cumulative_local_expert_recv_stats: torch.Tensor | None, num_shared_ranks: int = 0
                  ) -> tuple[torch.Tensor | tuple[torch.Tensor, torch.Tensor], torch.Tensor,
                             NpuLowLatencyHandle]:
         """Low-latency dispatch with ``npu_moe_distribute_dispatch_v2`` (v1 if v2 is missing).
@@ -259,9 +275,12 @@ class NpuLowLatency:
             topk_idx: int64 ``[T, K]``, values in ``[-1, E)``.
             topk_weights: float32 ``[T, K]`` or None (required in hierarchical mode).
             num_max_dispatch_tokens_per_rank: Nmax, the same on every rank.
-            num_experts: E, a multiple of R.
+            num_experts: E, the routed experts, a multiple of R - S.
             use_int8: per-token dynamic int8 quantization by the operator (quant_mode=2).
             cumulative_local_expert_recv_stats: int32 ``[L]`` or None; recv_count is added to it.
+            num_shared_ranks: S, shared-expert ranks (shared_expert_rank_num, with one shared expert,
+                shared_expert_num=1): ranks [0, S) hold it (L = 1), the others L = E / (R - S) routed
+                experts (layout.SharedExperts).
 
         Returns:
             ``recv_x``: ``[M, H]`` in x's dtype, or with int8 the pair
@@ -280,17 +299,16 @@ class NpuLowLatency:
         if nmax < 1 or num_tokens > nmax:
             raise ValueError(f"x has {num_tokens} tokens; expected at most "
                              f"num_max_dispatch_tokens_per_rank={nmax} (which must be >= 1)")
-        if num_experts % num_ranks != 0:
-            raise ValueError(f"num_experts ({num_experts}) must be a multiple of num_ranks ({num_ranks})")
+        roles = layout.SharedExperts.check(num_experts, num_ranks, num_shared_ranks)
         hierarchy = _hierarchy_env()
         if hierarchy and topk_weights is None:
             raise ValueError("topk_weights is required in A2 hierarchical mode "
                              "(HCCL_INTRA_PCIE_ENABLE=1, HCCL_INTRA_ROCE_ENABLE=0): the "
                              "operators take them at dispatch (expert_scales)")
         self.check_limits(self.soc, num_ranks, hidden, nmax, num_topk)
-        num_local_experts = num_experts // num_ranks
+        num_local_experts = roles.local_experts(self.rank)
         global_bs = nmax * num_ranks
-        rows_out = global_bs * min(num_local_experts, num_topk)  # M
+        rows_out = roles.packed_rows(self.rank, nmax, num_topk)  # M
 
         # Pad to BS = Nmax rows; padding rows are masked out entirely.
         x_pad = x.new_zeros(nmax, hidden)
@@ -311,7 +329,8 @@ class NpuLowLatency:
             # A3 uses expert_scales only with "hierarchy"; A2 turns them into the
             # expand_scales that its hierarchical combine needs.
             expert_scales=weights_pad if hierarchy else None,
-            quant_mode=2 if use_int8 else 0, global_bs=global_bs, expert_token_nums_type=1)
+            quant_mode=2 if use_int8 else 0, global_bs=global_bs, expert_token_nums_type=1,
+            **_shared_expert_args(num_shared_ranks))
         if self._use_v2:
             # comm_alg only when set: "" is its default, and torch_npu builds older than CANN 8.3
             # may not take the argument at all
@@ -339,7 +358,7 @@ class NpuLowLatency:
             recv_count=recv_count, recv_layout_prefix=ep_recv_counts[:num_local_experts * num_ranks],
             num_max_dispatch_tokens_per_rank=nmax, hidden=hidden, num_experts=num_experts,
             num_tokens=num_tokens, padded_bs=nmax, expand_rows=expand_x.shape[0],
-            global_bs=global_bs, comm_alg=comm_alg, use_v2=self._use_v2)
+            global_bs=global_bs, comm_alg=comm_alg, use_v2=self._use_v2, num_shared_ranks=num_shared_ranks)
         return recv_x, recv_count, handle
 
     def combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
@@ -376,7 +395,8 @@ class NpuLowLatency:
 
         kwargs = dict(
             tp_send_counts=handle.tp_recv_counts, x_active_mask=handle.x_active_mask,
-            expand_scales=handle.expand_scales, global_bs=handle.global_bs)
+            expand_scales=handle.expand_scales, global_bs=handle.global_bs,
+            **_shared_expert_args(handle.num_shared_ranks))
         if handle.use_v2:
             combined = self._torch_npu.npu_moe_distribute_combine_v2(
                 x, handle.expert_ids, handle.assist_info_for_combine, handle.ep_recv_counts, weights,
@@ -395,7 +415,7 @@ class NpuLowLatency:
     def fused_deep_moe(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                        gmm1_permuted_weight: torch.Tensor, gmm1_permuted_weight_scale: torch.Tensor,
                        gmm2_weight: torch.Tensor, gmm2_weight_scale: torch.Tensor,
-                       num_max_dispatch_tokens_per_rank: int, num_experts: int
+                       num_max_dispatch_tokens_per_rank: int, num_experts: int, num_shared_ranks: int = 0
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """W8A8 SwiGLU expert MLP between an MC2 dispatch and combine (SPEC fused_deep_moe).
 
@@ -411,14 +431,18 @@ class NpuLowLatency:
                 Both are turned into ``[gate | up]`` once per weight tensor (cached),
                 because ``npu_dequant_swiglu_quant(activate_left=True)`` takes gate and
                 up as the two contiguous halves.
-            gmm2_weight: int8 ``[L, I, H]``; gmm2_weight_scale: float32 ``[L, H]``.
+            gmm2_weight: int8 ``[L, H, I]``, each expert's down projection in ``[out, in]`` order
+                as DeepEP-Ascend's callers pass it (``y = a @ W2[e].T``; transposed once per weight
+                tensor, cached, for ``npu_grouped_matmul``); gmm2_weight_scale: float32 ``[L, H]``.
+            num_shared_ranks: S shared-expert ranks (see :meth:`dispatch`); L = 1 on them.
 
         Returns:
             ``(output bf16 [T, H], ep_recv_count int32 [L * R])`` where
             ``ep_recv_count[e * R + r]`` = rows local expert e received from rank r,
             taken as differences of the dispatch's ``ep_recv_counts`` prefix (see module doc).
         """
-        num_local_experts = num_experts // self.num_ranks
+        num_local_experts = layout.SharedExperts.check(num_experts, self.num_ranks,
+                                                       num_shared_ranks).local_experts(self.rank)
         hidden = x.shape[1]
         if gmm1_permuted_weight.dtype != torch.int8 or gmm2_weight.dtype != torch.int8:
             raise TypeError(f"gmm1_permuted_weight and gmm2_weight must be int8; got "
@@ -432,7 +456,7 @@ class NpuLowLatency:
         expected = {
             "gmm1_permuted_weight": (gmm1_permuted_weight, (num_local_experts, hidden, two_i)),
             "gmm1_permuted_weight_scale": (gmm1_permuted_weight_scale, (num_local_experts, two_i)),
-            "gmm2_weight": (gmm2_weight, (num_local_experts, intermediate, hidden)),
+            "gmm2_weight": (gmm2_weight, (num_local_experts, hidden, intermediate)),
             "gmm2_weight_scale": (gmm2_weight_scale, (num_local_experts, hidden)),
         }
         for name, (tensor, shape) in expected.items():
@@ -442,8 +466,9 @@ class NpuLowLatency:
 
         (recv_xq, recv_scale), recv_count, handle = self.dispatch(
             x, topk_idx, topk_weights, num_max_dispatch_tokens_per_rank, num_experts,
-            use_int8=True, cumulative_local_expert_recv_stats=None)
+            use_int8=True, cumulative_local_expert_recv_stats=None, num_shared_ranks=num_shared_ranks)
         w1, s1 = self._gate_up_weights(gmm1_permuted_weight, gmm1_permuted_weight_scale)
+        w2, _ = self._converted(gmm2_weight, None, _in_out_weight)
         torch_npu = self._torch_npu
         h_int32 = torch_npu.npu_grouped_matmul(
             [recv_xq], [w1], group_list=recv_count, group_type=0, split_item=2,
@@ -455,7 +480,7 @@ class NpuLowLatency:
             activate_left=True, quant_mode=1)
         # int8 x int8 with bf16 output takes its per-channel scale in bf16
         y = torch_npu.npu_grouped_matmul(
-            [a_int8], [gmm2_weight], scale=[gmm2_weight_scale.to(torch.bfloat16)],
+            [a_int8], [w2], scale=[gmm2_weight_scale.to(torch.bfloat16)],
             per_token_scale=[a_scale], group_list=recv_count, group_type=0, split_item=2,
             group_list_type=1, output_dtype=torch.bfloat16)[0]
         output = self.combine(y, topk_idx, topk_weights, handle)
@@ -472,16 +497,23 @@ class NpuLowLatency:
         and is redone when either tensor is modified in place (``_version``).
         The scale becomes float32 as the operator expects.
         """
+        return self._converted(weight, scale, _unpermute_gate_up)
+
+    def _converted(self, weight: torch.Tensor, scale: torch.Tensor | None, convert
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``convert(weight, scale)``, cached per weight tensor and redone when the weight or the
+        scale is replaced or modified in place (``_version``)."""
         key = id(weight)
+        scale_version = None if scale is None else scale._version
         hit = self._gate_up_cache.get(key)
         if (hit is not None and hit[0]() is weight and hit[1] == weight._version
-                and hit[2]() is scale and hit[3] == scale._version):
+                and (hit[2] is None if scale is None else hit[2]() is scale) and hit[3] == scale_version):
             return hit[4], hit[5]
-        w, s = _unpermute_gate_up(weight, scale)
+        w, s = convert(weight, scale)
         if hit is None:  # drop the entry when the weight is freed (without keeping self alive)
             weakref.finalize(weight, NpuLowLatency._forget_weight, weakref.ref(self), key)
         self._gate_up_cache[key] = (weakref.ref(weight), weight._version,
-                                    weakref.ref(scale), scale._version, w, s)
+                                    None if scale is None else weakref.ref(scale), scale_version, w, s)
         return w, s
 
     @staticmethod

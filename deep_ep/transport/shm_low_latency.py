@@ -19,7 +19,8 @@ Every local rank owns one segment of `num_rdma_bytes`, mapped by all its local p
   each referenced token row out of the source's token area. A received row is thus copied exactly
   once (the K-fold fan-out happens in that one copy), instead of once into a slot and again
   into recv_x.
-- returns (combine): rows [Nmax * K] of the token owner: the holder of expert e writes the expert
+- returns (combine): rows [Nmax * K] of the token owner (room for K = 17: 16 routed columns plus
+  the shared expert's): the holder of expert e writes the expert
   output of the owner's selection (t, k) into row t * K + k; the owner reduces them in k order.
 
 Positions of the two parity halves depend only on the segment size, so a peer that disagrees on
@@ -65,8 +66,9 @@ def slot_bytes(num_max_tokens: int, hidden: int, num_experts: int) -> int:
 
 
 def return_bytes(num_max_tokens: int, hidden: int, num_experts: int) -> int:
-    """One parity's combine rows: Nmax * K 16-bit rows (K <= min(E, 16))."""
-    return _align(num_max_tokens * min(num_experts, MAX_TOPK) * 2 * hidden)
+    """One parity's combine rows: Nmax * (K + 1) 16-bit rows, K <= 16 (a row may repeat an expert, so
+    K is not bounded by E; the extra column is the shared expert's, see layout.SharedExperts)."""
+    return _align(num_max_tokens * (MAX_TOPK + 1) * 2 * hidden)
 
 
 def bytes_needed(num_max_tokens: int, hidden: int, num_ranks: int, num_experts: int) -> int:

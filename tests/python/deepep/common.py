@@ -12,11 +12,18 @@ import torch.distributed as dist
 
 def make_topk_idx(num_tokens: int, num_experts: int, topk: int, generator: torch.Generator,
                   pattern: str = "random", num_ranks: int = 1) -> torch.Tensor:
-    """int64 [T, K] of distinct experts per row, with some -1 entries.
+    """int64 [T, K] with some -1 entries; the experts of a row are distinct except with "repeat".
 
     pattern: "random"; "one_rank" (every token's experts sit on one rank); "one_expert"
-    (every token picks expert 0 first, the rest -1).
+    (every token picks expert 0 first, the rest -1); "repeat" (drawn with replacement, as
+    DeepEP-Ascend's --active-ranks scripts do; every other row names its first expert twice).
     """
+    if pattern == "repeat":
+        idx = torch.randint(0, num_experts, (num_tokens, topk), generator=generator)
+        if topk > 1:
+            idx[::2, 1] = idx[::2, 0]
+        drop = torch.rand(num_tokens, topk, generator=generator) < 0.1
+        return torch.where(drop, torch.full_like(idx, -1), idx)
     if pattern == "one_expert":
         idx = torch.full((num_tokens, topk), -1, dtype=torch.int64)
         idx[:, 0] = 0

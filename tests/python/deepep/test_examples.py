@@ -29,4 +29,5 @@ def test_moe_layer(launcher: str) -> None:
     else:
         out = run_example(sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", script,
                           "--scoring", "softmax")
-    assert "EP on 2 ranks vs one process" in out and out.rstrip().endswith("OK"), out
+    assert "EP (dispatch/combine) on 2 ranks vs one process" in out and "EP (fused_deep_moe) on 2 ranks" in out \
+        and out.rstrip().endswith("OK"), out

@@ -1,6 +1,9 @@
-"""Buffer.fused_deep_moe on CPU ranks: dispatch + W8A8 SwiGLU expert MLP + combine in one call.
+"""Buffer.fused_deep_moe on CPU ranks: dispatch + SwiGLU expert MLP + combine in one call.
 
-Every case is checked against
+Called as DeepEP-Ascend's callers call it: gmm2_weight [L, H, I] (each expert's down projection in
+[out, in] order), quant_mode 0 or 1 with int8 weights (the weights' dtype decides the math), bf16
+weights, FuseMode.DISPATCH_FFN_COMBINE (plain [gate | up] gmm1, gmm2 [L, I, H], int64 scale bits),
+int32 top-k ids, repeated experts. Every case is checked against
   (a) an independent per-token reference (test_fused_math.ref_moe_token: one token and its top-k
       experts at a time, unpermuted gate-then-up weights, float64 math), with the tolerances
       explained in test_fused_math.py, and
@@ -33,7 +36,7 @@ from common import gather_objects, make_inputs, our_segments, skip_unless_device
 from deep_ep.fused import grouped_swiglu_mlp_int8, quantize_per_token_int8  # noqa: E402
 from deep_ep.testing import rank_device, spawn_ranks  # noqa: E402
 from deep_ep.transport.npu_ops import hccl_buffsize_mb  # noqa: E402
-from test_fused_math import _make_weights, assert_bf16_matches, ref_moe_token  # noqa: E402
+from test_fused_math import _make_weights, assert_bf16_matches, ref_moe_token, ref_moe_token_float  # noqa: E402
 from test_low_latency import buffer_for  # noqa: E402  (a low-latency Buffer big enough for the cases)
 
 
@@ -47,20 +50,46 @@ class Case:
     topk: int = 3
     pattern: str = "random"
     seed: int = 0
+    weights: str = "int8"  # "int8" (W8A8), "bf16" (a bf16 MLP), "ffn" (FuseMode.DISPATCH_FFN_COMBINE, int8)
+    quant_mode: int = 0  # DeepEP-Ascend's fused test passes 0 with int8 weights
+    int32_ids: bool = False
 
 
 def expert_weights(case: Case, num_ranks: int):
-    """Every expert's weights (the same on every rank): unpermuted w13 [E, 2I, H], scales, w2, scales."""
+    """Every expert's weights (the same on every rank): unpermuted w13 [E, 2I, H], scales, w2 [E, I, H],
+    scales; bf16 weights are the int8 ones times their scales."""
     generator = torch.Generator().manual_seed(100 + case.seed)
-    return _make_weights(generator, case.experts_per_rank * num_ranks, case.hidden, case.inter)
+    w13, w13_scale, w2, w2_scale = _make_weights(generator, case.experts_per_rank * num_ranks, case.hidden, case.inter)
+    if case.weights == "bf16":
+        return ((w13.float() * w13_scale.unsqueeze(2)).bfloat16(), None,
+                (w2.float() * w2_scale.unsqueeze(1)).bfloat16(), None)
+    return w13, w13_scale, w2, w2_scale
+
+
+def scale_bits(scale: torch.Tensor) -> torch.Tensor:
+    """float32 scales as int64 bit patterns, as DeepEP-Ascend's DISPATCH_FFN_COMBINE callers pass them."""
+    return scale.view(torch.int32).to(torch.int64)
 
 
 def local_weights(rank: int, case: Case, weights):
-    """This rank's L experts in the layout fused_deep_moe takes."""
+    """This rank's L experts in the layout fused_deep_moe takes for the case's fuse mode."""
     w13, w13_scale, w2, w2_scale = weights
     mine = slice(rank * case.experts_per_rank, (rank + 1) * case.experts_per_rank)
-    w1, w1_scale = deep_ep.permute_gmm1_weight(w13[mine], w13_scale[mine])
-    return w1, w1_scale, w2[mine].contiguous(), w2_scale[mine].contiguous()
+    if case.weights == "ffn":  # gmm1 [L, H, 2I] gate | up, gmm2 [L, I, H], int64 scale bits
+        return (w13[mine].transpose(1, 2).contiguous(), scale_bits(w13_scale[mine]), w2[mine].contiguous(),
+                scale_bits(w2_scale[mine]))
+    w1, w1_scale = deep_ep.permute_gmm1_weight(w13[mine], None if w13_scale is None else w13_scale[mine])
+    # gmm2 [L, H, I]: the down projection as a model stores it ([out, in]).
+    return (w1, w1_scale, w2[mine].transpose(1, 2).contiguous(),
+            None if w2_scale is None else w2_scale[mine].contiguous())
+
+
+def grouped_weights(rank: int, case: Case, weights):
+    """This rank's experts as grouped_swiglu_mlp_int8 takes them (gmm2 [L, I, H])."""
+    w13, w13_scale, w2, w2_scale = weights
+    mine = slice(rank * case.experts_per_rank, (rank + 1) * case.experts_per_rank)
+    return (*deep_ep.permute_gmm1_weight(w13[mine], w13_scale[mine]), w2[mine].contiguous(),
+            w2_scale[mine].contiguous())
 
 
 def unfused(buffer, inputs, case: Case, num_experts: int, weights):
@@ -79,22 +108,35 @@ def check_case(rank: int, num_ranks: int, group, buffer, case: Case) -> None:
     everyone = gather_objects(inputs.topk_idx, group)
     weights = expert_weights(case, num_ranks)
     mine = local_weights(rank, case, weights)
+    ffn = case.weights == "ffn"
 
-    # Inputs on the rank's device (NPU under --device npu), results back on the host for the checks.
-    out, ep_recv_count = to_host(buffer.fused_deep_moe(*to_device((inputs.x, inputs.topk_idx, inputs.topk_weights)),
-                                                       *to_device(mine), case.max_tokens, num_experts))
+    # Inputs on the rank's device (NPU under --device npu), results back on the host for the checks;
+    # the positional call of DeepEP-Ascend's scripts (quant_mode, fuse_mode after num_experts).
+    ids = inputs.topk_idx.int() if case.int32_ids else inputs.topk_idx
+    limit = case.max_tokens * case.topk * num_ranks if ffn else case.max_tokens  # FFN_COMBINE: max received rows
+    out, counts = to_host(buffer.fused_deep_moe(*to_device((inputs.x, ids, inputs.topk_weights)), *to_device(mine),
+                                                limit, num_experts, case.quant_mode,
+                                                deep_ep.FuseMode.DISPATCH_FFN_COMBINE if ffn else
+                                                deep_ep.FuseMode.FUSED_DEEP_MOE))
     assert out.dtype == torch.bfloat16 and out.shape == (num_tokens, case.hidden)
-    # ep_recv_count[e * R + r]: rows local expert e received from rank r.
-    expected = [int((everyone[r] == rank * case.experts_per_rank + e).sum())
-                for e in range(case.experts_per_rank) for r in range(num_ranks)]
-    assert ep_recv_count.dtype == torch.int32 and ep_recv_count.tolist() == expected
+    # FUSED_DEEP_MOE: ep_recv_count[e * R + r] = rows local expert e received from rank r (selections);
+    # DISPATCH_FFN_COMBINE: rows per local expert.
+    expected = [[int((everyone[r] == rank * case.experts_per_rank + e).sum()) for r in range(num_ranks)]
+                for e in range(case.experts_per_rank)]
+    expected = [sum(row) for row in expected] if ffn else [n for row in expected for n in row]
+    assert counts.dtype == torch.int32 and counts.tolist() == expected
 
     # (b) the unfused pipeline: the same bits (CPU; on NPU the expert MLP is CANN's, not fused.py's).
-    if rank_device().type == "cpu":
-        assert torch.equal(out, unfused(buffer, inputs, case, num_experts, mine))
+    if rank_device().type == "cpu" and case.weights != "bf16":
+        assert torch.equal(out, unfused(buffer, inputs, case, num_experts, grouped_weights(rank, case, weights)))
 
     # (a) the per-token reference.
     for t in range(num_tokens):
+        if case.weights == "bf16":
+            ref = ref_moe_token_float(inputs.x[t], inputs.topk_idx[t], inputs.topk_weights[t], weights[0], weights[2])
+            assert torch.allclose(out[t].double(), ref, rtol=3e-2, atol=3e-2 * float(ref.abs().max())), \
+                f"rank {rank} token {t}: {(out[t].double() - ref).abs().max()}"
+            continue
         ref, tol = ref_moe_token(inputs.x[t], inputs.topk_idx[t], inputs.topk_weights[t], *weights)
         assert_bf16_matches(out[t], ref, tol, f"rank {rank} token {t}")
     no_expert = (inputs.topk_idx < 0).all(1)
@@ -118,8 +160,13 @@ def cases_for(num_ranks: int) -> List[Case]:
     base = Case(tokens=[13] if single else [17, 0, 9, 5][:num_ranks],  # T = 0 on rank 1
                 experts_per_rank=4 if single else 2)
     return [base,
-            replace(base, inter=192, hidden=200, topk=4, experts_per_rank=3 + 2 * single, seed=1),  # I = 192
-            replace(base, pattern="one_expert", seed=2)]
+            replace(base, inter=192, hidden=200, topk=4, experts_per_rank=3 + 2 * single, seed=1, quant_mode=1),
+            replace(base, pattern="one_expert", seed=2),
+            # I == H: a gmm2 taken in the wrong order has the right shape, so only the values tell.
+            replace(base, inter=128, hidden=128, seed=3, quant_mode=1),
+            replace(base, pattern="repeat", int32_ids=True, seed=5),
+            replace(base, weights="bf16", seed=6),
+            replace(base, weights="ffn", quant_mode=1, pattern="repeat", seed=7)]
 
 
 @pytest.mark.parametrize("num_ranks", [1, 2, 4])
@@ -142,6 +189,42 @@ def test_fused_deep_moe_alltoall() -> None:
     spawn_ranks(run_cases, 2, [Case(tokens=[11, 6], inter=128, seed=4)], "alltoall")
 
 
+def shared_expert_ranks(rank: int, num_ranks: int, group) -> None:
+    """MOE_SHARED_EXPERT_RANK_NUM=1: rank 0 runs the shared expert (L = 1) on every token, the other
+    ranks the routed ones; each token's output is its routed sum plus the shared expert's output."""
+    case = Case(tokens=[9, 0, 13], experts_per_rank=2, topk=3, pattern="repeat", seed=11)
+    num_experts = case.experts_per_rank * (num_ranks - 1)
+    inputs = make_inputs(rank, case.tokens[rank % 3], case.hidden, num_experts, case.topk, num_ranks,
+                         pattern=case.pattern, seed=case.seed)
+    everyone = gather_objects(inputs.topk_idx, group)
+    generator = torch.Generator().manual_seed(77)
+    routed = _make_weights(generator, num_experts, case.hidden, case.inter)
+    shared = _make_weights(generator, 1, case.hidden, case.inter)
+    mine = local_weights(0, replace(case, experts_per_rank=1), shared) if rank == 0 else \
+        local_weights(rank - 1, case, routed)
+    size = deep_ep.Buffer.get_low_latency_rdma_size_hint(case.max_tokens, case.hidden, num_ranks, num_experts)
+    buffer = deep_ep.Buffer(group, num_rdma_bytes=size, low_latency_mode=True)
+    out, ep_recv_count = buffer.fused_deep_moe(inputs.x, inputs.topk_idx, inputs.topk_weights, *mine,
+                                               case.max_tokens, num_experts, 0)
+    buffer.destroy()
+    if rank == 0:  # one block per source rank: all its tokens
+        expected = [everyone[s].shape[0] for s in range(num_ranks)]
+    else:
+        expected = [int((everyone[s] == (rank - 1) * case.experts_per_rank + e).sum())
+                    for e in range(case.experts_per_rank) for s in range(num_ranks)]
+    assert ep_recv_count.tolist() == expected
+    one = torch.tensor([0])
+    for t in range(inputs.x.shape[0]):
+        ref, tol = ref_moe_token(inputs.x[t], inputs.topk_idx[t], inputs.topk_weights[t], *routed)
+        ref_shared, tol_shared = ref_moe_token(inputs.x[t], one, torch.ones(1), *shared)
+        assert_bf16_matches(out[t], ref + ref_shared, tol + tol_shared, f"rank {rank} token {t}")
+
+
+def test_shared_expert_ranks() -> None:
+    spawn_ranks(shared_expert_ranks, 3, env={"MOE_SHARED_EXPERT_RANK_NUM": "1"})
+    assert not our_segments()
+
+
 def errors(rank: int, num_ranks: int, group) -> None:
     """Clear errors on the calling rank before any data moves; the peers name it instead of waiting;
     the Buffer stays usable."""
@@ -149,24 +232,29 @@ def errors(rank: int, num_ranks: int, group) -> None:
     num_experts = 2 * num_ranks
     buffer = buffer_for(group, num_ranks, [case])
     inputs = make_inputs(rank, 8, case.hidden, num_experts, case.topk, num_ranks)
-    w1, w1_scale, w2, w2_scale = local_weights(rank, case, expert_weights(case, num_ranks))
+    all_weights = expert_weights(case, num_ranks)
+    w1, w1_scale, w2, w2_scale = local_weights(rank, case, all_weights)
+    grouped = grouped_weights(rank, case, all_weights)
     good = dict(x=inputs.x, topk_idx=inputs.topk_idx, topk_weights=inputs.topk_weights, gmm1_permuted_weight=w1,
                 gmm1_permuted_weight_scale=w1_scale, gmm2_weight=w2, gmm2_weight_scale=w2_scale,
                 num_max_dispatch_tokens_per_rank=case.max_tokens, num_experts=num_experts)
 
     def ok() -> None:
         out, _ = buffer.fused_deep_moe(**good)
-        assert torch.equal(out, unfused(buffer, inputs, case, num_experts, (w1, w1_scale, w2, w2_scale)))
+        assert torch.equal(out, unfused(buffer, inputs, case, num_experts, grouped))
 
     ok()
     bad_cases = [
-        (ValueError, "fuse_mode.*DISPATCH_FFN_COMBINE \\(2\\)", dict(fuse_mode=deep_ep.FuseMode.DISPATCH_FFN_COMBINE)),
-        (ValueError, "fuse_mode.*FUSED_DEEP_MOE.*got 7", dict(fuse_mode=7)),
-        (ValueError, "quant_mode.*1 \\(W8A8.*got 0", dict(quant_mode=0)),
-        (TypeError, "gmm1_permuted_weight must have dtype torch.int8, got torch.float32",
-         dict(gmm1_permuted_weight=w1.float())),
+        (ValueError, "fuse_mode.*FUSED_DEEP_MOE.*DISPATCH_FFN_COMBINE.*got 7", dict(fuse_mode=7)),
+        (ValueError, "quant_mode.*1 \\(W8A8.*got 2", dict(quant_mode=2)),
+        (TypeError, "gmm1_permuted_weight must have dtype torch.int8 or .*, got torch.int32",
+         dict(gmm1_permuted_weight=w1.to(torch.int32))),
+        (TypeError, "gmm2_weight must have dtype torch.bfloat16, got torch.int8",
+         dict(gmm1_permuted_weight=w1.bfloat16())),
+        (ValueError, "DISPATCH_FFN_COMBINE needs int8 weights",
+         dict(gmm1_permuted_weight=w1.bfloat16(), gmm2_weight=w2.transpose(1, 2).bfloat16(), fuse_mode=2)),
         (ValueError, r"gmm1_permuted_weight must have shape \[2, 128, 128\] \(\[L, H, 2I\]: L = num_experts / "
-                     r"ranks = \d+ / \d+, H from x\), got \[3, 128, 128\]",
+                     r"routed ranks = \d+ / \d+, H from x\), got \[3, 128, 128\]",
          dict(gmm1_permuted_weight=torch.cat([w1, w1[:1]]))),
         (ValueError, r"gmm1_permuted_weight.shape\[2\].*multiple of 128.*got 64",
          dict(gmm1_permuted_weight=w1[:, :, :64].contiguous())),
@@ -174,8 +262,8 @@ def errors(rank: int, num_ranks: int, group) -> None:
          dict(gmm1_permuted_weight=w1[:, :64].contiguous())),
         (ValueError, r"gmm1_permuted_weight_scale must have shape \[2, 128\]",
          dict(gmm1_permuted_weight_scale=w1_scale[:, :64])),
-        (ValueError, r"gmm2_weight must have shape \[2, 64, 128\].*got \[2, 128, 128\]",
-         dict(gmm2_weight=torch.cat([w2, w2], 1))),
+        (ValueError, r"gmm2_weight must have shape \[2, 128, 64\] \(\[L, H, I\].*got \[2, 64, 128\]",
+         dict(gmm2_weight=w2.transpose(1, 2).contiguous())),
         (TypeError, "gmm2_weight_scale must have dtype", dict(gmm2_weight_scale=w2_scale.to(torch.int32))),
         (ValueError, "gmm2_weight_scale must have shape", dict(gmm2_weight_scale=w2_scale[:, :-1])),
         (ValueError, "topk_weights must have shape", dict(topk_weights=inputs.topk_weights[:, :1])),
@@ -227,13 +315,14 @@ def bench_rank(rank: int, num_ranks: int, group, args) -> None:
     generator = torch.Generator().manual_seed(1000 + rank)
     w13, w13_scale, w2, w2_scale = _make_weights(generator, local, hidden, inter)
     w1, w1_scale = deep_ep.permute_gmm1_weight(w13, w13_scale)
-    weights = (w1, w1_scale, w2, w2_scale)
+    weights = (w1, w1_scale, w2, w2_scale)  # grouped_swiglu_mlp_int8's layout: gmm2 [L, I, H]
+    fused_weights = (w1, w1_scale, w2.transpose(1, 2).contiguous(), w2_scale)
     case = Case(tokens=[args.num_tokens], max_tokens=args.num_tokens, hidden=hidden, inter=inter,
                 experts_per_rank=local, topk=args.num_topk)
 
     def fused():
-        return buffer.fused_deep_moe(inputs.x, inputs.topk_idx, inputs.topk_weights, *weights, args.num_tokens,
-                                     num_experts)[0]
+        return buffer.fused_deep_moe(inputs.x, inputs.topk_idx, inputs.topk_weights, *fused_weights,
+                                     args.num_tokens, num_experts)[0]
 
     def separate():
         return unfused(buffer, inputs, case, num_experts, weights)

@@ -123,6 +123,26 @@ def ref_moe_token(
     return out, tol
 
 
+def ref_moe_token_float(
+    x_row: torch.Tensor, topk_idx_row: torch.Tensor, topk_weights_row: torch.Tensor, w13: torch.Tensor,
+    w2: torch.Tensor,
+) -> torch.Tensor:
+    """fused_deep_moe with floating (bf16) weights for one token, float64: per top-k expert
+    h = W13[e] x, a = silu(gate) * up rounded to bf16, y = a W2[e] rounded to bf16; weighted sum.
+    w13 [E, 2I, H] gate-then-up, w2 [E, I, H]."""
+    out = torch.zeros(x_row.shape[0], dtype=torch.float64)
+    for k in range(topk_idx_row.shape[0]):
+        e = int(topk_idx_row[k])
+        if e < 0:
+            continue
+        h = w13[e].double() @ x_row.double()
+        gate, up = h[: w2.shape[1]], h[w2.shape[1]:]
+        a = (gate * torch.sigmoid(gate) * up).to(torch.bfloat16).double()
+        y = (a @ w2[e].double()).to(torch.bfloat16).double()
+        out += float(topk_weights_row[k]) * y
+    return out
+
+
 def _bf16_half_ulp(mag: torch.Tensor) -> torch.Tensor:
     """Half a bfloat16 ulp at magnitude ``mag`` (float64): the worst rounding error there."""
     _, exp = torch.frexp(mag)  # mag = m * 2**exp, m in [0.5, 1): ulp = 2**(exp - 8)
@@ -205,8 +225,8 @@ def test_permute_errors():
     scale = torch.zeros(2, 256)
     with pytest.raises(ValueError, match=r"w13\.shape\[1\].*multiple of 128.*192"):
         permute_gmm1_weight(torch.zeros(2, 192, 4, dtype=torch.int8), torch.zeros(2, 192))
-    with pytest.raises(TypeError, match="w13.*int8.*float32"):
-        permute_gmm1_weight(w13.float(), scale)
+    with pytest.raises(TypeError, match="w13.*int8.*int32"):
+        permute_gmm1_weight(w13.int(), scale)
     with pytest.raises(TypeError, match="w13_scale.*float32.*bfloat16"):
         permute_gmm1_weight(w13, scale.bfloat16())
     with pytest.raises(ValueError, match=r"w13_scale.*\[2, 256\].*\[3, 256\]"):
@@ -217,6 +237,57 @@ def test_permute_errors():
         unpermute_gmm1_weight(torch.zeros(2, 4, 64, dtype=torch.int8), torch.zeros(2, 64))
     with pytest.raises(ValueError, match="w1_scale"):
         unpermute_gmm1_weight(torch.zeros(2, 4, 256, dtype=torch.int8), torch.zeros(2, 128))
+
+
+def test_permute_bf16_weights_without_scales():
+    """bf16 weights (the bf16 MLP of fused_deep_moe) permute the same way; no scales, none back."""
+    w13 = torch.randn(2, 256, 8).bfloat16()
+    w1, w1_scale = permute_gmm1_weight(w13, None)
+    assert w1_scale is None and w1.dtype == torch.bfloat16
+    assert torch.equal(w1, permute_gmm1_weight(w13.float(), None)[0].bfloat16())
+
+
+def test_modes_accept_upstream_values():
+    """quant_mode 0 and 1 (the weights decide the math), both FuseModes, as ints or members."""
+    for quant_mode in (0, 1):
+        assert fused.check_modes(quant_mode, 1) is FuseMode.FUSED_DEEP_MOE
+        assert fused.check_modes(quant_mode, FuseMode.DISPATCH_FFN_COMBINE) is FuseMode.DISPATCH_FFN_COMBINE
+    for quant_mode, fuse_mode, pattern in ((2, 1, "quant_mode.*got 2"), (True, 1, "quant_mode.*got True"),
+                                           (1, 3, "fuse_mode.*got 3"), (1, True, "fuse_mode.*got True")):
+        with pytest.raises(ValueError, match=pattern):
+            fused.check_modes(quant_mode, fuse_mode)
+
+
+def test_weight_layouts_and_scale_bits():
+    """FUSED_DEEP_MOE takes gmm2 [L, H, I] (a @ W2[e].T), DISPATCH_FFN_COMBINE [L, I, H] with gmm1 in
+    [gate | up] order and int64 bit patterns of float32 scales; all end in one compute layout."""
+    gen = torch.Generator().manual_seed(3)
+    w13, w13_scale, w2, w2_scale = _make_weights(gen, 2, 128, 128)  # I == H: only the values tell
+    w1, w1_scale = permute_gmm1_weight(w13, w13_scale)
+    names = ("w1", "w1_scale", "w2", "w2_scale")
+    fused_layout = fused._check_expert_weights(w1, w1_scale, w2.transpose(1, 2).contiguous(), w2_scale, 128, "x",
+                                               w1.device, layout=fused.FUSED_DEEP_MOE_LAYOUT, names=names)
+    bits = (w13_scale.view(torch.int32).to(torch.int64), w2_scale.view(torch.int32).to(torch.int64))
+    ffn = fused._check_expert_weights(w13.transpose(1, 2).contiguous(), bits[0], w2, bits[1], 128, "x", w1.device,
+                                      layout=fused.DISPATCH_FFN_COMBINE_LAYOUT, names=names)
+    assert torch.equal(fused_layout.w2, w2) and torch.equal(ffn.w2, w2)
+    assert torch.equal(ffn.w1_scale, w13_scale) and torch.equal(ffn.w2_scale, w2_scale)
+    # Both give the same MLP, and it is the reference's (gmm2 used as [out, in]).
+    xq = torch.randint(-127, 128, (5, 128), generator=gen, dtype=torch.int8)
+    x_scale = torch.rand(5, generator=gen) / 100
+    outs = []
+    for weights in (fused_layout, ffn):
+        out = torch.zeros(5, 128, dtype=torch.bfloat16)
+        fused._swiglu_mlp_rows(xq, x_scale, [3, 2], weights, out)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    for row in range(5):
+        e = 0 if row < 3 else 1
+        y, tol = ref_expert_row(xq[row], x_scale[row].item(), w13[e], w13_scale[e], w2[e], w2_scale[e])
+        assert_bf16_matches(outs[0][row], y, tol, f"row {row}")
+    with pytest.raises(ValueError, match="32 bits"):
+        fused._check_expert_weights(w13.transpose(1, 2).contiguous(), bits[0] + 2**33, w2, bits[1], 128, "x",
+                                    w1.device, layout=fused.DISPATCH_FFN_COMBINE_LAYOUT, names=names)
 
 
 # ----------------------------------------------------------------------------- quantization

@@ -114,7 +114,7 @@ def run_reference_cases(rank: int, num_ranks: int, group, ranks_per_node: int) -
     os.environ[NODE_ENV] = str(ranks_per_node)
     base = Case(tokens=[37, 0, 64, 5], experts=4 * num_ranks, topk=4)
     for case in (base, replace(base, quant="int8", hidden=200), replace(base, alignment=4, worst=500 * num_ranks),
-                 replace(base, nvl_bytes=4096, hidden=128, seed=4)):
+                 replace(base, nvl_bytes=4096, hidden=128, seed=4), replace(base, pattern="repeat", seed=6)):
         buffer = deep_ep.Buffer(group, num_nvl_bytes=case.nvl_bytes)
         try:
             check_dispatch_and_combine(rank, num_ranks, buffer, case, group)

@@ -201,9 +201,13 @@ def cases_for(num_ranks: int) -> List[Case]:
              replace(base, dtype=torch.float16, hidden=80, seed=3, env={"MOE_EXPERT_TOKEN_NUMS_TYPE": "0"}),
              # Data far larger than the buffer: many rounds in dispatch and combine.
              replace(base, nvl_bytes=4096, hidden=128, seed=4),
-             replace(base, nvl_bytes=4096, hidden=128, quant="int8", alignment=2, seed=5)]
+             replace(base, nvl_bytes=4096, hidden=128, quant="int8", alignment=2, seed=5),
+             # A row naming an expert twice: one received row and one combine term per selection.
+             replace(base, pattern="repeat", seed=6),
+             replace(base, pattern="repeat", strategy="alltoall", quant="int8", alignment=2, worst=400 * num_ranks,
+                     seed=7)]
     if num_ranks >= 4:  # keep the largest world sizes quick
-        cases = [cases[0], cases[2], cases[4], cases[5], cases[10]]
+        cases = [cases[0], cases[2], cases[4], cases[5], cases[10], cases[12], cases[13]]
     return cases
 
 

@@ -21,7 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import deep_ep  # noqa: E402
 from common import (calc_diff, gather_objects, make_inputs, our_segments, skip_unless_device, to_device,  # noqa: E402
                     to_host)
-from deep_ep.reference import quantize_reference, reference_combine, reference_dispatch  # noqa: E402
+from deep_ep.reference import (quantize_reference, reference_combine, reference_dispatch,  # noqa: E402
+                               reference_shared_dispatch)
 from deep_ep.testing import rank_device, spawn_ranks  # noqa: E402
 from deep_ep.transport.npu_ops import hccl_buffsize_mb  # noqa: E402
 
@@ -98,12 +99,7 @@ def check_received(rank: int, num_ranks: int, case: Case, everyone, recv_x, recv
     assert src_info.shape == (rows, 3)
     assert torch.equal(src_info[:real, 0].long(), ref["src_rank"]) and torch.equal(src_info[:real, 1].long(),
                                                                                  ref["src_idx"])
-    expected_k = torch.stack([(everyone[s].topk_idx[t] == rank * case.experts_per_rank + l).nonzero().flatten()[0]
-                              for s, t, l in zip(ref["src_rank"].tolist(), ref["src_idx"].tolist(),
-                                                 torch.repeat_interleave(torch.arange(case.experts_per_rank),
-                                                                         recv_count).tolist())]) \
-        if real else torch.zeros(0, dtype=torch.int64)
-    assert torch.equal(src_info[:real, 2].long(), expected_k)
+    assert torch.equal(src_info[:real, 2].long(), ref["src_k"])
     assert bool((src_info[real:] == -1).all())
     return real
 
@@ -172,7 +168,11 @@ def cases_for(num_ranks: int) -> List[Case]:
              replace(base, pattern="one_rank", topk=3, seed=3),
              replace(base, pattern="one_expert", topk=2, quant="bf16", seed=4),
              replace(base, topk=1, experts_per_rank=1, seed=5),
-             replace(base, tokens=[0], seed=6)]
+             replace(base, tokens=[0], seed=6),
+             # A row naming an expert twice: one packed row and one combine term per selection.
+             replace(base, pattern="repeat", topk=3, seed=7),
+             replace(base, tokens=[3, 0, 4, 2], pattern="repeat", topk=6, experts_per_rank=2, quant="bf16", hook=True,
+                     seed=8)]
     if num_ranks >= 4:  # keep the largest world sizes quick
         cases = cases[:2] + cases[5:]
     return cases
@@ -254,6 +254,65 @@ def test_strategies_agree_and_repeat() -> None:
     spawn_ranks(strategies_agree, 3)
 
 
+def shared_expert_ranks(rank: int, num_ranks: int, group, num_shared: int) -> None:
+    """MOE_SHARED_EXPERT_RANK_NUM = S: ranks [0, S) hold the shared expert and receive every token of
+    the sources s with s % S == rank; ranks [S, R) hold the routed experts, L = E / (R - S) each; combine
+    adds the shared expert's output (weight 1) to the routed terms. Both strategies, against the reference."""
+    experts_per_rank, topk, num_max, hidden = 2, 3, 16, 64
+    num_experts = experts_per_rank * (num_ranks - num_shared)
+    is_shared = rank < num_shared
+    local = 1 if is_shared else experts_per_rank
+    size = deep_ep.Buffer.get_low_latency_rdma_size_hint(num_max, hidden, num_ranks, num_experts)
+    for strategy, quant, pattern in (("default", "bf16", "random"), ("default", "int8", "repeat"),
+                                     ("alltoall", "int8", "random")):
+        buffer = deep_ep.Buffer(group, num_rdma_bytes=size, low_latency_mode=True, low_latency_strategy=strategy)
+        inputs = make_inputs(rank, [11, 0, 16, 5][rank % 4], hidden, num_experts, topk, num_ranks, pattern=pattern,
+                             seed=9)
+        everyone = gather_objects(inputs, group)
+        stats = torch.zeros(local, dtype=torch.int32)
+        recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(
+            inputs.x, inputs.topk_idx, num_max, num_experts, cumulative_local_expert_recv_stats=stats,
+            quant_mode=quant, topk_weights=inputs.topk_weights)
+        ref = reference_shared_dispatch([i.x for i in everyone], [i.topk_idx for i in everyone],
+                                        [i.topk_weights for i in everyone], num_experts, rank, num_shared)
+        real = ref["src_idx"].numel()
+        rows = num_max * -(-num_ranks // num_shared) if is_shared else num_max * num_ranks * min(topk, local)
+        assert recv_count.tolist() == ref["rows_per_expert"] and torch.equal(stats, recv_count.int())
+        src_info, layout_range = handle[0], handle[1]
+        assert handle[2:5] == (num_max, hidden, num_experts) and handle[5] is recv_count
+        per_block = torch.tensor(ref["rows_per_source"]) if is_shared else torch.tensor(
+            [[int((everyone[s].topk_idx == (rank - num_shared) * local + l).sum()) for s in range(num_ranks)]
+             for l in range(local)]).reshape(-1)
+        assert torch.equal(layout_range, torch.cumsum(per_block, 0))
+        if quant == "int8":
+            q, scale = recv_x
+            assert q.shape == (rows, hidden)
+            error = (q[:real].double() * scale[:real].double().unsqueeze(1) - ref["x"].double()).abs()
+            assert bool((error <= quantize_reference(ref["x"])[1].unsqueeze(1) * (0.5 + 1e-5) + 1e-12).all())
+        else:
+            assert recv_x.shape == (rows, hidden) and torch.equal(recv_x[:real], ref["x"])
+        assert torch.equal(src_info[:real].long(), torch.stack([ref["src_rank"], ref["src_idx"], ref["src_k"]], 1))
+        # Routed local expert l multiplies by 1 + l / 8, the shared expert by 1; combine adds it with weight 1.
+        weights = torch.rand(inputs.x.shape[0], topk)
+        combined = buffer.low_latency_combine(expert_output(recv_x, recv_count), inputs.topk_idx, weights, handle)[0]
+        case = Case(tokens=[0], quant=quant, experts_per_rank=experts_per_rank, topk=topk)
+        x_used = inputs.x.double()
+        if quant == "int8":
+            q, s = quantize_reference(inputs.x)
+            x_used = q.double() * s.unsqueeze(1)
+        expected = expected_combine(case, inputs, weights) + x_used.to(torch.bfloat16).double()
+        assert calc_diff(combined, expected) < 1e-5, (strategy, quant, calc_diff(combined, expected))
+        tolerance = 0.1 if quant == "int8" else 2e-2
+        assert torch.allclose(combined.double(), expected, rtol=tolerance, atol=tolerance)
+        buffer.destroy()
+
+
+@pytest.mark.parametrize("num_ranks,num_shared", [(3, 1), (4, 2), (5, 2)])
+def test_shared_expert_ranks(num_ranks: int, num_shared: int) -> None:
+    spawn_ranks(shared_expert_ranks, num_ranks, num_shared, env={"MOE_SHARED_EXPERT_RANK_NUM": str(num_shared)})
+    assert not our_segments()
+
+
 def errors(rank: int, num_ranks: int, group) -> None:
     """Clear errors before any data moves; the Buffer stays usable after them."""
     case = Case(tokens=[8], max_tokens=8, hidden=64, experts_per_rank=2, topk=2)
@@ -294,6 +353,11 @@ def errors(rank: int, num_ranks: int, group) -> None:
             buffer.low_latency_dispatch(inputs.x.to(torch.int32), inputs.topk_idx, 8, 2 * num_ranks)
         with pytest.raises(ValueError, match=r"too small .* it needs \d+ bytes"):
             buffer.low_latency_dispatch(inputs.x, inputs.topk_idx, 1024, 2 * num_ranks)
+        # Repeats are fine, but one expert holds at most Nmax selections per source rank.
+        crowded = torch.zeros(8, 2, dtype=torch.int64)
+        with pytest.raises(ValueError, match="selects expert 0 16 times|rejected"):
+            buffer.low_latency_dispatch(inputs.x, crowded, 8, 2 * num_ranks)
+        ok()
         bad_idx = inputs.topk_idx.clone()
         bad_idx[0, 0] = 2 * num_ranks
         with pytest.raises(ValueError, match=r"outside \[-1|rejected"):

@@ -507,7 +507,7 @@ def low_latency_on_npu(rank: int, num_ranks: int, group) -> None:
             inter = 128
             w1 = torch.randint(-127, 128, (num_experts, hidden, 2 * inter), generator=gen, dtype=torch.int8)
             s1 = torch.rand(num_experts, 2 * inter, generator=gen) * 1e-2
-            w2 = torch.randint(-127, 128, (num_experts, inter, hidden), generator=gen, dtype=torch.int8)
+            w2 = torch.randint(-127, 128, (num_experts, hidden, inter), generator=gen, dtype=torch.int8)  # [L, H, I]
             s2 = torch.rand(num_experts, hidden, generator=gen) * 1e-2
             del fake.calls[:]
             output, ep_recv_count = buffer.fused_deep_moe(d(x), d(idx), d(weights), d(w1), d(s1), d(w2), d(s2),

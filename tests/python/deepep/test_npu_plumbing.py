@@ -630,8 +630,9 @@ def test_plumbing_fused_deep_moe(fake_npu):
     s2 = torch.rand(num_local, hidden, generator=gen) * 1e-2
     w1, s1 = _interleave_gate_up(w13, s13)
     ll = _make_ll()
+    w2_out_in = w2.transpose(1, 2).contiguous()  # gmm2_weight [L, H, I], as DeepEP-Ascend's callers pass it
 
-    out, ep_recv_count = ll.fused_deep_moe(x, idx, weights, w1, s1, w2, s2, nmax, num_local)
+    out, ep_recv_count = ll.fused_deep_moe(x, idx, weights, w1, s1, w2_out_in, s2, nmax, num_local)
     assert fake.names_called() == ["npu_moe_distribute_dispatch_v2", "npu_grouped_matmul",
                                    "npu_dequant_swiglu_quant", "npu_grouped_matmul",
                                    "npu_moe_distribute_combine_v2"]
@@ -639,6 +640,7 @@ def test_plumbing_fused_deep_moe(fake_npu):
     gmm1, gmm2 = fake.args_of("npu_grouped_matmul", 0), fake.args_of("npu_grouped_matmul", 1)
     assert gmm1["output_dtype"] == torch.int32 and gmm2["output_dtype"] == torch.bfloat16
     assert torch.equal(gmm1["weight"][0], w13.transpose(1, 2))  # gate | up halves
+    assert torch.equal(gmm2["weight"][0], w2)  # [L, I, H] for npu_grouped_matmul
     assert out.dtype == torch.bfloat16 and tuple(out.shape) == (num_tokens, hidden)
     ref = _fused_reference(x, idx, weights, w13, s13, w2, s2)
     torch.testing.assert_close(out.double(), ref, rtol=3e-2, atol=3e-2 * float(ref.abs().max()))
@@ -647,10 +649,11 @@ def test_plumbing_fused_deep_moe(fake_npu):
     assert ep_recv_count.tolist() == [int((idx == e).sum()) for e in range(num_local)]
 
     # the [gate | up] conversion is cached per weight tensor, and redone after in-place updates
-    ll.fused_deep_moe(x, idx, weights, w1, s1, w2, s2, nmax, num_local)
+    ll.fused_deep_moe(x, idx, weights, w1, s1, w2_out_in, s2, nmax, num_local)
     assert fake.args_of("npu_grouped_matmul", 2)["weight"][0] is gmm1["weight"][0]
+    assert fake.args_of("npu_grouped_matmul", 3)["weight"][0] is gmm2["weight"][0]
     w1.add_(0)
-    ll.fused_deep_moe(x, idx, weights, w1, s1, w2, s2, nmax, num_local)
+    ll.fused_deep_moe(x, idx, weights, w1, s1, w2_out_in, s2, nmax, num_local)
     assert fake.args_of("npu_grouped_matmul", 4)["weight"][0] is not gmm1["weight"][0]
 
 
