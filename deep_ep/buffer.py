@@ -23,7 +23,7 @@ from .fused import FuseMode
 from .low_latency import LowLatencyMode
 from .normal import NormalMode
 from .pool import OutputPool
-from .transport import collective, hierarchical, shm
+from .transport import collective, groups, hierarchical, shm
 from .utils import EventOverlap, check_one_of, timeout_seconds, topk_idx_t
 
 __all__ = ["Buffer", "FuseMode", "topk_idx_t"]
@@ -85,6 +85,7 @@ class Buffer(NormalMode, LowLatencyMode):
             check_one_of("DEEP_USE_MODE", use_mode, tuple(USE_MODES))
             normal_strategy, low_latency_strategy = USE_MODES[use_mode]
         self.group = group
+        groups.check_member(group)
         self.rank = dist.get_rank(group)
         self.group_size = dist.get_world_size(group)
         self.backend = dist.get_backend(group)
@@ -113,9 +114,8 @@ class Buffer(NormalMode, LowLatencyMode):
         self.num_rdma_bytes = num_rdma_bytes
         self.explicitly_destroy = explicitly_destroy
         # Our own group: its timeout is DEEP_EP_TIMEOUT_S, and our traffic never mixes with the caller's.
-        self.comm = dist.new_group(list(range(self.group_size)) if group is dist.group.WORLD else
-                                   dist.get_process_group_ranks(group),
-                                   backend="gloo", timeout=timedelta(seconds=timeout_seconds()))
+        # Only the ranks of `group` take part in making it (other ranks may be anywhere).
+        self.comm = groups.group_over(group, "gloo", timedelta(seconds=timeout_seconds()))
         # Token rows of the collective transport: on NPU over HCCL (the caller's group); metadata stays on
         # the host and goes over `comm` (gloo) everywhere.
         self.data_comm = group if self.on_npu else self.comm

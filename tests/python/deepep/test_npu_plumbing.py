@@ -417,8 +417,8 @@ def test_plumbing_detect_soc_without_torch_npu(monkeypatch):
 def test_plumbing_dedicated_hccl_group(fake_npu):
     fake = fake_npu()
     ll = _make_ll(global_ranks=(5,))
-    # the group's global ranks, in group order, on the HCCL backend
-    assert fake.new_group_calls == [dict(ranks=[5], backend="hccl")]
+    # the group's global ranks, in group order, on the HCCL backend, made by the group's ranks only
+    assert fake.new_group_calls == [dict(ranks=[5], backend="hccl", use_local_synchronization=True)]
     assert fake.comm_name_calls == [(torch.device("cpu"), 0)]
     assert ll.comm_name == "fake_hccl_comm_0"
 
