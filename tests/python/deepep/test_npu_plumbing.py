@@ -35,10 +35,10 @@ import torch.nn.functional as F
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 try:
-    from deep_ep.transport import npu_ops
+    from deep_ep.transport import groups, npu_ops
 except ImportError:  # run from another directory without an installed package
     sys.path.insert(0, str(REPO_ROOT))
-    from deep_ep.transport import npu_ops
+    from deep_ep.transport import groups, npu_ops
 
 # --------------------------------------------------------------------------- signatures
 
@@ -333,6 +333,7 @@ def fake_npu(monkeypatch):
         monkeypatch.setattr(torch, "npu", fake.torch_npu_namespace, raising=False)
         monkeypatch.setattr(dist, "get_process_group_ranks", lambda group: group.global_ranks)
         monkeypatch.setattr(dist, "new_group", fake.new_group)
+        monkeypatch.setattr(groups, "torch_group_helper", lambda: None)  # groups come from new_group
         monkeypatch.setattr(npu_ops, "_npu_device", lambda: torch.device("cpu"))
         return fake
 
