@@ -3,8 +3,9 @@ group, and ranks that never build a Buffer. Nothing a Buffer does may need a ran
 
     python -m pytest tests/python/deepep/test_subgroups.py
 
-Every Buffer runs normal dispatch + combine (shared memory and all_to_all) and low-latency
-dispatch + combine, checked against the pure-torch reference built from its group's inputs.
+Every Buffer runs normal dispatch + combine and low-latency dispatch + combine (shared memory, and
+in the first two scenarios all_to_all too), checked against the pure-torch reference built from
+its group's inputs.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import deep_ep  # noqa: E402
 from common import Inputs, leaked_segments, make_inputs  # noqa: E402
 from deep_ep.reference import reference_combine, reference_dispatch  # noqa: E402
 from deep_ep.testing import spawn_ranks  # noqa: E402
+from deep_ep.transport import groups  # noqa: E402
 
 HIDDEN, EXPERTS_PER_RANK, TOPK, MAX_TOKENS = 64, 2, 2, 12
 TOKENS = (9, 4, 12, 0)  # per group rank (cycled)
@@ -77,11 +79,11 @@ def check_low_latency(buffer: deep_ep.Buffer, seed: int) -> None:
     assert torch.allclose(combined.double(), expected, rtol=1e-2, atol=1e-2)
 
 
-def run_on_group(group, seed: int) -> None:
-    """Every mode of a Buffer on `group` (this rank must be a member), then nothing left behind."""
+def run_on_group(group, seed: int, strategies=("default", "alltoall")) -> None:
+    """Every mode of a Buffer on `group` (this rank must be a member): shared memory and all_to_all."""
     size = dist.get_world_size(group)
     rdma_bytes = deep_ep.Buffer.get_low_latency_rdma_size_hint(MAX_TOKENS, HIDDEN, size, EXPERTS_PER_RANK * size)
-    for strategy in ("default", "alltoall"):
+    for strategy in strategies:
         buffer = deep_ep.Buffer(group, num_nvl_bytes=1 << 20, num_rdma_bytes=rdma_bytes, low_latency_mode=True,
                                 normal_strategy=strategy, low_latency_strategy=strategy)
         assert buffer.rank == dist.get_rank(group) and buffer.group_size == size
@@ -106,7 +108,7 @@ def disjoint_groups(rank: int, num_ranks: int, world) -> None:
 
 def strided_group(rank: int, num_ranks: int, world) -> None:
     """World 4 with the EP group [1, 3]; ranks 0 and 2 do something else meanwhile: Buffers on their
-    own group [0, 2], with a delay so that the two groups' Buffers are made at different times."""
+    own group [0, 2], started later, so that the two groups' Buffers come and go at different times."""
     odd, even = make_group([1, 3]), make_group([0, 2])
     if rank % 2:
         run_on_group(odd, seed=20)
@@ -116,23 +118,37 @@ def strided_group(rank: int, num_ranks: int, world) -> None:
 
 
 def idle_rank(rank: int, num_ranks: int, world) -> None:
-    """World 3: ranks 0 and 1 form the EP group (made by them alone); rank 2 builds nothing and never
-    enters a collective until the end."""
+    """World 3: ranks 0 and 1 form the EP group (made by them alone); rank 2 builds nothing and enters
+    no collective until the end. A Buffer asked for on a rank outside its group says so."""
+    group = dist.new_group([0, 1], use_local_synchronization=True)  # None on rank 2
     if rank < 2:
-        group = dist.new_group([0, 1], use_local_synchronization=True)
-        run_on_group(group, seed=40)
-
-
-def non_member(rank: int, num_ranks: int, world) -> None:
-    """A rank outside the group that asks for a Buffer on it: a ValueError naming the group."""
-    group = dist.new_group([0, 1])
-    if rank == 2:
-        with pytest.raises(ValueError, match="group must be .* this rank .*belongs to"):
+        run_on_group(group, seed=40, strategies=("default",))
+    else:
+        with pytest.raises(ValueError, match="group must be a .*ProcessGroup this rank .*belongs to"):
             deep_ep.Buffer(group)
 
 
+def overlapping_groups(rank: int, num_ranks: int, world) -> None:
+    """World 3: rank 0 is in two EP groups, [0, 1] then [0, 2]; ranks 1 and 2 in one each. The members
+    of a group hold different numbers of process groups when they build its Buffer."""
+    first, second = make_group([0, 1]), make_group([0, 2])
+    if rank in (0, 1):
+        run_on_group(first, seed=50, strategies=("default",))
+    if rank in (0, 2):
+        run_on_group(second, seed=60, strategies=("default",))
+
+
+def without_named_groups(rank: int, num_ranks: int, world) -> None:
+    """The fallback for a torch without the internal group constructor: new_group with
+    use_local_synchronization, on the disjoint groups [0, 1] and [2, 3]."""
+    groups.torch_group_helper = lambda: None
+    pair = [make_group([0, 1]), make_group([2, 3])][rank // 2]
+    run_on_group(pair, seed=70, strategies=("default",))
+
+
 @pytest.mark.parametrize("scenario,num_ranks", [(disjoint_groups, 4), (strided_group, 4), (idle_rank, 3),
-                                                (non_member, 3)], ids=["disjoint", "strided", "idle", "non_member"])
+                                                (overlapping_groups, 3), (without_named_groups, 4)],
+                         ids=["disjoint", "strided", "idle", "overlapping", "fallback"])
 def test_buffer_on_subgroup(scenario, num_ranks: int) -> None:
     # A Buffer that waited for a rank outside its group would time out after DEEP_EP_TIMEOUT_S.
     spawn_ranks(scenario, num_ranks, env={"DEEP_EP_TIMEOUT_S": "30"})
