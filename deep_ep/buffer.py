@@ -126,7 +126,7 @@ class Buffer(NormalMode, LowLatencyMode):
         self.shm: Optional[shm.NodeShm] = None
         if normal_strategy == "default":
             # Shared memory inside this rank's node; with several nodes, the hierarchical transport.
-            self.shm = shm.NodeShm(self.comm, self.local_ranks, self.num_nvl_bytes, "deep_ep normal mode")
+            self.shm = shm.NodeShm(self.comm, self.local_ranks, self.num_nvl_bytes)
         self.pool = OutputPool()
         self.destroyed = False
         self._init_low_latency()
@@ -136,7 +136,8 @@ class Buffer(NormalMode, LowLatencyMode):
         # Every rank's host identity and pid: the nodes, and the peers whose liveness this process can
         # check, so that a failure in the collective transport names the ranks that died.
         peers: List[Optional[Tuple[str, int]]] = [None] * self.group_size
-        dist.all_gather_object(peers, (_host_identity(), os.getpid()), group=self.comm)
+        collective.run_collective(self.comm, groups.CONSTRUCTION, lambda: dist.all_gather_object(
+            peers, (_host_identity(), os.getpid()), group=self.comm))
         hosts = [host for host, _ in peers]
         collective.watch_group(self.comm, timeout_seconds(), {r: pid for r, (host, pid) in enumerate(peers)
                                                               if host == hosts[self.rank] and r != self.rank})

@@ -481,14 +481,17 @@ def fused_deep_moe(
         raise
     # low_latency_dispatch checks the rest (topk_idx, topk_weights float32 [T, K], T <= Nmax, the
     # buffer size) the same way: on this rank before any data moves, with the peers told.
-    recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(
-        x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, topk_weights=topk_weights, quant_mode="int8")
-    (xq, x_scale), state = recv_x, handle[7]  # handle[7]: LowLatencyState
-    prefix = handle[1].tolist()  # inclusive prefix of the (local expert, source rank) blocks -> counts
-    ep_recv_count = torch.tensor([b - a for a, b in zip([0] + prefix, prefix)], dtype=torch.int32)
-    expert_out = torch.empty((xq.shape[0], x.shape[1]), dtype=state.dtype)  # combine reads rows < total only
-    _swiglu_mlp_rows(xq, x_scale, recv_count.tolist(), *weights, out=expert_out)
-    output, _, _ = buffer.low_latency_combine(expert_out, topk_idx, topk_weights, handle)
+    try:
+        recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(
+            x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, topk_weights=topk_weights, quant_mode="int8")
+        (xq, x_scale), state = recv_x, handle[7]  # handle[7]: LowLatencyState
+        prefix = handle[1].tolist()  # inclusive prefix of the (local expert, source rank) blocks -> counts
+        ep_recv_count = torch.tensor([b - a for a, b in zip([0] + prefix, prefix)], dtype=torch.int32)
+        expert_out = torch.empty((xq.shape[0], x.shape[1]), dtype=state.dtype)  # combine reads rows < total only
+        _swiglu_mlp_rows(xq, x_scale, recv_count.tolist(), *weights, out=expert_out)
+        output, _, _ = buffer.low_latency_combine(expert_out, topk_idx, topk_weights, handle)
+    except RuntimeError as error:  # a peer missing or dead: say which call the waiting step belongs to
+        raise RuntimeError(f"deep_ep {what}: {error}") from None
     return output, ep_recv_count
 
 

@@ -275,7 +275,7 @@ class NormalMode:
             placement = decide(collective.all_gather_meta(self.comm, meta, "dispatch"))
             internode = self._dispatch_across_nodes(fields, topk_idx, placement, state_box["plan"])
         elif self.shm is not None:
-            shm.dispatch_rows(self.shm, meta, fields, decide)
+            shm.dispatch_rows(self.shm, meta, fields, decide, "dispatch")
         else:
             out_bytes, _ = decide(collective.all_gather_meta(self.comm, meta, "dispatch"))
             plan = state_box["plan"]
@@ -329,7 +329,7 @@ class NormalMode:
         published.append(as_byte_rows(torch.cat([torch.full_like(tokens, self.rank), forwarding.origin_rank])))
         published.append(as_byte_rows(torch.cat([tokens, forwarding.origin_token])))
         node_header = torch.tensor([OP_DISPATCH, published[0].shape[0]], dtype=torch.int64)
-        shm.dispatch_rows(self.shm, node_header, published, lambda _: placement)
+        shm.dispatch_rows(self.shm, node_header, published, lambda _: placement, "dispatch")
         forwarded_topk = arrived[len(fields) - 2].view(torch.int64).view(-1, num_topk)
         # Destinations outside this node come out wrong here (the forwarder holds only the tokens
         # that touch its node) and are dropped by to_local.
@@ -397,7 +397,7 @@ class NormalMode:
 
                 return out_bytes, routes
 
-            shm.dispatch_rows(self.shm, header, fields, decide)
+            shm.dispatch_rows(self.shm, header, fields, decide, "dispatch (cached)")
         else:
             check(collective.all_gather_meta(self.comm, header, "dispatch (cached)"))
             collective.dispatch_rows(self.data_comm, self.group_size, state.topk_idx.shape[1], fields, out_bytes,

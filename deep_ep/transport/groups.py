@@ -27,6 +27,8 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch.distributed as dist
 
+# The operation named in errors of the collective steps of Buffer.__init__.
+CONSTRUCTION = "Buffer construction"
 # Groups made so far by this process, per (backend, global ranks): the n of the next name.
 _made: Counter = Counter()
 # Parameters of torch's internal constructor that group_over passes.
@@ -81,14 +83,25 @@ def group_over(group: dist.ProcessGroup, backend: str, timeout: Optional[timedel
     """
     ranks = tuple(dist.get_process_group_ranks(group))  # global ranks, in group-rank order
     make = torch_group_helper()
-    if make is None:
-        options = {"use_local_synchronization": True}
-        if list(ranks) != sorted(ranks):  # new_group sorts them unless told not to
-            options["sort_ranks"] = False
-        if timeout is not None:
-            options["timeout"] = timeout
-        return dist.new_group(list(ranks), backend=backend, **options)
-    key = (backend, ranks)
-    name = f"deep_ep/{backend}/{'_'.join(map(str, ranks))}/{_made[key]}"
-    _made[key] += 1
-    return make(ranks, backend, timeout if timeout is not None else dist.default_pg_timeout, name)
+    try:
+        if make is None:
+            options = {"use_local_synchronization": True}
+            if list(ranks) != sorted(ranks):  # new_group sorts them unless told not to
+                options["sort_ranks"] = False
+            if timeout is not None:
+                options["timeout"] = timeout
+            return dist.new_group(list(ranks), backend=backend, **options)
+        key = (backend, ranks)
+        name = f"deep_ep/{backend}/{'_'.join(map(str, ranks))}/{_made[key]}"
+        _made[key] += 1
+        return make(ranks, backend, timeout if timeout is not None else dist.default_pg_timeout, name)
+    except RuntimeError as error:  # the store's or the backend's rendezvous: a peer did not come
+        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    me = ranks.index(dist.get_rank())
+    others = [r for r in range(len(ranks)) if r != me]
+    outcome = "timed out" if "timeout" in text.lower() or "timed out" in text.lower() else "failed"
+    # Raised outside the handler: the backend's exception and its frames are freed now.
+    raise RuntimeError(f"deep_ep: rank {me} (global rank {ranks[me]}) {outcome} in {CONSTRUCTION} waiting for "
+                       f"ranks {others} (global ranks {[ranks[r] for r in others]}) to connect its {backend} group "
+                       f"({text}). Every rank of the group must construct the Buffer; a peer crashed, is stuck, or "
+                       "started it later than the timeout (DEEP_EP_TIMEOUT_S on CPU) allows.")
