@@ -554,6 +554,7 @@ class LowLatencyMode:
         if self.npu_ll is not None:
             return npu.clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank, hidden, num_experts)
         self._ll_check_sizes(num_max_dispatch_tokens_per_rank, hidden, num_experts)
+
         def barrier() -> None:
             collective.run_collective(self.comm, "clean_low_latency_buffer", lambda: dist.barrier(group=self.comm))
 

@@ -73,8 +73,9 @@ def fused(buffer: deep_ep.Buffer, inputs: Inputs, prepared) -> None:
     w13 = torch.randint(-127, 128, (EXPERTS_PER_RANK, 2 * INTER, HIDDEN), dtype=torch.int8, generator=generator)
     w1, w1_scale = deep_ep.permute_gmm1_weight(w13, torch.full((EXPERTS_PER_RANK, 2 * INTER), 1e-3))
     w2 = torch.randint(-127, 128, (EXPERTS_PER_RANK, INTER, HIDDEN), dtype=torch.int8, generator=generator)
-    buffer.fused_deep_moe(inputs.x, inputs.topk_idx, inputs.topk_weights, w1, w1_scale, w2,
-                          torch.full((EXPERTS_PER_RANK, HIDDEN), 1e-3), MAX_TOKENS, EXPERTS_PER_RANK * buffer.group_size)
+    w2_scale = torch.full((EXPERTS_PER_RANK, HIDDEN), 1e-3)
+    buffer.fused_deep_moe(inputs.x, inputs.topk_idx, inputs.topk_weights, w1, w1_scale, w2, w2_scale, MAX_TOKENS,
+                          EXPERTS_PER_RANK * buffer.group_size)
 
 
 SKIPPED = [

@@ -194,7 +194,8 @@ def install_npu_stand_in(monkeypatch_like, device_name="Ascend910_9391", device=
     monkeypatch_like(dist, "get_backend", lambda group=None: "hccl" if group in (None, dist.group.WORLD)
                      else real_get_backend(group))
     monkeypatch_like(groups, "group_over", lambda group, backend, timeout=None: fake.new_group(
-        dist.get_process_group_ranks(group), backend) if backend == "hccl" else real_group_over(group, backend, timeout))
+        dist.get_process_group_ranks(group), backend) if backend == "hccl" else
+        real_group_over(group, backend, timeout))
     monkeypatch_like(npu, "current_device", lambda: device)
     monkeypatch_like(npu_ops, "_npu_device", lambda: torch.device("cpu"))
     if device == DEVICE:
