@@ -28,7 +28,7 @@ from .fused import FuseMode
 from .low_latency import LowLatencyMode
 from .normal import NormalMode
 from .pool import OutputPool
-from .transport import collective, hierarchical, shm
+from .transport import collective, groups, hierarchical, shm
 from .utils import EventOverlap, check_one_of, timeout_seconds, topk_idx_t
 
 __all__ = ["Buffer", "FuseMode", "topk_idx_t"]
@@ -97,6 +97,7 @@ class Buffer(NormalMode, LowLatencyMode):
             normal_name, low_latency_name = env.USE_MODES[use_mode]
         normal_strategy, low_latency_strategy = normal_name, low_latency_name
         self.group = group
+        groups.check_member(group)
         self.rank = dist.get_rank(group)
         self.group_size = dist.get_world_size(group)
         self.backend = dist.get_backend(group)
@@ -123,9 +124,8 @@ class Buffer(NormalMode, LowLatencyMode):
         self.num_rdma_bytes = num_rdma_bytes
         self.explicitly_destroy = explicitly_destroy
         # Our own group: its timeout is DEEP_EP_TIMEOUT_S, and our traffic never mixes with the caller's.
-        self.comm = dist.new_group(list(range(self.group_size)) if group is dist.group.WORLD else
-                                   dist.get_process_group_ranks(group),
-                                   backend="gloo", timeout=timedelta(seconds=timeout_seconds()))
+        # Only the ranks of `group` take part in making it (other ranks may be anywhere).
+        self.comm = groups.group_over(group, "gloo", timedelta(seconds=timeout_seconds()))
         # Token rows of the collective transport: on NPU over HCCL (the caller's group); metadata stays on
         # the host and goes over `comm` (gloo) everywhere.
         self.data_comm = group if self.on_npu else self.comm
@@ -152,7 +152,7 @@ class Buffer(NormalMode, LowLatencyMode):
         """The node's normal-mode shared memory, mapped on first use (collective: every rank builds the
         "default" normal strategy at the same point)."""
         if self.shm is None:
-            self.shm = shm.NodeShm(self.comm, self.local_ranks, self.num_nvl_bytes, "deep_ep normal mode")
+            self.shm = shm.NodeShm(self.comm, self.local_ranks, self.num_nvl_bytes)
         return self.shm
 
     def _make_low_latency_strategy(self, name: str) -> LowLatencyEPCommStrategy:
@@ -197,7 +197,8 @@ class Buffer(NormalMode, LowLatencyMode):
         # Every rank's host identity and pid: the nodes, and the peers whose liveness this process can
         # check, so that a failure in the collective transport names the ranks that died.
         peers: List[Optional[Tuple[str, int]]] = [None] * self.group_size
-        dist.all_gather_object(peers, (_host_identity(), os.getpid()), group=self.comm)
+        collective.run_collective(self.comm, groups.CONSTRUCTION, lambda: dist.all_gather_object(
+            peers, (_host_identity(), os.getpid()), group=self.comm))
         hosts = [host for host, _ in peers]
         collective.watch_group(self.comm, timeout_seconds(), {r: pid for r, (host, pid) in enumerate(peers)
                                                               if host == hosts[self.rank] and r != self.rank})

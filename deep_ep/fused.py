@@ -599,17 +599,20 @@ def fused_deep_moe(
     out_dtype = torch.bfloat16 if x.dtype == torch.float32 else x.dtype
     # low_latency_dispatch checks the rest (topk_idx values, topk_weights float32 [T, K], T <= Nmax,
     # the buffer size) the same way: on this rank before any data moves, with the peers told.
-    recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(
-        x if weights.quantized else x.to(out_dtype), topk_idx, num_max, num_experts, topk_weights=topk_weights,
-        quant_mode="int8" if weights.quantized else "bf16")
-    rows = recv_x[0] if weights.quantized else recv_x
-    expert_out = torch.empty((rows.shape[0], x.shape[1]), dtype=out_dtype)  # combine reads rows < total only
-    counts = recv_count.tolist()
-    if weights.quantized:
-        _swiglu_mlp_rows(recv_x[0], recv_x[1], counts, weights, expert_out)
-    else:
-        _float_mlp_rows(recv_x, counts, weights, expert_out)
-    output, _, _ = buffer.low_latency_combine(expert_out, topk_idx, topk_weights, handle)
+    try:
+        recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(
+            x if weights.quantized else x.to(out_dtype), topk_idx, num_max, num_experts, topk_weights=topk_weights,
+            quant_mode="int8" if weights.quantized else "bf16")
+        rows = recv_x[0] if weights.quantized else recv_x
+        expert_out = torch.empty((rows.shape[0], x.shape[1]), dtype=out_dtype)  # combine reads rows < total only
+        counts = recv_count.tolist()
+        if weights.quantized:
+            _swiglu_mlp_rows(recv_x[0], recv_x[1], counts, weights, expert_out)
+        else:
+            _float_mlp_rows(recv_x, counts, weights, expert_out)
+        output, _, _ = buffer.low_latency_combine(expert_out, topk_idx, topk_weights, handle)
+    except RuntimeError as error:  # a peer missing or dead: say which call the waiting step belongs to
+        raise RuntimeError(f"deep_ep {what}: {error}") from None
     if ffn_combine:
         return output, recv_count.to(torch.int32)
     prefix = handle[1].tolist()  # inclusive prefix of the (local expert, source rank) blocks -> counts

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from . import env, layout, npu
 from .pool import OutputPool
-from .transport import shm_low_latency
+from .transport import collective, groups, shm_low_latency
 from .utils import (FLOAT_DTYPES, NATIVE_DTYPE_CODES, EventOverlap, check_num_topk, check_positive_int,
                     check_tensor, resolve_quant_mode, topk_idx_t)
 
@@ -163,7 +163,8 @@ class LowLatencyMode:
         if not self.low_latency_mode:
             return
         sizes: List[Optional[int]] = [None] * self.group_size
-        dist.all_gather_object(sizes, self.num_rdma_bytes, group=self.comm)
+        collective.run_collective(self.comm, groups.CONSTRUCTION, lambda: dist.all_gather_object(
+            sizes, self.num_rdma_bytes, group=self.comm))
         if len(set(sizes)) > 1:
             raise ValueError(f"num_rdma_bytes must be the same on every rank, got {sizes} (by rank)")
         if self.on_npu:
@@ -504,10 +505,14 @@ class LowLatencyMode:
         if self.npu_ll is not None:
             return npu.clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank, hidden, num_experts)
         self._ll_check_sizes(num_max_dispatch_tokens_per_rank, hidden, num_experts)
-        dist.barrier(group=self.comm)
+
+        def barrier() -> None:
+            collective.run_collective(self.comm, "clean_low_latency_buffer", lambda: dist.barrier(group=self.comm))
+
+        barrier()
         if self.ll is not None:
             self.ll.reset()
-        dist.barrier(group=self.comm)
+        barrier()
         self._ll_seq = [0, 0]
         self._ll_pending = [[None, None], [None, None]]
         self._ll_epoch += 1

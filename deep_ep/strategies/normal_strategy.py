@@ -87,7 +87,7 @@ class SharedMemoryRows:
     def dispatch(self, rt: NormalMode, meta: torch.Tensor, fields: List[torch.Tensor], topk_idx: torch.Tensor,
                  decide: Callable, state_box: dict, stats: Optional[torch.Tensor]):
         waits = torch.zeros(self.shm.num_local, dtype=torch.int64) if stats is not None else None
-        shm.dispatch_rows(self.shm, meta, fields, decide, waits)
+        shm.dispatch_rows(self.shm, meta, fields, decide, "dispatch", waits)
         _add_us(stats, rt.local_ranks, waits if waits is not None else torch.zeros(0))
         return None, None
 
@@ -108,7 +108,7 @@ class SharedMemoryRows:
             return out_bytes, routes
 
         waits = torch.zeros(self.shm.num_local, dtype=torch.int64) if stats is not None else None
-        shm.dispatch_rows(self.shm, header, fields, decide, waits)
+        shm.dispatch_rows(self.shm, header, fields, decide, "dispatch (cached)", waits)
         _add_us(stats, rt.local_ranks, waits if waits is not None else torch.zeros(0))
 
     def combine(self, rt: NormalMode, state: DispatchState, header: torch.Tensor, x_rows: torch.Tensor,
@@ -118,7 +118,7 @@ class SharedMemoryRows:
         plan = state.plan
         sends = torch.zeros(self.shm.num_local, dtype=torch.int64) if stats is not None else None
         shm.combine_rows(self.shm, header, check, x_rows, plan.rows_per_rank.tolist(), plan.dest_rank,
-                         plan.dest_row, reduce, sends)
+                         plan.dest_row, reduce, sends=sends)
         _add_us(stats, rt.local_ranks, sends if sends is not None else torch.zeros(0))
 
 
@@ -163,7 +163,7 @@ class HierarchicalRows(SharedMemoryRows):
         published.append(as_byte_rows(torch.cat([tokens, forwarding.origin_token])))
         node_header = torch.tensor([OP_DISPATCH, published[0].shape[0]], dtype=torch.int64)
         waits = torch.zeros(self.shm.num_local, dtype=torch.int64)
-        shm.dispatch_rows(self.shm, node_header, published, lambda _: placement, waits)
+        shm.dispatch_rows(self.shm, node_header, published, lambda _: placement, "dispatch", waits)
         self._add_across(rt, stats, waits, network_ns)
         forwarded_topk = arrived[len(fields) - 2].view(torch.int64).view(-1, num_topk)
         # Destinations outside this node come out wrong here (the forwarder holds only the tokens
@@ -192,7 +192,7 @@ class HierarchicalRows(SharedMemoryRows):
         sends = torch.zeros(self.shm.num_local, dtype=torch.int64)
         shm.combine_rows(self.shm, header, lambda _: None, x_rows,
                          [int(plan.rows_per_rank[r]) for r in rt.local_ranks], internode.selection_rank,
-                         internode.selection_row, reduce, sends)
+                         internode.selection_row, reduce, sends=sends)
         # A holder's rows are handed over once the local forwarder has read them; it carries them on.
         self._add_across(rt, stats, sends, 0)
 

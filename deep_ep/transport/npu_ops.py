@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from .. import layout
+from . import groups
 
 # A2 fullmesh rank counts for the v2 operators (NPU.md "Limits (v2)").
 _A2_RANKS = frozenset(range(2, 9)) | {16, 32, 64, 128, 256}
@@ -221,11 +222,10 @@ class NpuLowLatency:
         self.num_ranks = num_ranks
         self.num_experts_hint = num_experts_hint
         self.soc = detect_soc()
-        # The MC2 operators need a communicator no other operator uses (NPU.md):
+        # The MC2 operators need a communicator no other operator uses:
         # a new group over the same global ranks, in group order so that the rank
-        # in the new group equals `rank`. new_group is collective.
-        global_ranks = dist.get_process_group_ranks(group)
-        self.group = dist.new_group(ranks=global_ranks, backend="hccl")
+        # in the new group equals `rank`. Collective over the ranks of `group` only.
+        self.group = groups.group_over(group, "hccl")
         self.comm_name: str = self.group._get_backend(_npu_device()).get_hccl_comm_name(rank)
         self._use_v2 = (hasattr(torch_npu, "npu_moe_distribute_dispatch_v2")
                         and hasattr(torch_npu, "npu_moe_distribute_combine_v2"))

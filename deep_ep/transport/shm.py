@@ -24,7 +24,9 @@ import torch.distributed as dist
 import deep_ep_cpp
 
 from ..utils import num_threads, timeout_seconds
+from . import collective
 from .fields import row_bytes
+from .groups import CONSTRUCTION
 
 CONTROL_BYTES = 4096
 META_BYTES = 64 * 1024
@@ -63,11 +65,17 @@ def remove_stale_segments() -> None:
             pid = int(name[len(SEGMENT_PREFIX):].split("_", 1)[0])
         except ValueError:
             continue
-        if not os.path.exists(f"/proc/{pid}"):
-            try:
-                os.unlink(os.path.join("/dev/shm", name))
-            except OSError:
-                pass
+        if not collective.process_alive(pid):  # a killed peer not yet reaped (a zombie) is gone, too
+            unlink_segment(name)
+
+
+def unlink_segment(name: str) -> None:
+    """Removes a segment's name (`name` as in /dev/shm, with or without the leading "/"); the
+    mappings stay valid. Nothing happens if the name is gone already."""
+    try:
+        os.unlink(os.path.join("/dev/shm", name.lstrip("/")))
+    except OSError:
+        pass
 
 
 def map_node_segments(group: dist.ProcessGroup, local_ranks: Sequence[int], size: int) -> list:
@@ -75,23 +83,32 @@ def map_node_segments(group: dist.ProcessGroup, local_ranks: Sequence[int], size
 
     Collective over `group` (the names travel through it). Every segment starts with the control
     words (BARRIER_WORD, PID_WORD); the creator writes its pid. Once every rank has passed the
-    closing barrier, every peer has mapped every segment, so the names are removed at once and no
-    segment can outlive the processes. Returns deep_ep_cpp.SharedMemory objects in `local_ranks` order.
+    closing barrier, every peer has mapped every segment, and each rank removes every local name,
+    its own and its peers' (a peer killed right after the barrier leaves nothing). If the
+    construction fails here (a peer died, timed out, or could not allocate), this rank removes its
+    own name and those of creators that have exited, so a rank killed while constructing leaves no
+    segment behind once a local peer notices. Returns deep_ep_cpp.SharedMemory objects in
+    `local_ranks` order.
     """
     rank = dist.get_rank(group)
     remove_stale_segments()
     name = f"/{SEGMENT_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:12]}_{rank}"
+    names: List[Optional[str]] = [None] * dist.get_world_size(group)
     own = deep_ep_cpp.SharedMemory(name, size, True)
     try:
         control = torch.frombuffer(own, dtype=torch.int64, count=CONTROL_BYTES // 8)
         control[PID_WORD] = os.getpid()
-        names: List[Optional[str]] = [None] * dist.get_world_size(group)
-        dist.all_gather_object(names, name, group=group)
+        collective.run_collective(group, CONSTRUCTION, lambda: dist.all_gather_object(names, name, group=group))
         segments = [own if r == rank else deep_ep_cpp.SharedMemory(names[r], size, False) for r in local_ranks]
         # Every peer has mapped every segment once all pass this barrier.
-        dist.barrier(group=group)
+        collective.run_collective(group, CONSTRUCTION, lambda: dist.barrier(group=group))
+    except BaseException:
+        remove_stale_segments()  # peers that died here (their pids say so once the group noticed)
+        raise
     finally:
         own.unlink()
+    for r in local_ranks:
+        unlink_segment(names[r])
     return segments
 
 
@@ -109,15 +126,15 @@ class NodeShm:
         group: the Buffer's process group (used once, to swap segment names).
         local_ranks: ranks (in `group`) of this node, ascending; this rank among them.
         data_bytes: size of every rank's data area.
-        what: name used in error messages.
     """
 
-    def __init__(self, group: dist.ProcessGroup, local_ranks: Sequence[int], data_bytes: int, what: str) -> None:
+    def __init__(self, group: dist.ProcessGroup, local_ranks: Sequence[int], data_bytes: int) -> None:
         self.rank = dist.get_rank(group)
         self.local_ranks = list(local_ranks)
         self.local_index = self.local_ranks.index(self.rank)
         self.data_bytes = data_bytes
-        self.what = what
+        # The call in progress ("dispatch", "combine", ...), named when a barrier times out.
+        self.operation = "the shared-memory exchange"
         self.segments = map_node_segments(group, self.local_ranks, DATA_OFFSET + data_bytes)
         self.bytes = [torch.frombuffer(s, dtype=torch.uint8) for s in self.segments]
         self.meta = [b[CONTROL_BYTES:DATA_OFFSET].view(torch.int64) for b in self.bytes]
@@ -140,7 +157,7 @@ class NodeShm:
         if self.broken:
             raise RuntimeError(self.broken)
         try:
-            self.sync.barrier(timeout_seconds(), self.what)
+            self.sync.barrier(timeout_seconds(), self.operation)
         except BaseException as error:
             # Peers may have moved on without us: the barrier sequence cannot be trusted any more.
             self.broken = f"deep_ep: this Buffer can no longer be used after an earlier failure ({error}); " \
@@ -185,7 +202,7 @@ class NodeShm:
 
 
 def dispatch_rows(node: NodeShm, meta: torch.Tensor, fields_in: List[torch.Tensor],
-                  make_plan: Callable[[torch.Tensor], Tuple[List[torch.Tensor], Callable]],
+                  make_plan: Callable[[torch.Tensor], Tuple[List[torch.Tensor], Callable]], what: str,
                   waits: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Moves token rows from their owners to the receivers, through shared memory.
 
@@ -195,10 +212,12 @@ def dispatch_rows(node: NodeShm, meta: torch.Tensor, fields_in: List[torch.Tenso
         make_plan: called with every rank's meta int64 [R, m] once published; returns the
             output fields uint8 [N, b_i] and `routes(source, window_topk or None, begin, end)`
             giving (source token, output row) pairs of the rows to pull from that window.
+        what: the operation ("dispatch", "dispatch (cached)"), named if a peer does not arrive.
         waits: None or int64 [local ranks]; gets the nanoseconds this rank waited for every local
             rank's rows to be published (all rounds).
     Returns: every rank's meta [R, m].
     """
+    node.operation = what
     widths = [f.shape[1] for f in fields_in]
     window = window_rows(node.data_bytes, row_bytes(fields_in), len(fields_in))
     num_tokens = fields_in[0].shape[0]
@@ -243,7 +262,7 @@ def dispatch_rows(node: NodeShm, meta: torch.Tensor, fields_in: List[torch.Tenso
 def combine_rows(node: NodeShm, meta: torch.Tensor, check: Callable[[torch.Tensor], None], x: torch.Tensor,
                  rows_per_rank: Sequence[int], dest_rank: torch.Tensor, dest_row: torch.Tensor,
                  reduce: Callable[[List[torch.Tensor], torch.Tensor, torch.Tensor], None],
-                 sends: Optional[torch.Tensor] = None) -> None:
+                 what: str = "combine", sends: Optional[torch.Tensor] = None) -> None:
     """Publishes this rank's expert outputs and reduces its tokens from every holder.
 
     Args:
@@ -253,9 +272,11 @@ def combine_rows(node: NodeShm, meta: torch.Tensor, check: Callable[[torch.Tenso
         dest_rank / dest_row: int64 [T, K], holder (local index) and row of each selection, -1 if none.
         reduce: reduce(sources, src_rank, src_row) runs the weighted reduction over the uint8
             row tensors `sources`, indexed by int32 / int64 [T, K] (src_rank -1: no row).
+        what: the operation, named if a peer does not arrive.
         sends: None or int64 [local ranks]; gets the nanoseconds from publishing this rank's rows until
             every local rank was done reading them (all rounds).
     """
+    node.operation = what
     bytes_per_row = x.shape[1] * x.element_size()
     window = window_rows(node.data_bytes, bytes_per_row, 1)
     num_rounds = max(1, -(-max(rows_per_rank) // window))

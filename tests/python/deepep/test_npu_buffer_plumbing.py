@@ -40,7 +40,7 @@ from common import make_inputs, to_host  # noqa: E402
 from deep_ep import npu, npu_env  # noqa: E402
 from deep_ep.reference import reference_combine, reference_dispatch  # noqa: E402
 from deep_ep.testing import spawn_ranks  # noqa: E402
-from deep_ep.transport import npu_ops  # noqa: E402
+from deep_ep.transport import groups, npu_ops  # noqa: E402
 from test_npu_plumbing import FakeTorchNpu  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -188,13 +188,14 @@ def install_npu_stand_in(monkeypatch_like, device_name="Ascend910_9391", device=
     the MC2 group, and `device` as the NPU."""
     fake = FakeTorchNpu(device_name=device_name)
     fake.torch_npu_namespace.current_device = lambda: 0
-    real_get_backend, real_new_group = dist.get_backend, dist.new_group
+    real_get_backend, real_group_over = dist.get_backend, groups.group_over
     monkeypatch_like(sys.modules, "torch_npu", fake.module, item=True)
     monkeypatch_like(torch, "npu", fake.torch_npu_namespace)
     monkeypatch_like(dist, "get_backend", lambda group=None: "hccl" if group in (None, dist.group.WORLD)
                      else real_get_backend(group))
-    monkeypatch_like(dist, "new_group", lambda ranks=None, backend=None, **kw: fake.new_group(ranks, backend)
-                     if backend == "hccl" else real_new_group(ranks, backend=backend, **kw))
+    monkeypatch_like(groups, "group_over", lambda group, backend, timeout=None: fake.new_group(
+        dist.get_process_group_ranks(group), backend) if backend == "hccl" else
+        real_group_over(group, backend, timeout))
     monkeypatch_like(npu, "current_device", lambda: device)
     monkeypatch_like(npu_ops, "_npu_device", lambda: torch.device("cpu"))
     if device == DEVICE:

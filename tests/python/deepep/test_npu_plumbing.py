@@ -35,10 +35,10 @@ import torch.nn.functional as F
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 try:
-    from deep_ep.transport import npu_ops
+    from deep_ep.transport import groups, npu_ops
 except ImportError:  # run from another directory without an installed package
     sys.path.insert(0, str(REPO_ROOT))
-    from deep_ep.transport import npu_ops
+    from deep_ep.transport import groups, npu_ops
 
 # --------------------------------------------------------------------------- signatures
 
@@ -333,6 +333,7 @@ def fake_npu(monkeypatch):
         monkeypatch.setattr(torch, "npu", fake.torch_npu_namespace, raising=False)
         monkeypatch.setattr(dist, "get_process_group_ranks", lambda group: group.global_ranks)
         monkeypatch.setattr(dist, "new_group", fake.new_group)
+        monkeypatch.setattr(groups, "torch_group_helper", lambda: None)  # groups come from new_group
         monkeypatch.setattr(npu_ops, "_npu_device", lambda: torch.device("cpu"))
         return fake
 
@@ -417,8 +418,8 @@ def test_plumbing_detect_soc_without_torch_npu(monkeypatch):
 def test_plumbing_dedicated_hccl_group(fake_npu):
     fake = fake_npu()
     ll = _make_ll(global_ranks=(5,))
-    # the group's global ranks, in group order, on the HCCL backend
-    assert fake.new_group_calls == [dict(ranks=[5], backend="hccl")]
+    # the group's global ranks, in group order, on the HCCL backend, made by the group's ranks only
+    assert fake.new_group_calls == [dict(ranks=[5], backend="hccl", use_local_synchronization=True)]
     assert fake.comm_name_calls == [(torch.device("cpu"), 0)]
     assert ll.comm_name == "fake_hccl_comm_0"
 

@@ -1,0 +1,211 @@
+"""Errors that name things: a rank that waits for a missing peer names the operation it is in and
+the ranks it waited for (never "normal mode", never a bare transport message), and a rank killed
+while the Buffer is being constructed leaves no shared-memory segment behind.
+
+    python -m pytest tests/python/deepep/test_named_errors.py
+
+Every check runs on real processes; peers that time out do so after a short DEEP_EP_TIMEOUT_S.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import deep_ep  # noqa: E402
+import deep_ep_cpp  # noqa: E402
+from common import Inputs, make_inputs, our_segments  # noqa: E402
+from deep_ep.testing import free_port, spawn_ranks  # noqa: E402
+from deep_ep.transport import shm as shm_transport  # noqa: E402
+
+HIDDEN, INTER, EXPERTS_PER_RANK, TOPK, MAX_TOKENS = 64, 64, 2, 2, 8
+TIMEOUT_S = 1.5
+
+
+def ll_bytes(num_ranks: int) -> int:
+    return deep_ep.Buffer.get_low_latency_rdma_size_hint(MAX_TOKENS, HIDDEN, num_ranks, EXPERTS_PER_RANK * num_ranks)
+
+
+def inputs_of(rank: int, num_ranks: int) -> Inputs:
+    return make_inputs(rank, 6, HIDDEN, EXPERTS_PER_RANK * num_ranks, TOPK, num_ranks)
+
+
+def segments_of(pid: int) -> List[str]:
+    return [n for n in our_segments() if n.split("_")[2] == str(pid)]
+
+
+# ---- a missing peer: every wait names its operation -------------------------------------------------------
+@dataclass
+class Skipped:
+    """One operation that rank 1 skips: both ranks build the Buffer and run `prepare`; then rank 0
+    runs `call` alone and must raise a RuntimeError naming `operation` and rank 1."""
+
+    operation: str
+    low_latency_strategy: Optional[str]  # None: a normal-mode Buffer (shared memory)
+    prepare: Callable = lambda buffer, inputs: None
+    call: Callable = lambda buffer, inputs, prepared: None
+
+
+def normal_dispatch(buffer: deep_ep.Buffer, inputs: Inputs):
+    _, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(inputs.topk_idx, EXPERTS_PER_RANK * buffer.group_size)
+    return buffer.dispatch(inputs.x, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                           topk_idx=inputs.topk_idx, topk_weights=inputs.topk_weights)
+
+
+def ll_dispatch(buffer: deep_ep.Buffer, inputs: Inputs):
+    return buffer.low_latency_dispatch(inputs.x, inputs.topk_idx, MAX_TOKENS, EXPERTS_PER_RANK * buffer.group_size,
+                                       use_fp8=False)
+
+
+def fused(buffer: deep_ep.Buffer, inputs: Inputs, prepared) -> None:
+    generator = torch.Generator().manual_seed(1)
+    w13 = torch.randint(-127, 128, (EXPERTS_PER_RANK, 2 * INTER, HIDDEN), dtype=torch.int8, generator=generator)
+    w1, w1_scale = deep_ep.permute_gmm1_weight(w13, torch.full((EXPERTS_PER_RANK, 2 * INTER), 1e-3))
+    w2 = torch.randint(-127, 128, (EXPERTS_PER_RANK, INTER, HIDDEN), dtype=torch.int8, generator=generator)
+    w2_scale = torch.full((EXPERTS_PER_RANK, HIDDEN), 1e-3)
+    buffer.fused_deep_moe(inputs.x, inputs.topk_idx, inputs.topk_weights, w1, w1_scale, w2, w2_scale, MAX_TOKENS,
+                          EXPERTS_PER_RANK * buffer.group_size)
+
+
+SKIPPED = [
+    Skipped("dispatch", None, call=lambda b, i, p: normal_dispatch(b, i)),
+    Skipped("dispatch (cached)", None, normal_dispatch, lambda b, i, p: b.dispatch(i.x, handle=p[4])),
+    Skipped("combine", None, normal_dispatch, lambda b, i, p: b.combine(p[0], p[4])),
+    Skipped("low_latency_dispatch", "default", call=lambda b, i, p: ll_dispatch(b, i)),
+    Skipped("low_latency_combine", "default", ll_dispatch,
+            lambda b, i, p: b.low_latency_combine(p[0], i.topk_idx, i.topk_weights, p[2])),
+    Skipped("fused_deep_moe", "default", call=fused),
+    Skipped("clean_low_latency_buffer", "default",
+            call=lambda b, i, p: b.clean_low_latency_buffer(MAX_TOKENS, HIDDEN, EXPERTS_PER_RANK * b.group_size)),
+    # The low-latency exchange over all_to_all_single (gloo).
+    Skipped("low_latency_dispatch", "alltoall", call=lambda b, i, p: ll_dispatch(b, i)),
+    Skipped("low_latency_combine", "alltoall", ll_dispatch,
+            lambda b, i, p: b.low_latency_combine(p[0], i.topk_idx, i.topk_weights, p[2])),
+    Skipped("clean_low_latency_buffer", "alltoall",
+            call=lambda b, i, p: b.clean_low_latency_buffer(MAX_TOKENS, HIDDEN, EXPERTS_PER_RANK * b.group_size)),
+]
+
+
+def make_buffer(group, skipped: Skipped) -> deep_ep.Buffer:
+    if skipped.low_latency_strategy is None:
+        return deep_ep.Buffer(group, num_nvl_bytes=1 << 20)
+    return deep_ep.Buffer(group, num_nvl_bytes=4096, num_rdma_bytes=ll_bytes(dist.get_world_size(group)),
+                          low_latency_mode=True, low_latency_strategy=skipped.low_latency_strategy)
+
+
+def expect_named(call: Callable, operation: str) -> float:
+    """call() must raise a RuntimeError naming `operation`, rank 0 as the waiter and rank 1 as the one
+    waited for, within DEEP_EP_TIMEOUT_S (plus slack for a loaded machine). Returns the seconds taken."""
+    start = time.monotonic()
+    try:
+        call()
+    except RuntimeError as error:
+        message = str(error)
+    else:
+        pytest.fail(f"{operation}: nothing was raised")
+    elapsed = time.monotonic() - start
+    for word in (operation, "rank 0", "[1]", "timed out"):
+        assert word in message, f"{word!r} not in {message!r}"
+    assert "normal mode" not in message, message
+    assert elapsed < TIMEOUT_S + 15, (elapsed, message)
+    return elapsed
+
+
+def missing_peer(rank: int, num_ranks: int, group) -> None:
+    inputs = inputs_of(rank, num_ranks)
+    for skipped in SKIPPED:
+        buffer = make_buffer(group, skipped)
+        prepared = skipped.prepare(buffer, inputs)
+        if rank == 0:
+            expect_named(lambda: skipped.call(buffer, inputs, prepared), skipped.operation)
+        dist.barrier(group)  # rank 1 waits here (on the caller's group) until rank 0 has failed
+        buffer.destroy()
+    # A rank that never constructs its Buffer: the others' construction names it.
+    if rank == 0:
+        expect_named(lambda: deep_ep.Buffer(group, num_nvl_bytes=4096), "Buffer construction")
+    dist.barrier(group)
+
+
+def test_missing_peer_names_operation_and_ranks() -> None:
+    spawn_ranks(missing_peer, 2, env={"DEEP_EP_TIMEOUT_S": str(TIMEOUT_S)})
+    assert not [n for n in our_segments() if not os.path.exists(f"/proc/{n.split('_')[2]}")]
+
+
+# ---- a rank killed while the Buffer is constructed --------------------------------------------------------
+class KilledAfterCreating:
+    """Stands in for deep_ep_cpp in the shared-memory transport: SIGKILLs this process right after it
+    has created its `which`-th segment (1: normal mode's, 2: low-latency mode's), before any peer
+    has mapped it."""
+
+    def __init__(self, which: int) -> None:
+        self.which, self.created = which, 0
+
+    def __getattr__(self, name: str):
+        return getattr(deep_ep_cpp, name)
+
+    def SharedMemory(self, name: str, size: int, create: bool):  # noqa: N802 - deep_ep_cpp's name
+        segment = deep_ep_cpp.SharedMemory(name, size, create)
+        self.created += create
+        if create and self.created == self.which:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return segment
+
+
+def constructing_rank(rank: int, num_ranks: int, port: int, which: int, workdir: str) -> None:
+    """Rank 1 dies in Buffer construction; rank 0 writes what it saw to workdir/rank0.json."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DEEP_EP_TIMEOUT_S="30")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=num_ranks)
+    pids: List[Optional[int]] = [None] * num_ranks
+    dist.all_gather_object(pids, os.getpid())
+    if rank == 1:
+        shm_transport.deep_ep_cpp = KilledAfterCreating(which)
+    report = {}
+    start = time.monotonic()
+    try:
+        deep_ep.Buffer(dist.group.WORLD, num_nvl_bytes=1 << 20, num_rdma_bytes=ll_bytes(num_ranks),
+                       low_latency_mode=True)
+        report["error"] = None
+    except Exception as error:  # noqa: BLE001 - the report is checked by the test
+        report.update(error=type(error).__name__, message=str(error))
+    # Right after the error, before anything else on this host could sweep /dev/shm.
+    report.update(elapsed=time.monotonic() - start, left_by_peer=segments_of(pids[1]), left_by_me=segments_of(pids[0]))
+    with open(os.path.join(workdir, "rank0.json.tmp"), "w") as f:
+        json.dump(report, f)
+    os.rename(os.path.join(workdir, "rank0.json.tmp"), os.path.join(workdir, "rank0.json"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("which", [1, 2], ids=["normal_segment", "low_latency_segment"])
+def test_rank_killed_in_construction_leaves_no_segment(which: int, tmp_path) -> None:
+    # spawn_ranks would terminate rank 0 as soon as rank 1 dies, so rank 0 is waited for on its own.
+    context = mp.spawn(constructing_rank, args=(2, free_port(), which, str(tmp_path)), nprocs=2, join=False)
+    pids = [p.pid for p in context.processes]
+    try:
+        context.processes[0].join(120)
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+            process.join(30)
+    assert context.processes[0].exitcode == 0, f"rank 0 exit code {context.processes[0].exitcode}"
+    assert context.processes[1].exitcode == -signal.SIGKILL, context.processes[1].exitcode
+    with open(tmp_path / "rank0.json") as f:
+        report = json.load(f)
+    assert report["error"] == "RuntimeError", report
+    for word in ("Buffer construction", "rank 0", "[1]", "exited"):
+        assert word in report["message"], report
+    assert report["elapsed"] < 15, report  # the dead peer is seen at once, not after DEEP_EP_TIMEOUT_S (30 s)
+    assert report["left_by_peer"] == [] and report["left_by_me"] == [], report
+    assert not segments_of(pids[0]) and not segments_of(pids[1])
