@@ -27,6 +27,7 @@ import torch.distributed as dist
 class _GroupInfo:
     timeout_s: Optional[float] = None
     pids: Dict[int, int] = field(default_factory=dict)  # group rank -> pid, peers whose liveness we can see
+    remote: List[int] = field(default_factory=list)  # group ranks on other hosts
     failure: Optional[str] = None
 
 
@@ -44,10 +45,12 @@ def process_alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def watch_group(group: dist.ProcessGroup, timeout_s: float, pids: Dict[int, int]) -> None:
-    """Registers the group's timeout and the pids of peers on this host (group rank -> pid), so that
-    failures name the ranks that died. Peers invisible from here (another pid namespace) are left out."""
-    _groups[group] = _GroupInfo(timeout_s, {r: p for r, p in pids.items() if process_alive(p)})
+def watch_group(group: dist.ProcessGroup, timeout_s: float, pids: Dict[int, int],
+                remote: Sequence[int] = ()) -> None:
+    """Registers the group's timeout, the pids of peers on this host (group rank -> pid) and the ranks on
+    other hosts, so that failures name the ranks that died or cannot be reached. Peers invisible from here
+    (another pid namespace) are left out of `pids`."""
+    _groups[group] = _GroupInfo(timeout_s, {r: p for r, p in pids.items() if process_alive(p)}, sorted(remote))
 
 
 def failure(group: dist.ProcessGroup) -> Optional[str]:
@@ -71,12 +74,21 @@ def _describe(group: dist.ProcessGroup, what: str, error: RuntimeError, info: _G
     if dead:
         return (f"deep_ep: rank {me} failed in {what}: ranks {dead} have exited (gloo: {text}). "
                 "The Buffer must be recreated.")
+    # Peers on other hosts: their liveness cannot be seen from here, only that they did not answer.
+    remote = [r for r in info.remote if r != me]
+    alive = sorted(info.pids)
+    who = f"ranks {others}"
+    if remote:
+        who += f": ranks {remote} on other hosts are unreachable or not answering"
+        if alive:
+            who += f", ranks {alive} on this host are alive"
     if timed_out:
         after = f" after {info.timeout_s:g} s" if info.timeout_s else ""
-        return (f"deep_ep: rank {me} timed out{after} in {what} waiting for ranks {others} (DEEP_EP_TIMEOUT_S; "
-                f"gloo: {text}). A peer crashed, is stuck, or called a different operation; "
+        cause = "A host is unreachable, or a peer" if remote else "A peer"
+        return (f"deep_ep: rank {me} timed out{after} in {what} waiting for {who} (DEEP_EP_TIMEOUT_S; "
+                f"gloo: {text}). {cause} crashed, is stuck, or called a different operation; "
                 "the Buffer must be recreated.")
-    return (f"deep_ep: rank {me} lost the connection in {what} with ranks {others} (gloo: {text}). "
+    return (f"deep_ep: rank {me} lost the connection in {what} with {who} (gloo: {text}). "
             "A peer crashed or its host is unreachable; the Buffer must be recreated.")
 
 
