@@ -25,12 +25,15 @@ from typing import Dict, List, Optional
 
 import pytest
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import two_host_runner  # noqa: E402
-from common import our_segments  # noqa: E402
+from common import gather_objects, our_segments  # noqa: E402
 from deep_ep.testing import spawn_ranks  # noqa: E402
+from deep_ep.transport import collective, shm  # noqa: E402
+from deep_ep.utils import timeout_seconds  # noqa: E402
 
 TIMEOUT_S = 5
 # Fault detection may take this much longer than DEEP_EP_TIMEOUT_S on a busy machine.
@@ -78,12 +81,13 @@ class TwoHosts:
         try:
             for namespace in self.namespaces:
                 run("ip", "netns", "add", namespace)
-        except subprocess.CalledProcessError as error:
-            self.__exit__()
-            pytest.skip(f"two-host test skipped: `ip netns add` is not permitted ({error.stderr.strip()})")
-        try:
             run("ip", "link", "add", self.links[0], "netns", self.namespaces[0], "type", "veth", "peer", "name",
                 self.links[1], "netns", self.namespaces[1])
+        except subprocess.CalledProcessError as error:
+            self.__exit__()
+            pytest.skip(f"two-host test skipped: `{' '.join(error.cmd)}` is not permitted here "
+                        f"({error.stderr.strip()})")
+        try:
             for namespace, link, address in zip(self.namespaces, self.links, ADDRESSES):
                 run("ip", "-n", namespace, "addr", "add", f"{address}/{PREFIX}", "dev", link)
                 run("ip", "-n", namespace, "link", "set", "lo", "up")
@@ -101,12 +105,16 @@ class TwoHosts:
         """Starts two_host_runner.py in host `host`'s namespaces, with its own hostname and /dev/shm."""
         env = {k: v for k, v in os.environ.items() if k != two_host_runner.NODE_ENV}
         env.update(GLOO_SOCKET_IFNAME=self.links[host], DEEP_EP_TIMEOUT_S=str(TIMEOUT_S))
-        ranks = ",".join(map(str, HOST_RANKS[host]))
+        # The host's ranks, then what its private /dev/shm holds once they are gone; the exit code is
+        # the first failing rank's.
+        ranks = " ".join(f"{sys.executable} {RUNNER} --master {ADDRESSES[0]} --port {PORT} --world-size 4 "
+                         f"--rank {rank} --host-ranks {len(HOST_RANKS[host])} --out {out_dir} & pids=\"$pids $!\"; "
+                         for rank in HOST_RANKS[host])
         script = (f"set -e; hostname {self.hostnames[host]}; mount -t tmpfs -o size=256m tmpfs /dev/shm; "
                   f"mount --bind {self.workdir}/hosts /etc/hosts; "
-                  f"mount --bind {self.workdir}/resolv.conf /etc/resolv.conf; "
-                  f"exec {sys.executable} {RUNNER} --master {ADDRESSES[0]} --port {PORT} --world-size 4 "
-                  f"--ranks {ranks} --out {out_dir}")
+                  f"mount --bind {self.workdir}/resolv.conf /etc/resolv.conf; set +e; pids=; {ranks}"
+                  f"code=0; for pid in $pids; do wait $pid; rc=$?; [ $code -ne 0 ] || code=$rc; done; "
+                  f"ls -A /dev/shm > {out_dir}/shm_after_host{host}.txt; exit $code")
         log = open(self.workdir / f"host{host}.log", "w")
         process = subprocess.Popen(["ip", "netns", "exec", self.namespaces[host], "unshare", "--uts", "--mount",
                                     "--propagation", "private", "sh", "-c", script], env=env, stdout=log,
@@ -201,5 +209,40 @@ def test_two_hosts(tmp_path: Path) -> None:
             assert "recreate" in report["next_error"], report
             assert report["segments"] == [], report  # the host's private /dev/shm, after the failure
         # ... and once its ranks are gone.
-        assert json.loads((two_dir / f"shm_after_{ranks[0]}.json").read_text())["segments"] == []
+        assert (two_dir / f"shm_after_host{host}.txt").read_text().split() == []
     assert not [name for name in our_segments() if int(name.split("_")[2]) in pids]  # the machine's /dev/shm
+
+
+# ---- a failing network exchange is told to the local peers waiting in shared memory ------------------
+def failure_note(rank: int, num_ranks: int, group) -> None:
+    """Ranks 0 and 1 share a node, rank 2 is "another host". Rank 0's network exchange fails (a gloo
+    timeout, stood in for by the error gloo raises) while rank 1 waits for it in a shared-memory
+    barrier: rank 1's error must carry rank 0's, which names rank 2 as unreachable."""
+    pids = gather_objects(os.getpid(), group)
+    local_ranks = [0, 1] if rank < 2 else [2]
+    collective.watch_group(group, timeout_seconds(), {r: pids[r] for r in local_ranks if r != rank},
+                           [r for r in range(num_ranks) if r not in local_ranks])
+    node = shm.NodeShm(group, local_ranks, 4096, "the note test")
+    try:
+        if rank == 0:
+            def lost() -> None:
+                raise RuntimeError("Timed out waiting 1000ms for recv operation to complete")
+
+            with pytest.raises(RuntimeError, match=r"ranks \[2\] on other hosts are unreachable"):
+                collective.run_collective(group, "dispatch", lost)
+        elif rank == 1:
+            with pytest.raises(RuntimeError) as error:
+                node.barrier()
+            message = str(error.value)
+            assert "rank 1 timed out" in message and "[0]" in message, message
+            assert "Rank 0 of this node failed first: deep_ep: rank 0 timed out" in message, message
+            assert "in dispatch" in message and "ranks [2] on other hosts are unreachable" in message, message
+            with pytest.raises(RuntimeError, match="Rank 0 of this node failed first"):
+                node.barrier()  # and the node stays marked broken with the reason
+    finally:
+        dist.barrier(group)
+        node.close()
+
+
+def test_failure_note_reaches_local_peers() -> None:
+    spawn_ranks(failure_note, 3, env={"DEEP_EP_TIMEOUT_S": "1"})

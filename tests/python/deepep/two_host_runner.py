@@ -1,12 +1,12 @@
-"""The ranks of one host in the two-host test (test_two_hosts.py).
+"""One rank of the two-host test (test_two_hosts.py).
 
-test_two_hosts.py starts this module once per simulated host, inside that host's network, UTS and
-mount namespaces; it starts the host's ranks, which join the world over gloo at --master:--port:
+test_two_hosts.py starts this script once per rank, inside the namespaces of the rank's host; the
+rank joins the world over gloo at --master:--port:
 
-    python two_host_runner.py --master 10.213.0.1 --port 29500 --world-size 4 --ranks 0,1 --out DIR
+    python two_host_runner.py --master 10.213.0.1 --port 29500 --world-size 4 --rank 0 --host-ranks 2 --out DIR
 
-Every rank runs `results` (every checked call, its outputs saved to DIR/results/rank<r>.pt), then
-`fault` (dispatch/combine in a loop until the link to the other host fails; what it saw goes to
+It runs `results` (every checked call, its outputs saved to DIR/results/rank<r>.pt), then `fault`
+(dispatch/combine in a loop until the link to the other host fails; what it saw goes to
 DIR/fault/rank<r>.json). The test runs `results` alone on one host, too, and compares the files.
 """
 from __future__ import annotations
@@ -22,7 +22,6 @@ from typing import List
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -117,15 +116,14 @@ def fault(rank: int, num_ranks: int, group, out_dir: str, ranks_per_node: int) -
     write_json(os.path.join(fault_dir, f"rank{rank}.json"), report)
 
 
-def run_rank(local_index: int, ranks: List[int], world_size: int, master: str, port: int, scenarios: List[str],
+def run_rank(rank: int, world_size: int, master: str, port: int, host_ranks: int, scenarios: List[str],
              out_dir: str) -> None:
-    rank = ranks[local_index]
     os.environ.pop(NODE_ENV, None)  # the nodes must come from host discovery alone
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://{master}:{port}", world_size=world_size, rank=rank,
                             timeout=timedelta(seconds=60))
     for scenario in scenarios:
-        SCENARIOS[scenario](rank, world_size, dist.group.WORLD, out_dir, len(ranks))
+        SCENARIOS[scenario](rank, world_size, dist.group.WORLD, out_dir, host_ranks)
     if "fault" in scenarios:
         # The default group's connections to the other host are dead: its teardown could block.
         sys.stdout.flush()
@@ -141,18 +139,13 @@ def main() -> None:
     parser.add_argument("--master", required=True, help="address of rank 0's host")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--world-size", type=int, required=True)
-    parser.add_argument("--ranks", required=True, help="comma-separated global ranks of this host")
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--host-ranks", type=int, required=True, help="ranks per host (discovery must agree)")
     parser.add_argument("--scenarios", default="results,fault")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    ranks = [int(r) for r in args.ranks.split(",")]
-    scenarios = args.scenarios.split(",")
-    try:
-        mp.spawn(run_rank, args=(ranks, args.world_size, args.master, args.port, scenarios, args.out),
-                 nprocs=len(ranks), join=True)
-    finally:
-        # What this host's private /dev/shm holds once its ranks are gone.
-        write_json(os.path.join(args.out, f"shm_after_{ranks[0]}.json"), {"segments": our_segments()})
+    run_rank(args.rank, args.world_size, args.master, args.port, args.host_ranks, args.scenarios.split(","),
+             args.out)
 
 
 if __name__ == "__main__":
