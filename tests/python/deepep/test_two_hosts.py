@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import two_host_runner  # noqa: E402
 from common import gather_objects, our_segments  # noqa: E402
-from deep_ep.testing import spawn_ranks  # noqa: E402
+from deep_ep.testing import free_port, spawn_ranks  # noqa: E402
 from deep_ep.transport import collective, shm  # noqa: E402
 from deep_ep.utils import timeout_seconds  # noqa: E402
 
@@ -246,3 +246,31 @@ def failure_note(rank: int, num_ranks: int, group) -> None:
 
 def test_failure_note_reaches_local_peers() -> None:
     spawn_ranks(failure_note, 3, env={"DEEP_EP_TIMEOUT_S": "1"})
+
+
+# ---- one hostname, two /dev/shm --------------------------------------------------------------------------
+def test_same_hostname_separate_dev_shm(tmp_path: Path) -> None:
+    """Two ranks of one hostname and one network, rank 1 with a /dev/shm of its own (as two containers
+    that mount their own): they cannot share memory, so discovery must make them two nodes."""
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    env = {k: v for k, v in os.environ.items() if k != two_host_runner.NODE_ENV}
+    port = free_port()
+    ranks = []
+    for rank in range(2):
+        command = [sys.executable, RUNNER, "--master", "127.0.0.1", "--port", str(port), "--world-size", "2",
+                   "--rank", str(rank), "--host-ranks", "1", "--scenarios", "discovery", "--out", str(tmp_path)]
+        if rank == 1:
+            command = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                       'mount -t tmpfs -o size=16m tmpfs /dev/shm && exec "$@"', "sh"] + command
+        ranks.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        for rank, process in enumerate(ranks):
+            output = process.communicate(timeout=120)[0]
+            assert process.returncode == 0, f"rank {rank}:\n{output[-4000:]}"
+    finally:
+        for process in ranks:
+            if process.poll() is None:
+                process.kill()
+                process.wait()

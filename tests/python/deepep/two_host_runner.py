@@ -43,13 +43,18 @@ def normal_inputs(rank: int, num_ranks: int):
     return make_inputs(rank, [45, 0, 70, 9][rank % 4], HIDDEN, NUM_EXPERTS, 4, num_ranks, seed=11)
 
 
+def check_nodes(buffer: deep_ep.Buffer, ranks_per_node: int) -> None:
+    """The Buffer's nodes are blocks of `ranks_per_node` consecutive ranks."""
+    expected = torch.arange(buffer.group_size) // ranks_per_node
+    assert torch.equal(buffer.rank_to_node, expected), (buffer.rank_to_node, expected)
+
+
 def results(rank: int, num_ranks: int, group, out_dir: str, ranks_per_node: int) -> None:
     """Normal (bf16, int8, cached) and low-latency (bf16, int8) calls, checked against the reference;
     their outputs saved for the comparison with the other run. The hosts have `ranks_per_node` ranks
     each, which host discovery must find."""
     buffer = deep_ep.Buffer(group, num_nvl_bytes=1 << 20)
-    expected_nodes = torch.arange(num_ranks) // ranks_per_node
-    assert torch.equal(buffer.rank_to_node, expected_nodes), (buffer.rank_to_node, expected_nodes)
+    check_nodes(buffer, ranks_per_node)
     saved = {}
     try:
         for quant in ("bf16", "int8"):
@@ -78,6 +83,15 @@ def results(rank: int, num_ranks: int, group, out_dir: str, ranks_per_node: int)
         buffer.destroy()
     os.makedirs(os.path.join(out_dir, "results"), exist_ok=True)
     torch.save(saved, os.path.join(out_dir, "results", f"rank{rank}.pt"))
+
+
+def discovery(rank: int, num_ranks: int, group, out_dir: str, ranks_per_node: int) -> None:
+    """Host discovery alone."""
+    buffer = deep_ep.Buffer(group, num_nvl_bytes=1 << 20)
+    try:
+        check_nodes(buffer, ranks_per_node)
+    finally:
+        buffer.destroy()
 
 
 def write_json(path: str, report: dict) -> None:
@@ -131,7 +145,7 @@ def run_rank(rank: int, world_size: int, master: str, port: int, host_ranks: int
     dist.destroy_process_group()
 
 
-SCENARIOS = {"results": results, "fault": fault}
+SCENARIOS = {"discovery": discovery, "results": results, "fault": fault}
 
 
 def main() -> None:
