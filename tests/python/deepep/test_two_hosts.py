@@ -200,7 +200,6 @@ def test_two_hosts(tmp_path: Path) -> None:
             assert report["hostname"] == hosts.hostnames[host], report
             assert report["calls"] > 0 and report["error"] == "RuntimeError", report
             message = report["message"]
-            print(f"rank {rank}: {message}")
             assert f"rank {rank} " in message and f"ranks {unreachable} on other hosts are unreachable" in message, \
                 report
             detected_s = report["failed_at"] - down_at
