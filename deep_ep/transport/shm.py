@@ -156,15 +156,15 @@ class NodeShm:
 
     def post_failure(self, message: str) -> None:
         """Leaves `message` (why this rank failed) in its control area for the local peers."""
-        if not self.bytes:
-            return
         text = message.encode()[: CONTROL_BYTES - NOTE_OFFSET]
+        if not self.bytes or not text:
+            return
         control = self.bytes[self.local_index]
         control[NOTE_OFFSET: NOTE_OFFSET + len(text)].copy_(torch.frombuffer(bytearray(text), dtype=torch.uint8))
         control[: NOTE_OFFSET].view(torch.int64)[NOTE_WORD] = len(text)  # after the text: never half a note
 
     def peer_failures(self) -> str:
-        """" Rank r of this node failed first: <note>" for every local peer that posted a note; across
+        """The notes local peers posted, each as " Rank r of this node failed first: <note>"; across
         nodes waits up to NOTE_GRACE_S for one."""
         deadline = time.monotonic() + (NOTE_GRACE_S if self.spans_nodes else 0)
         while True:
