@@ -40,14 +40,23 @@ _runtime_ids = itertools.count(1)
 
 
 def _host_identity() -> str:
-    """Ranks with the same identity share memory. The boot id separates containers of one host
-    name that do not share /dev/shm from each other only as far as the OS tells us."""
+    """Ranks with the same identity are one node: they share /dev/shm and see each other's pids.
+
+    hostname / boot id / (device, inode) of /dev/shm. The boot id tells hosts of one name apart;
+    /dev/shm's device and inode tell apart containers (or mount namespaces) of one host and one
+    name that each mount their own /dev/shm and so cannot map each other's segments
+    (docs/host_discovery.md)."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             boot = f.read().strip()
     except OSError:
         boot = ""
-    return f"{socket.gethostname()}/{boot}"
+    try:
+        shm_stat = os.stat("/dev/shm")
+        shm_id = f"{shm_stat.st_dev}:{shm_stat.st_ino}"
+    except OSError:
+        shm_id = ""
+    return f"{socket.gethostname()}/{boot}/{shm_id}"
 
 
 class Buffer(NormalMode, LowLatencyMode):
@@ -200,8 +209,10 @@ class Buffer(NormalMode, LowLatencyMode):
         collective.run_collective(self.comm, groups.CONSTRUCTION, lambda: dist.all_gather_object(
             peers, (_host_identity(), os.getpid()), group=self.comm))
         hosts = [host for host, _ in peers]
-        collective.watch_group(self.comm, timeout_seconds(), {r: pid for r, (host, pid) in enumerate(peers)
-                                                              if host == hosts[self.rank] and r != self.rank})
+        here = hosts[self.rank]
+        collective.watch_group(self.comm, timeout_seconds(),
+                               {r: pid for r, (host, pid) in enumerate(peers) if host == here and r != self.rank},
+                               [r for r, host in enumerate(hosts) if host != here])
         per_node = os.environ.get("DEEP_EP_RANKS_PER_NODE")
         if per_node:
             if not per_node.isdigit() or int(per_node) < 1:

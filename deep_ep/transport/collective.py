@@ -27,7 +27,10 @@ import torch.distributed as dist
 class _GroupInfo:
     timeout_s: Optional[float] = None
     pids: Dict[int, int] = field(default_factory=dict)  # group rank -> pid, peers whose liveness we can see
+    remote: List[int] = field(default_factory=list)  # group ranks on other hosts
     failure: Optional[str] = None
+    # Told the message of a failure (weakly held: a listener does not keep its owner alive).
+    listeners: List[weakref.WeakMethod] = field(default_factory=list)
 
 
 _groups: "weakref.WeakKeyDictionary[dist.ProcessGroup, _GroupInfo]" = weakref.WeakKeyDictionary()
@@ -44,10 +47,28 @@ def process_alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def watch_group(group: dist.ProcessGroup, timeout_s: float, pids: Dict[int, int]) -> None:
-    """Registers the group's timeout and the pids of peers on this host (group rank -> pid), so that
-    failures name the ranks that died. Peers invisible from here (another pid namespace) are left out."""
-    _groups[group] = _GroupInfo(timeout_s, {r: p for r, p in pids.items() if process_alive(p)})
+def _info(group: dist.ProcessGroup) -> _GroupInfo:
+    info = _groups.get(group)
+    if info is None:
+        info = _groups[group] = _GroupInfo()
+    return info
+
+
+def watch_group(group: dist.ProcessGroup, timeout_s: float, pids: Dict[int, int],
+                remote: Sequence[int] = ()) -> None:
+    """Registers the group's timeout, the pids of peers on this host (group rank -> pid) and the ranks on
+    other hosts, so that failures name the ranks that died or cannot be reached. Peers invisible from here
+    (another pid namespace) are left out of `pids`."""
+    info = _info(group)
+    info.timeout_s = timeout_s
+    info.pids = {r: p for r, p in pids.items() if process_alive(p)}
+    info.remote = sorted(remote)
+
+
+def on_failure(group: dist.ProcessGroup, listener: Callable[[str], None]) -> None:
+    """Calls the bound method `listener(message)` when a collective on `group` fails (the shared-memory
+    transport posts the message where the local peers, which may be waiting for this rank, read it)."""
+    _info(group).listeners.append(weakref.WeakMethod(listener))
 
 
 def failure(group: dist.ProcessGroup) -> Optional[str]:
@@ -68,15 +89,25 @@ def _describe(group: dist.ProcessGroup, what: str, error: RuntimeError, info: _G
         if dead or time.monotonic() >= deadline:
             break
         time.sleep(0.01)
+    # Peers on other hosts: their liveness cannot be seen from here, only that they did not answer in time.
+    remote = [r for r in info.remote if r != me]
+    alive = [r for r in sorted(info.pids) if r not in dead]
+    states = [f"ranks {dead} have exited"] if dead else []
+    if remote and (timed_out or not dead):
+        states.append(f"ranks {remote} on other hosts are unreachable or not answering")
+        if alive:
+            states.append(f"ranks {alive} on this host are alive")
     if dead:
-        return (f"deep_ep: rank {me} failed in {what}: ranks {dead} have exited (gloo: {text}). "
+        return (f"deep_ep: rank {me} failed in {what}: {'; '.join(states)} (gloo: {text}). "
                 "The Buffer must be recreated.")
+    who = f"ranks {others}" + (f": {'; '.join(states)}" if states else "")
     if timed_out:
         after = f" after {info.timeout_s:g} s" if info.timeout_s else ""
-        return (f"deep_ep: rank {me} timed out{after} in {what} waiting for ranks {others} (DEEP_EP_TIMEOUT_S; "
-                f"gloo: {text}). A peer crashed, is stuck, or called a different operation; "
+        cause = "A host is unreachable, or a peer" if remote else "A peer"
+        return (f"deep_ep: rank {me} timed out{after} in {what} waiting for {who} (DEEP_EP_TIMEOUT_S; "
+                f"gloo: {text}). {cause} crashed, is stuck, or called a different operation; "
                 "the Buffer must be recreated.")
-    return (f"deep_ep: rank {me} lost the connection in {what} with ranks {others} (gloo: {text}). "
+    return (f"deep_ep: rank {me} lost the connection in {what} with {who} (gloo: {text}). "
             "A peer crashed or its host is unreachable; the Buffer must be recreated.")
 
 
@@ -84,9 +115,7 @@ def run_collective(group: dist.ProcessGroup, what: str, call: Callable[[], None]
     """Runs `call()` (torch.distributed collectives on `group`). A RuntimeError from it becomes one that
     names the ranks waited for (dead ones when their pids tell), mentioning `what` (e.g. "dispatch"); the
     group is then marked failed and every later call raises at once, saying the Buffer must be recreated."""
-    info = _groups.get(group)
-    if info is None:
-        info = _groups[group] = _GroupInfo()
+    info = _info(group)
     if info.failure:
         raise RuntimeError(info.failure)
     try:
@@ -98,6 +127,10 @@ def run_collective(group: dist.ProcessGroup, what: str, call: Callable[[], None]
     # work and its tensors) are freed now instead of living on as our exception's context.
     info.failure = (f"deep_ep: this Buffer can no longer be used after an earlier failure ({message}); "
                     "destroy it and create a new one on every rank.")
+    for listener in info.listeners:
+        method = listener()
+        if method is not None:
+            method(message)
     raise RuntimeError(message)
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from .. import ops
-from . import collective
+from .collective import exchange_rows, run_collective
 from .fields import as_byte_rows
 
 # Bytes this process sent to ranks of other nodes, by phase (tests and the benchmark read it).
@@ -62,9 +62,9 @@ class Forwarding:
 
 
 def plan_forwarding(group: dist.ProcessGroup, topology: Topology, topk_idx: torch.Tensor,
-                    experts_per_rank: int) -> Forwarding:
+                    experts_per_rank: int, what: str = "dispatch") -> Forwarding:
     """Which of this rank's tokens cross to which node (one row per (token, node)); swaps the
-    counts with every rank."""
+    counts with every rank (a failure names `what`)."""
     valid = topk_idx >= 0
     node_of = torch.where(valid, topology.rank_to_node[topk_idx.clamp_min(0) // experts_per_rank],
                           torch.full_like(topk_idx, -1))
@@ -78,8 +78,8 @@ def plan_forwarding(group: dist.ProcessGroup, topology: Topology, topk_idx: torc
         parts.append(tokens)
     send_token = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
     recv = torch.empty(topology.num_ranks, dtype=torch.int64)
-    collective.run_collective(group, "dispatch", lambda: dist.all_to_all_single(
-        recv, torch.tensor(send_counts, dtype=torch.int64), group=group))
+    counts = torch.tensor(send_counts, dtype=torch.int64)
+    run_collective(group, what, lambda: dist.all_to_all_single(recv, counts, group=group))
     recv_counts = recv.tolist()
     origin_rank = torch.repeat_interleave(torch.arange(topology.num_ranks), recv)
     return Forwarding(send_token, send_counts, recv_counts, origin_rank, torch.empty(0, dtype=torch.int64))
@@ -88,11 +88,12 @@ def plan_forwarding(group: dist.ProcessGroup, topology: Topology, topk_idx: torc
 def forward_rows(group: dist.ProcessGroup, forwarding: Forwarding, fields: List[torch.Tensor],
                  phase: str = "dispatch") -> List[torch.Tensor]:
     """Sends this rank's crossing token rows (uint8 fields [T, b_i]) to the forwarders; returns the
-    rows forwarded to this rank, field by field ([F, b_i]), in (source rank, token) order."""
+    rows forwarded to this rank, field by field ([F, b_i]), in (source rank, token) order. `phase`
+    ("dispatch" or "combine") names the operation in the traffic counters and in errors."""
     send = torch.cat([f.index_select(0, forwarding.send_token) for f in fields], dim=1)
     traffic[f"{phase}_bytes"] += send.numel()
     traffic[f"{phase}_rows"] += send.shape[0]
-    recv = collective.exchange_rows(group, send, forwarding.send_counts, forwarding.recv_counts, phase)
+    recv = exchange_rows(group, send, forwarding.send_counts, forwarding.recv_counts, phase)
     out, offset = [], 0
     for f in fields:
         out.append(recv[:, offset: offset + f.shape[1]].clone(memory_format=torch.contiguous_format))
@@ -106,7 +107,7 @@ def return_partials(group: dist.ProcessGroup, forwarding: Forwarding, partials: 
     send = as_byte_rows(partials)
     traffic["combine_bytes"] += send.numel()
     traffic["combine_rows"] += send.shape[0]
-    recv = collective.exchange_rows(group, send, forwarding.recv_counts, forwarding.send_counts, "combine")
+    recv = exchange_rows(group, send, forwarding.recv_counts, forwarding.send_counts, "combine")
     return recv.view(torch.float64).view(-1, partials.shape[1])
 
 

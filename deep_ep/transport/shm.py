@@ -36,6 +36,12 @@ SEGMENT_PREFIX = "deep_ep_"
 # Word offsets inside the control area (64-bit words, one cache line apart).
 BARRIER_WORD = 0
 PID_WORD = 8
+# The owner's failure note in the control area: its length (a word), then UTF-8 text (docs/host_discovery.md).
+NOTE_WORD = 16
+NOTE_OFFSET = (NOTE_WORD + 1) * 8
+# How long a failed barrier waits for a local peer's note when the Buffer spans several nodes: the
+# peer it waited for may be stuck a moment longer in a network exchange that is failing, too.
+NOTE_GRACE_S = 1.0
 
 
 def _align(n: int) -> int:
@@ -141,6 +147,10 @@ class NodeShm:
         self.data = [b[DATA_OFFSET:] for b in self.bytes]
         self.sync = node_sync(self.segments, self.local_index, self.local_ranks)
         self.broken: Optional[str] = None
+        # Across nodes a local peer may wait here while this rank's network exchange fails: tell it why.
+        self.spans_nodes = self.num_local < dist.get_world_size(group)
+        if self.spans_nodes:
+            collective.on_failure(group, self.post_failure)
 
     @property
     def num_local(self) -> int:
@@ -159,10 +169,37 @@ class NodeShm:
         try:
             self.sync.barrier(timeout_seconds(), self.operation)
         except BaseException as error:
+            notes = self.peer_failures() if isinstance(error, RuntimeError) else ""
             # Peers may have moved on without us: the barrier sequence cannot be trusted any more.
-            self.broken = f"deep_ep: this Buffer can no longer be used after an earlier failure ({error}); " \
+            self.broken = f"deep_ep: this Buffer can no longer be used after an earlier failure ({error}{notes}); " \
                           "destroy it and create a new one on every rank."
+            if notes:
+                raise RuntimeError(f"{error}{notes}") from None
             raise
+
+    def post_failure(self, message: str) -> None:
+        """Leaves `message` (why this rank failed) in its control area for the local peers."""
+        text = message.encode()[: CONTROL_BYTES - NOTE_OFFSET]
+        if not self.bytes or not text:
+            return
+        control = self.bytes[self.local_index]
+        control[NOTE_OFFSET: NOTE_OFFSET + len(text)].copy_(torch.frombuffer(bytearray(text), dtype=torch.uint8))
+        control[: NOTE_OFFSET].view(torch.int64)[NOTE_WORD] = len(text)  # after the text: never half a note
+
+    def peer_failures(self) -> str:
+        """The notes local peers posted, each as " Rank r of this node failed first: <note>"; across
+        nodes waits up to NOTE_GRACE_S for one."""
+        deadline = time.monotonic() + (NOTE_GRACE_S if self.spans_nodes else 0)
+        while True:
+            notes = []
+            for index, control in enumerate(self.bytes):
+                length = int(control[: NOTE_OFFSET].view(torch.int64)[NOTE_WORD])
+                if index != self.local_index and length:
+                    text = bytes(control[NOTE_OFFSET: NOTE_OFFSET + length].tolist()).decode(errors="replace")
+                    notes.append(f" Rank {self.local_ranks[index]} of this node failed first: {text}")
+            if notes or time.monotonic() >= deadline:
+                return "".join(notes)
+            time.sleep(0.01)
 
     def close(self) -> None:
         self.bytes = self.meta = self.data = []
