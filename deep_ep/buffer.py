@@ -169,7 +169,10 @@ class Buffer(NormalMode, LowLatencyMode):
         area = self.shm.data[self.shm.local_index][offset:]
         element = torch.empty(0, dtype=dtype).element_size()
         view = area[: area.numel() // element * element].view(dtype)
-        return view if size is None else view[: torch.Size(size).numel()].view(size)
+        view = view if size is None else view[: torch.Size(size).numel()].view(size)
+        # /dev/shm backs only what calls have used so far: reserve what the caller may touch.
+        self.shm.reserve(offset + view.numel() * element, "get_local_buffer_tensor")
+        return view
 
     # ---- static helpers --------------------------------------------------------------------------
     @staticmethod
