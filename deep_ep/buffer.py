@@ -53,8 +53,10 @@ class Buffer(NormalMode, LowLatencyMode):
         group: torch.distributed ProcessGroup (gloo on CPU, hccl on NPU). Collective:
             every rank of the group constructs the Buffer.
         num_nvl_bytes: bytes of this rank's intra-node (shared-memory) data area; 0 picks
-            64 MiB. Larger data goes in rounds; it must hold one token row.
-        num_rdma_bytes: bytes of the low-latency / inter-node buffer.
+            64 MiB. Larger data goes in rounds; it must hold one token row. /dev/shm backs only
+            as much of it as the largest call so far has used (docs/memory.md).
+        num_rdma_bytes: bytes of the low-latency / inter-node buffer; 0 in low-latency mode: as
+            much as the calls' num_max_dispatch_tokens_per_rank, hidden and num_experts need.
         low_latency_mode: enables low_latency_dispatch / low_latency_combine.
         normal_strategy: "default" (shared memory inside a node) or "alltoall"
             (torch.distributed all_to_all_single for everything). On NPU (an 'hccl' group) both

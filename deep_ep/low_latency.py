@@ -22,6 +22,7 @@ import deep_ep_cpp
 from . import layout, npu, ops
 from .pool import OutputPool
 from .transport import alltoall_low_latency, shm_low_latency
+from .transport.shm import SharedMemoryExhausted
 from .transport.fields import as_byte_rows
 from .utils import (FLOAT_DTYPES, NATIVE_DTYPE_CODES, EventOverlap, check_num_topk, check_positive_int,
                     check_tensor, num_threads, resolve_quant_mode, topk_idx_t)
@@ -167,7 +168,8 @@ class LowLatencyMode:
         dist.all_gather_object(sizes, self.num_rdma_bytes, group=self.comm)
         if len(set(sizes)) > 1:
             raise ValueError(f"num_rdma_bytes must be the same on every rank, got {sizes} (by rank)")
-        if self.low_latency_strategy == "default" and self.num_nodes == 1 and self.num_rdma_bytes > 0:
+        if self.low_latency_strategy == "default" and self.num_nodes == 1:
+            # num_rdma_bytes=0 (DeepEP-Ascend callers pass it): sized by the calls themselves.
             self.ll = shm_low_latency.LowLatencyShm(self.comm, self.local_ranks, self.num_rdma_bytes)
         if self.on_npu:
             self.npu_ll = npu.create_low_latency(self)
@@ -214,9 +216,11 @@ class LowLatencyMode:
             raise ValueError(f"low-latency mode supports up to {shm_low_latency.MAX_LOCAL_EXPERTS} experts per "
                              f"rank, got {num_experts // self.group_size}")
         needed = self.get_low_latency_rdma_size_hint(num_max_tokens, hidden, self.group_size, num_experts)
-        if self.num_rdma_bytes < needed or (self.ll is not None and not self.ll.fits(num_max_tokens, hidden,
-                                                                                     num_experts)):
-            raise ValueError(f"num_rdma_bytes={self.num_rdma_bytes} is too small for low-latency mode with "
+        # num_rdma_bytes=0 holds whatever the segment's address space (if any) holds.
+        if 0 < self.num_rdma_bytes < needed or (self.ll is not None and not self.ll.fits(num_max_tokens, hidden,
+                                                                                         num_experts)):
+            raise ValueError(f"num_rdma_bytes={self.num_rdma_bytes or self.ll.num_bytes} is too small for "
+                             f"low-latency mode with "
                              f"num_max_dispatch_tokens_per_rank={num_max_tokens}, hidden={hidden}, "
                              f"{self.group_size} ranks and num_experts={num_experts}: it needs {needed} bytes "
                              f"(Buffer.get_low_latency_rdma_size_hint({num_max_tokens}, {hidden}, "
@@ -237,6 +241,8 @@ class LowLatencyMode:
         self._ll_seq[kind] = seq
         if self.ll is not None:
             parity = seq & 1
+            if kind == 0:
+                self.ll.skip(seq)
             self._ll_guard(lambda: self.ll.wait_acks(kind, parity, seq, what))
             self.ll.publish(kind, parity, seq, header)
             self.ll.ack(kind, parity, seq)
@@ -256,6 +262,8 @@ class LowLatencyMode:
         clean_low_latency_buffer() runs on every rank (or the Buffer is recreated)."""
         try:
             wait()
+        except SharedMemoryExhausted:
+            raise  # no peer is left waiting: the calls stay in step
         except RuntimeError as error:
             self._ll_broken = (f"deep_ep: low-latency mode cannot be used after an earlier failure ({error}); "
                                "call clean_low_latency_buffer() on every rank, or recreate the Buffer.")
@@ -373,7 +381,10 @@ class LowLatencyMode:
                 check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=(num_tokens, num_topk))
             x, topk_idx = x.contiguous(), topk_idx.contiguous()
             slot, counts = layout.low_latency_slots(topk_idx, num_experts)
-        except (ValueError, TypeError):
+            if self.ll is not None:  # every rank's /dev/shm backs what this call writes
+                self._ll_guard(lambda: self.ll.prepare(seq, num_max_dispatch_tokens_per_rank, hidden, num_experts,
+                                                       what))
+        except (ValueError, TypeError, SharedMemoryExhausted):
             self._ll_reject_dispatch(seq, x, num_max_dispatch_tokens_per_rank, what)
             raise
         self._ll_seq[0] = seq
