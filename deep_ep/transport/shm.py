@@ -240,8 +240,8 @@ class NodeShm:
         """int64 [local ranks, length]: every local rank's published meta (after the barrier that
         follows publish_meta). SharedMemoryExhausted on every rank when a rank could not reserve."""
         words = torch.stack([m[: STATUS_WORDS + length] for m in self.meta])
-        failed = words[:, 0].nonzero().flatten().tolist()
-        if failed:
+        if words[:, 0].any():
+            failed = words[:, 0].nonzero().flatten().tolist()
             needed = {self.local_ranks[i]: int(words[i, 0]) for i in failed}
             mine = f" (rank {self.rank}: {self.reservation.failure})" if self.local_index in failed else ""
             # As in agreed(): peers keep their meta until every rank has read it.

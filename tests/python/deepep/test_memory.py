@@ -131,8 +131,15 @@ def low_latency_sizes_itself(rank: int, num_ranks: int, group) -> None:
     assert created < after_small <= created + 2 * shm_transport.COMMIT_GRANULE + slack, (created, after_small)
     # A larger Nmax and hidden size on the same Buffer: the reservation grows with them.
     large = replace(small, tokens=[300, 17, 260], max_tokens=512, hidden=512, seed=2)
-    needed = shm_low_latency.half_bytes(large.max_tokens, large.hidden, large.experts_per_rank * num_ranks)
+    num_experts = large.experts_per_rank * num_ranks
+    needed = shm_low_latency.half_bytes(large.max_tokens, large.hidden, num_experts)
     assert needed > shm_transport.COMMIT_GRANULE
+    # Rank 0 alone asks for the larger Nmax: the peers have not reserved for it, so rank 0 writes nothing
+    # and says why; the peers name rank 0 (ValueError everywhere, no wait).
+    inputs = make_inputs(rank, 8, large.hidden, num_experts, large.topk, num_ranks)
+    with pytest.raises(ValueError, match=r"ranks \[1, 2\] have not prepared .* disagree" if rank == 0 else
+                       r"ranks \[0\] rejected"):
+        buffer.low_latency_dispatch(inputs.x, inputs.topk_idx, large.max_tokens if rank == 0 else 8, num_experts)
     check_low_latency(rank, num_ranks, buffer, large, group)
     after_large = reserved_bytes(segment)
     assert created + 2 * needed <= after_large <= created + 2 * (needed + shm_transport.COMMIT_GRANULE) + slack, \
