@@ -465,12 +465,12 @@ def lifecycle(rank: int, num_ranks: int, group, too_large: int) -> None:
     # A Buffer larger than /dev/shm: /dev/shm backs only what calls use (docs/memory.md), so it works
     # for calls that fit, and touching all of it is a clear error instead of a SIGBUS.
     if too_large:
-        buffer = deep_ep.Buffer(group, num_nvl_bytes=too_large)
-        check_roundtrip(buffer, rank, num_ranks, seed=39)
+        oversized = deep_ep.Buffer(group, num_nvl_bytes=too_large)
+        check_roundtrip(oversized, rank, num_ranks, seed=39)
         expect(RuntimeError, [f"{too_large} bytes", "--shm-size", "num_nvl_bytes"],
-               lambda: buffer.get_local_buffer_tensor(torch.uint8))
-        check_roundtrip(buffer, rank, num_ranks, seed=38)
-        buffer.destroy()
+               lambda: oversized.get_local_buffer_tensor(torch.uint8))
+        check_roundtrip(oversized, rank, num_ranks, seed=38)
+        oversized.destroy()
         assert not our_mappings()
     dist.barrier(group)
     assert not segments_of(pids)

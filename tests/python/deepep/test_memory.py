@@ -34,10 +34,8 @@ from deep_ep.reference import reference_combine, reference_dispatch  # noqa: E40
 from deep_ep.testing import spawn_ranks  # noqa: E402
 from deep_ep.transport import shm as shm_transport  # noqa: E402
 from deep_ep.transport import shm_low_latency  # noqa: E402
-from test_fused_deep_moe import Case as FusedCase  # noqa: E402
-from test_fused_deep_moe import check_case as check_fused  # noqa: E402
-from test_low_latency import Case  # noqa: E402
-from test_low_latency import check_case as check_low_latency  # noqa: E402
+from test_fused_deep_moe import Case as FusedCase, check_case as check_fused  # noqa: E402
+from test_low_latency import Case, check_case as check_low_latency  # noqa: E402
 
 HIDDEN, EXPERTS_PER_RANK, TOPK = 1024, 2, 3
 LARGE_NVL_BYTES = int(2e9)
@@ -277,7 +275,7 @@ def namespace_command(script: str) -> List[str]:
 def namespace_skip_reason() -> Optional[str]:
     if shutil.which("unshare") is None:
         return "unshare is not installed"
-    probe = subprocess.run(namespace_command("true"), capture_output=True, text=True)
+    probe = subprocess.run(namespace_command("true"), check=False, capture_output=True, text=True)
     if probe.returncode != 0:
         return f"a private /dev/shm needs `unshare --mount` and mount, not permitted here: {probe.stderr.strip()}"
     return None
@@ -288,7 +286,7 @@ def test_out_of_dev_shm() -> None:
     if reason:
         pytest.skip(reason)
     proc = subprocess.run(namespace_command(f"exec {sys.executable} {os.path.abspath(__file__)} --out-of-dev-shm"),
-                          capture_output=True, text=True, timeout=900)
+                          check=False, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"exit code {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
 
 
