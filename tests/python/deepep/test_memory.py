@@ -156,23 +156,16 @@ def low_latency_sizes_itself(rank: int, num_ranks: int, group) -> None:
     assert alltoall.ll is None
     check_low_latency(rank, num_ranks, alltoall, large, group)
     alltoall.destroy()
+    explicit_limit(rank, num_ranks, group)
     if rank == 0:
         print(f"\nlow-latency mode, num_rdma_bytes=0 ({shm_low_latency.AUTO_BYTES} B mapped): reserved per rank "
               f"after creation {created} B, after Nmax={small.max_tokens} H={small.hidden} {after_small} B, "
               f"after Nmax={large.max_tokens} H={large.hidden} {after_large} B")
 
 
-def test_low_latency_num_rdma_bytes_zero() -> None:
-    spawn_ranks(low_latency_sizes_itself, 3)
-    assert not our_segments()
-
-
-def test_explicit_num_rdma_bytes_still_checked() -> None:
-    """A given num_rdma_bytes stays a limit (DeepEP's contract): too small is a ValueError naming the size."""
-    spawn_ranks(explicit_limit, 2)
-
-
 def explicit_limit(rank: int, num_ranks: int, group) -> None:
+    """A given num_rdma_bytes stays a limit (DeepEP's contract): a layout larger than it is a ValueError
+    naming the size; the reservation never passes it."""
     case = Case(tokens=[8], max_tokens=8, hidden=64, experts_per_rank=2, topk=2)
     size = deep_ep.Buffer.get_low_latency_rdma_size_hint(8, 64, num_ranks, 2 * num_ranks)
     buffer = deep_ep.Buffer(group, num_rdma_bytes=size, low_latency_mode=True)
@@ -183,6 +176,11 @@ def explicit_limit(rank: int, num_ranks: int, group) -> None:
         buffer.low_latency_dispatch(inputs.x, inputs.topk_idx, 16, 2 * num_ranks)
     check_low_latency(rank, num_ranks, buffer, replace(case, seed=1), group)
     buffer.destroy()
+
+
+def test_low_latency_num_rdma_bytes_zero() -> None:
+    spawn_ranks(low_latency_sizes_itself, 3)
+    assert not our_segments()
 
 
 # ---- out of /dev/shm (run inside a private mount namespace, see main) ----------------------------------------
