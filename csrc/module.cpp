@@ -55,9 +55,15 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
     register_low_latency(m);
 
     py::class_<SharedMemory>(m, "SharedMemory", py::buffer_protocol())
-        .def(py::init<const std::string&, std::size_t, bool>(), py::arg("name"), py::arg("size"), py::arg("create"))
+        .def(py::init<const std::string&, std::size_t, bool, std::size_t>(), py::arg("name"), py::arg("size"),
+             py::arg("create"), py::arg("committed"),
+             "Creates (create=True) or maps a segment of `size` bytes; the creator reserves its first "
+             "`committed` bytes in /dev/shm.")
         .def("unlink", &SharedMemory::unlink)
         .def("close", &SharedMemory::close)
+        .def("commit", &SharedMemory::commit, py::arg("offset"), py::arg("length"),
+             "Creator only: reserves [offset, offset + length) in /dev/shm (RuntimeError when it is full).")
+        .def_property_readonly("fd", &SharedMemory::fd)
         .def_property_readonly("address", &SharedMemory::address)
         .def_property_readonly("size", &SharedMemory::size)
         .def_property_readonly("name", &SharedMemory::name)

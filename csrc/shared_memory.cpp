@@ -9,6 +9,8 @@
 #include <sys/statvfs.h>
 #include <unistd.h>
 
+#include <utility>
+
 namespace deep_ep {
 
 namespace {
@@ -39,9 +41,10 @@ std::string no_space_text(int fd, std::size_t size, int err) {
 
 }  // namespace
 
-SharedMemory::SharedMemory(const std::string& name, std::size_t size, bool create)
+SharedMemory::SharedMemory(const std::string& name, std::size_t size, bool create, std::size_t committed)
     : name_(name), size_(size), owns_name_(create) {
     if (size == 0) throw std::invalid_argument("shared memory size must be positive");
+    if (committed > size) throw std::invalid_argument("shared memory: committed bytes exceed the size");
     const int flags = create ? (O_CREAT | O_EXCL | O_RDWR) : O_RDWR;
     FdGuard guard{::shm_open(name.c_str(), flags, 0600)};
     if (guard.fd < 0) {
@@ -53,9 +56,9 @@ SharedMemory::SharedMemory(const std::string& name, std::size_t size, bool creat
             ::shm_unlink(name.c_str());
             throw std::runtime_error(text);
         }
-        const int err = ::posix_fallocate(guard.fd, 0, static_cast<off_t>(size));
+        const int err = committed ? ::posix_fallocate(guard.fd, 0, static_cast<off_t>(committed)) : 0;
         if (err != 0) {
-            const std::string text = no_space_text(guard.fd, size, err);
+            const std::string text = no_space_text(guard.fd, committed, err);
             ::shm_unlink(name.c_str());
             throw std::runtime_error(text);
         }
@@ -73,6 +76,7 @@ SharedMemory::SharedMemory(const std::string& name, std::size_t size, bool creat
         if (create) ::shm_unlink(name.c_str());
         throw std::runtime_error("deep_ep: mmap of " + name + " failed: " + errno_text(err));
     }
+    if (create) std::swap(fd_, guard.fd);  // the creator keeps it to commit more later
 }
 
 SharedMemory::~SharedMemory() {
@@ -93,6 +97,21 @@ void SharedMemory::close() {
         ::munmap(addr_, size_);
         addr_ = nullptr;
     }
+    if (fd_ >= 0) {
+        ::close(fd_);
+        fd_ = -1;
+    }
+}
+
+void SharedMemory::commit(std::size_t offset, std::size_t length) {
+    if (fd_ < 0) throw std::logic_error("deep_ep: only the creator of " + name_ + " can commit it, while open");
+    if (offset > size_ || length > size_ - offset)
+        throw std::out_of_range("deep_ep: commit of [" + std::to_string(offset) + ", " +
+                                std::to_string(offset + length) + ") outside the " + std::to_string(size_) +
+                                " bytes of " + name_);
+    if (length == 0) return;
+    const int err = ::posix_fallocate(fd_, static_cast<off_t>(offset), static_cast<off_t>(length));
+    if (err != 0) throw std::runtime_error(no_space_text(fd_, length, err));
 }
 
 }  // namespace deep_ep

@@ -66,9 +66,10 @@ class Buffer(NormalMode, LowLatencyMode):
         group: torch.distributed ProcessGroup (gloo on CPU, hccl on NPU). Collective:
             every rank of the group constructs the Buffer.
         num_nvl_bytes: bytes of this rank's intra-node (shared-memory) data area; 0 picks
-            64 MiB. Larger data goes in rounds; it must hold one token row.
-        num_rdma_bytes: bytes of the low-latency shared memory (get_low_latency_rdma_size_hint);
-            0: low-latency calls go over all_to_all_single (same results).
+            64 MiB. Larger data goes in rounds; it must hold one token row. /dev/shm backs only
+            as much of it as the largest call so far has used (docs/memory.md).
+        num_rdma_bytes: bytes of the low-latency / inter-node buffer; 0 in low-latency mode: as
+            much as the calls' num_max_dispatch_tokens_per_rank, hidden and num_experts need.
         low_latency_mode: enables low_latency_dispatch / low_latency_combine.
         normal_strategy: a name or a NormalEPCommStrategy: "default" (shared memory inside a node,
             the hierarchical transport across nodes; HCCL all_to_all_single on NPU) or "alltoall"
@@ -242,7 +243,10 @@ class Buffer(NormalMode, LowLatencyMode):
         area = self.shm.data[self.shm.local_index][offset:]
         element = torch.empty(0, dtype=dtype).element_size()
         view = area[: area.numel() // element * element].view(dtype)
-        return view if size is None else view[: torch.Size(size).numel()].view(size)
+        view = view if size is None else view[: torch.Size(size).numel()].view(size)
+        # /dev/shm backs only what calls have used so far: reserve what the caller may touch.
+        self.shm.reserve(offset + view.numel() * element, "get_local_buffer_tensor")
+        return view
 
     # ---- static helpers --------------------------------------------------------------------------
     @staticmethod

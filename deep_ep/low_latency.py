@@ -21,6 +21,7 @@ import torch.distributed as dist
 from . import env, layout, npu
 from .pool import OutputPool
 from .transport import collective, groups, shm_low_latency
+from .transport.shm import SharedMemoryExhausted
 from .utils import (FLOAT_DTYPES, NATIVE_DTYPE_CODES, EventOverlap, check_num_topk, check_positive_int,
                     check_tensor, resolve_quant_mode, topk_idx_t)
 
@@ -173,9 +174,8 @@ class LowLatencyMode:
     def low_latency_shm(self) -> Optional[shm_low_latency.LowLatencyShm]:
         """The node's low-latency shared memory (mapped on first use: collective, every rank calls it
         when building a "default" low-latency strategy), or None where there is none: several nodes,
-        num_rdma_bytes=0, low_latency_mode=False or the NPU path."""
-        if self.ll is None and self.low_latency_mode and self.num_nodes == 1 and self.num_rdma_bytes > 0 \
-                and not self.on_npu:
+        low_latency_mode=False or the NPU path. num_rdma_bytes=0 sizes it by the calls (docs/memory.md)."""
+        if self.ll is None and self.low_latency_mode and self.num_nodes == 1 and not self.on_npu:
             self.ll = shm_low_latency.LowLatencyShm(self.comm, self.local_ranks, self.num_rdma_bytes)
         return self.ll
 
@@ -224,9 +224,11 @@ class LowLatencyMode:
             raise ValueError(f"low-latency mode supports up to {shm_low_latency.MAX_LOCAL_EXPERTS} experts per "
                              f"rank, got {roles.experts_per_rank}")
         needed = shm_low_latency.bytes_needed(num_max_tokens, hidden, self.group_size, roles.virtual_experts)
-        too_small = 0 < self.num_rdma_bytes < needed
-        if too_small or (ll is not None and not ll.fits(num_max_tokens, hidden, roles.virtual_experts)):
-            raise ValueError(f"num_rdma_bytes={self.num_rdma_bytes} is too small for low-latency mode with "
+        # num_rdma_bytes=0 holds whatever the segment's address space (if any) holds.
+        if 0 < self.num_rdma_bytes < needed or (ll is not None and not ll.fits(num_max_tokens, hidden,
+                                                                               roles.virtual_experts)):
+            raise ValueError(f"num_rdma_bytes={self.num_rdma_bytes or ll.num_bytes} is too small for "
+                             f"low-latency mode with "
                              f"num_max_dispatch_tokens_per_rank={num_max_tokens}, hidden={hidden}, "
                              f"{self.group_size} ranks and num_experts={num_experts}: it needs {needed} bytes "
                              f"(Buffer.get_low_latency_rdma_size_hint({num_max_tokens}, {hidden}, "
@@ -264,6 +266,8 @@ class LowLatencyMode:
         clean_low_latency_buffer() runs on every rank (or the Buffer is recreated)."""
         try:
             wait()
+        except SharedMemoryExhausted:
+            raise  # no peer is left waiting: the calls stay in step
         except RuntimeError as error:
             self._ll_broken = (f"deep_ep: low-latency mode cannot be used after an earlier failure ({error}); "
                                "call clean_low_latency_buffer() on every rank, or recreate the Buffer.")
@@ -363,7 +367,10 @@ class LowLatencyMode:
             if shared is not None:  # the transports route the shared expert as one more top-k column
                 topk_idx = shared.virtual_topk(topk_idx, self.rank)
             slot, counts = layout.low_latency_slots(topk_idx, roles.virtual_experts, num_max_dispatch_tokens_per_rank)
-        except (ValueError, TypeError):
+            if transport.ll is not None:  # every rank's /dev/shm backs what this call writes
+                self.ll_guard(lambda: transport.ll.prepare(seq, num_max_dispatch_tokens_per_rank, hidden,
+                                                            roles.virtual_experts, what))
+        except (ValueError, TypeError, SharedMemoryExhausted):
             self._ll_reject_dispatch(seq, x, num_max_dispatch_tokens_per_rank, what, transport)
             raise
         self._ll_seq[0] = seq

@@ -43,6 +43,8 @@ class SharedMemoryLowLatency:
 
     def reject(self, rt: LowLatencyMode, kind: int, seq: int, header: List[int], what: str) -> None:
         ll, parity = self.ll, seq & 1
+        if kind == 0:
+            ll.skip(seq)
         rt.ll_guard(lambda: ll.wait_acks(kind, parity, seq, what))
         ll.publish(kind, parity, seq, header)
         ll.ack(kind, parity, seq)

@@ -4,19 +4,27 @@ Every local rank owns one segment, mapped by all its local peers:
 
     [control 4 KiB | meta 64 KiB | data area (num_nvl_bytes)]
 
-control holds the barrier counter and the owner's pid; meta the header and
-per-expert counts of the current call; the data area the rows the owner
-publishes. Receivers pull rows straight from the owner's data area into their
-output tensors (one copy), in rounds when the data is larger than the area.
-Segments are unlinked as soon as every local peer has mapped them, so nothing
-is left in /dev/shm even if a process is killed.
+control holds the barrier counter and the owner's pid; meta the outcome of the
+owner's reservation, the header and per-expert counts of the current call; the
+data area the rows the owner publishes. Receivers pull rows straight from the
+owner's data area into their output tensors (one copy), in rounds when the data
+is larger than the area. Segments are unlinked as soon as every local peer has
+mapped them, so nothing is left in /dev/shm even if a process is killed.
+
+Memory follows use: the whole segment is address space from the start, but only
+control and meta are reserved in /dev/shm; the data area is reserved (posix_fallocate)
+as a growing prefix, just before a call writes more rows than ever before. Only the
+owner writes its data area, and each source's rows of a round start at its data
+area's beginning, so what peers read lies inside what the owner reserved. A rank whose
+reservation fails says so in its meta and writes nothing; after the barrier every rank
+raises SharedMemoryExhausted (docs/memory.md).
 """
 from __future__ import annotations
 
 import os
 import time
 import uuid
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -30,6 +38,7 @@ from .groups import CONSTRUCTION
 
 CONTROL_BYTES = 4096
 META_BYTES = 64 * 1024
+STATUS_WORDS = 1  # meta word 0: data-area bytes this rank failed to reserve for the call (0: none)
 DATA_OFFSET = CONTROL_BYTES + META_BYTES
 ALIGN = 64
 SEGMENT_PREFIX = "deep_ep_"
@@ -42,6 +51,54 @@ NOTE_OFFSET = (NOTE_WORD + 1) * 8
 # How long a failed barrier waits for a local peer's note when the Buffer spans several nodes: the
 # peer it waited for may be stuck a moment longer in a network exchange that is failing, too.
 NOTE_GRACE_S = 1.0
+
+# Reservations of /dev/shm grow by at least this much, so that slowly growing calls
+# reserve in a few steps.
+COMMIT_GRANULE = 1 << 20
+
+
+class SharedMemoryExhausted(RuntimeError):
+    """/dev/shm could not hold the shared memory a call needs. Raised on every local rank
+    before any row moves; the Buffer stays usable for calls that need less."""
+
+
+def exhausted_message(what: str, needed: Dict[int, int], remedy: str) -> str:
+    """The message of SharedMemoryExhausted: the ranks (global rank -> bytes they needed)."""
+    ranks = ", ".join(f"rank {r} needs {n} bytes" for r, n in sorted(needed.items()))
+    return (f"deep_ep {what}: /dev/shm is too small for this call ({ranks} of shared memory reserved); "
+            f"no data moved and the Buffer stays usable for smaller calls. Enlarge /dev/shm (for example "
+            f"docker run --shm-size=16g) or {remedy}.")
+
+
+class Reservation:
+    """The reserved prefix of one area of this rank's segment, grown on demand.
+
+    Args:
+        segment: this rank's deep_ep_cpp.SharedMemory (its creator).
+        offset / size: the area, in bytes from the segment's start.
+    """
+
+    def __init__(self, segment, offset: int, size: int) -> None:
+        self.segment = segment
+        self.offset = offset
+        self.size = size
+        self.reserved = 0
+        self.failure: Optional[str] = None  # the native reason of the last failed grow()
+
+    def grow(self, nbytes: int) -> bool:
+        """Reserves at least the first `nbytes` of the area (in COMMIT_GRANULE steps, at most the
+        area). False, with the reason in `failure`, when /dev/shm is full; nothing changes then."""
+        if nbytes <= self.reserved:
+            return True
+        target = min(self.size, -(-nbytes // COMMIT_GRANULE) * COMMIT_GRANULE)
+        try:
+            # Only the new part: a failed reservation must not touch the pages reserved before.
+            self.segment.commit(self.offset + self.reserved, target - self.reserved)
+        except RuntimeError as error:
+            self.failure = str(error)
+            return False
+        self.reserved = target
+        return True
 
 
 def _align(n: int) -> int:
@@ -84,8 +141,9 @@ def unlink_segment(name: str) -> None:
         pass
 
 
-def map_node_segments(group: dist.ProcessGroup, local_ranks: Sequence[int], size: int) -> list:
-    """Creates this rank's segment of `size` bytes, maps every local peer's, and unlinks the names.
+def map_node_segments(group: dist.ProcessGroup, local_ranks: Sequence[int], size: int, committed: int) -> list:
+    """Creates this rank's segment of `size` bytes (reserving its first `committed` bytes in
+    /dev/shm), maps every local peer's, and unlinks the names.
 
     Collective over `group` (the names travel through it). Every segment starts with the control
     words (BARRIER_WORD, PID_WORD); the creator writes its pid. Once every rank has passed the
@@ -100,12 +158,13 @@ def map_node_segments(group: dist.ProcessGroup, local_ranks: Sequence[int], size
     remove_stale_segments()
     name = f"/{SEGMENT_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:12]}_{rank}"
     names: List[Optional[str]] = [None] * dist.get_world_size(group)
-    own = deep_ep_cpp.SharedMemory(name, size, True)
+    own = deep_ep_cpp.SharedMemory(name, size, True, committed)
     try:
         control = torch.frombuffer(own, dtype=torch.int64, count=CONTROL_BYTES // 8)
         control[PID_WORD] = os.getpid()
         collective.run_collective(group, CONSTRUCTION, lambda: dist.all_gather_object(names, name, group=group))
-        segments = [own if r == rank else deep_ep_cpp.SharedMemory(names[r], size, False) for r in local_ranks]
+        segments = [own if r == rank else deep_ep_cpp.SharedMemory(names[r], size, False, 0)
+                    for r in local_ranks]
         # Every peer has mapped every segment once all pass this barrier.
         collective.run_collective(group, CONSTRUCTION, lambda: dist.barrier(group=group))
     except BaseException:
@@ -131,7 +190,7 @@ class NodeShm:
     Args:
         group: the Buffer's process group (used once, to swap segment names).
         local_ranks: ranks (in `group`) of this node, ascending; this rank among them.
-        data_bytes: size of every rank's data area.
+        data_bytes: size of every rank's data area (address space; /dev/shm is reserved as calls need it).
     """
 
     def __init__(self, group: dist.ProcessGroup, local_ranks: Sequence[int], data_bytes: int) -> None:
@@ -141,7 +200,8 @@ class NodeShm:
         self.data_bytes = data_bytes
         # The call in progress ("dispatch", "combine", ...), named when a barrier times out.
         self.operation = "the shared-memory exchange"
-        self.segments = map_node_segments(group, self.local_ranks, DATA_OFFSET + data_bytes)
+        self.segments = map_node_segments(group, self.local_ranks, DATA_OFFSET + data_bytes, DATA_OFFSET)
+        self.reservation = Reservation(self.segments[self.local_index], DATA_OFFSET, data_bytes)
         self.bytes = [torch.frombuffer(s, dtype=torch.uint8) for s in self.segments]
         self.meta = [b[CONTROL_BYTES:DATA_OFFSET].view(torch.int64) for b in self.bytes]
         self.data = [b[DATA_OFFSET:] for b in self.bytes]
@@ -207,12 +267,27 @@ class NodeShm:
             segment.close()
         self.segments = []
 
+    # ---- memory --------------------------------------------------------------------------------
+    def reserve(self, nbytes: int, what: str) -> None:
+        """Reserves the first `nbytes` of this rank's data area (for local use: no peer reads it);
+        SharedMemoryExhausted when /dev/shm is full."""
+        if not self.reservation.grow(nbytes):
+            raise SharedMemoryExhausted(exhausted_message(what, {self.rank: nbytes}, "lower num_nvl_bytes") +
+                                        f" ({self.reservation.failure})")
+
     # ---- meta ----------------------------------------------------------------------------------
-    def publish_meta(self, meta: torch.Tensor) -> None:
-        if meta.numel() * 8 > META_BYTES:
+    def publish_meta(self, meta: torch.Tensor, data_bytes: int) -> bool:
+        """Reserves the first `data_bytes` of this rank's data area and publishes `meta` with the
+        outcome. Returns whether this rank may write its rows (read_meta raises on every rank if not)."""
+        if (meta.numel() + STATUS_WORDS) * 8 > META_BYTES:
             raise ValueError(f"deep_ep: per-call metadata of {meta.numel()} int64 values exceeds the "
-                             f"{META_BYTES // 8} the shared-memory control area holds; use fewer experts")
-        self.meta[self.local_index][: meta.numel()].copy_(meta)
+                             f"{META_BYTES // 8 - STATUS_WORDS} the shared-memory control area holds; "
+                             "use fewer experts")
+        reserved = self.reservation.grow(data_bytes)
+        mine = self.meta[self.local_index]
+        mine[0] = 0 if reserved else data_bytes
+        mine[STATUS_WORDS: STATUS_WORDS + meta.numel()].copy_(meta)
+        return reserved
 
     def agreed(self, decide: Callable, meta_all: torch.Tensor):
         """Runs `decide(meta_all)`. Every rank sees the same meta, so a ValueError/TypeError
@@ -225,10 +300,26 @@ class NodeShm:
             raise
 
     def read_meta(self, length: int) -> torch.Tensor:
-        """int64 [local ranks, length]: every local rank's published meta."""
-        return torch.stack([m[:length] for m in self.meta])
+        """int64 [local ranks, length]: every local rank's published meta (after the barrier that
+        follows publish_meta). SharedMemoryExhausted on every rank when a rank could not reserve."""
+        words = torch.stack([m[: STATUS_WORDS + length] for m in self.meta])
+        if words[:, 0].any():
+            failed = words[:, 0].nonzero().flatten().tolist()
+            needed = {self.local_ranks[i]: int(words[i, 0]) for i in failed}
+            mine = f" (rank {self.rank}: {self.reservation.failure})" if self.local_index in failed else ""
+            # As in agreed(): peers keep their meta until every rank has read it.
+            self.barrier()
+            raise SharedMemoryExhausted(exhausted_message(
+                self.operation, needed, "lower num_nvl_bytes (larger data then moves in rounds) or move fewer "
+                "tokens per call") + mine)
+        return words[:, STATUS_WORDS:]
 
     # ---- data area -----------------------------------------------------------------------------
+    @staticmethod
+    def regions_bytes(widths: Sequence[int], rows: int) -> int:
+        """Data-area bytes of `regions(..., widths, rows)`."""
+        return sum(_align(rows * width) for width in widths)
+
     def regions(self, local_index: int, widths: Sequence[int], rows: int) -> List[torch.Tensor]:
         """uint8 [rows, width] views of consecutive aligned regions of a rank's data area."""
         out, offset = [], 0
@@ -253,24 +344,30 @@ def dispatch_rows(node: NodeShm, meta: torch.Tensor, fields_in: List[torch.Tenso
         waits: None or int64 [local ranks]; gets the nanoseconds this rank waited for every local
             rank's rows to be published (all rounds).
     Returns: every rank's meta [R, m].
+
+    A round moves up to `window` rows per source (as many as the data area holds); a source with
+    fewer tokens lays out its regions for just those (its own window), so that the data area it
+    reserves follows the largest call it has made.
     """
     node.operation = what
     widths = [f.shape[1] for f in fields_in]
     window = window_rows(node.data_bytes, row_bytes(fields_in), len(fields_in))
     num_tokens = fields_in[0].shape[0]
+    own_window = min(num_tokens, window)
 
     def publish(begin: int) -> None:
         end = max(begin, min(num_tokens, begin + window))
-        for region, field in zip(node.regions(node.local_index, widths, window), fields_in):
+        for region, field in zip(node.regions(node.local_index, widths, own_window), fields_in):
             region[: end - begin].copy_(field[begin:end])
 
-    node.publish_meta(meta)
-    publish(0)
+    if node.publish_meta(meta, node.regions_bytes(widths, own_window)):
+        publish(0)
     node.timed_barrier(time.monotonic_ns(), waits)
     meta_all = node.read_meta(meta.numel())
     fields_out, routes = node.agreed(make_plan, meta_all)
-    max_tokens = int(meta_all[:, 1].max())
-    num_rounds = max(1, -(-max_tokens // window))
+    tokens = meta_all[:, 1].tolist()
+    windows = [min(t, window) for t in tokens]
+    num_rounds = max(1, -(-max(tokens) // window))
     for round_index in range(num_rounds):
         begin = round_index * window
         if round_index > 0:
@@ -278,10 +375,10 @@ def dispatch_rows(node: NodeShm, meta: torch.Tensor, fields_in: List[torch.Tenso
             node.timed_barrier(time.monotonic_ns(), waits)
         src_rank, src_row, dst_row = [], [], []
         for source in range(node.num_local):
-            count = min(int(meta_all[source, 1]) - begin, window)
+            count = min(tokens[source] - begin, window)
             if count <= 0:
                 continue
-            regions = node.regions(source, widths, window)
+            regions = node.regions(source, widths, windows[source])
             token, row = routes(source, regions, begin, begin + count)
             src_rank.append(torch.full_like(token, source, dtype=torch.int32))
             src_row.append(token - begin)
@@ -289,9 +386,9 @@ def dispatch_rows(node: NodeShm, meta: torch.Tensor, fields_in: List[torch.Tenso
         if src_rank:
             ranks, rows, outs = torch.cat(src_rank), torch.cat(src_row), torch.cat(dst_row)
             for index, (width, out) in enumerate(zip(widths, fields_out)):
-                srcs = [node.regions(s, widths, window)[index].data_ptr() for s in range(node.num_local)]
-                deep_ep_cpp.copy_rows(out.data_ptr(), out.shape[0], width, srcs, [window] * node.num_local,
-                                      width, width, ranks.numpy(), rows.numpy(), outs.numpy(), num_threads())
+                srcs = [node.regions(s, widths, windows[s])[index].data_ptr() for s in range(node.num_local)]
+                deep_ep_cpp.copy_rows(out.data_ptr(), out.shape[0], width, srcs, windows, width, width,
+                                      ranks.numpy(), rows.numpy(), outs.numpy(), num_threads())
         node.barrier()
     return meta_all
 
@@ -317,16 +414,20 @@ def combine_rows(node: NodeShm, meta: torch.Tensor, check: Callable[[torch.Tenso
     bytes_per_row = x.shape[1] * x.element_size()
     window = window_rows(node.data_bytes, bytes_per_row, 1)
     num_rounds = max(1, -(-max(rows_per_rank) // window))
+    # Each holder's regions hold just its rows when they fit (see dispatch_rows).
+    windows = [min(rows, window) for rows in rows_per_rank]
+    me = node.local_index
     x_bytes = x.view(torch.uint8).view(x.shape[0], bytes_per_row)
-    node.publish_meta(meta)
+    reserved = node.publish_meta(meta, node.regions_bytes([bytes_per_row], windows[me]))
     valid = dest_rank >= 0
     if num_rounds == 1:
         start = time.monotonic_ns()
-        node.regions(node.local_index, [bytes_per_row], window)[0][: rows_per_rank[node.local_index]].copy_(
-            x_bytes[: rows_per_rank[node.local_index]])
+        if reserved:
+            node.regions(me, [bytes_per_row], windows[me])[0][: rows_per_rank[me]].copy_(
+                x_bytes[: rows_per_rank[me]])
         node.barrier()
         node.agreed(check, node.read_meta(meta.numel()))
-        sources = [node.regions(s, [bytes_per_row], window)[0] for s in range(node.num_local)]
+        sources = [node.regions(s, [bytes_per_row], windows[s])[0] for s in range(node.num_local)]
         reduce(sources, torch.where(valid, dest_rank, -1).to(torch.int32), dest_row)
         node.timed_barrier(start, sends)
         return
@@ -340,14 +441,15 @@ def combine_rows(node: NodeShm, meta: torch.Tensor, check: Callable[[torch.Tenso
     for round_index in range(num_rounds):
         start = time.monotonic_ns()
         begin = round_index * window
-        mine = x_bytes[begin: min(rows_per_rank[node.local_index], begin + window)]
-        node.regions(node.local_index, [bytes_per_row], window)[0][: mine.shape[0]].copy_(mine)
+        mine = x_bytes[begin: min(rows_per_rank[me], begin + window)]
+        if reserved:
+            node.regions(me, [bytes_per_row], windows[me])[0][: mine.shape[0]].copy_(mine)
         node.barrier()
         if round_index == 0:
             node.agreed(check, node.read_meta(meta.numel()))
         in_round = (holder_row >= begin) & (holder_row < begin + window)
-        srcs = [node.regions(s, [bytes_per_row], window)[0].data_ptr() for s in range(node.num_local)]
-        deep_ep_cpp.copy_rows(stage.data_ptr(), stage.shape[0], bytes_per_row, srcs, [window] * node.num_local,
+        srcs = [node.regions(s, [bytes_per_row], windows[s])[0].data_ptr() for s in range(node.num_local)]
+        deep_ep_cpp.copy_rows(stage.data_ptr(), stage.shape[0], bytes_per_row, srcs, windows,
                               bytes_per_row, bytes_per_row, holder[in_round].to(torch.int32).numpy(),
                               (holder_row[in_round] - begin).numpy(), in_round.nonzero().flatten().numpy(),
                               num_threads())

@@ -1,8 +1,9 @@
 """Shared-memory transport of low-latency mode (CPU ranks of one node).
 
-Every local rank owns one segment of `num_rdma_bytes`, mapped by all its local peers:
+Every local rank owns one segment of `num_rdma_bytes` (AUTO_BYTES of address space when it is 0),
+mapped by all its local peers:
 
-    [control 4 KiB | mailboxes | parity 0: slots, tokens ... returns | parity 1: the same]
+    [control 4 KiB | mailboxes | parity 0: slots, tokens, scales, returns ... | parity 1: the same]
 
 - mailboxes: one per (kind, parity, source rank), kind = dispatch or combine. The source writes a
   header (and, for dispatch, its row count per local expert of the owner) and then release-stores
@@ -25,6 +26,14 @@ Every local rank owns one segment of `num_rdma_bytes`, mapped by all its local p
 
 Positions of the two parity halves depend only on the segment size, so a peer that disagrees on
 Nmax, H or E (reported through the header) can never write into the other parity.
+
+Memory follows use: /dev/shm backs only the control area and mailboxes at first, and then of each
+half the prefix the largest (Nmax, H, E) so far needs. Peers write into each other's halves, so a
+dispatch first makes sure every local rank has reserved its prefix (prepare): the owner reserves,
+publishes its reserved size (COMMITTED_WORD) and that it is done with the call (READY_WORD); a
+source that finds a peer's reservation too small waits for that peer's READY_WORD and writes
+nothing if the peer could not reserve (SharedMemoryExhausted on every rank) or prepared for other
+sizes (ValueError).
 """
 from __future__ import annotations
 
@@ -38,6 +47,7 @@ import deep_ep_cpp
 
 from ..utils import timeout_seconds
 from . import shm
+from .shm import SharedMemoryExhausted
 
 DISPATCH, COMBINE = 0, 1
 MAILBOX_BYTES = 8192
@@ -47,6 +57,12 @@ COUNTS_WORD = HEADER_WORD + HEADER_WORDS
 MAX_LOCAL_EXPERTS = MAILBOX_BYTES // 8 - COUNTS_WORD
 MAX_TOPK = 16
 ALIGN = shm.ALIGN
+# Segment size for num_rdma_bytes=0: address space only, /dev/shm is reserved as calls need it.
+AUTO_BYTES = 64 << 30
+# Control words of the reservation handshake (after shm.BARRIER_WORD and shm.PID_WORD).
+COMMITTED_WORD = 16  # bytes of each half this rank has reserved
+READY_WORD = 24  # the last dispatch call whose reservation step this rank has finished
+FAILED_WORD = 32  # + parity: bytes this rank failed to reserve at that parity's last call (0: none)
 
 
 def _align(n: int) -> int:
@@ -71,10 +87,15 @@ def return_bytes(num_max_tokens: int, hidden: int, num_experts: int) -> int:
     return _align(num_max_tokens * (MAX_TOPK + 1) * 2 * hidden)
 
 
+def half_bytes(num_max_tokens: int, hidden: int, num_experts: int) -> int:
+    """Bytes of one parity's areas, a prefix of its half: dispatch slots, tokens and scales, then
+    the combine rows."""
+    return slot_bytes(num_max_tokens, hidden, num_experts) + return_bytes(num_max_tokens, hidden, num_experts)
+
+
 def bytes_needed(num_max_tokens: int, hidden: int, num_ranks: int, num_experts: int) -> int:
     """Segment bytes for Nmax tokens of hidden size H per rank, R ranks and E experts."""
-    half = slot_bytes(num_max_tokens, hidden, num_experts) + return_bytes(num_max_tokens, hidden, num_experts)
-    return control_bytes(num_ranks) + 2 * half
+    return control_bytes(num_ranks) + 2 * half_bytes(num_max_tokens, hidden, num_experts)
 
 
 @dataclass
@@ -94,7 +115,7 @@ class LowLatencyShm:
     Args:
         group: the Buffer's process group (collective: names travel through it once).
         local_ranks: ranks (in `group`) of this node, ascending; here every rank of the group.
-        num_bytes: size of every rank's segment (`num_rdma_bytes`).
+        num_bytes: size of every rank's segment (`num_rdma_bytes`); 0: AUTO_BYTES.
     """
 
     def __init__(self, group: dist.ProcessGroup, local_ranks: Sequence[int], num_bytes: int) -> None:
@@ -102,6 +123,7 @@ class LowLatencyShm:
         self.local_ranks = list(local_ranks)
         self.local_index = self.local_ranks.index(self.rank)
         self.num_local = len(self.local_ranks)
+        num_bytes = num_bytes or AUTO_BYTES
         self.num_bytes = num_bytes
         self.control = control_bytes(self.num_local)
         if num_bytes < self.control + 4 * ALIGN:
@@ -110,9 +132,17 @@ class LowLatencyShm:
                              "Buffer.get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, "
                              "num_ranks, num_experts)")
         self.half = (num_bytes - self.control) // 2 // ALIGN * ALIGN
-        self.segments = shm.map_node_segments(group, self.local_ranks, num_bytes)
+        self.segments = shm.map_node_segments(group, self.local_ranks, num_bytes, self.control)
         self.sync = shm.node_sync(self.segments, self.local_index, self.local_ranks)
         self.base = [s.address for s in self.segments]
+        own_segment = self.segments[self.local_index]
+        self.reservations = [shm.Reservation(own_segment, self.control + p * self.half, self.half) for p in (0, 1)]
+        self.committed_words = [b + COMMITTED_WORD * 8 for b in self.base]
+        self.ready_words = [b + READY_WORD * 8 for b in self.base]
+        self.failed_words = [[b + (FAILED_WORD + p) * 8 for b in self.base] for p in (0, 1)]
+        self._ready = 0  # the call READY_WORD holds
+        self._failed = [0, 0]  # what FAILED_WORD + parity holds
+        self._everyone_reserved = 0  # bytes per half every local rank is known to have reserved
         own = torch.frombuffer(self.segments[self.local_index], dtype=torch.int64, count=self.control // 8)
         # inbox[kind][parity]: int64 [sources, MAILBOX_BYTES // 8], the mailboxes of this rank.
         self.inbox = own[shm.CONTROL_BYTES // 8:].view(2, 2, self.num_local, MAILBOX_BYTES // 8)
@@ -145,8 +175,63 @@ class LowLatencyShm:
 
     # ---- sizes ---------------------------------------------------------------------------------------------
     def fits(self, num_max_tokens: int, hidden: int, num_experts: int) -> bool:
-        half = slot_bytes(num_max_tokens, hidden, num_experts) + return_bytes(num_max_tokens, hidden, num_experts)
-        return half <= self.half and num_experts // self.num_local <= MAX_LOCAL_EXPERTS
+        return half_bytes(num_max_tokens, hidden, num_experts) <= self.half and \
+            num_experts // self.num_local <= MAX_LOCAL_EXPERTS
+
+    # ---- reservation (see the module docstring) -----------------------------------------------------------
+    def _mark_ready(self, seq: int, failed: int) -> None:
+        parity = seq & 1
+        if self._failed[parity] != failed:
+            deep_ep_cpp.store_counter(self.failed_words[parity][self.local_index], failed)
+            self._failed[parity] = failed
+        deep_ep_cpp.store_counter(self.ready_words[self.local_index], seq)
+        self._ready = seq
+
+    def skip(self, seq: int) -> None:
+        """Dispatch call `seq` ends before prepare (this rank rejected its arguments): peers that
+        wait for this rank's reservation step stop waiting."""
+        if self._ready != seq:
+            self._mark_ready(seq, 0)
+
+    def prepare(self, seq: int, num_max_tokens: int, hidden: int, num_experts: int, what: str) -> None:
+        """Before dispatch call `seq` writes: this rank reserves what (Nmax, H, E) needs of both halves
+        and checks that every local rank has. SharedMemoryExhausted (on every rank) when a rank's
+        /dev/shm is full; ValueError when a rank prepared for smaller sizes; RuntimeError when a peer
+        never finishes its step (timeout or exit)."""
+        needed = half_bytes(num_max_tokens, hidden, num_experts)
+        me = self.local_index
+        own = min(r.reserved for r in self.reservations)
+        failing = None
+        if needed > own:
+            failing = next((r for r in self.reservations if not r.grow(needed)), None)
+            if failing is None:
+                deep_ep_cpp.store_counter(self.committed_words[me], min(r.reserved for r in self.reservations))
+        self._mark_ready(seq, needed if failing else 0)
+        if needed <= self._everyone_reserved:
+            return
+        short = [d for d in range(self.num_local) if deep_ep_cpp.load_counter(self.committed_words[d]) < needed]
+        if short:
+            self.sync.wait_at_least([self.ready_words[d] for d in short], [seq] * len(short), short,
+                                    self.timeout_s, f"{what} (shared-memory reservation)")
+        exhausted, other_sizes = {}, []
+        for d in short:
+            if deep_ep_cpp.load_counter(self.committed_words[d]) >= needed:
+                continue
+            failed_bytes = deep_ep_cpp.load_counter(self.failed_words[seq & 1][d])
+            if failed_bytes:
+                exhausted[self.local_ranks[d]] = failed_bytes
+            else:
+                other_sizes.append(self.local_ranks[d])
+        if exhausted:
+            mine = f" (rank {self.rank}: {failing.failure})" if failing else ""
+            raise SharedMemoryExhausted(shm.exhausted_message(
+                what, exhausted, "use a smaller num_max_dispatch_tokens_per_rank") + mine)
+        if other_sizes:
+            raise ValueError(f"deep_ep {what}: ranks {other_sizes} have not prepared their buffers for "
+                             f"num_max_dispatch_tokens_per_rank={num_max_tokens}, hidden={hidden}, "
+                             f"num_experts={num_experts}: they rejected their arguments or the ranks disagree "
+                             "on these sizes; no data moved.")
+        self._everyone_reserved = min(deep_ep_cpp.load_counter(a) for a in self.committed_words)
 
     def areas(self, num_max_tokens: int, hidden: int, num_experts: int, parity: int) -> Areas:
         key = (num_max_tokens, hidden, num_experts, parity)
@@ -157,7 +242,7 @@ class LowLatencyShm:
             ret = return_bytes(num_max_tokens, hidden, num_experts)
             found = Areas(info=starts, tokens=tokens,
                           scales=[t + _align(num_max_tokens * 2 * hidden) for t in tokens],
-                          returns=[s + self.half - ret for s in starts],
+                          returns=[s + slot_bytes(num_max_tokens, hidden, num_experts) for s in starts],
                           return_rows=ret // (2 * hidden))
             self._areas[key] = found
         return found
@@ -210,6 +295,11 @@ class LowLatencyShm:
         return view
 
     def reset(self) -> None:
-        """Zeroes this rank's mailboxes (clean_low_latency_buffer; peers must be quiet)."""
+        """Zeroes this rank's mailboxes and call words (clean_low_latency_buffer; peers must be quiet).
+        What it has reserved stays reserved."""
         self.inbox.zero_()
         self.last_seq = [[0, 0], [0, 0]]
+        for addr in (self.ready_words[self.local_index], *(words[self.local_index] for words in self.failed_words)):
+            deep_ep_cpp.store_counter(addr, 0)
+        self._ready = 0
+        self._failed = [0, 0]
