@@ -275,6 +275,7 @@ def main() -> None:
                              "transport between them")
     parser.add_argument("--batch", type=int, default=None,
                         help="calls timed in a row per iteration (default 1; 20 in low-latency mode)")
+    parser.add_argument("--default-threads", action="store_true")
     args = parser.parse_args()
     if args.num_tokens is None:
         args.num_tokens = 128 if args.mode == "low_latency" else 1024
@@ -283,7 +284,7 @@ def main() -> None:
     if args.batch is None:
         args.batch = 20 if args.mode == "low_latency" else 1
     env = {"DEEP_EP_RANKS_PER_NODE": str(args.ranks_per_node)} if args.ranks_per_node else {}
-    spawn_ranks(bench_rank, args.num_processes, args, env=env)
+    spawn_ranks(bench_rank, args.num_processes, args, env=env, share_threads=not args.default_threads)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from .pool import OutputPool
 from .transport import alltoall_low_latency, shm_low_latency
 from .transport.fields import as_byte_rows
 from .utils import (FLOAT_DTYPES, NATIVE_DTYPE_CODES, EventOverlap, check_num_topk, check_positive_int,
-                    check_tensor, num_threads, resolve_quant_mode, topk_idx_t)
+                    check_tensor, resolve_quant_mode, topk_idx_t)
 
 LL_FORMAT_INT8 = 3  # header format code of int8 rows (16-bit rows use NATIVE_DTYPE_CODES)
 LL_FORMAT_NAMES = {0: "float32", 1: "bfloat16", 2: "float16", LL_FORMAT_INT8: "int8"}
@@ -144,6 +144,7 @@ class LowLatencyMode:
     group_size: int
     comm: dist.ProcessGroup
     local_ranks: List[int]
+    num_threads: int  # of the native kernels: this rank's share of the host's cores
     num_nodes: int
     on_npu: bool
     low_latency_mode: bool
@@ -401,7 +402,7 @@ class LowLatencyMode:
                                          num_topk, topk_idx.numpy(), slot.numpy(), experts_per_rank, me, num_max,
                                          areas.tokens[me], areas.scales[me], areas.info, header,
                                          self.ll.send_header[0][parity], counts.numpy(),
-                                         self.ll.send_signal[0][parity], seq, num_threads())
+                                         self.ll.send_signal[0][parity], seq, self.num_threads)
         else:
             self._ll_alltoall_dispatch(state, x, counts)
         self._ll_pending[0][parity] = seq
@@ -444,7 +445,7 @@ class LowLatencyMode:
                 recv[0].shape[1] * recv[0].element_size(), state.num_topk, block_rows,
                 state.layout_range.numpy(), state.num_max_tokens, recv[0].data_ptr(),
                 recv[1].data_ptr() if state.quantized else 0, state.src_info.numpy(), state.num_rows,
-                self.ll.recv_ack[0][parity], state.seq, num_threads())
+                self.ll.recv_ack[0][parity], state.seq, self.num_threads)
         else:
             self._ll_alltoall_pack(state)
         if state.stats is not None:
@@ -510,7 +511,7 @@ class LowLatencyMode:
             deep_ep_cpp.ll_combine_send(x.data_ptr(), hidden * x.element_size(), total, state.src_info[:total].numpy(),
                                         num_topk, areas.returns, areas.return_rows, header,
                                         self.ll.send_header[1][parity], self.ll.send_signal[1][parity], seq,
-                                        num_threads())
+                                        self.num_threads)
         else:
             self._ll_alltoall_combine(task, x)
         self._ll_pending[1][parity] = seq
@@ -532,11 +533,11 @@ class LowLatencyMode:
             parity = task.seq & 1
             rows = self.ll.return_view(state.num_max_tokens, state.hidden, state.num_experts, parity)
             ops.weighted_reduce(task.result, [rows], task.result.dtype, dropped, _ll_selection_rows(state),
-                                task.weights)
+                                task.weights, threads=self.num_threads)
             self.ll.ack(1, parity, task.seq)
         else:
             ops.weighted_reduce(task.result, [task.arrived], task.result.dtype, dropped, task.arrived_row,
-                                task.weights)
+                                task.weights, threads=self.num_threads)
         if task.out is not None and task.out is not task.result:
             task.out.copy_(task.result)
         self._ll_finish(1, task)
@@ -571,7 +572,7 @@ class LowLatencyMode:
         counts_from = meta[:, shm_low_latency.HEADER_WORDS: shm_low_latency.HEADER_WORDS + experts_per_rank]
         token, k, _, _ = layout.expert_major_entries(state.topk_idx, 0, state.num_experts)
         if state.quantized:
-            q, scale = ops.quantize_int8(x)
+            q, scale = ops.quantize_int8(x, self.num_threads)
             fields = [q, scale.view(-1, 1)]
         else:
             fields = [x]

@@ -115,6 +115,7 @@ class NodeShm:
         self.rank = dist.get_rank(group)
         self.local_ranks = list(local_ranks)
         self.local_index = self.local_ranks.index(self.rank)
+        self.num_threads = num_threads(len(self.local_ranks))  # this rank's share of the host's cores
         self.data_bytes = data_bytes
         self.what = what
         self.segments = map_node_segments(group, self.local_ranks, DATA_OFFSET + data_bytes)
@@ -224,7 +225,7 @@ def dispatch_rows(node: NodeShm, meta: torch.Tensor, fields_in: List[torch.Tenso
             for index, (width, out) in enumerate(zip(widths, fields_out)):
                 srcs = [node.regions(s, widths, window)[index].data_ptr() for s in range(node.num_local)]
                 deep_ep_cpp.copy_rows(out.data_ptr(), out.shape[0], width, srcs, [window] * node.num_local,
-                                      width, width, ranks.numpy(), rows.numpy(), outs.numpy(), num_threads())
+                                      width, width, ranks.numpy(), rows.numpy(), outs.numpy(), node.num_threads)
         node.barrier()
     return meta_all
 
@@ -276,6 +277,6 @@ def combine_rows(node: NodeShm, meta: torch.Tensor, check: Callable[[torch.Tenso
         deep_ep_cpp.copy_rows(stage.data_ptr(), stage.shape[0], bytes_per_row, srcs, [window] * node.num_local,
                               bytes_per_row, bytes_per_row, holder[in_round].to(torch.int32).numpy(),
                               (holder_row[in_round] - begin).numpy(), in_round.nonzero().flatten().numpy(),
-                              num_threads())
+                              node.num_threads)
         node.barrier()
     reduce([stage], torch.where(valid, 0, -1).to(torch.int32), stage_row)
