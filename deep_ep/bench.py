@@ -47,8 +47,8 @@ from .transport import hierarchical
 if TYPE_CHECKING:
     from .bench_mpi import MpiOutcome
 
-# Wall time one timed measurement aims at: enough calls to be stable, few enough for a short run.
-MEASURE_BUDGET_S = 0.6
+# Default wall time one timed measurement aims at: enough calls to be stable, few enough for a short run.
+MEASURE_SECONDS = 0.6
 
 
 @dataclass
@@ -76,23 +76,23 @@ def make_rank_inputs(rank: int, num_tokens: int, hidden: int, num_experts: int, 
     return x, topk_idx, topk_weights
 
 
-def calls_for_budget(seconds_per_call: float, most: int, fewest: int = 3) -> int:
-    """Timed iterations that fill about MEASURE_BUDGET_S, within [fewest, most]."""
-    return max(fewest, min(most, int(MEASURE_BUDGET_S / max(seconds_per_call, 1e-6))))
+def calls_for_budget(seconds_per_call: float, budget: float, most: int, fewest: int = 3) -> int:
+    """Timed iterations that fill about `budget` seconds, within [fewest, most]."""
+    return max(fewest, min(most, int(budget / max(seconds_per_call, 1e-6))))
 
 
 def timed(group: dist.ProcessGroup, fn: Callable[[], object], iters: int, batch: int = 1,
-          adaptive: bool = False) -> float:
+          budget: Optional[float] = None) -> float:
     """Median over iterations of the slowest rank's time per call, in seconds (ranks start together).
     With batch > 1 an iteration times `batch` calls in a row, so that the ranks' skew on leaving the
     barrier (tens of microseconds) does not count as latency of a call that takes about as long.
-    With `adaptive`, `iters` is the most iterations: one untimed call sets how many fit the budget."""
-    if adaptive:
+    With a `budget` (seconds), `iters` is the most iterations: one untimed call sets how many fit."""
+    if budget is not None:
         start = time.perf_counter()
         fn()
         estimate = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
         dist.all_reduce(estimate, op=dist.ReduceOp.MAX, group=group)
-        iters = calls_for_budget(float(estimate), iters)
+        iters = calls_for_budget(float(estimate), budget, iters)
     times = []
     for _ in range(iters):
         dist.barrier(group)
@@ -172,13 +172,13 @@ def time_normal(rank: int, group, args: argparse.Namespace, quant: str, strategy
 
     for _ in range(args.warmup):
         layout_dispatch_combine()
-    full_s = timed(group, layout_dispatch_combine, args.iters, adaptive=True)
+    full_s = timed(group, layout_dispatch_combine, args.iters, budget=args.measure_seconds)
     # Bytes a dispatch sends to other nodes: counted by the hierarchical transport, one row per
     # (token, node); the alltoall strategy sends one row (the same bytes) per (token, rank).
     before = dict(hierarchical.traffic)
     dispatch()
     network_rows, network_bytes = count_network(before)
-    dispatch_s = timed(group, dispatch, args.iters, adaptive=True)
+    dispatch_s = timed(group, dispatch, args.iters, budget=args.measure_seconds)
     recv_x, handle = result["out"][0], result["out"][4]
     if strategy == "alltoall":
         row_bytes = network_bytes // network_rows if network_rows else \
@@ -188,7 +188,7 @@ def time_normal(rank: int, group, args: argparse.Namespace, quant: str, strategy
     y = dequantized(recv_x)
     for _ in range(args.warmup):
         buffer.combine(y, handle)
-    combine_s = timed(group, lambda: buffer.combine(y, handle), args.iters, adaptive=True)
+    combine_s = timed(group, lambda: buffer.combine(y, handle), args.iters, budget=args.measure_seconds)
     row = Timing(dispatch_s, combine_s, recv_bytes(recv_x), y.numel() * y.element_size(), network_bytes,
                  network_rows, full_s)
     buffer.destroy()
@@ -410,8 +410,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help="dispatch format (default: bf16 in normal mode unless --int8, int8 in low-latency)")
     parser.add_argument("--nvl-bytes", type=int, default=256 << 20, help="shared-memory bytes per rank")
     parser.add_argument("--iters", type=int, default=30,
-                        help="most timed iterations per figure (normal mode times as many as fit about "
-                             f"{MEASURE_BUDGET_S} s, at least 3); low-latency mode: exactly this many")
+                        help="most timed iterations per figure (normal mode times as many as fit "
+                             "--measure-seconds, at least 3); low-latency mode: exactly this many")
+    parser.add_argument("--measure-seconds", type=float, default=MEASURE_SECONDS,
+                        help="normal mode: about how long each figure is measured")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--ranks-per-node", type=int, default=0,
                         help="simulate nodes of this many ranks (DEEP_EP_RANKS_PER_NODE): the hierarchical "

@@ -60,18 +60,19 @@ class MpiOutcome:
 
 
 # ---- inside mpiexec -------------------------------------------------------------------------------
-def timed(comm, fn: Callable[[], object], most_iters: int, warmup: int) -> float:
+def timed(comm, fn: Callable[[], object], args: argparse.Namespace) -> float:
     """Median over iterations of the slowest rank's seconds per call (ranks start together); as many
-    iterations as fit deep_ep.bench's budget, within [3, most_iters]."""
+    iterations as fit args.measure_seconds, within [3, args.iters], after args.warmup calls."""
     from mpi4py import MPI
 
     from .bench import calls_for_budget
 
-    for _ in range(warmup):
+    for _ in range(args.warmup):
         fn()
     start = time.perf_counter()
     fn()
-    iters = calls_for_budget(comm.allreduce(time.perf_counter() - start, op=MPI.MAX), most_iters)
+    iters = calls_for_budget(comm.allreduce(time.perf_counter() - start, op=MPI.MAX), args.measure_seconds,
+                             args.iters)
     times = np.empty(iters)
     for i in range(iters):
         comm.Barrier()
@@ -203,10 +204,8 @@ def measure_size(comm, num_tokens: int, args: argparse.Namespace) -> MpiFigures:
     alltoallv_bytes(comm, back, recv_rows, returned, send_rows)
     if not torch.equal(returned, send[:, : 2 * args.hidden]):
         raise AssertionError(f"MPI rank {rank}: the Alltoallv floor did not return combine's bytes")
-    floor_dispatch = timed(comm, lambda: alltoallv_bytes(comm, send, send_rows, recv, recv_rows), args.iters,
-                           args.warmup)
-    floor_combine = timed(comm, lambda: alltoallv_bytes(comm, back, recv_rows, returned, send_rows), args.iters,
-                          args.warmup)
+    floor_dispatch = timed(comm, lambda: alltoallv_bytes(comm, send, send_rows, recv, recv_rows), args)
+    floor_combine = timed(comm, lambda: alltoallv_bytes(comm, back, recv_rows, returned, send_rows), args)
 
     # The Megatron-style dispatcher, identity experts: its output must be deep_ep's reference.
     dispatcher = MegatronDispatcher(comm, args.num_experts)
@@ -221,11 +220,10 @@ def measure_size(comm, num_tokens: int, args: argparse.Namespace) -> MpiFigures:
     def dispatch_only() -> None:
         state["y"] = dispatcher.dispatch(x, topk_idx)
 
-    dispatch_s = timed(comm, dispatch_only, args.iters, args.warmup)
-    combine_s = timed(comm, lambda: dispatcher.combine(state["y"], topk_weights, num_tokens), args.iters,
-                      args.warmup)
+    dispatch_s = timed(comm, dispatch_only, args)
+    combine_s = timed(comm, lambda: dispatcher.combine(state["y"], topk_weights, num_tokens), args)
     round_s = timed(comm, lambda: dispatcher.combine(dispatcher.dispatch(x, topk_idx), topk_weights, num_tokens),
-                    args.iters, args.warmup)
+                    args)
     return MpiFigures(floor_dispatch, floor_combine, round_s, dispatch_s, combine_s)
 
 
@@ -242,6 +240,7 @@ def mpi_main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--num-experts", type=int, default=32)
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--measure-seconds", type=float, default=0.6)
     parser.add_argument("--result", required=True, help="JSON file rank 0 writes the figures to")
     args = parser.parse_args(argv)
     comm = MPI.COMM_WORLD
@@ -276,7 +275,8 @@ def run_mpi_baselines(args: argparse.Namespace) -> MpiOutcome:
         command = [mpiexec, "-n", str(args.num_processes), sys.executable, "-m", "deep_ep.bench_mpi",
                    "--num-tokens", ",".join(str(s) for s in args.sizes), "--hidden", str(args.hidden),
                    "--num-topk", str(args.num_topk), "--num-experts", str(args.num_experts),
-                   "--iters", str(args.iters), "--warmup", str(args.warmup), "--result", result]
+                   "--iters", str(args.iters), "--warmup", str(args.warmup), "--measure-seconds",
+                   str(args.measure_seconds), "--result", result]
         # The ranks import this deep_ep (the bench's sys.path), whatever the working directory.
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=MPI_TIMEOUT_S)
