@@ -29,6 +29,17 @@ def native_ok(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu" and not torch_ops_forced()
 
 
+def copy_into(dst: torch.Tensor, src: torch.Tensor, threads: int) -> None:
+    """dst.copy_(src) for tensors of the same shape and dtype. Contiguous CPU tensors move on `threads`
+    threads of deep_ep_cpp rather than torch's intra-op pool: with torch's default thread count in
+    every rank, that pool's idle OpenMP workers keep spinning on cores the other ranks need."""
+    if native_ok(dst) and src.device.type == "cpu" and dst.dtype == src.dtype and dst.shape == src.shape \
+            and dst.is_contiguous() and src.is_contiguous():
+        _native().copy_bytes(dst.data_ptr(), src.data_ptr(), dst.numel() * dst.element_size(), threads)
+    else:
+        dst.copy_(src)
+
+
 def quantize_int8(x: torch.Tensor, threads: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-token dynamic int8: `scale = max|x_row| / 127`, `q = round_half_even(x / scale)`.
 

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 import deep_ep_cpp
 
+from .. import ops
 from ..utils import num_threads, timeout_seconds
 from .fields import row_bytes
 
@@ -196,7 +197,7 @@ def dispatch_rows(node: NodeShm, meta: torch.Tensor, fields_in: List[torch.Tenso
     def publish(begin: int) -> None:
         end = max(begin, min(num_tokens, begin + window))
         for region, field in zip(node.regions(node.local_index, widths, window), fields_in):
-            region[: end - begin].copy_(field[begin:end])
+            ops.copy_into(region[: end - begin], field[begin:end], node.num_threads)
 
     node.publish_meta(meta)
     publish(0)
@@ -250,8 +251,9 @@ def combine_rows(node: NodeShm, meta: torch.Tensor, check: Callable[[torch.Tenso
     node.publish_meta(meta)
     valid = dest_rank >= 0
     if num_rounds == 1:
-        node.regions(node.local_index, [bytes_per_row], window)[0][: rows_per_rank[node.local_index]].copy_(
-            x_bytes[: rows_per_rank[node.local_index]])
+        mine = rows_per_rank[node.local_index]
+        ops.copy_into(node.regions(node.local_index, [bytes_per_row], window)[0][:mine], x_bytes[:mine],
+                      node.num_threads)
         node.barrier()
         node.agreed(check, node.read_meta(meta.numel()))
         sources = [node.regions(s, [bytes_per_row], window)[0] for s in range(node.num_local)]
@@ -268,7 +270,8 @@ def combine_rows(node: NodeShm, meta: torch.Tensor, check: Callable[[torch.Tenso
     for round_index in range(num_rounds):
         begin = round_index * window
         mine = x_bytes[begin: min(rows_per_rank[node.local_index], begin + window)]
-        node.regions(node.local_index, [bytes_per_row], window)[0][: mine.shape[0]].copy_(mine)
+        ops.copy_into(node.regions(node.local_index, [bytes_per_row], window)[0][: mine.shape[0]], mine,
+                      node.num_threads)
         node.barrier()
         if round_index == 0:
             node.agreed(check, node.read_meta(meta.numel()))
