@@ -43,6 +43,7 @@ from . import Buffer
 from .reference import quantize_reference, reference_combine, reference_dispatch
 from .testing import spawn_ranks
 from .transport import hierarchical
+from .utils import num_threads, usable_cores
 
 if TYPE_CHECKING:
     from .bench_mpi import MpiOutcome
@@ -370,8 +371,9 @@ def print_normal(args: argparse.Namespace, tuned: Dict[str, Dict[str, Timing]],
         print("| " + " | ".join(cells) + " |")
     print(f"MPI: {mpi.note}")
     if default_threads is not None:
-        print(f"default-threads: ranks keep torch's default of {os.cpu_count()} threads each; tuned: "
-              f"{max(1, (os.cpu_count() or 1) // args.num_processes)} per rank")
+        print(f"default-threads: the ranks keep torch's default of {torch.get_num_threads()} threads each; tuned: "
+              f"torch.set_num_threads({max(1, usable_cores() // args.num_processes)}) in every rank; deep_ep's "
+              f"kernels use {num_threads(args.num_processes)} thread(s) per rank in both")
     if args.ranks_per_node:
         print(f"\nsimulated nodes of {args.ranks_per_node} ranks (DEEP_EP_RANKS_PER_NODE); rank 0 per dispatch:")
         print(f"{'tokens/rank':<12}{'strategy':<22}{'rows to other nodes':>21}{'MB':>9}{'inter-node GB/s':>17}")

@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from .utils import usable_cores
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -26,7 +28,7 @@ def _run_rank(rank: int, num_ranks: int, port: int, env: dict, fn: Callable, arg
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     if share_threads:
         # Ranks share the machine's cores; oversubscribed threads would only slow every rank down.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_ranks))
+        torch.set_num_threads(max(1, usable_cores() // num_ranks))
     backend = "gloo"
     if device == "npu":  # one NPU per rank, HCCL between them: the Buffer takes the NPU path
         import torch_npu  # noqa: F401
