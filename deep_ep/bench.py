@@ -284,7 +284,8 @@ def memcpy_time(group, nbytes: int, args: argparse.Namespace) -> float:
     return timed(group, lambda: dst.copy_(src), args.iters, args.batch)
 
 
-def print_low_latency(rows: Dict[str, Timing], memcpy_s: float, num_ranks: int, args, quant: str) -> None:
+def print_low_latency(rows: Dict[str, Timing], memcpy_s: float, memcpy_both_s: float, num_ranks: int, args,
+                      quant: str) -> None:
     gbps = lambda n, s: n / s / 1e9  # noqa: E731
     nbytes = rows["default"].bytes
     per_selection = args.hidden + 4 if quant == "int8" else 2 * args.hidden
@@ -302,18 +303,21 @@ def print_low_latency(rows: Dict[str, Timing], memcpy_s: float, num_ranks: int, 
     total = {k: v.dispatch + v.combine for k, v in rows.items()}
     if "alltoall" in total:
         print(f"default vs alltoall, dispatch+combine: {total['alltoall'] / total['default']:.2f}x faster")
-    print(f"default dispatch takes {rows['default'].dispatch / memcpy_s:.2f}x the memcpy time")
+    print(f"default dispatch takes {rows['default'].dispatch / memcpy_s:.2f}x the memcpy time; dispatch + combine "
+          f"{total['default'] * 1e6:.0f} us take {total['default'] / memcpy_both_s:.2f}x a memcpy of the bytes both "
+          f"move ({memcpy_both_s * 1e6:.0f} us)")
 
 
 def bench_rank(rank: int, num_ranks: int, group, args: argparse.Namespace) -> None:
     quant = args.quant
     if args.mode == "low_latency":
         rows = bench_low_latency(rank, group, args, quant)
-        nbytes = torch.tensor([rows["default"].bytes], dtype=torch.int64)
+        nbytes = torch.tensor([rows["default"].bytes, rows["default"].combine_bytes], dtype=torch.int64)
         dist.broadcast(nbytes, 0, group=group)
-        memcpy_s = memcpy_time(group, int(nbytes), args)
+        memcpy_s = memcpy_time(group, int(nbytes[0]), args)
+        memcpy_both_s = memcpy_time(group, int(nbytes.sum()), args)
         if rank == 0:
-            print_low_latency(rows, memcpy_s, num_ranks, args, quant)
+            print_low_latency(rows, memcpy_s, memcpy_both_s, num_ranks, args, quant)
         return
     results = bench_normal(rank, group, args, quant)
     if rank == 0:
