@@ -168,10 +168,11 @@ def dispatch_rows(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.T
     ids = topk_idx[token]
     mine = (ids // experts_per_rank) == receiver.unsqueeze(1)
     local = torch.where(mine, ids - (receiver * experts_per_rank).unsqueeze(1), torch.full_like(ids, -1))
-    return row_bytes([x[token], local, topk_weights[token]])
+    return concat_bytes([x[token], local, topk_weights[token]])
 
 
-def row_bytes(fields: List[torch.Tensor]) -> torch.Tensor:
+def concat_bytes(fields: List[torch.Tensor]) -> torch.Tensor:
+    """uint8 [rows, sum of field bytes]: the fields of every row side by side."""
     return torch.cat([f.contiguous().view(torch.uint8).reshape(f.shape[0], -1) for f in fields], 1)
 
 
@@ -197,7 +198,7 @@ def measure_size(comm, num_tokens: int, args: argparse.Namespace) -> MpiFigures:
     returned = torch.empty(send.shape[0], 2 * args.hidden, dtype=torch.uint8)
     alltoallv_bytes(comm, send, send_rows, recv, recv_rows)
     by_source = torch.argsort(ref["src_rank"], stable=True)  # the reference is expert-major
-    wanted = row_bytes([ref["x"], ref["topk_idx"], ref["weights"]])[by_source]
+    wanted = concat_bytes([ref["x"], ref["topk_idx"], ref["weights"]])[by_source]
     if not torch.equal(recv, wanted):
         raise AssertionError(f"MPI rank {rank}: the Alltoallv floor did not deliver dispatch's bytes")
     back = recv[:, : 2 * args.hidden].contiguous()
