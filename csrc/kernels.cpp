@@ -247,6 +247,16 @@ void copy_rows(std::uint8_t* dst, std::size_t dst_stride, const std::vector<cons
     });
 }
 
+void copy_bytes(std::uint8_t* dst, const std::uint8_t* src, std::size_t nbytes, int num_threads) {
+    // Whole 4 KiB pages per thread: no two threads write the same cache line.
+    constexpr std::size_t kPage = 4096;
+    const std::size_t pages = (nbytes + kPage - 1) / kPage;
+    parallel_for(pages, nbytes, num_threads, [&](std::size_t begin, std::size_t end) {
+        const std::size_t from = begin * kPage, to = std::min(nbytes, end * kPage);
+        if (to > from) std::memcpy(dst + from, src + from, to - from);
+    });
+}
+
 void quantize_int8(const void* x, Dtype dtype, std::size_t rows, std::size_t hidden, std::int8_t* q,
                    float* scales, int num_threads) {
     const auto* base = static_cast<const std::uint8_t*>(x);

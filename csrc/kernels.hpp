@@ -18,6 +18,9 @@ void copy_rows(std::uint8_t* dst, std::size_t dst_stride, const std::vector<cons
                std::size_t src_stride, const std::int32_t* src_rank, const std::int64_t* src_row,
                const std::int64_t* dst_row, std::size_t n, std::size_t row_bytes, int num_threads);
 
+// dst[0, nbytes) = src[0, nbytes) on up to num_threads threads (the regions must not overlap).
+void copy_bytes(std::uint8_t* dst, const std::uint8_t* src, std::size_t nbytes, int num_threads);
+
 // Per-row int8: scale = max|x| / 127, q = round_half_even(x / scale); an all-zero
 // row gets scale 0 and q 0 (dequantizes to zeros, no NaN).
 void quantize_int8(const void* x, Dtype dtype, std::size_t rows, std::size_t hidden, std::int8_t* q,

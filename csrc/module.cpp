@@ -131,6 +131,17 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
         "dst[dst_row[i]] = srcs[src_rank[i]][src_row[i]] (row_bytes each) for every i.");
 
     m.def(
+        "copy_bytes",
+        [](std::uintptr_t dst, std::uintptr_t src, std::size_t nbytes, int num_threads) {
+            py::gil_scoped_release release;
+            copy_bytes(reinterpret_cast<std::uint8_t*>(dst), reinterpret_cast<const std::uint8_t*>(src), nbytes,
+                       num_threads);
+        },
+        py::arg("dst"), py::arg("src"), py::arg("nbytes"), py::arg("num_threads") = 1,
+        "Copies nbytes from src to dst (non-overlapping) on up to num_threads threads, without torch's "
+        "intra-op threads.");
+
+    m.def(
         "expert_major_entries",
         [](const Array<std::int64_t>& topk_idx, std::int64_t tokens, std::int64_t topk, std::int64_t expert_begin,
            std::int64_t expert_end) {

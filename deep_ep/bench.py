@@ -1,24 +1,40 @@
-"""The main job: a short multi-rank dispatch/combine run on local CPU ranks.
+"""The main job: a short multi-rank dispatch/combine run on local CPU ranks, beside its baselines.
 
-    python -m deep_ep.bench                        # 2 ranks, normal mode, checked, then timed
-    python -m deep_ep.bench --num-processes 4 --int8
-    python -m deep_ep.bench --mode low_latency     # 128 tokens per rank (Nmax 128), int8 dispatch
+    python -m deep_ep.bench                          # 2 ranks, normal mode, 16/128/1024 tokens per rank
+    python -m deep_ep.bench --num-tokens 16,128,1024,4096 --default-threads
+    python -m deep_ep.bench --num-processes 4 --int8 --num-tokens 2048
+    python -m deep_ep.bench --mode low_latency       # 128 tokens per rank (Nmax 128), int8 dispatch
 
-Every rank first checks one dispatch/combine against the pure-torch reference, then
-times each strategy; all figures in the table come from this one run:
-  - dispatch / combine time (slowest rank, median over iterations) and GB/s
-    (bytes received on rank 0 / time; in low-latency mode the rows that hold data, at the bytes
-    the format moves per (token, expert) selection: int8 = H + 4 scale bytes, bf16 = 2H),
-  - plain memcpy GB/s of the same bytes, copied by every rank at the same time,
-  - the ratio between the strategies.
+Normal mode: every rank first checks one dispatch/combine against the pure-torch reference, then
+times it; all figures of the table come from this one command (medians over iterations of the
+slowest rank's time, ranks starting together):
+  - deep_ep: get_dispatch_layout + dispatch + combine in a row, and dispatch and combine alone;
+  - the transport floor: MPI Alltoallv (mpi4py over MPICH, shared memory inside a host) between
+    warm preallocated buffers, moving exactly the bytes dispatch receives (rows, top-k ids and
+    weights) and the bytes combine returns (rows);
+  - a Megatron-style MPI dispatcher (sort by expert, Alltoallv of counts and rows, permute; back
+    with a weighted index_add): what one writes without deep_ep;
+  - deep_ep's gloo all_to_all strategy ("alltoall");
+  - with --default-threads, deep_ep again in ranks that keep torch's default thread count (every
+    core per process, as a program started with torch.multiprocessing.spawn has).
+The MPI baselines run in `mpiexec -n R python -m deep_ep.bench_mpi` (deep_ep/bench_mpi.py) on the
+same seeded inputs, after the torch ranks have finished, and check their results against the same
+reference; they need `pip install .[bench]` (mpi4py, mpich), else the table says so.
+
+Low-latency mode: dispatch / combine time and GB/s (rows that hold data, at the bytes the format
+moves per (token, expert) selection: int8 = H + 4 scale bytes, bf16 = 2H) beside a plain memcpy of
+the same bytes, copied by every rank at the same time.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import tempfile
 import time
-from dataclasses import dataclass
-from typing import Callable, Dict, List
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -27,34 +43,57 @@ from . import Buffer
 from .reference import quantize_reference, reference_combine, reference_dispatch
 from .testing import spawn_ranks
 from .transport import hierarchical
+from .utils import num_threads, usable_cores
+
+if TYPE_CHECKING:
+    from .bench_mpi import MpiOutcome
+
+# Default wall time one timed measurement aims at: enough calls to be stable, few enough for a short run.
+MEASURE_SECONDS = 0.6
 
 
 @dataclass
 class Timing:
-    """One strategy's figures for the table."""
+    """One strategy's figures for the table (seconds; bytes of rank 0)."""
 
-    dispatch: float  # seconds
+    dispatch: float
     combine: float
     bytes: int  # dispatch bytes received on rank 0
     combine_bytes: int
     network_bytes: int = 0  # dispatch bytes rank 0 sends to other nodes, per call
     network_rows: int = 0
+    full: float = 0.0  # get_dispatch_layout + dispatch + combine in a row
 
 
-def make_rank_inputs(rank: int, args: argparse.Namespace):
+def make_rank_inputs(rank: int, num_tokens: int, hidden: int, num_experts: int, num_topk: int
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This rank's seeded inputs (the MPI baselines make the same): x bf16 [T, H], topk_idx int64
+    [T, K] (distinct experts), topk_weights float32 [T, K]."""
     generator = torch.Generator().manual_seed(rank)
-    num_tokens = args.num_tokens
-    x = torch.randn(num_tokens, args.hidden, generator=generator).to(torch.bfloat16)
-    scores = torch.rand(num_tokens, args.num_experts, generator=generator)
-    topk_idx = scores.topk(args.num_topk, dim=1).indices
+    x = torch.randn(num_tokens, hidden, generator=generator).to(torch.bfloat16)
+    scores = torch.rand(num_tokens, num_experts, generator=generator)
+    topk_idx = scores.topk(num_topk, dim=1).indices
     topk_weights = torch.softmax(scores.gather(1, topk_idx), dim=1)
     return x, topk_idx, topk_weights
 
 
-def timed(group: dist.ProcessGroup, fn: Callable[[], object], iters: int, batch: int = 1) -> float:
+def calls_for_budget(seconds_per_call: float, budget: float, most: int, fewest: int = 3) -> int:
+    """Timed iterations that fill about `budget` seconds, within [fewest, most]."""
+    return max(fewest, min(most, int(budget / max(seconds_per_call, 1e-6))))
+
+
+def timed(group: dist.ProcessGroup, fn: Callable[[], object], iters: int, batch: int = 1,
+          budget: Optional[float] = None) -> float:
     """Median over iterations of the slowest rank's time per call, in seconds (ranks start together).
     With batch > 1 an iteration times `batch` calls in a row, so that the ranks' skew on leaving the
-    barrier (tens of microseconds) does not count as latency of a call that takes about as long."""
+    barrier (tens of microseconds) does not count as latency of a call that takes about as long.
+    With a `budget` (seconds), `iters` is the most iterations: one untimed call sets how many fit."""
+    if budget is not None:
+        start = time.perf_counter()
+        fn()
+        estimate = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+        dist.all_reduce(estimate, op=dist.ReduceOp.MAX, group=group)
+        iters = calls_for_budget(float(estimate), budget, iters)
     times = []
     for _ in range(iters):
         dist.barrier(group)
@@ -107,44 +146,71 @@ def alltoall_network_rows(topk_idx: torch.Tensor, args: argparse.Namespace, rank
     return sum(int((owner == r).any(1).sum()) for r in range(num_ranks) if r // per_node != rank // per_node)
 
 
-def bench_normal(rank: int, group, args: argparse.Namespace, quant: str) -> Dict[str, Timing]:
-    x, topk_idx, topk_weights = make_rank_inputs(rank, args)
+def time_normal(rank: int, group, args: argparse.Namespace, quant: str, strategy: str, num_tokens: int,
+                reference_row: Optional[Timing]) -> Timing:
+    """Checks one strategy at `num_tokens` tokens per rank against the reference, then times it."""
+    x, topk_idx, topk_weights = make_rank_inputs(rank, num_tokens, args.hidden, args.num_experts, args.num_topk)
     num_ranks = dist.get_world_size(group)
-    rows: Dict[str, Timing] = {}
-    for strategy in ("default", "alltoall"):
-        buffer = Buffer(group, num_nvl_bytes=args.nvl_bytes, normal_strategy=strategy)
-        check_against_reference(rank, group, buffer, args, x, topk_idx, topk_weights, quant)
-        per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, args.num_experts)
-        kwargs = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-                      topk_idx=topk_idx, topk_weights=topk_weights, quant_mode=quant)
-        result = {}
+    buffer = Buffer(group, num_nvl_bytes=args.nvl_bytes, normal_strategy=strategy)
+    check_against_reference(rank, group, buffer, args, x, topk_idx, topk_weights, quant)
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, args.num_experts)
+    kwargs = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                  topk_idx=topk_idx, topk_weights=topk_weights, quant_mode=quant)
+    result = {}
 
-        def dispatch():
-            result["out"] = buffer.dispatch(x, **kwargs)
+    def dequantized(recv_x):
+        return (recv_x[0].float() * recv_x[1].unsqueeze(1)).to(torch.bfloat16) if quant == "int8" else recv_x
 
-        for _ in range(args.warmup):
-            dispatch()
-        before = dict(hierarchical.traffic)
-        dispatch_s = timed(group, dispatch, args.iters)
-        recv_x, handle = result["out"][0], result["out"][4]
-        # Bytes a dispatch sends to other nodes: counted by the hierarchical transport, one row per
-        # (token, node); the alltoall strategy sends one row (the same bytes) per (token, rank).
-        network_rows = (hierarchical.traffic["dispatch_rows"] - before["dispatch_rows"]) // args.iters
-        network_bytes = (hierarchical.traffic["dispatch_bytes"] - before["dispatch_bytes"]) // args.iters
-        if strategy == "alltoall":
-            row_bytes = network_bytes // network_rows if network_rows else rows["default"].network_bytes // max(
-                1, rows["default"].network_rows)
-            network_rows = alltoall_network_rows(topk_idx, args, rank, num_ranks)
-            network_bytes = network_rows * row_bytes
-        y = (recv_x[0].float() * recv_x[1].unsqueeze(1)).to(torch.bfloat16) if quant == "int8" else recv_x
-        for _ in range(args.warmup):
-            buffer.combine(y, handle)
-        combine_s = timed(group, lambda: buffer.combine(y, handle), args.iters)
-        rows[strategy] = Timing(dispatch_s, combine_s, recv_bytes(recv_x), y.numel() * y.element_size(),
-                                network_bytes, network_rows)
-        buffer.destroy()
-        del result, recv_x, handle, y
-    return rows
+    def dispatch():
+        result["out"] = buffer.dispatch(x, **kwargs)
+
+    def layout_dispatch_combine():
+        layout = buffer.get_dispatch_layout(topk_idx, args.num_experts)
+        out = buffer.dispatch(x, num_tokens_per_rank=layout[0], is_token_in_rank=layout[3],
+                              num_tokens_per_expert=layout[2], topk_idx=topk_idx, topk_weights=topk_weights,
+                              quant_mode=quant)
+        buffer.combine(dequantized(out[0]), out[4])
+
+    for _ in range(args.warmup):
+        layout_dispatch_combine()
+    full_s = timed(group, layout_dispatch_combine, args.iters, budget=args.measure_seconds)
+    # Bytes a dispatch sends to other nodes: counted by the hierarchical transport, one row per
+    # (token, node); the alltoall strategy sends one row (the same bytes) per (token, rank).
+    before = dict(hierarchical.traffic)
+    dispatch()
+    network_rows, network_bytes = count_network(before)
+    dispatch_s = timed(group, dispatch, args.iters, budget=args.measure_seconds)
+    recv_x, handle = result["out"][0], result["out"][4]
+    if strategy == "alltoall":
+        row_bytes = network_bytes // network_rows if network_rows else \
+            (reference_row.network_bytes // max(1, reference_row.network_rows) if reference_row else 0)
+        network_rows = alltoall_network_rows(topk_idx, args, rank, num_ranks)
+        network_bytes = network_rows * row_bytes
+    y = dequantized(recv_x)
+    for _ in range(args.warmup):
+        buffer.combine(y, handle)
+    combine_s = timed(group, lambda: buffer.combine(y, handle), args.iters, budget=args.measure_seconds)
+    row = Timing(dispatch_s, combine_s, recv_bytes(recv_x), y.numel() * y.element_size(), network_bytes,
+                 network_rows, full_s)
+    buffer.destroy()
+    return row
+
+
+def count_network(before: Dict[str, int]) -> Tuple[int, int]:
+    """(rows, bytes) the hierarchical transport sent to other nodes since `before` (one dispatch)."""
+    return (hierarchical.traffic["dispatch_rows"] - before["dispatch_rows"],
+            hierarchical.traffic["dispatch_bytes"] - before["dispatch_bytes"])
+
+
+def bench_normal(rank: int, group, args: argparse.Namespace, quant: str) -> Dict[str, Dict[str, dict]]:
+    """{str(tokens): {strategy: Timing as a dict}} for every size of --num-tokens."""
+    out: Dict[str, Dict[str, dict]] = {}
+    for num_tokens in args.sizes:
+        rows: Dict[str, Timing] = {}
+        for strategy in args.strategies:
+            rows[strategy] = time_normal(rank, group, args, quant, strategy, num_tokens, rows.get("default"))
+        out[str(num_tokens)] = {name: asdict(row) for name, row in rows.items()}
+    return out
 
 
 def check_low_latency(rank: int, group, buffer: Buffer, args, x, topk_idx, topk_weights, use_fp8: bool) -> None:
@@ -175,12 +241,12 @@ def check_low_latency(rank: int, group, buffer: Buffer, args, x, topk_idx, topk_
 
 
 def bench_low_latency(rank: int, group, args: argparse.Namespace, quant: str) -> Dict[str, Timing]:
-    x, topk_idx, topk_weights = make_rank_inputs(rank, args)
+    x, topk_idx, topk_weights = make_rank_inputs(rank, args.sizes[0], args.hidden, args.num_experts, args.num_topk)
     num_ranks = dist.get_world_size(group)
     use_fp8 = quant == "int8"
     size = Buffer.get_low_latency_rdma_size_hint(args.num_max_tokens, args.hidden, num_ranks, args.num_experts)
     rows: Dict[str, Timing] = {}
-    for strategy in ("default", "alltoall"):
+    for strategy in args.strategies:
         buffer = Buffer(group, num_nvl_bytes=4096, num_rdma_bytes=size, low_latency_mode=True,
                         low_latency_strategy=strategy)
         check_low_latency(rank, group, buffer, args, x, topk_idx, topk_weights, use_fp8)
@@ -210,55 +276,136 @@ def bench_low_latency(rank: int, group, args: argparse.Namespace, quant: str) ->
     return rows
 
 
-def bench_rank(rank: int, num_ranks: int, group, args: argparse.Namespace) -> None:
-    quant = args.quant or ("int8" if args.int8 or args.mode == "low_latency" else "bf16")
-    bench = bench_low_latency if args.mode == "low_latency" else bench_normal
-    rows = bench(rank, group, args, quant)
-    # memcpy of the same bytes, every rank copying at the same time as in dispatch.
-    nbytes = torch.tensor([rows["default"].bytes], dtype=torch.int64)
-    dist.broadcast(nbytes, 0, group=group)
-    nbytes = int(nbytes)
+def memcpy_time(group, nbytes: int, args: argparse.Namespace) -> float:
+    """Seconds of a plain memcpy of `nbytes`, every rank copying at the same time."""
     src, dst = torch.empty(nbytes, dtype=torch.uint8).fill_(1), torch.empty(nbytes, dtype=torch.uint8).fill_(0)
     for _ in range(args.warmup):
         dst.copy_(src)
-    memcpy_s = timed(group, lambda: dst.copy_(src), args.iters, args.batch)
-    if rank != 0:
-        return
+    return timed(group, lambda: dst.copy_(src), args.iters, args.batch)
+
+
+def print_low_latency(rows: Dict[str, Timing], memcpy_s: float, memcpy_both_s: float, num_ranks: int, args,
+                      quant: str) -> None:
     gbps = lambda n, s: n / s / 1e9  # noqa: E731
-    tokens = f"{args.num_tokens} tokens/rank" + (f" (Nmax {args.num_max_tokens})" if args.mode == "low_latency" else "")
-    per_selection = ""
-    if args.mode == "low_latency":
-        per_selection = f", {args.hidden + 4 if quant == 'int8' else 2 * args.hidden} B per selection"
-    print(f"\ndeep_ep {args.mode.replace('_', '-')} mode: {num_ranks} ranks, {tokens}, hidden {args.hidden}, "
-          f"top-{args.num_topk} of {args.num_experts} experts, dispatch {quant}{per_selection}, combine bf16 "
-          f"(rank 0 receives {nbytes / 1e6:.1f} MB)")
+    nbytes = rows["default"].bytes
+    per_selection = args.hidden + 4 if quant == "int8" else 2 * args.hidden
+    print(f"\ndeep_ep low-latency mode: {num_ranks} ranks, {args.sizes[0]} tokens/rank (Nmax {args.num_max_tokens}), "
+          f"hidden {args.hidden}, top-{args.num_topk} of {args.num_experts} experts, dispatch {quant}, "
+          f"{per_selection} B per selection, combine bf16 (rank 0 receives {nbytes / 1e6:.1f} MB)")
     print(f"{'strategy':<22}{'dispatch us':>13}{'GB/s':>8}{'combine us':>13}{'GB/s':>8}{'total us':>12}")
     for name, label in (("default", "default (shm)"), ("alltoall", "alltoall (gloo)")):
-        r = rows[name]
-        print(f"{label:<22}{r.dispatch * 1e6:>13.0f}{gbps(r.bytes, r.dispatch):>8.2f}"
-              f"{r.combine * 1e6:>13.0f}{gbps(r.combine_bytes, r.combine):>8.2f}"
-              f"{(r.dispatch + r.combine) * 1e6:>12.0f}")
+        if name in rows:
+            r = rows[name]
+            print(f"{label:<22}{r.dispatch * 1e6:>13.0f}{gbps(r.bytes, r.dispatch):>8.2f}"
+                  f"{r.combine * 1e6:>13.0f}{gbps(r.combine_bytes, r.combine):>8.2f}"
+                  f"{(r.dispatch + r.combine) * 1e6:>12.0f}")
     print(f"{'memcpy (same bytes)':<22}{memcpy_s * 1e6:>13.0f}{gbps(nbytes, memcpy_s):>8.2f}")
     total = {k: v.dispatch + v.combine for k, v in rows.items()}
-    print(f"default vs alltoall, dispatch+combine: {total['alltoall'] / total['default']:.2f}x faster")
-    print(f"default dispatch GB/s vs memcpy GB/s: {memcpy_s / rows['default'].dispatch:.2f} "
-          f"(dispatch takes {rows['default'].dispatch / memcpy_s:.2f}x the memcpy time)")
-    if args.ranks_per_node and args.mode == "normal":
-        print(f"\n{num_ranks // args.ranks_per_node if num_ranks % args.ranks_per_node == 0 else 'uneven'} simulated "
-              f"nodes of {args.ranks_per_node} ranks (DEEP_EP_RANKS_PER_NODE); rank 0 per dispatch:")
-        print(f"{'strategy':<22}{'rows to other nodes':>21}{'MB':>9}{'inter-node GB/s':>17}{'intra-node GB/s':>17}")
-        for name, label in (("default", "hierarchical (shm)"), ("alltoall", "alltoall (gloo)")):
-            r = rows[name]
-            print(f"{label:<22}{r.network_rows:>21}{r.network_bytes / 1e6:>9.2f}"
-                  f"{gbps(r.network_bytes, r.dispatch):>17.2f}{gbps(r.bytes, r.dispatch):>17.2f}")
+    if "alltoall" in total:
+        print(f"default vs alltoall, dispatch+combine: {total['alltoall'] / total['default']:.2f}x faster")
+    print(f"default dispatch takes {rows['default'].dispatch / memcpy_s:.2f}x the memcpy time; dispatch + combine "
+          f"{total['default'] * 1e6:.0f} us take {total['default'] / memcpy_both_s:.2f}x a memcpy of the bytes both "
+          f"move ({memcpy_both_s * 1e6:.0f} us)")
 
 
-def main() -> None:
+def bench_rank(rank: int, num_ranks: int, group, args: argparse.Namespace) -> None:
+    quant = args.quant
+    if args.mode == "low_latency":
+        rows = bench_low_latency(rank, group, args, quant)
+        nbytes = torch.tensor([rows["default"].bytes, rows["default"].combine_bytes], dtype=torch.int64)
+        dist.broadcast(nbytes, 0, group=group)
+        memcpy_s = memcpy_time(group, int(nbytes[0]), args)
+        memcpy_both_s = memcpy_time(group, int(nbytes.sum()), args)
+        if rank == 0:
+            print_low_latency(rows, memcpy_s, memcpy_both_s, num_ranks, args, quant)
+        return
+    results = bench_normal(rank, group, args, quant)
+    if rank == 0:
+        with open(args.result_file, "w") as f:
+            json.dump(results, f)
+
+
+def run_ranks(args: argparse.Namespace, default_threads: bool) -> Dict[str, Dict[str, Timing]]:
+    """Spawns the ranks for the normal-mode sizes; returns {tokens: {strategy: Timing}} of rank 0."""
+    env = {"DEEP_EP_RANKS_PER_NODE": str(args.ranks_per_node)} if args.ranks_per_node else {}
+    with tempfile.TemporaryDirectory(prefix="deep_ep_bench_") as tmp:
+        args.result_file = os.path.join(tmp, "result.json")
+        spawn_ranks(bench_rank, args.num_processes, args, env=env, share_threads=not default_threads)
+        with open(args.result_file) as f:
+            raw = json.load(f)
+    return {tokens: {name: Timing(**row) for name, row in rows.items()} for tokens, rows in raw.items()}
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f}"
+
+
+def print_normal(args: argparse.Namespace, tuned: Dict[str, Dict[str, Timing]],
+                 default_threads: Optional[Dict[str, Dict[str, Timing]]], mpi: "MpiOutcome") -> None:
+    """The normal-mode table: one line per size, ratios of figures measured in this run."""
+
+    print(f"\ndeep_ep normal mode: {args.num_processes} ranks, hidden {args.hidden}, top-{args.num_topk} of "
+          f"{args.num_experts} experts, dispatch {args.quant}, combine bf16; ms per call, median of the slowest "
+          f"rank; L+D+C = get_dispatch_layout + dispatch + combine; floor = MPI Alltoallv of the same bytes")
+    columns = ["tokens/rank", "L+D+C ms", "dispatch ms", "combine ms", "floor D+C ms", "ours/floor",
+               "dispatch/floor", "combine/floor", "MPI dispatcher ms", "MPI disp./ours"]
+    if "alltoall" in args.strategies:
+        columns += ["gloo alltoall ms", "alltoall/ours"]
+    if default_threads is not None:
+        columns += ["default-threads ms", "default/tuned"]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for tokens, rows in tuned.items():
+        ours = rows["default"]
+        cells = [tokens, ms(ours.full), ms(ours.dispatch), ms(ours.combine)]
+        floor = mpi.sizes.get(tokens) if mpi.sizes else None
+        if floor is not None:
+            both = floor.floor_dispatch + floor.floor_combine
+            cells += [f"{ms(floor.floor_dispatch)} + {ms(floor.floor_combine)}", f"{ours.full / both:.2f}x",
+                      f"{ours.dispatch / floor.floor_dispatch:.2f}x", f"{ours.combine / floor.floor_combine:.2f}x",
+                      ms(floor.dispatcher), f"{floor.dispatcher / ours.full:.2f}x"]
+        else:
+            cells += ["-"] * 6
+        if "alltoall" in args.strategies:
+            other = rows["alltoall"]
+            cells += [ms(other.full), f"{other.full / ours.full:.2f}x"]
+        if default_threads is not None:
+            loose = default_threads[tokens]["default"]
+            cells += [ms(loose.full), f"{loose.full / ours.full:.2f}x"]
+        print("| " + " | ".join(cells) + " |")
+    print(f"MPI: {mpi.note}")
+    if default_threads is not None:
+        print(f"default-threads: the ranks keep torch's default of {torch.get_num_threads()} threads each; tuned: "
+              f"torch.set_num_threads({max(1, usable_cores() // args.num_processes)}) in every rank; deep_ep's "
+              f"kernels use {num_threads(args.num_processes)} thread(s) per rank in both")
+    if args.ranks_per_node:
+        print(f"\nsimulated nodes of {args.ranks_per_node} ranks (DEEP_EP_RANKS_PER_NODE); rank 0 per dispatch:")
+        print(f"{'tokens/rank':<12}{'strategy':<22}{'rows to other nodes':>21}{'MB':>9}{'inter-node GB/s':>17}")
+        for tokens, rows in tuned.items():
+            for name, label in (("default", "hierarchical (shm)"), ("alltoall", "alltoall (gloo)")):
+                if name in rows:
+                    r = rows[name]
+                    print(f"{tokens:<12}{label:<22}{r.network_rows:>21}{r.network_bytes / 1e6:>9.2f}"
+                          f"{r.network_bytes / r.dispatch / 1e9:>17.2f}")
+
+
+def parse_sizes(text: str) -> List[int]:
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or any(size < 1 for size in sizes):
+        raise argparse.ArgumentTypeError(f"--num-tokens must be positive ints separated by commas, got {text!r}")
+    return sizes
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-processes", type=int, default=2, help="local CPU ranks")
     parser.add_argument("--mode", choices=("normal", "low_latency"), default="normal")
-    parser.add_argument("--num-tokens", type=int, default=None,
-                        help="tokens per rank (default 1024; 128 in low-latency mode)")
+    parser.add_argument("--num-tokens", type=parse_sizes, default=None, dest="sizes",
+                        help="tokens per rank, comma-separated sizes (default 16,128,1024; 128 in low-latency "
+                             "mode, which takes one size)")
     parser.add_argument("--num-max-tokens", type=int, default=None,
                         help="low-latency mode: num_max_dispatch_tokens_per_rank (default: --num-tokens)")
     parser.add_argument("--hidden", type=int, default=2048)
@@ -268,22 +415,51 @@ def main() -> None:
     parser.add_argument("--quant", choices=("bf16", "int8"), default=None,
                         help="dispatch format (default: bf16 in normal mode unless --int8, int8 in low-latency)")
     parser.add_argument("--nvl-bytes", type=int, default=256 << 20, help="shared-memory bytes per rank")
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=30,
+                        help="most timed iterations per figure (normal mode times as many as fit "
+                             "--measure-seconds, at least 3); low-latency mode: exactly this many")
+    parser.add_argument("--measure-seconds", type=float, default=MEASURE_SECONDS,
+                        help="normal mode: about how long each figure is measured")
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--ranks-per-node", type=int, default=0,
                         help="simulate nodes of this many ranks (DEEP_EP_RANKS_PER_NODE): the hierarchical "
                              "transport between them")
     parser.add_argument("--batch", type=int, default=None,
                         help="calls timed in a row per iteration (default 1; 20 in low-latency mode)")
-    args = parser.parse_args()
-    if args.num_tokens is None:
-        args.num_tokens = 128 if args.mode == "low_latency" else 1024
+    parser.add_argument("--default-threads", action="store_true",
+                        help="normal mode: also run deep_ep in ranks that leave torch's default thread count "
+                             "untouched, and show that run beside the tuned one (1 core's share per rank)")
+    parser.add_argument("--no-alltoall", action="store_true", help="skip the gloo all_to_all strategy")
+    parser.add_argument("--no-mpi", action="store_true", help="skip the MPI baselines")
+    args = parser.parse_args(argv)
+    if args.sizes is None:
+        args.sizes = [128] if args.mode == "low_latency" else [16, 128, 1024]
+    if args.mode == "low_latency" and len(args.sizes) != 1:
+        parser.error("--mode low_latency takes one --num-tokens size")
     if args.num_max_tokens is None:
-        args.num_max_tokens = args.num_tokens
+        args.num_max_tokens = max(args.sizes)
     if args.batch is None:
         args.batch = 20 if args.mode == "low_latency" else 1
-    env = {"DEEP_EP_RANKS_PER_NODE": str(args.ranks_per_node)} if args.ranks_per_node else {}
-    spawn_ranks(bench_rank, args.num_processes, args, env=env)
+    args.quant = args.quant or ("int8" if args.int8 or args.mode == "low_latency" else "bf16")
+    args.strategies = ["default"] if args.no_alltoall else ["default", "alltoall"]
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = parse_args(argv)
+    if args.mode == "low_latency":
+        spawn_ranks(bench_rank, args.num_processes, args)
+        return
+    from .bench_mpi import run_mpi_baselines
+
+    tuned = run_ranks(args, default_threads=False)
+    default_threads = None
+    if args.default_threads:
+        loose = argparse.Namespace(**vars(args))
+        loose.strategies = ["default"]
+        default_threads = run_ranks(loose, default_threads=True)
+    mpi = run_mpi_baselines(args)
+    print_normal(args, tuned, default_threads, mpi)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from .low_latency import LowLatencyMode
 from .normal import NormalMode
 from .pool import OutputPool
 from .transport import collective, groups, hierarchical, shm
-from .utils import EventOverlap, check_one_of, timeout_seconds, topk_idx_t
+from .utils import EventOverlap, check_one_of, num_threads, timeout_seconds, topk_idx_t
 
 __all__ = ["Buffer", "FuseMode", "topk_idx_t"]
 
@@ -142,6 +142,8 @@ class Buffer(NormalMode, LowLatencyMode):
         self.rank_to_node = self._discover_nodes()
         self.node = int(self.rank_to_node[self.rank])
         self.local_ranks = (self.rank_to_node == self.node).nonzero().flatten().tolist()
+        # Threads of the native kernels: this rank's share of the cores (DEEP_EP_NUM_THREADS overrides).
+        self.num_threads = num_threads(len(self.local_ranks))
         self.topology = hierarchical.Topology(self.rank, self.rank_to_node)
         self.shm: Optional[shm.NodeShm] = None  # mapped by the first "default" normal strategy (node_shm)
         self.pool = OutputPool()

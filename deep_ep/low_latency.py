@@ -144,6 +144,7 @@ class LowLatencyMode:
     group_size: int
     comm: dist.ProcessGroup
     local_ranks: List[int]
+    num_threads: int  # of the native kernels: this rank's share of the host's cores
     num_nodes: int
     on_npu: bool
     low_latency_mode: bool

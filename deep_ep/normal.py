@@ -113,6 +113,7 @@ class NormalMode:
     rank_to_node: torch.Tensor
     num_nodes: int
     local_ranks: List[int]
+    num_threads: int  # of the native kernels: this rank's share of the host's cores
     topology: hierarchical.Topology
     shm: Optional[shm.NodeShm]  # None: the collective transport
     num_nvl_bytes: int
@@ -172,7 +173,7 @@ class NormalMode:
                 q.shape[1], -1
         check_tensor("x", x, dtypes=FLOAT_DTYPES, shape=(None, None))
         if quant == "int8":
-            q, scale = ops.quantize_int8(x)
+            q, scale = ops.quantize_int8(x, self.num_threads)
             return [as_byte_rows(q), as_byte_rows(scale)], [(torch.int8, x.shape[1]), (torch.float32, 1)], \
                 x.shape[1], NATIVE_DTYPE_CODES[x.dtype]
         return [as_byte_rows(x)], [(x.dtype, x.shape[1])], x.shape[1], NATIVE_DTYPE_CODES[x.dtype]
@@ -411,7 +412,7 @@ class NormalMode:
         check = functools.partial(check_agreement, what="combine", skip=(1, 8))
 
         def reduce(sources: List[torch.Tensor], src_rank: torch.Tensor, src_row: torch.Tensor) -> None:
-            ops.weighted_reduce(out, sources, x.dtype, src_rank, src_row, weights, biases)
+            ops.weighted_reduce(out, sources, x.dtype, src_rank, src_row, weights, biases, self.num_threads)
 
         transport.combine(self, state, header, as_byte_rows(x), check, reduce, out, weights, topk_weights, biases,
                           stats)

@@ -29,10 +29,22 @@ def native_ok(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu" and not torch_ops_forced()
 
 
-def quantize_int8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def copy_into(dst: torch.Tensor, src: torch.Tensor, threads: int) -> None:
+    """dst.copy_(src) for tensors of the same shape and dtype. Contiguous CPU tensors move on `threads`
+    threads of deep_ep_cpp rather than torch's intra-op pool: with torch's default thread count in
+    every rank, that pool's idle OpenMP workers keep spinning on cores the other ranks need."""
+    if native_ok(dst) and src.device.type == "cpu" and dst.dtype == src.dtype and dst.shape == src.shape \
+            and dst.is_contiguous() and src.is_contiguous():
+        _native().copy_bytes(dst.data_ptr(), src.data_ptr(), dst.numel() * dst.element_size(), threads)
+    else:
+        dst.copy_(src)
+
+
+def quantize_int8(x: torch.Tensor, threads: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-token dynamic int8: `scale = max|x_row| / 127`, `q = round_half_even(x / scale)`.
 
-    Args: x [T, H] float32/bfloat16/float16.
+    Args: x [T, H] float32/bfloat16/float16; threads: of the native kernel (default: every usable core,
+        see `deep_ep.utils.num_threads`; a Buffer passes its rank's share).
     Returns: (q int8 [T, H], scale float32 [T]); an all-zero row gets scale 0 and q 0, a row
     holding inf / NaN a non-finite scale (inf / NaN), so the problem stays visible downstream.
     The one quantizer of the package; `deep_ep.fused.quantize_per_token_int8` is its checked face.
@@ -43,7 +55,7 @@ def quantize_int8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         q = torch.empty(rows, hidden, dtype=torch.int8)
         scale = torch.empty(rows, dtype=torch.float32)
         _native().quantize_int8(x.data_ptr(), NATIVE_DTYPE_CODES[x.dtype], rows, hidden, q.data_ptr(),
-                                scale.data_ptr(), num_threads())
+                                scale.data_ptr(), threads or num_threads())
         return q, scale
     xf = x.float()
     scale = xf.abs().amax(1) / 127.0
@@ -55,7 +67,7 @@ def quantize_int8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 def weighted_reduce(out: torch.Tensor, sources: List[torch.Tensor],
                     src_dtype: Union[torch.dtype, Sequence[torch.dtype]], src_rank: torch.Tensor,
                     src_row: torch.Tensor, weights: torch.Tensor,
-                    biases: Sequence[Optional[torch.Tensor]] = ()) -> torch.Tensor:
+                    biases: Sequence[Optional[torch.Tensor]] = (), threads: Optional[int] = None) -> torch.Tensor:
     """out[t] = sum over columns c ascending of weights[t, c] * row(t, c) (+ biases).
 
     Accumulates in float64: every product of a float32 weight and a 16/32-bit value is exact
@@ -71,6 +83,7 @@ def weighted_reduce(out: torch.Tensor, sources: List[torch.Tensor],
         src_row: int64 [T, C], row in that source.
         weights: float32 [T, C].
         biases: up to two [T, H] tensors added at the end.
+        threads: of the native kernel, as in `quantize_int8`.
     """
     tokens, columns = src_rank.shape
     hidden = out.shape[1]
@@ -84,7 +97,7 @@ def weighted_reduce(out: torch.Tensor, sources: List[torch.Tensor],
                                  [s.data_ptr() for s in sources], [s.shape[0] for s in sources],
                                  [NATIVE_DTYPE_CODES[d] for d in dtypes], src_rank.contiguous().numpy(),
                                  src_row.contiguous().numpy(), weights.contiguous().numpy(), *bias_args,
-                                 num_threads())
+                                 threads or num_threads())
         return out
     # Device (NPU) branch: no host syncs, index tensors moved to the rows' device. Ascend NPUs have no
     # fast float64, so there the sum is float32 (as the SPEC asks); on CPU (forced) float64 as above.

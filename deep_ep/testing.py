@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from .utils import usable_cores
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -21,11 +23,12 @@ DEVICES = ("cpu", "npu")
 
 
 def _run_rank(rank: int, num_ranks: int, port: int, env: dict, fn: Callable, args: tuple,
-              device: str = "cpu") -> None:
+              device: str = "cpu", share_threads: bool = True) -> None:
     os.environ.update(env)
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    # Ranks share the machine's cores; oversubscribed threads would only slow every rank down.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_ranks))
+    if share_threads:
+        # Ranks share the machine's cores; oversubscribed threads would only slow every rank down.
+        torch.set_num_threads(max(1, usable_cores() // num_ranks))
     backend = "gloo"
     if device == "npu":  # one NPU per rank, HCCL between them: the Buffer takes the NPU path
         import torch_npu  # noqa: F401
@@ -40,17 +43,19 @@ def _run_rank(rank: int, num_ranks: int, port: int, env: dict, fn: Callable, arg
 
 
 def spawn_ranks(fn: Callable[..., Any], num_ranks: int, *args: Any, env: dict | None = None,
-                device: str = "cpu") -> None:
+                device: str = "cpu", share_threads: bool = True) -> None:
     """Runs fn(rank, num_ranks, group, *args) on `num_ranks` processes on 127.0.0.1. An exception on
-    any rank is raised here. `env` is set in every rank.
+    any rank is raised here. `env` is set in every rank. With `share_threads` every rank sets torch's
+    thread count to its share of the cores; without, ranks keep torch's default (all cores each), as
+    a program started with torch.multiprocessing.spawn does.
 
     device "cpu": CPU ranks joined by gloo. device "npu": rank r uses NPU r (torch.npu.set_device)
     and the group is HCCL; fn finds the device with `rank_device()`.
     """
     if device not in DEVICES:
         raise ValueError(f"device must be one of {list(DEVICES)}, got {device!r}")
-    mp.spawn(_run_rank, args=(num_ranks, free_port(), dict(env or {}), fn, args, device), nprocs=num_ranks,
-             join=True)
+    mp.spawn(_run_rank, args=(num_ranks, free_port(), dict(env or {}), fn, args, device, share_threads),
+             nprocs=num_ranks, join=True)
 
 
 def rank_device(group=None) -> torch.device:

@@ -1,6 +1,7 @@
 """Small shared pieces: EventOverlap, environment settings, dtype codes, argument checks."""
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Optional, Sequence
 
@@ -52,9 +53,75 @@ def timeout_seconds() -> float:
     return seconds
 
 
-def num_threads() -> int:
-    """Threads a native kernel may use: what torch was given for this process."""
-    return max(1, torch.get_num_threads())
+# Where the CPU quota of this process's cgroup is read (cgroup v2, then v1).
+CGROUP_V2_CPU_MAX = "/sys/fs/cgroup/cpu.max"
+CGROUP_V1_CPU_DIR = "/sys/fs/cgroup/cpu"
+
+
+def _read_first_line(path: str) -> Optional[str]:
+    try:
+        with open(path) as f:
+            return f.readline().strip()
+    except OSError:
+        return None
+
+
+def cgroup_cpu_limit(cpu_max_path: str = CGROUP_V2_CPU_MAX, cpu_dir_v1: str = CGROUP_V1_CPU_DIR) -> Optional[float]:
+    """Cores the cgroup's CPU quota grants (quota / period, may be fractional), None without a quota.
+
+    cgroup v2: `cpu_max_path` holds "max 100000" (no quota) or "<quota> <period>"; else cgroup v1:
+    `cpu_dir_v1`/cpu.cfs_quota_us (-1: no quota) and cpu.cfs_period_us. Missing or unreadable
+    files mean no quota."""
+    line = _read_first_line(cpu_max_path)
+    if line is not None:
+        fields = line.split()
+        quota, period = (fields + ["max", "100000"])[:2]
+    else:
+        quota = _read_first_line(os.path.join(cpu_dir_v1, "cpu.cfs_quota_us"))
+        period = _read_first_line(os.path.join(cpu_dir_v1, "cpu.cfs_period_us"))
+    try:
+        quota_us, period_us = int(quota), int(period)
+    except (TypeError, ValueError):  # "max", absent or garbled: no quota
+        return None
+    if quota_us <= 0 or period_us <= 0:
+        return None
+    return quota_us / period_us
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_cgroup_cpu_limit() -> Optional[float]:
+    # Read once per process: the calls on the hot path must not reopen /sys files.
+    return cgroup_cpu_limit()
+
+
+def usable_cores(cgroup_limit: Optional[float] = None) -> int:
+    """Cores this process may run on: its CPU affinity, capped by the cgroup CPU quota
+    (`cgroup_limit` cores; default: this process's cgroup, read once)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # no sched_getaffinity (not Linux)
+        cores = os.cpu_count() or 1
+    limit = _cached_cgroup_cpu_limit() if cgroup_limit is None else cgroup_limit
+    if limit is not None:
+        cores = min(cores, max(1, int(limit)))
+    return max(1, cores)
+
+
+def num_threads(local_ranks: int = 1, cgroup_limit: Optional[float] = None) -> int:
+    """Threads a native kernel of one rank may use: the usable cores shared by the `local_ranks`
+    ranks of its Buffer on this host (at least 1), or env DEEP_EP_NUM_THREADS (a positive int).
+    Independent of torch.get_num_threads(): callers that keep torch's default (every core per
+    process) must not make the ranks' kernels oversubscribe the cores."""
+    value = os.environ.get("DEEP_EP_NUM_THREADS", "").strip()
+    if value:
+        try:
+            threads = int(value)
+        except ValueError:
+            threads = 0
+        if threads <= 0:
+            raise ValueError(f"DEEP_EP_NUM_THREADS must be a positive int (threads per rank), got {value!r}")
+        return threads
+    return max(1, usable_cores(cgroup_limit) // max(1, local_ranks))
 
 
 def check_tensor(name: str, value: Any, *, dtypes: Sequence[torch.dtype], shape: Sequence[Optional[int]],

@@ -27,7 +27,7 @@ from ..low_latency import (LL_COMPARED, LL_KINDS, LowLatencyCall, LowLatencyComb
                            ll_disagreement, ll_selection_rows)
 from ..transport import alltoall_low_latency, shm_low_latency
 from ..transport.fields import as_byte_rows
-from ..utils import NATIVE_DTYPE_CODES, EventOverlap, low_latency_quant_mode, num_threads
+from ..utils import NATIVE_DTYPE_CODES, EventOverlap, low_latency_quant_mode
 
 
 def _no_hook() -> None:
@@ -71,7 +71,7 @@ class SharedMemoryLowLatency:
                                      state.hidden, state.num_topk, state.topk_idx.numpy(), slot.numpy(),
                                      state.num_experts // rt.group_size, me, state.num_max_tokens, areas.tokens[me],
                                      areas.scales[me], areas.info, state.header, ll.send_header[0][parity],
-                                     counts.numpy(), ll.send_signal[0][parity], seq, num_threads())
+                                     counts.numpy(), ll.send_signal[0][parity], seq, rt.num_threads)
 
     def receive_dispatch(self, rt: LowLatencyMode, state: LowLatencyState) -> None:
         ll = self.ll
@@ -87,7 +87,7 @@ class SharedMemoryLowLatency:
             recv[0].shape[1] * recv[0].element_size(), state.num_topk, block_rows,
             state.layout_range.numpy(), state.num_max_tokens, recv[0].data_ptr(),
             recv[1].data_ptr() if state.quantized else 0, state.src_info.numpy(), state.num_rows,
-            ll.recv_ack[0][parity], state.seq, num_threads())
+            ll.recv_ack[0][parity], state.seq, rt.num_threads)
 
     def send_combine(self, rt: LowLatencyMode, task: LowLatencyCombine, x: torch.Tensor, what: str) -> None:
         ll, state, seq, parity = self.ll, task.state, task.seq, task.seq & 1
@@ -96,14 +96,15 @@ class SharedMemoryLowLatency:
         rt.ll_guard(lambda: ll.wait_acks(1, parity, seq, what))
         deep_ep_cpp.ll_combine_send(x.data_ptr(), hidden * x.element_size(), total, state.src_info[:total].numpy(),
                                     state.num_topk, areas.returns, areas.return_rows, task.header,
-                                    ll.send_header[1][parity], ll.send_signal[1][parity], seq, num_threads())
+                                    ll.send_header[1][parity], ll.send_signal[1][parity], seq, rt.num_threads)
 
     def receive_combine(self, rt: LowLatencyMode, task: LowLatencyCombine, dropped: torch.Tensor) -> None:
         ll, state = self.ll, task.state
         self._headers(rt, 1, task)
         parity = task.seq & 1
         rows = ll.return_view(state.num_max_tokens, state.hidden, state.num_experts, parity)
-        ops.weighted_reduce(task.result, [rows], task.result.dtype, dropped, ll_selection_rows(state), task.weights)
+        ops.weighted_reduce(task.result, [rows], task.result.dtype, dropped, ll_selection_rows(state), task.weights,
+                            threads=rt.num_threads)
         ll.ack(1, parity, task.seq)
 
 
@@ -139,7 +140,7 @@ class AllToAllLowLatency:
         counts_from = meta[:, shm_low_latency.HEADER_WORDS: shm_low_latency.HEADER_WORDS + experts_per_rank]
         token, k, _, _ = layout.expert_major_entries(state.topk_idx, 0, state.num_experts)
         if state.quantized:
-            q, scale = ops.quantize_int8(x)
+            q, scale = ops.quantize_int8(x, rt.num_threads)
             fields = [q, scale.view(-1, 1)]
         else:
             fields = [x]
@@ -181,7 +182,8 @@ class AllToAllLowLatency:
         task.arrived_row = position.clamp_min(0).view(state.num_tokens, state.num_topk)
 
     def receive_combine(self, rt: LowLatencyMode, task: LowLatencyCombine, dropped: torch.Tensor) -> None:
-        ops.weighted_reduce(task.result, [task.arrived], task.result.dtype, dropped, task.arrived_row, task.weights)
+        ops.weighted_reduce(task.result, [task.arrived], task.result.dtype, dropped, task.arrived_row, task.weights,
+                            threads=rt.num_threads)
 
 
 class _LowLatencyStrategyBase(LowLatencyEPCommStrategy):

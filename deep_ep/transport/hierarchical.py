@@ -19,6 +19,7 @@ import torch.distributed as dist
 from .. import ops
 from .collective import exchange_rows, run_collective
 from .fields import as_byte_rows
+from ..utils import num_threads
 
 # Bytes this process sent to ranks of other nodes, by phase (tests and the benchmark read it).
 traffic: Dict[str, int] = {"dispatch_bytes": 0, "dispatch_rows": 0, "combine_bytes": 0, "combine_rows": 0}
@@ -146,11 +147,12 @@ def hierarchical_reduce(group: dist.ProcessGroup, topology: Topology, forwarding
     it sums the forwarded rows into float64 partials, returns them to their owners, and sums
     this rank's tokens from its node's rows, then the partials it got back (node order)."""
     num_tokens, hidden = out.shape
+    threads = num_threads(len(topology.local_ranks))
 
     def reduce(sources: List[torch.Tensor], src_rank: torch.Tensor, src_row: torch.Tensor) -> None:
         partials = torch.empty(src_rank.shape[0] - num_tokens, hidden, dtype=torch.float64)
         ops.weighted_reduce(partials, sources, x_dtype, src_rank[num_tokens:], src_row[num_tokens:],
-                            forwarded_weights)
+                            forwarded_weights, threads=threads)
         back = return_partials(group, forwarding, partials)
         present, row = partial_columns(topology, forwarding, num_tokens)
         present = torch.where(present >= 0, present + len(sources), present)
@@ -158,6 +160,6 @@ def hierarchical_reduce(group: dist.ProcessGroup, topology: Topology, forwarding
                             [x_dtype] * len(sources) + [torch.float64],
                             torch.cat([src_rank[:num_tokens], present], dim=1),
                             torch.cat([src_row[:num_tokens], row], dim=1),
-                            torch.cat([own_weights, torch.ones(num_tokens, present.shape[1])], dim=1), biases)
+                            torch.cat([own_weights, torch.ones(num_tokens, present.shape[1])], dim=1), biases, threads)
 
     return reduce

@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 import deep_ep_cpp
 
+from .. import ops
 from ..utils import num_threads, timeout_seconds
 from . import collective
 from .fields import row_bytes
@@ -197,6 +198,7 @@ class NodeShm:
         self.rank = dist.get_rank(group)
         self.local_ranks = list(local_ranks)
         self.local_index = self.local_ranks.index(self.rank)
+        self.num_threads = num_threads(len(self.local_ranks))  # this rank's share of the host's cores
         self.data_bytes = data_bytes
         # The call in progress ("dispatch", "combine", ...), named when a barrier times out.
         self.operation = "the shared-memory exchange"
@@ -358,7 +360,7 @@ def dispatch_rows(node: NodeShm, meta: torch.Tensor, fields_in: List[torch.Tenso
     def publish(begin: int) -> None:
         end = max(begin, min(num_tokens, begin + window))
         for region, field in zip(node.regions(node.local_index, widths, own_window), fields_in):
-            region[: end - begin].copy_(field[begin:end])
+            ops.copy_into(region[: end - begin], field[begin:end], node.num_threads)
 
     if node.publish_meta(meta, node.regions_bytes(widths, own_window)):
         publish(0)
@@ -388,7 +390,7 @@ def dispatch_rows(node: NodeShm, meta: torch.Tensor, fields_in: List[torch.Tenso
             for index, (width, out) in enumerate(zip(widths, fields_out)):
                 srcs = [node.regions(s, widths, windows[s])[index].data_ptr() for s in range(node.num_local)]
                 deep_ep_cpp.copy_rows(out.data_ptr(), out.shape[0], width, srcs, windows, width, width,
-                                      ranks.numpy(), rows.numpy(), outs.numpy(), num_threads())
+                                      ranks.numpy(), rows.numpy(), outs.numpy(), node.num_threads)
         node.barrier()
     return meta_all
 
@@ -423,8 +425,8 @@ def combine_rows(node: NodeShm, meta: torch.Tensor, check: Callable[[torch.Tenso
     if num_rounds == 1:
         start = time.monotonic_ns()
         if reserved:
-            node.regions(me, [bytes_per_row], windows[me])[0][: rows_per_rank[me]].copy_(
-                x_bytes[: rows_per_rank[me]])
+            ops.copy_into(node.regions(me, [bytes_per_row], windows[me])[0][: rows_per_rank[me]],
+                          x_bytes[: rows_per_rank[me]], node.num_threads)
         node.barrier()
         node.agreed(check, node.read_meta(meta.numel()))
         sources = [node.regions(s, [bytes_per_row], windows[s])[0] for s in range(node.num_local)]
@@ -443,7 +445,7 @@ def combine_rows(node: NodeShm, meta: torch.Tensor, check: Callable[[torch.Tenso
         begin = round_index * window
         mine = x_bytes[begin: min(rows_per_rank[me], begin + window)]
         if reserved:
-            node.regions(me, [bytes_per_row], windows[me])[0][: mine.shape[0]].copy_(mine)
+            ops.copy_into(node.regions(me, [bytes_per_row], windows[me])[0][: mine.shape[0]], mine, node.num_threads)
         node.barrier()
         if round_index == 0:
             node.agreed(check, node.read_meta(meta.numel()))
@@ -452,6 +454,6 @@ def combine_rows(node: NodeShm, meta: torch.Tensor, check: Callable[[torch.Tenso
         deep_ep_cpp.copy_rows(stage.data_ptr(), stage.shape[0], bytes_per_row, srcs, windows,
                               bytes_per_row, bytes_per_row, holder[in_round].to(torch.int32).numpy(),
                               (holder_row[in_round] - begin).numpy(), in_round.nonzero().flatten().numpy(),
-                              num_threads())
+                              node.num_threads)
         node.timed_barrier(start, sends)
     reduce([stage], torch.where(valid, 0, -1).to(torch.int32), stage_row)

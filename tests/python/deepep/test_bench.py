@@ -1,0 +1,81 @@
+"""`python -m deep_ep.bench` at tiny sizes: deep_ep, the MPI Alltoallv floor and the Megatron-style
+MPI dispatcher each checked against the reference inside the run (a mismatch fails it); the MPI
+part says how to install it where mpi4py is missing."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from deep_ep import bench, bench_mpi
+from deep_ep.reference import reference_combine, reference_dispatch
+
+HAVE_MPI = importlib.util.find_spec("mpi4py") is not None and bench_mpi.find_mpiexec() is not None
+TINY = ["--num-tokens", "8,40", "--hidden", "128", "--num-topk", "4", "--num-experts", "8", "--iters", "3",
+        "--warmup", "1", "--measure-seconds", "0.01"]
+
+
+def table_lines(out: str) -> dict:
+    """{tokens: cells} of the normal-mode table."""
+    rows = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and cells[0].isdigit():
+            rows[cells[0]] = cells
+    return rows
+
+
+def test_bench_normal_table(capsys):
+    bench.main(TINY + ["--default-threads"])
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("| tokens/rank"))
+    columns = [c.strip() for c in header.strip().strip("|").split("|")]
+    rows = table_lines(out)
+    assert sorted(rows) == ["40", "8"], out
+    for cells in rows.values():
+        assert len(cells) == len(columns)
+        figures = dict(zip(columns, cells))
+        assert float(figures["L+D+C ms"]) > 0 and float(figures["default-threads ms"]) > 0
+        assert figures["alltoall/ours"].endswith("x")
+        if HAVE_MPI:
+            dispatch_floor, combine_floor = (float(v) for v in figures["floor D+C ms"].split(" + "))
+            assert dispatch_floor > 0 and combine_floor > 0 and float(figures["MPI dispatcher ms"]) > 0
+        else:
+            assert figures["floor D+C ms"] == "-"
+    if HAVE_MPI:
+        assert "floor and dispatcher checked against the reference" in out
+    else:
+        assert "MPI: not installed - pip install .[bench]" in out
+
+
+def test_bench_low_latency(capfd):
+    bench.main(["--mode", "low_latency", "--num-tokens", "16", "--hidden", "128", "--num-topk", "4",
+                "--num-experts", "8", "--iters", "2", "--warmup", "1", "--batch", "2"])
+    out = capfd.readouterr().out  # printed by rank 0's process
+    assert "default (shm)" in out and "memcpy (same bytes)" in out
+
+
+def test_sizes_flag_rejects_garbage():
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--num-tokens", "16,x"])
+    assert bench.parse_args(["--num-tokens", "16,128"]).sizes == [16, 128]
+
+
+@pytest.mark.skipif(not HAVE_MPI, reason="MPI baselines need mpi4py and MPICH: pip install .[bench]")
+def test_megatron_dispatcher_on_one_rank_matches_reference():
+    """COMM_SELF (no mpiexec): the dispatcher's rows and weighted sums are the reference's."""
+    from mpi4py import MPI
+
+    generator = torch.Generator().manual_seed(3)
+    x, topk_idx, weights = bench.make_rank_inputs(0, 24, 64, 8, 3)
+    topk_idx[::5, 1] = -1  # dropped selections
+    dispatcher = bench_mpi.MegatronDispatcher(MPI.COMM_SELF, 8)
+    received = dispatcher.dispatch(x, topk_idx)
+    assert torch.equal(received, reference_dispatch([x], [topk_idx], [weights], 8, 0)["x"])
+    # Distinct expert outputs: on one rank, received row i is selection order[i] (flat t*K+k).
+    y = torch.randn(received.shape, generator=generator).to(torch.bfloat16)
+    per_selection = torch.zeros(24 * 3, 64, dtype=torch.bfloat16)
+    per_selection[dispatcher.order] = y
+    expected = reference_combine(per_selection.view(24, 3, 64), topk_idx, weights)
+    assert torch.allclose(dispatcher.combine(y, weights, 24).double(), expected, rtol=1e-2, atol=1e-2)
