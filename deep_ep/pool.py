@@ -17,7 +17,9 @@ every output is a plain `torch.empty`, which is always correct.
 Bounds: at most `MAX_BLOCKS` blocks and `DEEP_EP_POOL_BYTES` bytes (default
 `DEFAULT_POOL_BYTES`; 0 switches the pool off) are kept; least recently used free
 blocks go first, and an output that does not fit beside the busy blocks is a plain
-`torch.empty`. An evicted block's pages go back to the system at once (munmap).
+`torch.empty`. A free block not handed out for `MAX_IDLE_HANDOUTS` hand-outs is
+dropped too, so the pool holds the sizes in use now rather than every size seen.
+A dropped block's pages go back to the system at once (munmap).
 """
 from __future__ import annotations
 
@@ -33,6 +35,9 @@ import torch
 # Smaller outputs come from the ordinary allocator, whose small-block cache is warm anyway.
 MIN_POOLED_BYTES = 1 << 20
 MAX_BLOCKS = 16
+# A free block not handed out for this many hand-outs goes back to the system: the pool follows the
+# sizes in use now, not every size it has seen.
+MAX_IDLE_HANDOUTS = 64
 DEFAULT_POOL_BYTES = 256 << 20
 POOL_BYTES_ENV = "DEEP_EP_POOL_BYTES"
 PAGE_BYTES = mmap.PAGESIZE
@@ -129,7 +134,12 @@ class OutputPool:
 
     def _take(self, nbytes: int, shape: Sequence[int], dtype: torch.dtype) -> Optional[torch.Tensor]:
         """A pooled output, or None when the budget is held by busy blocks (or the pool switched off)."""
+        self.clock += 1
         free = [b for b in self.blocks if self._users(b) == 0]
+        idle = [b for b in free if self.clock - b.last_use > MAX_IDLE_HANDOUTS]
+        if idle:
+            self._drop(idle)
+            free = [b for b in free if b not in idle]  # Block compares by identity
         fitting = [b for b in free if nbytes <= b.nbytes <= 2 * nbytes]
         if fitting:
             block = min(fitting, key=lambda b: b.nbytes)
@@ -141,7 +151,6 @@ class OutputPool:
         if self._users(block) != 1:  # the counts stopped tracking storages: never risk an alias
             self._disable()
             return None
-        self.clock += 1
         block.last_use = self.clock
         return out.view(dtype).view(*shape)
 
@@ -156,7 +165,7 @@ class OutputPool:
         for victim in sorted(free, key=lambda b: b.last_use):
             if kept + size <= self.max_bytes and len(self.blocks) < MAX_BLOCKS:
                 break
-            self.blocks = [b for b in self.blocks if b is not victim]
+            self._drop([victim])
             kept -= victim.nbytes
         try:
             block = Block(mmap.mmap(-1, size), size)
@@ -164,6 +173,10 @@ class OutputPool:
             return None
         self.blocks.append(block)
         return block
+
+    def _drop(self, blocks: List[Block]) -> None:
+        """Forgets free `blocks`: their mappings are unmapped as their last reference goes."""
+        self.blocks = [b for b in self.blocks if b not in blocks]
 
     @property
     def pooled_bytes(self) -> int:
