@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import deep_ep  # noqa: E402
 import deep_ep.pool as pool_module  # noqa: E402
 from common import gather_objects, make_inputs  # noqa: E402
-from deep_ep.pool import MAX_BLOCKS, MIN_POOLED_BYTES, OutputPool  # noqa: E402
+from deep_ep.pool import MAX_BLOCKS, MAX_IDLE_HANDOUTS, MIN_POOLED_BYTES, OutputPool  # noqa: E402
 from deep_ep.reference import reference_combine, reference_dispatch  # noqa: E402
 from deep_ep.testing import spawn_ranks  # noqa: E402
 
@@ -136,6 +136,18 @@ def test_budget_bounds_the_pool() -> None:
     other = pool.empty((rows_for(7 * MiB), 1024), torch.float32)
     assert pool.pooled_bytes <= 8 * MiB and len(pool.blocks) == 1
     assert_disjoint([big, extra, other])
+
+
+def test_idle_blocks_are_released() -> None:
+    """A size that stops being used leaves the pool after MAX_IDLE_HANDOUTS hand-outs of other sizes."""
+    pool = OutputPool()
+    pool.empty((rows_for(5 * MiB), 1024), torch.float32)
+    old = pool.blocks[0]
+    for _ in range(MAX_IDLE_HANDOUTS):
+        pool.empty((rows_for(2 * MiB), 1024), torch.float32)
+    assert any(b is old for b in pool.blocks)
+    pool.empty((rows_for(2 * MiB), 1024), torch.float32)
+    assert not any(b is old for b in pool.blocks) and len(pool.blocks) == 1
 
 
 def test_size_classes() -> None:

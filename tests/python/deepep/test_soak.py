@@ -21,7 +21,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass, replace
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import pytest
 import torch
