@@ -48,8 +48,8 @@ reference_count: Optional[Callable[[object], int]] = getattr(sys, "getrefcount",
 
 
 def size_class(nbytes: int) -> int:
-    """`nbytes` rounded up to a step of 1/8 to 1/16 of its power of two (and whole pages), so
-    that outputs of nearby sizes (a batch that grows by a few tokens) share blocks."""
+    """`nbytes` rounded up to a multiple of a step between 1/16 and 1/8 of it (and of the page
+    size), so that outputs of nearby sizes (a batch a few tokens longer) share blocks."""
     step = max(1 << max(nbytes.bit_length() - 4, 0), PAGE_BYTES)
     return -(-nbytes // step) * step
 
