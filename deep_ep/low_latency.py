@@ -234,6 +234,8 @@ class LowLatencyMode:
                              f"{self.group_size} ranks and num_experts={num_experts}: it needs {needed} bytes "
                              f"(Buffer.get_low_latency_rdma_size_hint({num_max_tokens}, {hidden}, "
                              f"{self.group_size}, {num_experts}))")
+        if len(self._ll_fits) >= shm_low_latency.MAX_CACHED_LAYOUTS:  # callers that vary Nmax / H / E
+            self._ll_fits.clear()
         self._ll_fits.add(key)
         return roles
 

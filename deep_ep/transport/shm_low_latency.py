@@ -56,6 +56,9 @@ HEADER_WORDS = 8
 COUNTS_WORD = HEADER_WORD + HEADER_WORDS
 MAX_LOCAL_EXPERTS = MAILBOX_BYTES // 8 - COUNTS_WORD
 MAX_TOPK = 16
+# Layouts (Nmax, H, E) whose addresses are remembered; a caller that keeps changing them must not
+# grow the cache without end, so it starts over when full.
+MAX_CACHED_LAYOUTS = 64
 ALIGN = shm.ALIGN
 # Segment size for num_rdma_bytes=0: address space only, /dev/shm is reserved as calls need it.
 AUTO_BYTES = 64 << 30
@@ -244,7 +247,7 @@ class LowLatencyShm:
                           scales=[t + _align(num_max_tokens * 2 * hidden) for t in tokens],
                           returns=[s + slot_bytes(num_max_tokens, hidden, num_experts) for s in starts],
                           return_rows=ret // (2 * hidden))
-            self._areas[key] = found
+            self._remember(key, found)
         return found
 
     # ---- signalling ----------------------------------------------------------------------------------------
@@ -271,9 +274,16 @@ class LowLatencyShm:
         key = ("counts", parity, experts_per_rank)
         view = self._areas.get(key)
         if view is None:
-            view = self._areas[key] = \
-                self.inbox[DISPATCH, parity, :, COUNTS_WORD: COUNTS_WORD + experts_per_rank].numpy()
+            view = self._remember(key, self.inbox[DISPATCH, parity, :, COUNTS_WORD: COUNTS_WORD + experts_per_rank]
+                                  .numpy())
         return view
+
+    def _remember(self, key: tuple, value):
+        """Caches `value` (an Areas or a view) under `key` and returns it."""
+        if len(self._areas) >= MAX_CACHED_LAYOUTS:
+            self._areas.clear()
+        self._areas[key] = value
+        return value
 
     def ack(self, kind: int, parity: int, seq: int) -> None:
         deep_ep_cpp.store_counters(self.recv_ack[kind][parity], seq)
@@ -291,7 +301,7 @@ class LowLatencyShm:
             offset = areas.returns[self.local_index] - self.base[self.local_index]
             view = torch.frombuffer(self.segments[self.local_index], dtype=torch.uint8,
                                     count=areas.return_rows * 2 * hidden, offset=offset).view(-1, 2 * hidden)
-            self._areas[key] = view
+            self._remember(key, view)
         return view
 
     def reset(self) -> None:
