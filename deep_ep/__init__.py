@@ -3,7 +3,7 @@
 DeepEP-Ascend's `Buffer` API, running on CPU ranks (shared memory inside a host,
 torch.distributed between hosts) and on Ascend NPUs through torch_npu.
 """
-from . import strategies  # registers the built-in strategies
+from . import strategies as strategies  # registers the built-in strategies
 from .buffer import Buffer, topk_idx_t
 from .config import Config
 from .ep_strategy import LowLatencyStrategy, NormalStrategy

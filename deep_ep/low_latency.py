@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, List, Optional, Union
+from typing import Any, List, Optional, Protocol, Union
 
 import torch
 import torch.distributed as dist
@@ -33,6 +33,29 @@ LL_HEADER_FIELDS = ("call number", "status", "num_max_dispatch_tokens_per_rank",
 # rank must agree on (dispatch: all but num_tokens; combine: all, the last being the dispatch's call number).
 LL_KINDS = ("low_latency_dispatch", "low_latency_combine")
 LL_COMPARED = (7, 8)
+
+
+class LowLatencyTransport(Protocol):
+    """How one low-latency strategy moves rows (deep_ep/strategies/low_latency_strategy.py): shared
+    memory slots or all_to_all_single. `runtime` is the LowLatencyMode that numbers the calls."""
+
+    ll: Optional[shm_low_latency.LowLatencyShm]  # the node's slots, or None (all_to_all_single)
+
+    def reject(self, runtime: "LowLatencyMode", kind: int, seq: int, header: List[int], what: str) -> None:
+        """Tells the peers that this rank rejected call `seq` of `kind` (they raise instead of waiting)."""
+
+    def send_dispatch(self, runtime: "LowLatencyMode", state: "LowLatencyState", x: torch.Tensor,
+                      slot: torch.Tensor, counts: torch.Tensor, what: str) -> None:
+        """Sends this rank's selections of a dispatch."""
+
+    def receive_dispatch(self, runtime: "LowLatencyMode", state: "LowLatencyState") -> None:
+        """Waits for every source's rows and packs them expert-major into state.recv."""
+
+    def send_combine(self, runtime: "LowLatencyMode", task: "LowLatencyCombine", x: torch.Tensor, what: str) -> None:
+        """Sends the expert outputs of the received rows back to their tokens' ranks."""
+
+    def receive_combine(self, runtime: "LowLatencyMode", task: "LowLatencyCombine", dropped: torch.Tensor) -> None:
+        """Waits for every holder's rows and reduces them into task.result."""
 
 
 @dataclass
@@ -481,7 +504,6 @@ class LowLatencyMode:
         header = [seq, 0, state.num_max_tokens, state.num_experts, hidden, num_topk, NATIVE_DTYPE_CODES[x.dtype],
                   state.seq]
         result = out if out is not None and out.is_contiguous() else self.pool.empty((num_tokens, hidden), x.dtype)
-        total = state.total
         task = LowLatencyCombine(state=state, seq=seq, header=header, topk_idx=topk_idx, weights=topk_weights,
                                  result=result, out=out)
         state.transport.send_combine(self, task, x, what)

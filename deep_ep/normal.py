@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from . import env, layout, ops
 from .pool import OutputPool
-from .transport import collective, hierarchical, shm
+from .transport import hierarchical, shm
 from .transport.fields import as_byte_rows
 from .utils import (FLOAT_DTYPES, NATIVE_DTYPE_CODES, EventOverlap, check_num_topk, check_tensor,
                     resolve_quant_mode, topk_idx_t)
