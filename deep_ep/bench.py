@@ -272,7 +272,6 @@ def bench_low_latency(rank: int, group, args: argparse.Namespace, quant: str) ->
         per_selection = args.hidden + 4 if use_fp8 else 2 * args.hidden
         rows[strategy] = Timing(dispatch_s, combine_s, selections * per_selection, selections * 2 * args.hidden)
         buffer.destroy()
-        del result, recv_x, handle, y
     return rows
 
 
