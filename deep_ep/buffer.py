@@ -340,8 +340,8 @@ class Buffer(NormalMode, LowLatencyMode):
         shapes). Returns (recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list,
         handle, EventOverlap); with a handle (cached dispatch) only recv_x and the event are set.
         The handle is upstream's (deep_ep/handles.py): the 8-tuple on one node, the 9-tuple across
-        nodes ("default"), a dict ("alltoall"). dispatch_wait_recv_cost_stats: None or int32 [R] on the
-        host; entry r grows by the microseconds this rank waited for rank r's rows."""
+        nodes ("default"), a dict ("alltoall"). dispatch_wait_recv_cost_stats: None or int32 [R]; entry r
+        grows by the microseconds this rank waited for rank r's rows."""
         config = self.get_dispatch_config(self.group_size) if config is None else config
         return self.normal_strategy.dispatch(
             x=x, handle=handle, num_tokens_per_rank=num_tokens_per_rank,
@@ -358,8 +358,8 @@ class Buffer(NormalMode, LowLatencyMode):
                 combine_send_cost_stats: Optional[torch.Tensor] = None):
         """Returns expert outputs to their tokens and sums them with the routing weights (see
         NormalMode.normal_combine). Returns (combined_x [T, H], combined_topk_weights float32 [T, K],
-        EventOverlap). combine_send_cost_stats: None or int32 [R] on the host; entry r grows by the
-        microseconds it took to hand this rank's rows over to rank r."""
+        EventOverlap). combine_send_cost_stats: None or int32 [R]; entry r grows by the microseconds
+        it took to hand this rank's rows over to rank r."""
         config = self.get_combine_config(self.group_size) if config is None else config
         return self.normal_strategy.combine(
             x=x, handle=handle, topk_weights=topk_weights, bias=bias, config=config, previous_event=previous_event,

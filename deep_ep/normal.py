@@ -194,9 +194,9 @@ class NormalMode:
         return self.pool.empty(shape, dtype)
 
     def _check_cost_stats(self, name: str, stats: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """None, or `stats` checked to be int32 [R] on the host (the times are measured there)."""
+        """None, or `stats` checked to be int32 [R] (on any device: the host adds the measured times)."""
         if stats is not None:
-            check_tensor(name, stats, dtypes=(torch.int32,), shape=(self.group_size,), device=torch.device("cpu"))
+            check_tensor(name, stats, dtypes=(torch.int32,), shape=(self.group_size,))
         return stats
 
     def _check_devices(self, **tensors) -> None:

@@ -30,10 +30,12 @@ from ..utils import EventOverlap
 
 
 def _add_us(stats: Optional[torch.Tensor], ranks: Union[List[int], torch.Tensor], ns: torch.Tensor) -> None:
-    """stats[ranks] += ns / 1000, rounded (int32 microseconds)."""
+    """stats[ranks] += ns / 1000, rounded down (int32 microseconds; stats may live on the device)."""
     if stats is not None:
         index = torch.as_tensor(ranks, dtype=torch.int64)
-        stats.index_add_(0, index, torch.div(ns, 1000, rounding_mode="floor").to(torch.int32).expand(index.numel()))
+        delta = torch.zeros(stats.numel(), dtype=torch.int32)
+        delta.index_add_(0, index, torch.div(ns, 1000, rounding_mode="floor").to(torch.int32).expand(index.numel()))
+        stats.add_(delta.to(stats.device))
 
 
 class CollectiveRows:

@@ -35,8 +35,14 @@ def normal_round(rank, num_ranks, group, buffer, num_experts, x, topk_idx, topk_
         x=x, num_tokens_per_rank=num_tokens_per_rank, is_token_in_rank=is_token_in_rank,
         num_tokens_per_expert=num_tokens_per_expert, config=deep_ep.Config(24, 8, 256), topk_idx=topk_idx,
         topk_weights=topk_weights, dispatch_wait_recv_cost_stats=wait_stats, quant_mode=None)
-    weights = handle["topk_weights"] if isinstance(handle, dict) else handle[7]
-    if not isinstance(handle, dict):
+    if isinstance(handle, dict):
+        weights = handle["topk_weights"]
+    elif buffer.get_num_rdma_ranks() > 1:  # upstream's internode handle
+        (recv_src_idx, in_rank, send_head, handle_topk_idx, weights, offset_inner, offset_outer, count_outer,
+         expand_scales) = handle
+        assert torch.equal(handle_topk_idx, topk_idx) and torch.equal(in_rank, is_token_in_rank)
+    else:
+        weights = handle[7]
         (rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, in_rank, send_head,
          handle_topk_idx, handle_topk_weights) = handle
         assert torch.equal(handle_topk_idx, topk_idx) and torch.equal(in_rank, is_token_in_rank)
@@ -174,3 +180,17 @@ def sglang_rank(rank: int, num_ranks: int, group) -> None:
 @pytest.mark.parametrize("num_ranks", [2, 4])
 def test_sglang_dispatcher_calls(num_ranks: int) -> None:
     spawn_ranks(sglang_rank, num_ranks)
+
+
+def internode_rank(rank: int, num_ranks: int, group) -> None:
+    """Two nodes (one rank each): the 9-entry handle, handle[4] as combine weights, cost statistics."""
+    num_experts = EXPERTS_PER_RANK * num_ranks
+    x, topk_idx, topk_weights = inputs(rank, num_experts)
+    buffer = deep_ep.Buffer(group, num_nvl_bytes=1 << 22)
+    assert buffer.get_num_rdma_ranks() == num_ranks
+    normal_round(rank, num_ranks, group, buffer, num_experts, x, topk_idx, topk_weights)
+    buffer.destroy()
+
+
+def test_internode_handle() -> None:
+    spawn_ranks(internode_rank, 2, env={"DEEP_EP_RANKS_PER_NODE": "1"})
