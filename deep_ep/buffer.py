@@ -58,7 +58,7 @@ class Buffer(NormalMode, LowLatencyMode):
         low_latency_mode: enables low_latency_dispatch / low_latency_combine.
         normal_strategy: "default" (shared memory inside a node) or "alltoall"
             (torch.distributed all_to_all_single for everything). On NPU (an 'hccl' group) both
-            run HCCL all_to_all_single (deep_ep/npu.py).
+            run HCCL all_to_all_single (deep_ep/npu/).
         low_latency_strategy: "default", "alltoall" or "ops" (NPU only). On NPU "default" and "ops"
             run CANN's MC2 operators; "alltoall" is not available there.
         explicitly_destroy: if True, `destroy()` must be called before exit.
@@ -88,7 +88,7 @@ class Buffer(NormalMode, LowLatencyMode):
         self.rank = dist.get_rank(group)
         self.group_size = dist.get_world_size(group)
         self.backend = dist.get_backend(group)
-        # Backend choice: an 'hccl' group takes the NPU path (deep_ep/npu.py), a 'gloo' group the CPU one.
+        # Backend choice: an 'hccl' group takes the NPU path (deep_ep/npu/), a 'gloo' group the CPU one.
         self.on_npu = self.backend == npu.NPU_BACKEND
         if self.on_npu:
             npu.init_backend()  # torch_npu importable; warns when the wheel was built for another SoC
@@ -275,7 +275,7 @@ class Buffer(NormalMode, LowLatencyMode):
             argument, L != E / R, H or I that do not match, T > Nmax); the peers then raise ValueError
             naming that rank instead of waiting.
         """
-        if self.npu_ll is not None:  # NPU: MC2 dispatch + npu_grouped_matmul + ... (deep_ep/npu.py)
+        if self.npu_ll is not None:  # NPU: MC2 dispatch + npu_grouped_matmul + ... (deep_ep/npu/)
             fused.check_modes(quant_mode, fuse_mode)
             return npu.fused_deep_moe(self, x, topk_idx, topk_weights, gmm1_permuted_weight,
                                       gmm1_permuted_weight_scale, gmm2_weight, gmm2_weight_scale,

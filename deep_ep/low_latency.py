@@ -6,7 +6,7 @@ buffering, calls numbered the same on every rank). Strategy "default" on one nod
 transport/shm_low_latency.py (senders write rows into fixed slots of the receivers' shared memory
 and bump a counter; the receive step waits for the counters and packs expert-major); "alltoall"
 and more than one node use transport/alltoall_low_latency.py. Both give the same bits. On NPU the
-calls go to CANN's MC2 operators (deep_ep/npu.py). `LowLatencyMode` is a mixin of `deep_ep.Buffer`.
+calls go to CANN's MC2 operators (deep_ep/npu/). `LowLatencyMode` is a mixin of `deep_ep.Buffer`.
 """
 from __future__ import annotations
 
@@ -154,7 +154,7 @@ class LowLatencyMode:
 
     def _init_low_latency(self) -> None:
         self.ll: Optional[shm_low_latency.LowLatencyShm] = None
-        self.npu_ll = None  # NPU: CANN's MC2 operators on a dedicated HCCL group (transport/npu_ops.py)
+        self.npu_ll = None  # NPU: CANN's MC2 operators on a dedicated HCCL group (deep_ep/npu/operators.py)
         self._ll_seq = [0, 0]  # calls so far per kind (dispatch, combine); equal on every rank
         self._ll_pending: List[List[Optional[int]]] = [[None, None], [None, None]]  # [kind][parity] -> seq
         self._ll_recv: List[Optional[tuple]] = [None, None]  # per parity: (key, recv tensors)
@@ -347,7 +347,7 @@ class LowLatencyMode:
         """
         what = "low_latency_dispatch"
         self._ll_ready(what)
-        if self.npu_ll is not None:  # NPU: npu_moe_distribute_dispatch_v2 (deep_ep/npu.py)
+        if self.npu_ll is not None:  # NPU: npu_moe_distribute_dispatch_v2 (deep_ep/npu/)
             return npu.low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
                                             cumulative_local_expert_recv_stats, use_fp8, return_recv_hook,
                                             topk_weights, quant_mode)
@@ -473,7 +473,7 @@ class LowLatencyMode:
         """
         what = "low_latency_combine"
         self._ll_ready(what)
-        if self.npu_ll is not None:  # NPU: npu_moe_distribute_combine_v2 (deep_ep/npu.py)
+        if self.npu_ll is not None:  # NPU: npu_moe_distribute_combine_v2 (deep_ep/npu/)
             return npu.low_latency_combine(self, x, topk_idx, topk_weights, handle, return_recv_hook, out)
         state = _ll_state_of(handle)
         if not state.received:

@@ -38,9 +38,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import deep_ep  # noqa: E402
 from common import make_inputs, to_host  # noqa: E402
 from deep_ep import npu, npu_env  # noqa: E402
+from deep_ep.npu import backend  # noqa: E402
 from deep_ep.reference import reference_combine, reference_dispatch  # noqa: E402
 from deep_ep.testing import spawn_ranks  # noqa: E402
-from deep_ep.transport import npu_ops  # noqa: E402
+from deep_ep.npu import operators as npu_ops  # noqa: E402
 from test_npu_plumbing import FakeTorchNpu  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -242,13 +243,14 @@ class Patcher:
 
 # --------------------------------------------------------------------------- backend choice
 def test_plumbing_import_without_torch_npu():
-    for module in ("deep_ep/npu.py", "deep_ep/npu_env.py", "deep_ep/buffer.py"):
+    for module in ("deep_ep/npu/__init__.py", "deep_ep/npu/backend.py", "deep_ep/npu/env.py", "deep_ep/npu/operators.py",
+                   "deep_ep/npu_env.py", "deep_ep/buffer.py"):
         tree = ast.parse((REPO_ROOT / module).read_text())
         imported = [alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names]
         imported += [node.module or "" for node in tree.body if isinstance(node, ast.ImportFrom)]
         assert not any(name.split(".")[0] == "torch_npu" for name in imported), module
     code = ("import sys; sys.modules['torch_npu'] = None\n"
-            "import deep_ep, deep_ep.npu, deep_ep.npu_env\n"
+            "import deep_ep, deep_ep.npu, deep_ep.npu.env, deep_ep.npu_env\n"
             "print('ok')\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
@@ -553,9 +555,9 @@ def test_plumbing_low_latency_checks_limits_of_detected_soc() -> None:
     ("A3", "A3", False), ("A2", "A2", False), ("A3", "A2", True), ("A2", "A3", True), ("A3", None, True),
     ("cpu", "A2", False), ("cpu", None, False)])
 def test_plumbing_soc_record(monkeypatch, recorded, detected, warns):
-    monkeypatch.setattr(npu, "build_target_soc", lambda: recorded)
-    monkeypatch.setattr(npu, "_soc_warned", False)
-    message = npu.soc_mismatch(recorded, detected)
+    monkeypatch.setattr(backend, "build_target_soc", lambda: recorded)
+    monkeypatch.setattr(backend, "_soc_warned", False)
+    message = backend.soc_mismatch(recorded, detected)
     assert (message is not None) == warns
     if warns:
         assert f"built for Atlas {recorded}" in message
@@ -563,8 +565,8 @@ def test_plumbing_soc_record(monkeypatch, recorded, detected, warns):
             message.split("Rebuild")[1]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        npu.check_build_soc(detected)
-        npu.check_build_soc(detected)  # once per process
+        backend.check_build_soc(detected)
+        backend.check_build_soc(detected)  # once per process
     assert len(caught) == (1 if warns else 0)
 
 
@@ -583,14 +585,14 @@ def test_plumbing_hccl_buffsize_check(monkeypatch):
     monkeypatch.delenv("HCCL_BUFFSIZE", raising=False)
     monkeypatch.delenv("HCCL_INTRA_PCIE_ENABLE", raising=False)
     with pytest.raises(ValueError, match=f"HCCL_BUFFSIZE=200 MB is too small .* needs {needed} MB"):
-        npu.check_hccl_buffsize("A2", 256, 7168, 16, 256, 8)
+        backend.check_hccl_buffsize("A2", 256, 7168, 16, 256, 8)
     monkeypatch.setenv("HCCL_BUFFSIZE", str(needed))
-    npu.check_hccl_buffsize("A2", 256, 7168, 16, 256, 8)
+    backend.check_hccl_buffsize("A2", 256, 7168, 16, 256, 8)
     monkeypatch.setenv("HCCL_BUFFSIZE", "1")
-    npu.check_hccl_buffsize("A3", 256, 7168, 16, 256, 8)  # no documented formula: not checked
+    backend.check_hccl_buffsize("A3", 256, 7168, 16, 256, 8)  # no documented formula: not checked
     monkeypatch.setenv("HCCL_INTRA_PCIE_ENABLE", "1")
     monkeypatch.setenv("HCCL_INTRA_ROCE_ENABLE", "0")
-    npu.check_hccl_buffsize("A2", 256, 7168, 16, 256, 8)  # hierarchical: not checked
+    backend.check_hccl_buffsize("A2", 256, 7168, 16, 256, 8)  # hierarchical: not checked
 
 
 def test_plumbing_npu_env_prints_hccl_buffsize(capsys):

@@ -35,10 +35,10 @@ import torch.nn.functional as F
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 try:
-    from deep_ep.transport import npu_ops
+    from deep_ep.npu import operators as npu_ops
 except ImportError:  # run from another directory without an installed package
     sys.path.insert(0, str(REPO_ROOT))
-    from deep_ep.transport import npu_ops
+    from deep_ep.npu import operators as npu_ops
 
 # --------------------------------------------------------------------------- signatures
 
@@ -374,7 +374,7 @@ def test_plumbing_import_without_torch_npu():
     top_level = [node for node in ast.parse(source).body if isinstance(node, (ast.Import, ast.ImportFrom))]
     assert all("torch_npu" not in ast.dump(node) for node in top_level)
     code = ("import sys; sys.modules['torch_npu'] = None\n"  # makes `import torch_npu` fail
-            "import deep_ep.transport.npu_ops as m\n"
+            "import deep_ep.npu.operators as m\n"
             "assert m.torch_npu_available() is False\n"
             "assert m.detect_soc() is None\n"
             "print('ok')\n")

@@ -5,7 +5,7 @@ low-latency / fused_deep_moe calls of a Buffer on an HCCL group.
 collective transport (``transport/collective.py``: HCCL ``all_to_all_single`` for the rows, a gloo
 group on the host for the small metadata) with the routing computed on a host copy of ``topk_idx``;
 low-latency mode and ``fused_deep_moe`` call CANN's MC2 operators through
-``transport/npu_ops.py``. Nothing here imports ``torch_npu`` at module level: ``import deep_ep``
+``npu/operators.py``. Nothing here imports ``torch_npu`` at module level: ``import deep_ep``
 works on any machine.
 
 No NPU is available where this was written: the code is thin, follows the torch_npu signatures of
@@ -21,8 +21,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .transport import npu_ops
-from .utils import EventOverlap, check_num_topk, check_positive_int, check_tensor
+from . import operators as npu_ops
+from ..utils import EventOverlap, check_num_topk, check_positive_int, check_tensor
 
 NPU_BACKEND = "hccl"
 # Strategy names as the Buffer accepts them -> what runs on NPU.
@@ -85,7 +85,7 @@ def resolve_strategies(normal_strategy: str, low_latency_strategy: str, low_late
 def build_target_soc() -> str:
     """The SoC this package was built for: "A2", "A3" (build.sh -a deepep2 / deepep) or "cpu"."""
     try:
-        from ._build_info import TARGET_SOC
+        from .._build_info import TARGET_SOC
     except ImportError:  # running from a source tree that setup.py never built
         return "cpu"
     return TARGET_SOC
