@@ -113,15 +113,15 @@ def check_build_soc(detected: Optional[str]) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def check_hccl_buffsize(soc: Optional[str], num_max_tokens: int, hidden: int, num_ranks: int, num_experts: int,
+def check_hccl_buffsize(npu_ll: npu_ops.NpuLowLatency, num_max_tokens: int, hidden: int, num_experts: int,
                         num_topk: int) -> None:
-    """ValueError when HCCL_BUFFSIZE is below NPU.md's A2 fullmesh requirement for these sizes.
-
-    Only A2 fullmesh has a documented formula; other modes are not checked.
-    """
-    if soc != "A2" or npu_ops._hierarchy_env():
+    """ValueError when HCCL_BUFFSIZE is below what the MC2 operators need for these sizes in this
+    rank's mode (npu_ops.hccl_buffsize_mb; nothing is checked on an unknown device)."""
+    mode = npu_ll.mode
+    if mode is None:
         return
-    needed = npu_ops.hccl_buffsize_mb(num_max_tokens, hidden, num_ranks, num_experts, num_topk)
+    needed = npu_ops.hccl_buffsize_mb(num_max_tokens, hidden, npu_ll.num_ranks, num_experts, num_topk, mode,
+                                      npu_ll.release)
     value = os.environ.get("HCCL_BUFFSIZE", "200")
     try:
         have = int(value)
@@ -129,9 +129,9 @@ def check_hccl_buffsize(soc: Optional[str], num_max_tokens: int, hidden: int, nu
         raise ValueError(f"HCCL_BUFFSIZE must be an integer number of MB, got {value!r}") from None
     if have < needed:
         raise ValueError(f"HCCL_BUFFSIZE={have} MB is too small for the MC2 operators with "
-                         f"num_max_dispatch_tokens_per_rank={num_max_tokens}, hidden={hidden}, {num_ranks} ranks, "
-                         f"num_experts={num_experts}, top-k {num_topk}: A2 fullmesh needs {needed} MB. Set "
-                         f"HCCL_BUFFSIZE={needed} before the process group is created (python -m deep_ep.npu_env "
+                         f"num_max_dispatch_tokens_per_rank={num_max_tokens}, hidden={hidden}, {npu_ll.num_ranks} "
+                         f"ranks, num_experts={num_experts}, top-k {num_topk}: {mode} needs {needed} MB. Set "
+                         f"HCCL_BUFFSIZE={needed} before the process group is created (python -m deep_ep.npu.env "
                          "prints it)")
 
 
@@ -176,8 +176,8 @@ def _check_mc2_inputs(buffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_weig
             ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any()
         if bool(bad):
             buffer._check_topk_idx(topk_idx.cpu(), num_experts)
-    npu_ops.NpuLowLatency.check_limits(buffer.npu_ll.soc, buffer.group_size, hidden, num_max_tokens, num_topk)
-    check_hccl_buffsize(buffer.npu_ll.soc, num_max_tokens, hidden, buffer.group_size, num_experts, num_topk)
+    buffer.npu_ll.check_limits(hidden, num_max_tokens, num_topk, num_experts, topk_weights is not None)
+    check_hccl_buffsize(buffer.npu_ll, num_max_tokens, hidden, num_experts, num_topk)
     return num_tokens, hidden, num_topk
 
 
@@ -229,8 +229,7 @@ def low_latency_combine(buffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_we
     if out is not None:
         check_tensor("out", out, dtypes=(state.dtype,), shape=(num_tokens, state.op.hidden))
     _check_device(buffer, x=x, topk_idx=topk_idx, topk_weights=topk_weights, out=out)
-    weights = torch.where(topk_idx >= 0, topk_weights, 0.0)  # the operator takes the dispatch's expert ids
-    result = buffer.npu_ll.combine(x.contiguous(), topk_idx, weights, state.op, out)
+    result = buffer.npu_ll.combine(x.contiguous(), topk_idx, topk_weights, state.op, out)
     return result, EventOverlap(), _no_hook if return_recv_hook else None
 
 

@@ -1,14 +1,16 @@
 """HCCL_BUFFSIZE for CANN's MC2 operators, and a report of the Ascend environment.
 
-    python -m deep_ep.npu.env --num-max-dispatch-tokens-per-rank 128 --hidden 7168 \\
+    python -m deep_ep.npu.env --mode A3 --num-max-dispatch-tokens-per-rank 128 --hidden 7168 \\
         --num-ranks 16 --num-experts 256 --num-topk 8
-    # prints: HCCL_BUFFSIZE=452     (so: export $(python -m deep_ep.npu.env ...))
+    # prints: HCCL_BUFFSIZE=960     (so: export $(python -m deep_ep.npu.env ...))
 
-    python -m deep_ep.npu.env --report     # torch / torch_npu / SoC / build target / HCCL variables
+    python -m deep_ep.npu.env --report     # torch / torch_npu / CANN / SoC / build target / HCCL variables
 
-The value is NPU.md's A2 fullmesh requirement, 2 * (BS * R * min(L, K) * H * 2 B + 2 MB) with
-BS = num_max_dispatch_tokens_per_rank, in MB rounded up and never below HCCL's default of 200.
-Set it before the process group is created: HCCL sizes its window when the communicator is made.
+(`python -m deep_ep.npu_env` is the same program.) The value follows the mode's requirement
+(A2 fullmesh, A2 hierarchy or A3; by default this machine's, from the NPU and HCCL's environment)
+and counts the sink experts that the release's x_active_mask rules need (by default the installed
+CANN's; --cann gives another), in MB rounded up and never below HCCL's default of 200. Set it
+before the process group is created: HCCL sizes its window when the communicator is made.
 """
 from __future__ import annotations
 
@@ -17,8 +19,9 @@ import os
 import sys
 from typing import List, Optional
 
+from . import versions
 from .backend import build_target_soc, soc_mismatch
-from .operators import detect_soc, hccl_buffsize_mb, torch_npu_available
+from .operators import detect_release, detect_soc, hccl_buffsize_mb, torch_npu_available
 
 __all__ = ["hccl_buffsize_mb", "report", "main"]
 
@@ -34,15 +37,18 @@ def report() -> List[str]:
     if torch_npu_available():
         import torch_npu
 
-        lines.append(f"torch_npu {getattr(torch_npu, '__version__', 'unknown')}")
+        lines.append(f"torch_npu {getattr(torch_npu, '__version__', 'unknown')}, "
+                     f"CANN {versions.cann_version(torch_npu) or 'unknown'}")
         detected = detect_soc()
         if torch.npu.is_available():
-            lines.append(f"NPUs: {torch.npu.device_count()} x {torch.npu.get_device_name()} (SoC: {detected or 'other'})")
+            lines.append(f"NPUs: {torch.npu.device_count()} x {torch.npu.get_device_name()} (SoC: {detected or 'other'}, "
+                         f"mode: {versions.mc2_mode(detected) or 'none'})")
         else:
             lines.append("NPUs: none visible")
     else:
         detected = None
         lines.append("torch_npu: not importable (CPU ranks only)")
+    lines.append(versions.describe(detect_release()))
     recorded = build_target_soc()
     lines.append(f"deep_ep built for: {recorded} (deep_ep/_build_info.py TARGET_SOC)")
     mismatch = soc_mismatch(recorded, detected)
@@ -62,6 +68,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--num-ranks", type=int, help="R, ranks of the expert-parallel group")
     parser.add_argument("--num-experts", type=int, help="E, a multiple of R")
     parser.add_argument("--num-topk", type=int, help="K")
+    parser.add_argument("--mode", choices=versions.MODES,
+                        help="the MC2 mode (default: this machine's, from the NPU and HCCL_INTRA_*_ENABLE)")
+    parser.add_argument("--cann", help="CANN version whose rules apply, e.g. 8.3.RC1 (default: the installed one)")
     parser.add_argument("--report", action="store_true", help="print the environment report")
     args = parser.parse_args(argv)
     sizes = (args.nmax, args.hidden, args.num_ranks, args.num_experts, args.num_topk)
@@ -73,8 +82,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if all(v is not None for v in sizes):
         if any(v <= 0 for v in sizes):
             parser.error("all sizes must be positive")
+        release = versions.release_for_cann(args.cann) if args.cann else None
         try:
-            print(f"HCCL_BUFFSIZE={hccl_buffsize_mb(*sizes)}")
+            print(f"HCCL_BUFFSIZE={hccl_buffsize_mb(*sizes, mode=args.mode, release=release)}")
         except ValueError as error:
             parser.error(str(error))
     return 0
