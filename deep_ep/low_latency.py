@@ -23,8 +23,8 @@ from . import layout, npu, ops
 from .pool import OutputPool
 from .transport import alltoall_low_latency, shm_low_latency
 from .transport.fields import as_byte_rows
-from .utils import (FLOAT_DTYPES, NATIVE_DTYPE_CODES, EventOverlap, check_num_topk, check_positive_int,
-                    check_tensor, num_threads, resolve_quant_mode, topk_idx_t)
+from .utils import (FLOAT_DTYPES, NATIVE_DTYPE_CODES, EventOverlap, check_combine_topk_idx, check_num_topk,
+                    check_positive_int, check_tensor, num_threads, resolve_quant_mode, topk_idx_t)
 
 LL_FORMAT_INT8 = 3  # header format code of int8 rows (16-bit rows use NATIVE_DTYPE_CODES)
 LL_FORMAT_NAMES = {0: "float32", 1: "bfloat16", 2: "float16", LL_FORMAT_INT8: "int8"}
@@ -487,11 +487,7 @@ class LowLatencyMode:
             check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=(num_tokens, num_topk))
             if out is not None:
                 check_tensor("out", out, dtypes=(state.dtype,), shape=(num_tokens, hidden))
-            if topk_idx is not state.topk_idx and not torch.equal(topk_idx, state.topk_idx):
-                kept = topk_idx >= 0
-                if not torch.equal(topk_idx[kept], state.topk_idx[kept]):
-                    raise ValueError("topk_idx must be the one given to low_latency_dispatch (entries may be set "
-                                     "to -1 to leave them out)")
+            check_combine_topk_idx(topk_idx, state.topk_idx)
         except (ValueError, TypeError):
             self._ll_reject(1, seq, [seq, 1, -1, -1, -1, -1, -1, state.seq], what)
             raise

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from . import operators as npu_ops
-from ..utils import EventOverlap, check_num_topk, check_positive_int, check_tensor
+from ..utils import EventOverlap, check_combine_topk_idx, check_num_topk, check_positive_int, check_tensor
 
 NPU_BACKEND = "hccl"
 # Strategy names as the Buffer accepts them -> what runs on NPU.
@@ -217,7 +217,8 @@ def low_latency_combine(buffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_we
                         return_recv_hook: bool, out: Optional[torch.Tensor]):
     """Buffer.low_latency_combine on NPU: npu_moe_distribute_combine_v2 (v1 if v2 is missing).
 
-    Entries of topk_idx set to -1 since the dispatch are left out (their weight becomes 0).
+    Entries of topk_idx set to -1 since the dispatch are left out (their weight becomes 0); any other
+    change is the same ValueError as on CPU.
     """
     if not isinstance(handle, tuple) or len(handle) < 8 or not isinstance(handle[7], NpuLowLatencyState):
         raise TypeError("handle must be the handle returned by Buffer.low_latency_dispatch")
@@ -229,6 +230,7 @@ def low_latency_combine(buffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_we
     if out is not None:
         check_tensor("out", out, dtypes=(state.dtype,), shape=(num_tokens, state.op.hidden))
     _check_device(buffer, x=x, topk_idx=topk_idx, topk_weights=topk_weights, out=out)
+    check_combine_topk_idx(topk_idx, state.topk_idx)  # the operator takes the dispatch's expert ids
     result = buffer.npu_ll.combine(x.contiguous(), topk_idx, topk_weights, state.op, out)
     return result, EventOverlap(), _no_hook if return_recv_hook else None
 

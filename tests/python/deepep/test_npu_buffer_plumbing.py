@@ -495,6 +495,12 @@ def low_latency_on_npu(rank: int, num_ranks: int, group) -> None:
             with pytest.raises(TypeError, match="handle must be"):
                 buffer.low_latency_combine(recv_x, d(idx), d(weights), handle[:7])
             assert len(fake.calls) == calls
+            # a topk_idx that differs from the dispatch's (beyond entries set to -1): the CPU path's ValueError
+            changed = idx.clone()
+            changed[0, 0] = 3
+            with pytest.raises(ValueError, match="topk_idx must be the one given to low_latency_dispatch"):
+                buffer.low_latency_combine(recv_x, d(changed), d(weights), handle)
+            assert len(fake.calls) == calls
 
             # fused_deep_moe: MC2 dispatch + grouped matmul + dequant/swiglu/quant + grouped matmul + MC2 combine
             inter = 128
