@@ -8,8 +8,8 @@ low-latency mode and ``fused_deep_moe`` call CANN's MC2 operators through
 ``npu/operators.py``. Nothing here imports ``torch_npu`` at module level: ``import deep_ep``
 works on any machine.
 
-No NPU is available where this was written: the code is thin, follows the torch_npu signatures of
-NPU.md, and is checked on CPU by plumbing tests with a recording stand-in for torch_npu.
+No NPU is available where this was written: the code is thin, follows the documented torch_npu
+signatures (docs/npu.md), and is checked on CPU by plumbing tests with a stand-in for torch_npu.
 """
 from __future__ import annotations
 

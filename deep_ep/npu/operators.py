@@ -19,7 +19,7 @@ How deep_ep's routing becomes the operators' (choices the operators leave to the
   ``(g // L) * (L + s) + g % L``), and the j-th ``-1`` entry of a row goes to sink ``L + j // R`` of
   rank ``(rank + j) % R`` with weight 0. A rank's rows are grouped by its local expert, so the sink
   rows come after all real rows: ``recv_count``, the layout and ``ep_recv_count`` only count real
-  experts, and the SPEC's ``M`` rows hold every real row. The cost is the sink rows on the wire.
+  experts, and the ``M`` rows returned as ``recv_x`` hold every real row. The cost is the sink rows on the wire.
 * A2 hierarchical mode is selected by HCCL's environment pair with ``comm_alg`` left empty; deep_ep
   never passes ``comm_alg`` (torch_npu 7.1.0 has no such argument, A3 has no "hierarchy").
 
@@ -46,7 +46,7 @@ import torch.distributed as dist
 
 from . import versions
 
-# gmm1_permuted_weight interleaves gate/up columns in tiles of this width (SPEC).
+# gmm1_permuted_weight interleaves gate/up columns in tiles of this width (deep_ep.permute_gmm1_weight).
 _GATE_UP_TILE = 64
 _MB = 1 << 20
 _HCCL_DEFAULT_MB = 200
@@ -144,7 +144,7 @@ def _npu_device() -> torch.device:
 def _unpermute_gate_up(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Tile-interleaved gmm1 columns -> ``[gate | up]`` halves.
 
-    SPEC layout of ``weight`` int8 ``[L, H, 2I]`` and ``scale`` ``[L, 2I]``: tile 2j
+    Layout of ``weight`` int8 ``[L, H, 2I]`` and ``scale`` ``[L, 2I]``: tile 2j
     holds gate columns ``[64j, 64j+64)``, tile 2j+1 the up columns ``[64j, 64j+64)``.
     Returns contiguous ``[L, H, 2I]`` and float32 ``[L, 2I]`` with gate columns
     ``[0, I)`` then up columns ``[I, 2I)``.
@@ -244,7 +244,7 @@ def recv_layout(ep_recv_counts: torch.Tensor, expert_token_nums: torch.Tensor, e
 
 @dataclasses.dataclass
 class NpuLowLatencyHandle:
-    """What ``NpuLowLatency.combine`` needs from a dispatch (SPEC low-latency handle).
+    """What ``NpuLowLatency.combine`` needs from a dispatch (the Buffer's low-latency handle).
 
     ``BS`` = padded batch (Nmax), ``K`` = top-k, ``A`` = rows of the operator's
     ``expand_x``. Operator outputs are kept as returned and passed back unchanged.
@@ -297,7 +297,7 @@ class NpuLowLatency:
         self.num_experts_hint = num_experts_hint
         self.soc = detect_soc()
         self.release = detect_release()
-        # The MC2 operators need a communicator no other operator uses (NPU.md):
+        # The MC2 operators need a communicator no other operator uses (torch_npu's documentation):
         # a new group over the same global ranks, in group order so that the rank
         # in the new group equals `rank`. new_group is collective.
         global_ranks = dist.get_process_group_ranks(group)
@@ -395,7 +395,7 @@ class NpuLowLatency:
         layout = recv_layout(ep_recv_counts, expert_token_nums, experts)
         if cumulative_local_expert_recv_stats is not None:
             cumulative_local_expert_recv_stats.add_(recv_count.to(cumulative_local_expert_recv_stats.dtype))
-        # A >= global_bs * min(L + s, K) >= M; the real rows come first, the SPEC shape is M rows.
+        # A >= global_bs * min(L + s, K) >= M; the real rows come first, recv_x is M rows.
         recv_x = expand_x[:rows_out]
         if use_int8:
             recv_x = (recv_x, dynamic_scales[:rows_out])
@@ -461,7 +461,7 @@ class NpuLowLatency:
                        gmm2_weight: torch.Tensor, gmm2_weight_scale: torch.Tensor,
                        num_max_dispatch_tokens_per_rank: int, num_experts: int
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """W8A8 SwiGLU expert MLP between an MC2 dispatch and combine (SPEC fused_deep_moe).
+        """W8A8 SwiGLU expert MLP between an MC2 dispatch and combine (Buffer.fused_deep_moe).
 
         dispatch (quant_mode=2) -> ``npu_grouped_matmul`` int8 x int8 -> int32 ``[A, 2I]``
         -> ``npu_dequant_swiglu_quant`` -> int8 ``[A, I]`` + scales -> ``npu_grouped_matmul``
@@ -470,7 +470,7 @@ class NpuLowLatency:
         Args:
             x: bf16 ``[T, H]``; topk_idx int64 ``[T, K]``; topk_weights float32 ``[T, K]``.
             gmm1_permuted_weight: int8 ``[L, H, 2I]``, gate/up columns interleaved in
-                64-wide tiles (SPEC; ``2I % 128 == 0`` as ``deep_ep.permute_gmm1_weight``
+                64-wide tiles (``2I % 128 == 0`` as ``deep_ep.permute_gmm1_weight``
                 makes it); gmm1_permuted_weight_scale: float32 ``[L, 2I]``, same order.
                 Both are turned into ``[gate | up]`` once per weight tensor (cached),
                 because ``npu_dequant_swiglu_quant(activate_left=True)`` takes gate and

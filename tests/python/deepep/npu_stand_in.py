@@ -114,7 +114,7 @@ def remote_scale(rank: int, slot: int) -> float:
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """SPEC int8: scale = max|row| / 127, q = round(x / scale)."""
+    """Per-token int8: scale = max|row| / 127, q = round(x / scale)."""
     xf = x.float()
     scale = xf.abs().amax(dim=1) / 127.0
     q = torch.round(xf / scale.clamp(min=1e-30).unsqueeze(1)).clamp(-127, 127).to(torch.int8)

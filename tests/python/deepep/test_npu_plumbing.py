@@ -89,19 +89,25 @@ def _reference_layout(counts, num_ranks, rank):
     return blocks.reshape(-1).cumsum(0)
 
 
+def _weighted_sum(idx, weights, hidden, expert_output):
+    """float64 [T, H]: per token the sum over k with idx >= 0 of weights[t, k] * expert_output(t, idx[t, k])."""
+    out = torch.zeros(idx.shape[0], hidden, dtype=torch.float64)
+    for t in range(idx.shape[0]):
+        for k in range(idx.shape[1]):
+            if int(idx[t, k]) >= 0:
+                out[t] += float(weights[t, k]) * expert_output(t, int(idx[t, k]))
+    return out
+
+
 def _reference_combine(x, idx, weights, num_local_experts, rank):
     """Local experts return 2x (what the tests apply to recv_x); the simulated other ranks' experts
     return x * remote_scale(their rank, their local index)."""
-    out = torch.zeros(x.shape, dtype=torch.float64)
-    for t in range(idx.shape[0]):
-        for k in range(idx.shape[1]):
-            expert = int(idx[t, k])
-            if expert < 0:
-                continue
-            owner, slot = divmod(expert, num_local_experts)
-            scale = 2.0 if owner == rank else remote_scale(owner, slot)
-            out[t] += float(weights[t, k]) * scale * x[t].double()
-    return out
+
+    def output(t, expert):
+        owner, slot = divmod(expert, num_local_experts)
+        return (2.0 if owner == rank else remote_scale(owner, slot)) * x[t].double()
+
+    return _weighted_sum(idx, weights, x.shape[1], output)
 
 
 # (device, mode, release) cases: R and H inside each mode's documented limits
@@ -451,7 +457,7 @@ def test_plumbing_v1_fallback_when_v2_missing(fake_npu):
 
 
 def _interleave_gate_up(w13: torch.Tensor, s13: torch.Tensor):
-    """SPEC gmm1 layout from gate-then-up weights [L, 2I, H] / scales [L, 2I] (test's own version)."""
+    """gmm1_permuted_weight layout from gate-then-up weights [L, 2I, H] / scales [L, 2I] (test's own version)."""
     num_local, two_i, _ = w13.shape
     inter = two_i // 2
     cols = []
@@ -462,21 +468,18 @@ def _interleave_gate_up(w13: torch.Tensor, s13: torch.Tensor):
 
 
 def _fused_reference(x, idx, weights, w13, s13, w2, s2):
-    """SPEC fused_deep_moe steps 1-6 for one rank, with gate-then-up w13 [L, 2I, H]."""
+    """fused_deep_moe for one rank (quantize, gmm1, SwiGLU, requantize, gmm2, weighted sum), with
+    gate-then-up w13 [L, 2I, H]."""
     inter = w13.shape[1] // 2
     xq, sx = quantize_rows(x)
-    out = torch.zeros(x.shape, dtype=torch.float64)
-    for t in range(x.shape[0]):
-        for k in range(idx.shape[1]):
-            e = int(idx[t, k])
-            if e < 0:
-                continue
-            h = (xq[t].double() @ w13[e].double().T) * sx[t].double() * s13[e].double()
-            a = F.silu(h[:inter]) * h[inter:]
-            aq, sa = quantize_rows(a.unsqueeze(0))
-            y = (aq[0].double() @ w2[e].double()) * sa[0].double() * s2[e].double()
-            out[t] += float(weights[t, k]) * y
-    return out
+
+    def output(t, e):
+        h = (xq[t].double() @ w13[e].double().T) * sx[t].double() * s13[e].double()
+        a = F.silu(h[:inter]) * h[inter:]
+        aq, sa = quantize_rows(a.unsqueeze(0))
+        return (aq[0].double() @ w2[e].double()) * sa[0].double() * s2[e].double()
+
+    return _weighted_sum(idx, weights, x.shape[1], output)
 
 
 def test_plumbing_fused_deep_moe(fake_npu):
