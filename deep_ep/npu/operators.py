@@ -436,6 +436,11 @@ class NpuLowLatency:
                                  f"got {tuple(t.shape)}")
         if x.shape[0] < handle.expand_rows:  # dispatch returned only the first M of A rows
             x = torch.cat([x, x.new_zeros(handle.expand_rows - x.shape[0], hidden)])
+        if handle.experts.sinks:
+            # Sink rows are combined with weight 0; rows past the real ones may hold anything (torch.empty,
+            # a grouped matmul's unwritten rows) and 0 * NaN is NaN: zero them, without a host sync.
+            real = torch.arange(x.shape[0], device=x.device) < handle.recv_count.sum()
+            x = torch.where(real.unsqueeze(1), x, x.new_zeros(()))
         weights = torch.zeros(nmax, num_topk, dtype=torch.float32, device=x.device)
         weights[:num_tokens] = torch.where(topk_idx >= 0, topk_weights, 0.0)  # sinks and padding stay 0
 

@@ -174,7 +174,9 @@ def test_plumbing_mask_and_sinks_follow_the_release(fake_npu, monkeypatch, mode,
     assert tuple(recv_x.shape) == (nmax * num_ranks * min(num_local, num_topk), hidden)
     assert torch.equal(handle.recv_layout_prefix, _reference_layout(ref_counts, num_ranks, rank))
 
-    combined = ll.combine((recv_x.float() * 2).to(torch.bfloat16), idx, weights, handle)
+    expert_out = (recv_x.float() * 2).to(torch.bfloat16)
+    expert_out[int(recv_count.sum()):] = float("nan")  # rows past the real ones may hold anything
+    combined = ll.combine(expert_out, idx, weights, handle)
     cargs = fake.args_of("npu_moe_distribute_combine_v2")
     if soc == "A2":  # the dispatch's expand_scales, passed through
         assert cargs["expand_scales"] is fake.dispatch_state["expand_scales"]
