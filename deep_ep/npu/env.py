@@ -41,8 +41,8 @@ def report() -> List[str]:
                      f"CANN {versions.cann_version(torch_npu) or 'unknown'}")
         detected = detect_soc()
         if torch.npu.is_available():
-            lines.append(f"NPUs: {torch.npu.device_count()} x {torch.npu.get_device_name()} (SoC: {detected or 'other'}, "
-                         f"mode: {versions.mc2_mode(detected) or 'none'})")
+            lines.append(f"NPUs: {torch.npu.device_count()} x {torch.npu.get_device_name()} "
+                         f"(SoC: {detected or 'other'}, mode: {versions.mc2_mode(detected) or 'none'})")
         else:
             lines.append("NPUs: none visible")
     else:

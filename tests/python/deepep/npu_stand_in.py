@@ -244,7 +244,8 @@ class FakeTorchNpu:
                 rules.append((local <= 24, "L"))
         for ok, what in rules:
             if not ok:
-                raise OperatorRejected(f"{mode} limit on {what} (R={ranks}, H={hidden}, BS={bs}, K={topk}, E={experts})")
+                raise OperatorRejected(f"{mode} limit on {what} (R={ranks}, H={hidden}, BS={bs}, K={topk}, "
+                                       f"E={experts})")
 
     def _active(self, mask, mode: str | None, v2: bool, bs: int, topk: int) -> torch.Tensor:
         """bool [BS, K]: the entries the operator dispatches."""

@@ -247,8 +247,8 @@ class Patcher:
 
 # --------------------------------------------------------------------------- backend choice
 def test_plumbing_import_without_torch_npu():
-    for module in ("deep_ep/npu/__init__.py", "deep_ep/npu/backend.py", "deep_ep/npu/env.py", "deep_ep/npu/operators.py",
-                   "deep_ep/npu_env.py", "deep_ep/buffer.py"):
+    for module in ("deep_ep/npu/__init__.py", "deep_ep/npu/backend.py", "deep_ep/npu/env.py",
+                   "deep_ep/npu/operators.py", "deep_ep/npu/versions.py", "deep_ep/npu_env.py", "deep_ep/buffer.py"):
         tree = ast.parse((REPO_ROOT / module).read_text())
         imported = [alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names]
         imported += [node.module or "" for node in tree.body if isinstance(node, ast.ImportFrom)]
@@ -535,7 +535,8 @@ def low_latency_limits(rank: int, num_ranks: int, group) -> None:
         fake = install_npu_stand_in(patch, device_name="Ascend910B3")  # A2: R = 1 is below its minimum
         buffer = deep_ep.Buffer(group, low_latency_mode=True)
         x = torch.zeros(2, 32, dtype=torch.bfloat16)
-        with StrictDevice(), pytest.raises(ValueError, match=r"NPU A2-fullmesh MC2 operators \(torch_npu 7.3.0\) support num_ranks in \[8, 16"):
+        limit = r"NPU A2-fullmesh MC2 operators \(torch_npu 7.3.0\) support num_ranks in \[8, 16"
+        with StrictDevice(), pytest.raises(ValueError, match=limit):
             buffer.low_latency_dispatch(x.to(DEVICE), torch.zeros(2, 1, dtype=torch.int64).to(DEVICE), 4, 4)
         assert fake.calls == []
         buffer.destroy()

@@ -268,8 +268,11 @@ def test_plumbing_release_read_from_torch_npu(fake_npu):
 def test_plumbing_stand_in_rejects_what_the_release_rejects(fake_npu, monkeypatch):
     """The stand-in is strict where the documentation is: a 2-D mask before it is documented, comm_alg on
     7.1.0, "hierarchy" on A3."""
-    args = lambda ids, ranks: (torch.zeros(2, 1024, dtype=torch.bfloat16), ids, "comm", ranks, 0, 2 * ranks)  # noqa: E731
     ids = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+
+    def args(ids, ranks):  # x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num
+        return torch.zeros(2, 1024, dtype=torch.bfloat16), ids, "comm", ranks, 0, 2 * ranks
+
     fake = fake_npu(device_name=SOC_DEVICE_NAMES["A3"], release="7.1.0")
     with pytest.raises(OperatorRejected, match="one-dimensional"):
         fake.module.npu_moe_distribute_dispatch_v2(*args(ids, 4), x_active_mask=torch.ones(2, 2, dtype=torch.bool))
