@@ -18,9 +18,10 @@ How deep_ep's routing becomes the operators' (choices the operators leave to the
   ``L`` real ones (the operators see ``R * (L + s)`` experts; real expert ``g`` is operator expert
   ``(g // L) * (L + s) + g % L``), and the j-th ``-1`` entry of a row goes to sink ``L + j // R`` of
   rank ``(rank + j) % R`` with weight 0. With ``S`` shared-expert ranks (``shared_expert_rank_num``)
-  only the ``R - S`` routed ranks hold experts, so ``R - S`` takes the place of ``R`` here. A rank's rows are grouped by its local expert, so the sink
-  rows come after all real rows: ``recv_count``, the layout and ``ep_recv_count`` only count real
-  experts, and the ``M`` rows returned as ``recv_x`` hold every real row. The cost is the sink rows on the wire.
+  only the ``R - S`` routed ranks hold experts, so ``R - S`` takes the place of ``R`` here. A rank's
+  rows are grouped by its local expert, so the sink rows come after all real rows: ``recv_count``,
+  the layout and ``ep_recv_count`` only count real experts, and the ``M`` rows returned as
+  ``recv_x`` hold every real row. The cost is the sink rows on the wire.
 * A2 hierarchical mode is selected by HCCL's environment pair with ``comm_alg`` left empty; deep_ep
   never passes ``comm_alg`` (torch_npu 7.1.0 has no such argument, A3 has no "hierarchy").
 
@@ -389,8 +390,8 @@ class NpuLowLatency:
 
         Returns:
             ``recv_x``: ``[M, H]`` in x's dtype, or with int8 the pair
-            ``(int8 [M, H], float32 scales [M])``; ``M = Nmax * R * min(K, L)``, rows
-            packed by local expert, only the first ``recv_count.sum()`` valid.
+            ``(int8 [M, H], float32 scales [M])``; ``M = Nmax * R * min(K, L)`` (``Nmax * ceil(R / S)``
+            on a shared-expert rank), rows packed by local expert, only the first ``recv_count.sum()`` valid.
             ``recv_count``: int64 ``[L]`` rows per local expert.
             ``handle``: :class:`NpuLowLatencyHandle`.
         """

@@ -152,7 +152,7 @@ def check_limits(release: Release, mode: Optional[str], num_ranks: int, hidden: 
         if hidden > 10240:
             fail(f"hidden <= 10240; got hidden={hidden}")
         if not has_weights:
-            raise ValueError(f"topk_weights is required in A2 hierarchical mode (HCCL_INTRA_PCIE_ENABLE=1, "
+            raise ValueError("topk_weights is required in A2 hierarchical mode (HCCL_INTRA_PCIE_ENABLE=1, "
                              "HCCL_INTRA_ROCE_ENABLE=0): the operators take them at dispatch (expert_scales)")
     else:
         if num_ranks not in release.a2_ranks:
