@@ -7,7 +7,7 @@ instance or DEEP_USE_MODE) and may be replaced between calls (deep_ep/ep_strateg
 deep_ep/strategies/). The strategies run on the Buffer's runtime state, which the Buffer holds
 itself: the group, its nodes, the shared memory, and the calls' checks and bookkeeping from two
 mixins, `normal.py` and `low_latency.py`. fused_deep_moe's pipeline lives in `fused.py` (CPU) and
-`npu.py` (NPU); the routing is computed in `layout.py` and the bytes are moved by `transport/`.
+`npu/` (NPU); the routing is computed in `layout.py` and the bytes are moved by `transport/`.
 """
 from __future__ import annotations
 
@@ -111,7 +111,7 @@ class Buffer(NormalMode, LowLatencyMode):
         self.rank = dist.get_rank(group)
         self.group_size = dist.get_world_size(group)
         self.backend = dist.get_backend(group)
-        # Backend choice: an 'hccl' group takes the NPU path (deep_ep/npu.py), a 'gloo' group the CPU one.
+        # Backend choice: an 'hccl' group takes the NPU path (deep_ep/npu/), a 'gloo' group the CPU one.
         self.on_npu = self.backend == npu.NPU_BACKEND
         if self.on_npu:
             npu.init_backend()  # torch_npu importable; warns when the wheel was built for another SoC
@@ -170,7 +170,7 @@ class Buffer(NormalMode, LowLatencyMode):
     def _make_low_latency_strategy(self, name: str) -> LowLatencyEPCommStrategy:
         cls = get_low_latency_strategy(name)
         if name == "ops" or (name == "default" and self.npu_ll is not None):
-            # "ops", and "default" on NPU: CANN's MC2 operators (deep_ep/npu.py)
+            # "ops", and "default" on NPU: CANN's MC2 operators (deep_ep/npu/)
             return get_low_latency_strategy("ops" if self.on_npu else name)(runtime=self, group=self.group)
         return cls(runtime=self, group=self.group)
 
@@ -470,7 +470,7 @@ class Buffer(NormalMode, LowLatencyMode):
             argument, L that does not match, H or I that do not match, T > Nmax); the peers then raise
             ValueError naming that rank instead of waiting.
         """
-        if self.npu_ll is not None:  # NPU: MC2 dispatch + npu_grouped_matmul + ... (deep_ep/npu.py)
+        if self.npu_ll is not None:  # NPU: MC2 dispatch + npu_grouped_matmul + ... (deep_ep/npu/)
             return npu.fused_deep_moe(self, x, topk_idx, topk_weights, gmm1_permuted_weight,
                                       gmm1_permuted_weight_scale, gmm2_weight, gmm2_weight_scale,
                                       num_max_dispatch_tokens_per_rank, num_experts, quant_mode, fuse_mode)

@@ -7,7 +7,7 @@ buffering, calls numbered the same on every rank). Strategy "default" on one nod
 transport/shm_low_latency.py (senders write rows into fixed slots of the receivers' shared memory
 and bump a counter; the receive step waits for the counters and packs expert-major); "alltoall"
 and more than one node use transport/alltoall_low_latency.py. Both give the same bits. On NPU the
-calls go to CANN's MC2 operators (deep_ep/npu.py). `LowLatencyMode` is a mixin of `deep_ep.Buffer`.
+calls go to CANN's MC2 operators (deep_ep/npu/). `LowLatencyMode` is a mixin of `deep_ep.Buffer`.
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from . import env, layout, npu
 from .pool import OutputPool
 from .transport import collective, groups, shm_low_latency
 from .transport.shm import SharedMemoryExhausted
-from .utils import (FLOAT_DTYPES, NATIVE_DTYPE_CODES, EventOverlap, check_num_topk, check_positive_int,
-                    check_tensor, resolve_quant_mode, topk_idx_t)
+from .utils import (FLOAT_DTYPES, NATIVE_DTYPE_CODES, EventOverlap, check_combine_topk_idx, check_num_topk,
+                    check_positive_int, check_tensor, resolve_quant_mode, topk_idx_t)
 
 LL_FORMAT_INT8 = 3  # header format code of int8 rows (16-bit rows use NATIVE_DTYPE_CODES)
 LL_FORMAT_NAMES = {0: "float32", 1: "bfloat16", 2: "float16", LL_FORMAT_INT8: "int8"}
@@ -178,7 +178,7 @@ class LowLatencyMode:
 
     def _init_low_latency(self) -> None:
         self.ll: Optional[shm_low_latency.LowLatencyShm] = None
-        self.npu_ll = None  # NPU: CANN's MC2 operators on a dedicated HCCL group (transport/npu_ops.py)
+        self.npu_ll = None  # NPU: CANN's MC2 operators on a dedicated HCCL group (deep_ep/npu/operators.py)
         self._ll_seq = [0, 0]  # calls so far per kind (dispatch, combine); equal on every rank
         self._ll_pending: List[List[Optional[int]]] = [[None, None], [None, None]]  # [kind][parity] -> seq
         self._ll_recv: List[Optional[tuple]] = [None, None]  # per parity: (key, recv tensors)
@@ -225,7 +225,7 @@ class LowLatencyMode:
         return shm_low_latency.bytes_needed(num_max_dispatch_tokens_per_rank, hidden, num_ranks,
                                             layout.hint_experts(num_experts, num_ranks, shared))
 
-    # ---- call bookkeeping (also used by fused.py and npu.py) -----------------------------------------
+    # ---- call bookkeeping (also used by fused.py and npu/backend.py) -----------------------------------------
     def _ll_ready(self, what: str) -> None:
         if self.ll is None or self.destroyed:  # the shared-memory path uses neither NodeShm nor the group
             self._check_alive()
@@ -490,11 +490,7 @@ class LowLatencyMode:
             check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=(num_tokens, num_topk))
             if out is not None:
                 check_tensor("out", out, dtypes=(state.dtype,), shape=(num_tokens, hidden))
-            if topk_idx is not state.topk_idx and not torch.equal(topk_idx, state.topk_idx):
-                kept = topk_idx >= 0
-                if not torch.equal(topk_idx[kept], state.topk_idx[kept]):
-                    raise ValueError("topk_idx must be the one given to low_latency_dispatch (entries may be set "
-                                     "to -1 to leave them out)")
+            check_combine_topk_idx(topk_idx, state.topk_idx)
         except (ValueError, TypeError):
             self._ll_reject(1, seq, [seq, 1, -1, -1, -1, -1, -1, state.seq], what, state.transport)
             raise

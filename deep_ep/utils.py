@@ -151,6 +151,17 @@ def check_one_of(name: str, value: Any, allowed: Sequence[Any]) -> None:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
 
 
+def check_combine_topk_idx(topk_idx: torch.Tensor, dispatched: torch.Tensor) -> None:
+    """ValueError unless low-latency combine's topk_idx (int64 [T, K]) is the dispatch's, where entries
+    may have been set to -1 since (to leave them out of the sum)."""
+    if topk_idx is dispatched or torch.equal(topk_idx, dispatched):
+        return
+    kept = topk_idx >= 0
+    if not torch.equal(topk_idx[kept], dispatched[kept]):
+        raise ValueError("topk_idx must be the one given to low_latency_dispatch (entries may be set "
+                         "to -1 to leave them out)")
+
+
 def check_positive_int(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")

@@ -2,7 +2,7 @@
 
 - DefaultLowLatencyCommStrategy ("default"): the node's low-latency shared memory
   (transport/shm_low_latency.py) on one node with num_rdma_bytes > 0, else all_to_all_single; on
-  NPU, CANN's MC2 operators (deep_ep/npu.py).
+  NPU, CANN's MC2 operators (deep_ep/npu/).
 - AllToAllLowLatencyCommStrategy ("alltoall"): all_to_all_single (transport/alltoall_low_latency.py);
   same bits as "default". CPU ranks only.
 - OpsLowLatencyCommStrategy ("ops"): CANN's MC2 operators; NPU only.
@@ -268,8 +268,9 @@ class AllToAllLowLatencyCommStrategy(_LowLatencyStrategyBase):
 class OpsLowLatencyCommStrategy(_LowLatencyStrategyBase):
     """CANN's MC2 operators (npu_moe_distribute_dispatch_v2 / combine_v2); NPU only.
 
-    comm_alg: accepted as upstream ("hierarchy", "fullmesh_v1", "fullmesh_v2", "ccu", ""); the
-    algorithm follows HCCL's environment (deep_ep/npu.py)."""
+    comm_alg: accepted as upstream ("hierarchy", "fullmesh_v1", "fullmesh_v2", "ccu", "") and not
+    passed to the operators: the algorithm follows the device and HCCL's environment (A2 hierarchical
+    mode is HCCL_INTRA_PCIE_ENABLE=1 with HCCL_INTRA_ROCE_ENABLE=0; deep_ep/npu/versions.py)."""
 
     COMM_ALGS = ("hierarchy", "fullmesh_v1", "fullmesh_v2", "ccu", "")
 

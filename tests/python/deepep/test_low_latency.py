@@ -24,7 +24,7 @@ from common import (calc_diff, gather_objects, make_inputs, our_segments, skip_u
 from deep_ep.reference import (quantize_reference, reference_combine, reference_dispatch,  # noqa: E402
                                reference_shared_dispatch)
 from deep_ep.testing import rank_device, spawn_ranks  # noqa: E402
-from deep_ep.transport.npu_ops import hccl_buffsize_mb  # noqa: E402
+from deep_ep.npu.operators import hccl_buffsize_mb  # noqa: E402
 
 
 @dataclass

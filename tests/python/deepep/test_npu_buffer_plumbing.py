@@ -1,4 +1,4 @@
-"""PLUMBING tests of the Buffer's NPU path, on CPU. They are NOT NPU correctness tests.
+"""PLUMBING tests of the Buffer's NPU path, on CPU. They are NOT NPU correctness tests (marker `plumbing`).
 
 No NPU, CANN or torch_npu exists on the development machines. What these tests can show:
 
@@ -11,12 +11,13 @@ No NPU, CANN or torch_npu exists on the development machines. What these tests c
   path's: same layout and rows, combine within float tolerance;
 * the same device path with DEEP_EP_FORCE_TORCH_OPS=1 (plain CPU tensors) against the native path;
 * low-latency mode and fused_deep_moe on NPU through the Buffer, with the recording stand-in for
-  torch_npu of test_npu_plumbing.py (signatures from NPU.md, R = 1 simulation), also under
-  StrictDevice;
+  torch_npu of npu_stand_in.py (documented signatures and rules; an unknown NPU with one rank
+  here), also under StrictDevice;
 * the SoC record of build.sh and the HCCL_BUFFSIZE helper.
 
-Whether HCCL and the MC2 operators behave as documented is what they cannot show; the
-device-parametrized tests of test_intranode.py / test_low_latency.py do that on an NPU host.
+Whether HCCL and the MC2 operators behave as documented is what they cannot show (docs/npu.md
+lists it); the device-parametrized tests of test_intranode.py / test_low_latency.py and
+npu_smoke.py do that on an NPU host.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import ast
 import os
 import subprocess
 import sys
+import types
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,12 +40,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import deep_ep  # noqa: E402
 from common import make_inputs, to_host  # noqa: E402
 from deep_ep import npu, npu_env  # noqa: E402
+from deep_ep.npu import backend  # noqa: E402
 from deep_ep.reference import reference_combine, reference_dispatch  # noqa: E402
 from deep_ep.testing import spawn_ranks  # noqa: E402
-from deep_ep.transport import groups, npu_ops  # noqa: E402
-from test_npu_plumbing import FakeTorchNpu  # noqa: E402
+from deep_ep.npu import operators as npu_ops  # noqa: E402
+from deep_ep.npu import versions  # noqa: E402
+from deep_ep.transport import groups  # noqa: E402
+from npu_stand_in import FakeTorchNpu  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
+pytestmark = pytest.mark.plumbing
 DEVICE = torch.device("meta")  # stands for the NPU under StrictDevice
 
 
@@ -243,13 +249,14 @@ class Patcher:
 
 # --------------------------------------------------------------------------- backend choice
 def test_plumbing_import_without_torch_npu():
-    for module in ("deep_ep/npu.py", "deep_ep/npu_env.py", "deep_ep/buffer.py"):
+    for module in ("deep_ep/npu/__init__.py", "deep_ep/npu/backend.py", "deep_ep/npu/env.py",
+                   "deep_ep/npu/operators.py", "deep_ep/npu/versions.py", "deep_ep/npu_env.py", "deep_ep/buffer.py"):
         tree = ast.parse((REPO_ROOT / module).read_text())
         imported = [alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names]
         imported += [node.module or "" for node in tree.body if isinstance(node, ast.ImportFrom)]
         assert not any(name.split(".")[0] == "torch_npu" for name in imported), module
     code = ("import sys; sys.modules['torch_npu'] = None\n"
-            "import deep_ep, deep_ep.npu, deep_ep.npu_env\n"
+            "import deep_ep, deep_ep.npu, deep_ep.npu.env, deep_ep.npu_env\n"
             "print('ok')\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
@@ -436,7 +443,8 @@ def low_latency_on_npu(rank: int, num_ranks: int, group) -> None:
                 args = fake.args_of("npu_moe_distribute_dispatch_v2")
                 assert args["quant_mode"] == (2 if quant == "int8" else 0) and args["comm_alg"] == ""
                 assert args["global_bs"] == nmax * num_ranks and args["expert_token_nums_type"] == 1
-                assert args["group_ep"] == f"fake_hccl_comm_{rank}" and args["moe_expert_num"] == num_experts
+                assert args["group_ep"] == f"fake_hccl_comm_{rank}"
+                assert args["moe_expert_num"] == num_experts + num_topk  # an unknown NPU, one rank: K sink experts
                 # SPEC shapes: recv_x 2-D [M, H] (a pair with int8), recv_count int64 [L], handle fields
                 assert recv_count.device == DEVICE and recv_count.dtype == torch.int64
                 assert torch.equal(recv_count.cpu(), ref_counts) and handle[5] is recv_count
@@ -489,20 +497,12 @@ def low_latency_on_npu(rank: int, num_ranks: int, group) -> None:
             with pytest.raises(TypeError, match="handle must be"):
                 buffer.low_latency_combine(recv_x, d(idx), d(weights), handle[:7])
             assert len(fake.calls) == calls
-            # A2 hierarchical mode: topk_weights required, passed as expert_scales, comm_alg="hierarchy"
-            os.environ.update(HCCL_INTRA_PCIE_ENABLE="1", HCCL_INTRA_ROCE_ENABLE="0")
-            try:
-                with pytest.raises(ValueError, match="topk_weights is required"):
-                    buffer.low_latency_dispatch(d(x), d(idx), nmax, num_experts)
-                recv_x, _, handle, _, _ = buffer.low_latency_dispatch(d(x), d(idx), nmax, num_experts,
-                                                                      use_fp8=False, topk_weights=d(weights))
-                args = fake.args_of("npu_moe_distribute_dispatch_v2")
-                assert args["comm_alg"] == "hierarchy" and args["expert_scales"].dtype == torch.float32
-                buffer.low_latency_combine(recv_x, d(idx), d(weights), handle)
-                assert fake.args_of("npu_moe_distribute_combine_v2")["comm_alg"] == "hierarchy"
-            finally:
-                os.environ.pop("HCCL_INTRA_PCIE_ENABLE")
-                os.environ.pop("HCCL_INTRA_ROCE_ENABLE")
+            # a topk_idx that differs from the dispatch's (beyond entries set to -1): the CPU path's ValueError
+            changed = idx.clone()
+            changed[0, 0] = 3
+            with pytest.raises(ValueError, match="topk_idx must be the one given to low_latency_dispatch"):
+                buffer.low_latency_combine(recv_x, d(changed), d(weights), handle)
+            assert len(fake.calls) == calls
 
             # fused_deep_moe: MC2 dispatch + grouped matmul + dequant/swiglu/quant + grouped matmul + MC2 combine
             inter = 128
@@ -537,7 +537,8 @@ def low_latency_limits(rank: int, num_ranks: int, group) -> None:
         fake = install_npu_stand_in(patch, device_name="Ascend910B3")  # A2: R = 1 is below its minimum
         buffer = deep_ep.Buffer(group, low_latency_mode=True)
         x = torch.zeros(2, 32, dtype=torch.bfloat16)
-        with StrictDevice(), pytest.raises(ValueError, match="NPU A2 MC2 operators support num_ranks in 2..8"):
+        limit = r"NPU A2-fullmesh MC2 operators \(torch_npu 7.3.0\) support num_ranks in \[8, 16"
+        with StrictDevice(), pytest.raises(ValueError, match=limit):
             buffer.low_latency_dispatch(x.to(DEVICE), torch.zeros(2, 1, dtype=torch.int64).to(DEVICE), 4, 4)
         assert fake.calls == []
         buffer.destroy()
@@ -554,9 +555,9 @@ def test_plumbing_low_latency_checks_limits_of_detected_soc() -> None:
     ("A3", "A3", False), ("A2", "A2", False), ("A3", "A2", True), ("A2", "A3", True), ("A3", None, True),
     ("cpu", "A2", False), ("cpu", None, False)])
 def test_plumbing_soc_record(monkeypatch, recorded, detected, warns):
-    monkeypatch.setattr(npu, "build_target_soc", lambda: recorded)
-    monkeypatch.setattr(npu, "_soc_warned", False)
-    message = npu.soc_mismatch(recorded, detected)
+    monkeypatch.setattr(backend, "build_target_soc", lambda: recorded)
+    monkeypatch.setattr(backend, "_soc_warned", False)
+    message = backend.soc_mismatch(recorded, detected)
     assert (message is not None) == warns
     if warns:
         assert f"built for Atlas {recorded}" in message
@@ -564,8 +565,8 @@ def test_plumbing_soc_record(monkeypatch, recorded, detected, warns):
             message.split("Rebuild")[1]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        npu.check_build_soc(detected)
-        npu.check_build_soc(detected)  # once per process
+        backend.check_build_soc(detected)
+        backend.check_build_soc(detected)  # once per process
     assert len(caught) == (1 if warns else 0)
 
 
@@ -579,34 +580,44 @@ def test_plumbing_build_info_records_target_soc(tmp_path):
 
 
 def test_plumbing_hccl_buffsize_check(monkeypatch):
-    needed = npu_ops.hccl_buffsize_mb(256, 7168, 16, 256, 8)
-    assert needed > 200
+    """Every mode checks HCCL_BUFFSIZE against its own requirement; an unknown device checks nothing."""
+    release = versions.release_for_cann("8.3.RC1")
     monkeypatch.delenv("HCCL_BUFFSIZE", raising=False)
-    monkeypatch.delenv("HCCL_INTRA_PCIE_ENABLE", raising=False)
-    with pytest.raises(ValueError, match=f"HCCL_BUFFSIZE=200 MB is too small .* needs {needed} MB"):
-        npu.check_hccl_buffsize("A2", 256, 7168, 16, 256, 8)
-    monkeypatch.setenv("HCCL_BUFFSIZE", str(needed))
-    npu.check_hccl_buffsize("A2", 256, 7168, 16, 256, 8)
+    for mode in versions.MODES:
+        npu_ll = types.SimpleNamespace(mode=mode, num_ranks=16, release=release)
+        needed = npu_ops.hccl_buffsize_mb(256, 7168, 16, 256, 8, mode, release)
+        assert needed > 200
+        monkeypatch.delenv("HCCL_BUFFSIZE", raising=False)
+        with pytest.raises(ValueError, match=f"HCCL_BUFFSIZE=200 MB is too small .* {mode} needs {needed} MB"):
+            backend.check_hccl_buffsize(npu_ll, 256, 7168, 256, 8)
+        monkeypatch.setenv("HCCL_BUFFSIZE", str(needed))
+        backend.check_hccl_buffsize(npu_ll, 256, 7168, 256, 8)
     monkeypatch.setenv("HCCL_BUFFSIZE", "1")
-    npu.check_hccl_buffsize("A3", 256, 7168, 16, 256, 8)  # no documented formula: not checked
-    monkeypatch.setenv("HCCL_INTRA_PCIE_ENABLE", "1")
-    monkeypatch.setenv("HCCL_INTRA_ROCE_ENABLE", "0")
-    npu.check_hccl_buffsize("A2", 256, 7168, 16, 256, 8)  # hierarchical: not checked
+    backend.check_hccl_buffsize(types.SimpleNamespace(mode=None, num_ranks=16, release=release), 256, 7168, 256, 8)
 
 
 def test_plumbing_npu_env_prints_hccl_buffsize(capsys):
-    assert npu_env.main(["--num-max-dispatch-tokens-per-rank", "128", "--hidden", "7168", "--num-ranks", "16",
-                         "--num-experts", "256", "--num-topk", "8"]) == 0
-    assert capsys.readouterr().out.strip() == "HCCL_BUFFSIZE=452"
+    sizes = ["--num-max-dispatch-tokens-per-rank", "128", "--hidden", "7168", "--num-ranks", "16", "--num-experts",
+             "256", "--num-topk", "8"]
+    # the worked examples of test_npu_plumbing.py::test_plumbing_hccl_buffsize_worked_examples
+    for mode, cann, expected in (("A2-fullmesh", "8.3.RC1", 452), ("A2-hierarchy", "8.3.RC1", 496),
+                                 ("A3", "8.3.RC1", 960), ("A3", "8.2.RC1", 1018)):
+        assert npu_env.main(sizes + ["--mode", mode, "--cann", cann]) == 0
+        assert capsys.readouterr().out.strip() == f"HCCL_BUFFSIZE={expected}"
     assert npu_env.main(["--report"]) == 0
     out = capsys.readouterr().out
-    assert "torch " in out and "deep_ep built for:" in out and "HCCL_BUFFSIZE=" in out
+    assert "torch " in out and "deep_ep built for:" in out and "HCCL_BUFFSIZE=" in out and "rules of torch_npu" in out
     with pytest.raises(SystemExit):
         npu_env.main(["--hidden", "7168"])
     with pytest.raises(SystemExit):
-        npu_env.main(["--nmax", "8", "--hidden", "128", "--num-ranks", "3", "--num-experts", "4", "--num-topk", "2"])
+        npu_env.main(["--nmax", "8", "--hidden", "128", "--num-ranks", "3", "--num-experts", "4", "--num-topk", "2",
+                      "--mode", "A3"])
+    with pytest.raises(SystemExit):  # no NPU here: the mode must be given
+        npu_env.main(sizes)
+    assert "give the mode" in capsys.readouterr().err
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run([sys.executable, "-m", "deep_ep.npu_env", "--nmax", "1", "--hidden", "128",
-                             "--num-ranks", "2", "--num-experts", "4", "--num-topk", "2"],
-                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and result.stdout.strip() == "HCCL_BUFFSIZE=200", result.stderr
+    for module in ("deep_ep.npu_env", "deep_ep.npu.env"):  # the old name and the package's
+        result = subprocess.run([sys.executable, "-m", module, "--nmax", "1", "--hidden", "128", "--num-ranks", "2",
+                                 "--num-experts", "4", "--num-topk", "2", "--mode", "A2-fullmesh"],
+                                cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0 and result.stdout.strip() == "HCCL_BUFFSIZE=200", result.stderr

@@ -5,11 +5,11 @@ low-latency / fused_deep_moe calls of a Buffer on an HCCL group.
 collective transport (``transport/collective.py``: HCCL ``all_to_all_single`` for the rows, a gloo
 group on the host for the small metadata) with the routing computed on a host copy of ``topk_idx``;
 low-latency mode and ``fused_deep_moe`` call CANN's MC2 operators through
-``transport/npu_ops.py``. Nothing here imports ``torch_npu`` at module level: ``import deep_ep``
+``npu/operators.py``. Nothing here imports ``torch_npu`` at module level: ``import deep_ep``
 works on any machine.
 
-No NPU is available where this was written: the code is thin, follows the torch_npu signatures of
-NPU.md, and is checked on CPU by plumbing tests with a recording stand-in for torch_npu.
+No NPU is available where this was written: the code is thin, follows the documented torch_npu
+signatures (docs/npu.md), and is checked on CPU by plumbing tests with a stand-in for torch_npu.
 """
 from __future__ import annotations
 
@@ -21,10 +21,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from . import env, layout
-from .fused import FuseMode, check_modes
-from .transport import npu_ops
-from .utils import EventOverlap, check_num_topk, check_positive_int, check_tensor
+from .. import layout
+from ..env import shared_expert_rank_num
+from ..fused import FuseMode, check_modes
+from ..utils import EventOverlap, check_combine_topk_idx, check_num_topk, check_positive_int, check_tensor
+from . import operators as npu_ops
 
 NPU_BACKEND = "hccl"
 # Strategy names as the Buffer accepts them -> what runs on NPU.
@@ -87,7 +88,7 @@ def resolve_strategies(normal_strategy: str, low_latency_strategy: str, low_late
 def build_target_soc() -> str:
     """The SoC this package was built for: "A2", "A3" (build.sh -a deepep2 / deepep) or "cpu"."""
     try:
-        from ._build_info import TARGET_SOC
+        from .._build_info import TARGET_SOC
     except ImportError:  # running from a source tree that setup.py never built
         return "cpu"
     return TARGET_SOC
@@ -115,15 +116,16 @@ def check_build_soc(detected: Optional[str]) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def check_hccl_buffsize(soc: Optional[str], num_max_tokens: int, hidden: int, num_ranks: int, num_experts: int,
-                        num_topk: int) -> None:
-    """ValueError when HCCL_BUFFSIZE is below NPU.md's A2 fullmesh requirement for these sizes.
-
-    Only A2 fullmesh has a documented formula; other modes are not checked.
-    """
-    if soc != "A2" or npu_ops._hierarchy_env():
+def check_hccl_buffsize(npu_ll: npu_ops.NpuLowLatency, num_max_tokens: int, hidden: int, num_experts: int,
+                        num_topk: int, num_shared_ranks: int = 0) -> None:
+    """ValueError when HCCL_BUFFSIZE is below what the MC2 operators need for these sizes in this
+    rank's mode, with num_shared_ranks shared-expert ranks (npu_ops.hccl_buffsize_mb; nothing is
+    checked on an unknown device)."""
+    mode = npu_ll.mode
+    if mode is None:
         return
-    needed = npu_ops.hccl_buffsize_mb(num_max_tokens, hidden, num_ranks, num_experts, num_topk)
+    needed = npu_ops.hccl_buffsize_mb(num_max_tokens, hidden, npu_ll.num_ranks, num_experts, num_topk, mode,
+                                      npu_ll.release, num_shared_ranks)
     value = os.environ.get("HCCL_BUFFSIZE", "200")
     try:
         have = int(value)
@@ -131,9 +133,9 @@ def check_hccl_buffsize(soc: Optional[str], num_max_tokens: int, hidden: int, nu
         raise ValueError(f"HCCL_BUFFSIZE must be an integer number of MB, got {value!r}") from None
     if have < needed:
         raise ValueError(f"HCCL_BUFFSIZE={have} MB is too small for the MC2 operators with "
-                         f"num_max_dispatch_tokens_per_rank={num_max_tokens}, hidden={hidden}, {num_ranks} ranks, "
-                         f"num_experts={num_experts}, top-k {num_topk}: A2 fullmesh needs {needed} MB. Set "
-                         f"HCCL_BUFFSIZE={needed} before the process group is created (python -m deep_ep.npu_env "
+                         f"num_max_dispatch_tokens_per_rank={num_max_tokens}, hidden={hidden}, {npu_ll.num_ranks} "
+                         f"ranks, num_experts={num_experts}, top-k {num_topk}: {mode} needs {needed} MB. Set "
+                         f"HCCL_BUFFSIZE={needed} before the process group is created (python -m deep_ep.npu.env "
                          "prints it)")
 
 
@@ -165,7 +167,8 @@ def _check_mc2_inputs(buffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_weig
     if topk_weights is not None:
         check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=(num_tokens, num_topk))
     check_positive_int("num_max_dispatch_tokens_per_rank", num_max_tokens)
-    layout.SharedExperts.check(num_experts, buffer.group_size, env.shared_expert_rank_num())
+    shared = shared_expert_rank_num()
+    layout.SharedExperts.check(num_experts, buffer.group_size, shared)
     if num_tokens > num_max_tokens:
         raise ValueError(f"x has {num_tokens} tokens, more than num_max_dispatch_tokens_per_rank={num_max_tokens}")
     _check_device(buffer, x=x, topk_idx=topk_idx, topk_weights=topk_weights)
@@ -173,8 +176,8 @@ def _check_mc2_inputs(buffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_weig
     if topk_idx.numel() and bool(((topk_idx < -1) | (topk_idx >= num_experts)).any()):
         low, high = int(topk_idx.min()), int(topk_idx.max())
         raise ValueError(f"topk_idx values must lie in [-1, {num_experts}), got values in [{low}, {high}]")
-    npu_ops.NpuLowLatency.check_limits(buffer.npu_ll.soc, buffer.group_size, hidden, num_max_tokens, num_topk)
-    check_hccl_buffsize(buffer.npu_ll.soc, num_max_tokens, hidden, buffer.group_size, num_experts, num_topk)
+    buffer.npu_ll.check_limits(hidden, num_max_tokens, num_topk, num_experts, topk_weights is not None, shared)
+    check_hccl_buffsize(buffer.npu_ll, num_max_tokens, hidden, num_experts, num_topk, shared)
     return num_tokens, hidden, num_topk
 
 
@@ -196,7 +199,7 @@ def low_latency_dispatch(buffer, x: torch.Tensor, topk_idx: torch.Tensor, num_ma
     num_tokens, hidden, num_topk = _check_mc2_inputs(
         buffer, x, topk_idx, topk_weights, num_max_dispatch_tokens_per_rank, num_experts,
         (torch.bfloat16, torch.float16))
-    shared = env.shared_expert_rank_num()
+    shared = shared_expert_rank_num()
     if cumulative_local_expert_recv_stats is not None:
         local = layout.SharedExperts.check(num_experts, buffer.group_size, shared).local_experts(buffer.rank)
         check_tensor("cumulative_local_expert_recv_stats", cumulative_local_expert_recv_stats,
@@ -216,7 +219,8 @@ def low_latency_combine(buffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_we
                         return_recv_hook: bool, out: Optional[torch.Tensor]):
     """Buffer.low_latency_combine on NPU: npu_moe_distribute_combine_v2 (v1 if v2 is missing).
 
-    Entries of topk_idx set to -1 since the dispatch are left out (their weight becomes 0).
+    Entries of topk_idx set to -1 since the dispatch are left out (their weight becomes 0); any other
+    change is the same ValueError as on CPU.
     """
     if not isinstance(handle, tuple) or len(handle) < 8 or not isinstance(handle[7], NpuLowLatencyState):
         raise TypeError("handle must be the handle returned by Buffer.low_latency_dispatch")
@@ -228,8 +232,8 @@ def low_latency_combine(buffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_we
     if out is not None:
         check_tensor("out", out, dtypes=(state.dtype,), shape=(num_tokens, state.op.hidden))
     _check_device(buffer, x=x, topk_idx=topk_idx, topk_weights=topk_weights, out=out)
-    weights = torch.where(topk_idx >= 0, topk_weights, 0.0)  # the operator takes the dispatch's expert ids
-    result = buffer.npu_ll.combine(x.contiguous(), topk_idx, weights, state.op, out)
+    check_combine_topk_idx(topk_idx, state.topk_idx)  # the operator takes the dispatch's expert ids
+    result = buffer.npu_ll.combine(x.contiguous(), topk_idx, topk_weights, state.op, out)
     return result, EventOverlap(), _no_hook if return_recv_hook else None
 
 
@@ -237,9 +241,7 @@ def clean_low_latency_buffer(buffer, num_max_dispatch_tokens_per_rank: int, hidd
     """Checks the sizes; the MC2 operators keep no signalling state for deep_ep to reset."""
     check_positive_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank)
     check_positive_int("hidden", hidden)
-    check_positive_int("num_experts", num_experts)
-    if num_experts % buffer.group_size:
-        raise ValueError(f"num_experts must be a positive multiple of the {buffer.group_size} ranks, got {num_experts}")
+    layout.SharedExperts.check(num_experts, buffer.group_size, shared_expert_rank_num())
 
 
 def fused_deep_moe(buffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
@@ -263,4 +265,4 @@ def fused_deep_moe(buffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights
                   gmm2_weight_scale=gmm2_weight_scale)
     return buffer.npu_ll.fused_deep_moe(x, topk_idx, topk_weights, gmm1_permuted_weight, gmm1_permuted_weight_scale,
                                         gmm2_weight, gmm2_weight_scale, num_max_dispatch_tokens_per_rank, num_experts,
-                                        num_shared_ranks=env.shared_expert_rank_num())
+                                        num_shared_ranks=shared_expert_rank_num())

@@ -1,46 +1,59 @@
-"""Thin NPU (Atlas A2/A3) backend: CANN's fused MC2 MoE operators through torch_npu.
+"""CANN's fused MC2 MoE operators through torch_npu: low-latency dispatch/combine and fused_deep_moe.
 
-Used by ``deep_ep.Buffer`` for low-latency mode with strategy ``"ops"`` and for
-``fused_deep_moe`` on NPU. Every operator call is written exactly against the
-torch_npu signatures collected in ``/work/shared/NPU.md``; nothing here can be
-run without an NPU, so the code only maps the SPEC's shapes onto the operators'
-and back. ``torch_npu`` is imported lazily: importing this module works on any
-machine.
+Used by ``deep_ep.Buffer`` for low-latency mode with strategy ``"ops"`` and for ``fused_deep_moe``
+on NPU. The calls follow the torch_npu documentation of the release found at run time
+(``versions.py``; ``docs/npu.md`` has the sources). Nothing here can be run without an NPU:
+the code maps the Buffer's shapes onto the operators' and back. ``torch_npu`` is imported
+lazily: importing this module works on any machine.
 
-Operator facts this module relies on beyond NPU.md (assumptions, see the
-docstrings where they are used):
+How deep_ep's routing becomes the operators' (choices the operators leave to the caller):
 
-* ``ep_recv_counts`` of the dispatch: its first ``L * R`` entries are the
-  inclusive prefix sum of received rows ordered ``[e * R + r]`` (local expert
-  ``e``, source rank ``r``); on A2 further entries follow that only the combine
-  reads. (CANN says the values may change between versions; only
-  ``fused_deep_moe``'s ``ep_recv_count`` and the handle's
-  ``recv_layout_prefix`` depend on it.)
-* ``npu_dequant_swiglu_quant(activate_left=True)`` computes
-  ``silu(left half) * right half``, so gmm1's output columns must be
-  ``[gate | up]``.
-* ``npu_grouped_matmul`` with int8 inputs and bf16 output wants ``scale`` in
-  bf16 (as vLLM-Ascend passes it).
+* Every call pads ``x`` to ``BS = Nmax`` rows (true rows first) and passes ``global_bs = Nmax * R``:
+  all ranks call with the same BS, ``T = 0`` works (the operators need ``BS > 0``) and shapes are
+  static.
+* ``x_active_mask`` is the 2-D ``[BS, K]`` form where the release documents it for the mode, else
+  the 1-D ``[BS]`` form, and None on A2 hierarchy and for the v1 operators.
+* **Sink experts.** The operators reject ``-1`` in ``expert_ids``; a 2-D mask drops such entries.
+  Where the mask cannot (1-D or None), every rank gets ``s = ceil(K / R)`` extra experts after its
+  ``L`` real ones (the operators see ``R * (L + s)`` experts; real expert ``g`` is operator expert
+  ``(g // L) * (L + s) + g % L``), and the j-th ``-1`` entry of a row goes to sink ``L + j // R`` of
+  rank ``(rank + j) % R`` with weight 0. With ``S`` shared-expert ranks (``shared_expert_rank_num``)
+  only the ``R - S`` routed ranks hold experts, so ``R - S`` takes the place of ``R`` here. A rank's
+  rows are grouped by its local expert, so the sink rows come after all real rows: ``recv_count``,
+  the layout and ``ep_recv_count`` only count real experts, and the ``M`` rows returned as
+  ``recv_x`` hold every real row. The cost is the sink rows on the wire.
+* A2 hierarchical mode is selected by HCCL's environment pair with ``comm_alg`` left empty; deep_ep
+  never passes ``comm_alg`` (torch_npu 7.1.0 has no such argument, A3 has no "hierarchy").
+
+Operator facts relied on beyond the signatures:
+
+* ``ep_recv_counts`` of the dispatch: its first ``L' * R`` entries (``L'`` operator experts per
+  rank) are the inclusive prefix sum of received rows at ``[e * R + r]`` (local expert ``e``,
+  source rank ``r``). CANN says the values may change between versions, so ``recv_layout`` checks
+  them against ``expert_token_nums`` and raises if they no longer match.
+* ``npu_dequant_swiglu_quant(activate_left=True)`` computes ``silu(left half) * right half``, so
+  gmm1's output columns must be ``[gate | up]``.
+* ``npu_grouped_matmul`` with int8 inputs and bf16 output wants ``scale`` in bf16 (as vLLM-Ascend
+  passes it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import weakref
 
 import torch
 import torch.distributed as dist
 
 from .. import layout
-from . import groups
+from ..transport import groups
+from . import versions
 
-# A2 fullmesh rank counts for the v2 operators (NPU.md "Limits (v2)").
-_A2_RANKS = frozenset(range(2, 9)) | {16, 32, 64, 128, 256}
-# gmm1_permuted_weight interleaves gate/up columns in tiles of this width (SPEC).
+# gmm1_permuted_weight interleaves gate/up columns in tiles of this width (deep_ep.permute_gmm1_weight).
 _GATE_UP_TILE = 64
 _MB = 1 << 20
+_HCCL_DEFAULT_MB = 200
 
 
 def torch_npu_available() -> bool:
@@ -73,28 +86,62 @@ def detect_soc() -> str | None:
     return None
 
 
-def hccl_buffsize_mb(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
-                     num_experts: int, num_topk: int) -> int:
-    """``HCCL_BUFFSIZE`` (MB) that the MC2 dispatch/combine operators need.
+def detect_release() -> versions.Release:
+    """The rules of the installed torch_npu / CANN (the oldest release's when torch_npu cannot say)."""
+    if not torch_npu_available():
+        return versions.OLDEST
+    import torch_npu
 
-    NPU.md's A2 fullmesh requirement, with ``BS`` = Nmax (every rank pads to it),
-    ``R`` = ranks, ``L = E // R`` local experts, ``K`` = top-k, ``H`` = hidden and
-    2 bytes per bf16 element::
+    return versions.release_for_cann(versions.cann_version(torch_npu))
 
-        2 * (BS * R * min(L, K) * H * 2 B + 2 MB)
 
-    rounded up to whole MB and never below HCCL's default of 200 MB. Set the
-    environment variable to at least this value before the HCCL group is created.
-    (A3 and A2 "hierarchy" use other formulas; this one is the A2 fullmesh one.)
+def _align(value: int, to: int) -> int:
+    return (value + to - 1) // to * to
+
+
+def hccl_buffsize_mb(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int,
+                     num_topk: int, mode: str | None = None, release: versions.Release | None = None,
+                     num_shared_ranks: int = 0) -> int:
+    """``HCCL_BUFFSIZE`` (MB) the MC2 dispatch/combine operators need for these sizes.
+
+    ``mode``: "A2-fullmesh", "A2-hierarchy" or "A3" (None: this machine's, from the device and the
+    environment); ``release``: whose mask rules decide the sink experts (None: the installed one);
+    ``num_shared_ranks``: S shared-expert ranks (MOE_SHARED_EXPERT_RANK_NUM), E then a multiple of R - S.
+    With ``BS`` = Nmax, ``L'`` operator experts per routed rank and ``E' = R * L'`` (sink experts
+    included; shared-expert ranks counted like routed ones, an upper bound), bf16 rows of ``2H``
+    bytes, in bytes::
+
+        A2 fullmesh:  2 * (BS * R * min(L', K) * 2H + 2 MB)
+        A2 hierarchy: (E' + R / 4) * Align512(BS * (2H + 4 * Align8(K) * 4)) + 8 MB
+        A3:           2 * (BS * R * L' * Align512(Align32(2H) + 64) + BS * (K + 1) * Align512(2H))
+
+    rounded up to whole MB and never below HCCL's default of 200 MB. Set it before the HCCL group
+    is created.
     """
-    if num_ranks <= 0 or num_experts % num_ranks != 0:
-        raise ValueError(f"num_experts ({num_experts}) must be a positive multiple of "
-                         f"num_ranks ({num_ranks})")
-    num_local_experts = num_experts // num_ranks
-    window_bytes = (num_max_dispatch_tokens_per_rank * num_ranks
-                    * min(num_local_experts, num_topk) * hidden * 2)
-    need_bytes = 2 * (window_bytes + 2 * _MB)
-    return max(200, math.ceil(need_bytes / _MB))
+    if num_ranks <= 0:
+        raise ValueError(f"num_ranks must be positive, got {num_ranks}")
+    placement = layout.SharedExperts.check(num_experts, num_ranks, num_shared_ranks)
+    if mode is None:
+        mode = versions.mc2_mode(detect_soc())
+        if mode is None:
+            raise ValueError("no Atlas A2/A3 NPU detected: give the mode (A2-fullmesh, A2-hierarchy or A3; --mode "
+                             "on the command line)")
+    if mode not in versions.MODES:
+        raise ValueError(f"mode must be one of {list(versions.MODES)}, got {mode!r}")
+    release = release or detect_release()
+    routed_ranks = num_ranks - num_shared_ranks
+    sinks = versions.sinks_per_rank(versions.mask_rank(release, mode, True), routed_ranks, num_topk)
+    op_local = placement.experts_per_rank + sinks
+    bs, row = num_max_dispatch_tokens_per_rank, 2 * hidden
+    if mode == versions.A2_FULLMESH:
+        need = 2 * (bs * num_ranks * min(op_local, num_topk) * row + 2 * _MB)
+    elif mode == versions.A2_HIERARCHY:
+        need = ((op_local * num_ranks + num_ranks // 4) * _align(bs * (row + 4 * _align(num_topk, 8) * 4), 512)
+                + 8 * _MB)
+    else:  # one shared expert: the operators' default shared_expert_num
+        need = 2 * (bs * num_ranks * op_local * _align(_align(row, 32) + 64, 512)
+                    + bs * (num_topk + 1) * _align(row, 512))
+    return max(_HCCL_DEFAULT_MB, math.ceil(need / _MB))
 
 
 def _npu_device() -> torch.device:
@@ -102,16 +149,10 @@ def _npu_device() -> torch.device:
     return torch.device("npu")
 
 
-def _hierarchy_env() -> bool:
-    """A2 hierarchical mode as selected by HCCL's environment (NPU.md)."""
-    return (os.environ.get("HCCL_INTRA_PCIE_ENABLE") == "1"
-            and os.environ.get("HCCL_INTRA_ROCE_ENABLE") == "0")
-
-
 def _unpermute_gate_up(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Tile-interleaved gmm1 columns -> ``[gate | up]`` halves.
 
-    SPEC layout of ``weight`` int8 ``[L, H, 2I]`` and ``scale`` ``[L, 2I]``: tile 2j
+    Layout of ``weight`` int8 ``[L, H, 2I]`` and ``scale`` ``[L, 2I]``: tile 2j
     holds gate columns ``[64j, 64j+64)``, tile 2j+1 the up columns ``[64j, 64j+64)``.
     Returns contiguous ``[L, H, 2I]`` and float32 ``[L, 2I]`` with gate columns
     ``[0, I)`` then up columns ``[I, 2I)``.
@@ -141,10 +182,8 @@ def _in_out_weight(weight: torch.Tensor, scale: None) -> tuple[torch.Tensor, Non
 def _fill_masked_expert_ids(topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Replace ``-1`` in ``topk_idx`` (int64 ``[BS, K]``) by valid ids; returns int32 ``[BS, K]``.
 
-    The operators reject -1 and require the K ids of a row to be distinct (also
-    for masked entries, as far as the documentation says), so the j-th ``-1`` of
-    a row gets the j-th smallest expert id the row does not use. Rows that are all
-    -1 (padding) get ``0..K-1``. The entries stay masked out by ``x_active_mask``.
+    For the 2-D mask, which drops these entries: the operators reject -1 and want the K ids of a
+    row distinct, so the j-th ``-1`` of a row gets the j-th smallest expert id the row does not use.
     """
     valid = topk_idx >= 0
     rows = topk_idx.shape[0]
@@ -156,9 +195,95 @@ def _fill_masked_expert_ids(topk_idx: torch.Tensor, num_experts: int) -> torch.T
     return torch.where(valid, topk_idx, free_ids.gather(1, slot)).to(torch.int32)
 
 
+@dataclasses.dataclass(frozen=True)
+class OperatorExperts:
+    """How deep_ep's experts and ``-1`` entries map onto the operators' experts for one call shape
+    (see "Sink experts" in the module doc)."""
+
+    rank: int
+    num_ranks: int  # R
+    num_experts: int  # E, deep_ep's (the routed experts)
+    mask_rank: int  # versions.MASK_*
+    sinks: int  # s, sink experts per routed rank (0 with the 2-D mask)
+    num_shared_ranks: int = 0  # S: ranks [0, S) hold the shared expert only (layout.SharedExperts)
+
+    @property
+    def routed_ranks(self) -> int:  # R - S, the ranks that hold routed (and sink) experts
+        return self.num_ranks - self.num_shared_ranks
+
+    @property
+    def experts_per_rank(self) -> int:  # L of a routed rank
+        return self.num_experts // self.routed_ranks
+
+    @property
+    def is_shared(self) -> bool:
+        return self.rank < self.num_shared_ranks
+
+    @property
+    def num_local_experts(self) -> int:  # this rank's L: 1 on a shared-expert rank
+        return 1 if self.is_shared else self.experts_per_rank
+
+    @property
+    def local_per_routed_rank(self) -> int:  # L + s, the operators' experts on a routed rank
+        return self.experts_per_rank + self.sinks
+
+    @property
+    def local(self) -> int:  # this rank's operator experts (sinks included)
+        return 1 if self.is_shared else self.local_per_routed_rank
+
+    @property
+    def total(self) -> int:  # the operators' moe_expert_num (routed experts and sinks)
+        return self.routed_ranks * self.local_per_routed_rank
+
+    def expert_ids(self, topk_idx: torch.Tensor) -> torch.Tensor:
+        """int32 ``[BS, K]`` expert_ids for padded int64 ``topk_idx`` ``[BS, K]`` in ``[-1, E)``."""
+        if self.mask_rank == versions.MASK_ENTRIES:
+            return _fill_masked_expert_ids(topk_idx, self.num_experts)
+        valid = topk_idx >= 0
+        per_rank, op_per_rank, routed = self.experts_per_rank, self.local_per_routed_rank, self.routed_ranks
+        real = topk_idx.clamp(min=0)
+        real = real // per_rank * op_per_rank + real % per_rank
+        j = (~valid).to(torch.int64).cumsum(1) - 1  # the j-th -1 entry of its row
+        sink = (self.rank + j) % routed * op_per_rank + per_rank + j // routed
+        return torch.where(valid, real, sink).to(torch.int32)
+
+    def active_mask(self, topk_idx: torch.Tensor, num_tokens: int) -> torch.Tensor | None:
+        """The x_active_mask for padded ``topk_idx`` ``[BS, K]`` whose first ``num_tokens`` rows are real."""
+        if self.mask_rank == versions.MASK_ENTRIES:
+            return topk_idx >= 0
+        if self.mask_rank == versions.MASK_ROWS:
+            return torch.arange(topk_idx.shape[0], device=topk_idx.device) < num_tokens
+        return None
+
+
+def recv_layout(ep_recv_counts: torch.Tensor, expert_token_nums: torch.Tensor, experts: OperatorExperts
+                ) -> torch.Tensor:
+    """int64 ``[L * R]``: inclusive prefix of received rows per (local expert e, source rank r) at ``e * R + r``.
+
+    Read from the dispatch's ``ep_recv_counts`` (``[L' * R]`` prefix first, then product-specific
+    entries). CANN documents its values as subject to change, so this checks them against
+    ``expert_token_nums`` (counts, int64 ``[L']``) and raises a RuntimeError when they disagree.
+    """
+    size = experts.local * experts.num_ranks
+    counts = expert_token_nums.to(torch.int64)
+    ok = ep_recv_counts.dim() == 1 and ep_recv_counts.numel() >= size and counts.shape == (experts.local,)
+    if ok:
+        prefix = ep_recv_counts[:size].to(torch.int64)
+        ends = prefix.view(experts.local, experts.num_ranks)[:, -1]  # rows up to and including expert e
+        steps = torch.diff(prefix, prepend=prefix.new_zeros(1))
+        ok = bool((ends == counts.cumsum(0)).all() & (steps >= 0).all())  # one host sync
+    if not ok:
+        raise RuntimeError(
+            f"deep_ep: the MC2 dispatch's ep_recv_counts (shape {tuple(ep_recv_counts.shape)}) is not the inclusive "
+            f"prefix of rows per (local expert, source rank) at [e * R + r] that agrees with expert_token_nums "
+            f"{counts.tolist()}: this CANN changed its layout. deep_ep reads it for the low-latency handle's layout "
+            "and fused_deep_moe's ep_recv_count; please report it with `python -m deep_ep.npu.env --report`.")
+    return prefix[:experts.num_local_experts * experts.num_ranks]
+
+
 @dataclasses.dataclass
 class NpuLowLatencyHandle:
-    """What ``NpuLowLatency.combine`` needs from a dispatch (SPEC low-latency handle).
+    """What ``NpuLowLatency.combine`` needs from a dispatch (the Buffer's low-latency handle).
 
     ``BS`` = padded batch (Nmax), ``K`` = top-k, ``A`` = rows of the operator's
     ``expand_x``. Operator outputs are kept as returned and passed back unchanged.
@@ -167,42 +292,34 @@ class NpuLowLatencyHandle:
     assist_info_for_combine: torch.Tensor  # int32 [A * 128] (v1: expand_idx [BS * K]); per-row source info
     ep_recv_counts: torch.Tensor  # int32, the combine's ep_send_counts
     tp_recv_counts: torch.Tensor  # int32, the combine's tp_send_counts
-    expand_scales: torch.Tensor | None  # float32 [A]; only kept for comm_alg="hierarchy"
-    expert_ids: torch.Tensor  # int32 [BS, K], -1 replaced (see _fill_masked_expert_ids)
-    x_active_mask: torch.Tensor  # bool [BS, K]: real token and real expert
+    expand_scales: torch.Tensor | None  # float32 [A]; the combine's expand_scales on A2, else None
+    expert_ids: torch.Tensor  # int32 [BS, K], OperatorExperts.expert_ids
+    x_active_mask: torch.Tensor | None  # bool [BS, K] or [BS], or None: as passed to the dispatch
     topk_weights: torch.Tensor | None  # float32 [BS, K] padded, 0 where masked; as given at dispatch
     recv_count: torch.Tensor  # int64 [L]
-    recv_layout_prefix: torch.Tensor  # int32 [L * R], inclusive prefix of rows per (e, r) at [e * R + r]
+    recv_layout_prefix: torch.Tensor  # int64 [L * R], inclusive prefix of rows per (e, r) at [e * R + r]
+    experts: OperatorExperts
     num_max_dispatch_tokens_per_rank: int
     hidden: int
-    num_experts: int
     num_tokens: int  # T, rows of this rank's x
-    padded_bs: int  # BS passed to the operators (= Nmax)
     expand_rows: int  # A
     global_bs: int
-    comm_alg: str
     use_v2: bool
-    num_shared_ranks: int = 0  # shared_expert_rank_num of the operators (MOE_SHARED_EXPERT_RANK_NUM)
+
+    @property
+    def num_experts(self) -> int:
+        return self.experts.num_experts
+
+    @property
+    def num_shared_ranks(self) -> int:  # shared_expert_rank_num of the operators (MOE_SHARED_EXPERT_RANK_NUM)
+        return self.experts.num_shared_ranks
 
 
 class NpuLowLatency:
     """Low-latency dispatch/combine and fused_deep_moe on CANN's MC2 operators.
 
-    Tensors are used on the device they come on (NPU in production); this class
-    never moves data between devices.
-
-    Choices the operators leave to the caller:
-
-    * Every call pads ``x`` to ``BS = Nmax`` rows, masks the padding with
-      ``x_active_mask`` and passes ``global_bs = Nmax * R``. All ranks then call
-      with the same BS (which the operators need for ``x_active_mask`` to be
-      allowed and for ``global_bs``), ``T = 0`` works (the operators need
-      ``BS > 0``), and shapes are static (graph capture friendly).
-    * ``x_active_mask`` is always the 2-D ``[BS, K]`` form, covering both padding
-      rows and ``-1`` entries.
-    * A2 hierarchical mode (``HCCL_INTRA_PCIE_ENABLE=1``, ``HCCL_INTRA_ROCE_ENABLE=0``)
-      passes ``comm_alg="hierarchy"`` and needs ``topk_weights`` at dispatch
-      (``expert_scales``; the combine gets the resulting ``expand_scales``).
+    Tensors are used on the device they come on (NPU in production); this class never moves
+    data between devices. The module doc says how deep_ep's routing maps onto the operators.
     """
 
     def __init__(self, group: dist.ProcessGroup, rank: int, num_ranks: int,
@@ -222,7 +339,8 @@ class NpuLowLatency:
         self.num_ranks = num_ranks
         self.num_experts_hint = num_experts_hint
         self.soc = detect_soc()
-        # The MC2 operators need a communicator no other operator uses:
+        self.release = detect_release()
+        # The MC2 operators need a communicator no other operator uses (torch_npu's documentation):
         # a new group over the same global ranks, in group order so that the rank
         # in the new group equals `rank`. Collective over the ranks of `group` only.
         self.group = groups.group_over(group, "hccl")
@@ -232,36 +350,24 @@ class NpuLowLatency:
         # id(weight) -> (weight ref, weight version, scale ref, scale version, converted weight, scale)
         self._gate_up_cache: dict[int, tuple] = {}
 
-    @staticmethod
-    def check_limits(soc: str | None, num_ranks: int, hidden: int, bs: int, num_topk: int) -> None:
-        """Raise ``ValueError`` naming the violated v2 operator limit (NPU.md).
+    @property
+    def mode(self) -> str | None:
+        """"A3", "A2-fullmesh" or "A2-hierarchy" (from the device and HCCL's environment), None elsewhere."""
+        return versions.mc2_mode(self.soc)
 
-        A2: R in 2..8, 16, 32, 64, 128, 256; H <= 7168; BS <= 256.
-        A3: R in 2..768; H in 1024..8192; BS <= 512; K <= 16.
-        ``soc=None`` (unknown device) checks nothing. ``bs`` is the per-rank batch
-        passed to the operators, i.e. Nmax here.
-        """
-        if soc == "A2":
-            if num_ranks not in _A2_RANKS:
-                raise ValueError(f"NPU A2 MC2 operators support num_ranks in 2..8, 16, 32, 64, "
-                                 f"128, 256; got num_ranks={num_ranks}")
-            if hidden > 7168:
-                raise ValueError(f"NPU A2 MC2 operators support hidden <= 7168; got hidden={hidden}")
-            if bs > 256:
-                raise ValueError(f"NPU A2 MC2 operators support at most 256 tokens per rank "
-                                 f"(num_max_dispatch_tokens_per_rank); got {bs}")
-        elif soc == "A3":
-            if not 2 <= num_ranks <= 768:
-                raise ValueError(f"NPU A3 MC2 operators support num_ranks in 2..768; "
-                                 f"got num_ranks={num_ranks}")
-            if not 1024 <= hidden <= 8192:
-                raise ValueError(f"NPU A3 MC2 operators support hidden in 1024..8192; "
-                                 f"got hidden={hidden}")
-            if bs > 512:
-                raise ValueError(f"NPU A3 MC2 operators support at most 512 tokens per rank "
-                                 f"(num_max_dispatch_tokens_per_rank); got {bs}")
-            if num_topk > 16:
-                raise ValueError(f"NPU A3 MC2 operators support num_topk <= 16; got num_topk={num_topk}")
+    def operator_experts(self, num_experts: int, num_topk: int, num_shared_ranks: int = 0) -> OperatorExperts:
+        """The expert mapping this rank's calls use for E routed experts, top-k K and S shared-expert ranks."""
+        mask = versions.mask_rank(self.release, self.mode, self._use_v2)
+        return OperatorExperts(rank=self.rank, num_ranks=self.num_ranks, num_experts=num_experts, mask_rank=mask,
+                               sinks=versions.sinks_per_rank(mask, self.num_ranks - num_shared_ranks, num_topk),
+                               num_shared_ranks=num_shared_ranks)
+
+    def check_limits(self, hidden: int, bs: int, num_topk: int, num_experts: int, has_weights: bool,
+                     num_shared_ranks: int = 0) -> None:
+        """ValueError naming the operator limit of this device, mode and release that the sizes break."""
+        experts = self.operator_experts(num_experts, num_topk, num_shared_ranks)
+        versions.check_limits(self.release, self.mode, self.num_ranks, hidden, bs, num_topk,
+                              experts.local_per_routed_rank, experts.total, has_weights)
 
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor | None,
                  num_max_dispatch_tokens_per_rank: int, num_experts: int, use_int8: bool,
@@ -273,7 +379,7 @@ class NpuLowLatency:
         Args:
             x: bf16/fp16 ``[T, H]``, ``T <= Nmax``.
             topk_idx: int64 ``[T, K]``, values in ``[-1, E)``.
-            topk_weights: float32 ``[T, K]`` or None (required in hierarchical mode).
+            topk_weights: float32 ``[T, K]`` or None (required in A2 hierarchical mode).
             num_max_dispatch_tokens_per_rank: Nmax, the same on every rank.
             num_experts: E, the routed experts, a multiple of R - S.
             use_int8: per-token dynamic int8 quantization by the operator (quant_mode=2).
@@ -284,8 +390,8 @@ class NpuLowLatency:
 
         Returns:
             ``recv_x``: ``[M, H]`` in x's dtype, or with int8 the pair
-            ``(int8 [M, H], float32 scales [M])``; ``M = Nmax * R * min(K, L)``, rows
-            packed by local expert, only the first ``recv_count.sum()`` valid.
+            ``(int8 [M, H], float32 scales [M])``; ``M = Nmax * R * min(K, L)`` (``Nmax * ceil(R / S)``
+            on a shared-expert rank), rows packed by local expert, only the first ``recv_count.sum()`` valid.
             ``recv_count``: int64 ``[L]`` rows per local expert.
             ``handle``: :class:`NpuLowLatencyHandle`.
         """
@@ -300,65 +406,53 @@ class NpuLowLatency:
             raise ValueError(f"x has {num_tokens} tokens; expected at most "
                              f"num_max_dispatch_tokens_per_rank={nmax} (which must be >= 1)")
         roles = layout.SharedExperts.check(num_experts, num_ranks, num_shared_ranks)
-        hierarchy = _hierarchy_env()
-        if hierarchy and topk_weights is None:
-            raise ValueError("topk_weights is required in A2 hierarchical mode "
-                             "(HCCL_INTRA_PCIE_ENABLE=1, HCCL_INTRA_ROCE_ENABLE=0): the "
-                             "operators take them at dispatch (expert_scales)")
-        self.check_limits(self.soc, num_ranks, hidden, nmax, num_topk)
-        num_local_experts = roles.local_experts(self.rank)
+        self.check_limits(hidden, nmax, num_topk, num_experts, topk_weights is not None, num_shared_ranks)
+        experts = self.operator_experts(num_experts, num_topk, num_shared_ranks)
+        on_a2 = self.soc == "A2"
         global_bs = nmax * num_ranks
         rows_out = roles.packed_rows(self.rank, nmax, num_topk)  # M
 
-        # Pad to BS = Nmax rows; padding rows are masked out entirely.
+        # Pad to BS = Nmax rows, true rows first.
         x_pad = x.new_zeros(nmax, hidden)
         x_pad[:num_tokens] = x
         idx_pad = topk_idx.new_full((nmax, num_topk), -1)
         idx_pad[:num_tokens] = topk_idx
-        active = idx_pad >= 0
-        expert_ids = _fill_masked_expert_ids(idx_pad, num_experts)
+        mask = experts.active_mask(idx_pad, num_tokens)
+        expert_ids = experts.expert_ids(idx_pad)
         weights_pad = None
         if topk_weights is not None:
             weights_pad = torch.zeros(nmax, num_topk, dtype=torch.float32, device=x.device)
             weights_pad[:num_tokens] = topk_weights
-            weights_pad.masked_fill_(~active, 0.0)
+            weights_pad.masked_fill_(idx_pad < 0, 0.0)
 
-        comm_alg = "hierarchy" if hierarchy else ""
         kwargs = dict(
-            x_active_mask=active,
-            # A3 uses expert_scales only with "hierarchy"; A2 turns them into the
-            # expand_scales that its hierarchical combine needs.
-            expert_scales=weights_pad if hierarchy else None,
+            x_active_mask=mask,
+            # On A2 the dispatch turns them into the expand_scales its combine takes; on A3 they
+            # only serve comm_alg="hierarchy", which is not used.
+            expert_scales=weights_pad if on_a2 else None,
             quant_mode=2 if use_int8 else 0, global_bs=global_bs, expert_token_nums_type=1,
             **_shared_expert_args(num_shared_ranks))
-        if self._use_v2:
-            # comm_alg only when set: "" is its default, and torch_npu builds older than CANN 8.3
-            # may not take the argument at all
-            outputs = self._torch_npu.npu_moe_distribute_dispatch_v2(
-                x_pad, expert_ids, self.comm_name, num_ranks, self.rank, num_experts,
-                **(dict(comm_alg=comm_alg) if comm_alg else {}), **kwargs)
-        else:  # v1 has no comm_alg: HCCL's environment selects the algorithm
-            outputs = self._torch_npu.npu_moe_distribute_dispatch(
-                x_pad, expert_ids, self.comm_name, num_ranks, self.rank, num_experts, **kwargs)
-            comm_alg = ""
+        operator = (self._torch_npu.npu_moe_distribute_dispatch_v2 if self._use_v2
+                    else self._torch_npu.npu_moe_distribute_dispatch)
+        outputs = operator(x_pad, expert_ids, self.comm_name, num_ranks, self.rank, experts.total, **kwargs)
         (expand_x, dynamic_scales, assist_info, expert_token_nums, ep_recv_counts,
          tp_recv_counts, expand_scales) = outputs[:7]
 
-        recv_count = expert_token_nums.to(torch.int64)
+        recv_count = expert_token_nums[:experts.num_local_experts].to(torch.int64)
+        layout_prefix = recv_layout(ep_recv_counts, expert_token_nums, experts)
         if cumulative_local_expert_recv_stats is not None:
             cumulative_local_expert_recv_stats.add_(recv_count.to(cumulative_local_expert_recv_stats.dtype))
-        # A >= global_bs * min(L, K) = M; the SPEC shape is exactly M rows.
+        # A >= global_bs * min(L + s, K) >= M; the real rows come first, recv_x is M rows.
         recv_x = expand_x[:rows_out]
         if use_int8:
             recv_x = (recv_x, dynamic_scales[:rows_out])
         handle = NpuLowLatencyHandle(
             assist_info_for_combine=assist_info, ep_recv_counts=ep_recv_counts,
-            tp_recv_counts=tp_recv_counts, expand_scales=expand_scales if hierarchy else None,
-            expert_ids=expert_ids, x_active_mask=active, topk_weights=weights_pad,
-            recv_count=recv_count, recv_layout_prefix=ep_recv_counts[:num_local_experts * num_ranks],
-            num_max_dispatch_tokens_per_rank=nmax, hidden=hidden, num_experts=num_experts,
-            num_tokens=num_tokens, padded_bs=nmax, expand_rows=expand_x.shape[0],
-            global_bs=global_bs, comm_alg=comm_alg, use_v2=self._use_v2, num_shared_ranks=num_shared_ranks)
+            tp_recv_counts=tp_recv_counts, expand_scales=expand_scales if on_a2 else None,
+            expert_ids=expert_ids, x_active_mask=mask, topk_weights=weights_pad,
+            recv_count=recv_count, recv_layout_prefix=layout_prefix, experts=experts,
+            num_max_dispatch_tokens_per_rank=nmax, hidden=hidden, num_tokens=num_tokens,
+            expand_rows=expand_x.shape[0], global_bs=global_bs, use_v2=self._use_v2)
         return recv_x, recv_count, handle
 
     def combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
@@ -368,8 +462,8 @@ class NpuLowLatency:
         Args:
             x: bf16/fp16 ``[M, H]`` expert outputs in the dispatch's packed layout
                (``[A, H]`` is accepted too; rows past the counts are ignored).
-            topk_idx: int64 ``[T, K]`` as at dispatch; only its shape is checked,
-               the operator gets the dispatch's (masked) expert ids from the handle.
+            topk_idx: int64 ``[T, K]`` as at dispatch, entries may be set to -1 since; the operator
+               gets the dispatch's expert ids from the handle and weight 0 for -1 entries.
             topk_weights: float32 ``[T, K]``; entries of -1 experts count as 0.
             handle: from :meth:`dispatch`.
             out: optional ``[T, H]`` tensor the result is copied into.
@@ -377,7 +471,7 @@ class NpuLowLatency:
         Returns:
             ``[T, H]`` in x's dtype: per token the weighted sum of its experts' rows.
         """
-        nmax, hidden = handle.padded_bs, handle.hidden
+        nmax, hidden = handle.num_max_dispatch_tokens_per_rank, handle.hidden
         num_tokens, num_topk = handle.num_tokens, handle.expert_ids.shape[1]
         if x.dim() != 2 or x.shape[1] != hidden:
             raise ValueError(f"x must be [M, H={hidden}] as at dispatch; got {tuple(x.shape)}")
@@ -389,9 +483,13 @@ class NpuLowLatency:
                                  f"got {tuple(t.shape)}")
         if x.shape[0] < handle.expand_rows:  # dispatch returned only the first M of A rows
             x = torch.cat([x, x.new_zeros(handle.expand_rows - x.shape[0], hidden)])
+        if handle.experts.sinks:
+            # Sink rows are combined with weight 0; rows past the real ones may hold anything (torch.empty,
+            # a grouped matmul's unwritten rows) and 0 * NaN is NaN: zero them, without a host sync.
+            real = torch.arange(x.shape[0], device=x.device) < handle.recv_count.sum()
+            x = torch.where(real.unsqueeze(1), x, x.new_zeros(()))
         weights = torch.zeros(nmax, num_topk, dtype=torch.float32, device=x.device)
-        weights[:num_tokens] = topk_weights
-        weights.masked_fill_(~handle.x_active_mask, 0.0)
+        weights[:num_tokens] = torch.where(topk_idx >= 0, topk_weights, 0.0)  # sinks and padding stay 0
 
         kwargs = dict(
             tp_send_counts=handle.tp_recv_counts, x_active_mask=handle.x_active_mask,
@@ -400,12 +498,11 @@ class NpuLowLatency:
         if handle.use_v2:
             combined = self._torch_npu.npu_moe_distribute_combine_v2(
                 x, handle.expert_ids, handle.assist_info_for_combine, handle.ep_recv_counts, weights,
-                self.comm_name, self.num_ranks, self.rank, handle.num_experts,
-                **(dict(comm_alg=handle.comm_alg) if handle.comm_alg else {}), **kwargs)
+                self.comm_name, self.num_ranks, self.rank, handle.experts.total, **kwargs)
         else:
             combined = self._torch_npu.npu_moe_distribute_combine(
                 x, handle.expert_ids, handle.assist_info_for_combine, handle.ep_recv_counts, weights,
-                self.comm_name, self.num_ranks, self.rank, handle.num_experts, **kwargs)
+                self.comm_name, self.num_ranks, self.rank, handle.experts.total, **kwargs)
         result = combined[:num_tokens]
         if out is None:
             return result
@@ -417,7 +514,7 @@ class NpuLowLatency:
                        gmm2_weight: torch.Tensor, gmm2_weight_scale: torch.Tensor,
                        num_max_dispatch_tokens_per_rank: int, num_experts: int, num_shared_ranks: int = 0
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """W8A8 SwiGLU expert MLP between an MC2 dispatch and combine (SPEC fused_deep_moe).
+        """W8A8 SwiGLU expert MLP between an MC2 dispatch and combine (Buffer.fused_deep_moe).
 
         dispatch (quant_mode=2) -> ``npu_grouped_matmul`` int8 x int8 -> int32 ``[A, 2I]``
         -> ``npu_dequant_swiglu_quant`` -> int8 ``[A, I]`` + scales -> ``npu_grouped_matmul``
@@ -426,7 +523,7 @@ class NpuLowLatency:
         Args:
             x: bf16 ``[T, H]``; topk_idx int64 ``[T, K]``; topk_weights float32 ``[T, K]``.
             gmm1_permuted_weight: int8 ``[L, H, 2I]``, gate/up columns interleaved in
-                64-wide tiles (SPEC; ``2I % 128 == 0`` as ``deep_ep.permute_gmm1_weight``
+                64-wide tiles (``2I % 128 == 0`` as ``deep_ep.permute_gmm1_weight``
                 makes it); gmm1_permuted_weight_scale: float32 ``[L, 2I]``, same order.
                 Both are turned into ``[gate | up]`` once per weight tensor (cached),
                 because ``npu_dequant_swiglu_quant(activate_left=True)`` takes gate and
@@ -484,7 +581,7 @@ class NpuLowLatency:
             per_token_scale=[a_scale], group_list=recv_count, group_type=0, split_item=2,
             group_list_type=1, output_dtype=torch.bfloat16)[0]
         output = self.combine(y, topk_idx, topk_weights, handle)
-        prefix = handle.recv_layout_prefix
+        prefix = handle.recv_layout_prefix  # checked against expert_token_nums (recv_layout)
         ep_recv_count = torch.diff(prefix, prepend=prefix.new_zeros(1)).to(torch.int32)
         return output, ep_recv_count
 
