@@ -22,8 +22,14 @@ import torch.distributed as dist
 
 from . import env, fused, npu, ops
 from .config import Config
-from .ep_strategy import (LowLatencyEPCommStrategy, LowLatencyStrategy, NormalEPCommStrategy, NormalStrategy,
-                          get_low_latency_strategy, get_normal_strategy)
+from .ep_strategy import (
+    LowLatencyEPCommStrategy,
+    LowLatencyStrategy,
+    NormalEPCommStrategy,
+    NormalStrategy,
+    get_low_latency_strategy,
+    get_normal_strategy,
+)
 from .fused import FuseMode
 from .low_latency import LowLatencyMode
 from .normal import NormalMode

@@ -22,8 +22,17 @@ from . import env, layout, npu
 from .pool import OutputPool
 from .transport import collective, groups, shm_low_latency
 from .transport.shm import SharedMemoryExhausted
-from .utils import (FLOAT_DTYPES, NATIVE_DTYPE_CODES, EventOverlap, check_combine_topk_idx, check_num_topk,
-                    check_positive_int, check_tensor, resolve_quant_mode, topk_idx_t)
+from .utils import (
+    FLOAT_DTYPES,
+    NATIVE_DTYPE_CODES,
+    EventOverlap,
+    check_combine_topk_idx,
+    check_num_topk,
+    check_positive_int,
+    check_tensor,
+    resolve_quant_mode,
+    topk_idx_t,
+)
 
 LL_FORMAT_INT8 = 3  # header format code of int8 rows (16-bit rows use NATIVE_DTYPE_CODES)
 LL_FORMAT_NAMES = {0: "float32", 1: "bfloat16", 2: "float16", LL_FORMAT_INT8: "int8"}
@@ -469,7 +478,8 @@ class LowLatencyMode:
                 combined_x is valid only after it.
             out: None or a [T, H] tensor of x's dtype that receives the result.
         Returns:
-            (combined_x [T, H], EventOverlap, hook: a callable that receives; a no-op once received). combined_x[t] = sum over k with
+            (combined_x [T, H], EventOverlap, hook: a callable that receives; a no-op once received).
+            combined_x[t] = sum over k with
             topk_idx[t, k] != -1 of topk_weights[t, k] * x[row(t, k)], in float32, k ascending.
         """
         what = "low_latency_combine"

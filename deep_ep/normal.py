@@ -13,7 +13,6 @@ import functools
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Protocol, Tuple, Union
 
-
 import torch
 import torch.distributed as dist
 
@@ -21,8 +20,15 @@ from . import env, layout, ops
 from .pool import OutputPool
 from .transport import hierarchical, shm
 from .transport.fields import as_byte_rows
-from .utils import (FLOAT_DTYPES, NATIVE_DTYPE_CODES, EventOverlap, check_num_topk, check_tensor,
-                    resolve_quant_mode, topk_idx_t)
+from .utils import (
+    FLOAT_DTYPES,
+    NATIVE_DTYPE_CODES,
+    EventOverlap,
+    check_num_topk,
+    check_tensor,
+    resolve_quant_mode,
+    topk_idx_t,
+)
 
 # Operation codes in the per-call header, so ranks that call different things fail fast.
 OP_DISPATCH, OP_CACHED_DISPATCH, OP_COMBINE = 1, 2, 3
@@ -270,8 +276,9 @@ class NormalMode:
             check_tensor("num_tokens_per_rank", num_tokens_per_rank, dtypes=(torch.int32, torch.int64),
                          shape=(self.group_size,))
         for name, value in (("expert_alignment", expert_alignment), ("num_worst_tokens", num_worst_tokens)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name == "expert_alignment" else 0):
-                raise ValueError(f"{name} must be an int >= {1 if name == 'expert_alignment' else 0}, got {value!r}")
+            lowest = 1 if name == "expert_alignment" else 0
+            if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
+                raise ValueError(f"{name} must be an int >= {lowest}, got {value!r}")
         tokens_per_expert = torch.bincount(host_idx.reshape(-1) + 1, minlength=num_experts + 1)[1:]  # -1 -> bin 0
         given = num_tokens_per_expert.cpu().to(torch.int64).view(rounds, num_experts).sum(0)
         if not torch.equal(tokens_per_expert, given):

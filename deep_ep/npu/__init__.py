@@ -8,10 +8,24 @@ environment helpers.
 
 Nothing here imports torch_npu at module level: ``import deep_ep`` works on any machine.
 """
-from .backend import (LOW_LATENCY_ON_NPU, NORMAL_ON_NPU, NPU_BACKEND, build_target_soc, check_build_soc,
-                      clean_low_latency_buffer, create_low_latency, current_device, destroy_low_latency,
-                      fused_deep_moe, init_backend, low_latency_combine, low_latency_dispatch, require_torch_npu,
-                      resolve_strategies, soc_mismatch)
+from .backend import (
+                      LOW_LATENCY_ON_NPU,
+                      NORMAL_ON_NPU,
+                      NPU_BACKEND,
+                      build_target_soc,
+                      check_build_soc,
+                      clean_low_latency_buffer,
+                      create_low_latency,
+                      current_device,
+                      destroy_low_latency,
+                      fused_deep_moe,
+                      init_backend,
+                      low_latency_combine,
+                      low_latency_dispatch,
+                      require_torch_npu,
+                      resolve_strategies,
+                      soc_mismatch,
+)
 
 __all__ = ["LOW_LATENCY_ON_NPU", "NORMAL_ON_NPU", "NPU_BACKEND", "build_target_soc", "check_build_soc",
            "clean_low_latency_buffer", "create_low_latency", "current_device", "destroy_low_latency",

@@ -23,8 +23,16 @@ import deep_ep_cpp
 
 from .. import handles, layout, npu, ops
 from ..ep_strategy import LowLatencyEPCommStrategy, register_low_latency_strategy
-from ..low_latency import (LL_COMPARED, LL_KINDS, LowLatencyCall, LowLatencyCombine, LowLatencyMode, LowLatencyState,
-                           ll_disagreement, ll_selection_rows)
+from ..low_latency import (
+    LL_COMPARED,
+    LL_KINDS,
+    LowLatencyCall,
+    LowLatencyCombine,
+    LowLatencyMode,
+    LowLatencyState,
+    ll_disagreement,
+    ll_selection_rows,
+)
 from ..transport import alltoall_low_latency, shm_low_latency
 from ..transport.fields import as_byte_rows
 from ..utils import NATIVE_DTYPE_CODES, EventOverlap, low_latency_quant_mode
@@ -212,7 +220,8 @@ class _LowLatencyStrategyBase(LowLatencyEPCommStrategy):
             handle = handles.LowLatencyHandle(tuple(npu_handle[:6]) + (None,), npu_handle, rt.runtime_id)
             return recv_x, recv_count, handle, event, _no_hook
         recv_x, recv_count, state, event, hook = rt.ll_dispatch(
-            self.transport, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, cumulative_local_expert_recv_stats,
+            self.transport, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
+            cumulative_local_expert_recv_stats,
             quant == "int8", return_recv_hook, topk_weights, quant)
         # A shared-expert rank shows one local expert: the first R blocks of the virtual layout.
         layout_range = state.layout_range[: state.local_experts * rt.group_size]

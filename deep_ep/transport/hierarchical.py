@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 
 from .. import ops
+from ..utils import num_threads
 from .collective import exchange_rows, run_collective
 from .fields import as_byte_rows
-from ..utils import num_threads
 
 # Bytes this process sent to ranks of other nodes, by phase (tests and the benchmark read it).
 traffic: Dict[str, int] = {"dispatch_bytes": 0, "dispatch_rows": 0, "combine_bytes": 0, "combine_rows": 0}

@@ -135,6 +135,7 @@ def main() -> int:
         print(f"npu_smoke skipped: {reason}")
         return 0
     import torch_npu
+
     from deep_ep.npu import operators, versions
 
     print(f"torch {torch.__version__}, torch_npu {getattr(torch_npu, '__version__', 'unknown')}, "

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from common import calc_diff, gather_objects, make_topk_idx
 
 import deep_ep
 from deep_ep.ep_strategy import get_low_latency_strategy
 from deep_ep.reference import reference_combine
 from deep_ep.strategies import AlltoAllNormalCommStrategy, DefaultNormalCommStrategy
 from deep_ep.testing import spawn_ranks
-
-from common import calc_diff, gather_objects, make_topk_idx
 
 HIDDEN, EXPERTS_PER_RANK, TOPK, TOKENS = 64, 2, 2, 24
 

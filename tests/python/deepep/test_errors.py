@@ -24,9 +24,10 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from common import Inputs, make_inputs, our_segments  # noqa: E402
+
 import deep_ep  # noqa: E402
 import deep_ep_cpp  # noqa: E402
-from common import Inputs, make_inputs, our_segments  # noqa: E402
 from deep_ep.reference import reference_dispatch  # noqa: E402
 from deep_ep.testing import _run_rank, free_port, spawn_ranks  # noqa: E402
 from deep_ep.transport import shm as shm_transport  # noqa: E402

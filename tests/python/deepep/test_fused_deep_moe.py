@@ -31,13 +31,14 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import deep_ep  # noqa: E402
 from common import gather_objects, make_inputs, our_segments, skip_unless_device, to_device, to_host  # noqa: E402
-from deep_ep.fused import grouped_swiglu_mlp_int8, quantize_per_token_int8  # noqa: E402
-from deep_ep.testing import rank_device, spawn_ranks  # noqa: E402
-from deep_ep.npu.operators import hccl_buffsize_mb  # noqa: E402
 from test_fused_math import _make_weights, assert_bf16_matches, ref_moe_token, ref_moe_token_float  # noqa: E402
 from test_low_latency import buffer_for  # noqa: E402  (a low-latency Buffer big enough for the cases)
+
+import deep_ep  # noqa: E402
+from deep_ep.fused import grouped_swiglu_mlp_int8, quantize_per_token_int8  # noqa: E402
+from deep_ep.npu.operators import hccl_buffsize_mb  # noqa: E402
+from deep_ep.testing import rank_device, spawn_ranks  # noqa: E402
 
 
 @dataclass

@@ -18,11 +18,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import deep_ep  # noqa: E402
 from common import gather_objects, leaked_segments, make_inputs  # noqa: E402
+from test_intranode import Case, check_dispatch_and_combine  # noqa: E402
+
+import deep_ep  # noqa: E402
 from deep_ep.testing import spawn_ranks  # noqa: E402
 from deep_ep.transport import hierarchical  # noqa: E402
-from test_intranode import Case, check_dispatch_and_combine  # noqa: E402
 
 NODE_ENV = "DEEP_EP_RANKS_PER_NODE"
 

@@ -17,9 +17,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from common import calc_diff, gather_objects, leaked_segments, make_inputs, skip_unless_device, to_device, to_host  # noqa: E402
+
 import deep_ep  # noqa: E402
-from common import (calc_diff, gather_objects, leaked_segments, make_inputs, skip_unless_device, to_device,  # noqa: E402
-                    to_host)
 from deep_ep.reference import quantize_reference, reference_combine, reference_dispatch  # noqa: E402
 from deep_ep.testing import spawn_ranks  # noqa: E402
 

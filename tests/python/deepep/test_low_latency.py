@@ -18,13 +18,12 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from common import calc_diff, gather_objects, make_inputs, our_segments, skip_unless_device, to_device, to_host  # noqa: E402
+
 import deep_ep  # noqa: E402
-from common import (calc_diff, gather_objects, make_inputs, our_segments, skip_unless_device, to_device,  # noqa: E402
-                    to_host)
-from deep_ep.reference import (quantize_reference, reference_combine, reference_dispatch,  # noqa: E402
-                               reference_shared_dispatch)
-from deep_ep.testing import rank_device, spawn_ranks  # noqa: E402
 from deep_ep.npu.operators import hccl_buffsize_mb  # noqa: E402
+from deep_ep.reference import quantize_reference, reference_combine, reference_dispatch, reference_shared_dispatch  # noqa: E402
+from deep_ep.testing import rank_device, spawn_ranks  # noqa: E402
 
 
 @dataclass
@@ -92,8 +91,8 @@ def check_received(rank: int, num_ranks: int, case: Case, everyone, recv_x, recv
     # Rows in the documented order: expert-major, then source rank, then source token.
     assert handle[2:5] == (case.max_tokens, case.hidden, num_experts)
     assert torch.equal(layout_range, torch.cumsum(torch.tensor(
-        [[int((everyone[s].topk_idx == rank * case.experts_per_rank + l).sum()) for s in range(num_ranks)]
-         for l in range(case.experts_per_rank)]).reshape(-1), 0))
+        [[int((everyone[s].topk_idx == rank * case.experts_per_rank + e).sum()) for s in range(num_ranks)]
+         for e in range(case.experts_per_rank)]).reshape(-1), 0))
     if rank_device().type == "npu":  # handle[0] holds the MC2 operators' own per-row data there
         return real
     assert src_info.shape == (rows, 3)
@@ -281,8 +280,8 @@ def shared_expert_ranks(rank: int, num_ranks: int, group, num_shared: int) -> No
         src_info, layout_range = handle[0], handle[1]
         assert handle[2:5] == (num_max, hidden, num_experts) and handle[5] is recv_count
         per_block = torch.tensor(ref["rows_per_source"]) if is_shared else torch.tensor(
-            [[int((everyone[s].topk_idx == (rank - num_shared) * local + l).sum()) for s in range(num_ranks)]
-             for l in range(local)]).reshape(-1)
+            [[int((everyone[s].topk_idx == (rank - num_shared) * local + e).sum()) for s in range(num_ranks)]
+             for e in range(local)]).reshape(-1)
         assert torch.equal(layout_range, torch.cumsum(per_block, 0))
         if quant == "int8":
             q, scale = recv_x

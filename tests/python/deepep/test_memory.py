@@ -28,14 +28,17 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import deep_ep  # noqa: E402
 from common import gather_objects, make_inputs, our_segments  # noqa: E402
+from test_fused_deep_moe import Case as FusedCase  # noqa: E402
+from test_fused_deep_moe import check_case as check_fused
+from test_low_latency import Case  # noqa: E402
+from test_low_latency import check_case as check_low_latency
+
+import deep_ep  # noqa: E402
 from deep_ep.reference import reference_combine, reference_dispatch  # noqa: E402
 from deep_ep.testing import spawn_ranks  # noqa: E402
 from deep_ep.transport import shm as shm_transport  # noqa: E402
 from deep_ep.transport import shm_low_latency  # noqa: E402
-from test_fused_deep_moe import Case as FusedCase, check_case as check_fused  # noqa: E402
-from test_low_latency import Case, check_case as check_low_latency  # noqa: E402
 
 HIDDEN, EXPERTS_PER_RANK, TOPK = 1024, 2, 3
 LARGE_NVL_BYTES = int(2e9)

@@ -37,16 +37,19 @@ from torch.overrides import TorchFunctionMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import deep_ep  # noqa: E402
 from common import make_inputs, to_host  # noqa: E402
+from npu_stand_in import FakeTorchNpu  # noqa: E402
+
+import deep_ep  # noqa: E402
 from deep_ep import npu, npu_env  # noqa: E402
-from deep_ep.npu import backend  # noqa: E402
+from deep_ep.npu import (
+    backend,  # noqa: E402
+    versions,  # noqa: E402
+)
+from deep_ep.npu import operators as npu_ops  # noqa: E402
 from deep_ep.reference import reference_combine, reference_dispatch  # noqa: E402
 from deep_ep.testing import spawn_ranks  # noqa: E402
-from deep_ep.npu import operators as npu_ops  # noqa: E402
-from deep_ep.npu import versions  # noqa: E402
 from deep_ep.transport import groups  # noqa: E402
-from npu_stand_in import FakeTorchNpu  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 pytestmark = pytest.mark.plumbing

@@ -28,10 +28,11 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from deep_ep.npu import operators as npu_ops, versions  # noqa: E402
+from npu_stand_in import RELEASE_DOCS, SOC_DEVICE_NAMES, FakeTorchNpu, OperatorRejected, quantize_rows, remote_scale  # noqa: E402
+
+from deep_ep.npu import operators as npu_ops  # noqa: E402
+from deep_ep.npu import versions  # noqa: E402
 from deep_ep.transport import groups  # noqa: E402
-from npu_stand_in import (RELEASE_DOCS, SOC_DEVICE_NAMES, FakeTorchNpu, OperatorRejected, quantize_rows,  # noqa: E402
-                          remote_scale)
 
 pytestmark = pytest.mark.plumbing
 HIERARCHY_ENV = {"HCCL_INTRA_PCIE_ENABLE": "1", "HCCL_INTRA_ROCE_ENABLE": "0"}

@@ -14,9 +14,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from common import gather_objects, make_inputs  # noqa: E402
+
 import deep_ep  # noqa: E402
 import deep_ep.pool as pool_module  # noqa: E402
-from common import gather_objects, make_inputs  # noqa: E402
 from deep_ep.pool import MAX_BLOCKS, MAX_IDLE_HANDOUTS, MIN_POOLED_BYTES, OutputPool  # noqa: E402
 from deep_ep.reference import reference_combine, reference_dispatch  # noqa: E402
 from deep_ep.testing import spawn_ranks  # noqa: E402

@@ -31,12 +31,13 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import deep_ep  # noqa: E402
 from common import Inputs, calc_diff, gather_objects, make_inputs, our_segments  # noqa: E402
-from deep_ep.reference import quantize_reference, reference_combine, reference_dispatch  # noqa: E402
-from deep_ep.testing import spawn_ranks  # noqa: E402
 from test_fused_deep_moe import expert_weights, local_weights  # noqa: E402
 from test_fused_math import assert_bf16_matches, ref_moe_token  # noqa: E402
+
+import deep_ep  # noqa: E402
+from deep_ep.reference import quantize_reference, reference_combine, reference_dispatch  # noqa: E402
+from deep_ep.testing import spawn_ranks  # noqa: E402
 
 MODES = ("normal", "cached", "low_latency", "fused")
 MODE_WEIGHTS = (0.35, 0.2, 0.3, 0.15)

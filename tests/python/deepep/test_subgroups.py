@@ -20,8 +20,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import deep_ep  # noqa: E402
 from common import Inputs, leaked_segments, make_inputs  # noqa: E402
+
+import deep_ep  # noqa: E402
 from deep_ep.reference import reference_combine, reference_dispatch  # noqa: E402
 from deep_ep.testing import spawn_ranks  # noqa: E402
 from deep_ep.transport import groups  # noqa: E402

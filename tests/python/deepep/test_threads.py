@@ -12,6 +12,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(__file__))
 
 from common import gather_objects, make_topk_idx  # noqa: E402
+
 from deep_ep import Buffer  # noqa: E402
 from deep_ep.reference import reference_combine, reference_dispatch  # noqa: E402
 from deep_ep.testing import spawn_ranks  # noqa: E402

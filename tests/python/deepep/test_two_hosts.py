@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import two_host_runner  # noqa: E402
 from common import gather_objects, our_segments  # noqa: E402
+
 from deep_ep.testing import free_port, spawn_ranks  # noqa: E402
 from deep_ep.transport import collective, shm  # noqa: E402
 from deep_ep.utils import timeout_seconds  # noqa: E402

@@ -25,11 +25,12 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import deep_ep  # noqa: E402
 import test_low_latency as low_latency_checks  # noqa: E402
 from common import make_inputs, our_segments  # noqa: E402
 from test_internode import NODE_ENV, run_all_calls  # noqa: E402
 from test_intranode import Case, check_dispatch_and_combine  # noqa: E402
+
+import deep_ep  # noqa: E402
 
 NUM_EXPERTS = 16
 HIDDEN = 128
