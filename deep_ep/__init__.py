@@ -3,6 +3,7 @@
 DeepEP-Ascend's `Buffer` API, running on CPU ranks (shared memory inside a host,
 torch.distributed between hosts) and on Ascend NPUs through torch_npu.
 """
+
 from . import strategies as strategies  # registers the built-in strategies
 from .buffer import Buffer, topk_idx_t
 from .config import Config
@@ -10,5 +11,14 @@ from .ep_strategy import LowLatencyStrategy, NormalStrategy
 from .fused import FuseMode, permute_gmm1_weight, unpermute_gmm1_weight
 from .utils import EventOverlap
 
-__all__ = ["Buffer", "Config", "EventOverlap", "FuseMode", "LowLatencyStrategy", "NormalStrategy",
-           "permute_gmm1_weight", "topk_idx_t", "unpermute_gmm1_weight"]
+__all__ = [
+    "Buffer",
+    "Config",
+    "EventOverlap",
+    "FuseMode",
+    "LowLatencyStrategy",
+    "NormalStrategy",
+    "permute_gmm1_weight",
+    "topk_idx_t",
+    "unpermute_gmm1_weight",
+]

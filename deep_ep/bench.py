@@ -25,6 +25,7 @@ Low-latency mode: dispatch / combine time and GB/s (rows that hold data, at the 
 moves per (token, expert) selection: int8 = H + 4 scale bytes, bf16 = 2H) beside a plain memcpy of
 the same bytes, copied by every rank at the same time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,8 +66,9 @@ class Timing:
     full: float = 0.0  # get_dispatch_layout + dispatch + combine in a row
 
 
-def make_rank_inputs(rank: int, num_tokens: int, hidden: int, num_experts: int, num_topk: int
-                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def make_rank_inputs(
+    rank: int, num_tokens: int, hidden: int, num_experts: int, num_topk: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """This rank's seeded inputs (the MPI baselines make the same): x bf16 [T, H], topk_idx int64
     [T, K] (distinct experts), topk_weights float32 [T, K]."""
     generator = torch.Generator().manual_seed(rank)
@@ -82,8 +84,9 @@ def calls_for_budget(seconds_per_call: float, budget: float, most: int, fewest: 
     return max(fewest, min(most, int(budget / max(seconds_per_call, 1e-6))))
 
 
-def timed(group: dist.ProcessGroup, fn: Callable[[], object], iters: int, batch: int = 1,
-          budget: Optional[float] = None) -> float:
+def timed(
+    group: dist.ProcessGroup, fn: Callable[[], object], iters: int, batch: int = 1, budget: Optional[float] = None
+) -> float:
     """Median over iterations of the slowest rank's time per call, in seconds (ranks start together).
     With batch > 1 an iteration times `batch` calls in a row, so that the ranks' skew on leaving the
     barrier (tens of microseconds) does not count as latency of a call that takes about as long.
@@ -116,14 +119,17 @@ def check_against_reference(rank: int, group, buffer: Buffer, args, x, topk_idx,
     everyone: List = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, (x, topk_idx, topk_weights), group=group)
     _, _, per_expert, _, _ = buffer.get_dispatch_layout(topk_idx, args.num_experts)
-    recv_x, _, _, counts, handle, _ = buffer.dispatch(x, num_tokens_per_expert=per_expert, topk_idx=topk_idx,
-                                                      topk_weights=topk_weights, quant_mode=quant)
-    ref = reference_dispatch([e[0] for e in everyone], [e[1] for e in everyone], [e[2] for e in everyone],
-                             args.num_experts, rank)
+    recv_x, _, _, counts, handle, _ = buffer.dispatch(
+        x, num_tokens_per_expert=per_expert, topk_idx=topk_idx, topk_weights=topk_weights, quant_mode=quant
+    )
+    ref = reference_dispatch(
+        [e[0] for e in everyone], [e[1] for e in everyone], [e[2] for e in everyone], args.num_experts, rank
+    )
     if quant == "int8":
         q_ref, scale_ref = quantize_reference(ref["x"])
-        ok = bool(((recv_x[0].int() - q_ref.int()).abs() <= 1).all()) and \
-            torch.allclose(recv_x[1].double(), scale_ref, rtol=1e-6, atol=0)
+        ok = bool(((recv_x[0].int() - q_ref.int()).abs() <= 1).all()) and torch.allclose(
+            recv_x[1].double(), scale_ref, rtol=1e-6, atol=0
+        )
         y = (recv_x[0].float() * recv_x[1].unsqueeze(1)).to(torch.bfloat16)
     else:
         ok = torch.equal(recv_x, ref["x"])
@@ -131,8 +137,9 @@ def check_against_reference(rank: int, group, buffer: Buffer, args, x, topk_idx,
     if not ok or counts != ref["rows_per_expert"]:
         raise AssertionError(f"rank {rank}: dispatch differs from the reference")
     combined, _, _ = buffer.combine(y, handle)
-    x_used = x.float() if quant == "bf16" else \
-        (lambda q: q[0].double() * q[1].unsqueeze(1))(quantize_reference(x)).float()
+    x_used = (
+        x.float() if quant == "bf16" else (lambda q: q[0].double() * q[1].unsqueeze(1))(quantize_reference(x)).float()
+    )
     selection = x_used.to(torch.bfloat16).unsqueeze(1).expand(-1, args.num_topk, -1)
     expected = reference_combine(selection, topk_idx, topk_weights)
     if not torch.allclose(combined.double(), expected, rtol=2e-2, atol=5e-2 if quant == "int8" else 2e-2):
@@ -146,16 +153,29 @@ def alltoall_network_rows(topk_idx: torch.Tensor, args: argparse.Namespace, rank
     return sum(int((owner == r).any(1).sum()) for r in range(num_ranks) if r // per_node != rank // per_node)
 
 
-def time_normal(rank: int, group, args: argparse.Namespace, quant: str, strategy: str, num_tokens: int,
-                reference_row: Optional[Timing]) -> Timing:
+def time_normal(
+    rank: int,
+    group,
+    args: argparse.Namespace,
+    quant: str,
+    strategy: str,
+    num_tokens: int,
+    reference_row: Optional[Timing],
+) -> Timing:
     """Checks one strategy at `num_tokens` tokens per rank against the reference, then times it."""
     x, topk_idx, topk_weights = make_rank_inputs(rank, num_tokens, args.hidden, args.num_experts, args.num_topk)
     num_ranks = dist.get_world_size(group)
     buffer = Buffer(group, num_nvl_bytes=args.nvl_bytes, normal_strategy=strategy)
     check_against_reference(rank, group, buffer, args, x, topk_idx, topk_weights, quant)
     per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, args.num_experts)
-    kwargs = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-                  topk_idx=topk_idx, topk_weights=topk_weights, quant_mode=quant)
+    kwargs = dict(
+        num_tokens_per_rank=per_rank,
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+        topk_idx=topk_idx,
+        topk_weights=topk_weights,
+        quant_mode=quant,
+    )
     result = {}
 
     def dequantized(recv_x):
@@ -166,9 +186,15 @@ def time_normal(rank: int, group, args: argparse.Namespace, quant: str, strategy
 
     def layout_dispatch_combine():
         layout = buffer.get_dispatch_layout(topk_idx, args.num_experts)
-        out = buffer.dispatch(x, num_tokens_per_rank=layout[0], is_token_in_rank=layout[3],
-                              num_tokens_per_expert=layout[2], topk_idx=topk_idx, topk_weights=topk_weights,
-                              quant_mode=quant)
+        out = buffer.dispatch(
+            x,
+            num_tokens_per_rank=layout[0],
+            is_token_in_rank=layout[3],
+            num_tokens_per_expert=layout[2],
+            topk_idx=topk_idx,
+            topk_weights=topk_weights,
+            quant_mode=quant,
+        )
         buffer.combine(dequantized(out[0]), out[4])
 
     for _ in range(args.warmup):
@@ -182,24 +208,30 @@ def time_normal(rank: int, group, args: argparse.Namespace, quant: str, strategy
     dispatch_s = timed(group, dispatch, args.iters, budget=args.measure_seconds)
     recv_x, handle = result["out"][0], result["out"][4]
     if strategy == "alltoall":
-        row_bytes = network_bytes // network_rows if network_rows else \
-            (reference_row.network_bytes // max(1, reference_row.network_rows) if reference_row else 0)
+        row_bytes = (
+            network_bytes // network_rows
+            if network_rows
+            else (reference_row.network_bytes // max(1, reference_row.network_rows) if reference_row else 0)
+        )
         network_rows = alltoall_network_rows(topk_idx, args, rank, num_ranks)
         network_bytes = network_rows * row_bytes
     y = dequantized(recv_x)
     for _ in range(args.warmup):
         buffer.combine(y, handle)
     combine_s = timed(group, lambda: buffer.combine(y, handle), args.iters, budget=args.measure_seconds)
-    row = Timing(dispatch_s, combine_s, recv_bytes(recv_x), y.numel() * y.element_size(), network_bytes,
-                 network_rows, full_s)
+    row = Timing(
+        dispatch_s, combine_s, recv_bytes(recv_x), y.numel() * y.element_size(), network_bytes, network_rows, full_s
+    )
     buffer.destroy()
     return row
 
 
 def count_network(before: Dict[str, int]) -> Tuple[int, int]:
     """(rows, bytes) the hierarchical transport sent to other nodes since `before` (one dispatch)."""
-    return (hierarchical.traffic["dispatch_rows"] - before["dispatch_rows"],
-            hierarchical.traffic["dispatch_bytes"] - before["dispatch_bytes"])
+    return (
+        hierarchical.traffic["dispatch_rows"] - before["dispatch_rows"],
+        hierarchical.traffic["dispatch_bytes"] - before["dispatch_bytes"],
+    )
 
 
 def bench_normal(rank: int, group, args: argparse.Namespace, quant: str) -> Dict[str, Dict[str, dict]]:
@@ -216,15 +248,18 @@ def bench_normal(rank: int, group, args: argparse.Namespace, quant: str) -> Dict
 def check_low_latency(rank: int, group, buffer: Buffer, args, x, topk_idx, topk_weights, use_fp8: bool) -> None:
     everyone: List = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, (x, topk_idx, topk_weights), group=group)
-    recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(x, topk_idx, args.num_max_tokens,
-                                                                   args.num_experts, use_fp8=use_fp8)
-    ref = reference_dispatch([e[0] for e in everyone], [e[1] for e in everyone], [e[2] for e in everyone],
-                             args.num_experts, rank)
+    recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(
+        x, topk_idx, args.num_max_tokens, args.num_experts, use_fp8=use_fp8
+    )
+    ref = reference_dispatch(
+        [e[0] for e in everyone], [e[1] for e in everyone], [e[2] for e in everyone], args.num_experts, rank
+    )
     real = ref["x"].shape[0]
     if use_fp8:
         q_ref, scale_ref = quantize_reference(ref["x"])
-        ok = bool(((recv_x[0][:real].int() - q_ref.int()).abs() <= 1).all()) and \
-            torch.allclose(recv_x[1][:real].double(), scale_ref, rtol=1e-6, atol=0)
+        ok = bool(((recv_x[0][:real].int() - q_ref.int()).abs() <= 1).all()) and torch.allclose(
+            recv_x[1][:real].double(), scale_ref, rtol=1e-6, atol=0
+        )
         y = (recv_x[0].float() * recv_x[1].unsqueeze(1)).to(torch.bfloat16)
     else:
         ok = torch.equal(recv_x[:real], ref["x"])
@@ -232,8 +267,7 @@ def check_low_latency(rank: int, group, buffer: Buffer, args, x, topk_idx, topk_
     if not ok or recv_count.tolist() != ref["rows_per_expert"]:
         raise AssertionError(f"rank {rank}: low_latency_dispatch differs from the reference")
     combined, _, _ = buffer.low_latency_combine(y, topk_idx, topk_weights, handle)
-    x_used = x.float() if not use_fp8 else \
-        (lambda q: q[0].double() * q[1].unsqueeze(1))(quantize_reference(x)).float()
+    x_used = x.float() if not use_fp8 else (lambda q: q[0].double() * q[1].unsqueeze(1))(quantize_reference(x)).float()
     selection = x_used.to(torch.bfloat16).unsqueeze(1).expand(-1, args.num_topk, -1)
     expected = reference_combine(selection, topk_idx, topk_weights)
     if not torch.allclose(combined.double(), expected, rtol=2e-2, atol=5e-2 if use_fp8 else 2e-2):
@@ -247,14 +281,16 @@ def bench_low_latency(rank: int, group, args: argparse.Namespace, quant: str) ->
     size = Buffer.get_low_latency_rdma_size_hint(args.num_max_tokens, args.hidden, num_ranks, args.num_experts)
     rows: Dict[str, Timing] = {}
     for strategy in args.strategies:
-        buffer = Buffer(group, num_nvl_bytes=4096, num_rdma_bytes=size, low_latency_mode=True,
-                        low_latency_strategy=strategy)
+        buffer = Buffer(
+            group, num_nvl_bytes=4096, num_rdma_bytes=size, low_latency_mode=True, low_latency_strategy=strategy
+        )
         check_low_latency(rank, group, buffer, args, x, topk_idx, topk_weights, use_fp8)
         result = {}
 
         def dispatch():
-            result["out"] = buffer.low_latency_dispatch(x, topk_idx, args.num_max_tokens, args.num_experts,
-                                                        use_fp8=use_fp8)
+            result["out"] = buffer.low_latency_dispatch(
+                x, topk_idx, args.num_max_tokens, args.num_experts, use_fp8=use_fp8
+            )
 
         for _ in range(args.warmup):
             dispatch()
@@ -283,28 +319,35 @@ def memcpy_time(group, nbytes: int, args: argparse.Namespace) -> float:
     return timed(group, lambda: dst.copy_(src), args.iters, args.batch)
 
 
-def print_low_latency(rows: Dict[str, Timing], memcpy_s: float, memcpy_both_s: float, num_ranks: int, args,
-                      quant: str) -> None:
+def print_low_latency(
+    rows: Dict[str, Timing], memcpy_s: float, memcpy_both_s: float, num_ranks: int, args, quant: str
+) -> None:
     gbps = lambda n, s: n / s / 1e9  # noqa: E731
     nbytes = rows["default"].bytes
     per_selection = args.hidden + 4 if quant == "int8" else 2 * args.hidden
-    print(f"\ndeep_ep low-latency mode: {num_ranks} ranks, {args.sizes[0]} tokens/rank (Nmax {args.num_max_tokens}), "
-          f"hidden {args.hidden}, top-{args.num_topk} of {args.num_experts} experts, dispatch {quant}, "
-          f"{per_selection} B per selection, combine bf16 (rank 0 receives {nbytes / 1e6:.1f} MB)")
+    print(
+        f"\ndeep_ep low-latency mode: {num_ranks} ranks, {args.sizes[0]} tokens/rank (Nmax {args.num_max_tokens}), "
+        f"hidden {args.hidden}, top-{args.num_topk} of {args.num_experts} experts, dispatch {quant}, "
+        f"{per_selection} B per selection, combine bf16 (rank 0 receives {nbytes / 1e6:.1f} MB)"
+    )
     print(f"{'strategy':<22}{'dispatch us':>13}{'GB/s':>8}{'combine us':>13}{'GB/s':>8}{'total us':>12}")
     for name, label in (("default", "default (shm)"), ("alltoall", "alltoall (gloo)")):
         if name in rows:
             r = rows[name]
-            print(f"{label:<22}{r.dispatch * 1e6:>13.0f}{gbps(r.bytes, r.dispatch):>8.2f}"
-                  f"{r.combine * 1e6:>13.0f}{gbps(r.combine_bytes, r.combine):>8.2f}"
-                  f"{(r.dispatch + r.combine) * 1e6:>12.0f}")
+            print(
+                f"{label:<22}{r.dispatch * 1e6:>13.0f}{gbps(r.bytes, r.dispatch):>8.2f}"
+                f"{r.combine * 1e6:>13.0f}{gbps(r.combine_bytes, r.combine):>8.2f}"
+                f"{(r.dispatch + r.combine) * 1e6:>12.0f}"
+            )
     print(f"{'memcpy (same bytes)':<22}{memcpy_s * 1e6:>13.0f}{gbps(nbytes, memcpy_s):>8.2f}")
     total = {k: v.dispatch + v.combine for k, v in rows.items()}
     if "alltoall" in total:
         print(f"default vs alltoall, dispatch+combine: {total['alltoall'] / total['default']:.2f}x faster")
-    print(f"default dispatch takes {rows['default'].dispatch / memcpy_s:.2f}x the memcpy time; dispatch + combine "
-          f"{total['default'] * 1e6:.0f} us take {total['default'] / memcpy_both_s:.2f}x a memcpy of the bytes both "
-          f"move ({memcpy_both_s * 1e6:.0f} us)")
+    print(
+        f"default dispatch takes {rows['default'].dispatch / memcpy_s:.2f}x the memcpy time; dispatch + combine "
+        f"{total['default'] * 1e6:.0f} us take {total['default'] / memcpy_both_s:.2f}x a memcpy of the bytes both "
+        f"move ({memcpy_both_s * 1e6:.0f} us)"
+    )
 
 
 def bench_rank(rank: int, num_ranks: int, group, args: argparse.Namespace) -> None:
@@ -339,15 +382,31 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1e3:.2f}"
 
 
-def print_normal(args: argparse.Namespace, tuned: Dict[str, Dict[str, Timing]],
-                 default_threads: Optional[Dict[str, Dict[str, Timing]]], mpi: "MpiOutcome") -> None:
+def print_normal(
+    args: argparse.Namespace,
+    tuned: Dict[str, Dict[str, Timing]],
+    default_threads: Optional[Dict[str, Dict[str, Timing]]],
+    mpi: "MpiOutcome",
+) -> None:
     """The normal-mode table: one line per size, ratios of figures measured in this run."""
 
-    print(f"\ndeep_ep normal mode: {args.num_processes} ranks, hidden {args.hidden}, top-{args.num_topk} of "
-          f"{args.num_experts} experts, dispatch {args.quant}, combine bf16; ms per call, median of the slowest "
-          f"rank; L+D+C = get_dispatch_layout + dispatch + combine; floor = MPI Alltoallv of the same bytes")
-    columns = ["tokens/rank", "L+D+C ms", "dispatch ms", "combine ms", "floor D+C ms", "ours/floor",
-               "dispatch/floor", "combine/floor", "MPI dispatcher ms", "MPI disp./ours"]
+    print(
+        f"\ndeep_ep normal mode: {args.num_processes} ranks, hidden {args.hidden}, top-{args.num_topk} of "
+        f"{args.num_experts} experts, dispatch {args.quant}, combine bf16; ms per call, median of the slowest "
+        f"rank; L+D+C = get_dispatch_layout + dispatch + combine; floor = MPI Alltoallv of the same bytes"
+    )
+    columns = [
+        "tokens/rank",
+        "L+D+C ms",
+        "dispatch ms",
+        "combine ms",
+        "floor D+C ms",
+        "ours/floor",
+        "dispatch/floor",
+        "combine/floor",
+        "MPI dispatcher ms",
+        "MPI disp./ours",
+    ]
     if "alltoall" in args.strategies:
         columns += ["gloo alltoall ms", "alltoall/ours"]
     if default_threads is not None:
@@ -360,9 +419,14 @@ def print_normal(args: argparse.Namespace, tuned: Dict[str, Dict[str, Timing]],
         floor = mpi.sizes.get(tokens) if mpi.sizes else None
         if floor is not None:
             both = floor.floor_dispatch + floor.floor_combine
-            cells += [f"{ms(floor.floor_dispatch)} + {ms(floor.floor_combine)}", f"{ours.full / both:.2f}x",
-                      f"{ours.dispatch / floor.floor_dispatch:.2f}x", f"{ours.combine / floor.floor_combine:.2f}x",
-                      ms(floor.dispatcher), f"{floor.dispatcher / ours.full:.2f}x"]
+            cells += [
+                f"{ms(floor.floor_dispatch)} + {ms(floor.floor_combine)}",
+                f"{ours.full / both:.2f}x",
+                f"{ours.dispatch / floor.floor_dispatch:.2f}x",
+                f"{ours.combine / floor.floor_combine:.2f}x",
+                ms(floor.dispatcher),
+                f"{floor.dispatcher / ours.full:.2f}x",
+            ]
         else:
             cells += ["-"] * 6
         if "alltoall" in args.strategies:
@@ -374,9 +438,11 @@ def print_normal(args: argparse.Namespace, tuned: Dict[str, Dict[str, Timing]],
         print("| " + " | ".join(cells) + " |")
     print(f"MPI: {mpi.note}")
     if default_threads is not None:
-        print(f"default-threads: the ranks keep torch's default of {torch.get_num_threads()} threads each; tuned: "
-              f"torch.set_num_threads({max(1, usable_cores() // args.num_processes)}) in every rank; deep_ep's "
-              f"kernels use {num_threads(args.num_processes)} thread(s) per rank in both")
+        print(
+            f"default-threads: the ranks keep torch's default of {torch.get_num_threads()} threads each; tuned: "
+            f"torch.set_num_threads({max(1, usable_cores() // args.num_processes)}) in every rank; deep_ep's "
+            f"kernels use {num_threads(args.num_processes)} thread(s) per rank in both"
+        )
     if args.ranks_per_node:
         print(f"\nsimulated nodes of {args.ranks_per_node} ranks (DEEP_EP_RANKS_PER_NODE); rank 0 per dispatch:")
         print(f"{'tokens/rank':<12}{'strategy':<22}{'rows to other nodes':>21}{'MB':>9}{'inter-node GB/s':>17}")
@@ -384,8 +450,10 @@ def print_normal(args: argparse.Namespace, tuned: Dict[str, Dict[str, Timing]],
             for name, label in (("default", "hierarchical (shm)"), ("alltoall", "alltoall (gloo)")):
                 if name in rows:
                     r = rows[name]
-                    print(f"{tokens:<12}{label:<22}{r.network_rows:>21}{r.network_bytes / 1e6:>9.2f}"
-                          f"{r.network_bytes / r.dispatch / 1e9:>17.2f}")
+                    print(
+                        f"{tokens:<12}{label:<22}{r.network_rows:>21}{r.network_bytes / 1e6:>9.2f}"
+                        f"{r.network_bytes / r.dispatch / 1e9:>17.2f}"
+                    )
 
 
 def parse_sizes(text: str) -> List[int]:
@@ -402,32 +470,60 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-processes", type=int, default=2, help="local CPU ranks")
     parser.add_argument("--mode", choices=("normal", "low_latency"), default="normal")
-    parser.add_argument("--num-tokens", type=parse_sizes, default=None, dest="sizes",
-                        help="tokens per rank, comma-separated sizes (default 16,128,1024; 128 in low-latency "
-                             "mode, which takes one size)")
-    parser.add_argument("--num-max-tokens", type=int, default=None,
-                        help="low-latency mode: num_max_dispatch_tokens_per_rank (default: --num-tokens)")
+    parser.add_argument(
+        "--num-tokens",
+        type=parse_sizes,
+        default=None,
+        dest="sizes",
+        help="tokens per rank, comma-separated sizes (default 16,128,1024; 128 in low-latency "
+        "mode, which takes one size)",
+    )
+    parser.add_argument(
+        "--num-max-tokens",
+        type=int,
+        default=None,
+        help="low-latency mode: num_max_dispatch_tokens_per_rank (default: --num-tokens)",
+    )
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--num-topk", type=int, default=8)
     parser.add_argument("--num-experts", type=int, default=32)
     parser.add_argument("--int8", action="store_true", help="per-token int8 dispatch")
-    parser.add_argument("--quant", choices=("bf16", "int8"), default=None,
-                        help="dispatch format (default: bf16 in normal mode unless --int8, int8 in low-latency)")
+    parser.add_argument(
+        "--quant",
+        choices=("bf16", "int8"),
+        default=None,
+        help="dispatch format (default: bf16 in normal mode unless --int8, int8 in low-latency)",
+    )
     parser.add_argument("--nvl-bytes", type=int, default=256 << 20, help="shared-memory bytes per rank")
-    parser.add_argument("--iters", type=int, default=30,
-                        help="most timed iterations per figure (normal mode times as many as fit "
-                             "--measure-seconds, at least 3); low-latency mode: exactly this many")
-    parser.add_argument("--measure-seconds", type=float, default=MEASURE_SECONDS,
-                        help="normal mode: about how long each figure is measured")
+    parser.add_argument(
+        "--iters",
+        type=int,
+        default=30,
+        help="most timed iterations per figure (normal mode times as many as fit "
+        "--measure-seconds, at least 3); low-latency mode: exactly this many",
+    )
+    parser.add_argument(
+        "--measure-seconds",
+        type=float,
+        default=MEASURE_SECONDS,
+        help="normal mode: about how long each figure is measured",
+    )
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--ranks-per-node", type=int, default=0,
-                        help="simulate nodes of this many ranks (DEEP_EP_RANKS_PER_NODE): the hierarchical "
-                             "transport between them")
-    parser.add_argument("--batch", type=int, default=None,
-                        help="calls timed in a row per iteration (default 1; 20 in low-latency mode)")
-    parser.add_argument("--default-threads", action="store_true",
-                        help="normal mode: also run deep_ep in ranks that leave torch's default thread count "
-                             "untouched, and show that run beside the tuned one (1 core's share per rank)")
+    parser.add_argument(
+        "--ranks-per-node",
+        type=int,
+        default=0,
+        help="simulate nodes of this many ranks (DEEP_EP_RANKS_PER_NODE): the hierarchical transport between them",
+    )
+    parser.add_argument(
+        "--batch", type=int, default=None, help="calls timed in a row per iteration (default 1; 20 in low-latency mode)"
+    )
+    parser.add_argument(
+        "--default-threads",
+        action="store_true",
+        help="normal mode: also run deep_ep in ranks that leave torch's default thread count "
+        "untouched, and show that run beside the tuned one (1 core's share per rank)",
+    )
     parser.add_argument("--no-alltoall", action="store_true", help="skip the gloo all_to_all strategy")
     parser.add_argument("--no-mpi", action="store_true", help="skip the MPI baselines")
     args = parser.parse_args(argv)

@@ -15,6 +15,7 @@ timed; a mismatch raises, so mpiexec fails. Rank 0 writes the figures (JSON) to 
 `run_mpi_baselines` (used by deep_ep.bench) launches this module, or says why it cannot: mpi4py
 and the `mpich` wheel come with `pip install .[bench]`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,8 +72,7 @@ def timed(comm, fn: Callable[[], object], args: argparse.Namespace) -> float:
         fn()
     start = time.perf_counter()
     fn()
-    iters = calls_for_budget(comm.allreduce(time.perf_counter() - start, op=MPI.MAX), args.measure_seconds,
-                             args.iters)
+    iters = calls_for_budget(comm.allreduce(time.perf_counter() - start, op=MPI.MAX), args.measure_seconds, args.iters)
     times = np.empty(iters)
     for i in range(iters):
         comm.Barrier()
@@ -88,15 +88,16 @@ def counts_and_displacements(counts: np.ndarray):
     return counts, np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
 
 
-def alltoallv_bytes(comm, send: torch.Tensor, send_rows: np.ndarray, recv: torch.Tensor,
-                    recv_rows: np.ndarray) -> None:
+def alltoallv_bytes(comm, send: torch.Tensor, send_rows: np.ndarray, recv: torch.Tensor, recv_rows: np.ndarray) -> None:
     """Alltoallv of uint8-viewable row tensors (contiguous), `*_rows` rows per peer."""
     from mpi4py import MPI
 
     send_bytes, recv_bytes = send.view(torch.uint8).reshape(-1), recv.view(torch.uint8).reshape(-1)
     send_row, recv_row = send_bytes.numel() // max(1, send.shape[0]), recv_bytes.numel() // max(1, recv.shape[0])
-    comm.Alltoallv([send_bytes.numpy(), counts_and_displacements(send_rows * send_row), MPI.BYTE],
-                   [recv_bytes.numpy(), counts_and_displacements(recv_rows * recv_row), MPI.BYTE])
+    comm.Alltoallv(
+        [send_bytes.numpy(), counts_and_displacements(send_rows * send_row), MPI.BYTE],
+        [recv_bytes.numpy(), counts_and_displacements(recv_rows * recv_row), MPI.BYTE],
+    )
 
 
 def selections_by_expert(topk_idx: torch.Tensor) -> torch.Tensor:
@@ -119,8 +120,11 @@ def chunk_permutation(recv_counts: torch.Tensor) -> torch.Tensor:
     order, as Megatron's sort_chunks_by_idxs."""
     num_ranks, num_local = recv_counts.shape
     starts = torch.cumsum(recv_counts.reshape(-1), 0) - recv_counts.reshape(-1)
-    chunks = [torch.arange(int(starts[s * num_local + e]), int(starts[s * num_local + e]) + int(recv_counts[s, e]))
-              for e in range(num_local) for s in range(num_ranks)]
+    chunks = [
+        torch.arange(int(starts[s * num_local + e]), int(starts[s * num_local + e]) + int(recv_counts[s, e]))
+        for e in range(num_local)
+        for s in range(num_ranks)
+    ]
     return torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.int64)
 
 
@@ -158,8 +162,9 @@ class MegatronDispatcher:
         return out.to(y.dtype)
 
 
-def dispatch_rows(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, order: torch.Tensor,
-                  experts_per_rank: int) -> torch.Tensor:
+def dispatch_rows(
+    x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, order: torch.Tensor, experts_per_rank: int
+) -> torch.Tensor:
     """uint8 [S, 2H + 12K]: what dispatch delivers for each selection in `order` (expert-major):
     the row, the token's top-k as the receiver's local ids (-1 elsewhere), its weights."""
     num_topk = topk_idx.shape[1]
@@ -184,8 +189,9 @@ def measure_size(comm, num_tokens: int, args: argparse.Namespace) -> MpiFigures:
     experts_per_rank = args.num_experts // num_ranks
     x, topk_idx, topk_weights = make_rank_inputs(rank, num_tokens, args.hidden, args.num_experts, args.num_topk)
     everyone = comm.allgather((x, topk_idx, topk_weights))
-    ref = reference_dispatch([e[0] for e in everyone], [e[1] for e in everyone], [e[2] for e in everyone],
-                             args.num_experts, rank)
+    ref = reference_dispatch(
+        [e[0] for e in everyone], [e[1] for e in everyone], [e[2] for e in everyone], args.num_experts, rank
+    )
     expected_out = reference_combine(x.float().unsqueeze(1).expand(-1, args.num_topk, -1), topk_idx, topk_weights)
 
     # The floor: warm, preallocated buffers; only Alltoallv is timed.
@@ -223,8 +229,7 @@ def measure_size(comm, num_tokens: int, args: argparse.Namespace) -> MpiFigures:
 
     dispatch_s = timed(comm, dispatch_only, args)
     combine_s = timed(comm, lambda: dispatcher.combine(state["y"], topk_weights, num_tokens), args)
-    round_s = timed(comm, lambda: dispatcher.combine(dispatcher.dispatch(x, topk_idx), topk_weights, num_tokens),
-                    args)
+    round_s = timed(comm, lambda: dispatcher.combine(dispatcher.dispatch(x, topk_idx), topk_weights, num_tokens), args)
     return MpiFigures(floor_dispatch, floor_combine, round_s, dispatch_s, combine_s)
 
 
@@ -273,22 +278,45 @@ def run_mpi_baselines(args: argparse.Namespace) -> MpiOutcome:
         return MpiOutcome(None, INSTALL_HINT)
     with tempfile.TemporaryDirectory(prefix="deep_ep_bench_mpi_") as tmp:
         result = os.path.join(tmp, "mpi.json")
-        command = [mpiexec, "-n", str(args.num_processes), sys.executable, "-m", "deep_ep.bench_mpi",
-                   "--num-tokens", ",".join(str(s) for s in args.sizes), "--hidden", str(args.hidden),
-                   "--num-topk", str(args.num_topk), "--num-experts", str(args.num_experts),
-                   "--iters", str(args.iters), "--warmup", str(args.warmup), "--measure-seconds",
-                   str(args.measure_seconds), "--result", result]
+        command = [
+            mpiexec,
+            "-n",
+            str(args.num_processes),
+            sys.executable,
+            "-m",
+            "deep_ep.bench_mpi",
+            "--num-tokens",
+            ",".join(str(s) for s in args.sizes),
+            "--hidden",
+            str(args.hidden),
+            "--num-topk",
+            str(args.num_topk),
+            "--num-experts",
+            str(args.num_experts),
+            "--iters",
+            str(args.iters),
+            "--warmup",
+            str(args.warmup),
+            "--measure-seconds",
+            str(args.measure_seconds),
+            "--result",
+            result,
+        ]
         # The ranks import this deep_ep (the bench's sys.path), whatever the working directory.
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=MPI_TIMEOUT_S)
         if done.returncode != 0:
-            raise RuntimeError(f"the MPI baselines failed (exit code {done.returncode}) running "
-                               f"{' '.join(command)}:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+            raise RuntimeError(
+                f"the MPI baselines failed (exit code {done.returncode}) running "
+                f"{' '.join(command)}:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+            )
         with open(result) as f:
             raw = json.load(f)
-    return MpiOutcome({tokens: MpiFigures(**figures) for tokens, figures in raw["sizes"].items()},
-                      f"mpi4py over {' '.join(raw['library'].split())} ({mpiexec}); floor and dispatcher "
-                      f"checked against the reference")
+    return MpiOutcome(
+        {tokens: MpiFigures(**figures) for tokens, figures in raw["sizes"].items()},
+        f"mpi4py over {' '.join(raw['library'].split())} ({mpiexec}); floor and dispatcher "
+        f"checked against the reference",
+    )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ itself: the group, its nodes, the shared memory, and the calls' checks and bookk
 mixins, `normal.py` and `low_latency.py`. fused_deep_moe's pipeline lives in `fused.py` (CPU) and
 `npu/` (NPU); the routing is computed in `layout.py` and the bytes are moved by `transport/`.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -89,23 +90,36 @@ class Buffer(NormalMode, LowLatencyMode):
 
     num_sms: int = 20
 
-    def __init__(self, group: dist.ProcessGroup, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0,
-                 low_latency_mode: bool = False, num_qps_per_rank: int = 12,
-                 allow_nvlink_for_low_latency_mode: bool = True, allow_mnnvl: bool = False,
-                 normal_strategy: Union[str, NormalEPCommStrategy] = "default",
-                 low_latency_strategy: Union[str, LowLatencyEPCommStrategy] = "default",
-                 explicitly_destroy: bool = False) -> None:
+    def __init__(
+        self,
+        group: dist.ProcessGroup,
+        num_nvl_bytes: int = 0,
+        num_rdma_bytes: int = 0,
+        low_latency_mode: bool = False,
+        num_qps_per_rank: int = 12,
+        allow_nvlink_for_low_latency_mode: bool = True,
+        allow_mnnvl: bool = False,
+        normal_strategy: Union[str, NormalEPCommStrategy] = "default",
+        low_latency_strategy: Union[str, LowLatencyEPCommStrategy] = "default",
+        explicitly_destroy: bool = False,
+    ) -> None:
         if not dist.is_initialized():
-            raise RuntimeError("deep_ep.Buffer needs torch.distributed: call torch.distributed.init_process_group "
-                               "(backend 'gloo' on CPU, 'hccl' on NPU) first")
+            raise RuntimeError(
+                "deep_ep.Buffer needs torch.distributed: call torch.distributed.init_process_group "
+                "(backend 'gloo' on CPU, 'hccl' on NPU) first"
+            )
         for name, value in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
         # An instance passed in was built on another Buffer's runtime: only its name carries over.
-        normal_name = normal_strategy.get_name() if isinstance(normal_strategy, NormalEPCommStrategy) \
-            else normal_strategy
-        low_latency_name = low_latency_strategy.get_name() \
-            if isinstance(low_latency_strategy, LowLatencyEPCommStrategy) else low_latency_strategy
+        normal_name = (
+            normal_strategy.get_name() if isinstance(normal_strategy, NormalEPCommStrategy) else normal_strategy
+        )
+        low_latency_name = (
+            low_latency_strategy.get_name()
+            if isinstance(low_latency_strategy, LowLatencyEPCommStrategy)
+            else low_latency_strategy
+        )
         check_one_of("normal_strategy", normal_name, NORMAL_STRATEGIES)
         check_one_of("low_latency_strategy", low_latency_name, LOW_LATENCY_STRATEGIES)
         use_mode = env.use_mode()
@@ -124,11 +138,14 @@ class Buffer(NormalMode, LowLatencyMode):
             # The normal strategy keeps its name (and its handle format); low-latency maps to MC2.
             low_latency_strategy = npu.resolve_strategies(normal_strategy, low_latency_strategy, low_latency_mode)[1]
         elif self.backend != "gloo":
-            raise ValueError(f"group backend must be 'gloo' for CPU ranks or 'hccl' for Ascend NPUs, got "
-                             f"{self.backend!r}")
+            raise ValueError(
+                f"group backend must be 'gloo' for CPU ranks or 'hccl' for Ascend NPUs, got {self.backend!r}"
+            )
         elif low_latency_strategy == "ops":
-            raise ValueError("low_latency_strategy='ops' (DEEP_USE_MODE=ops) needs torch_npu and CANN's MC2 "
-                             "operators; on CPU use 'default' or 'alltoall'")
+            raise ValueError(
+                "low_latency_strategy='ops' (DEEP_USE_MODE=ops) needs torch_npu and CANN's MC2 "
+                "operators; on CPU use 'default' or 'alltoall'"
+            )
         self.device = npu.current_device() if self.on_npu else torch.device("cpu")
         # The device path (NPU; or CPU with DEEP_EP_FORCE_TORCH_OPS=1, which runs the NPU path's code on
         # CPU): normal mode over the collective transport with torch ops and plain torch allocations.
@@ -197,8 +214,12 @@ class Buffer(NormalMode, LowLatencyMode):
 
     @normal_strategy.setter
     def normal_strategy(self, strategy: Union[str, NormalEPCommStrategy]) -> None:
-        self._normal_strategy = self._adopt(strategy, NormalEPCommStrategy, "normal_strategy",
-                                            lambda n: get_normal_strategy(n)(runtime=self, group=self.group))
+        self._normal_strategy = self._adopt(
+            strategy,
+            NormalEPCommStrategy,
+            "normal_strategy",
+            lambda n: get_normal_strategy(n)(runtime=self, group=self.group),
+        )
 
     @property
     def low_latency_strategy(self) -> LowLatencyEPCommStrategy:
@@ -207,21 +228,28 @@ class Buffer(NormalMode, LowLatencyMode):
 
     @low_latency_strategy.setter
     def low_latency_strategy(self, strategy: Union[str, LowLatencyEPCommStrategy]) -> None:
-        self._low_latency_strategy = self._adopt(strategy, LowLatencyEPCommStrategy, "low_latency_strategy",
-                                                 self._make_low_latency_strategy)
+        self._low_latency_strategy = self._adopt(
+            strategy, LowLatencyEPCommStrategy, "low_latency_strategy", self._make_low_latency_strategy
+        )
 
     # ---- topology --------------------------------------------------------------------------------
     def _discover_nodes(self) -> torch.Tensor:
         # Every rank's host identity and pid: the nodes, and the peers whose liveness this process can
         # check, so that a failure in the collective transport names the ranks that died.
         peers: List[Optional[Tuple[str, int]]] = [None] * self.group_size
-        collective.run_collective(self.comm, groups.CONSTRUCTION, lambda: dist.all_gather_object(
-            peers, (_host_identity(), os.getpid()), group=self.comm))
+        collective.run_collective(
+            self.comm,
+            groups.CONSTRUCTION,
+            lambda: dist.all_gather_object(peers, (_host_identity(), os.getpid()), group=self.comm),
+        )
         hosts = [host for host, _ in peers]
         here = hosts[self.rank]
-        collective.watch_group(self.comm, timeout_seconds(),
-                               {r: pid for r, (host, pid) in enumerate(peers) if host == here and r != self.rank},
-                               [r for r, host in enumerate(hosts) if host != here])
+        collective.watch_group(
+            self.comm,
+            timeout_seconds(),
+            {r: pid for r, (host, pid) in enumerate(peers) if host == here and r != self.rank},
+            [r for r, host in enumerate(hosts) if host != here],
+        )
         per_node = os.environ.get("DEEP_EP_RANKS_PER_NODE")
         if per_node:
             if not per_node.isdigit() or int(per_node) < 1:
@@ -242,12 +270,15 @@ class Buffer(NormalMode, LowLatencyMode):
         """This rank's node index."""
         return self.node
 
-    def get_local_buffer_tensor(self, dtype: torch.dtype, size: Optional[torch.Size] = None, offset: int = 0,
-                                use_rdma_buffer: bool = False) -> torch.Tensor:
+    def get_local_buffer_tensor(
+        self, dtype: torch.dtype, size: Optional[torch.Size] = None, offset: int = 0, use_rdma_buffer: bool = False
+    ) -> torch.Tensor:
         """A view of this rank's shared-memory data area (normal mode, default strategy)."""
         if use_rdma_buffer or self.shm is None:
-            raise ValueError("get_local_buffer_tensor: only the shared-memory buffer of normal mode "
-                             "(normal_strategy='default', one node) can be viewed")
+            raise ValueError(
+                "get_local_buffer_tensor: only the shared-memory buffer of normal mode "
+                "(normal_strategy='default', one node) can be viewed"
+            )
         area = self.shm.data[self.shm.local_index][offset:]
         element = torch.empty(0, dtype=dtype).element_size()
         view = area[: area.numel() // element * element].view(dtype)
@@ -316,32 +347,51 @@ class Buffer(NormalMode, LowLatencyMode):
             raise RuntimeError("deep_ep: this Buffer was destroyed; create a new one")
         # After a peer timed out or died, the barriers / the group cannot be trusted: say so before
         # touching any shared state.
-        broken = (self.shm.broken if self.shm is not None else None) or collective.failure(self.comm) or \
-            collective.failure(self.data_comm)  # NPU: the rows' HCCL group
+        broken = (
+            (self.shm.broken if self.shm is not None else None)
+            or collective.failure(self.comm)
+            or collective.failure(self.data_comm)
+        )  # NPU: the rows' HCCL group
         if broken:
             raise RuntimeError(broken)
 
     # ---- normal mode: validate, delegate to the normal strategy ------------------------------------
-    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int,
-                            previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
-                            allocate_on_comm_stream: bool = False):
+    def get_dispatch_layout(
+        self,
+        topk_idx: torch.Tensor,
+        num_experts: int,
+        previous_event: Optional[EventOverlap] = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ):
         """Counts the rows this rank will send (deep_ep/normal.py NormalMode.dispatch_layout).
 
         Returns: num_tokens_per_rank int32 [R], num_tokens_per_rdma_rank int32 [nodes] (None on one
         node), num_tokens_per_expert int32 [E] ([rounds * E] with DEEPEP_NORMAL_LONG_SEQ_ROUND),
         is_token_in_rank int32 [T, R], EventOverlap."""
-        return self.normal_strategy.get_dispatch_layout(topk_idx, num_experts, previous_event, async_finish,
-                                                        allocate_on_comm_stream)
+        return self.normal_strategy.get_dispatch_layout(
+            topk_idx, num_experts, previous_event, async_finish, allocate_on_comm_stream
+        )
 
-    def dispatch(self, x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]], handle=None,
-                 num_tokens_per_rank: Optional[torch.Tensor] = None,
-                 num_tokens_per_rdma_rank: Optional[torch.Tensor] = None,
-                 is_token_in_rank: Optional[torch.Tensor] = None,
-                 num_tokens_per_expert: Optional[torch.Tensor] = None, topk_idx: Optional[torch.Tensor] = None,
-                 topk_weights: Optional[torch.Tensor] = None, expert_alignment: int = 1, num_worst_tokens: int = 0,
-                 config: Optional[Config] = None, previous_event: Optional[EventOverlap] = None,
-                 async_finish: bool = False, allocate_on_comm_stream: bool = False,
-                 dispatch_wait_recv_cost_stats: Optional[torch.Tensor] = None, quant_mode: Optional[str] = None):
+    def dispatch(
+        self,
+        x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
+        handle=None,
+        num_tokens_per_rank: Optional[torch.Tensor] = None,
+        num_tokens_per_rdma_rank: Optional[torch.Tensor] = None,
+        is_token_in_rank: Optional[torch.Tensor] = None,
+        num_tokens_per_expert: Optional[torch.Tensor] = None,
+        topk_idx: Optional[torch.Tensor] = None,
+        topk_weights: Optional[torch.Tensor] = None,
+        expert_alignment: int = 1,
+        num_worst_tokens: int = 0,
+        config: Optional[Config] = None,
+        previous_event: Optional[EventOverlap] = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+        dispatch_wait_recv_cost_stats: Optional[torch.Tensor] = None,
+        quant_mode: Optional[str] = None,
+    ):
         """Sends every token to the ranks holding its top-k experts (see NormalMode.normal_dispatch for
         shapes). Returns (recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list,
         handle, EventOverlap); with a handle (cached dispatch) only recv_x and the event are set.
@@ -350,51 +400,120 @@ class Buffer(NormalMode, LowLatencyMode):
         grows by the microseconds this rank waited for rank r's rows."""
         config = self.get_dispatch_config(self.group_size) if config is None else config
         return self.normal_strategy.dispatch(
-            x=x, handle=handle, num_tokens_per_rank=num_tokens_per_rank,
-            num_tokens_per_rdma_rank=num_tokens_per_rdma_rank, is_token_in_rank=is_token_in_rank,
-            num_tokens_per_expert=num_tokens_per_expert, topk_idx=topk_idx, topk_weights=topk_weights,
-            expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens, config=config,
-            previous_event=previous_event, async_finish=async_finish, allocate_on_comm_stream=allocate_on_comm_stream,
-            dispatch_wait_recv_cost_stats=dispatch_wait_recv_cost_stats, quant_mode=quant_mode)
+            x=x,
+            handle=handle,
+            num_tokens_per_rank=num_tokens_per_rank,
+            num_tokens_per_rdma_rank=num_tokens_per_rdma_rank,
+            is_token_in_rank=is_token_in_rank,
+            num_tokens_per_expert=num_tokens_per_expert,
+            topk_idx=topk_idx,
+            topk_weights=topk_weights,
+            expert_alignment=expert_alignment,
+            num_worst_tokens=num_worst_tokens,
+            config=config,
+            previous_event=previous_event,
+            async_finish=async_finish,
+            allocate_on_comm_stream=allocate_on_comm_stream,
+            dispatch_wait_recv_cost_stats=dispatch_wait_recv_cost_stats,
+            quant_mode=quant_mode,
+        )
 
-    def combine(self, x: torch.Tensor, handle, topk_weights: Optional[torch.Tensor] = None,
-                bias: Union[None, torch.Tensor, Tuple[torch.Tensor, torch.Tensor]] = None,
-                config: Optional[Config] = None, previous_event: Optional[EventOverlap] = None,
-                async_finish: bool = False, allocate_on_comm_stream: bool = False,
-                combine_send_cost_stats: Optional[torch.Tensor] = None):
+    def combine(
+        self,
+        x: torch.Tensor,
+        handle,
+        topk_weights: Optional[torch.Tensor] = None,
+        bias: Union[None, torch.Tensor, Tuple[torch.Tensor, torch.Tensor]] = None,
+        config: Optional[Config] = None,
+        previous_event: Optional[EventOverlap] = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+        combine_send_cost_stats: Optional[torch.Tensor] = None,
+    ):
         """Returns expert outputs to their tokens and sums them with the routing weights (see
         NormalMode.normal_combine). Returns (combined_x [T, H], combined_topk_weights float32 [T, K],
         EventOverlap). combine_send_cost_stats: None or int32 [R]; entry r grows by the microseconds
         it took to hand this rank's rows over to rank r."""
         config = self.get_combine_config(self.group_size) if config is None else config
         return self.normal_strategy.combine(
-            x=x, handle=handle, topk_weights=topk_weights, bias=bias, config=config, previous_event=previous_event,
-            async_finish=async_finish, allocate_on_comm_stream=allocate_on_comm_stream,
-            combine_send_cost_stats=combine_send_cost_stats)
+            x=x,
+            handle=handle,
+            topk_weights=topk_weights,
+            bias=bias,
+            config=config,
+            previous_event=previous_event,
+            async_finish=async_finish,
+            allocate_on_comm_stream=allocate_on_comm_stream,
+            combine_send_cost_stats=combine_send_cost_stats,
+        )
 
-    def internode_dispatch(self, x, handle=None, num_tokens_per_rank=None, num_tokens_per_rdma_rank=None,
-                           is_token_in_rank=None, num_tokens_per_expert=None, topk_idx=None, topk_weights=None,
-                           expert_alignment: int = 1, config: Optional[Config] = None,
-                           previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
-                           allocate_on_comm_stream: bool = False):
+    def internode_dispatch(
+        self,
+        x,
+        handle=None,
+        num_tokens_per_rank=None,
+        num_tokens_per_rdma_rank=None,
+        is_token_in_rank=None,
+        num_tokens_per_expert=None,
+        topk_idx=None,
+        topk_weights=None,
+        expert_alignment: int = 1,
+        config: Optional[Config] = None,
+        previous_event: Optional[EventOverlap] = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ):
         """Upstream's internode entry point: dispatch (which picks the transport by itself)."""
-        return self.dispatch(x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
-                             num_tokens_per_expert, topk_idx, topk_weights, expert_alignment, 0, config,
-                             previous_event, async_finish, allocate_on_comm_stream)
+        return self.dispatch(
+            x,
+            handle,
+            num_tokens_per_rank,
+            num_tokens_per_rdma_rank,
+            is_token_in_rank,
+            num_tokens_per_expert,
+            topk_idx,
+            topk_weights,
+            expert_alignment,
+            0,
+            config,
+            previous_event,
+            async_finish,
+            allocate_on_comm_stream,
+        )
 
-    def internode_combine(self, x: torch.Tensor, handle, topk_weights: Optional[torch.Tensor] = None, bias=None,
-                          config: Optional[Config] = None, previous_event: Optional[EventOverlap] = None,
-                          async_finish: bool = False, allocate_on_comm_stream: bool = False):
+    def internode_combine(
+        self,
+        x: torch.Tensor,
+        handle,
+        topk_weights: Optional[torch.Tensor] = None,
+        bias=None,
+        config: Optional[Config] = None,
+        previous_event: Optional[EventOverlap] = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ):
         """Upstream's internode entry point: combine."""
-        return self.combine(x, handle, topk_weights, bias, config, previous_event, async_finish,
-                            allocate_on_comm_stream)
+        return self.combine(
+            x, handle, topk_weights, bias, config, previous_event, async_finish, allocate_on_comm_stream
+        )
 
     # ---- low-latency mode: delegate to the low-latency strategy -------------------------------------
-    def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
-                             num_experts: int, cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
-                             use_fp8: bool = True, round_scale: bool = False, use_ue8m0: bool = False,
-                             use_mxfp4: bool = False, async_finish: bool = False, return_recv_hook: bool = False,
-                             topk_weights: Optional[torch.Tensor] = None, quant_mode: Optional[str] = None):
+    def low_latency_dispatch(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        num_max_dispatch_tokens_per_rank: int,
+        num_experts: int,
+        cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
+        use_fp8: bool = True,
+        round_scale: bool = False,
+        use_ue8m0: bool = False,
+        use_mxfp4: bool = False,
+        async_finish: bool = False,
+        return_recv_hook: bool = False,
+        topk_weights: Optional[torch.Tensor] = None,
+        quant_mode: Optional[str] = None,
+    ):
         """Sends every token to the ranks holding its top-k experts, into fixed-size buffers (see
         LowLatencyMode.ll_dispatch for shapes). Format: quant_mode "bf16" / "int8", or as upstream maps
         the flags when it is None (use_fp8 -> int8, else bf16; use_ue8m0 with use_fp8 -> MXFP8 and
@@ -402,36 +521,71 @@ class Buffer(NormalMode, LowLatencyMode):
         Returns (recv_x, recv_count int64 [L], handle (upstream's 7-tuple), EventOverlap, hook): hook is
         always a callable; with return_recv_hook the data is there only after hook()."""
         return self.low_latency_strategy.low_latency_dispatch(
-            x=x, topk_idx=topk_idx, num_max_dispatch_tokens_per_rank=num_max_dispatch_tokens_per_rank,
-            num_experts=num_experts, cumulative_local_expert_recv_stats=cumulative_local_expert_recv_stats,
-            use_fp8=use_fp8, round_scale=round_scale, use_ue8m0=use_ue8m0, use_mxfp4=use_mxfp4,
-            async_finish=async_finish, return_recv_hook=return_recv_hook, topk_weights=topk_weights,
-            quant_mode=quant_mode)
+            x=x,
+            topk_idx=topk_idx,
+            num_max_dispatch_tokens_per_rank=num_max_dispatch_tokens_per_rank,
+            num_experts=num_experts,
+            cumulative_local_expert_recv_stats=cumulative_local_expert_recv_stats,
+            use_fp8=use_fp8,
+            round_scale=round_scale,
+            use_ue8m0=use_ue8m0,
+            use_mxfp4=use_mxfp4,
+            async_finish=async_finish,
+            return_recv_hook=return_recv_hook,
+            topk_weights=topk_weights,
+            quant_mode=quant_mode,
+        )
 
-    def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle: tuple,
-                            zero_copy: bool = False, async_finish: bool = False, return_recv_hook: bool = False,
-                            out: Optional[torch.Tensor] = None):
+    def low_latency_combine(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        handle: tuple,
+        zero_copy: bool = False,
+        async_finish: bool = False,
+        return_recv_hook: bool = False,
+        out: Optional[torch.Tensor] = None,
+    ):
         """Returns expert outputs to their tokens and sums them with topk_weights (see
         LowLatencyMode.ll_combine). zero_copy, async_finish: no effect. Returns (combined_x [T, H],
         EventOverlap, hook)."""
         return self.low_latency_strategy.low_latency_combine(
-            x=x, topk_idx=topk_idx, topk_weights=topk_weights, handle=handle, zero_copy=zero_copy,
-            async_finish=async_finish, return_recv_hook=return_recv_hook, out=out)
+            x=x,
+            topk_idx=topk_idx,
+            topk_weights=topk_weights,
+            handle=handle,
+            zero_copy=zero_copy,
+            async_finish=async_finish,
+            return_recv_hook=return_recv_hook,
+            out=out,
+        )
 
     # ---- profiling (upstream's NPU kernel profiler) ------------------------------------------------
-    def begin_profile(self, num_profile_skip_launches: int, num_profile_active_launches: int,
-                      profile_trace_dir: Optional[str] = "") -> None:
+    def begin_profile(
+        self, num_profile_skip_launches: int, num_profile_active_launches: int, profile_trace_dir: Optional[str] = ""
+    ) -> None:
         """Accepted for DeepEP-Ascend compatibility: there is no device kernel to profile on CPU."""
 
     def end_profile(self) -> None:
         """Accepted for DeepEP-Ascend compatibility (see begin_profile)."""
 
     # ---- fused_deep_moe (pipeline in fused.py) -----------------------------------------------------
-    def fused_deep_moe(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
-                       gmm1_permuted_weight: torch.Tensor, gmm1_permuted_weight_scale: torch.Tensor,
-                       gmm2_weight: torch.Tensor, gmm2_weight_scale: torch.Tensor,
-                       num_max_dispatch_tokens_per_rank: int, num_experts: int, quant_mode: int = 1,
-                       fuse_mode: int = FuseMode.FUSED_DEEP_MOE, profile_enable: bool = False):
+    def fused_deep_moe(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        gmm1_permuted_weight: torch.Tensor,
+        gmm1_permuted_weight_scale: torch.Tensor,
+        gmm2_weight: torch.Tensor,
+        gmm2_weight_scale: torch.Tensor,
+        num_max_dispatch_tokens_per_rank: int,
+        num_experts: int,
+        quant_mode: int = 1,
+        fuse_mode: int = FuseMode.FUSED_DEEP_MOE,
+        profile_enable: bool = False,
+    ):
         """Dispatch + SwiGLU expert MLP + combine in one call (decode; needs low_latency_mode=True).
 
         The weights' dtype decides the math (quant_mode 0 and 1 both accepted, as DeepEP-Ascend's own
@@ -477,11 +631,32 @@ class Buffer(NormalMode, LowLatencyMode):
             ValueError naming that rank instead of waiting.
         """
         if self.npu_ll is not None:  # NPU: MC2 dispatch + npu_grouped_matmul + ... (deep_ep/npu/)
-            return npu.fused_deep_moe(self, x, topk_idx, topk_weights, gmm1_permuted_weight,
-                                      gmm1_permuted_weight_scale, gmm2_weight, gmm2_weight_scale,
-                                      num_max_dispatch_tokens_per_rank, num_experts, quant_mode, fuse_mode)
-        return fused.fused_deep_moe(self, x, topk_idx, topk_weights, gmm1_permuted_weight,
-                                    gmm1_permuted_weight_scale, gmm2_weight, gmm2_weight_scale,
-                                    num_max_dispatch_tokens_per_rank, num_experts, quant_mode, fuse_mode,
-                                    profile_enable)
-
+            return npu.fused_deep_moe(
+                self,
+                x,
+                topk_idx,
+                topk_weights,
+                gmm1_permuted_weight,
+                gmm1_permuted_weight_scale,
+                gmm2_weight,
+                gmm2_weight_scale,
+                num_max_dispatch_tokens_per_rank,
+                num_experts,
+                quant_mode,
+                fuse_mode,
+            )
+        return fused.fused_deep_moe(
+            self,
+            x,
+            topk_idx,
+            topk_weights,
+            gmm1_permuted_weight,
+            gmm1_permuted_weight_scale,
+            gmm2_weight,
+            gmm2_weight_scale,
+            num_max_dispatch_tokens_per_rank,
+            num_experts,
+            quant_mode,
+            fuse_mode,
+            profile_enable,
+        )

@@ -1,4 +1,5 @@
 """Config: DeepEP's per-call tuning knobs, plus the buffer size hints."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

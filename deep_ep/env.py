@@ -3,6 +3,7 @@
 Every function validates its variable and raises ValueError naming it, the expected form and
 the value found. docs/compat.md lists what each one does here and on DeepEP-Ascend.
 """
+
 from __future__ import annotations
 
 import os
@@ -97,14 +98,18 @@ def long_seq_rounds() -> LongSeqRounds:
     has_round = os.environ.get("DEEPEP_NORMAL_LONG_SEQ_ROUND") is not None
     has_tokens = os.environ.get("DEEPEP_NORMAL_LONG_SEQ_PER_ROUND_TOKENS") is not None
     if has_round != has_tokens:
-        raise ValueError("DEEPEP_NORMAL_LONG_SEQ_ROUND and DEEPEP_NORMAL_LONG_SEQ_PER_ROUND_TOKENS must be set "
-                         "or unset together")
+        raise ValueError(
+            "DEEPEP_NORMAL_LONG_SEQ_ROUND and DEEPEP_NORMAL_LONG_SEQ_PER_ROUND_TOKENS must be set or unset together"
+        )
     if not has_round:
         return LongSeqRounds()
     rounds = _int("DEEPEP_NORMAL_LONG_SEQ_ROUND", 1, 1, MAX_ROUNDS)
-    tokens = _int("DEEPEP_NORMAL_LONG_SEQ_PER_ROUND_TOKENS", MAX_TOKENS_PER_ROUND, MIN_TOKENS_PER_ROUND,
-                  MAX_TOKENS_PER_ROUND)
+    tokens = _int(
+        "DEEPEP_NORMAL_LONG_SEQ_PER_ROUND_TOKENS", MAX_TOKENS_PER_ROUND, MIN_TOKENS_PER_ROUND, MAX_TOKENS_PER_ROUND
+    )
     if rounds * tokens > MAX_TOTAL_TOKENS:
-        raise ValueError(f"DEEPEP_NORMAL_LONG_SEQ_ROUND ({rounds}) * DEEPEP_NORMAL_LONG_SEQ_PER_ROUND_TOKENS "
-                         f"({tokens}) must not exceed {MAX_TOTAL_TOKENS}")
+        raise ValueError(
+            f"DEEPEP_NORMAL_LONG_SEQ_ROUND ({rounds}) * DEEPEP_NORMAL_LONG_SEQ_PER_ROUND_TOKENS "
+            f"({tokens}) must not exceed {MAX_TOTAL_TOKENS}"
+        )
     return LongSeqRounds(rounds, tokens, True)

@@ -9,6 +9,7 @@ instance) and replaceable between calls:
 Every strategy is built on a Buffer's `runtime` (the shared state: groups, shared memory, call
 bookkeeping) and serves only that Buffer. The implementations live in deep_ep/strategies/.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -110,22 +111,51 @@ class NormalEPCommStrategy(EPCommStrategy):
     """A normal-mode backend: get_dispatch_layout, dispatch and combine (see deep_ep.Buffer)."""
 
     @abstractmethod
-    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int,
-                            previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
-                            allocate_on_comm_stream: bool = False):
+    def get_dispatch_layout(
+        self,
+        topk_idx: torch.Tensor,
+        num_experts: int,
+        previous_event: Optional[EventOverlap] = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ):
         """Buffer.get_dispatch_layout."""
 
     @abstractmethod
-    def dispatch(self, x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]], handle, num_tokens_per_rank,
-                 num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
-                 expert_alignment: int, num_worst_tokens: int, config, previous_event, async_finish: bool,
-                 allocate_on_comm_stream: bool, dispatch_wait_recv_cost_stats: Optional[torch.Tensor],
-                 quant_mode: Optional[str] = None):
+    def dispatch(
+        self,
+        x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
+        handle,
+        num_tokens_per_rank,
+        num_tokens_per_rdma_rank,
+        is_token_in_rank,
+        num_tokens_per_expert,
+        topk_idx,
+        topk_weights,
+        expert_alignment: int,
+        num_worst_tokens: int,
+        config,
+        previous_event,
+        async_finish: bool,
+        allocate_on_comm_stream: bool,
+        dispatch_wait_recv_cost_stats: Optional[torch.Tensor],
+        quant_mode: Optional[str] = None,
+    ):
         """Buffer.dispatch."""
 
     @abstractmethod
-    def combine(self, x: torch.Tensor, handle, topk_weights: Optional[torch.Tensor], bias, config, previous_event,
-                async_finish: bool, allocate_on_comm_stream: bool, combine_send_cost_stats: Optional[torch.Tensor]):
+    def combine(
+        self,
+        x: torch.Tensor,
+        handle,
+        topk_weights: Optional[torch.Tensor],
+        bias,
+        config,
+        previous_event,
+        async_finish: bool,
+        allocate_on_comm_stream: bool,
+        combine_send_cost_stats: Optional[torch.Tensor],
+    ):
         """Buffer.combine."""
 
 
@@ -133,17 +163,36 @@ class LowLatencyEPCommStrategy(EPCommStrategy):
     """A low-latency backend: low_latency_dispatch and low_latency_combine (see deep_ep.Buffer)."""
 
     @abstractmethod
-    def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
-                             num_experts: int, cumulative_local_expert_recv_stats: Optional[torch.Tensor],
-                             use_fp8: bool, round_scale: bool, use_ue8m0: bool, use_mxfp4: bool, async_finish: bool,
-                             return_recv_hook: bool, topk_weights: Optional[torch.Tensor],
-                             quant_mode: Optional[str]) -> Tuple:
+    def low_latency_dispatch(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        num_max_dispatch_tokens_per_rank: int,
+        num_experts: int,
+        cumulative_local_expert_recv_stats: Optional[torch.Tensor],
+        use_fp8: bool,
+        round_scale: bool,
+        use_ue8m0: bool,
+        use_mxfp4: bool,
+        async_finish: bool,
+        return_recv_hook: bool,
+        topk_weights: Optional[torch.Tensor],
+        quant_mode: Optional[str],
+    ) -> Tuple:
         """Buffer.low_latency_dispatch."""
 
     @abstractmethod
-    def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle: tuple,
-                            zero_copy: bool, async_finish: bool, return_recv_hook: bool,
-                            out: Optional[torch.Tensor]) -> Tuple[torch.Tensor, EventOverlap, Callable]:
+    def low_latency_combine(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        handle: tuple,
+        zero_copy: bool,
+        async_finish: bool,
+        return_recv_hook: bool,
+        out: Optional[torch.Tensor],
+    ) -> Tuple[torch.Tensor, EventOverlap, Callable]:
         """Buffer.low_latency_combine."""
 
 

@@ -140,8 +140,9 @@ class ExpertWeights:
         return self.w1.dtype == torch.int8
 
 
-def _float_scale(name: str, scale: object, shape: tuple[int, ...], what: str, dtypes: tuple[torch.dtype, ...],
-                 optional: bool) -> Optional[Tensor]:
+def _float_scale(
+    name: str, scale: object, shape: tuple[int, ...], what: str, dtypes: tuple[torch.dtype, ...], optional: bool
+) -> Optional[Tensor]:
     """A weight scale as float32: floating dtypes converted, int64 read as float32 bit patterns
     (DeepEP-Ascend's DISPATCH_FFN_COMBINE convention); None when optional and absent or empty."""
     if optional and (scale is None or (isinstance(scale, Tensor) and scale.numel() == 0)):
@@ -187,10 +188,18 @@ def _check_expert_weights(
     two_i = w1.shape[2]
     _check_two_i(f"{n1}.shape[2]", two_i, layout.tiled_gmm1)
     inter = two_i // 2
-    check_tensor(n1, w1, dtypes=weight_dtypes, shape=(num_experts, hidden, two_i),
-                 what=f"[L, H, 2I]: {experts_from + ', ' if experts_from else ''}H from {hidden_from}")
-    w2_shape, w2_what = ((num_experts, hidden, inter), "[L, H, I]") if layout.gmm2_out_in else \
-        ((num_experts, inter, hidden), "[L, I, H]")
+    check_tensor(
+        n1,
+        w1,
+        dtypes=weight_dtypes,
+        shape=(num_experts, hidden, two_i),
+        what=f"[L, H, 2I]: {experts_from + ', ' if experts_from else ''}H from {hidden_from}",
+    )
+    w2_shape, w2_what = (
+        ((num_experts, hidden, inter), "[L, H, I]")
+        if layout.gmm2_out_in
+        else ((num_experts, inter, hidden), "[L, I, H]")
+    )
     check_tensor(n2, w2, dtypes=(w1.dtype,), shape=w2_shape, what=f"{w2_what} of {n1} and {hidden_from}")
     optional = w1.dtype != torch.int8
     s1 = _float_scale(n1s, w1_scale, (num_experts, two_i), f"[L, 2I] of {n1}", scale_dtypes, optional)
@@ -200,8 +209,7 @@ def _check_expert_weights(
             _fail(ValueError, name, f"device {device} (that of {hidden_from})", t.device)
     # [L, H, I] -> [L, I, H] once: every GEMM below is then rows @ [in, out].
     w2 = w2.transpose(1, 2) if layout.gmm2_out_in else w2
-    return ExpertWeights(w1=w1.contiguous(), w1_scale=s1, w2=w2.contiguous(), w2_scale=s2,
-                         tiled_gmm1=layout.tiled_gmm1)
+    return ExpertWeights(w1=w1.contiguous(), w1_scale=s1, w2=w2.contiguous(), w2_scale=s2, tiled_gmm1=layout.tiled_gmm1)
 
 
 # --------------------------------------------------------------------------- weight layout
@@ -514,8 +522,7 @@ def grouped_swiglu_mlp_int8(
     if hidden == 0:
         _fail(ValueError, "xq", "H >= 1 columns", f"shape {tuple(xq.shape)}")
     weights = _check_expert_weights(w1, w1_scale, w2, w2_scale, hidden, "xq", xq.device)
-    check_tensor("x_scale", x_scale, dtypes=(torch.float32,), shape=(num_rows,), what="[M] of xq",
-                 device=xq.device)
+    check_tensor("x_scale", x_scale, dtypes=(torch.float32,), shape=(num_rows,), what="[M] of xq", device=xq.device)
     counts = _rows_per_expert_to_list(rows_per_expert, weights.w1.shape[0], num_rows)
     out = torch.empty(num_rows, hidden, dtype=torch.bfloat16, device=xq.device)
     _swiglu_mlp_rows(xq, x_scale, counts, weights, out)
@@ -577,17 +584,28 @@ def fused_deep_moe(
         roles = layout.SharedExperts.check(num_experts, ranks, shared)
         ffn_combine = mode is FuseMode.DISPATCH_FFN_COMBINE
         if ffn_combine and shared:
-            raise ValueError(f"fuse_mode FuseMode.DISPATCH_FFN_COMBINE has no shared experts (as DeepEP-Ascend); "
-                             f"got MOE_SHARED_EXPERT_RANK_NUM={shared}")
+            raise ValueError(
+                f"fuse_mode FuseMode.DISPATCH_FFN_COMBINE has no shared experts (as DeepEP-Ascend); "
+                f"got MOE_SHARED_EXPERT_RANK_NUM={shared}"
+            )
         num_local = roles.local_experts(buffer.rank)
-        weights = _fused_weights(gmm1_permuted_weight, gmm1_permuted_weight_scale, gmm2_weight, gmm2_weight_scale,
-                                 x, num_local, roles.describe_local(buffer.rank),
-                                 DISPATCH_FFN_COMBINE_LAYOUT if ffn_combine else FUSED_DEEP_MOE_LAYOUT)
+        weights = _fused_weights(
+            gmm1_permuted_weight,
+            gmm1_permuted_weight_scale,
+            gmm2_weight,
+            gmm2_weight_scale,
+            x,
+            num_local,
+            roles.describe_local(buffer.rank),
+            DISPATCH_FFN_COMBINE_LAYOUT if ffn_combine else FUSED_DEEP_MOE_LAYOUT,
+        )
         num_max = num_max_dispatch_tokens_per_rank
         if ffn_combine:
             if not weights.quantized:
-                raise ValueError(f"fuse_mode FuseMode.DISPATCH_FFN_COMBINE needs int8 weights (as DeepEP-Ascend); "
-                                 f"got {weights.w1.dtype}")
+                raise ValueError(
+                    f"fuse_mode FuseMode.DISPATCH_FFN_COMBINE needs int8 weights (as DeepEP-Ascend); "
+                    f"got {weights.w1.dtype}"
+                )
             num_max = _tokens_per_rank_of_output_size(num_max_dispatch_tokens_per_rank, topk_idx.shape[1], ranks)
     except (TypeError, ValueError):
         # Consume the low-latency dispatch call on every rank with a "rejected" header, so the peers
@@ -601,8 +619,13 @@ def fused_deep_moe(
     # the buffer size) the same way: on this rank before any data moves, with the peers told.
     try:
         recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(
-            x if weights.quantized else x.to(out_dtype), topk_idx, num_max, num_experts, topk_weights=topk_weights,
-            quant_mode="int8" if weights.quantized else "bf16")
+            x if weights.quantized else x.to(out_dtype),
+            topk_idx,
+            num_max,
+            num_experts,
+            topk_weights=topk_weights,
+            quant_mode="int8" if weights.quantized else "bf16",
+        )
         rows = recv_x[0] if weights.quantized else recv_x
         expert_out = torch.empty((rows.shape[0], x.shape[1]), dtype=out_dtype)  # combine reads rows < total only
         counts = recv_count.tolist()
@@ -623,8 +646,10 @@ def _tokens_per_rank_of_output_size(max_output_size: object, num_topk: int, rank
     """FuseMode.DISPATCH_FFN_COMBINE takes the most rows one rank may receive (max_bs * R * K, as
     DeepEP-Ascend's callers compute it); the low-latency buffers are sized by max_bs = that / (R * K)."""
     if isinstance(max_output_size, bool) or not isinstance(max_output_size, int) or max_output_size <= 0:
-        raise ValueError(f"num_max_dispatch_tokens_per_rank (with FuseMode.DISPATCH_FFN_COMBINE: the most rows a "
-                         f"rank receives, max_bs * ranks * topk) must be a positive int, got {max_output_size!r}")
+        raise ValueError(
+            f"num_max_dispatch_tokens_per_rank (with FuseMode.DISPATCH_FFN_COMBINE: the most rows a "
+            f"rank receives, max_bs * ranks * topk) must be a positive int, got {max_output_size!r}"
+        )
     return max(1, max_output_size // (ranks * num_topk))
 
 
@@ -636,22 +661,45 @@ def _tokens_per_rank_of_output_size(max_output_size: object, num_topk: int, rank
 _CHECKED_WEIGHTS: dict = {}
 
 
-def _fused_weights(w1: object, w1_scale: object, w2: object, w2_scale: object, x: Tensor, num_local: int,
-                   experts_from: str, weight_layout: WeightLayout) -> ExpertWeights:
+def _fused_weights(
+    w1: object,
+    w1_scale: object,
+    w2: object,
+    w2_scale: object,
+    x: Tensor,
+    num_local: int,
+    experts_from: str,
+    weight_layout: WeightLayout,
+) -> ExpertWeights:
     """_check_expert_weights for fused_deep_moe, skipped when the same weights were checked before."""
     tensors = (w1, w1_scale, w2, w2_scale)
     key = None
     if all(type(t) is Tensor for t in tensors):
-        key = (*((id(t), t._version, t.data_ptr(), t.shape, t.dtype) for t in tensors), x.shape[1], num_local,
-               x.device, weight_layout)
+        key = (
+            *((id(t), t._version, t.data_ptr(), t.shape, t.dtype) for t in tensors),
+            x.shape[1],
+            num_local,
+            x.device,
+            weight_layout,
+        )
         entry = _CHECKED_WEIGHTS.get(id(w1))
         if entry is not None and entry[0]() is w1 and entry[1] == key:
             return dataclasses.replace(entry[3], w1=w1 if entry[2] is None else entry[2])
     checked = _check_expert_weights(
-        w1, w1_scale, w2, w2_scale, hidden=x.shape[1], hidden_from="x", device=x.device, num_experts=num_local,
+        w1,
+        w1_scale,
+        w2,
+        w2_scale,
+        hidden=x.shape[1],
+        hidden_from="x",
+        device=x.device,
+        num_experts=num_local,
         experts_from=experts_from,
         names=("gmm1_permuted_weight", "gmm1_permuted_weight_scale", "gmm2_weight", "gmm2_weight_scale"),
-        scale_dtypes=FLOAT_DTYPES, layout=weight_layout, weight_dtypes=(torch.int8,) + FLOAT_DTYPES)
+        scale_dtypes=FLOAT_DTYPES,
+        layout=weight_layout,
+        weight_dtypes=(torch.int8,) + FLOAT_DTYPES,
+    )
     if key is not None:
         # The entry must not hold w1 itself (it would never be freed): when the compute layout is
         # w1 as given, the entry keeps None in its place and the lookup puts w1 back.

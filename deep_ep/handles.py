@@ -22,6 +22,7 @@ Normal mode, AlltoAllNormalCommStrategy: a dict with upstream's keys, see `allto
 Low-latency mode, 7 entries: src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden,
     num_experts, packed_recv_count, expand_scales (None, as upstream's default strategy).
 """
+
 from __future__ import annotations
 
 from typing import Any, Iterable, Tuple, Type
@@ -66,8 +67,10 @@ def state_of(handle: Any, kinds: Tuple[Type, ...], owner: int, what: str) -> Any
     """The state of a handle this runtime made, or TypeError / ValueError saying what is wrong."""
     if not isinstance(handle, kinds) or getattr(handle, "state", None) is None:
         expected = " or ".join(k.__name__ for k in kinds)
-        raise TypeError(f"handle must be the handle returned by {what} of this Buffer ({expected}), got "
-                        f"{type(handle).__name__}; a tuple or dict rebuilt from a handle is not one")
+        raise TypeError(
+            f"handle must be the handle returned by {what} of this Buffer ({expected}), got "
+            f"{type(handle).__name__}; a tuple or dict rebuilt from a handle is not one"
+        )
     if handle.owner != owner:
         raise ValueError(f"handle was returned by {what} of another Buffer; use it with that Buffer")
     return handle.state
@@ -82,18 +85,30 @@ def intranode_handle(state: Any, rank: int, owner: int) -> NormalHandle:
     """Upstream's 8-entry intranode handle of a DispatchState."""
     plan = state.plan
     host_idx = state.topk_idx.cpu()
-    return NormalHandle((plan.rank_prefix_matrix(),
-                         plan.block_start[rank].t().contiguous().to(torch.int32),  # [R, L] block starts
-                         torch.cumsum(torch.tensor(plan.expert_rows, dtype=torch.int64), 0).to(torch.int32),
-                         state.recv_src_idx.to(torch.int32),
-                         _is_token_in_rank(host_idx, plan.experts_per_rank, plan.num_ranks),
-                         plan.recv_counts.to(torch.int32),
-                         state.topk_idx,
-                         state.topk_weights), state, owner)
+    return NormalHandle(
+        (
+            plan.rank_prefix_matrix(),
+            plan.block_start[rank].t().contiguous().to(torch.int32),  # [R, L] block starts
+            torch.cumsum(torch.tensor(plan.expert_rows, dtype=torch.int64), 0).to(torch.int32),
+            state.recv_src_idx.to(torch.int32),
+            _is_token_in_rank(host_idx, plan.experts_per_rank, plan.num_ranks),
+            plan.recv_counts.to(torch.int32),
+            state.topk_idx,
+            state.topk_weights,
+        ),
+        state,
+        owner,
+    )
 
 
-def internode_handle(state: Any, rank: int, rank_to_node: torch.Tensor, recv_topk_idx: torch.Tensor,
-                     recv_topk_weights: torch.Tensor, owner: int) -> NormalHandle:
+def internode_handle(
+    state: Any,
+    rank: int,
+    rank_to_node: torch.Tensor,
+    recv_topk_idx: torch.Tensor,
+    recv_topk_weights: torch.Tensor,
+    owner: int,
+) -> NormalHandle:
     """Upstream's 9-entry internode handle of a DispatchState (several nodes).
 
     recv_topk_idx / recv_topk_weights: dispatch's [N, K] outputs (local expert ids, -1 elsewhere)."""
@@ -104,21 +119,28 @@ def internode_handle(state: Any, rank: int, rank_to_node: torch.Tensor, recv_top
     in_node = torch.zeros(in_rank.shape[0], num_nodes, dtype=torch.int32).index_add_(1, rank_to_node, in_rank) > 0
     offset_outer = torch.where(in_node, torch.cumsum(in_node.to(torch.int32), 0) - 1, -1).to(torch.int32)
     # Local expert of every received row: rows are grouped by local expert (padded blocks).
-    row_expert = torch.repeat_interleave(torch.arange(plan.experts_per_rank),
-                                         torch.tensor(plan.expert_rows, dtype=torch.int64))
+    row_expert = torch.repeat_interleave(
+        torch.arange(plan.experts_per_rank), torch.tensor(plan.expert_rows, dtype=torch.int64)
+    )
     row_expert = torch.cat([row_expert, row_expert.new_full((state.num_out_rows - row_expert.numel(),), -1)])
     match = (recv_topk_idx.cpu() == row_expert.view(-1, 1)) & (row_expert.view(-1, 1) >= 0)
     first = match.to(torch.int32).argmax(1, keepdim=True)
     expand_scales = recv_topk_weights.cpu().gather(1, first).flatten() * match.any(1)
-    return NormalHandle((state.recv_src_idx.to(torch.int32),
-                         in_rank,
-                         plan.recv_counts.to(torch.int32),
-                         state.topk_idx,
-                         state.topk_weights,
-                         plan.block_start[rank].t().contiguous().to(torch.int32),
-                         offset_outer,
-                         in_node.sum(0, dtype=torch.int32),
-                         expand_scales), state, owner)
+    return NormalHandle(
+        (
+            state.recv_src_idx.to(torch.int32),
+            in_rank,
+            plan.recv_counts.to(torch.int32),
+            state.topk_idx,
+            state.topk_weights,
+            plan.block_start[rank].t().contiguous().to(torch.int32),
+            offset_outer,
+            in_node.sum(0, dtype=torch.int32),
+            expand_scales,
+        ),
+        state,
+        owner,
+    )
 
 
 def alltoall_handle(state: Any, rank: int, hidden_shape: torch.Size, owner: int) -> AlltoAllHandle:
@@ -134,13 +156,17 @@ def alltoall_handle(state: Any, rank: int, hidden_shape: torch.Size, owner: int)
     position = torch.full((plan.dest_rank.numel(),), -1, dtype=torch.int32)
     position[order] = torch.arange(order.numel(), dtype=torch.int32)
     sent = plan.tokens_per_expert_all[rank].view(plan.num_ranks, experts_per_rank).sum(1)
-    return AlltoAllHandle({
-        "input_splits": sent.tolist(),
-        "output_splits": plan.recv_counts.sum(0).tolist(),
-        "topk_weights": state.topk_weights,
-        "reversed_local_mapping": position,
-        "reversed_global_mapping": state.rows_by_source.to(torch.int32) if experts_per_rank > 1 else None,
-        "hidden_shape": hidden_shape,
-        "hidden_shape_before_permute": hidden_shape,
-        "num_local_experts": experts_per_rank,
-    }, state, owner)
+    return AlltoAllHandle(
+        {
+            "input_splits": sent.tolist(),
+            "output_splits": plan.recv_counts.sum(0).tolist(),
+            "topk_weights": state.topk_weights,
+            "reversed_local_mapping": position,
+            "reversed_global_mapping": state.rows_by_source.to(torch.int32) if experts_per_rank > 1 else None,
+            "hidden_shape": hidden_shape,
+            "hidden_shape_before_permute": hidden_shape,
+            "num_local_experts": experts_per_rank,
+        },
+        state,
+        owner,
+    )

@@ -6,6 +6,7 @@ Received layout (DeepEP-Ascend's expanded layout): on rank `d`, one row per
 rank, then by source token; each expert's block padded with zero rows to a
 multiple of `alignment`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,8 +16,9 @@ import numpy as np
 import torch
 
 
-def dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int,
-                    rank_to_node: Optional[torch.Tensor] = None):
+def dispatch_layout(
+    topk_idx: torch.Tensor, num_experts: int, num_ranks: int, rank_to_node: Optional[torch.Tensor] = None
+):
     """Counts for `get_dispatch_layout`.
 
     Args:
@@ -52,8 +54,9 @@ def expert_major_entries(topk_idx: torch.Tensor, expert_begin: int, expert_end: 
     import deep_ep_cpp  # a counting sort: one pass to count, one to place
 
     topk_idx = topk_idx.contiguous()
-    entries = deep_ep_cpp.expert_major_entries(topk_idx.cpu().numpy().reshape(-1), topk_idx.shape[0],
-                                               topk_idx.shape[1], expert_begin, expert_end)
+    entries = deep_ep_cpp.expert_major_entries(
+        topk_idx.cpu().numpy().reshape(-1), topk_idx.shape[0], topk_idx.shape[1], expert_begin, expert_end
+    )
     return tuple(torch.from_numpy(e) for e in entries)
 
 
@@ -66,8 +69,14 @@ def summarize_topk(topk_idx: torch.Tensor) -> Tuple[int, int]:
     return deep_ep_cpp.summarize_topk(host.numpy().reshape(-1), host.shape[0], host.shape[1])
 
 
-def place_selections(topk_idx: torch.Tensor, expert_begin: int, expert_end: int, start: torch.Tensor,
-                     taken: torch.Tensor, origin: torch.Tensor):
+def place_selections(
+    topk_idx: torch.Tensor,
+    expert_begin: int,
+    expert_end: int,
+    start: torch.Tensor,
+    taken: torch.Tensor,
+    origin: torch.Tensor,
+):
     """Rows in expert-major layouts for the selections of `topk_idx` [n, K] whose expert e lies in
     [expert_begin, expert_end), visited in (row, k) order: start[e - expert_begin, origin[row]]
     plus how many selections of that (expert, source) came before (`taken`, int64 [span, R],
@@ -77,8 +86,15 @@ def place_selections(topk_idx: torch.Tensor, expert_begin: int, expert_end: int,
 
     topk_idx = topk_idx.contiguous()
     row, k, placed, count = deep_ep_cpp.place_selections(
-        topk_idx.numpy().reshape(-1), topk_idx.shape[0], topk_idx.shape[1], expert_begin, expert_end,
-        start.contiguous().numpy().reshape(-1), taken.numpy(), origin.contiguous().numpy())
+        topk_idx.numpy().reshape(-1),
+        topk_idx.shape[0],
+        topk_idx.shape[1],
+        expert_begin,
+        expert_end,
+        start.contiguous().numpy().reshape(-1),
+        taken.numpy(),
+        origin.contiguous().numpy(),
+    )
     return (torch.from_numpy(row[:count]), torch.from_numpy(k[:count]), torch.from_numpy(placed[:count]))
 
 
@@ -138,8 +154,9 @@ class RoutingPlan:
         """int64 [E, R]: first row of block (expert e, source s) on the rank holding e."""
         return self.block_start.view(self.num_experts, self.num_ranks)
 
-    def receive_rows(self, topk_window: torch.Tensor, origin_rank: torch.Tensor, origin_token: torch.Tensor,
-                     already: torch.Tensor):
+    def receive_rows(
+        self, topk_window: torch.Tensor, origin_rank: torch.Tensor, origin_token: torch.Tensor, already: torch.Tensor
+    ):
         """Where the published rows of one window land in this rank's received layout.
 
         Args:
@@ -151,8 +168,9 @@ class RoutingPlan:
         """
         first = self.rank * self.experts_per_rank
         last = first + self.experts_per_rank
-        row, _, out_row = place_selections(topk_window, first, last, self.expert_starts[first:last], already,
-                                           origin_rank)
+        row, _, out_row = place_selections(
+            topk_window, first, last, self.expert_starts[first:last], already, origin_rank
+        )
         return row, out_row, origin_rank[row], origin_token[row]
 
     def destinations(self, topk_rows: torch.Tensor, origin_rank: torch.Tensor):
@@ -170,8 +188,9 @@ class RoutingPlan:
         return dest_rank, dest_row
 
 
-def plan_routing(topk_idx: torch.Tensor, tokens_per_expert_all: torch.Tensor, rank: int,
-                 alignment: int = 1) -> RoutingPlan:
+def plan_routing(
+    topk_idx: torch.Tensor, tokens_per_expert_all: torch.Tensor, rank: int, alignment: int = 1
+) -> RoutingPlan:
     """Builds the RoutingPlan of this rank.
 
     Args:
@@ -186,10 +205,18 @@ def plan_routing(topk_idx: torch.Tensor, tokens_per_expert_all: torch.Tensor, ra
     padded = (real + alignment - 1) // alignment * alignment
     expert_start = torch.cumsum(padded, 1) - padded
     block_start = expert_start.unsqueeze(2) + torch.cumsum(counts, 2) - counts
-    plan = RoutingPlan(num_ranks=num_ranks, rank=rank, num_experts=num_experts,
-                       tokens_per_expert_all=tokens_per_expert_all, block_start=block_start.contiguous(),
-                       rows_per_rank=padded.sum(1), recv_counts=counts[rank].clone(),
-                       expert_rows=padded[rank].tolist(), dest_rank=topk_idx, dest_row=topk_idx)
+    plan = RoutingPlan(
+        num_ranks=num_ranks,
+        rank=rank,
+        num_experts=num_experts,
+        tokens_per_expert_all=tokens_per_expert_all,
+        block_start=block_start.contiguous(),
+        rows_per_rank=padded.sum(1),
+        recv_counts=counts[rank].clone(),
+        expert_rows=padded[rank].tolist(),
+        dest_rank=topk_idx,
+        dest_row=topk_idx,
+    )
     plan.dest_rank, plan.dest_row = plan.destinations(topk_idx, torch.full((topk_idx.shape[0],), rank))
     return plan
 
@@ -234,9 +261,11 @@ def low_latency_slots(topk_idx: torch.Tensor, num_experts: int, num_slots: Optio
     counts = torch.from_numpy(counts)
     if num_slots is not None and counts.numel() and int(counts.max()) > num_slots:
         expert = int(counts.argmax())
-        raise ValueError(f"topk_idx selects expert {expert} {int(counts[expert])} times (repeats in a row count "
-                         f"once each); low-latency mode holds at most num_max_dispatch_tokens_per_rank="
-                         f"{num_slots} selections of one expert per rank")
+        raise ValueError(
+            f"topk_idx selects expert {expert} {int(counts[expert])} times (repeats in a row count "
+            f"once each); low-latency mode holds at most num_max_dispatch_tokens_per_rank="
+            f"{num_slots} selections of one expert per rank"
+        )
     return torch.from_numpy(slot).view(topk_idx.shape), counts
 
 
@@ -292,13 +321,22 @@ class SharedExperts:
     def check(num_experts: object, num_ranks: int, num_shared_ranks: int) -> "SharedExperts":
         """ValueError naming num_experts / MOE_SHARED_EXPERT_RANK_NUM unless the placement exists."""
         if not 0 <= num_shared_ranks < num_ranks:
-            raise ValueError(f"MOE_SHARED_EXPERT_RANK_NUM must be in [0, {num_ranks}) for {num_ranks} ranks "
-                             f"(at least one rank holds routed experts), got {num_shared_ranks}")
+            raise ValueError(
+                f"MOE_SHARED_EXPERT_RANK_NUM must be in [0, {num_ranks}) for {num_ranks} ranks "
+                f"(at least one rank holds routed experts), got {num_shared_ranks}"
+            )
         routed = num_ranks - num_shared_ranks
-        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts <= 0 \
-                or num_experts % routed:
-            holders = f"{routed} routed-expert ranks (R - MOE_SHARED_EXPERT_RANK_NUM = {num_ranks} - " \
-                      f"{num_shared_ranks})" if num_shared_ranks else f"{num_ranks} ranks"
+        if (
+            isinstance(num_experts, bool)
+            or not isinstance(num_experts, int)
+            or num_experts <= 0
+            or num_experts % routed
+        ):
+            holders = (
+                f"{routed} routed-expert ranks (R - MOE_SHARED_EXPERT_RANK_NUM = {num_ranks} - {num_shared_ranks})"
+                if num_shared_ranks
+                else f"{num_ranks} ranks"
+            )
             raise ValueError(f"num_experts must be a positive multiple of the {holders}, got {num_experts!r}")
         return SharedExperts(num_experts, num_ranks, num_shared_ranks)
 
@@ -338,12 +376,12 @@ class SharedExperts:
         if topk_idx.numel():
             low, high = summarize_topk(topk_idx)
             if low < -1 or high >= self.num_experts:
-                raise ValueError(f"topk_idx values must lie in [-1, {self.num_experts}), got values in "
-                                 f"[{low}, {high}]")
+                raise ValueError(f"topk_idx values must lie in [-1, {self.num_experts}), got values in [{low}, {high}]")
         shift = self.num_shared_ranks * self.experts_per_rank
         routed = torch.where(topk_idx >= 0, topk_idx + shift, topk_idx)
-        shared = torch.full((topk_idx.shape[0], 1), rank % self.num_shared_ranks * self.experts_per_rank,
-                            dtype=topk_idx.dtype)
+        shared = torch.full(
+            (topk_idx.shape[0], 1), rank % self.num_shared_ranks * self.experts_per_rank, dtype=topk_idx.dtype
+        )
         return torch.cat([routed, shared], 1).contiguous()
 
     @staticmethod

@@ -9,6 +9,7 @@ and bump a counter; the receive step waits for the counters and packs expert-maj
 and more than one node use transport/alltoall_low_latency.py. Both give the same bits. On NPU the
 calls go to CANN's MC2 operators (deep_ep/npu/). `LowLatencyMode` is a mixin of `deep_ep.Buffer`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -36,8 +37,16 @@ from .utils import (
 
 LL_FORMAT_INT8 = 3  # header format code of int8 rows (16-bit rows use NATIVE_DTYPE_CODES)
 LL_FORMAT_NAMES = {0: "float32", 1: "bfloat16", 2: "float16", LL_FORMAT_INT8: "int8"}
-LL_HEADER_FIELDS = ("call number", "status", "num_max_dispatch_tokens_per_rank", "num_experts", "hidden",
-                    "num_topk", "format", "num_tokens")
+LL_HEADER_FIELDS = (
+    "call number",
+    "status",
+    "num_max_dispatch_tokens_per_rank",
+    "num_experts",
+    "hidden",
+    "num_topk",
+    "format",
+    "num_tokens",
+)
 # Per call kind (0: dispatch, 1: combine): its name in messages, and how many leading header words every
 # rank must agree on (dispatch: all but num_tokens; combine: all, the last being the dispatch's call number).
 LL_KINDS = ("low_latency_dispatch", "low_latency_combine")
@@ -53,8 +62,15 @@ class LowLatencyTransport(Protocol):
     def reject(self, runtime: "LowLatencyMode", kind: int, seq: int, header: List[int], what: str) -> None:
         """Tells the peers that this rank rejected call `seq` of `kind` (they raise instead of waiting)."""
 
-    def send_dispatch(self, runtime: "LowLatencyMode", state: "LowLatencyState", x: torch.Tensor,
-                      slot: torch.Tensor, counts: torch.Tensor, what: str) -> None:
+    def send_dispatch(
+        self,
+        runtime: "LowLatencyMode",
+        state: "LowLatencyState",
+        x: torch.Tensor,
+        slot: torch.Tensor,
+        counts: torch.Tensor,
+        what: str,
+    ) -> None:
         """Sends this rank's selections of a dispatch."""
 
     def receive_dispatch(self, runtime: "LowLatencyMode", state: "LowLatencyState") -> None:
@@ -137,8 +153,7 @@ def _ll_dropped(state: LowLatencyState, topk_idx: torch.Tensor) -> torch.Tensor:
 def ll_selection_rows(state: LowLatencyState) -> torch.Tensor:
     """int64 [T, K]: the combine row of selection (t, k), t * K + k."""
     if state.selection_rows is None:
-        state.selection_rows = torch.arange(state.num_tokens * state.num_topk).view(state.num_tokens,
-                                                                                    state.num_topk)
+        state.selection_rows = torch.arange(state.num_tokens * state.num_topk).view(state.num_tokens, state.num_topk)
     return state.selection_rows
 
 
@@ -155,15 +170,21 @@ def ll_disagreement(headers: List[List[int]], mine: List[int], compared: int, wh
             if what == "low_latency_dispatch" and h[2] >= 0 and h[7] > h[2]:
                 details.append(f"rank {r} has {h[7]} tokens > num_max_dispatch_tokens_per_rank {h[2]}")
         more = f" ({'; '.join(details)})" if details else ""
-        return (f"deep_ep {what}: ranks {rejected} rejected their arguments{more}; no data moved. "
-                "See the error raised on those ranks.")
+        return (
+            f"deep_ep {what}: ranks {rejected} rejected their arguments{more}; no data moved. "
+            "See the error raised on those ranks."
+        )
     for index in range(compared):
         column = [h[index] for h in headers]
         if any(v != mine[index] for v in column):
-            name = LL_HEADER_FIELDS[index] if not (what == "low_latency_combine" and index == 7) else \
-                "the dispatch handle (call number)"
-            shown = [LL_FORMAT_NAMES.get(v, v) for v in column] if index == 6 and what == "low_latency_dispatch" \
-                else column
+            name = (
+                LL_HEADER_FIELDS[index]
+                if not (what == "low_latency_combine" and index == 7)
+                else "the dispatch handle (call number)"
+            )
+            shown = (
+                [LL_FORMAT_NAMES.get(v, v) for v in column] if index == 6 and what == "low_latency_dispatch" else column
+            )
             values = ", ".join(f"rank {r}: {v}" for r, v in enumerate(shown))
             return f"deep_ep {what}: ranks disagree on {name} ({values})"
     return None
@@ -197,8 +218,9 @@ class LowLatencyMode:
         if not self.low_latency_mode:
             return
         sizes: List[Optional[int]] = [None] * self.group_size
-        collective.run_collective(self.comm, groups.CONSTRUCTION, lambda: dist.all_gather_object(
-            sizes, self.num_rdma_bytes, group=self.comm))
+        collective.run_collective(
+            self.comm, groups.CONSTRUCTION, lambda: dist.all_gather_object(sizes, self.num_rdma_bytes, group=self.comm)
+        )
         if len(set(sizes)) > 1:
             raise ValueError(f"num_rdma_bytes must be the same on every rank, got {sizes} (by rank)")
         if self.on_npu:
@@ -213,8 +235,9 @@ class LowLatencyMode:
         return self.ll
 
     @staticmethod
-    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
-                                       num_experts: int) -> int:
+    def get_low_latency_rdma_size_hint(
+        num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int
+    ) -> int:
         """Bytes of `num_rdma_bytes` that low-latency mode needs (the real size, not a placeholder).
 
         Args:
@@ -225,14 +248,19 @@ class LowLatencyMode:
             Nmax * 17 combine rows of 2H bytes. With MOE_SHARED_EXPERT_RANK_NUM = S > 0 the slots are
             for R * ceil(E / (R - S)) experts (E may count the shared expert or not).
         """
-        for name, value in (("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank),
-                            ("hidden", hidden), ("num_ranks", num_ranks), ("num_experts", num_experts)):
+        for name, value in (
+            ("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank),
+            ("hidden", hidden),
+            ("num_ranks", num_ranks),
+            ("num_experts", num_experts),
+        ):
             check_positive_int(name, value)
         shared = env.shared_expert_rank_num()
         if not shared and num_experts % num_ranks:
             raise ValueError(f"num_experts must be a multiple of num_ranks, got {num_experts} and {num_ranks}")
-        return shm_low_latency.bytes_needed(num_max_dispatch_tokens_per_rank, hidden, num_ranks,
-                                            layout.hint_experts(num_experts, num_ranks, shared))
+        return shm_low_latency.bytes_needed(
+            num_max_dispatch_tokens_per_rank, hidden, num_ranks, layout.hint_experts(num_experts, num_ranks, shared)
+        )
 
     # ---- call bookkeeping (also used by fused.py and npu/backend.py) -----------------------------------------
     def _ll_ready(self, what: str) -> None:
@@ -243,8 +271,9 @@ class LowLatencyMode:
         if self._ll_broken:
             raise RuntimeError(self._ll_broken)
 
-    def _ll_check_sizes(self, num_max_tokens, hidden: int, num_experts,
-                        ll: Optional[shm_low_latency.LowLatencyShm] = None) -> layout.SharedExperts:
+    def _ll_check_sizes(
+        self, num_max_tokens, hidden: int, num_experts, ll: Optional[shm_low_latency.LowLatencyShm] = None
+    ) -> layout.SharedExperts:
         """Nmax / E are ints, E a multiple of the expert-holding ranks, and num_rdma_bytes holds the
         layout (ValueError naming the size). Returns the expert placement (MOE_SHARED_EXPERT_RANK_NUM).
         num_rdma_bytes=0, which upstream accepts, needs no room: the calls go over all_to_all_single."""
@@ -254,18 +283,23 @@ class LowLatencyMode:
             return roles
         check_positive_int("num_max_dispatch_tokens_per_rank", num_max_tokens)
         if roles.experts_per_rank > shm_low_latency.MAX_LOCAL_EXPERTS:
-            raise ValueError(f"low-latency mode supports up to {shm_low_latency.MAX_LOCAL_EXPERTS} experts per "
-                             f"rank, got {roles.experts_per_rank}")
+            raise ValueError(
+                f"low-latency mode supports up to {shm_low_latency.MAX_LOCAL_EXPERTS} experts per "
+                f"rank, got {roles.experts_per_rank}"
+            )
         needed = shm_low_latency.bytes_needed(num_max_tokens, hidden, self.group_size, roles.virtual_experts)
         # num_rdma_bytes=0 holds whatever the segment's address space (if any) holds.
-        if 0 < self.num_rdma_bytes < needed or (ll is not None and not ll.fits(num_max_tokens, hidden,
-                                                                               roles.virtual_experts)):
-            raise ValueError(f"num_rdma_bytes={self.num_rdma_bytes or ll.num_bytes} is too small for "
-                             f"low-latency mode with "
-                             f"num_max_dispatch_tokens_per_rank={num_max_tokens}, hidden={hidden}, "
-                             f"{self.group_size} ranks and num_experts={num_experts}: it needs {needed} bytes "
-                             f"(Buffer.get_low_latency_rdma_size_hint({num_max_tokens}, {hidden}, "
-                             f"{self.group_size}, {num_experts}))")
+        if 0 < self.num_rdma_bytes < needed or (
+            ll is not None and not ll.fits(num_max_tokens, hidden, roles.virtual_experts)
+        ):
+            raise ValueError(
+                f"num_rdma_bytes={self.num_rdma_bytes or ll.num_bytes} is too small for "
+                f"low-latency mode with "
+                f"num_max_dispatch_tokens_per_rank={num_max_tokens}, hidden={hidden}, "
+                f"{self.group_size} ranks and num_experts={num_experts}: it needs {needed} bytes "
+                f"(Buffer.get_low_latency_rdma_size_hint({num_max_tokens}, {hidden}, "
+                f"{self.group_size}, {num_experts}))"
+            )
         if len(self._ll_fits) >= shm_low_latency.MAX_CACHED_LAYOUTS:  # callers that vary Nmax / H / E
             self._ll_fits.clear()
         self._ll_fits.add(key)
@@ -275,8 +309,10 @@ class LowLatencyMode:
         """The sequence number of the next call of `kind`; refuses a third call in flight."""
         seq = self._ll_seq[kind] + 1
         if self._ll_pending[kind][seq & 1] is not None:
-            raise RuntimeError(f"deep_ep {what}: two earlier calls still wait for their hook; call the older "
-                               "hook first (at most two low-latency results may be in flight)")
+            raise RuntimeError(
+                f"deep_ep {what}: two earlier calls still wait for their hook; call the older "
+                "hook first (at most two low-latency results may be in flight)"
+            )
         return seq
 
     def _ll_reject(self, kind: int, seq: int, header: List[int], what: str, transport: "LowLatencyTransport") -> None:
@@ -285,8 +321,14 @@ class LowLatencyMode:
         self._ll_seq[kind] = seq
         transport.reject(self, kind, seq, header, what)
 
-    def _ll_reject_dispatch(self, seq: int, x, num_max_dispatch_tokens_per_rank, what: str,
-                            transport: Optional["LowLatencyTransport"] = None) -> None:
+    def _ll_reject_dispatch(
+        self,
+        seq: int,
+        x,
+        num_max_dispatch_tokens_per_rank,
+        what: str,
+        transport: Optional["LowLatencyTransport"] = None,
+    ) -> None:
         """_ll_reject of a dispatch call (low_latency_dispatch, fused_deep_moe): the "rejected" header
         carries x's token count and Nmax, so the peers can name a rank that has more tokens than Nmax.
         `transport`: the call's; by default that of the Buffer's low-latency strategy."""
@@ -304,8 +346,10 @@ class LowLatencyMode:
         except SharedMemoryExhausted:
             raise  # no peer is left waiting: the calls stay in step
         except RuntimeError as error:
-            self._ll_broken = (f"deep_ep: low-latency mode cannot be used after an earlier failure ({error}); "
-                               "call clean_low_latency_buffer() on every rank, or recreate the Buffer.")
+            self._ll_broken = (
+                f"deep_ep: low-latency mode cannot be used after an earlier failure ({error}); "
+                "call clean_low_latency_buffer() on every rank, or recreate the Buffer."
+            )
             raise
 
     def _ll_quant(self, x, use_fp8: bool, quant_mode: Optional[str]) -> str:
@@ -313,17 +357,22 @@ class LowLatencyMode:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor [T, H], got {type(x).__name__}")
         if quant == "int8" and x.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"x of dtype {x.dtype} cannot be quantized to int8 (use_fp8=True / quant_mode='int8'); "
-                            "pass bfloat16, float16 or float32")
+            raise TypeError(
+                f"x of dtype {x.dtype} cannot be quantized to int8 (use_fp8=True / quant_mode='int8'); "
+                "pass bfloat16, float16 or float32"
+            )
         if quant == "bf16" and x.dtype not in (torch.bfloat16, torch.float16):
-            raise TypeError(f"x must be bfloat16 or float16 without int8 quantization (use_fp8=False / "
-                            f"quant_mode='bf16'), got {x.dtype}")
+            raise TypeError(
+                f"x must be bfloat16 or float16 without int8 quantization (use_fp8=False / "
+                f"quant_mode='bf16'), got {x.dtype}"
+            )
         return quant
 
     def _ll_check_hook(self, state: LowLatencyState, what: str) -> None:
         if state.epoch != self._ll_epoch:
-            raise RuntimeError(f"deep_ep {what}: this hook belongs to a call made before "
-                               "clean_low_latency_buffer(); its data is gone")
+            raise RuntimeError(
+                f"deep_ep {what}: this hook belongs to a call made before clean_low_latency_buffer(); its data is gone"
+            )
         self._check_alive()
         if self._ll_broken:
             raise RuntimeError(self._ll_broken)
@@ -338,11 +387,19 @@ class LowLatencyMode:
             self._ll_pending[kind][call.seq & 1] = None
 
     # ---- dispatch --------------------------------------------------------------------------------
-    def ll_dispatch(self, transport: "LowLatencyTransport", x: torch.Tensor, topk_idx: torch.Tensor,
-                    num_max_dispatch_tokens_per_rank: int, num_experts: int,
-                    cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None, use_fp8: bool = True,
-                    return_recv_hook: bool = False, topk_weights: Optional[torch.Tensor] = None,
-                    quant_mode: Optional[str] = None):
+    def ll_dispatch(
+        self,
+        transport: "LowLatencyTransport",
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        num_max_dispatch_tokens_per_rank: int,
+        num_experts: int,
+        cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
+        use_fp8: bool = True,
+        return_recv_hook: bool = False,
+        topk_weights: Optional[torch.Tensor] = None,
+        quant_mode: Optional[str] = None,
+    ):
         """Sends every token to the ranks holding its top-k experts, into fixed-size buffers (decode path).
 
         Args:
@@ -380,8 +437,13 @@ class LowLatencyMode:
         seq = self._ll_begin(0, what)
         try:
             quant = self._ll_quant(x, use_fp8, quant_mode)
-            if not (x.dim() == 2 and isinstance(topk_idx, torch.Tensor) and topk_idx.dtype == topk_idx_t
-                    and topk_idx.dim() == 2 and topk_idx.shape[0] == x.shape[0]):  # else: say what is wrong
+            if not (
+                x.dim() == 2
+                and isinstance(topk_idx, torch.Tensor)
+                and topk_idx.dtype == topk_idx_t
+                and topk_idx.dim() == 2
+                and topk_idx.shape[0] == x.shape[0]
+            ):  # else: say what is wrong
                 check_tensor("x", x, dtypes=FLOAT_DTYPES, shape=(None, None))
                 check_tensor("topk_idx", topk_idx, dtypes=(topk_idx_t,), shape=(x.shape[0], None))
             num_tokens, hidden = x.shape
@@ -389,12 +451,18 @@ class LowLatencyMode:
             check_num_topk(num_topk)
             roles = self._ll_check_sizes(num_max_dispatch_tokens_per_rank, hidden, num_experts, transport.ll)
             if num_tokens > num_max_dispatch_tokens_per_rank:
-                raise ValueError(f"x has {num_tokens} tokens, more than num_max_dispatch_tokens_per_rank="
-                                 f"{num_max_dispatch_tokens_per_rank}")
+                raise ValueError(
+                    f"x has {num_tokens} tokens, more than num_max_dispatch_tokens_per_rank="
+                    f"{num_max_dispatch_tokens_per_rank}"
+                )
             local_experts = roles.local_experts(self.rank)
             if cumulative_local_expert_recv_stats is not None:
-                check_tensor("cumulative_local_expert_recv_stats", cumulative_local_expert_recv_stats,
-                             dtypes=(torch.int32,), shape=(local_experts,))
+                check_tensor(
+                    "cumulative_local_expert_recv_stats",
+                    cumulative_local_expert_recv_stats,
+                    dtypes=(torch.int32,),
+                    shape=(local_experts,),
+                )
             if topk_weights is not None:
                 check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=(num_tokens, num_topk))
             x, topk_idx = x.contiguous(), topk_idx.contiguous()
@@ -403,8 +471,11 @@ class LowLatencyMode:
                 topk_idx = shared.virtual_topk(topk_idx, self.rank)
             slot, counts = layout.low_latency_slots(topk_idx, roles.virtual_experts, num_max_dispatch_tokens_per_rank)
             if transport.ll is not None:  # every rank's /dev/shm backs what this call writes
-                self.ll_guard(lambda: transport.ll.prepare(seq, num_max_dispatch_tokens_per_rank, hidden,
-                                                            roles.virtual_experts, what))
+                self.ll_guard(
+                    lambda: transport.ll.prepare(
+                        seq, num_max_dispatch_tokens_per_rank, hidden, roles.virtual_experts, what
+                    )
+                )
         except (ValueError, TypeError, SharedMemoryExhausted):
             self._ll_reject_dispatch(seq, x, num_max_dispatch_tokens_per_rank, what, transport)
             raise
@@ -417,18 +488,32 @@ class LowLatencyMode:
         public_experts, experts_per_rank = num_experts, roles.experts_per_rank
         num_experts, num_topk = roles.virtual_experts, topk_idx.shape[1]
         header = [seq, 0, num_max, num_experts, hidden, num_topk, fmt, num_tokens]
-        state = LowLatencyState(seq=seq, epoch=self._ll_epoch, header=header, num_max_tokens=num_max,
-                                hidden=hidden, num_experts=num_experts, num_topk=num_topk, num_tokens=num_tokens,
-                                num_rows=num_rows, quantized=quantized,
-                                dtype=x.dtype if x.dtype != torch.float32 else torch.bfloat16,
-                                topk_idx=topk_idx, topk_weights=topk_weights,
-                                src_info=torch.empty(num_rows, 3, dtype=torch.int32),
-                                layout_range=torch.empty(experts_per_rank * self.group_size, dtype=torch.int64),
-                                recv_count=torch.empty(experts_per_rank, dtype=torch.int64),
-                                stats=cumulative_local_expert_recv_stats, transport=transport, shared=shared,
-                                public_experts=public_experts, local_experts=local_experts)
-        state.recv_count_out = state.recv_count if env.expert_token_nums_type() == 1 else \
-            torch.empty_like(state.recv_count)
+        state = LowLatencyState(
+            seq=seq,
+            epoch=self._ll_epoch,
+            header=header,
+            num_max_tokens=num_max,
+            hidden=hidden,
+            num_experts=num_experts,
+            num_topk=num_topk,
+            num_tokens=num_tokens,
+            num_rows=num_rows,
+            quantized=quantized,
+            dtype=x.dtype if x.dtype != torch.float32 else torch.bfloat16,
+            topk_idx=topk_idx,
+            topk_weights=topk_weights,
+            src_info=torch.empty(num_rows, 3, dtype=torch.int32),
+            layout_range=torch.empty(experts_per_rank * self.group_size, dtype=torch.int64),
+            recv_count=torch.empty(experts_per_rank, dtype=torch.int64),
+            stats=cumulative_local_expert_recv_stats,
+            transport=transport,
+            shared=shared,
+            public_experts=public_experts,
+            local_experts=local_experts,
+        )
+        state.recv_count_out = (
+            state.recv_count if env.expert_token_nums_type() == 1 else torch.empty_like(state.recv_count)
+        )
         state.recv = self._ll_recv_buffers(parity, num_rows, hidden, quantized, state.dtype)
         transport.send_dispatch(self, state, x, slot, counts, what)
         self._ll_pending[0][parity] = seq
@@ -464,8 +549,15 @@ class LowLatencyMode:
         self.ll_finish(0, state)
 
     # ---- combine ---------------------------------------------------------------------------------
-    def ll_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
-                   state: LowLatencyState, return_recv_hook: bool = False, out: Optional[torch.Tensor] = None):
+    def ll_combine(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        state: LowLatencyState,
+        return_recv_hook: bool = False,
+        out: Optional[torch.Tensor] = None,
+    ):
         """Returns expert outputs to their tokens and sums them with the routing weights.
 
         Args:
@@ -485,8 +577,9 @@ class LowLatencyMode:
         what = "low_latency_combine"
         self._ll_ready(what)
         if not state.received:
-            raise RuntimeError("deep_ep low_latency_combine: call the hook of the low_latency_dispatch that made "
-                               "this handle first")
+            raise RuntimeError(
+                "deep_ep low_latency_combine: call the hook of the low_latency_dispatch that made this handle first"
+            )
         seq = self._ll_begin(1, what)
         num_tokens, num_topk, hidden = state.num_tokens, state.num_topk, state.hidden
         try:
@@ -507,11 +600,20 @@ class LowLatencyMode:
         self._ll_seq[1] = seq
         parity = seq & 1
         x = x.contiguous()
-        header = [seq, 0, state.num_max_tokens, state.num_experts, hidden, num_topk, NATIVE_DTYPE_CODES[x.dtype],
-                  state.seq]
+        header = [
+            seq,
+            0,
+            state.num_max_tokens,
+            state.num_experts,
+            hidden,
+            num_topk,
+            NATIVE_DTYPE_CODES[x.dtype],
+            state.seq,
+        ]
         result = out if out is not None and out.is_contiguous() else self.pool.empty((num_tokens, hidden), x.dtype)
-        task = LowLatencyCombine(state=state, seq=seq, header=header, topk_idx=topk_idx, weights=topk_weights,
-                                 result=result, out=out)
+        task = LowLatencyCombine(
+            state=state, seq=seq, header=header, topk_idx=topk_idx, weights=topk_weights, result=result, out=out
+        )
         state.transport.send_combine(self, task, x, what)
         self._ll_pending[1][parity] = seq
         hook = functools.partial(self._ll_combine_receive, task)

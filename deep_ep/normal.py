@@ -7,6 +7,7 @@ between nodes, or torch.distributed's all_to_all_single). It is a mixin of the B
 the group, topology and shared memory come from `Buffer.__init__`. The strategies turn the
 DispatchState it returns into DeepEP-Ascend's handle (deep_ep/handles.py).
 """
+
 from __future__ import annotations
 
 import functools
@@ -34,8 +35,17 @@ from .utils import (
 OP_DISPATCH, OP_CACHED_DISPATCH, OP_COMBINE = 1, 2, 3
 OP_NAMES = {OP_DISPATCH: "dispatch", OP_CACHED_DISPATCH: "dispatch (cached)", OP_COMBINE: "combine"}
 # Header fields that every rank must agree on (index 1 is the token count, which may differ).
-HEADER_FIELDS = ("operation", "num_tokens", "hidden", "num_topk", "num_experts", "x dtype", "quant_mode",
-                 "expert_alignment", "num_worst_tokens")
+HEADER_FIELDS = (
+    "operation",
+    "num_tokens",
+    "hidden",
+    "num_topk",
+    "num_experts",
+    "x dtype",
+    "quant_mode",
+    "expert_alignment",
+    "num_worst_tokens",
+)
 
 
 @dataclass
@@ -92,19 +102,44 @@ class NormalTransport(Protocol):
 
     shm: Optional[shm.NodeShm]  # the shared memory whose data area bounds a row, or None
 
-    def dispatch(self, runtime: "NormalMode", meta: torch.Tensor, fields: List[torch.Tensor], topk_idx: torch.Tensor,
-                 decide: Callable, state_box: dict, stats: Optional[torch.Tensor]):
+    def dispatch(
+        self,
+        runtime: "NormalMode",
+        meta: torch.Tensor,
+        fields: List[torch.Tensor],
+        topk_idx: torch.Tensor,
+        decide: Callable,
+        state_box: dict,
+        stats: Optional[torch.Tensor],
+    ):
         """Moves a fresh dispatch's rows; returns (InternodeState or None, rows_by_source or None)."""
 
-    def cached_dispatch(self, runtime: "NormalMode", state: "DispatchState", header: torch.Tensor,
-                        fields: List[torch.Tensor], out_bytes: List[torch.Tensor], check: Callable,
-                        stats: Optional[torch.Tensor]) -> None:
+    def cached_dispatch(
+        self,
+        runtime: "NormalMode",
+        state: "DispatchState",
+        header: torch.Tensor,
+        fields: List[torch.Tensor],
+        out_bytes: List[torch.Tensor],
+        check: Callable,
+        stats: Optional[torch.Tensor],
+    ) -> None:
         """Moves a cached dispatch's rows along the routes of `state`."""
 
-    def combine(self, runtime: "NormalMode", state: "DispatchState", header: torch.Tensor, x_rows: torch.Tensor,
-                check: Callable, reduce: Callable, out: torch.Tensor, weights: torch.Tensor,
-                new_weights: Optional[torch.Tensor], biases: List[torch.Tensor],
-                stats: Optional[torch.Tensor]) -> None:
+    def combine(
+        self,
+        runtime: "NormalMode",
+        state: "DispatchState",
+        header: torch.Tensor,
+        x_rows: torch.Tensor,
+        check: Callable,
+        reduce: Callable,
+        out: torch.Tensor,
+        weights: torch.Tensor,
+        new_weights: Optional[torch.Tensor],
+        biases: List[torch.Tensor],
+        stats: Optional[torch.Tensor],
+    ) -> None:
         """Returns the expert outputs `x_rows` and reduces them into `out`."""
 
 
@@ -128,13 +163,13 @@ class NormalMode:
     pool: OutputPool
 
     # ---- layout ----------------------------------------------------------------------------------
-    def _check_topk_idx(self, topk_idx: torch.Tensor, num_experts: int,
-                        experts_name: str = "num_experts") -> None:
+    def _check_topk_idx(self, topk_idx: torch.Tensor, num_experts: int, experts_name: str = "num_experts") -> None:
         check_tensor("topk_idx", topk_idx, dtypes=(topk_idx_t,), shape=(None, None))
         check_num_topk(topk_idx.shape[1])
         if not isinstance(num_experts, int) or num_experts <= 0 or num_experts % self.group_size:
-            raise ValueError(f"{experts_name} must be a positive multiple of the {self.group_size} ranks, "
-                             f"got {num_experts!r}")
+            raise ValueError(
+                f"{experts_name} must be a positive multiple of the {self.group_size} ranks, got {num_experts!r}"
+            )
         if topk_idx.numel():
             low, high = layout.summarize_topk(topk_idx)
             if low < -1 or high >= num_experts:
@@ -156,15 +191,24 @@ class NormalMode:
         self._check_devices(topk_idx=topk_idx)
         rounds = env.long_seq_rounds()
         if rounds.configured and topk_idx.shape[0] > rounds.rounds * rounds.per_round_tokens:
-            raise ValueError(f"topk_idx has {topk_idx.shape[0]} tokens, more than DEEPEP_NORMAL_LONG_SEQ_ROUND * "
-                             f"DEEPEP_NORMAL_LONG_SEQ_PER_ROUND_TOKENS = {rounds.rounds * rounds.per_round_tokens}")
+            raise ValueError(
+                f"topk_idx has {topk_idx.shape[0]} tokens, more than DEEPEP_NORMAL_LONG_SEQ_ROUND * "
+                f"DEEPEP_NORMAL_LONG_SEQ_PER_ROUND_TOKENS = {rounds.rounds * rounds.per_round_tokens}"
+            )
         per_rank, per_node, per_expert, in_rank = layout.dispatch_layout(
-            topk_idx, num_experts, self.group_size, self.rank_to_node if self.num_nodes > 1 else None)
+            topk_idx, num_experts, self.group_size, self.rank_to_node if self.num_nodes > 1 else None
+        )
         if rounds.rounds > 1:
-            per_expert = torch.cat([layout.dispatch_layout(topk_idx[r * rounds.per_round_tokens:
-                                                                    (r + 1) * rounds.per_round_tokens],
-                                                           num_experts, self.group_size)[2]
-                                    for r in range(rounds.rounds)])
+            per_expert = torch.cat(
+                [
+                    layout.dispatch_layout(
+                        topk_idx[r * rounds.per_round_tokens : (r + 1) * rounds.per_round_tokens],
+                        num_experts,
+                        self.group_size,
+                    )[2]
+                    for r in range(rounds.rounds)
+                ]
+            )
         return per_rank, per_node, per_expert, in_rank, EventOverlap()
 
     # ---- dispatch --------------------------------------------------------------------------------
@@ -175,23 +219,29 @@ class NormalMode:
                 raise ValueError(f"x as a pair must be (int8 [T, H], float32 scales [T]), got {len(x)} items")
             q = check_tensor("x[0]", x[0], dtypes=(torch.int8,), shape=(None, None))
             check_tensor("x[1]", x[1], dtypes=(torch.float32,), shape=(q.shape[0],))
-            return [as_byte_rows(q), as_byte_rows(x[1])], [(torch.int8, q.shape[1]), (torch.float32, 1)], \
-                q.shape[1], -1
+            return [as_byte_rows(q), as_byte_rows(x[1])], [(torch.int8, q.shape[1]), (torch.float32, 1)], q.shape[1], -1
         check_tensor("x", x, dtypes=FLOAT_DTYPES, shape=(None, None))
         if quant == "int8":
             q, scale = ops.quantize_int8(x, self.num_threads)
-            return [as_byte_rows(q), as_byte_rows(scale)], [(torch.int8, x.shape[1]), (torch.float32, 1)], \
-                x.shape[1], NATIVE_DTYPE_CODES[x.dtype]
+            return (
+                [as_byte_rows(q), as_byte_rows(scale)],
+                [(torch.int8, x.shape[1]), (torch.float32, 1)],
+                x.shape[1],
+                NATIVE_DTYPE_CODES[x.dtype],
+            )
         return [as_byte_rows(x)], [(x.dtype, x.shape[1])], x.shape[1], NATIVE_DTYPE_CODES[x.dtype]
 
-    def _check_buffer_fits(self, transport: "NormalTransport", bytes_per_token: int, num_fields: int,
-                           what: str) -> None:
+    def _check_buffer_fits(
+        self, transport: "NormalTransport", bytes_per_token: int, num_fields: int, what: str
+    ) -> None:
         if transport.shm is None:
             return
         needed = shm.data_bytes_needed(1, bytes_per_token, num_fields)
         if shm.window_rows(self.num_nvl_bytes, bytes_per_token, num_fields) < 1:
-            raise ValueError(f"num_nvl_bytes={self.num_nvl_bytes} is too small for {what}: one token row "
-                             f"needs at least {needed} bytes; create the Buffer with num_nvl_bytes >= {needed}")
+            raise ValueError(
+                f"num_nvl_bytes={self.num_nvl_bytes} is too small for {what}: one token row "
+                f"needs at least {needed} bytes; create the Buffer with num_nvl_bytes >= {needed}"
+            )
 
     def _empty(self, shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised output: from the pool on CPU, a plain allocation on the Buffer's device otherwise."""
@@ -213,14 +263,21 @@ class NormalMode:
                     shown = f"{name}[{index}]" if isinstance(tensor, (tuple, list)) else name
                     raise ValueError(f"{shown} must be on the Buffer's device {self.device}, got {t.device}")
 
-    def normal_dispatch(self, transport: "NormalTransport", x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
-                        handle_state: Optional["DispatchState"] = None,
-                        num_tokens_per_rank: Optional[torch.Tensor] = None,
-                        is_token_in_rank: Optional[torch.Tensor] = None,
-                        num_tokens_per_expert: Optional[torch.Tensor] = None, topk_idx: Optional[torch.Tensor] = None,
-                        topk_weights: Optional[torch.Tensor] = None, expert_alignment: int = 1,
-                        num_worst_tokens: int = 0, dispatch_wait_recv_cost_stats: Optional[torch.Tensor] = None,
-                        quant_mode: Optional[str] = None):
+    def normal_dispatch(
+        self,
+        transport: "NormalTransport",
+        x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
+        handle_state: Optional["DispatchState"] = None,
+        num_tokens_per_rank: Optional[torch.Tensor] = None,
+        is_token_in_rank: Optional[torch.Tensor] = None,
+        num_tokens_per_expert: Optional[torch.Tensor] = None,
+        topk_idx: Optional[torch.Tensor] = None,
+        topk_weights: Optional[torch.Tensor] = None,
+        expert_alignment: int = 1,
+        num_worst_tokens: int = 0,
+        dispatch_wait_recv_cost_stats: Optional[torch.Tensor] = None,
+        quant_mode: Optional[str] = None,
+    ):
         """Sends every token to the ranks holding its top-k experts (normal mode).
 
         Args:
@@ -252,14 +309,14 @@ class NormalMode:
         if topk_idx is None or topk_weights is None:
             raise ValueError("dispatch needs topk_idx and topk_weights unless a handle is given")
         if num_tokens_per_expert is None:
-            raise ValueError("dispatch needs num_tokens_per_expert (from get_dispatch_layout) unless a handle "
-                             "is given")
-        check_tensor("num_tokens_per_expert", num_tokens_per_expert, dtypes=(torch.int32, torch.int64),
-                     shape=(None,))
+            raise ValueError("dispatch needs num_tokens_per_expert (from get_dispatch_layout) unless a handle is given")
+        check_tensor("num_tokens_per_expert", num_tokens_per_expert, dtypes=(torch.int32, torch.int64), shape=(None,))
         rounds = env.long_seq_rounds().rounds
         if num_tokens_per_expert.shape[0] % rounds:
-            raise ValueError(f"num_tokens_per_expert must have rounds * E entries ({rounds} long-sequence rounds), "
-                             f"got {num_tokens_per_expert.shape[0]}")
+            raise ValueError(
+                f"num_tokens_per_expert must have rounds * E entries ({rounds} long-sequence rounds), "
+                f"got {num_tokens_per_expert.shape[0]}"
+            )
         num_experts = num_tokens_per_expert.shape[0] // rounds
         host_idx = topk_idx.cpu()  # the routing math runs on the host (the same tensor on CPU)
         self._check_topk_idx(host_idx, num_experts, "num_experts (the length of num_tokens_per_expert)")
@@ -270,11 +327,16 @@ class NormalMode:
         if fields[0].shape[0] != num_tokens:
             raise ValueError(f"x must have {num_tokens} rows (as topk_idx), got {fields[0].shape[0]}")
         if is_token_in_rank is not None:
-            check_tensor("is_token_in_rank", is_token_in_rank, dtypes=(torch.int32, torch.bool),
-                         shape=(num_tokens, self.group_size))
+            check_tensor(
+                "is_token_in_rank",
+                is_token_in_rank,
+                dtypes=(torch.int32, torch.bool),
+                shape=(num_tokens, self.group_size),
+            )
         if num_tokens_per_rank is not None:
-            check_tensor("num_tokens_per_rank", num_tokens_per_rank, dtypes=(torch.int32, torch.int64),
-                         shape=(self.group_size,))
+            check_tensor(
+                "num_tokens_per_rank", num_tokens_per_rank, dtypes=(torch.int32, torch.int64), shape=(self.group_size,)
+            )
         for name, value in (("expert_alignment", expert_alignment), ("num_worst_tokens", num_worst_tokens)):
             lowest = 1 if name == "expert_alignment" else 0
             if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
@@ -282,24 +344,40 @@ class NormalMode:
         tokens_per_expert = torch.bincount(host_idx.reshape(-1) + 1, minlength=num_experts + 1)[1:]  # -1 -> bin 0
         given = num_tokens_per_expert.cpu().to(torch.int64).view(rounds, num_experts).sum(0)
         if not torch.equal(tokens_per_expert, given):
-            raise ValueError("num_tokens_per_expert does not match topk_idx; pass the counts get_dispatch_layout "
-                             "returned for this topk_idx")
+            raise ValueError(
+                "num_tokens_per_expert does not match topk_idx; pass the counts get_dispatch_layout "
+                "returned for this topk_idx"
+            )
         fields += [as_byte_rows(topk_idx), as_byte_rows(topk_weights)]
         kinds += [(torch.int64, num_topk), (torch.float32, num_topk)]
         self._check_buffer_fits(transport, sum(f.shape[1] for f in fields), len(fields), "dispatch")
         quant_code = 1 if len(kinds) == 4 else 0
-        header = torch.tensor([OP_DISPATCH, num_tokens, hidden, num_topk, num_experts, dtype_code, quant_code,
-                               expert_alignment, num_worst_tokens], dtype=torch.int64)
+        header = torch.tensor(
+            [
+                OP_DISPATCH,
+                num_tokens,
+                hidden,
+                num_topk,
+                num_experts,
+                dtype_code,
+                quant_code,
+                expert_alignment,
+                num_worst_tokens,
+            ],
+            dtype=torch.int64,
+        )
         experts_per_rank = num_experts // self.group_size
         state_box = {}
 
         def decide(meta_all: torch.Tensor):
             check_agreement(meta_all, "dispatch", skip=(1,))
-            plan = layout.plan_routing(host_idx, meta_all[:, len(HEADER_FIELDS):], self.rank, expert_alignment)
+            plan = layout.plan_routing(host_idx, meta_all[:, len(HEADER_FIELDS) :], self.rank, expert_alignment)
             if num_worst_tokens and int(plan.rows_per_rank.max()) > num_worst_tokens:
                 over = [r for r, n in enumerate(plan.rows_per_rank.tolist()) if n > num_worst_tokens]
-                raise ValueError(f"num_worst_tokens={num_worst_tokens} is too small: ranks {over} receive "
-                                 f"{[int(plan.rows_per_rank[r]) for r in over]} rows")
+                raise ValueError(
+                    f"num_worst_tokens={num_worst_tokens} is too small: ranks {over} receive "
+                    f"{[int(plan.rows_per_rank[r]) for r in over]} rows"
+                )
             out_rows = num_worst_tokens or plan.num_recv_rows
             outs = [self._empty((out_rows, width), dtype) for dtype, width in kinds]
             src_rank = torch.full((out_rows,), -1, dtype=torch.int64)
@@ -328,10 +406,19 @@ class NormalMode:
         recv_raw_topk, recv_topk_weights = outs[-2], outs[-1]
         recv_x = (outs[0], outs[1].view(-1)) if quant_code or isinstance(x, (tuple, list)) else outs[0]
         recv_topk_idx = layout.localize_topk_idx_(recv_raw_topk, self.rank, experts_per_rank)
-        state = DispatchState(plan=plan, recv_src_rank=src_rank, recv_src_idx=src_idx,
-                              num_out_rows=src_rank.numel(), num_tokens=num_tokens, hidden=hidden,
-                              topk_idx=topk_idx, topk_weights=topk_weights, expert_alignment=expert_alignment,
-                              num_worst_tokens=num_worst_tokens, internode=internode)
+        state = DispatchState(
+            plan=plan,
+            recv_src_rank=src_rank,
+            recv_src_idx=src_idx,
+            num_out_rows=src_rank.numel(),
+            num_tokens=num_tokens,
+            hidden=hidden,
+            topk_idx=topk_idx,
+            topk_weights=topk_weights,
+            expert_alignment=expert_alignment,
+            num_worst_tokens=num_worst_tokens,
+            internode=internode,
+        )
         if rows_by_source is not None:
             state.rows_by_source = rows_by_source
         state.transport = transport
@@ -350,26 +437,46 @@ class NormalMode:
             is_topk_idx = topk_fill and index == len(outs) - 2
             out.index_fill_(0, padding.to(out.device), -1 if is_topk_idx else 0)
 
-    def _cached_dispatch(self, transport: "NormalTransport", x, state: DispatchState, quant: str,
-                         stats: Optional[torch.Tensor]):
+    def _cached_dispatch(
+        self, transport: "NormalTransport", x, state: DispatchState, quant: str, stats: Optional[torch.Tensor]
+    ):
         if state.internode is not None:
             # Across nodes the forwarders need the top-k to place rows: a dispatch with the handle's
             # routing lands every row where the first one did.
             counts = state.plan.tokens_per_expert_all[self.rank]
             rounds = env.long_seq_rounds().rounds  # the counts of round 0 carry them all
             counts = torch.cat([counts, counts.new_zeros((rounds - 1) * counts.numel())])
-            recv_x = self.normal_dispatch(transport, x, num_tokens_per_expert=counts, topk_idx=state.topk_idx,
-                                          topk_weights=state.topk_weights, expert_alignment=state.expert_alignment,
-                                          num_worst_tokens=state.num_worst_tokens,
-                                          dispatch_wait_recv_cost_stats=stats, quant_mode=quant)[0]
+            recv_x = self.normal_dispatch(
+                transport,
+                x,
+                num_tokens_per_expert=counts,
+                topk_idx=state.topk_idx,
+                topk_weights=state.topk_weights,
+                expert_alignment=state.expert_alignment,
+                num_worst_tokens=state.num_worst_tokens,
+                dispatch_wait_recv_cost_stats=stats,
+                quant_mode=quant,
+            )[0]
             return recv_x, None, None, None, None, EventOverlap()
         fields, kinds, hidden, dtype_code = self._token_fields(x, quant)
         if fields[0].shape[0] != state.num_tokens:
             raise ValueError(f"x must have {state.num_tokens} rows (the handle's tokens), got {fields[0].shape[0]}")
         self._check_buffer_fits(transport, sum(f.shape[1] for f in fields), len(fields), "dispatch")
         plan = state.plan
-        header = torch.tensor([OP_CACHED_DISPATCH, state.num_tokens, hidden, 0, plan.num_experts, dtype_code,
-                               1 if len(kinds) == 2 else 0, 0, state.num_out_rows], dtype=torch.int64)
+        header = torch.tensor(
+            [
+                OP_CACHED_DISPATCH,
+                state.num_tokens,
+                hidden,
+                0,
+                plan.num_experts,
+                dtype_code,
+                1 if len(kinds) == 2 else 0,
+                0,
+                state.num_out_rows,
+            ],
+            dtype=torch.int64,
+        )
         self._check_devices(x=x)
         outs = [self._empty((state.num_out_rows, width), dtype) for dtype, width in kinds]
         out_bytes = [as_byte_rows(o) for o in outs]
@@ -380,10 +487,15 @@ class NormalMode:
         return recv_x, None, None, None, None, EventOverlap()
 
     # ---- combine ---------------------------------------------------------------------------------
-    def normal_combine(self, transport: "NormalTransport", x: torch.Tensor, state: DispatchState,
-                       topk_weights: Optional[torch.Tensor] = None,
-                       bias: Union[None, torch.Tensor, Tuple[torch.Tensor, torch.Tensor]] = None,
-                       combine_send_cost_stats: Optional[torch.Tensor] = None):
+    def normal_combine(
+        self,
+        transport: "NormalTransport",
+        x: torch.Tensor,
+        state: DispatchState,
+        topk_weights: Optional[torch.Tensor] = None,
+        bias: Union[None, torch.Tensor, Tuple[torch.Tensor, torch.Tensor]] = None,
+        combine_send_cost_stats: Optional[torch.Tensor] = None,
+    ):
         """Returns expert outputs to their tokens and sums them with the routing weights.
 
         Args:
@@ -414,13 +526,26 @@ class NormalMode:
         self._check_devices(x=x, topk_weights=weights, bias=biases)
         x = x.contiguous()
         out = self._empty((num_tokens, state.hidden), x.dtype)
-        header = torch.tensor([OP_COMBINE, num_tokens, state.hidden, num_topk, plan.num_experts,
-                               NATIVE_DTYPE_CODES[x.dtype], 0, 0, state.num_out_rows], dtype=torch.int64)
+        header = torch.tensor(
+            [
+                OP_COMBINE,
+                num_tokens,
+                state.hidden,
+                num_topk,
+                plan.num_experts,
+                NATIVE_DTYPE_CODES[x.dtype],
+                0,
+                0,
+                state.num_out_rows,
+            ],
+            dtype=torch.int64,
+        )
         check = functools.partial(check_agreement, what="combine", skip=(1, 8))
 
         def reduce(sources: List[torch.Tensor], src_rank: torch.Tensor, src_row: torch.Tensor) -> None:
             ops.weighted_reduce(out, sources, x.dtype, src_rank, src_row, weights, biases, self.num_threads)
 
-        transport.combine(self, state, header, as_byte_rows(x), check, reduce, out, weights, topk_weights, biases,
-                          stats)
+        transport.combine(
+            self, state, header, as_byte_rows(x), check, reduce, out, weights, topk_weights, biases, stats
+        )
         return out, weights.masked_fill(state.topk_idx < 0, 0), EventOverlap()

@@ -1,4 +1,5 @@
 """The old name of ``deep_ep.npu.env``: ``python -m deep_ep.npu_env`` keeps working."""
+
 import sys
 
 from .npu.env import hccl_buffsize_mb, main, report

@@ -1,6 +1,7 @@
 """Row math shared by every transport: per-token int8 quantization and the weighted
 combine reduction. CPU tensors use deep_ep_cpp; other devices (NPU) use torch ops
 with the same definition."""
+
 from __future__ import annotations
 
 import os
@@ -33,8 +34,14 @@ def copy_into(dst: torch.Tensor, src: torch.Tensor, threads: int) -> None:
     """dst.copy_(src) for tensors of the same shape and dtype. Contiguous CPU tensors move on `threads`
     threads of deep_ep_cpp rather than torch's intra-op pool: with torch's default thread count in
     every rank, that pool's idle OpenMP workers keep spinning on cores the other ranks need."""
-    if native_ok(dst) and src.device.type == "cpu" and dst.dtype == src.dtype and dst.shape == src.shape \
-            and dst.is_contiguous() and src.is_contiguous():
+    if (
+        native_ok(dst)
+        and src.device.type == "cpu"
+        and dst.dtype == src.dtype
+        and dst.shape == src.shape
+        and dst.is_contiguous()
+        and src.is_contiguous()
+    ):
         _native().copy_bytes(dst.data_ptr(), src.data_ptr(), dst.numel() * dst.element_size(), threads)
     else:
         dst.copy_(src)
@@ -54,8 +61,15 @@ def quantize_int8(x: torch.Tensor, threads: Optional[int] = None) -> Tuple[torch
     if native_ok(x):
         q = torch.empty(rows, hidden, dtype=torch.int8)
         scale = torch.empty(rows, dtype=torch.float32)
-        _native().quantize_int8(x.data_ptr(), NATIVE_DTYPE_CODES[x.dtype], rows, hidden, q.data_ptr(),
-                                scale.data_ptr(), threads or num_threads())
+        _native().quantize_int8(
+            x.data_ptr(),
+            NATIVE_DTYPE_CODES[x.dtype],
+            rows,
+            hidden,
+            q.data_ptr(),
+            scale.data_ptr(),
+            threads or num_threads(),
+        )
         return q, scale
     xf = x.float()
     scale = xf.abs().amax(1) / 127.0
@@ -64,10 +78,16 @@ def quantize_int8(x: torch.Tensor, threads: Optional[int] = None) -> Tuple[torch
     return q, scale
 
 
-def weighted_reduce(out: torch.Tensor, sources: List[torch.Tensor],
-                    src_dtype: Union[torch.dtype, Sequence[torch.dtype]], src_rank: torch.Tensor,
-                    src_row: torch.Tensor, weights: torch.Tensor,
-                    biases: Sequence[Optional[torch.Tensor]] = (), threads: Optional[int] = None) -> torch.Tensor:
+def weighted_reduce(
+    out: torch.Tensor,
+    sources: List[torch.Tensor],
+    src_dtype: Union[torch.dtype, Sequence[torch.dtype]],
+    src_rank: torch.Tensor,
+    src_row: torch.Tensor,
+    weights: torch.Tensor,
+    biases: Sequence[Optional[torch.Tensor]] = (),
+    threads: Optional[int] = None,
+) -> torch.Tensor:
     """out[t] = sum over columns c ascending of weights[t, c] * row(t, c) (+ biases).
 
     Accumulates in float64: every product of a float32 weight and a 16/32-bit value is exact
@@ -93,11 +113,21 @@ def weighted_reduce(out: torch.Tensor, sources: List[torch.Tensor],
         bias_args = []
         for i in range(2):
             bias_args += [biases[i].data_ptr(), NATIVE_DTYPE_CODES[biases[i].dtype]] if i < len(biases) else [0, 0]
-        _native().combine_reduce(out.data_ptr(), NATIVE_DTYPE_CODES[out.dtype], tokens, columns, hidden,
-                                 [s.data_ptr() for s in sources], [s.shape[0] for s in sources],
-                                 [NATIVE_DTYPE_CODES[d] for d in dtypes], src_rank.contiguous().numpy(),
-                                 src_row.contiguous().numpy(), weights.contiguous().numpy(), *bias_args,
-                                 threads or num_threads())
+        _native().combine_reduce(
+            out.data_ptr(),
+            NATIVE_DTYPE_CODES[out.dtype],
+            tokens,
+            columns,
+            hidden,
+            [s.data_ptr() for s in sources],
+            [s.shape[0] for s in sources],
+            [NATIVE_DTYPE_CODES[d] for d in dtypes],
+            src_rank.contiguous().numpy(),
+            src_row.contiguous().numpy(),
+            weights.contiguous().numpy(),
+            *bias_args,
+            threads or num_threads(),
+        )
         return out
     # Device (NPU) branch: no host syncs, index tensors moved to the rows' device. Ascend NPUs have no
     # fast float64, so there the sum is float32 (as the SPEC asks); on CPU (forced) float64 as above.

@@ -21,6 +21,7 @@ blocks go first, and an output that does not fit beside the busy blocks is a pla
 dropped too, so the pool holds the sizes in use now rather than every size seen.
 A dropped block's pages go back to the system at once (munmap).
 """
+
 from __future__ import annotations
 
 import mmap

@@ -1,5 +1,6 @@
 """Helpers to run a function on several local ranks (tests, benchmarks, examples): CPU ranks joined by
 gloo, or one NPU per rank joined by HCCL."""
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,16 @@ def free_port() -> int:
 DEVICES = ("cpu", "npu")
 
 
-def _run_rank(rank: int, num_ranks: int, port: int, env: dict, fn: Callable, args: tuple,
-              device: str = "cpu", share_threads: bool = True) -> None:
+def _run_rank(
+    rank: int,
+    num_ranks: int,
+    port: int,
+    env: dict,
+    fn: Callable,
+    args: tuple,
+    device: str = "cpu",
+    share_threads: bool = True,
+) -> None:
     os.environ.update(env)
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     if share_threads:
@@ -42,8 +51,14 @@ def _run_rank(rank: int, num_ranks: int, port: int, env: dict, fn: Callable, arg
         dist.destroy_process_group()
 
 
-def spawn_ranks(fn: Callable[..., Any], num_ranks: int, *args: Any, env: dict | None = None,
-                device: str = "cpu", share_threads: bool = True) -> None:
+def spawn_ranks(
+    fn: Callable[..., Any],
+    num_ranks: int,
+    *args: Any,
+    env: dict | None = None,
+    device: str = "cpu",
+    share_threads: bool = True,
+) -> None:
     """Runs fn(rank, num_ranks, group, *args) on `num_ranks` processes on 127.0.0.1. An exception on
     any rank is raised here. `env` is set in every rank. With `share_threads` every rank sets torch's
     thread count to its share of the cores; without, ranks keep torch's default (all cores each), as
@@ -54,8 +69,12 @@ def spawn_ranks(fn: Callable[..., Any], num_ranks: int, *args: Any, env: dict | 
     """
     if device not in DEVICES:
         raise ValueError(f"device must be one of {list(DEVICES)}, got {device!r}")
-    mp.spawn(_run_rank, args=(num_ranks, free_port(), dict(env or {}), fn, args, device, share_threads),
-             nprocs=num_ranks, join=True)
+    mp.spawn(
+        _run_rank,
+        args=(num_ranks, free_port(), dict(env or {}), fn, args, device, share_threads),
+        nprocs=num_ranks,
+        join=True,
+    )
 
 
 def rank_device(group=None) -> torch.device:

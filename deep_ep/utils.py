@@ -1,4 +1,5 @@
 """Small shared pieces: EventOverlap, environment settings, dtype codes, argument checks."""
+
 from __future__ import annotations
 
 import functools
@@ -18,8 +19,12 @@ MAX_TOPK = 16
 # quant_mode values of dispatch: bf16 rows as given, or per-token dynamic int8.
 QUANT_MODES = ("bf16", "int8")
 # DeepEP-Ascend's other formats (A5 / C310 hardware): a ValueError naming the format, never a fallback.
-UNAVAILABLE_QUANT_MODES = {"mx_fp8_e4m3": "MXFP8 e4m3", "mx_fp8_e5m2": "MXFP8 e5m2",
-                           "pertoken_fp8_e4m3": "per-token FP8 e4m3", "mx_fp4_e2m1": "MXFP4 e2m1"}
+UNAVAILABLE_QUANT_MODES = {
+    "mx_fp8_e4m3": "MXFP8 e4m3",
+    "mx_fp8_e5m2": "MXFP8 e5m2",
+    "pertoken_fp8_e4m3": "per-token FP8 e4m3",
+    "mx_fp4_e2m1": "MXFP4 e2m1",
+}
 
 
 class EventOverlap:
@@ -124,8 +129,15 @@ def num_threads(local_ranks: int = 1, cgroup_limit: Optional[float] = None) -> i
     return max(1, usable_cores(cgroup_limit) // max(1, local_ranks))
 
 
-def check_tensor(name: str, value: Any, *, dtypes: Sequence[torch.dtype], shape: Sequence[Optional[int]],
-                 device: Optional[torch.device] = None, what: Optional[str] = None) -> torch.Tensor:
+def check_tensor(
+    name: str,
+    value: Any,
+    *,
+    dtypes: Sequence[torch.dtype],
+    shape: Sequence[Optional[int]],
+    device: Optional[torch.device] = None,
+    what: Optional[str] = None,
+) -> torch.Tensor:
     """Raises TypeError/ValueError naming `name`, the expectation and what was given.
     `shape` entries of None match any size; `what` says where the expected shape comes from
     (for example "[L, 2I] of w13") and is shown after it."""
@@ -158,8 +170,9 @@ def check_combine_topk_idx(topk_idx: torch.Tensor, dispatched: torch.Tensor) -> 
         return
     kept = topk_idx >= 0
     if not torch.equal(topk_idx[kept], dispatched[kept]):
-        raise ValueError("topk_idx must be the one given to low_latency_dispatch (entries may be set "
-                         "to -1 to leave them out)")
+        raise ValueError(
+            "topk_idx must be the one given to low_latency_dispatch (entries may be set to -1 to leave them out)"
+        )
 
 
 def check_positive_int(name: str, value: Any) -> None:
@@ -175,8 +188,10 @@ def check_num_topk(num_topk: int) -> None:
 def resolve_quant_mode(quant_mode: Optional[str], int8_by_default: bool) -> str:
     """quant_mode if given (one of QUANT_MODES), else "int8" or "bf16" as `int8_by_default` says."""
     if quant_mode in UNAVAILABLE_QUANT_MODES:
-        raise ValueError(f"quant_mode={quant_mode!r} ({UNAVAILABLE_QUANT_MODES[quant_mode]}) is not available in "
-                         f"deep_ep (DeepEP-Ascend runs it on A5 NPUs only); use one of {list(QUANT_MODES)}")
+        raise ValueError(
+            f"quant_mode={quant_mode!r} ({UNAVAILABLE_QUANT_MODES[quant_mode]}) is not available in "
+            f"deep_ep (DeepEP-Ascend runs it on A5 NPUs only); use one of {list(QUANT_MODES)}"
+        )
     if quant_mode is not None:
         check_one_of("quant_mode", quant_mode, QUANT_MODES)
         return quant_mode

@@ -14,6 +14,7 @@ expert, on all ranks' tokens in one process and checks that the outputs agree.
     OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 examples/moe_layer.py
     python examples/moe_layer.py --num-processes 4 --scoring softmax --tokens 33
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,14 +64,14 @@ class MoEBlock(torch.nn.Module):
             return (torch.randn(*shape, generator=g) * scale).to(torch.bfloat16)
 
         self.cfg = cfg
-        self.router = torch.randn(e, h, generator=g) / h ** 0.5  # float32, as DeepSeek's gate
+        self.router = torch.randn(e, h, generator=g) / h**0.5  # float32, as DeepSeek's gate
         self.correction_bias = torch.randn(e, generator=g) * 0.1  # e_score_correction_bias (selection only)
-        w13 = randn(e, 2 * i, h, scale=h ** -0.5)
-        w2 = randn(e, h, i, scale=i ** -0.5)
+        w13 = randn(e, 2 * i, h, scale=h**-0.5)
+        w2 = randn(e, h, i, scale=i**-0.5)
         self.experts = experts  # global ids of the routed experts held here
-        self.w13, self.w2 = w13[experts.start:experts.stop], w2[experts.start:experts.stop]
-        self.shared_w13 = randn(2 * cfg.shared_inter, h, scale=h ** -0.5)
-        self.shared_w2 = randn(h, cfg.shared_inter, scale=cfg.shared_inter ** -0.5)
+        self.w13, self.w2 = w13[experts.start : experts.stop], w2[experts.start : experts.stop]
+        self.shared_w13 = randn(2 * cfg.shared_inter, h, scale=h**-0.5)
+        self.shared_w2 = randn(h, cfg.shared_inter, scale=cfg.shared_inter**-0.5)
 
     def route(self, x: torch.Tensor):
         """Returns topk_idx int64 [T, K] and topk_weights float32 [T, K] (scaled)."""
@@ -111,15 +112,20 @@ class MoEBlock(torch.nn.Module):
         idx, weights = self.route(x)
         per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, self.cfg.num_experts)
         recv_x, _, _, rows_per_expert, handle, _ = buffer.dispatch(
-            x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-            topk_idx=idx, topk_weights=weights)
+            x,
+            num_tokens_per_rank=per_rank,
+            is_token_in_rank=in_rank,
+            num_tokens_per_expert=per_expert,
+            topk_idx=idx,
+            topk_weights=weights,
+        )
         # recv_x: one row per (token, local expert) pair, expert-major: local expert l owns the next
         # rows_per_expert[l] rows.
         out = torch.empty_like(recv_x)
         start = 0
         for local, rows in enumerate(rows_per_expert):
             if rows:
-                out[start:start + rows] = swiglu(recv_x[start:start + rows], self.w13[local], self.w2[local])
+                out[start : start + rows] = swiglu(recv_x[start : start + rows], self.w13[local], self.w2[local])
             start += rows
         routed, _, _ = buffer.combine(out, handle)  # sum over k of weights[t, k] * out[row(t, k)]
         return routed + self.shared(x)
@@ -130,8 +136,7 @@ class MoEBlock(torch.nn.Module):
         down projection [L, H, I]; only gmm1 needs the tiled gate/up column order."""
         idx, weights = self.route(x)
         w1, _ = deep_ep.permute_gmm1_weight(self.w13, None)  # a real model does this once, at load time
-        routed, _ = buffer.fused_deep_moe(x, idx, weights, w1, None, self.w2, None, max_tokens,
-                                          self.cfg.num_experts)
+        routed, _ = buffer.fused_deep_moe(x, idx, weights, w1, None, self.w2, None, max_tokens, self.cfg.num_experts)
         return routed + self.shared(x)
 
 
@@ -167,8 +172,10 @@ def run(rank: int, num_ranks: int, group, args) -> None:
             # combined with the wrong weight is off by the size of the output itself.
             error = (got - reference).abs().max().item()
             bound = 2e-2 * reference.abs().max().item()
-            print(f"EP ({path}) on {num_ranks} ranks vs one process: {got.shape[0]} tokens, max |diff| "
-                  f"{error:.4f} (bound {bound:.4f}), max |y| {reference.abs().max().item():.2f}")
+            print(
+                f"EP ({path}) on {num_ranks} ranks vs one process: {got.shape[0]} tokens, max |diff| "
+                f"{error:.4f} (bound {bound:.4f}), max |y| {reference.abs().max().item():.2f}"
+            )
             if not error <= bound:
                 raise SystemExit(f"MISMATCH: the EP block ({path}) differs from the single-process block")
         print("OK")

@@ -11,6 +11,7 @@ works on any machine.
 No NPU is available where this was written: the code is thin, follows the documented torch_npu
 signatures (docs/npu.md), and is checked on CPU by plumbing tests with a stand-in for torch_npu.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,9 +41,11 @@ def require_torch_npu() -> None:
     try:
         import torch_npu  # noqa: F401
     except Exception as error:  # a broken CANN install raises more than ImportError
-        raise RuntimeError(f"deep_ep: the group's backend is 'hccl', which needs torch_npu and CANN, but "
-                           f"`import torch_npu` failed ({type(error).__name__}: {error}). Install torch_npu "
-                           "matching your torch and CANN, or use a 'gloo' group for CPU ranks.") from None
+        raise RuntimeError(
+            f"deep_ep: the group's backend is 'hccl', which needs torch_npu and CANN, but "
+            f"`import torch_npu` failed ({type(error).__name__}: {error}). Install torch_npu "
+            "matching your torch and CANN, or use a 'gloo' group for CPU ranks."
+        ) from None
 
 
 def init_backend() -> None:
@@ -79,9 +82,11 @@ def resolve_strategies(normal_strategy: str, low_latency_strategy: str, low_late
     operators; "alltoall" is not available on NPU.
     """
     if low_latency_mode and low_latency_strategy not in LOW_LATENCY_ON_NPU:
-        raise ValueError(f"low_latency_strategy={low_latency_strategy!r} (or DEEP_USE_MODE=alltoall) is not "
-                         "available on NPU: low-latency mode runs CANN's MC2 operators there; use 'default' "
-                         "or 'ops'")
+        raise ValueError(
+            f"low_latency_strategy={low_latency_strategy!r} (or DEEP_USE_MODE=alltoall) is not "
+            "available on NPU: low-latency mode runs CANN's MC2 operators there; use 'default' "
+            "or 'ops'"
+        )
     return NORMAL_ON_NPU[normal_strategy], LOW_LATENCY_ON_NPU.get(low_latency_strategy, low_latency_strategy)
 
 
@@ -103,8 +108,10 @@ def soc_mismatch(recorded: str, detected: Optional[str]) -> Optional[str]:
         return None
     found = f"Atlas {detected}" if detected else "not an Atlas A2 (Ascend910B) or A3 (Ascend910_93)"
     fix = _BUILD_TARGETS.get(detected, "build.sh")
-    return (f"deep_ep was built for Atlas {recorded} ({_BUILD_TARGETS[recorded]}), but this machine's NPU is "
-            f"{found}. Rebuild with `{fix}` for this machine.")
+    return (
+        f"deep_ep was built for Atlas {recorded} ({_BUILD_TARGETS[recorded]}), but this machine's NPU is "
+        f"{found}. Rebuild with `{fix}` for this machine."
+    )
 
 
 def check_build_soc(detected: Optional[str]) -> None:
@@ -116,27 +123,36 @@ def check_build_soc(detected: Optional[str]) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def check_hccl_buffsize(npu_ll: npu_ops.NpuLowLatency, num_max_tokens: int, hidden: int, num_experts: int,
-                        num_topk: int, num_shared_ranks: int = 0) -> None:
+def check_hccl_buffsize(
+    npu_ll: npu_ops.NpuLowLatency,
+    num_max_tokens: int,
+    hidden: int,
+    num_experts: int,
+    num_topk: int,
+    num_shared_ranks: int = 0,
+) -> None:
     """ValueError when HCCL_BUFFSIZE is below what the MC2 operators need for these sizes in this
     rank's mode, with num_shared_ranks shared-expert ranks (npu_ops.hccl_buffsize_mb; nothing is
     checked on an unknown device)."""
     mode = npu_ll.mode
     if mode is None:
         return
-    needed = npu_ops.hccl_buffsize_mb(num_max_tokens, hidden, npu_ll.num_ranks, num_experts, num_topk, mode,
-                                      npu_ll.release, num_shared_ranks)
+    needed = npu_ops.hccl_buffsize_mb(
+        num_max_tokens, hidden, npu_ll.num_ranks, num_experts, num_topk, mode, npu_ll.release, num_shared_ranks
+    )
     value = os.environ.get("HCCL_BUFFSIZE", "200")
     try:
         have = int(value)
     except ValueError:
         raise ValueError(f"HCCL_BUFFSIZE must be an integer number of MB, got {value!r}") from None
     if have < needed:
-        raise ValueError(f"HCCL_BUFFSIZE={have} MB is too small for the MC2 operators with "
-                         f"num_max_dispatch_tokens_per_rank={num_max_tokens}, hidden={hidden}, {npu_ll.num_ranks} "
-                         f"ranks, num_experts={num_experts}, top-k {num_topk}: {mode} needs {needed} MB. Set "
-                         f"HCCL_BUFFSIZE={needed} before the process group is created (python -m deep_ep.npu.env "
-                         "prints it)")
+        raise ValueError(
+            f"HCCL_BUFFSIZE={have} MB is too small for the MC2 operators with "
+            f"num_max_dispatch_tokens_per_rank={num_max_tokens}, hidden={hidden}, {npu_ll.num_ranks} "
+            f"ranks, num_experts={num_experts}, top-k {num_topk}: {mode} needs {needed} MB. Set "
+            f"HCCL_BUFFSIZE={needed} before the process group is created (python -m deep_ep.npu.env "
+            "prints it)"
+        )
 
 
 @dataclasses.dataclass
@@ -156,8 +172,15 @@ def _check_device(buffer, **tensors) -> None:
             raise ValueError(f"{name} must be on the Buffer's device {buffer.device}, got {tensor.device}")
 
 
-def _check_mc2_inputs(buffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: Optional[torch.Tensor],
-                      num_max_tokens: int, num_experts: int, dtypes):
+def _check_mc2_inputs(
+    buffer,
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_weights: Optional[torch.Tensor],
+    num_max_tokens: int,
+    num_experts: int,
+    dtypes,
+):
     """The checks every MC2 call shares; returns (num_tokens, hidden, num_topk)."""
     check_tensor("x", x, dtypes=dtypes, shape=(None, None))
     num_tokens, hidden = x.shape
@@ -185,10 +208,18 @@ def _no_hook() -> None:
     """The receive hook on NPU: the MC2 operators complete in stream order, nothing is left to do."""
 
 
-def low_latency_dispatch(buffer, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
-                         num_experts: int, cumulative_local_expert_recv_stats: Optional[torch.Tensor],
-                         use_fp8: bool, return_recv_hook: bool, topk_weights: Optional[torch.Tensor],
-                         quant_mode: Optional[str]):
+def low_latency_dispatch(
+    buffer,
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    num_max_dispatch_tokens_per_rank: int,
+    num_experts: int,
+    cumulative_local_expert_recv_stats: Optional[torch.Tensor],
+    use_fp8: bool,
+    return_recv_hook: bool,
+    topk_weights: Optional[torch.Tensor],
+    quant_mode: Optional[str],
+):
     """Buffer.low_latency_dispatch on NPU: npu_moe_distribute_dispatch_v2 (v1 if v2 is missing).
 
     Same results as on CPU: recv_x [M, H] (or (int8 [M, H], float32 [M])), recv_count int64 [L].
@@ -197,26 +228,58 @@ def low_latency_dispatch(buffer, x: torch.Tensor, topk_idx: torch.Tensor, num_ma
     """
     quant = buffer._ll_quant(x, use_fp8, quant_mode)
     num_tokens, hidden, num_topk = _check_mc2_inputs(
-        buffer, x, topk_idx, topk_weights, num_max_dispatch_tokens_per_rank, num_experts,
-        (torch.bfloat16, torch.float16))
+        buffer,
+        x,
+        topk_idx,
+        topk_weights,
+        num_max_dispatch_tokens_per_rank,
+        num_experts,
+        (torch.bfloat16, torch.float16),
+    )
     shared = shared_expert_rank_num()
     if cumulative_local_expert_recv_stats is not None:
         local = layout.SharedExperts.check(num_experts, buffer.group_size, shared).local_experts(buffer.rank)
-        check_tensor("cumulative_local_expert_recv_stats", cumulative_local_expert_recv_stats,
-                     dtypes=(torch.int32,), shape=(local,))
+        check_tensor(
+            "cumulative_local_expert_recv_stats",
+            cumulative_local_expert_recv_stats,
+            dtypes=(torch.int32,),
+            shape=(local,),
+        )
         _check_device(buffer, cumulative_local_expert_recv_stats=cumulative_local_expert_recv_stats)
     recv_x, recv_count, op = buffer.npu_ll.dispatch(
-        x, topk_idx, topk_weights, num_max_dispatch_tokens_per_rank, num_experts, quant == "int8",
-        cumulative_local_expert_recv_stats, num_shared_ranks=shared)
+        x,
+        topk_idx,
+        topk_weights,
+        num_max_dispatch_tokens_per_rank,
+        num_experts,
+        quant == "int8",
+        cumulative_local_expert_recv_stats,
+        num_shared_ranks=shared,
+    )
     num_rows = (recv_x[0] if isinstance(recv_x, tuple) else recv_x).shape[0]
     state = NpuLowLatencyState(op=op, dtype=x.dtype, num_rows=num_rows, topk_idx=topk_idx, topk_weights=topk_weights)
-    handle = (op.assist_info_for_combine, op.recv_layout_prefix.to(torch.int64), num_max_dispatch_tokens_per_rank,
-              hidden, num_experts, recv_count, topk_weights, state)
+    handle = (
+        op.assist_info_for_combine,
+        op.recv_layout_prefix.to(torch.int64),
+        num_max_dispatch_tokens_per_rank,
+        hidden,
+        num_experts,
+        recv_count,
+        topk_weights,
+        state,
+    )
     return recv_x, recv_count, handle, EventOverlap(), _no_hook if return_recv_hook else None
 
 
-def low_latency_combine(buffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle: tuple,
-                        return_recv_hook: bool, out: Optional[torch.Tensor]):
+def low_latency_combine(
+    buffer,
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_weights: torch.Tensor,
+    handle: tuple,
+    return_recv_hook: bool,
+    out: Optional[torch.Tensor],
+):
     """Buffer.low_latency_combine on NPU: npu_moe_distribute_combine_v2 (v1 if v2 is missing).
 
     Entries of topk_idx set to -1 since the dispatch are left out (their weight becomes 0); any other
@@ -244,25 +307,51 @@ def clean_low_latency_buffer(buffer, num_max_dispatch_tokens_per_rank: int, hidd
     layout.SharedExperts.check(num_experts, buffer.group_size, shared_expert_rank_num())
 
 
-def fused_deep_moe(buffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
-                   gmm1_permuted_weight: torch.Tensor, gmm1_permuted_weight_scale: torch.Tensor,
-                   gmm2_weight: torch.Tensor, gmm2_weight_scale: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
-                   num_experts: int, quant_mode: int = 1, fuse_mode: int = 1):
+def fused_deep_moe(
+    buffer,
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_weights: torch.Tensor,
+    gmm1_permuted_weight: torch.Tensor,
+    gmm1_permuted_weight_scale: torch.Tensor,
+    gmm2_weight: torch.Tensor,
+    gmm2_weight_scale: torch.Tensor,
+    num_max_dispatch_tokens_per_rank: int,
+    num_experts: int,
+    quant_mode: int = 1,
+    fuse_mode: int = 1,
+):
     """Buffer.fused_deep_moe on NPU: MC2 dispatch (int8) + npu_grouped_matmul + npu_dequant_swiglu_quant +
     npu_grouped_matmul + MC2 combine, for int8 weights with quant_mode 0 or 1 (the weights decide, as on
     CPU) and gmm2_weight [L, H, I]. Returns (output bf16 [T, H], ep_recv_count int32 [L * R])."""
     if check_modes(quant_mode, fuse_mode) is not FuseMode.FUSED_DEEP_MOE:
-        raise ValueError("fuse_mode FuseMode.DISPATCH_FFN_COMBINE is not available on the NPU path yet (CPU "
-                         "ranks run it); use FuseMode.FUSED_DEEP_MOE")
+        raise ValueError(
+            "fuse_mode FuseMode.DISPATCH_FFN_COMBINE is not available on the NPU path yet (CPU "
+            "ranks run it); use FuseMode.FUSED_DEEP_MOE"
+        )
     if isinstance(topk_idx, torch.Tensor) and topk_idx.dtype == torch.int32:
         topk_idx = topk_idx.long()
-    _check_mc2_inputs(buffer, x, topk_idx, topk_weights, num_max_dispatch_tokens_per_rank, num_experts,
-                      (torch.bfloat16,))
+    _check_mc2_inputs(
+        buffer, x, topk_idx, topk_weights, num_max_dispatch_tokens_per_rank, num_experts, (torch.bfloat16,)
+    )
     if topk_weights is None:
         raise ValueError("fused_deep_moe needs topk_weights (float32 [T, K])")
-    _check_device(buffer, gmm1_permuted_weight=gmm1_permuted_weight,
-                  gmm1_permuted_weight_scale=gmm1_permuted_weight_scale, gmm2_weight=gmm2_weight,
-                  gmm2_weight_scale=gmm2_weight_scale)
-    return buffer.npu_ll.fused_deep_moe(x, topk_idx, topk_weights, gmm1_permuted_weight, gmm1_permuted_weight_scale,
-                                        gmm2_weight, gmm2_weight_scale, num_max_dispatch_tokens_per_rank, num_experts,
-                                        num_shared_ranks=shared_expert_rank_num())
+    _check_device(
+        buffer,
+        gmm1_permuted_weight=gmm1_permuted_weight,
+        gmm1_permuted_weight_scale=gmm1_permuted_weight_scale,
+        gmm2_weight=gmm2_weight,
+        gmm2_weight_scale=gmm2_weight_scale,
+    )
+    return buffer.npu_ll.fused_deep_moe(
+        x,
+        topk_idx,
+        topk_weights,
+        gmm1_permuted_weight,
+        gmm1_permuted_weight_scale,
+        gmm2_weight,
+        gmm2_weight_scale,
+        num_max_dispatch_tokens_per_rank,
+        num_experts,
+        num_shared_ranks=shared_expert_rank_num(),
+    )

@@ -12,6 +12,7 @@ and counts the sink experts that the release's x_active_mask rules need (by defa
 CANN's; --cann gives another), in MB rounded up and never below HCCL's default of 200. Set it
 before the process group is created: HCCL sizes its window when the communicator is made.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,15 @@ from .operators import detect_release, detect_soc, hccl_buffsize_mb, torch_npu_a
 
 __all__ = ["hccl_buffsize_mb", "report", "main"]
 
-ENV_VARIABLES = ("HCCL_BUFFSIZE", "HCCL_INTRA_PCIE_ENABLE", "HCCL_INTRA_ROCE_ENABLE", "HCCL_CONNECT_TIMEOUT",
-                 "HCCL_EXEC_TIMEOUT", "ASCEND_RT_VISIBLE_DEVICES", "DEEP_USE_MODE")
+ENV_VARIABLES = (
+    "HCCL_BUFFSIZE",
+    "HCCL_INTRA_PCIE_ENABLE",
+    "HCCL_INTRA_ROCE_ENABLE",
+    "HCCL_CONNECT_TIMEOUT",
+    "HCCL_EXEC_TIMEOUT",
+    "ASCEND_RT_VISIBLE_DEVICES",
+    "DEEP_USE_MODE",
+)
 
 
 def report() -> List[str]:
@@ -37,12 +45,16 @@ def report() -> List[str]:
     if torch_npu_available():
         import torch_npu
 
-        lines.append(f"torch_npu {getattr(torch_npu, '__version__', 'unknown')}, "
-                     f"CANN {versions.cann_version(torch_npu) or 'unknown'}")
+        lines.append(
+            f"torch_npu {getattr(torch_npu, '__version__', 'unknown')}, "
+            f"CANN {versions.cann_version(torch_npu) or 'unknown'}"
+        )
         detected = detect_soc()
         if torch.npu.is_available():
-            lines.append(f"NPUs: {torch.npu.device_count()} x {torch.npu.get_device_name()} "
-                         f"(SoC: {detected or 'other'}, mode: {versions.mc2_mode(detected) or 'none'})")
+            lines.append(
+                f"NPUs: {torch.npu.device_count()} x {torch.npu.get_device_name()} "
+                f"(SoC: {detected or 'other'}, mode: {versions.mc2_mode(detected) or 'none'})"
+            )
         else:
             lines.append("NPUs: none visible")
     else:
@@ -60,23 +72,30 @@ def report() -> List[str]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deep_ep.npu.env", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-max-dispatch-tokens-per-rank", "--nmax", type=int, dest="nmax",
-                        help="Nmax (the BS every rank pads to)")
+    parser = argparse.ArgumentParser(
+        prog="python -m deep_ep.npu.env", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--num-max-dispatch-tokens-per-rank", "--nmax", type=int, dest="nmax", help="Nmax (the BS every rank pads to)"
+    )
     parser.add_argument("--hidden", type=int, help="H")
     parser.add_argument("--num-ranks", type=int, help="R, ranks of the expert-parallel group")
     parser.add_argument("--num-experts", type=int, help="E, a multiple of R")
     parser.add_argument("--num-topk", type=int, help="K")
-    parser.add_argument("--mode", choices=versions.MODES,
-                        help="the MC2 mode (default: this machine's, from the NPU and HCCL_INTRA_*_ENABLE)")
+    parser.add_argument(
+        "--mode",
+        choices=versions.MODES,
+        help="the MC2 mode (default: this machine's, from the NPU and HCCL_INTRA_*_ENABLE)",
+    )
     parser.add_argument("--cann", help="CANN version whose rules apply, e.g. 8.3.RC1 (default: the installed one)")
     parser.add_argument("--report", action="store_true", help="print the environment report")
     args = parser.parse_args(argv)
     sizes = (args.nmax, args.hidden, args.num_ranks, args.num_experts, args.num_topk)
     if not args.report and any(v is None for v in sizes):
-        parser.error("give all of --num-max-dispatch-tokens-per-rank, --hidden, --num-ranks, --num-experts, "
-                     "--num-topk (or --report)")
+        parser.error(
+            "give all of --num-max-dispatch-tokens-per-rank, --hidden, --num-ranks, --num-experts, "
+            "--num-topk (or --report)"
+        )
     if args.report:
         print("\n".join(report()), file=sys.stderr if all(v is not None for v in sizes) else sys.stdout)
     if all(v is not None for v in sizes):

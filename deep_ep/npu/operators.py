@@ -99,9 +99,16 @@ def _align(value: int, to: int) -> int:
     return (value + to - 1) // to * to
 
 
-def hccl_buffsize_mb(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int,
-                     num_topk: int, mode: str | None = None, release: versions.Release | None = None,
-                     num_shared_ranks: int = 0) -> int:
+def hccl_buffsize_mb(
+    num_max_dispatch_tokens_per_rank: int,
+    hidden: int,
+    num_ranks: int,
+    num_experts: int,
+    num_topk: int,
+    mode: str | None = None,
+    release: versions.Release | None = None,
+    num_shared_ranks: int = 0,
+) -> int:
     """``HCCL_BUFFSIZE`` (MB) the MC2 dispatch/combine operators need for these sizes.
 
     ``mode``: "A2-fullmesh", "A2-hierarchy" or "A3" (None: this machine's, from the device and the
@@ -124,8 +131,10 @@ def hccl_buffsize_mb(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ran
     if mode is None:
         mode = versions.mc2_mode(detect_soc())
         if mode is None:
-            raise ValueError("no Atlas A2/A3 NPU detected: give the mode (A2-fullmesh, A2-hierarchy or A3; --mode "
-                             "on the command line)")
+            raise ValueError(
+                "no Atlas A2/A3 NPU detected: give the mode (A2-fullmesh, A2-hierarchy or A3; --mode "
+                "on the command line)"
+            )
     if mode not in versions.MODES:
         raise ValueError(f"mode must be one of {list(versions.MODES)}, got {mode!r}")
     release = release or detect_release()
@@ -136,11 +145,11 @@ def hccl_buffsize_mb(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ran
     if mode == versions.A2_FULLMESH:
         need = 2 * (bs * num_ranks * min(op_local, num_topk) * row + 2 * _MB)
     elif mode == versions.A2_HIERARCHY:
-        need = ((op_local * num_ranks + num_ranks // 4) * _align(bs * (row + 4 * _align(num_topk, 8) * 4), 512)
-                + 8 * _MB)
+        need = (op_local * num_ranks + num_ranks // 4) * _align(bs * (row + 4 * _align(num_topk, 8) * 4), 512) + 8 * _MB
     else:  # one shared expert: the operators' default shared_expert_num
-        need = 2 * (bs * num_ranks * op_local * _align(_align(row, 32) + 64, 512)
-                    + bs * (num_topk + 1) * _align(row, 512))
+        need = 2 * (
+            bs * num_ranks * op_local * _align(_align(row, 32) + 64, 512) + bs * (num_topk + 1) * _align(row, 512)
+        )
     return max(_HCCL_DEFAULT_MB, math.ceil(need / _MB))
 
 
@@ -162,8 +171,10 @@ def _unpermute_gate_up(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch
     # [.., tile j, (gate|up), 64] -> [.., (gate|up), tile j, 64]
     w = weight.reshape(num_local_experts, hidden, tiles, 2, _GATE_UP_TILE).transpose(2, 3)
     s = scale.reshape(num_local_experts, tiles, 2, _GATE_UP_TILE).transpose(1, 2)
-    return (w.reshape(num_local_experts, hidden, two_i).contiguous(),
-            s.reshape(num_local_experts, two_i).to(torch.float32).contiguous())
+    return (
+        w.reshape(num_local_experts, hidden, two_i).contiguous(),
+        s.reshape(num_local_experts, two_i).to(torch.float32).contiguous(),
+    )
 
 
 def _shared_expert_args(num_shared_ranks: int) -> dict:
@@ -256,8 +267,9 @@ class OperatorExperts:
         return None
 
 
-def recv_layout(ep_recv_counts: torch.Tensor, expert_token_nums: torch.Tensor, experts: OperatorExperts
-                ) -> torch.Tensor:
+def recv_layout(
+    ep_recv_counts: torch.Tensor, expert_token_nums: torch.Tensor, experts: OperatorExperts
+) -> torch.Tensor:
     """int64 ``[L * R]``: inclusive prefix of received rows per (local expert e, source rank r) at ``e * R + r``.
 
     Read from the dispatch's ``ep_recv_counts`` (``[L' * R]`` prefix first, then product-specific
@@ -277,8 +289,9 @@ def recv_layout(ep_recv_counts: torch.Tensor, expert_token_nums: torch.Tensor, e
             f"deep_ep: the MC2 dispatch's ep_recv_counts (shape {tuple(ep_recv_counts.shape)}) is not the inclusive "
             f"prefix of rows per (local expert, source rank) at [e * R + r] that agrees with expert_token_nums "
             f"{counts.tolist()}: this CANN changed its layout. deep_ep reads it for the low-latency handle's layout "
-            "and fused_deep_moe's ep_recv_count; please report it with `python -m deep_ep.npu.env --report`.")
-    return prefix[:experts.num_local_experts * experts.num_ranks]
+            "and fused_deep_moe's ep_recv_count; please report it with `python -m deep_ep.npu.env --report`."
+        )
+    return prefix[: experts.num_local_experts * experts.num_ranks]
 
 
 @dataclasses.dataclass
@@ -322,8 +335,9 @@ class NpuLowLatency:
     data between devices. The module doc says how deep_ep's routing maps onto the operators.
     """
 
-    def __init__(self, group: dist.ProcessGroup, rank: int, num_ranks: int,
-                 num_experts_hint: int | None = None) -> None:
+    def __init__(
+        self, group: dist.ProcessGroup, rank: int, num_ranks: int, num_experts_hint: int | None = None
+    ) -> None:
         """Create the dedicated HCCL communicator. Collective: every rank of ``group`` must call.
 
         ``rank``/``num_ranks``: this process's rank in ``group`` and its size.
@@ -332,8 +346,7 @@ class NpuLowLatency:
         import torch_npu
 
         if num_experts_hint is not None and num_experts_hint % num_ranks != 0:
-            raise ValueError(f"num_experts ({num_experts_hint}) must be a multiple of "
-                             f"num_ranks ({num_ranks})")
+            raise ValueError(f"num_experts ({num_experts_hint}) must be a multiple of num_ranks ({num_ranks})")
         self._torch_npu = torch_npu
         self.rank = rank
         self.num_ranks = num_ranks
@@ -345,35 +358,57 @@ class NpuLowLatency:
         # in the new group equals `rank`. Collective over the ranks of `group` only.
         self.group = groups.group_over(group, "hccl")
         self.comm_name: str = self.group._get_backend(_npu_device()).get_hccl_comm_name(rank)
-        self._use_v2 = (hasattr(torch_npu, "npu_moe_distribute_dispatch_v2")
-                        and hasattr(torch_npu, "npu_moe_distribute_combine_v2"))
+        self._use_v2 = hasattr(torch_npu, "npu_moe_distribute_dispatch_v2") and hasattr(
+            torch_npu, "npu_moe_distribute_combine_v2"
+        )
         # id(weight) -> (weight ref, weight version, scale ref, scale version, converted weight, scale)
         self._gate_up_cache: dict[int, tuple] = {}
 
     @property
     def mode(self) -> str | None:
-        """"A3", "A2-fullmesh" or "A2-hierarchy" (from the device and HCCL's environment), None elsewhere."""
+        """ "A3", "A2-fullmesh" or "A2-hierarchy" (from the device and HCCL's environment), None elsewhere."""
         return versions.mc2_mode(self.soc)
 
     def operator_experts(self, num_experts: int, num_topk: int, num_shared_ranks: int = 0) -> OperatorExperts:
         """The expert mapping this rank's calls use for E routed experts, top-k K and S shared-expert ranks."""
         mask = versions.mask_rank(self.release, self.mode, self._use_v2)
-        return OperatorExperts(rank=self.rank, num_ranks=self.num_ranks, num_experts=num_experts, mask_rank=mask,
-                               sinks=versions.sinks_per_rank(mask, self.num_ranks - num_shared_ranks, num_topk),
-                               num_shared_ranks=num_shared_ranks)
+        return OperatorExperts(
+            rank=self.rank,
+            num_ranks=self.num_ranks,
+            num_experts=num_experts,
+            mask_rank=mask,
+            sinks=versions.sinks_per_rank(mask, self.num_ranks - num_shared_ranks, num_topk),
+            num_shared_ranks=num_shared_ranks,
+        )
 
-    def check_limits(self, hidden: int, bs: int, num_topk: int, num_experts: int, has_weights: bool,
-                     num_shared_ranks: int = 0) -> None:
+    def check_limits(
+        self, hidden: int, bs: int, num_topk: int, num_experts: int, has_weights: bool, num_shared_ranks: int = 0
+    ) -> None:
         """ValueError naming the operator limit of this device, mode and release that the sizes break."""
         experts = self.operator_experts(num_experts, num_topk, num_shared_ranks)
-        versions.check_limits(self.release, self.mode, self.num_ranks, hidden, bs, num_topk,
-                              experts.local_per_routed_rank, experts.total, has_weights)
+        versions.check_limits(
+            self.release,
+            self.mode,
+            self.num_ranks,
+            hidden,
+            bs,
+            num_topk,
+            experts.local_per_routed_rank,
+            experts.total,
+            has_weights,
+        )
 
-    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor | None,
-                 num_max_dispatch_tokens_per_rank: int, num_experts: int, use_int8: bool,
-                 cumulative_local_expert_recv_stats: torch.Tensor | None, num_shared_ranks: int = 0
-                 ) -> tuple[torch.Tensor | tuple[torch.Tensor, torch.Tensor], torch.Tensor,
-                            NpuLowLatencyHandle]:
+    def dispatch(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor | None,
+        num_max_dispatch_tokens_per_rank: int,
+        num_experts: int,
+        use_int8: bool,
+        cumulative_local_expert_recv_stats: torch.Tensor | None,
+        num_shared_ranks: int = 0,
+    ) -> tuple[torch.Tensor | tuple[torch.Tensor, torch.Tensor], torch.Tensor, NpuLowLatencyHandle]:
         """Low-latency dispatch with ``npu_moe_distribute_dispatch_v2`` (v1 if v2 is missing).
 
         Args:
@@ -403,8 +438,10 @@ class NpuLowLatency:
         if topk_idx.shape[0] != num_tokens:
             raise ValueError(f"topk_idx must be [T={num_tokens}, K]; got {tuple(topk_idx.shape)}")
         if nmax < 1 or num_tokens > nmax:
-            raise ValueError(f"x has {num_tokens} tokens; expected at most "
-                             f"num_max_dispatch_tokens_per_rank={nmax} (which must be >= 1)")
+            raise ValueError(
+                f"x has {num_tokens} tokens; expected at most "
+                f"num_max_dispatch_tokens_per_rank={nmax} (which must be >= 1)"
+            )
         roles = layout.SharedExperts.check(num_experts, num_ranks, num_shared_ranks)
         self.check_limits(hidden, nmax, num_topk, num_experts, topk_weights is not None, num_shared_ranks)
         experts = self.operator_experts(num_experts, num_topk, num_shared_ranks)
@@ -430,15 +467,22 @@ class NpuLowLatency:
             # On A2 the dispatch turns them into the expand_scales its combine takes; on A3 they
             # only serve comm_alg="hierarchy", which is not used.
             expert_scales=weights_pad if on_a2 else None,
-            quant_mode=2 if use_int8 else 0, global_bs=global_bs, expert_token_nums_type=1,
-            **_shared_expert_args(num_shared_ranks))
-        operator = (self._torch_npu.npu_moe_distribute_dispatch_v2 if self._use_v2
-                    else self._torch_npu.npu_moe_distribute_dispatch)
+            quant_mode=2 if use_int8 else 0,
+            global_bs=global_bs,
+            expert_token_nums_type=1,
+            **_shared_expert_args(num_shared_ranks),
+        )
+        operator = (
+            self._torch_npu.npu_moe_distribute_dispatch_v2
+            if self._use_v2
+            else self._torch_npu.npu_moe_distribute_dispatch
+        )
         outputs = operator(x_pad, expert_ids, self.comm_name, num_ranks, self.rank, experts.total, **kwargs)
-        (expand_x, dynamic_scales, assist_info, expert_token_nums, ep_recv_counts,
-         tp_recv_counts, expand_scales) = outputs[:7]
+        (expand_x, dynamic_scales, assist_info, expert_token_nums, ep_recv_counts, tp_recv_counts, expand_scales) = (
+            outputs[:7]
+        )
 
-        recv_count = expert_token_nums[:experts.num_local_experts].to(torch.int64)
+        recv_count = expert_token_nums[: experts.num_local_experts].to(torch.int64)
         layout_prefix = recv_layout(ep_recv_counts, expert_token_nums, experts)
         if cumulative_local_expert_recv_stats is not None:
             cumulative_local_expert_recv_stats.add_(recv_count.to(cumulative_local_expert_recv_stats.dtype))
@@ -447,16 +491,33 @@ class NpuLowLatency:
         if use_int8:
             recv_x = (recv_x, dynamic_scales[:rows_out])
         handle = NpuLowLatencyHandle(
-            assist_info_for_combine=assist_info, ep_recv_counts=ep_recv_counts,
-            tp_recv_counts=tp_recv_counts, expand_scales=expand_scales if on_a2 else None,
-            expert_ids=expert_ids, x_active_mask=mask, topk_weights=weights_pad,
-            recv_count=recv_count, recv_layout_prefix=layout_prefix, experts=experts,
-            num_max_dispatch_tokens_per_rank=nmax, hidden=hidden, num_tokens=num_tokens,
-            expand_rows=expand_x.shape[0], global_bs=global_bs, use_v2=self._use_v2)
+            assist_info_for_combine=assist_info,
+            ep_recv_counts=ep_recv_counts,
+            tp_recv_counts=tp_recv_counts,
+            expand_scales=expand_scales if on_a2 else None,
+            expert_ids=expert_ids,
+            x_active_mask=mask,
+            topk_weights=weights_pad,
+            recv_count=recv_count,
+            recv_layout_prefix=layout_prefix,
+            experts=experts,
+            num_max_dispatch_tokens_per_rank=nmax,
+            hidden=hidden,
+            num_tokens=num_tokens,
+            expand_rows=expand_x.shape[0],
+            global_bs=global_bs,
+            use_v2=self._use_v2,
+        )
         return recv_x, recv_count, handle
 
-    def combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
-                handle: NpuLowLatencyHandle, out: torch.Tensor | None = None) -> torch.Tensor:
+    def combine(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        handle: NpuLowLatencyHandle,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Weighted combine with ``npu_moe_distribute_combine_v2`` (v1 with expand_idx if v2 is missing).
 
         Args:
@@ -479,8 +540,7 @@ class NpuLowLatency:
             raise ValueError(f"x has {x.shape[0]} rows; the dispatch produced {handle.expand_rows}")
         for name, t in (("topk_idx", topk_idx), ("topk_weights", topk_weights)):
             if tuple(t.shape) != (num_tokens, num_topk):
-                raise ValueError(f"{name} must be [T={num_tokens}, K={num_topk}] as at dispatch; "
-                                 f"got {tuple(t.shape)}")
+                raise ValueError(f"{name} must be [T={num_tokens}, K={num_topk}] as at dispatch; got {tuple(t.shape)}")
         if x.shape[0] < handle.expand_rows:  # dispatch returned only the first M of A rows
             x = torch.cat([x, x.new_zeros(handle.expand_rows - x.shape[0], hidden)])
         if handle.experts.sinks:
@@ -492,28 +552,57 @@ class NpuLowLatency:
         weights[:num_tokens] = torch.where(topk_idx >= 0, topk_weights, 0.0)  # sinks and padding stay 0
 
         kwargs = dict(
-            tp_send_counts=handle.tp_recv_counts, x_active_mask=handle.x_active_mask,
-            expand_scales=handle.expand_scales, global_bs=handle.global_bs,
-            **_shared_expert_args(handle.num_shared_ranks))
+            tp_send_counts=handle.tp_recv_counts,
+            x_active_mask=handle.x_active_mask,
+            expand_scales=handle.expand_scales,
+            global_bs=handle.global_bs,
+            **_shared_expert_args(handle.num_shared_ranks),
+        )
         if handle.use_v2:
             combined = self._torch_npu.npu_moe_distribute_combine_v2(
-                x, handle.expert_ids, handle.assist_info_for_combine, handle.ep_recv_counts, weights,
-                self.comm_name, self.num_ranks, self.rank, handle.experts.total, **kwargs)
+                x,
+                handle.expert_ids,
+                handle.assist_info_for_combine,
+                handle.ep_recv_counts,
+                weights,
+                self.comm_name,
+                self.num_ranks,
+                self.rank,
+                handle.experts.total,
+                **kwargs,
+            )
         else:
             combined = self._torch_npu.npu_moe_distribute_combine(
-                x, handle.expert_ids, handle.assist_info_for_combine, handle.ep_recv_counts, weights,
-                self.comm_name, self.num_ranks, self.rank, handle.experts.total, **kwargs)
+                x,
+                handle.expert_ids,
+                handle.assist_info_for_combine,
+                handle.ep_recv_counts,
+                weights,
+                self.comm_name,
+                self.num_ranks,
+                self.rank,
+                handle.experts.total,
+                **kwargs,
+            )
         result = combined[:num_tokens]
         if out is None:
             return result
         out.copy_(result)
         return out
 
-    def fused_deep_moe(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
-                       gmm1_permuted_weight: torch.Tensor, gmm1_permuted_weight_scale: torch.Tensor,
-                       gmm2_weight: torch.Tensor, gmm2_weight_scale: torch.Tensor,
-                       num_max_dispatch_tokens_per_rank: int, num_experts: int, num_shared_ranks: int = 0
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    def fused_deep_moe(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        gmm1_permuted_weight: torch.Tensor,
+        gmm1_permuted_weight_scale: torch.Tensor,
+        gmm2_weight: torch.Tensor,
+        gmm2_weight_scale: torch.Tensor,
+        num_max_dispatch_tokens_per_rank: int,
+        num_experts: int,
+        num_shared_ranks: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """W8A8 SwiGLU expert MLP between an MC2 dispatch and combine (Buffer.fused_deep_moe).
 
         dispatch (quant_mode=2) -> ``npu_grouped_matmul`` int8 x int8 -> int32 ``[A, 2I]``
@@ -538,17 +627,22 @@ class NpuLowLatency:
             ``ep_recv_count[e * R + r]`` = rows local expert e received from rank r,
             taken as differences of the dispatch's ``ep_recv_counts`` prefix (see module doc).
         """
-        num_local_experts = layout.SharedExperts.check(num_experts, self.num_ranks,
-                                                       num_shared_ranks).local_experts(self.rank)
+        num_local_experts = layout.SharedExperts.check(num_experts, self.num_ranks, num_shared_ranks).local_experts(
+            self.rank
+        )
         hidden = x.shape[1]
         if gmm1_permuted_weight.dtype != torch.int8 or gmm2_weight.dtype != torch.int8:
-            raise TypeError(f"gmm1_permuted_weight and gmm2_weight must be int8; got "
-                            f"{gmm1_permuted_weight.dtype} and {gmm2_weight.dtype}")
+            raise TypeError(
+                f"gmm1_permuted_weight and gmm2_weight must be int8; got "
+                f"{gmm1_permuted_weight.dtype} and {gmm2_weight.dtype}"
+            )
         two_i = gmm1_permuted_weight.shape[-1]
         if two_i <= 0 or two_i % (2 * _GATE_UP_TILE):
-            raise ValueError(f"gmm1_permuted_weight's last dimension (2I) must be a positive "
-                             f"multiple of {2 * _GATE_UP_TILE} (whole 64-column gate/up tiles); "
-                             f"got {two_i}")
+            raise ValueError(
+                f"gmm1_permuted_weight's last dimension (2I) must be a positive "
+                f"multiple of {2 * _GATE_UP_TILE} (whole 64-column gate/up tiles); "
+                f"got {two_i}"
+            )
         intermediate = two_i // 2
         expected = {
             "gmm1_permuted_weight": (gmm1_permuted_weight, (num_local_experts, hidden, two_i)),
@@ -558,35 +652,61 @@ class NpuLowLatency:
         }
         for name, (tensor, shape) in expected.items():
             if tuple(tensor.shape) != shape:
-                raise ValueError(f"{name} must be {list(shape)} (L={num_local_experts}, H={hidden}, "
-                                 f"I={intermediate}); got {list(tensor.shape)}")
+                raise ValueError(
+                    f"{name} must be {list(shape)} (L={num_local_experts}, H={hidden}, "
+                    f"I={intermediate}); got {list(tensor.shape)}"
+                )
 
         (recv_xq, recv_scale), recv_count, handle = self.dispatch(
-            x, topk_idx, topk_weights, num_max_dispatch_tokens_per_rank, num_experts,
-            use_int8=True, cumulative_local_expert_recv_stats=None, num_shared_ranks=num_shared_ranks)
+            x,
+            topk_idx,
+            topk_weights,
+            num_max_dispatch_tokens_per_rank,
+            num_experts,
+            use_int8=True,
+            cumulative_local_expert_recv_stats=None,
+            num_shared_ranks=num_shared_ranks,
+        )
         w1, s1 = self._gate_up_weights(gmm1_permuted_weight, gmm1_permuted_weight_scale)
         w2, _ = self._converted(gmm2_weight, None, _in_out_weight)
         torch_npu = self._torch_npu
         h_int32 = torch_npu.npu_grouped_matmul(
-            [recv_xq], [w1], group_list=recv_count, group_type=0, split_item=2,
-            group_list_type=1, output_dtype=torch.int32)[0]
+            [recv_xq],
+            [w1],
+            group_list=recv_count,
+            group_type=0,
+            split_item=2,
+            group_list_type=1,
+            output_dtype=torch.int32,
+        )[0]
         # dequant with per-token x scales and per-column w1 scales, silu(gate) * up,
         # then per-token dynamic int8 requantization (quant_mode=1)
         a_int8, a_scale = torch_npu.npu_dequant_swiglu_quant(
-            h_int32, weight_scale=s1, activation_scale=recv_scale, group_index=recv_count,
-            activate_left=True, quant_mode=1)
+            h_int32,
+            weight_scale=s1,
+            activation_scale=recv_scale,
+            group_index=recv_count,
+            activate_left=True,
+            quant_mode=1,
+        )
         # int8 x int8 with bf16 output takes its per-channel scale in bf16
         y = torch_npu.npu_grouped_matmul(
-            [a_int8], [w2], scale=[gmm2_weight_scale.to(torch.bfloat16)],
-            per_token_scale=[a_scale], group_list=recv_count, group_type=0, split_item=2,
-            group_list_type=1, output_dtype=torch.bfloat16)[0]
+            [a_int8],
+            [w2],
+            scale=[gmm2_weight_scale.to(torch.bfloat16)],
+            per_token_scale=[a_scale],
+            group_list=recv_count,
+            group_type=0,
+            split_item=2,
+            group_list_type=1,
+            output_dtype=torch.bfloat16,
+        )[0]
         output = self.combine(y, topk_idx, topk_weights, handle)
         prefix = handle.recv_layout_prefix  # checked against expert_token_nums (recv_layout)
         ep_recv_count = torch.diff(prefix, prepend=prefix.new_zeros(1)).to(torch.int32)
         return output, ep_recv_count
 
-    def _gate_up_weights(self, weight: torch.Tensor, scale: torch.Tensor
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gate_up_weights(self, weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[gate | up]`` copies of gmm1's tile-interleaved weight ``[L, H, 2I]`` and scale ``[L, 2I]``.
 
         ``npu_dequant_swiglu_quant(activate_left=True)`` wants gate and up as the
@@ -596,21 +716,33 @@ class NpuLowLatency:
         """
         return self._converted(weight, scale, _unpermute_gate_up)
 
-    def _converted(self, weight: torch.Tensor, scale: torch.Tensor | None, convert
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _converted(
+        self, weight: torch.Tensor, scale: torch.Tensor | None, convert
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``convert(weight, scale)``, cached per weight tensor and redone when the weight or the
         scale is replaced or modified in place (``_version``)."""
         key = id(weight)
         scale_version = None if scale is None else scale._version
         hit = self._gate_up_cache.get(key)
-        if (hit is not None and hit[0]() is weight and hit[1] == weight._version
-                and (hit[2] is None if scale is None else hit[2]() is scale) and hit[3] == scale_version):
+        if (
+            hit is not None
+            and hit[0]() is weight
+            and hit[1] == weight._version
+            and (hit[2] is None if scale is None else hit[2]() is scale)
+            and hit[3] == scale_version
+        ):
             return hit[4], hit[5]
         w, s = convert(weight, scale)
         if hit is None:  # drop the entry when the weight is freed (without keeping self alive)
             weakref.finalize(weight, NpuLowLatency._forget_weight, weakref.ref(self), key)
-        self._gate_up_cache[key] = (weakref.ref(weight), weight._version,
-                                    None if scale is None else weakref.ref(scale), scale_version, w, s)
+        self._gate_up_cache[key] = (
+            weakref.ref(weight),
+            weight._version,
+            None if scale is None else weakref.ref(scale),
+            scale_version,
+            w,
+            s,
+        )
         return w, s
 
     @staticmethod

@@ -15,6 +15,7 @@ torch_npu's own ``__version__`` follows torch (e.g. ``2.6.0.post3``), so the rel
 found from the CANN version it runs on (CANN 8.2 <-> torch_npu 7.1.0, 8.3 <-> 7.2.0,
 8.5 <-> 7.3.0). An unknown CANN gets the rules of the oldest release with v2 operators.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,18 +50,41 @@ _OLDER_A2 = dict(a2_max_local_experts=24, a2_max_experts=512, a2_hidden_multiple
 _COMM_ALG = {"A2": ("", "fullmesh", "hierarchy"), "A3": ("", "fullmesh_v1", "fullmesh_v2")}
 
 RELEASES = (
-    Release("7.1.0", (8, 2), comm_alg={}, mask_rank={A3: MASK_ROWS, A2_FULLMESH: MASK_NONE, A2_HIERARCHY: MASK_NONE},
-            a2_ranks=frozenset({16, 32, 64}), **_OLDER_A2),
-    Release("7.2.0", (8, 3), comm_alg=_COMM_ALG,
-            mask_rank={A3: MASK_ENTRIES, A2_FULLMESH: MASK_ROWS, A2_HIERARCHY: MASK_NONE},
-            a2_ranks=frozenset(r for r in _A2_V2_RANKS if r % 8 == 0), **_OLDER_A2),
-    Release("7.3.0", (8, 5), comm_alg=_COMM_ALG,
-            mask_rank={A3: MASK_ENTRIES, A2_FULLMESH: MASK_ENTRIES, A2_HIERARCHY: MASK_NONE},
-            a2_ranks=frozenset(r for r in _A2_V2_RANKS if r % 8 == 0), **_OLDER_A2),
+    Release(
+        "7.1.0",
+        (8, 2),
+        comm_alg={},
+        mask_rank={A3: MASK_ROWS, A2_FULLMESH: MASK_NONE, A2_HIERARCHY: MASK_NONE},
+        a2_ranks=frozenset({16, 32, 64}),
+        **_OLDER_A2,
+    ),
+    Release(
+        "7.2.0",
+        (8, 3),
+        comm_alg=_COMM_ALG,
+        mask_rank={A3: MASK_ENTRIES, A2_FULLMESH: MASK_ROWS, A2_HIERARCHY: MASK_NONE},
+        a2_ranks=frozenset(r for r in _A2_V2_RANKS if r % 8 == 0),
+        **_OLDER_A2,
+    ),
+    Release(
+        "7.3.0",
+        (8, 5),
+        comm_alg=_COMM_ALG,
+        mask_rank={A3: MASK_ENTRIES, A2_FULLMESH: MASK_ENTRIES, A2_HIERARCHY: MASK_NONE},
+        a2_ranks=frozenset(r for r in _A2_V2_RANKS if r % 8 == 0),
+        **_OLDER_A2,
+    ),
     # CANN after 8.5: the master documentation, without the older A2 limits
-    Release("newer", (9, 0), comm_alg=_COMM_ALG,
-            mask_rank={A3: MASK_ENTRIES, A2_FULLMESH: MASK_ENTRIES, A2_HIERARCHY: MASK_NONE},
-            a2_ranks=_A2_V2_RANKS, a2_max_local_experts=None, a2_max_experts=None, a2_hidden_multiple=1),
+    Release(
+        "newer",
+        (9, 0),
+        comm_alg=_COMM_ALG,
+        mask_rank={A3: MASK_ENTRIES, A2_FULLMESH: MASK_ENTRIES, A2_HIERARCHY: MASK_NONE},
+        a2_ranks=_A2_V2_RANKS,
+        a2_max_local_experts=None,
+        a2_max_experts=None,
+        a2_hidden_multiple=1,
+    ),
 )
 OLDEST = RELEASES[0]
 
@@ -121,8 +145,17 @@ def sinks_per_rank(mask: int, num_ranks: int, num_topk: int) -> int:
     return 0 if mask == MASK_ENTRIES else math.ceil(num_topk / num_ranks)
 
 
-def check_limits(release: Release, mode: Optional[str], num_ranks: int, hidden: int, bs: int, num_topk: int,
-                 op_local_experts: int, op_experts: int, has_weights: bool) -> None:
+def check_limits(
+    release: Release,
+    mode: Optional[str],
+    num_ranks: int,
+    hidden: int,
+    bs: int,
+    num_topk: int,
+    op_local_experts: int,
+    op_experts: int,
+    has_weights: bool,
+) -> None:
     """ValueError naming the operator limit these sizes break (nothing is checked for an unknown device).
 
     ``bs`` is the per-rank batch passed to the operators (Nmax); ``op_local_experts`` / ``op_experts``
@@ -147,35 +180,48 @@ def check_limits(release: Release, mode: Optional[str], num_ranks: int, hidden: 
         return
     if mode == A2_HIERARCHY:
         if num_ranks not in (16, 32, 64):
-            fail(f"num_ranks in 16, 32, 64 (HCCL_INTRA_PCIE_ENABLE=1, HCCL_INTRA_ROCE_ENABLE=0 selects "
-                 f"hierarchical mode); got num_ranks={num_ranks}")
+            fail(
+                f"num_ranks in 16, 32, 64 (HCCL_INTRA_PCIE_ENABLE=1, HCCL_INTRA_ROCE_ENABLE=0 selects "
+                f"hierarchical mode); got num_ranks={num_ranks}"
+            )
         if hidden > 10240:
             fail(f"hidden <= 10240; got hidden={hidden}")
         if not has_weights:
-            raise ValueError("topk_weights is required in A2 hierarchical mode (HCCL_INTRA_PCIE_ENABLE=1, "
-                             "HCCL_INTRA_ROCE_ENABLE=0): the operators take them at dispatch (expert_scales)")
+            raise ValueError(
+                "topk_weights is required in A2 hierarchical mode (HCCL_INTRA_PCIE_ENABLE=1, "
+                "HCCL_INTRA_ROCE_ENABLE=0): the operators take them at dispatch (expert_scales)"
+            )
     else:
         if num_ranks not in release.a2_ranks:
             fail(f"num_ranks in {sorted(release.a2_ranks)}; got num_ranks={num_ranks}")
         if hidden > 7168:
             fail(f"hidden <= 7168; got hidden={hidden}")
         if release.a2_max_local_experts is not None and op_local_experts > release.a2_max_local_experts:
-            fail(f"at most {release.a2_max_local_experts} experts per rank; got {op_local_experts} (the local "
-                 "experts plus the sink experts that take -1 entries of topk_idx)")
+            fail(
+                f"at most {release.a2_max_local_experts} experts per rank; got {op_local_experts} (the local "
+                "experts plus the sink experts that take -1 entries of topk_idx)"
+            )
     if bs > 256:
         fail(f"at most 256 tokens per rank (num_max_dispatch_tokens_per_rank); got {bs}")
     if hidden % release.a2_hidden_multiple:
         fail(f"hidden a multiple of {release.a2_hidden_multiple}; got hidden={hidden}")
     if release.a2_max_experts is not None and op_experts > release.a2_max_experts:
-        fail(f"at most {release.a2_max_experts} experts; got {op_experts} (num_experts plus the sink experts that "
-             "take -1 entries of topk_idx)")
+        fail(
+            f"at most {release.a2_max_experts} experts; got {op_experts} (num_experts plus the sink experts that "
+            "take -1 entries of topk_idx)"
+        )
 
 
 def describe(release: Release) -> str:
     """One line per fact of a release, for ``python -m deep_ep.npu.env --report``."""
     masks = ", ".join(f"{mode}: {('None', '[BS]', '[BS, K]')[release.mask_rank[mode]]}" for mode in MODES)
     algs = "; ".join(f"{soc}: {list(values)}" for soc, values in release.comm_alg.items()) or "no comm_alg argument"
-    older = (f"A2 L <= {release.a2_max_local_experts}, E <= {release.a2_max_experts}, H % "
-             f"{release.a2_hidden_multiple} == 0" if release.a2_max_local_experts else "no older A2 limits")
-    return (f"rules of torch_npu {release.name} (CANN {release.cann[0]}.{release.cann[1]}): x_active_mask {masks}; "
-            f"comm_alg {algs} (deep_ep passes none); A2 fullmesh R in {sorted(release.a2_ranks)}; {older}")
+    older = (
+        f"A2 L <= {release.a2_max_local_experts}, E <= {release.a2_max_experts}, H % {release.a2_hidden_multiple} == 0"
+        if release.a2_max_local_experts
+        else "no older A2 limits"
+    )
+    return (
+        f"rules of torch_npu {release.name} (CANN {release.cann[0]}.{release.cann[1]}): x_active_mask {masks}; "
+        f"comm_alg {algs} (deep_ep passes none); A2 fullmesh R in {sorted(release.a2_ranks)}; {older}"
+    )

@@ -12,6 +12,7 @@ checks the arguments, numbers the calls and owns the receive buffers; the handle
 7-tuple (deep_ep/handles.py). `hook` is always a callable; without return_recv_hook the data has
 arrived already and it does nothing.
 """
+
 from __future__ import annotations
 
 from typing import Callable, List, Optional, Tuple
@@ -69,17 +70,41 @@ class SharedMemoryLowLatency:
             rt.ll_finish(kind, call)
             raise ValueError(problem)
 
-    def send_dispatch(self, rt: LowLatencyMode, state: LowLatencyState, x: torch.Tensor, slot: torch.Tensor,
-                      counts: torch.Tensor, what: str) -> None:
+    def send_dispatch(
+        self,
+        rt: LowLatencyMode,
+        state: LowLatencyState,
+        x: torch.Tensor,
+        slot: torch.Tensor,
+        counts: torch.Tensor,
+        what: str,
+    ) -> None:
         ll, seq, parity = self.ll, state.seq, state.seq & 1
         areas = ll.areas(state.num_max_tokens, state.hidden, state.num_experts, parity)
         rt.ll_guard(lambda: ll.wait_acks(0, parity, seq, what))
         me = ll.local_index
-        deep_ep_cpp.ll_dispatch_send(x.data_ptr(), NATIVE_DTYPE_CODES[x.dtype], state.quantized, state.num_tokens,
-                                     state.hidden, state.num_topk, state.topk_idx.numpy(), slot.numpy(),
-                                     state.num_experts // rt.group_size, me, state.num_max_tokens, areas.tokens[me],
-                                     areas.scales[me], areas.info, state.header, ll.send_header[0][parity],
-                                     counts.numpy(), ll.send_signal[0][parity], seq, rt.num_threads)
+        deep_ep_cpp.ll_dispatch_send(
+            x.data_ptr(),
+            NATIVE_DTYPE_CODES[x.dtype],
+            state.quantized,
+            state.num_tokens,
+            state.hidden,
+            state.num_topk,
+            state.topk_idx.numpy(),
+            slot.numpy(),
+            state.num_experts // rt.group_size,
+            me,
+            state.num_max_tokens,
+            areas.tokens[me],
+            areas.scales[me],
+            areas.info,
+            state.header,
+            ll.send_header[0][parity],
+            counts.numpy(),
+            ll.send_signal[0][parity],
+            seq,
+            rt.num_threads,
+        )
 
     def receive_dispatch(self, rt: LowLatencyMode, state: LowLatencyState) -> None:
         ll = self.ll
@@ -91,28 +116,57 @@ class SharedMemoryLowLatency:
         me = ll.local_index
         recv = state.recv
         state.total = deep_ep_cpp.ll_pack(
-            areas.info[me], areas.tokens, areas.scales if state.quantized else [],
-            recv[0].shape[1] * recv[0].element_size(), state.num_topk, block_rows,
-            state.layout_range.numpy(), state.num_max_tokens, recv[0].data_ptr(),
-            recv[1].data_ptr() if state.quantized else 0, state.src_info.numpy(), state.num_rows,
-            ll.recv_ack[0][parity], state.seq, rt.num_threads)
+            areas.info[me],
+            areas.tokens,
+            areas.scales if state.quantized else [],
+            recv[0].shape[1] * recv[0].element_size(),
+            state.num_topk,
+            block_rows,
+            state.layout_range.numpy(),
+            state.num_max_tokens,
+            recv[0].data_ptr(),
+            recv[1].data_ptr() if state.quantized else 0,
+            state.src_info.numpy(),
+            state.num_rows,
+            ll.recv_ack[0][parity],
+            state.seq,
+            rt.num_threads,
+        )
 
     def send_combine(self, rt: LowLatencyMode, task: LowLatencyCombine, x: torch.Tensor, what: str) -> None:
         ll, state, seq, parity = self.ll, task.state, task.seq, task.seq & 1
         total, hidden = state.total, state.hidden
         areas = ll.areas(state.num_max_tokens, hidden, state.num_experts, parity)
         rt.ll_guard(lambda: ll.wait_acks(1, parity, seq, what))
-        deep_ep_cpp.ll_combine_send(x.data_ptr(), hidden * x.element_size(), total, state.src_info[:total].numpy(),
-                                    state.num_topk, areas.returns, areas.return_rows, task.header,
-                                    ll.send_header[1][parity], ll.send_signal[1][parity], seq, rt.num_threads)
+        deep_ep_cpp.ll_combine_send(
+            x.data_ptr(),
+            hidden * x.element_size(),
+            total,
+            state.src_info[:total].numpy(),
+            state.num_topk,
+            areas.returns,
+            areas.return_rows,
+            task.header,
+            ll.send_header[1][parity],
+            ll.send_signal[1][parity],
+            seq,
+            rt.num_threads,
+        )
 
     def receive_combine(self, rt: LowLatencyMode, task: LowLatencyCombine, dropped: torch.Tensor) -> None:
         ll, state = self.ll, task.state
         self._headers(rt, 1, task)
         parity = task.seq & 1
         rows = ll.return_view(state.num_max_tokens, state.hidden, state.num_experts, parity)
-        ops.weighted_reduce(task.result, [rows], task.result.dtype, dropped, ll_selection_rows(state), task.weights,
-                            threads=rt.num_threads)
+        ops.weighted_reduce(
+            task.result,
+            [rows],
+            task.result.dtype,
+            dropped,
+            ll_selection_rows(state),
+            task.weights,
+            threads=rt.num_threads,
+        )
         ll.ack(1, parity, task.seq)
 
 
@@ -132,20 +186,28 @@ class AllToAllLowLatency:
         Returns int64 [R, HEADER_WORDS + MAX_LOCAL_EXPERTS]: what every source sent."""
         what = LL_KINDS[kind]
         meta = alltoall_low_latency.exchange_headers(rt.comm, call.header, counts_to, what)
-        problem = ll_disagreement(meta[:, :shm_low_latency.HEADER_WORDS].tolist(), call.header, LL_COMPARED[kind],
-                                  what)
+        problem = ll_disagreement(
+            meta[:, : shm_low_latency.HEADER_WORDS].tolist(), call.header, LL_COMPARED[kind], what
+        )
         if problem:
             rt.ll_drop_pending(kind, call.seq)
             raise ValueError(problem)
         return meta
 
-    def send_dispatch(self, rt: LowLatencyMode, state: LowLatencyState, x: torch.Tensor, slot: torch.Tensor,
-                      counts: torch.Tensor, what: str) -> None:
+    def send_dispatch(
+        self,
+        rt: LowLatencyMode,
+        state: LowLatencyState,
+        x: torch.Tensor,
+        slot: torch.Tensor,
+        counts: torch.Tensor,
+        what: str,
+    ) -> None:
         """Exchanges headers, counts and rows now; the hook places them (receive_dispatch)."""
         experts_per_rank = state.num_experts // rt.group_size
         counts_to = counts.view(rt.group_size, experts_per_rank)
         meta = self._headers(rt, 0, state, counts_to)
-        counts_from = meta[:, shm_low_latency.HEADER_WORDS: shm_low_latency.HEADER_WORDS + experts_per_rank]
+        counts_from = meta[:, shm_low_latency.HEADER_WORDS : shm_low_latency.HEADER_WORDS + experts_per_rank]
         token, k, _, _ = layout.expert_major_entries(state.topk_idx, 0, state.num_experts)
         if state.quantized:
             q, scale = ops.quantize_int8(x, rt.num_threads)
@@ -154,20 +216,20 @@ class AllToAllLowLatency:
             fields = [x]
         info = torch.stack([token, k], 1).to(torch.int32)
         send = torch.cat([as_byte_rows(f.index_select(0, token)) for f in fields] + [as_byte_rows(info)], 1)
-        state.arrived = alltoall_low_latency.exchange(rt.comm, send, counts_to.sum(1).tolist(),
-                                                      counts_from.sum(1).tolist(), "low_latency_dispatch")
+        state.arrived = alltoall_low_latency.exchange(
+            rt.comm, send, counts_to.sum(1).tolist(), counts_from.sum(1).tolist(), "low_latency_dispatch"
+        )
         state.counts_from = counts_from.clone()
 
     def receive_dispatch(self, rt: LowLatencyMode, state: LowLatencyState) -> None:
-        layout.low_latency_recv_layout(state.counts_from.numpy(), state.layout_range.numpy(),
-                                       state.recv_count.numpy())
+        layout.low_latency_recv_layout(state.counts_from.numpy(), state.layout_range.numpy(), state.recv_count.numpy())
         rows = layout.low_latency_arrival_rows(state.counts_from, state.layout_range)
         state.arrival_rows = rows
         arrived, recv = state.arrived, state.recv
         width = recv[0].shape[1] * recv[0].element_size()
         recv[0].view(torch.uint8).view(-1, width).index_copy_(0, rows, arrived[:, :width])
         if state.quantized:
-            recv[1].view(torch.uint8).view(-1, 4).index_copy_(0, rows, arrived[:, width: width + 4])
+            recv[1].view(torch.uint8).view(-1, 4).index_copy_(0, rows, arrived[:, width : width + 4])
         info = arrived[:, -8:].clone(memory_format=torch.contiguous_format).view(torch.int32)  # fresh storage: aligned
         sources = torch.repeat_interleave(torch.arange(rt.group_size), state.counts_from.sum(1))
         state.src_info.fill_(-1)
@@ -182,16 +244,24 @@ class AllToAllLowLatency:
         _, counts = layout.low_latency_slots(state.topk_idx, state.num_experts)
         back = counts.view(rt.group_size, experts_per_rank).sum(1).tolist()
         send = as_byte_rows(x).index_select(0, state.arrival_rows)
-        task.arrived = alltoall_low_latency.exchange(rt.comm, send, state.counts_from.sum(1).tolist(), back,
-                                                     "low_latency_combine")
+        task.arrived = alltoall_low_latency.exchange(
+            rt.comm, send, state.counts_from.sum(1).tolist(), back, "low_latency_combine"
+        )
         token, k, _, _ = layout.expert_major_entries(state.topk_idx, 0, state.num_experts)
         position = torch.full((state.num_tokens * state.num_topk,), -1, dtype=torch.int64)
         position[token * state.num_topk + k] = torch.arange(token.numel())
         task.arrived_row = position.clamp_min(0).view(state.num_tokens, state.num_topk)
 
     def receive_combine(self, rt: LowLatencyMode, task: LowLatencyCombine, dropped: torch.Tensor) -> None:
-        ops.weighted_reduce(task.result, [task.arrived], task.result.dtype, dropped, task.arrived_row, task.weights,
-                            threads=rt.num_threads)
+        ops.weighted_reduce(
+            task.result,
+            [task.arrived],
+            task.result.dtype,
+            dropped,
+            task.arrived_row,
+            task.weights,
+            threads=rt.num_threads,
+        )
 
 
 class _LowLatencyStrategyBase(LowLatencyEPCommStrategy):
@@ -206,41 +276,89 @@ class _LowLatencyStrategyBase(LowLatencyEPCommStrategy):
     def get_supported_modes(self) -> List[str]:
         return ["low_latency"]
 
-    def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
-                             num_experts: int, cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
-                             use_fp8: bool = True, round_scale: bool = False, use_ue8m0: bool = False,
-                             use_mxfp4: bool = False, async_finish: bool = False, return_recv_hook: bool = False,
-                             topk_weights: Optional[torch.Tensor] = None, quant_mode: Optional[str] = None) -> Tuple:
+    def low_latency_dispatch(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        num_max_dispatch_tokens_per_rank: int,
+        num_experts: int,
+        cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
+        use_fp8: bool = True,
+        round_scale: bool = False,
+        use_ue8m0: bool = False,
+        use_mxfp4: bool = False,
+        async_finish: bool = False,
+        return_recv_hook: bool = False,
+        topk_weights: Optional[torch.Tensor] = None,
+        quant_mode: Optional[str] = None,
+    ) -> Tuple:
         quant = low_latency_quant_mode(quant_mode, use_fp8, use_ue8m0, use_mxfp4)
         rt = self.runtime
         if self.on_npu:
             recv_x, recv_count, npu_handle, event, _ = npu.low_latency_dispatch(
-                rt, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, cumulative_local_expert_recv_stats,
-                quant == "int8", return_recv_hook, topk_weights, quant)
+                rt,
+                x,
+                topk_idx,
+                num_max_dispatch_tokens_per_rank,
+                num_experts,
+                cumulative_local_expert_recv_stats,
+                quant == "int8",
+                return_recv_hook,
+                topk_weights,
+                quant,
+            )
             handle = handles.LowLatencyHandle(tuple(npu_handle[:6]) + (None,), npu_handle, rt.runtime_id)
             return recv_x, recv_count, handle, event, _no_hook
         recv_x, recv_count, state, event, hook = rt.ll_dispatch(
-            self.transport, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
+            self.transport,
+            x,
+            topk_idx,
+            num_max_dispatch_tokens_per_rank,
+            num_experts,
             cumulative_local_expert_recv_stats,
-            quant == "int8", return_recv_hook, topk_weights, quant)
+            quant == "int8",
+            return_recv_hook,
+            topk_weights,
+            quant,
+        )
         # A shared-expert rank shows one local expert: the first R blocks of the virtual layout.
         layout_range = state.layout_range[: state.local_experts * rt.group_size]
-        handle = handles.LowLatencyHandle((state.src_info, layout_range, num_max_dispatch_tokens_per_rank,
-                                           state.hidden, state.public_experts, recv_count, None), state,
-                                          rt.runtime_id)
+        handle = handles.LowLatencyHandle(
+            (
+                state.src_info,
+                layout_range,
+                num_max_dispatch_tokens_per_rank,
+                state.hidden,
+                state.public_experts,
+                recv_count,
+                None,
+            ),
+            state,
+            rt.runtime_id,
+        )
         return recv_x, recv_count, handle, event, hook
 
-    def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle: tuple,
-                            zero_copy: bool = False, async_finish: bool = False, return_recv_hook: bool = False,
-                            out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, EventOverlap, Callable]:
+    def low_latency_combine(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        handle: tuple,
+        zero_copy: bool = False,
+        async_finish: bool = False,
+        return_recv_hook: bool = False,
+        out: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, EventOverlap, Callable]:
         rt = self.runtime
         state = handles.state_of(handle, (handles.LowLatencyHandle,), rt.runtime_id, "Buffer.low_latency_dispatch")
         if self.on_npu:
             combined, event, _ = npu.low_latency_combine(rt, x, topk_idx, topk_weights, state, return_recv_hook, out)
             return combined, event, _no_hook
         if type(state.transport) is not type(self.transport) or state.transport.ll is not self.transport.ll:
-            raise ValueError(f"low_latency_combine: the handle was made by another low-latency strategy than this "
-                             f"Buffer's {self.get_name()!r}; use the strategy that dispatched it")
+            raise ValueError(
+                f"low_latency_combine: the handle was made by another low-latency strategy than this "
+                f"Buffer's {self.get_name()!r}; use the strategy that dispatched it"
+            )
         return rt.ll_combine(x, topk_idx, topk_weights, state, return_recv_hook, out)
 
 
@@ -288,8 +406,10 @@ class OpsLowLatencyCommStrategy(_LowLatencyStrategyBase):
         if comm_alg not in self.COMM_ALGS:
             raise ValueError(f"comm_alg must be one of {list(self.COMM_ALGS)}, got {comm_alg!r}")
         if not runtime.on_npu:
-            raise ValueError("low_latency_strategy='ops' (DEEP_USE_MODE=ops) needs torch_npu and CANN's MC2 "
-                             "operators; on CPU use 'default' or 'alltoall'")
+            raise ValueError(
+                "low_latency_strategy='ops' (DEEP_USE_MODE=ops) needs torch_npu and CANN's MC2 "
+                "operators; on CPU use 'default' or 'alltoall'"
+            )
         self.comm_alg = comm_alg
         self.on_npu = runtime.npu_ll is not None
 

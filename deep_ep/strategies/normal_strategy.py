@@ -13,6 +13,7 @@ being ready until that rank's rows were there; combine, per destination rank, th
 rank's expert outputs being ready until that rank had taken them. Ranks reached through one
 all_to_all_single share its duration (they arrive together).
 """
+
 from __future__ import annotations
 
 import time
@@ -43,40 +44,90 @@ class CollectiveRows:
 
     shm = None
 
-    def dispatch(self, rt: NormalMode, meta: torch.Tensor, fields: List[torch.Tensor], topk_idx: torch.Tensor,
-                 decide: Callable, state_box: dict, stats: Optional[torch.Tensor]):
+    def dispatch(
+        self,
+        rt: NormalMode,
+        meta: torch.Tensor,
+        fields: List[torch.Tensor],
+        topk_idx: torch.Tensor,
+        decide: Callable,
+        state_box: dict,
+        stats: Optional[torch.Tensor],
+    ):
         out_bytes, _ = decide(collective.all_gather_meta(rt.comm, meta, "dispatch"))
         plan = state_box["plan"]
         rows_by_source = plan.rows_by_source()
         start = time.monotonic_ns()
-        arrived = collective.dispatch_rows(rt.data_comm, rt.group_size, topk_idx.shape[1], fields, out_bytes,
-                                           plan.dest_rank, plan.dest_row, plan.recv_counts.sum(0).tolist(),
-                                           rows_by_source)
+        arrived = collective.dispatch_rows(
+            rt.data_comm,
+            rt.group_size,
+            topk_idx.shape[1],
+            fields,
+            out_bytes,
+            plan.dest_rank,
+            plan.dest_row,
+            plan.recv_counts.sum(0).tolist(),
+            rows_by_source,
+        )
         _add_us(stats, list(range(rt.group_size)), torch.tensor(time.monotonic_ns() - start))
         sources = torch.repeat_interleave(torch.arange(rt.group_size), plan.recv_counts.sum(0))
         state_box["src_rank"][rows_by_source] = sources
         state_box["src_idx"][rows_by_source] = arrived
         return None, rows_by_source
 
-    def cached_dispatch(self, rt: NormalMode, state: DispatchState, header: torch.Tensor, fields: List[torch.Tensor],
-                        out_bytes: List[torch.Tensor], check: Callable, stats: Optional[torch.Tensor]) -> None:
+    def cached_dispatch(
+        self,
+        rt: NormalMode,
+        state: DispatchState,
+        header: torch.Tensor,
+        fields: List[torch.Tensor],
+        out_bytes: List[torch.Tensor],
+        check: Callable,
+        stats: Optional[torch.Tensor],
+    ) -> None:
         plan = state.plan
         check(collective.all_gather_meta(rt.comm, header, "dispatch (cached)"))
         start = time.monotonic_ns()
-        collective.dispatch_rows(rt.data_comm, rt.group_size, state.topk_idx.shape[1], fields, out_bytes,
-                                 plan.dest_rank, plan.dest_row, plan.recv_counts.sum(0).tolist(),
-                                 state.rows_by_source)
+        collective.dispatch_rows(
+            rt.data_comm,
+            rt.group_size,
+            state.topk_idx.shape[1],
+            fields,
+            out_bytes,
+            plan.dest_rank,
+            plan.dest_row,
+            plan.recv_counts.sum(0).tolist(),
+            state.rows_by_source,
+        )
         _add_us(stats, list(range(rt.group_size)), torch.tensor(time.monotonic_ns() - start))
 
-    def combine(self, rt: NormalMode, state: DispatchState, header: torch.Tensor, x_rows: torch.Tensor,
-                check: Callable, reduce: Callable, out: torch.Tensor, weights: torch.Tensor,
-                new_weights: Optional[torch.Tensor], biases: List[torch.Tensor],
-                stats: Optional[torch.Tensor]) -> None:
+    def combine(
+        self,
+        rt: NormalMode,
+        state: DispatchState,
+        header: torch.Tensor,
+        x_rows: torch.Tensor,
+        check: Callable,
+        reduce: Callable,
+        out: torch.Tensor,
+        weights: torch.Tensor,
+        new_weights: Optional[torch.Tensor],
+        biases: List[torch.Tensor],
+        stats: Optional[torch.Tensor],
+    ) -> None:
         plan = state.plan
         check(collective.all_gather_meta(rt.comm, header, "combine"))
         start = time.monotonic_ns()
-        collective.combine_rows(rt.data_comm, rt.group_size, x_rows, state.rows_by_source,
-                                plan.recv_counts.sum(0).tolist(), plan.dest_rank, plan.dest_row, reduce)
+        collective.combine_rows(
+            rt.data_comm,
+            rt.group_size,
+            x_rows,
+            state.rows_by_source,
+            plan.recv_counts.sum(0).tolist(),
+            plan.dest_rank,
+            plan.dest_row,
+            reduce,
+        )
         _add_us(stats, list(range(rt.group_size)), torch.tensor(time.monotonic_ns() - start))
 
 
@@ -86,15 +137,31 @@ class SharedMemoryRows:
     def __init__(self, node_shm: shm.NodeShm) -> None:
         self.shm = node_shm
 
-    def dispatch(self, rt: NormalMode, meta: torch.Tensor, fields: List[torch.Tensor], topk_idx: torch.Tensor,
-                 decide: Callable, state_box: dict, stats: Optional[torch.Tensor]):
+    def dispatch(
+        self,
+        rt: NormalMode,
+        meta: torch.Tensor,
+        fields: List[torch.Tensor],
+        topk_idx: torch.Tensor,
+        decide: Callable,
+        state_box: dict,
+        stats: Optional[torch.Tensor],
+    ):
         waits = torch.zeros(self.shm.num_local, dtype=torch.int64) if stats is not None else None
         shm.dispatch_rows(self.shm, meta, fields, decide, "dispatch", waits)
         _add_us(stats, rt.local_ranks, waits if waits is not None else torch.zeros(0))
         return None, None
 
-    def cached_dispatch(self, rt: NormalMode, state: DispatchState, header: torch.Tensor, fields: List[torch.Tensor],
-                        out_bytes: List[torch.Tensor], check: Callable, stats: Optional[torch.Tensor]) -> None:
+    def cached_dispatch(
+        self,
+        rt: NormalMode,
+        state: DispatchState,
+        header: torch.Tensor,
+        fields: List[torch.Tensor],
+        out_bytes: List[torch.Tensor],
+        check: Callable,
+        stats: Optional[torch.Tensor],
+    ) -> None:
         real = (state.recv_src_rank >= 0).nonzero().flatten()
         by_source = {r: real[state.recv_src_rank[real] == r] for r in rt.local_ranks}
 
@@ -113,14 +180,33 @@ class SharedMemoryRows:
         shm.dispatch_rows(self.shm, header, fields, decide, "dispatch (cached)", waits)
         _add_us(stats, rt.local_ranks, waits if waits is not None else torch.zeros(0))
 
-    def combine(self, rt: NormalMode, state: DispatchState, header: torch.Tensor, x_rows: torch.Tensor,
-                check: Callable, reduce: Callable, out: torch.Tensor, weights: torch.Tensor,
-                new_weights: Optional[torch.Tensor], biases: List[torch.Tensor],
-                stats: Optional[torch.Tensor]) -> None:
+    def combine(
+        self,
+        rt: NormalMode,
+        state: DispatchState,
+        header: torch.Tensor,
+        x_rows: torch.Tensor,
+        check: Callable,
+        reduce: Callable,
+        out: torch.Tensor,
+        weights: torch.Tensor,
+        new_weights: Optional[torch.Tensor],
+        biases: List[torch.Tensor],
+        stats: Optional[torch.Tensor],
+    ) -> None:
         plan = state.plan
         sends = torch.zeros(self.shm.num_local, dtype=torch.int64) if stats is not None else None
-        shm.combine_rows(self.shm, header, check, x_rows, plan.rows_per_rank.tolist(), plan.dest_rank,
-                         plan.dest_row, reduce, sends=sends)
+        shm.combine_rows(
+            self.shm,
+            header,
+            check,
+            x_rows,
+            plan.rows_per_rank.tolist(),
+            plan.dest_rank,
+            plan.dest_row,
+            reduce,
+            sends=sends,
+        )
         _add_us(stats, rt.local_ranks, sends if sends is not None else torch.zeros(0))
 
 
@@ -138,8 +224,9 @@ class HierarchicalRows(SharedMemoryRows):
                 local[rank] = index % len(mine)
         return local
 
-    def _add_across(self, rt: NormalMode, stats: Optional[torch.Tensor], local_ns: torch.Tensor,
-                    network_ns: int) -> None:
+    def _add_across(
+        self, rt: NormalMode, stats: Optional[torch.Tensor], local_ns: torch.Tensor, network_ns: int
+    ) -> None:
         """Local ranks: their shared-memory time; other ranks: the network time plus that of the local
         rank that carries their rows."""
         if stats is None:
@@ -149,8 +236,16 @@ class HierarchicalRows(SharedMemoryRows):
         per_rank = local_ns[self._forwarders(rt)] + torch.where(far, network_ns, 0)
         _add_us(stats, list(range(rt.group_size)), per_rank)
 
-    def dispatch(self, rt: NormalMode, meta: torch.Tensor, fields: List[torch.Tensor], topk_idx: torch.Tensor,
-                 decide: Callable, state_box: dict, stats: Optional[torch.Tensor]):
+    def dispatch(
+        self,
+        rt: NormalMode,
+        meta: torch.Tensor,
+        fields: List[torch.Tensor],
+        topk_idx: torch.Tensor,
+        decide: Callable,
+        state_box: dict,
+        stats: Optional[torch.Tensor],
+    ):
         placement = decide(collective.all_gather_meta(rt.comm, meta, "dispatch"))
         plan = state_box["plan"]
         num_tokens, num_topk = topk_idx.shape
@@ -171,30 +266,51 @@ class HierarchicalRows(SharedMemoryRows):
         # Destinations outside this node come out wrong here (the forwarder holds only the tokens
         # that touch its node) and are dropped by to_local.
         far_rank, far_row = plan.destinations(forwarded_topk, forwarding.origin_rank)
-        selection_rank, selection_row = hierarchical.to_local(torch.cat([plan.dest_rank, far_rank]),
-                                                              torch.cat([plan.dest_row, far_row]), rt.topology)
+        selection_rank, selection_row = hierarchical.to_local(
+            torch.cat([plan.dest_rank, far_rank]), torch.cat([plan.dest_row, far_row]), rt.topology
+        )
         forwarded_weights = arrived[len(fields) - 1].view(torch.float32).view(-1, num_topk)
         return InternodeState(forwarding, forwarded_weights, selection_rank, selection_row), None
 
-    def combine(self, rt: NormalMode, state: DispatchState, header: torch.Tensor, x_rows: torch.Tensor,
-                check: Callable, reduce: Callable, out: torch.Tensor, weights: torch.Tensor,
-                new_weights: Optional[torch.Tensor], biases: List[torch.Tensor],
-                stats: Optional[torch.Tensor]) -> None:
+    def combine(
+        self,
+        rt: NormalMode,
+        state: DispatchState,
+        header: torch.Tensor,
+        x_rows: torch.Tensor,
+        check: Callable,
+        reduce: Callable,
+        out: torch.Tensor,
+        weights: torch.Tensor,
+        new_weights: Optional[torch.Tensor],
+        biases: List[torch.Tensor],
+        stats: Optional[torch.Tensor],
+    ) -> None:
         plan = state.plan
         num_topk = weights.shape[1]
         check(collective.all_gather_meta(rt.comm, header, "combine"))
         internode = state.internode
         forwarded_weights = internode.forwarded_weights
         if new_weights is not None:  # the forwarders sum with the owner's new weights
-            forwarded_weights = hierarchical.forward_rows(rt.comm, internode.forwarding, [as_byte_rows(weights)],
-                                                          "combine")[0].view(torch.float32)
+            forwarded_weights = hierarchical.forward_rows(
+                rt.comm, internode.forwarding, [as_byte_rows(weights)], "combine"
+            )[0].view(torch.float32)
             forwarded_weights = forwarded_weights.view(-1, num_topk)
-        reduce = hierarchical.hierarchical_reduce(rt.comm, rt.topology, internode.forwarding, out, out.dtype,
-                                                  weights, forwarded_weights, biases)
+        reduce = hierarchical.hierarchical_reduce(
+            rt.comm, rt.topology, internode.forwarding, out, out.dtype, weights, forwarded_weights, biases
+        )
         sends = torch.zeros(self.shm.num_local, dtype=torch.int64)
-        shm.combine_rows(self.shm, header, lambda _: None, x_rows,
-                         [int(plan.rows_per_rank[r]) for r in rt.local_ranks], internode.selection_rank,
-                         internode.selection_row, reduce, sends=sends)
+        shm.combine_rows(
+            self.shm,
+            header,
+            lambda _: None,
+            x_rows,
+            [int(plan.rows_per_rank[r]) for r in rt.local_ranks],
+            internode.selection_rank,
+            internode.selection_row,
+            reduce,
+            sends=sends,
+        )
         # A holder's rows are handed over once the local forwarder has read them; it carries them on.
         self._add_across(rt, stats, sends, 0)
 
@@ -211,37 +327,84 @@ class _NormalStrategyBase(NormalEPCommStrategy):
     def get_supported_modes(self) -> List[str]:
         return ["normal"]
 
-    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int,
-                            previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
-                            allocate_on_comm_stream: bool = False):
+    def get_dispatch_layout(
+        self,
+        topk_idx: torch.Tensor,
+        num_experts: int,
+        previous_event: Optional[EventOverlap] = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ):
         return self.runtime.dispatch_layout(topk_idx, num_experts)
 
     def _state(self, handle, what: str) -> DispatchState:
         state = handles.state_of(handle, self.handle_kinds, self.runtime.runtime_id, "Buffer.dispatch")
         made_by = state.transport
         if type(made_by) is not type(self.transport) or made_by.shm is not self.transport.shm:
-            raise ValueError(f"{what}: the handle was made by another normal strategy than this Buffer's "
-                             f"{self.get_name()!r}; use the strategy that dispatched it")
+            raise ValueError(
+                f"{what}: the handle was made by another normal strategy than this Buffer's "
+                f"{self.get_name()!r}; use the strategy that dispatched it"
+            )
         return state
 
-    def dispatch(self, x, handle=None, num_tokens_per_rank=None, num_tokens_per_rdma_rank=None,
-                 is_token_in_rank=None, num_tokens_per_expert=None, topk_idx=None, topk_weights=None,
-                 expert_alignment: int = 1, num_worst_tokens: int = 0, config=None, previous_event=None,
-                 async_finish: bool = False, allocate_on_comm_stream: bool = False,
-                 dispatch_wait_recv_cost_stats: Optional[torch.Tensor] = None, quant_mode: Optional[str] = None):
+    def dispatch(
+        self,
+        x,
+        handle=None,
+        num_tokens_per_rank=None,
+        num_tokens_per_rdma_rank=None,
+        is_token_in_rank=None,
+        num_tokens_per_expert=None,
+        topk_idx=None,
+        topk_weights=None,
+        expert_alignment: int = 1,
+        num_worst_tokens: int = 0,
+        config=None,
+        previous_event=None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+        dispatch_wait_recv_cost_stats: Optional[torch.Tensor] = None,
+        quant_mode: Optional[str] = None,
+    ):
         state = None if handle is None else self._state(handle, "dispatch")
         recv_x, recv_topk_idx, recv_topk_weights, counts, new_state, event = self.runtime.normal_dispatch(
-            self.transport, x, state, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx,
-            topk_weights, expert_alignment, num_worst_tokens, dispatch_wait_recv_cost_stats, quant_mode)
+            self.transport,
+            x,
+            state,
+            num_tokens_per_rank,
+            is_token_in_rank,
+            num_tokens_per_expert,
+            topk_idx,
+            topk_weights,
+            expert_alignment,
+            num_worst_tokens,
+            dispatch_wait_recv_cost_stats,
+            quant_mode,
+        )
         if new_state is None:  # cached dispatch
             return recv_x, None, None, None, None, event
         shape = (x[0] if isinstance(x, (tuple, list)) else x).shape
-        return (recv_x, recv_topk_idx, recv_topk_weights, counts,
-                self.make_handle(new_state, shape, recv_topk_idx, recv_topk_weights), event)
+        return (
+            recv_x,
+            recv_topk_idx,
+            recv_topk_weights,
+            counts,
+            self.make_handle(new_state, shape, recv_topk_idx, recv_topk_weights),
+            event,
+        )
 
-    def combine(self, x: torch.Tensor, handle, topk_weights: Optional[torch.Tensor] = None, bias=None, config=None,
-                previous_event=None, async_finish: bool = False, allocate_on_comm_stream: bool = False,
-                combine_send_cost_stats: Optional[torch.Tensor] = None):
+    def combine(
+        self,
+        x: torch.Tensor,
+        handle,
+        topk_weights: Optional[torch.Tensor] = None,
+        bias=None,
+        config=None,
+        previous_event=None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+        combine_send_cost_stats: Optional[torch.Tensor] = None,
+    ):
         state = self._state(handle, "combine")
         return self.runtime.normal_combine(self.transport, x, state, topk_weights, bias, combine_send_cost_stats)
 
@@ -265,12 +428,14 @@ class DefaultNormalCommStrategy(_NormalStrategyBase):
     def get_name(self) -> str:
         return "default"
 
-    def make_handle(self, state: DispatchState, x_shape: torch.Size, recv_topk_idx: torch.Tensor,
-                    recv_topk_weights: torch.Tensor) -> handles.NormalHandle:
+    def make_handle(
+        self, state: DispatchState, x_shape: torch.Size, recv_topk_idx: torch.Tensor, recv_topk_weights: torch.Tensor
+    ) -> handles.NormalHandle:
         rt = self.runtime
         if rt.num_nodes > 1:
-            return handles.internode_handle(state, rt.rank, rt.rank_to_node, recv_topk_idx, recv_topk_weights,
-                                            rt.runtime_id)
+            return handles.internode_handle(
+                state, rt.rank, rt.rank_to_node, recv_topk_idx, recv_topk_weights, rt.runtime_id
+            )
         return handles.intranode_handle(state, rt.rank, rt.runtime_id)
 
 
@@ -287,6 +452,7 @@ class AlltoAllNormalCommStrategy(_NormalStrategyBase):
     def get_name(self) -> str:
         return "alltoall"
 
-    def make_handle(self, state: DispatchState, x_shape: torch.Size, recv_topk_idx: torch.Tensor,
-                    recv_topk_weights: torch.Tensor) -> handles.AlltoAllHandle:
+    def make_handle(
+        self, state: DispatchState, x_shape: torch.Size, recv_topk_idx: torch.Tensor, recv_topk_weights: torch.Tensor
+    ) -> handles.AlltoAllHandle:
         return handles.alltoall_handle(state, self.runtime.rank, x_shape, self.runtime.runtime_id)

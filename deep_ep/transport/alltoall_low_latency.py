@@ -2,6 +2,7 @@
 node): the collective transport's row exchange plus a fixed-size header exchange, so that ranks that
 disagree on E (and so on the number of counts) still exchange equal sizes and fail with a clear error.
 """
+
 from __future__ import annotations
 
 from typing import List, Sequence
@@ -21,12 +22,13 @@ def exchange_headers(group: dist.ProcessGroup, header: List[int], counts_to: tor
     num_ranks = dist.get_world_size(group)
     meta = torch.zeros(num_ranks, META_WORDS, dtype=torch.int64)
     meta[:, :HEADER_WORDS] = torch.tensor(header, dtype=torch.int64)
-    meta[:, HEADER_WORDS: HEADER_WORDS + counts_to.shape[1]] = counts_to
+    meta[:, HEADER_WORDS : HEADER_WORDS + counts_to.shape[1]] = counts_to
     ones = [1] * num_ranks
     return collective.exchange_rows(group, meta.view(torch.uint8), ones, ones, what).view(torch.int64)
 
 
-def exchange(group: dist.ProcessGroup, rows: torch.Tensor, send_counts: Sequence[int], recv_counts: Sequence[int],
-             what: str) -> torch.Tensor:
+def exchange(
+    group: dist.ProcessGroup, rows: torch.Tensor, send_counts: Sequence[int], recv_counts: Sequence[int], what: str
+) -> torch.Tensor:
     """uint8 rows [sum(send_counts), b] out, [sum(recv_counts), b] in, rank by rank."""
     return collective.exchange_rows(group, rows, send_counts, recv_counts, what)

@@ -5,6 +5,7 @@ Rows travel in the order the RoutingPlan gives: a sender's selections sorted by
 (destination rank, destination row), which is the (source, expert, token) order
 the receiver expects from it.
 """
+
 from __future__ import annotations
 
 import time
@@ -43,7 +44,7 @@ def process_alive(pid: int) -> bool:
             stat = f.read()
     except OSError:
         return False
-    state = stat[stat.rfind(")") + 2: stat.rfind(")") + 3]
+    state = stat[stat.rfind(")") + 2 : stat.rfind(")") + 3]
     return state not in ("Z", "X")
 
 
@@ -54,8 +55,7 @@ def _info(group: dist.ProcessGroup) -> _GroupInfo:
     return info
 
 
-def watch_group(group: dist.ProcessGroup, timeout_s: float, pids: Dict[int, int],
-                remote: Sequence[int] = ()) -> None:
+def watch_group(group: dist.ProcessGroup, timeout_s: float, pids: Dict[int, int], remote: Sequence[int] = ()) -> None:
     """Registers the group's timeout, the pids of peers on this host (group rank -> pid) and the ranks on
     other hosts, so that failures name the ranks that died or cannot be reached. Peers invisible from here
     (another pid namespace) are left out of `pids`."""
@@ -98,17 +98,20 @@ def _describe(group: dist.ProcessGroup, what: str, error: RuntimeError, info: _G
         if alive:
             states.append(f"ranks {alive} on this host are alive")
     if dead:
-        return (f"deep_ep: rank {me} failed in {what}: {'; '.join(states)} (gloo: {text}). "
-                "The Buffer must be recreated.")
+        return f"deep_ep: rank {me} failed in {what}: {'; '.join(states)} (gloo: {text}). The Buffer must be recreated."
     who = f"ranks {others}" + (f": {'; '.join(states)}" if states else "")
     if timed_out:
         after = f" after {info.timeout_s:g} s" if info.timeout_s else ""
         cause = "A host is unreachable, or a peer" if remote else "A peer"
-        return (f"deep_ep: rank {me} timed out{after} in {what} waiting for {who} (DEEP_EP_TIMEOUT_S; "
-                f"gloo: {text}). {cause} crashed, is stuck, or called a different operation; "
-                "the Buffer must be recreated.")
-    return (f"deep_ep: rank {me} lost the connection in {what} with {who} (gloo: {text}). "
-            "A peer crashed or its host is unreachable; the Buffer must be recreated.")
+        return (
+            f"deep_ep: rank {me} timed out{after} in {what} waiting for {who} (DEEP_EP_TIMEOUT_S; "
+            f"gloo: {text}). {cause} crashed, is stuck, or called a different operation; "
+            "the Buffer must be recreated."
+        )
+    return (
+        f"deep_ep: rank {me} lost the connection in {what} with {who} (gloo: {text}). "
+        "A peer crashed or its host is unreachable; the Buffer must be recreated."
+    )
 
 
 def run_collective(group: dist.ProcessGroup, what: str, call: Callable[[], None]) -> None:
@@ -125,8 +128,10 @@ def run_collective(group: dist.ProcessGroup, what: str, call: Callable[[], None]
         message = _describe(group, what, error, info)
     # Raised outside the handler, so that gloo's exception and its traceback (which holds the failed
     # work and its tensors) are freed now instead of living on as our exception's context.
-    info.failure = (f"deep_ep: this Buffer can no longer be used after an earlier failure ({message}); "
-                    "destroy it and create a new one on every rank.")
+    info.failure = (
+        f"deep_ep: this Buffer can no longer be used after an earlier failure ({message}); "
+        "destroy it and create a new one on every rank."
+    )
     for listener in info.listeners:
         method = listener()
         if method is not None:
@@ -139,8 +144,7 @@ def run_collective(group: dist.ProcessGroup, what: str, call: Callable[[], None]
 META_PREFIX = 272
 
 
-def all_gather_meta(group: dist.ProcessGroup, meta: torch.Tensor,
-                    what: str = "the metadata exchange") -> torch.Tensor:
+def all_gather_meta(group: dist.ProcessGroup, meta: torch.Tensor, what: str = "the metadata exchange") -> torch.Tensor:
     """int64 [R, m]: every rank's meta vector.
 
     Ranks may pass vectors of different lengths (they disagree on the operation or on num_experts);
@@ -154,15 +158,15 @@ def all_gather_meta(group: dist.ProcessGroup, meta: torch.Tensor,
     first = min(length, META_PREFIX - 1)
     head = torch.zeros(META_PREFIX, dtype=torch.int64)
     head[0] = length
-    head[1: 1 + first] = meta[:first]
+    head[1 : 1 + first] = meta[:first]
     heads = [torch.empty_like(head) for _ in range(num_ranks)]
     run_collective(group, what, lambda: dist.all_gather(heads, head, group=group))
     table = torch.stack(heads)
     lengths = table[:, 0]
     if bool((lengths != length).any()):
-        return table[:, 1: 1 + min(int(lengths.min()), META_PREFIX - 1)].contiguous()
+        return table[:, 1 : 1 + min(int(lengths.min()), META_PREFIX - 1)].contiguous()
     if length == first:
-        return table[:, 1: 1 + length].contiguous()
+        return table[:, 1 : 1 + length].contiguous()
     rest = meta[first:].contiguous()
     parts = [torch.empty_like(rest) for _ in range(num_ranks)]
     run_collective(group, what, lambda: dist.all_gather(parts, rest, group=group))
@@ -177,19 +181,40 @@ def send_order(dest_rank: torch.Tensor, dest_row: torch.Tensor) -> torch.Tensor:
     return valid[torch.argsort(flat_rank[valid] * span + flat_row[valid])]
 
 
-def exchange_rows(group: dist.ProcessGroup, send: torch.Tensor, send_counts: Sequence[int],
-                  recv_counts: Sequence[int], what: str = "the row exchange") -> torch.Tensor:
+def exchange_rows(
+    group: dist.ProcessGroup,
+    send: torch.Tensor,
+    send_counts: Sequence[int],
+    recv_counts: Sequence[int],
+    what: str = "the row exchange",
+) -> torch.Tensor:
     """all_to_all_single of uint8 rows [P, b] with uneven splits; returns [sum(recv_counts), b]."""
     recv = torch.empty(int(sum(recv_counts)), send.shape[1], dtype=send.dtype, device=send.device)
-    run_collective(group, what, lambda: dist.all_to_all_single(
-        recv, send, output_split_sizes=list(map(int, recv_counts)), input_split_sizes=list(map(int, send_counts)),
-        group=group))
+    run_collective(
+        group,
+        what,
+        lambda: dist.all_to_all_single(
+            recv,
+            send,
+            output_split_sizes=list(map(int, recv_counts)),
+            input_split_sizes=list(map(int, send_counts)),
+            group=group,
+        ),
+    )
     return recv
 
 
-def dispatch_rows(group: dist.ProcessGroup, num_ranks: int, topk: int, fields_in: List[torch.Tensor],
-                  fields_out: List[torch.Tensor], dest_rank: torch.Tensor, dest_row: torch.Tensor,
-                  recv_counts: Sequence[int], recv_rows: torch.Tensor) -> torch.Tensor:
+def dispatch_rows(
+    group: dist.ProcessGroup,
+    num_ranks: int,
+    topk: int,
+    fields_in: List[torch.Tensor],
+    fields_out: List[torch.Tensor],
+    dest_rank: torch.Tensor,
+    dest_row: torch.Tensor,
+    recv_counts: Sequence[int],
+    recv_rows: torch.Tensor,
+) -> torch.Tensor:
     """Sends every selected token row to its destination and places received rows.
 
     Args:
@@ -205,23 +230,31 @@ def dispatch_rows(group: dist.ProcessGroup, num_ranks: int, topk: int, fields_in
     device = fields_in[0].device
     token = (order // topk).to(device)
     recv_rows = recv_rows.to(device)
-    payload = fields_in + [token.view(-1, 1).view(torch.uint8) if token.numel() else
-                           torch.empty(0, 8, dtype=torch.uint8, device=device)]
+    payload = fields_in + [
+        token.view(-1, 1).view(torch.uint8) if token.numel() else torch.empty(0, 8, dtype=torch.uint8, device=device)
+    ]
     send = torch.cat([f.index_select(0, token) if i < len(fields_in) else f for i, f in enumerate(payload)], dim=1)
     recv = exchange_rows(group, send, send_counts, recv_counts, "dispatch")
     offset = 0
     for out in fields_out:
         width = out.shape[1]
-        out.index_copy_(0, recv_rows, recv[:, offset: offset + width])
+        out.index_copy_(0, recv_rows, recv[:, offset : offset + width])
         offset += width
     if not recv.shape[0]:  # nothing arrived: an empty view may sit at an offset int64 cannot view
         return torch.empty(0, dtype=torch.int64)
     return recv[:, offset:].contiguous().view(torch.int64).flatten().cpu()  # source token indices, host
 
 
-def combine_rows(group: dist.ProcessGroup, num_ranks: int, x_rows: torch.Tensor, rows_by_source: torch.Tensor,
-                 recv_counts: Sequence[int], dest_rank: torch.Tensor, dest_row: torch.Tensor,
-                 reduce: Callable[[List[torch.Tensor], torch.Tensor, torch.Tensor], None]) -> None:
+def combine_rows(
+    group: dist.ProcessGroup,
+    num_ranks: int,
+    x_rows: torch.Tensor,
+    rows_by_source: torch.Tensor,
+    recv_counts: Sequence[int],
+    dest_rank: torch.Tensor,
+    dest_row: torch.Tensor,
+    reduce: Callable[[List[torch.Tensor], torch.Tensor, torch.Tensor], None],
+) -> None:
     """Returns expert outputs to the token owners and reduces them there.
 
     Args:
@@ -231,8 +264,9 @@ def combine_rows(group: dist.ProcessGroup, num_ranks: int, x_rows: torch.Tensor,
     """
     order = send_order(dest_rank, dest_row)
     back_counts = torch.bincount(dest_rank.reshape(-1)[order], minlength=num_ranks).tolist()
-    recv = exchange_rows(group, x_rows.index_select(0, rows_by_source.to(x_rows.device)), recv_counts, back_counts,
-                         "combine")
+    recv = exchange_rows(
+        group, x_rows.index_select(0, rows_by_source.to(x_rows.device)), recv_counts, back_counts, "combine"
+    )
     position = torch.full((dest_rank.numel(),), -1, dtype=torch.int64)
     position[order] = torch.arange(order.numel())
     position = position.view_as(dest_rank)

@@ -1,4 +1,5 @@
 """Row fields: the tensors that travel together, one row per token, viewed as bytes."""
+
 from __future__ import annotations
 
 import math

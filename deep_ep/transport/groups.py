@@ -18,6 +18,7 @@ the members agree on n, and no name is ever used twice.
 Naming a group needs torch's internal group constructor; `torch_group_helper` finds it, and where a
 torch lacks it (or changed it), `new_group(..., use_local_synchronization=True)` is the fallback.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -32,16 +33,17 @@ CONSTRUCTION = "Buffer construction"
 # Groups made so far by this process, per (backend, global ranks): the n of the next name.
 _made: Counter = Counter()
 # Parameters of torch's internal constructor that group_over passes.
-_HELPER_PARAMETERS = ("group_size", "group_rank", "global_ranks_in_group", "backend", "store", "group_name",
-                      "timeout")
+_HELPER_PARAMETERS = ("group_size", "group_rank", "global_ranks_in_group", "backend", "store", "group_name", "timeout")
 
 
 def check_member(group: dist.ProcessGroup) -> None:
     """ValueError unless this process is a member of `group` (dist.new_group hands the ranks outside
     a group a placeholder, GroupMember.NON_GROUP_MEMBER, instead of a ProcessGroup)."""
     if not isinstance(group, dist.ProcessGroup) or dist.get_rank(group) < 0:
-        raise ValueError(f"group must be a torch.distributed ProcessGroup this rank (global rank {dist.get_rank()}) "
-                         f"belongs to, got {group!r}; build a Buffer only on the ranks of its group")
+        raise ValueError(
+            f"group must be a torch.distributed ProcessGroup this rank (global rank {dist.get_rank()}) "
+            f"belongs to, got {group!r}; build a Buffer only on the ranks of its group"
+        )
 
 
 def torch_group_helper() -> Optional[Callable]:
@@ -64,8 +66,15 @@ def torch_group_helper() -> Optional[Callable]:
         default_group = dist.group.WORLD
         _, store = world.pg_map[default_group]
         me = dist.get_rank()
-        group, _ = helper(group_size=len(ranks), group_rank=ranks.index(me), global_ranks_in_group=list(ranks),
-                          backend=dist.Backend(backend), store=store, group_name=name, timeout=timeout)
+        group, _ = helper(
+            group_size=len(ranks),
+            group_rank=ranks.index(me),
+            global_ranks_in_group=list(ranks),
+            backend=dist.Backend(backend),
+            store=store,
+            group_name=name,
+            timeout=timeout,
+        )
         # What new_group records after the constructor: global rank -> group rank.
         mapping: Dict[int, int] = {rank: index for index, rank in enumerate(ranks)}
         world.pg_group_ranks[group] = mapping
@@ -101,7 +110,9 @@ def group_over(group: dist.ProcessGroup, backend: str, timeout: Optional[timedel
     others = [r for r in range(len(ranks)) if r != me]
     outcome = "timed out" if "timeout" in text.lower() or "timed out" in text.lower() else "failed"
     # Raised outside the handler: the backend's exception and its frames are freed now.
-    raise RuntimeError(f"deep_ep: rank {me} (global rank {ranks[me]}) {outcome} in {CONSTRUCTION} waiting for "
-                       f"ranks {others} (global ranks {[ranks[r] for r in others]}) to connect its {backend} group "
-                       f"({text}). Every rank of the group must construct the Buffer; a peer crashed, is stuck, or "
-                       "started it later than the timeout (DEEP_EP_TIMEOUT_S on CPU) allows.")
+    raise RuntimeError(
+        f"deep_ep: rank {me} (global rank {ranks[me]}) {outcome} in {CONSTRUCTION} waiting for "
+        f"ranks {others} (global ranks {[ranks[r] for r in others]}) to connect its {backend} group "
+        f"({text}). Every rank of the group must construct the Buffer; a peer crashed, is stuck, or "
+        "started it later than the timeout (DEEP_EP_TIMEOUT_S on CPU) allows."
+    )

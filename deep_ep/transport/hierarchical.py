@@ -8,6 +8,7 @@ forwarder reduces the token's rows of its node (float64 partial sums, k ascendin
 and sends one row back per (token, node); the owner adds its own node's rows and the
 partials. The network is torch.distributed (gloo on CPU): all_to_all_single.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -62,13 +63,15 @@ class Forwarding:
     origin_token: torch.Tensor
 
 
-def plan_forwarding(group: dist.ProcessGroup, topology: Topology, topk_idx: torch.Tensor,
-                    experts_per_rank: int, what: str = "dispatch") -> Forwarding:
+def plan_forwarding(
+    group: dist.ProcessGroup, topology: Topology, topk_idx: torch.Tensor, experts_per_rank: int, what: str = "dispatch"
+) -> Forwarding:
     """Which of this rank's tokens cross to which node (one row per (token, node)); swaps the
     counts with every rank (a failure names `what`)."""
     valid = topk_idx >= 0
-    node_of = torch.where(valid, topology.rank_to_node[topk_idx.clamp_min(0) // experts_per_rank],
-                          torch.full_like(topk_idx, -1))
+    node_of = torch.where(
+        valid, topology.rank_to_node[topk_idx.clamp_min(0) // experts_per_rank], torch.full_like(topk_idx, -1)
+    )
     send_counts = [0] * topology.num_ranks
     parts = []
     for node in sorted(range(topology.num_nodes), key=topology.forwarder):
@@ -86,8 +89,9 @@ def plan_forwarding(group: dist.ProcessGroup, topology: Topology, topk_idx: torc
     return Forwarding(send_token, send_counts, recv_counts, origin_rank, torch.empty(0, dtype=torch.int64))
 
 
-def forward_rows(group: dist.ProcessGroup, forwarding: Forwarding, fields: List[torch.Tensor],
-                 phase: str = "dispatch") -> List[torch.Tensor]:
+def forward_rows(
+    group: dist.ProcessGroup, forwarding: Forwarding, fields: List[torch.Tensor], phase: str = "dispatch"
+) -> List[torch.Tensor]:
     """Sends this rank's crossing token rows (uint8 fields [T, b_i]) to the forwarders; returns the
     rows forwarded to this rank, field by field ([F, b_i]), in (source rank, token) order. `phase`
     ("dispatch" or "combine") names the operation in the traffic counters and in errors."""
@@ -97,7 +101,7 @@ def forward_rows(group: dist.ProcessGroup, forwarding: Forwarding, fields: List[
     recv = exchange_rows(group, send, forwarding.send_counts, forwarding.recv_counts, phase)
     out, offset = [], 0
     for f in fields:
-        out.append(recv[:, offset: offset + f.shape[1]].clone(memory_format=torch.contiguous_format))
+        out.append(recv[:, offset : offset + f.shape[1]].clone(memory_format=torch.contiguous_format))
         offset += f.shape[1]
     return out
 
@@ -123,7 +127,7 @@ def partial_columns(topology: Topology, forwarding: Forwarding, num_tokens: int)
     for dest, count in enumerate(forwarding.send_counts):
         if count:
             column = others.index(int(topology.rank_to_node[dest]))
-            tokens = forwarding.send_token[offset: offset + count]
+            tokens = forwarding.send_token[offset : offset + count]
             present[tokens, column] = 0
             row[tokens, column] = torch.arange(offset, offset + count)
             offset += count
@@ -139,9 +143,16 @@ def to_local(dest_rank: torch.Tensor, dest_row: torch.Tensor, topology: Topology
     return holder.to(torch.int32), torch.where(holder >= 0, dest_row, torch.full_like(dest_row, -1))
 
 
-def hierarchical_reduce(group: dist.ProcessGroup, topology: Topology, forwarding: Forwarding, out: torch.Tensor,
-                        x_dtype: torch.dtype, own_weights: torch.Tensor, forwarded_weights: torch.Tensor,
-                        biases: Sequence[torch.Tensor]) -> Callable:
+def hierarchical_reduce(
+    group: dist.ProcessGroup,
+    topology: Topology,
+    forwarding: Forwarding,
+    out: torch.Tensor,
+    x_dtype: torch.dtype,
+    own_weights: torch.Tensor,
+    forwarded_weights: torch.Tensor,
+    biases: Sequence[torch.Tensor],
+) -> Callable:
     """The `reduce` of the shared-memory combine, across nodes. Its selection table holds this
     rank's tokens first ([T, K], this node's holders only), then the forwarded rows ([F, K]):
     it sums the forwarded rows into float64 partials, returns them to their owners, and sums
@@ -151,15 +162,21 @@ def hierarchical_reduce(group: dist.ProcessGroup, topology: Topology, forwarding
 
     def reduce(sources: List[torch.Tensor], src_rank: torch.Tensor, src_row: torch.Tensor) -> None:
         partials = torch.empty(src_rank.shape[0] - num_tokens, hidden, dtype=torch.float64)
-        ops.weighted_reduce(partials, sources, x_dtype, src_rank[num_tokens:], src_row[num_tokens:],
-                            forwarded_weights, threads=threads)
+        ops.weighted_reduce(
+            partials, sources, x_dtype, src_rank[num_tokens:], src_row[num_tokens:], forwarded_weights, threads=threads
+        )
         back = return_partials(group, forwarding, partials)
         present, row = partial_columns(topology, forwarding, num_tokens)
         present = torch.where(present >= 0, present + len(sources), present)
-        ops.weighted_reduce(out, sources + [as_byte_rows(back)],
-                            [x_dtype] * len(sources) + [torch.float64],
-                            torch.cat([src_rank[:num_tokens], present], dim=1),
-                            torch.cat([src_row[:num_tokens], row], dim=1),
-                            torch.cat([own_weights, torch.ones(num_tokens, present.shape[1])], dim=1), biases, threads)
+        ops.weighted_reduce(
+            out,
+            sources + [as_byte_rows(back)],
+            [x_dtype] * len(sources) + [torch.float64],
+            torch.cat([src_rank[:num_tokens], present], dim=1),
+            torch.cat([src_row[:num_tokens], row], dim=1),
+            torch.cat([own_weights, torch.ones(num_tokens, present.shape[1])], dim=1),
+            biases,
+            threads,
+        )
 
     return reduce

@@ -19,6 +19,7 @@ area's beginning, so what peers read lies inside what the owner reserved. A rank
 reservation fails says so in its meta and writes nothing; after the barrier every rank
 raises SharedMemoryExhausted (docs/memory.md).
 """
+
 from __future__ import annotations
 
 import os
@@ -66,9 +67,11 @@ class SharedMemoryExhausted(RuntimeError):
 def exhausted_message(what: str, needed: Dict[int, int], remedy: str) -> str:
     """The message of SharedMemoryExhausted: the ranks (global rank -> bytes they needed)."""
     ranks = ", ".join(f"rank {r} needs {n} bytes" for r, n in sorted(needed.items()))
-    return (f"deep_ep {what}: /dev/shm is too small for this call ({ranks} of shared memory reserved); "
-            f"no data moved and the Buffer stays usable for smaller calls. Enlarge /dev/shm (for example "
-            f"docker run --shm-size=16g) or {remedy}.")
+    return (
+        f"deep_ep {what}: /dev/shm is too small for this call ({ranks} of shared memory reserved); "
+        f"no data moved and the Buffer stays usable for smaller calls. Enlarge /dev/shm (for example "
+        f"docker run --shm-size=16g) or {remedy}."
+    )
 
 
 class Reservation:
@@ -126,7 +129,7 @@ def remove_stale_segments() -> None:
         if not name.startswith(SEGMENT_PREFIX):
             continue
         try:
-            pid = int(name[len(SEGMENT_PREFIX):].split("_", 1)[0])
+            pid = int(name[len(SEGMENT_PREFIX) :].split("_", 1)[0])
         except ValueError:
             continue
         if not collective.process_alive(pid):  # a killed peer not yet reaped (a zombie) is gone, too
@@ -164,8 +167,7 @@ def map_node_segments(group: dist.ProcessGroup, local_ranks: Sequence[int], size
         control = torch.frombuffer(own, dtype=torch.int64, count=CONTROL_BYTES // 8)
         control[PID_WORD] = os.getpid()
         collective.run_collective(group, CONSTRUCTION, lambda: dist.all_gather_object(names, name, group=group))
-        segments = [own if r == rank else deep_ep_cpp.SharedMemory(names[r], size, False, 0)
-                    for r in local_ranks]
+        segments = [own if r == rank else deep_ep_cpp.SharedMemory(names[r], size, False, 0) for r in local_ranks]
         # Every peer has mapped every segment once all pass this barrier.
         collective.run_collective(group, CONSTRUCTION, lambda: dist.barrier(group=group))
     except BaseException:
@@ -181,8 +183,7 @@ def map_node_segments(group: dist.ProcessGroup, local_ranks: Sequence[int], size
 def node_sync(segments: Sequence, local_index: int, local_ranks: Sequence[int]):
     """The deep_ep_cpp.NodeSync over the BARRIER_WORD of every segment (from map_node_segments)."""
     pids = [int(torch.frombuffer(s, dtype=torch.int64, count=CONTROL_BYTES // 8)[PID_WORD]) for s in segments]
-    return deep_ep_cpp.NodeSync([s.address + BARRIER_WORD * 8 for s in segments], local_index, list(local_ranks),
-                                pids)
+    return deep_ep_cpp.NodeSync([s.address + BARRIER_WORD * 8 for s in segments], local_index, list(local_ranks), pids)
 
 
 class NodeShm:
@@ -233,8 +234,10 @@ class NodeShm:
         except BaseException as error:
             notes = self.peer_failures() if isinstance(error, RuntimeError) else ""
             # Peers may have moved on without us: the barrier sequence cannot be trusted any more.
-            self.broken = f"deep_ep: this Buffer can no longer be used after an earlier failure ({error}{notes}); " \
-                          "destroy it and create a new one on every rank."
+            self.broken = (
+                f"deep_ep: this Buffer can no longer be used after an earlier failure ({error}{notes}); "
+                "destroy it and create a new one on every rank."
+            )
             if notes:
                 raise RuntimeError(f"{error}{notes}") from None
             raise
@@ -245,8 +248,8 @@ class NodeShm:
         if not self.bytes or not text:
             return
         control = self.bytes[self.local_index]
-        control[NOTE_OFFSET: NOTE_OFFSET + len(text)].copy_(torch.frombuffer(bytearray(text), dtype=torch.uint8))
-        control[: NOTE_OFFSET].view(torch.int64)[NOTE_WORD] = len(text)  # after the text: never half a note
+        control[NOTE_OFFSET : NOTE_OFFSET + len(text)].copy_(torch.frombuffer(bytearray(text), dtype=torch.uint8))
+        control[:NOTE_OFFSET].view(torch.int64)[NOTE_WORD] = len(text)  # after the text: never half a note
 
     def peer_failures(self) -> str:
         """The notes local peers posted, each as " Rank r of this node failed first: <note>"; across
@@ -255,9 +258,9 @@ class NodeShm:
         while True:
             notes = []
             for index, control in enumerate(self.bytes):
-                length = int(control[: NOTE_OFFSET].view(torch.int64)[NOTE_WORD])
+                length = int(control[:NOTE_OFFSET].view(torch.int64)[NOTE_WORD])
                 if index != self.local_index and length:
-                    text = bytes(control[NOTE_OFFSET: NOTE_OFFSET + length].tolist()).decode(errors="replace")
+                    text = bytes(control[NOTE_OFFSET : NOTE_OFFSET + length].tolist()).decode(errors="replace")
                     notes.append(f" Rank {self.local_ranks[index]} of this node failed first: {text}")
             if notes or time.monotonic() >= deadline:
                 return "".join(notes)
@@ -274,21 +277,24 @@ class NodeShm:
         """Reserves the first `nbytes` of this rank's data area (for local use: no peer reads it);
         SharedMemoryExhausted when /dev/shm is full."""
         if not self.reservation.grow(nbytes):
-            raise SharedMemoryExhausted(exhausted_message(what, {self.rank: nbytes}, "lower num_nvl_bytes") +
-                                        f" ({self.reservation.failure})")
+            raise SharedMemoryExhausted(
+                exhausted_message(what, {self.rank: nbytes}, "lower num_nvl_bytes") + f" ({self.reservation.failure})"
+            )
 
     # ---- meta ----------------------------------------------------------------------------------
     def publish_meta(self, meta: torch.Tensor, data_bytes: int) -> bool:
         """Reserves the first `data_bytes` of this rank's data area and publishes `meta` with the
         outcome. Returns whether this rank may write its rows (read_meta raises on every rank if not)."""
         if (meta.numel() + STATUS_WORDS) * 8 > META_BYTES:
-            raise ValueError(f"deep_ep: per-call metadata of {meta.numel()} int64 values exceeds the "
-                             f"{META_BYTES // 8 - STATUS_WORDS} the shared-memory control area holds; "
-                             "use fewer experts")
+            raise ValueError(
+                f"deep_ep: per-call metadata of {meta.numel()} int64 values exceeds the "
+                f"{META_BYTES // 8 - STATUS_WORDS} the shared-memory control area holds; "
+                "use fewer experts"
+            )
         reserved = self.reservation.grow(data_bytes)
         mine = self.meta[self.local_index]
         mine[0] = 0 if reserved else data_bytes
-        mine[STATUS_WORDS: STATUS_WORDS + meta.numel()].copy_(meta)
+        mine[STATUS_WORDS : STATUS_WORDS + meta.numel()].copy_(meta)
         return reserved
 
     def agreed(self, decide: Callable, meta_all: torch.Tensor):
@@ -311,9 +317,14 @@ class NodeShm:
             mine = f" (rank {self.rank}: {self.reservation.failure})" if self.local_index in failed else ""
             # As in agreed(): peers keep their meta until every rank has read it.
             self.barrier()
-            raise SharedMemoryExhausted(exhausted_message(
-                self.operation, needed, "lower num_nvl_bytes (larger data then moves in rounds) or move fewer "
-                "tokens per call") + mine)
+            raise SharedMemoryExhausted(
+                exhausted_message(
+                    self.operation,
+                    needed,
+                    "lower num_nvl_bytes (larger data then moves in rounds) or move fewer tokens per call",
+                )
+                + mine
+            )
         return words[:, STATUS_WORDS:]
 
     # ---- data area -----------------------------------------------------------------------------
@@ -326,14 +337,19 @@ class NodeShm:
         """uint8 [rows, width] views of consecutive aligned regions of a rank's data area."""
         out, offset = [], 0
         for width in widths:
-            out.append(self.data[local_index][offset: offset + rows * width].view(rows, width))
+            out.append(self.data[local_index][offset : offset + rows * width].view(rows, width))
             offset += _align(rows * width)
         return out
 
 
-def dispatch_rows(node: NodeShm, meta: torch.Tensor, fields_in: List[torch.Tensor],
-                  make_plan: Callable[[torch.Tensor], Tuple[List[torch.Tensor], Callable]], what: str,
-                  waits: Optional[torch.Tensor] = None) -> torch.Tensor:
+def dispatch_rows(
+    node: NodeShm,
+    meta: torch.Tensor,
+    fields_in: List[torch.Tensor],
+    make_plan: Callable[[torch.Tensor], Tuple[List[torch.Tensor], Callable]],
+    what: str,
+    waits: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Moves token rows from their owners to the receivers, through shared memory.
 
     Args:
@@ -389,16 +405,35 @@ def dispatch_rows(node: NodeShm, meta: torch.Tensor, fields_in: List[torch.Tenso
             ranks, rows, outs = torch.cat(src_rank), torch.cat(src_row), torch.cat(dst_row)
             for index, (width, out) in enumerate(zip(widths, fields_out)):
                 srcs = [node.regions(s, widths, windows[s])[index].data_ptr() for s in range(node.num_local)]
-                deep_ep_cpp.copy_rows(out.data_ptr(), out.shape[0], width, srcs, windows, width, width,
-                                      ranks.numpy(), rows.numpy(), outs.numpy(), node.num_threads)
+                deep_ep_cpp.copy_rows(
+                    out.data_ptr(),
+                    out.shape[0],
+                    width,
+                    srcs,
+                    windows,
+                    width,
+                    width,
+                    ranks.numpy(),
+                    rows.numpy(),
+                    outs.numpy(),
+                    node.num_threads,
+                )
         node.barrier()
     return meta_all
 
 
-def combine_rows(node: NodeShm, meta: torch.Tensor, check: Callable[[torch.Tensor], None], x: torch.Tensor,
-                 rows_per_rank: Sequence[int], dest_rank: torch.Tensor, dest_row: torch.Tensor,
-                 reduce: Callable[[List[torch.Tensor], torch.Tensor, torch.Tensor], None],
-                 what: str = "combine", sends: Optional[torch.Tensor] = None) -> None:
+def combine_rows(
+    node: NodeShm,
+    meta: torch.Tensor,
+    check: Callable[[torch.Tensor], None],
+    x: torch.Tensor,
+    rows_per_rank: Sequence[int],
+    dest_rank: torch.Tensor,
+    dest_row: torch.Tensor,
+    reduce: Callable[[List[torch.Tensor], torch.Tensor, torch.Tensor], None],
+    what: str = "combine",
+    sends: Optional[torch.Tensor] = None,
+) -> None:
     """Publishes this rank's expert outputs and reduces its tokens from every holder.
 
     Args:
@@ -425,8 +460,11 @@ def combine_rows(node: NodeShm, meta: torch.Tensor, check: Callable[[torch.Tenso
     if num_rounds == 1:
         start = time.monotonic_ns()
         if reserved:
-            ops.copy_into(node.regions(me, [bytes_per_row], windows[me])[0][: rows_per_rank[me]],
-                          x_bytes[: rows_per_rank[me]], node.num_threads)
+            ops.copy_into(
+                node.regions(me, [bytes_per_row], windows[me])[0][: rows_per_rank[me]],
+                x_bytes[: rows_per_rank[me]],
+                node.num_threads,
+            )
         node.barrier()
         node.agreed(check, node.read_meta(meta.numel()))
         sources = [node.regions(s, [bytes_per_row], windows[s])[0] for s in range(node.num_local)]
@@ -443,7 +481,7 @@ def combine_rows(node: NodeShm, meta: torch.Tensor, check: Callable[[torch.Tenso
     for round_index in range(num_rounds):
         start = time.monotonic_ns()
         begin = round_index * window
-        mine = x_bytes[begin: min(rows_per_rank[me], begin + window)]
+        mine = x_bytes[begin : min(rows_per_rank[me], begin + window)]
         if reserved:
             ops.copy_into(node.regions(me, [bytes_per_row], windows[me])[0][: mine.shape[0]], mine, node.num_threads)
         node.barrier()
@@ -451,9 +489,18 @@ def combine_rows(node: NodeShm, meta: torch.Tensor, check: Callable[[torch.Tenso
             node.agreed(check, node.read_meta(meta.numel()))
         in_round = (holder_row >= begin) & (holder_row < begin + window)
         srcs = [node.regions(s, [bytes_per_row], windows[s])[0].data_ptr() for s in range(node.num_local)]
-        deep_ep_cpp.copy_rows(stage.data_ptr(), stage.shape[0], bytes_per_row, srcs, windows,
-                              bytes_per_row, bytes_per_row, holder[in_round].to(torch.int32).numpy(),
-                              (holder_row[in_round] - begin).numpy(), in_round.nonzero().flatten().numpy(),
-                              node.num_threads)
+        deep_ep_cpp.copy_rows(
+            stage.data_ptr(),
+            stage.shape[0],
+            bytes_per_row,
+            srcs,
+            windows,
+            bytes_per_row,
+            bytes_per_row,
+            holder[in_round].to(torch.int32).numpy(),
+            (holder_row[in_round] - begin).numpy(),
+            in_round.nonzero().flatten().numpy(),
+            node.num_threads,
+        )
         node.timed_barrier(start, sends)
     reduce([stage], torch.where(valid, 0, -1).to(torch.int32), stage_row)

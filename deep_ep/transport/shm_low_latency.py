@@ -35,6 +35,7 @@ source that finds a peer's reservation too small waits for that peer's READY_WOR
 nothing if the peer could not reserve (SharedMemoryExhausted on every rank) or prepared for other
 sizes (ValueError).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -80,8 +81,7 @@ def control_bytes(num_ranks: int) -> int:
 def slot_bytes(num_max_tokens: int, hidden: int, num_experts: int) -> int:
     """One parity's dispatch area: E * Nmax slots of (token, k), Nmax token rows of up to 2H bytes
     and their scales."""
-    return _align(num_experts * num_max_tokens * 8) + _align(num_max_tokens * 2 * hidden) + \
-        _align(num_max_tokens * 4)
+    return _align(num_experts * num_max_tokens * 8) + _align(num_max_tokens * 2 * hidden) + _align(num_max_tokens * 4)
 
 
 def return_bytes(num_max_tokens: int, hidden: int, num_experts: int) -> int:
@@ -130,10 +130,12 @@ class LowLatencyShm:
         self.num_bytes = num_bytes
         self.control = control_bytes(self.num_local)
         if num_bytes < self.control + 4 * ALIGN:
-            raise ValueError(f"num_rdma_bytes={num_bytes} is too small for low-latency mode: the control area "
-                             f"of {self.num_local} ranks alone takes {self.control} bytes; use "
-                             "Buffer.get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, "
-                             "num_ranks, num_experts)")
+            raise ValueError(
+                f"num_rdma_bytes={num_bytes} is too small for low-latency mode: the control area "
+                f"of {self.num_local} ranks alone takes {self.control} bytes; use "
+                "Buffer.get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, "
+                "num_ranks, num_experts)"
+            )
         self.half = (num_bytes - self.control) // 2 // ALIGN * ALIGN
         self.segments = shm.map_node_segments(group, self.local_ranks, num_bytes, self.control)
         self.sync = shm.node_sync(self.segments, self.local_index, self.local_ranks)
@@ -148,7 +150,7 @@ class LowLatencyShm:
         self._everyone_reserved = 0  # bytes per half every local rank is known to have reserved
         own = torch.frombuffer(self.segments[self.local_index], dtype=torch.int64, count=self.control // 8)
         # inbox[kind][parity]: int64 [sources, MAILBOX_BYTES // 8], the mailboxes of this rank.
-        self.inbox = own[shm.CONTROL_BYTES // 8:].view(2, 2, self.num_local, MAILBOX_BYTES // 8)
+        self.inbox = own[shm.CONTROL_BYTES // 8 :].view(2, 2, self.num_local, MAILBOX_BYTES // 8)
         self.owners = list(range(self.num_local))
         me = self.local_index
         mailbox = self._mailbox
@@ -161,7 +163,9 @@ class LowLatencyShm:
         self.recv_signal = [[[mailbox(me, k, p, s) + SIGNAL_WORD * 8 for s in words] for p in (0, 1)] for k in (0, 1)]
         self.recv_ack = [[[mailbox(me, k, p, s) + ACK_WORD * 8 for s in words] for p in (0, 1)] for k in (0, 1)]
         self._areas = {}
-        self._headers = [[self.inbox[k, p, :, HEADER_WORD: HEADER_WORD + HEADER_WORDS] for p in (0, 1)] for k in (0, 1)]
+        self._headers = [
+            [self.inbox[k, p, :, HEADER_WORD : HEADER_WORD + HEADER_WORDS] for p in (0, 1)] for k in (0, 1)
+        ]
         self.last_seq = [[0, 0], [0, 0]]  # [kind][parity]: the last call sent through this memory
         # Read once: the hot path should not parse the environment on every wait.
         self.timeout_s = timeout_seconds()
@@ -178,8 +182,10 @@ class LowLatencyShm:
 
     # ---- sizes ---------------------------------------------------------------------------------------------
     def fits(self, num_max_tokens: int, hidden: int, num_experts: int) -> bool:
-        return half_bytes(num_max_tokens, hidden, num_experts) <= self.half and \
-            num_experts // self.num_local <= MAX_LOCAL_EXPERTS
+        return (
+            half_bytes(num_max_tokens, hidden, num_experts) <= self.half
+            and num_experts // self.num_local <= MAX_LOCAL_EXPERTS
+        )
 
     # ---- reservation (see the module docstring) -----------------------------------------------------------
     def _mark_ready(self, seq: int, failed: int) -> None:
@@ -214,8 +220,13 @@ class LowLatencyShm:
             return
         short = [d for d in range(self.num_local) if deep_ep_cpp.load_counter(self.committed_words[d]) < needed]
         if short:
-            self.sync.wait_at_least([self.ready_words[d] for d in short], [seq] * len(short), short,
-                                    self.timeout_s, f"{what} (shared-memory reservation)")
+            self.sync.wait_at_least(
+                [self.ready_words[d] for d in short],
+                [seq] * len(short),
+                short,
+                self.timeout_s,
+                f"{what} (shared-memory reservation)",
+            )
         exhausted, other_sizes = {}, []
         for d in short:
             if deep_ep_cpp.load_counter(self.committed_words[d]) >= needed:
@@ -227,13 +238,16 @@ class LowLatencyShm:
                 other_sizes.append(self.local_ranks[d])
         if exhausted:
             mine = f" (rank {self.rank}: {failing.failure})" if failing else ""
-            raise SharedMemoryExhausted(shm.exhausted_message(
-                what, exhausted, "use a smaller num_max_dispatch_tokens_per_rank") + mine)
+            raise SharedMemoryExhausted(
+                shm.exhausted_message(what, exhausted, "use a smaller num_max_dispatch_tokens_per_rank") + mine
+            )
         if other_sizes:
-            raise ValueError(f"deep_ep {what}: ranks {other_sizes} have not prepared their buffers for "
-                             f"num_max_dispatch_tokens_per_rank={num_max_tokens}, hidden={hidden}, "
-                             f"num_experts={num_experts}: they rejected their arguments or the ranks disagree "
-                             "on these sizes; no data moved.")
+            raise ValueError(
+                f"deep_ep {what}: ranks {other_sizes} have not prepared their buffers for "
+                f"num_max_dispatch_tokens_per_rank={num_max_tokens}, hidden={hidden}, "
+                f"num_experts={num_experts}: they rejected their arguments or the ranks disagree "
+                "on these sizes; no data moved."
+            )
         self._everyone_reserved = min(deep_ep_cpp.load_counter(a) for a in self.committed_words)
 
     def areas(self, num_max_tokens: int, hidden: int, num_experts: int, parity: int) -> Areas:
@@ -243,10 +257,13 @@ class LowLatencyShm:
             starts = [b + self.control + parity * self.half for b in self.base]
             tokens = [s + _align(num_experts * num_max_tokens * 8) for s in starts]
             ret = return_bytes(num_max_tokens, hidden, num_experts)
-            found = Areas(info=starts, tokens=tokens,
-                          scales=[t + _align(num_max_tokens * 2 * hidden) for t in tokens],
-                          returns=[s + slot_bytes(num_max_tokens, hidden, num_experts) for s in starts],
-                          return_rows=ret // (2 * hidden))
+            found = Areas(
+                info=starts,
+                tokens=tokens,
+                scales=[t + _align(num_max_tokens * 2 * hidden) for t in tokens],
+                returns=[s + slot_bytes(num_max_tokens, hidden, num_experts) for s in starts],
+                return_rows=ret // (2 * hidden),
+            )
             self._remember(key, found)
         return found
 
@@ -256,14 +273,16 @@ class LowLatencyShm:
         this shared memory (seq - 2, unless calls of another low-latency strategy came in between)."""
         previous = self.last_seq[kind][parity]
         if previous > 0:
-            self.sync.wait_at_least(self.send_ack[kind][parity], [previous] * self.num_local, self.owners,
-                                    self.timeout_s, what)
+            self.sync.wait_at_least(
+                self.send_ack[kind][parity], [previous] * self.num_local, self.owners, self.timeout_s, what
+            )
         self.last_seq[kind][parity] = seq
 
     def wait_signals(self, kind: int, parity: int, seq: int, what: str) -> None:
         """Every source has published call `seq` on this parity."""
-        self.sync.wait_at_least(self.recv_signal[kind][parity], [seq] * self.num_local, self.owners,
-                                self.timeout_s, what)
+        self.sync.wait_at_least(
+            self.recv_signal[kind][parity], [seq] * self.num_local, self.owners, self.timeout_s, what
+        )
 
     def headers(self, kind: int, parity: int) -> torch.Tensor:
         """int64 [sources, HEADER_WORDS] view of the headers of this rank's mailboxes."""
@@ -274,8 +293,9 @@ class LowLatencyShm:
         key = ("counts", parity, experts_per_rank)
         view = self._areas.get(key)
         if view is None:
-            view = self._remember(key, self.inbox[DISPATCH, parity, :, COUNTS_WORD: COUNTS_WORD + experts_per_rank]
-                                  .numpy())
+            view = self._remember(
+                key, self.inbox[DISPATCH, parity, :, COUNTS_WORD : COUNTS_WORD + experts_per_rank].numpy()
+            )
         return view
 
     def _remember(self, key: tuple, value):
@@ -299,8 +319,9 @@ class LowLatencyShm:
         if view is None:
             areas = self.areas(num_max_tokens, hidden, num_experts, parity)
             offset = areas.returns[self.local_index] - self.base[self.local_index]
-            view = torch.frombuffer(self.segments[self.local_index], dtype=torch.uint8,
-                                    count=areas.return_rows * 2 * hidden, offset=offset).view(-1, 2 * hidden)
+            view = torch.frombuffer(
+                self.segments[self.local_index], dtype=torch.uint8, count=areas.return_rows * 2 * hidden, offset=offset
+            ).view(-1, 2 * hidden)
             self._remember(key, view)
         return view
 

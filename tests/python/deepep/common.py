@@ -1,5 +1,6 @@
 """Shared pieces of the multi-rank tests: deterministic inputs, gathering every rank's
 inputs for the reference, comparisons and a shared-memory leak check."""
+
 from __future__ import annotations
 
 import os
@@ -10,8 +11,14 @@ import torch
 import torch.distributed as dist
 
 
-def make_topk_idx(num_tokens: int, num_experts: int, topk: int, generator: torch.Generator,
-                  pattern: str = "random", num_ranks: int = 1) -> torch.Tensor:
+def make_topk_idx(
+    num_tokens: int,
+    num_experts: int,
+    topk: int,
+    generator: torch.Generator,
+    pattern: str = "random",
+    num_ranks: int = 1,
+) -> torch.Tensor:
     """int64 [T, K] with some -1 entries; the experts of a row are distinct except with "repeat".
 
     pattern: "random"; "one_rank" (every token's experts sit on one rank); "one_expert"
@@ -109,8 +116,17 @@ class Inputs:
     topk_weights: torch.Tensor
 
 
-def make_inputs(rank: int, num_tokens: int, hidden: int, num_experts: int, topk: int, num_ranks: int,
-                dtype: torch.dtype = torch.bfloat16, pattern: str = "random", seed: int = 0) -> Inputs:
+def make_inputs(
+    rank: int,
+    num_tokens: int,
+    hidden: int,
+    num_experts: int,
+    topk: int,
+    num_ranks: int,
+    dtype: torch.dtype = torch.bfloat16,
+    pattern: str = "random",
+    seed: int = 0,
+) -> Inputs:
     generator = torch.Generator().manual_seed(seed * 1000 + rank)
     x = torch.randn(num_tokens, hidden, generator=generator).to(dtype)
     if num_tokens:

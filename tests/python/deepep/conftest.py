@@ -8,6 +8,7 @@ torch_npu is importable and enough NPUs are visible.
     python -m pytest tests/python/deepep --device npu       # only the NPU runs
     DEEP_EP_TEST_DEVICE=cpu python -m pytest tests/python/deepep
 """
+
 from __future__ import annotations
 
 import functools
@@ -19,9 +20,12 @@ CHOICES = ("all", "cpu", "npu")
 
 
 def pytest_addoption(parser):
-    parser.addoption("--device", choices=CHOICES, default=os.environ.get("DEEP_EP_TEST_DEVICE", "all"),
-                     help="run the device-parametrized tests on cpu, npu or both (default: all; env "
-                          "DEEP_EP_TEST_DEVICE)")
+    parser.addoption(
+        "--device",
+        choices=CHOICES,
+        default=os.environ.get("DEEP_EP_TEST_DEVICE", "all"),
+        help="run the device-parametrized tests on cpu, npu or both (default: all; env DEEP_EP_TEST_DEVICE)",
+    )
 
 
 @functools.lru_cache(maxsize=None)

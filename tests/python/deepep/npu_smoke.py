@@ -14,6 +14,7 @@ Prints the torch, torch_npu and CANN versions and the rules deep_ep applies for 
 Where torch_npu or 8 NPUs are missing it says why and exits 0, so it can run anywhere; pytest
 does not collect it (no test_ prefix): it is not part of the CPU suite.
 """
+
 from __future__ import annotations
 
 import os
@@ -53,12 +54,17 @@ def _check_normal(rank: int, group, device, num_experts: int) -> None:
     buffer = deep_ep.Buffer(group)
     per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx.to(device), num_experts)
     recv_x, _, _, _, handle, _ = buffer.dispatch(
-        x.to(device), num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-        topk_idx=idx.to(device), topk_weights=weights.to(device))
+        x.to(device),
+        num_tokens_per_rank=per_rank,
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+        topk_idx=idx.to(device),
+        topk_weights=weights.to(device),
+    )
     combined = buffer.combine((recv_x.float() * 2).to(torch.bfloat16), handle)[0]
     xs, idxs, ws = _gather(group, x, idx, weights)
     ref = reference_dispatch(xs, idxs, ws, num_experts, rank)
-    assert torch.equal(recv_x.cpu()[:ref["x"].shape[0]], ref["x"]), "normal dispatch rows"
+    assert torch.equal(recv_x.cpu()[: ref["x"].shape[0]], ref["x"]), "normal dispatch rows"
     expected = reference_combine((x.float().unsqueeze(1).expand(-1, TOPK, -1) * 2).to(torch.bfloat16), idx, weights)
     torch.testing.assert_close(combined.cpu().double(), expected, rtol=2e-2, atol=2e-2)
     buffer.destroy()
@@ -74,7 +80,8 @@ def _check_low_latency(rank: int, group, device, num_experts: int) -> None:
     x, idx, weights = _inputs(rank, NMAX - 1 - rank % 3, num_experts, seed=2)  # T < Nmax, uneven
     buffer = _low_latency_buffer(group, num_experts)
     recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(
-        x.to(device), idx.to(device), NMAX, num_experts, use_fp8=False, topk_weights=weights.to(device))
+        x.to(device), idx.to(device), NMAX, num_experts, use_fp8=False, topk_weights=weights.to(device)
+    )
     xs, idxs, ws = _gather(group, x, idx, weights)
     ref = reference_dispatch(xs, idxs, ws, num_experts, rank)
     rows = ref["x"].shape[0]
@@ -82,8 +89,9 @@ def _check_low_latency(rank: int, group, device, num_experts: int) -> None:
     # within an expert the operators' row order is theirs: compare the sets of rows
     received = recv_x.cpu()[:rows].float()
     assert torch.equal(received.sort(dim=0).values, ref["x"].float().sort(dim=0).values), "low-latency rows"
-    combined = buffer.low_latency_combine((recv_x.float() * 2).to(torch.bfloat16), idx.to(device),
-                                          weights.to(device), handle)[0]
+    combined = buffer.low_latency_combine(
+        (recv_x.float() * 2).to(torch.bfloat16), idx.to(device), weights.to(device), handle
+    )[0]
     expected = reference_combine((x.float().unsqueeze(1).expand(-1, TOPK, -1) * 2).to(torch.bfloat16), idx, weights)
     torch.testing.assert_close(combined.cpu().double(), expected, rtol=2e-2, atol=2e-2)
     buffer.destroy()
@@ -103,8 +111,17 @@ def _check_fused(rank: int, group, device, num_experts: int) -> None:
     w1, s1 = permute_gmm1_weight(w13[mine], s13[mine])
     x, idx, weights = _inputs(rank, NMAX - 2, num_experts, seed=3)
     buffer = _low_latency_buffer(group, num_experts)
-    out, _ = buffer.fused_deep_moe(x.to(device), idx.to(device), weights.to(device), w1.to(device), s1.to(device),
-                                   w2[mine].to(device), s2[mine].to(device), NMAX, num_experts)
+    out, _ = buffer.fused_deep_moe(
+        x.to(device),
+        idx.to(device),
+        weights.to(device),
+        w1.to(device),
+        s1.to(device),
+        w2[mine].to(device),
+        s2[mine].to(device),
+        NMAX,
+        num_experts,
+    )
     xq, sx = quantize_per_token_int8(x)
     expected = torch.zeros(x.shape, dtype=torch.float64)
     for t in range(x.shape[0]):
@@ -138,12 +155,18 @@ def main() -> int:
 
     from deep_ep.npu import operators, versions
 
-    print(f"torch {torch.__version__}, torch_npu {getattr(torch_npu, '__version__', 'unknown')}, "
-          f"CANN {versions.cann_version(torch_npu) or 'unknown'}, SoC {operators.detect_soc() or 'other'}")
+    print(
+        f"torch {torch.__version__}, torch_npu {getattr(torch_npu, '__version__', 'unknown')}, "
+        f"CANN {versions.cann_version(torch_npu) or 'unknown'}, SoC {operators.detect_soc() or 'other'}"
+    )
     print(versions.describe(operators.detect_release()))
     buffsize = operators.hccl_buffsize_mb(NMAX, HIDDEN, NUM_RANKS, EXPERTS_PER_RANK * NUM_RANKS, TOPK)
-    spawn_ranks(_run, NUM_RANKS, env={"HCCL_BUFFSIZE": str(max(buffsize, int(os.environ.get("HCCL_BUFFSIZE", 0))))},
-                device="npu")
+    spawn_ranks(
+        _run,
+        NUM_RANKS,
+        env={"HCCL_BUFFSIZE": str(max(buffsize, int(os.environ.get("HCCL_BUFFSIZE", 0))))},
+        device="npu",
+    )
     print("npu_smoke: all checks passed")
     return 0
 

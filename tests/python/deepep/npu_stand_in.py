@@ -27,6 +27,7 @@ back as ``x * remote_scale(s % S, 0)``). The
 documented facts are this module's own copy (from the op-plugin documentation of each
 release), deliberately not deep_ep's table: a wrong reading in deep_ep shows as a failure.
 """
+
 from __future__ import annotations
 
 import ast
@@ -104,10 +105,12 @@ class ReleaseDoc:
 _A2_RANKS_MULTIPLE_OF_8 = (8, 16, 32, 64, 128, 256)
 RELEASE_DOCS = {
     "7.1.0": ReleaseDoc("8.2.RC1", False, {"A3": (1,), "A2-fullmesh": (), "A2-hierarchy": ()}, (16, 32, 64), True),
-    "7.2.0": ReleaseDoc("8.3.RC1", True, {"A3": (1, 2), "A2-fullmesh": (1,), "A2-hierarchy": ()},
-                        _A2_RANKS_MULTIPLE_OF_8, True),
-    "7.3.0": ReleaseDoc("8.5.0", True, {"A3": (1, 2), "A2-fullmesh": (1, 2), "A2-hierarchy": ()},
-                        _A2_RANKS_MULTIPLE_OF_8, True),
+    "7.2.0": ReleaseDoc(
+        "8.3.RC1", True, {"A3": (1, 2), "A2-fullmesh": (1,), "A2-hierarchy": ()}, _A2_RANKS_MULTIPLE_OF_8, True
+    ),
+    "7.3.0": ReleaseDoc(
+        "8.5.0", True, {"A3": (1, 2), "A2-fullmesh": (1, 2), "A2-hierarchy": ()}, _A2_RANKS_MULTIPLE_OF_8, True
+    ),
 }
 COMM_ALGS = {"A2": ("", "fullmesh", "hierarchy"), "A3": ("", "fullmesh_v1", "fullmesh_v2")}
 SOC_DEVICE_NAMES = {"A2": "Ascend910B3", "A3": "Ascend910_9391"}
@@ -151,8 +154,14 @@ class FakeTorchNpu:
     per-block counts instead), to check that deep_ep notices.
     """
 
-    def __init__(self, device_name: str | None = "Ascend910_9391", release: str = "7.3.0", with_v2: bool = True,
-                 extra_expand_rows: int = 2, ep_recv_layout: str = "prefix") -> None:
+    def __init__(
+        self,
+        device_name: str | None = "Ascend910_9391",
+        release: str = "7.3.0",
+        with_v2: bool = True,
+        extra_expand_rows: int = 2,
+        ep_recv_layout: str = "prefix",
+    ) -> None:
         self.calls: list[tuple[str, dict]] = []
         self.device_name = device_name
         self.soc = _soc_of(device_name)
@@ -163,8 +172,11 @@ class FakeTorchNpu:
         self.dispatch_state: dict | None = None
         self.module = types.ModuleType("torch_npu")
         self.module.__version__ = "2.6.0.fake"
-        self.module.npu = types.SimpleNamespace(utils=types.SimpleNamespace(
-            get_cann_version=lambda module="CANN": self.doc.cann if module == "CANN" else ""))
+        self.module.npu = types.SimpleNamespace(
+            utils=types.SimpleNamespace(
+                get_cann_version=lambda module="CANN": self.doc.cann if module == "CANN" else ""
+            )
+        )
         no_comm_alg = () if self.doc.comm_alg else ("comm_alg",)
         self.signatures = {
             "npu_moe_distribute_dispatch": signature_of(_DISPATCH_V1_TEXT),
@@ -180,8 +192,8 @@ class FakeTorchNpu:
             setattr(self.module, name, self._recorder(name))
         # torch.npu as torch_npu registers it
         self.torch_npu_namespace = types.SimpleNamespace(
-            is_available=lambda: self.device_name is not None,
-            get_device_name=lambda *a: self.device_name)
+            is_available=lambda: self.device_name is not None, get_device_name=lambda *a: self.device_name
+        )
         self.new_group_calls: list[dict] = []
         self.comm_name_calls: list[tuple] = []
 
@@ -232,12 +244,12 @@ class FakeTorchNpu:
             raise OperatorRejected(f"comm_alg {comm_alg!r} is not supported on {self.soc}")
         if self.soc == "A3":
             return "A3"
-        env_pair = (os.environ.get("HCCL_INTRA_PCIE_ENABLE") == "1"
-                    and os.environ.get("HCCL_INTRA_ROCE_ENABLE") == "0")
+        env_pair = os.environ.get("HCCL_INTRA_PCIE_ENABLE") == "1" and os.environ.get("HCCL_INTRA_ROCE_ENABLE") == "0"
         return "A2-hierarchy" if comm_alg == "hierarchy" or (comm_alg == "" and env_pair) else "A2-fullmesh"
 
-    def _check_limits(self, mode: str | None, ranks: int, hidden: int, bs: int, topk: int, experts: int,
-                      local: int) -> None:
+    def _check_limits(
+        self, mode: str | None, ranks: int, hidden: int, bs: int, topk: int, experts: int, local: int
+    ) -> None:
         rules = {
             "A3": [(2 <= ranks <= 768, "R"), (1024 <= hidden <= 8192, "H"), (bs <= 512, "BS"), (topk <= 16, "K")],
             "A2-fullmesh": [(ranks in self.doc.a2_ranks, "R"), (hidden <= 7168, "H"), (bs <= 256, "BS")],
@@ -249,8 +261,9 @@ class FakeTorchNpu:
                 rules.append((local <= 24, "L"))
         for ok, what in rules:
             if not ok:
-                raise OperatorRejected(f"{mode} limit on {what} (R={ranks}, H={hidden}, BS={bs}, K={topk}, "
-                                       f"E={experts})")
+                raise OperatorRejected(
+                    f"{mode} limit on {what} (R={ranks}, H={hidden}, BS={bs}, K={topk}, E={experts})"
+                )
 
     def _active(self, mask, mode: str | None, v2: bool, bs: int, topk: int) -> torch.Tensor:
         """bool [BS, K]: the entries the operator dispatches."""
@@ -304,8 +317,13 @@ class FakeTorchNpu:
             order = [(t, -1) for t in range(bs) if active[t].any()]
             counts = torch.tensor([len(order)], dtype=torch.int64)
         else:
-            order = [(t, k) for e in range(local) for t in range(bs) for k in range(topk)
-                     if active[t, k] and int(ids[t, k]) == first + e]
+            order = [
+                (t, k)
+                for e in range(local)
+                for t in range(bs)
+                for k in range(topk)
+                if active[t, k] and int(ids[t, k]) == first + e
+            ]
             counts = torch.zeros(local, dtype=torch.int64)
             for t, k in order:
                 counts[int(ids[t, k]) - first] += 1
@@ -341,12 +359,36 @@ class FakeTorchNpu:
         if self.soc == "A2" and scales_in is not None:
             expand_scales[:n] = 1.0 if on_shared else scales_in[tok, kk]
         self.dispatch_state = dict(
-            x=x, ids=ids, mask=mask, active=active, assist=assist, ep_recv_counts=ep_recv_counts,
-            tp_recv_counts=tp_recv_counts, expand_scales=expand_scales, order=order, rows_a=rows_a, bs=bs,
-            hidden=hidden, global_bs=p["global_bs"], experts=experts, ranks=ranks, me=me, group_ep=p["group_ep"],
-            comm_alg=p.get("comm_alg"), shared=(p["shared_expert_num"], shared_ranks), per_rank=per_rank)
-        return (expand_x, dynamic_scales, assist, expert_token_nums.to(torch.int64),
-                ep_recv_counts, tp_recv_counts, expand_scales)
+            x=x,
+            ids=ids,
+            mask=mask,
+            active=active,
+            assist=assist,
+            ep_recv_counts=ep_recv_counts,
+            tp_recv_counts=tp_recv_counts,
+            expand_scales=expand_scales,
+            order=order,
+            rows_a=rows_a,
+            bs=bs,
+            hidden=hidden,
+            global_bs=p["global_bs"],
+            experts=experts,
+            ranks=ranks,
+            me=me,
+            group_ep=p["group_ep"],
+            comm_alg=p.get("comm_alg"),
+            shared=(p["shared_expert_num"], shared_ranks),
+            per_rank=per_rank,
+        )
+        return (
+            expand_x,
+            dynamic_scales,
+            assist,
+            expert_token_nums.to(torch.int64),
+            ep_recv_counts,
+            tp_recv_counts,
+            expand_scales,
+        )
 
     def _npu_moe_distribute_combine(self, p: dict, v2: bool):
         st = self.dispatch_state
@@ -415,8 +457,7 @@ class FakeTorchNpu:
         return quantize_rows(p["x"])
 
     def _npu_dequant_swiglu_quant(self, p: dict, v2: bool):
-        x, weight_scale, act_scale, counts = (p["x"], p["weight_scale"], p["activation_scale"],
-                                              p["group_index"])
+        x, weight_scale, act_scale, counts = (p["x"], p["weight_scale"], p["activation_scale"], p["group_index"])
         assert x.dtype == torch.int32 and x.dim() == 2 and x.shape[1] % 2 == 0
         assert weight_scale.dtype == torch.float32 and tuple(weight_scale.shape) == (counts.numel(), x.shape[1])
         assert act_scale.dtype == torch.float32 and tuple(act_scale.shape) == (x.shape[0],)

@@ -1,4 +1,5 @@
 """The Buffer's static helpers, Config size hints, EventOverlap and node queries."""
+
 from __future__ import annotations
 
 import os

@@ -1,6 +1,7 @@
 """`python -m deep_ep.bench` at tiny sizes: deep_ep, the MPI Alltoallv floor and the Megatron-style
 MPI dispatcher each checked against the reference inside the run (a mismatch fails it); the MPI
 part says how to install it where mpi4py is missing."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -12,8 +13,22 @@ from deep_ep import bench, bench_mpi
 from deep_ep.reference import reference_combine, reference_dispatch
 
 HAVE_MPI = importlib.util.find_spec("mpi4py") is not None and bench_mpi.find_mpiexec() is not None
-TINY = ["--num-tokens", "8,40", "--hidden", "128", "--num-topk", "4", "--num-experts", "8", "--iters", "3",
-        "--warmup", "1", "--measure-seconds", "0.01"]
+TINY = [
+    "--num-tokens",
+    "8,40",
+    "--hidden",
+    "128",
+    "--num-topk",
+    "4",
+    "--num-experts",
+    "8",
+    "--iters",
+    "3",
+    "--warmup",
+    "1",
+    "--measure-seconds",
+    "0.01",
+]
 
 
 def table_lines(out: str) -> dict:
@@ -50,8 +65,26 @@ def test_bench_normal_table(capsys):
 
 
 def test_bench_low_latency(capfd):
-    bench.main(["--mode", "low_latency", "--num-tokens", "16", "--hidden", "128", "--num-topk", "4",
-                "--num-experts", "8", "--iters", "2", "--warmup", "1", "--batch", "2"])
+    bench.main(
+        [
+            "--mode",
+            "low_latency",
+            "--num-tokens",
+            "16",
+            "--hidden",
+            "128",
+            "--num-topk",
+            "4",
+            "--num-experts",
+            "8",
+            "--iters",
+            "2",
+            "--warmup",
+            "1",
+            "--batch",
+            "2",
+        ]
+    )
     out = capfd.readouterr().out  # printed by rank 0's process
     assert "default (shm)" in out and "memcpy (same bytes)" in out
 

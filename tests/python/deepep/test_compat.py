@@ -2,6 +2,7 @@
 handle[7] (or handle["topk_weights"]) as weights, cost-stats tensors, strategies built on
 buffer.runtime and swapped on one Buffer, the environment variables; checked against the
 independent reference (deep_ep/reference.py) on several world sizes."""
+
 from __future__ import annotations
 
 import pytest
@@ -28,28 +29,58 @@ def inputs(rank: int, num_experts: int):
 def normal_round(rank, num_ranks, group, buffer, num_experts, x, topk_idx, topk_weights):
     """One layout + dispatch + combine exactly as upstream's scripts write it."""
     (num_tokens_per_rank, _, num_tokens_per_expert, is_token_in_rank, _) = buffer.get_dispatch_layout(
-        topk_idx, num_experts)
+        topk_idx, num_experts
+    )
     wait_stats = torch.zeros(num_ranks, dtype=torch.int32)
     recv_x, recv_topk_idx, recv_topk_weights, counts, handle, event = buffer.dispatch(
-        x=x, num_tokens_per_rank=num_tokens_per_rank, is_token_in_rank=is_token_in_rank,
-        num_tokens_per_expert=num_tokens_per_expert, config=deep_ep.Config(24, 8, 256), topk_idx=topk_idx,
-        topk_weights=topk_weights, dispatch_wait_recv_cost_stats=wait_stats, quant_mode=None)
+        x=x,
+        num_tokens_per_rank=num_tokens_per_rank,
+        is_token_in_rank=is_token_in_rank,
+        num_tokens_per_expert=num_tokens_per_expert,
+        config=deep_ep.Config(24, 8, 256),
+        topk_idx=topk_idx,
+        topk_weights=topk_weights,
+        dispatch_wait_recv_cost_stats=wait_stats,
+        quant_mode=None,
+    )
     if isinstance(handle, dict):
         weights = handle["topk_weights"]
     elif buffer.get_num_rdma_ranks() > 1:  # upstream's internode handle
-        (recv_src_idx, in_rank, send_head, handle_topk_idx, weights, offset_inner, offset_outer, count_outer,
-         expand_scales) = handle
+        (
+            recv_src_idx,
+            in_rank,
+            send_head,
+            handle_topk_idx,
+            weights,
+            offset_inner,
+            offset_outer,
+            count_outer,
+            expand_scales,
+        ) = handle
         assert torch.equal(handle_topk_idx, topk_idx) and torch.equal(in_rank, is_token_in_rank)
     else:
         weights = handle[7]
-        (rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, in_rank, send_head,
-         handle_topk_idx, handle_topk_weights) = handle
+        (
+            rank_prefix_matrix,
+            channel_prefix_matrix,
+            recv_channel_prefix_matrix,
+            recv_src_idx,
+            in_rank,
+            send_head,
+            handle_topk_idx,
+            handle_topk_weights,
+        ) = handle
         assert torch.equal(handle_topk_idx, topk_idx) and torch.equal(in_rank, is_token_in_rank)
     assert torch.equal(weights, topk_weights)
     send_stats = torch.zeros(num_ranks, dtype=torch.int32)
-    combined_x, combined_topk_weights, _ = buffer.combine(x=recv_x, handle=handle, topk_weights=weights,
-                                                          config=None, async_finish=False,
-                                                          combine_send_cost_stats=send_stats)
+    combined_x, combined_topk_weights, _ = buffer.combine(
+        x=recv_x,
+        handle=handle,
+        topk_weights=weights,
+        config=None,
+        async_finish=False,
+        combine_send_cost_stats=send_stats,
+    )
     # Measured microseconds: non-negative, and some rank's rows took time to arrive / leave.
     assert bool((wait_stats >= 0).all()) and bool((send_stats >= 0).all())
     assert int(send_stats.sum()) > 0
@@ -78,17 +109,34 @@ def compat_rank(rank: int, num_ranks: int, group) -> None:
         buffer.low_latency_strategy = ll
         combined = normal_round(rank, num_ranks, group, buffer, num_experts, x, topk_idx, topk_weights)
         recv_x, recv_count, handle, event, hook = buffer.low_latency_dispatch(
-            x, topk_idx, nmax, num_experts, cumulative_local_expert_recv_stats=None, use_fp8=False,
-            round_scale=False, use_ue8m0=False, use_mxfp4=False, async_finish=False, return_recv_hook=False,
-            topk_weights=topk_weights, quant_mode=None)
+            x,
+            topk_idx,
+            nmax,
+            num_experts,
+            cumulative_local_expert_recv_stats=None,
+            use_fp8=False,
+            round_scale=False,
+            use_ue8m0=False,
+            use_mxfp4=False,
+            async_finish=False,
+            return_recv_hook=False,
+            topk_weights=topk_weights,
+            quant_mode=None,
+        )
         hook()  # always callable
-        (src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden, n_experts, packed_recv_count,
-         expand_scales) = handle
+        (
+            src_info,
+            layout_range,
+            num_max_dispatch_tokens_per_rank,
+            hidden,
+            n_experts,
+            packed_recv_count,
+            expand_scales,
+        ) = handle
         assert (num_max_dispatch_tokens_per_rank, hidden, n_experts) == (nmax, HIDDEN, num_experts)
         ll_combined, _, hook = buffer.low_latency_combine(recv_x, topk_idx, topk_weights, handle)
         hook()
-        expected = reference_combine(x.float().unsqueeze(1).expand(-1, topk_idx.shape[1], -1), topk_idx,
-                                     topk_weights)
+        expected = reference_combine(x.float().unsqueeze(1).expand(-1, topk_idx.shape[1], -1), topk_idx, topk_weights)
         assert calc_diff(ll_combined.float(), expected.float()) < 1e-5
         results.append((combined, ll_combined))
     for a, b in zip(results[0], results[1]):
@@ -101,8 +149,9 @@ def compat_rank(rank: int, num_ranks: int, group) -> None:
     with pytest.raises(ValueError, match="mx_fp4_e2m1"):
         buffer.low_latency_dispatch(x, topk_idx, nmax, num_experts, use_mxfp4=True)
     with pytest.raises(ValueError, match="mx_fp8_e4m3"):
-        buffer.dispatch(x, topk_idx=topk_idx, topk_weights=topk_weights, num_tokens_per_expert=per_expert,
-                        quant_mode="mx_fp8_e4m3")
+        buffer.dispatch(
+            x, topk_idx=topk_idx, topk_weights=topk_weights, num_tokens_per_expert=per_expert, quant_mode="mx_fp8_e4m3"
+        )
     buffer.destroy()
 
 
@@ -115,14 +164,18 @@ def env_rank(rank: int, num_ranks: int, group) -> None:
     """MOE_EXPERT_TOKEN_NUMS_TYPE=0 (prefix sums, both modes) and the long-sequence rounds."""
     num_experts = EXPERTS_PER_RANK * num_ranks
     x, topk_idx, topk_weights = inputs(rank, num_experts)
-    buffer = deep_ep.Buffer(group, low_latency_mode=True, num_rdma_bytes=deep_ep.Buffer.get_low_latency_rdma_size_hint(
-        TOKENS, HIDDEN, num_ranks, num_experts))
+    buffer = deep_ep.Buffer(
+        group,
+        low_latency_mode=True,
+        num_rdma_bytes=deep_ep.Buffer.get_low_latency_rdma_size_hint(TOKENS, HIDDEN, num_ranks, num_experts),
+    )
     per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
     assert per_expert.shape == (2 * num_experts,)  # DEEPEP_NORMAL_LONG_SEQ_ROUND=2
     first = torch.bincount(topk_idx[:32][topk_idx[:32] >= 0], minlength=num_experts)
     assert torch.equal(per_expert[:num_experts].long(), first)
-    recv_x, _, _, counts, handle, _ = buffer.dispatch(x, topk_idx=topk_idx, topk_weights=topk_weights,
-                                                      num_tokens_per_expert=per_expert)
+    recv_x, _, _, counts, handle, _ = buffer.dispatch(
+        x, topk_idx=topk_idx, topk_weights=topk_weights, num_tokens_per_expert=per_expert
+    )
     rows = torch.diff(torch.tensor([0] + counts)).tolist()
     assert counts[-1] == recv_x.shape[0] and all(r >= 0 for r in rows)  # prefix sums
     _, recv_count, handle, _, _ = buffer.low_latency_dispatch(x, topk_idx, TOKENS, num_experts, use_fp8=False)
@@ -131,8 +184,15 @@ def env_rank(rank: int, num_ranks: int, group) -> None:
 
 
 def test_environment_variables() -> None:
-    spawn_ranks(env_rank, 2, env={"MOE_EXPERT_TOKEN_NUMS_TYPE": "0", "DEEPEP_NORMAL_LONG_SEQ_ROUND": "2",
-                                  "DEEPEP_NORMAL_LONG_SEQ_PER_ROUND_TOKENS": "32"})
+    spawn_ranks(
+        env_rank,
+        2,
+        env={
+            "MOE_EXPERT_TOKEN_NUMS_TYPE": "0",
+            "DEEPEP_NORMAL_LONG_SEQ_ROUND": "2",
+            "DEEPEP_NORMAL_LONG_SEQ_PER_ROUND_TOKENS": "32",
+        },
+    )
 
 
 def sglang_rank(rank: int, num_ranks: int, group) -> None:
@@ -140,33 +200,59 @@ def sglang_rank(rank: int, num_ranks: int, group) -> None:
     low-latency mode; a handle of another Buffer is a clear error."""
     num_experts = EXPERTS_PER_RANK * num_ranks
     x, topk_idx, topk_weights = inputs(rank, num_experts)
-    buffer = deep_ep.Buffer(group, num_nvl_bytes=1 << 22, num_rdma_bytes=0, low_latency_mode=True,
-                            num_qps_per_rank=num_experts // num_ranks)
+    buffer = deep_ep.Buffer(
+        group, num_nvl_bytes=1 << 22, num_rdma_bytes=0, low_latency_mode=True, num_qps_per_rank=num_experts // num_ranks
+    )
     previous_event = deep_ep.Buffer.capture()
-    (num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank,
-     previous_event) = buffer.get_dispatch_layout(topk_idx, num_experts, previous_event=previous_event,
-                                                  async_finish=True, allocate_on_comm_stream=True)
+    (num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, previous_event) = (
+        buffer.get_dispatch_layout(
+            topk_idx, num_experts, previous_event=previous_event, async_finish=True, allocate_on_comm_stream=True
+        )
+    )
     recv_x, recv_topk_idx, recv_topk_weights, counts, handle, event = buffer.dispatch(
-        x, topk_idx=topk_idx, topk_weights=topk_weights, num_tokens_per_rank=num_tokens_per_rank,
-        num_tokens_per_rdma_rank=num_tokens_per_rdma_rank, is_token_in_rank=is_token_in_rank,
-        num_tokens_per_expert=num_tokens_per_expert, previous_event=previous_event, async_finish=True,
-        allocate_on_comm_stream=True, expert_alignment=128, config=deep_ep.Buffer.get_dispatch_config(num_ranks))
+        x,
+        topk_idx=topk_idx,
+        topk_weights=topk_weights,
+        num_tokens_per_rank=num_tokens_per_rank,
+        num_tokens_per_rdma_rank=num_tokens_per_rdma_rank,
+        is_token_in_rank=is_token_in_rank,
+        num_tokens_per_expert=num_tokens_per_expert,
+        previous_event=previous_event,
+        async_finish=True,
+        allocate_on_comm_stream=True,
+        expert_alignment=128,
+        config=deep_ep.Buffer.get_dispatch_config(num_ranks),
+    )
     event.current_stream_wait()
     assert all(c % 128 == 0 for c in counts) and sum(counts) == recv_x.shape[0]
-    combined_x, _, event = buffer.combine(recv_x, handle, async_finish=True, previous_event=event,
-                                          allocate_on_comm_stream=True,
-                                          config=deep_ep.Buffer.get_combine_config(num_ranks))
+    combined_x, _, event = buffer.combine(
+        recv_x,
+        handle,
+        async_finish=True,
+        previous_event=event,
+        allocate_on_comm_stream=True,
+        config=deep_ep.Buffer.get_combine_config(num_ranks),
+    )
     expected = reference_combine(x.float().unsqueeze(1).expand(-1, topk_idx.shape[1], -1), topk_idx, topk_weights)
     assert calc_diff(combined_x.float(), expected.float()) < 1e-5
     buffer.clean_low_latency_buffer(TOKENS, HIDDEN, num_experts)
     recv_x, recv_count, ll_handle, event, hook = buffer.low_latency_dispatch(
-        x, topk_idx, TOKENS, num_experts, use_fp8=True, async_finish=False, return_recv_hook=True,
-        round_scale=False, use_ue8m0=False)
+        x,
+        topk_idx,
+        TOKENS,
+        num_experts,
+        use_fp8=True,
+        async_finish=False,
+        return_recv_hook=True,
+        round_scale=False,
+        use_ue8m0=False,
+    )
     hook()
     q, scale = recv_x
     values = (q.float() * scale.unsqueeze(1)).to(torch.bfloat16)
-    ll_combined, event, hook = buffer.low_latency_combine(values, topk_idx, topk_weights, ll_handle,
-                                                          async_finish=False, return_recv_hook=True, zero_copy=False)
+    ll_combined, event, hook = buffer.low_latency_combine(
+        values, topk_idx, topk_weights, ll_handle, async_finish=False, return_recv_hook=True, zero_copy=False
+    )
     hook()
     assert calc_diff(ll_combined.float(), expected.float()) < 1e-3  # int8 rows
     other = deep_ep.Buffer(group, num_nvl_bytes=1 << 22)

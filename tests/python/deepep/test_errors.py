@@ -6,6 +6,7 @@ killed, shared-memory allocation failures, and that no shared memory is ever lef
 Every multi-rank check runs on real processes (deep_ep.testing.spawn_ranks); peers that time
 out do so after DEEP_EP_TIMEOUT_S=3 s.
 """
+
 from __future__ import annotations
 
 import gc
@@ -51,8 +52,9 @@ def expect(error_type: type, words: Sequence[str], call: Callable[[], object]) -
         kind, message = type(error), str(error)
     else:
         pytest.fail(f"expected {error_type.__name__}, but nothing was raised")
-    assert kind is error_type or (error_type is RuntimeError and issubclass(kind, RuntimeError)), \
+    assert kind is error_type or (error_type is RuntimeError and issubclass(kind, RuntimeError)), (
         f"expected {error_type.__name__}, got {kind.__name__}: {message}"
+    )
     for word in words:
         assert word in message, f"{word!r} not in the {kind.__name__} message {message!r}"
     return message
@@ -69,23 +71,33 @@ def world_pids(group) -> List[int]:
     return pids
 
 
-def inputs_of(rank: int, num_ranks: int, seed: int, hidden: int = HIDDEN, experts: int = EXPERTS,
-              tokens: Sequence[int] = (7, 5)) -> List[Inputs]:
+def inputs_of(
+    rank: int, num_ranks: int, seed: int, hidden: int = HIDDEN, experts: int = EXPERTS, tokens: Sequence[int] = (7, 5)
+) -> List[Inputs]:
     """Every rank's inputs (deterministic, so each rank builds all of them without communicating)."""
-    return [make_inputs(r, tokens[r % len(tokens)], hidden, experts, TOPK, num_ranks, torch.float32, seed=seed)
-            for r in range(num_ranks)]
+    return [
+        make_inputs(r, tokens[r % len(tokens)], hidden, experts, TOPK, num_ranks, torch.float32, seed=seed)
+        for r in range(num_ranks)
+    ]
 
 
 def dispatch_of(buffer: deep_ep.Buffer, inputs: Inputs, experts: int = EXPERTS, **kwargs):
     _, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(inputs.topk_idx, experts)
-    return buffer.dispatch(inputs.x, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-                           topk_idx=inputs.topk_idx, topk_weights=inputs.topk_weights, **kwargs)
+    return buffer.dispatch(
+        inputs.x,
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+        topk_idx=inputs.topk_idx,
+        topk_weights=inputs.topk_weights,
+        **kwargs,
+    )
 
 
 def check_dispatch(rank: int, everyone: List[Inputs], result, experts: int = EXPERTS) -> None:
     recv_x, recv_topk_idx, recv_topk_weights, counts, _, _ = result
-    ref = reference_dispatch([i.x for i in everyone], [i.topk_idx for i in everyone],
-                             [i.topk_weights for i in everyone], experts, rank)
+    ref = reference_dispatch(
+        [i.x for i in everyone], [i.topk_idx for i in everyone], [i.topk_weights for i in everyone], experts, rank
+    )
     assert torch.equal(recv_x, ref["x"])
     assert torch.equal(recv_topk_idx, ref["topk_idx"]) and torch.equal(recv_topk_weights, ref["weights"])
     assert counts == ref["rows_per_expert"]
@@ -131,14 +143,23 @@ def local_errors(buffer: deep_ep.Buffer, rank: int, num_ranks: int) -> None:
     expect(ValueError, ["topk_idx", "columns", "17"], dispatch(topk_idx=torch.full((inp.x.shape[0], 17), -1)))
     expect(ValueError, ["topk_idx", "handle"], dispatch(topk_idx=None))
     expect(TypeError, ["topk_weights", "float32", "float64"], dispatch(topk_weights=inp.topk_weights.double()))
-    expect(ValueError, ["topk_weights", "shape", str(list(inp.topk_weights[:, :-1].shape))],
-           dispatch(topk_weights=inp.topk_weights[:, :-1]))
+    expect(
+        ValueError,
+        ["topk_weights", "shape", str(list(inp.topk_weights[:, :-1].shape))],
+        dispatch(topk_weights=inp.topk_weights[:, :-1]),
+    )
     expect(ValueError, ["topk_idx", f"[-1, {EXPERTS})", str(EXPERTS)], dispatch(topk_idx=too_high))
     expect(ValueError, ["topk_idx", f"[-1, {EXPERTS})", "-2"], dispatch(topk_idx=too_low))
-    expect(ValueError, ["num_experts", "multiple", str(odd_experts)],
-           lambda: buffer.get_dispatch_layout(inp.topk_idx, odd_experts))
-    expect(ValueError, ["num_tokens_per_expert", "multiple", str(odd_experts)],
-           dispatch(num_tokens_per_expert=torch.zeros(odd_experts, dtype=torch.int32)))
+    expect(
+        ValueError,
+        ["num_experts", "multiple", str(odd_experts)],
+        lambda: buffer.get_dispatch_layout(inp.topk_idx, odd_experts),
+    )
+    expect(
+        ValueError,
+        ["num_tokens_per_expert", "multiple", str(odd_experts)],
+        dispatch(num_tokens_per_expert=torch.zeros(odd_experts, dtype=torch.int32)),
+    )
     expect(TypeError, ["num_tokens_per_expert", "dtype"], dispatch(num_tokens_per_expert=per_expert.float()))
     expect(ValueError, ["num_tokens_per_expert", "does not match"], dispatch(num_tokens_per_expert=per_expert + 1))
     expect(ValueError, ["num_tokens_per_expert"], dispatch(num_tokens_per_expert=None))
@@ -151,23 +172,45 @@ def local_errors(buffer: deep_ep.Buffer, rank: int, num_ranks: int) -> None:
 
 def combine_errors(buffer: deep_ep.Buffer, recv_x: torch.Tensor, handle: tuple, inp: Inputs) -> None:
     rows, tokens = recv_x.shape[0], inp.x.shape[0]
-    expect(ValueError, ["x", "shape", str([rows, HIDDEN + 8]), str(HIDDEN)],
-           lambda: buffer.combine(torch.zeros(rows, HIDDEN + 8), handle))
-    expect(ValueError, ["x", "shape", str([rows + 1, HIDDEN])],
-           lambda: buffer.combine(torch.zeros(rows + 1, HIDDEN), handle))
+    expect(
+        ValueError,
+        ["x", "shape", str([rows, HIDDEN + 8]), str(HIDDEN)],
+        lambda: buffer.combine(torch.zeros(rows, HIDDEN + 8), handle),
+    )
+    expect(
+        ValueError,
+        ["x", "shape", str([rows + 1, HIDDEN])],
+        lambda: buffer.combine(torch.zeros(rows + 1, HIDDEN), handle),
+    )
     expect(TypeError, ["x", "dtype"], lambda: buffer.combine(recv_x.to(torch.int32), handle))
-    expect(ValueError, ["topk_weights", "shape", str([tokens, TOPK + 1])],
-           lambda: buffer.combine(recv_x, handle, topk_weights=torch.rand(tokens, TOPK + 1)))
-    expect(ValueError, ["topk_weights", "shape"],
-           lambda: buffer.combine(recv_x, handle, topk_weights=torch.rand(tokens + 1, TOPK)))
-    expect(TypeError, ["topk_weights", "float32"],
-           lambda: buffer.combine(recv_x, handle, topk_weights=inp.topk_weights.double()))
-    expect(ValueError, ["bias[0]", "shape", str([tokens, HIDDEN + 1])],
-           lambda: buffer.combine(recv_x, handle, bias=torch.zeros(tokens, HIDDEN + 1)))
-    expect(ValueError, ["bias[1]", "shape"],
-           lambda: buffer.combine(recv_x, handle, bias=(torch.zeros(tokens, HIDDEN), torch.zeros(tokens, 1))))
-    expect(ValueError, ["bias", "3 items"],
-           lambda: buffer.combine(recv_x, handle, bias=[torch.zeros(tokens, HIDDEN)] * 3))
+    expect(
+        ValueError,
+        ["topk_weights", "shape", str([tokens, TOPK + 1])],
+        lambda: buffer.combine(recv_x, handle, topk_weights=torch.rand(tokens, TOPK + 1)),
+    )
+    expect(
+        ValueError,
+        ["topk_weights", "shape"],
+        lambda: buffer.combine(recv_x, handle, topk_weights=torch.rand(tokens + 1, TOPK)),
+    )
+    expect(
+        TypeError,
+        ["topk_weights", "float32"],
+        lambda: buffer.combine(recv_x, handle, topk_weights=inp.topk_weights.double()),
+    )
+    expect(
+        ValueError,
+        ["bias[0]", "shape", str([tokens, HIDDEN + 1])],
+        lambda: buffer.combine(recv_x, handle, bias=torch.zeros(tokens, HIDDEN + 1)),
+    )
+    expect(
+        ValueError,
+        ["bias[1]", "shape"],
+        lambda: buffer.combine(recv_x, handle, bias=(torch.zeros(tokens, HIDDEN), torch.zeros(tokens, 1))),
+    )
+    expect(
+        ValueError, ["bias", "3 items"], lambda: buffer.combine(recv_x, handle, bias=[torch.zeros(tokens, HIDDEN)] * 3)
+    )
     rebuilt = dict(handle) if isinstance(handle, dict) else tuple(handle)  # no state beside it
     expect(TypeError, ["handle"], lambda: buffer.combine(recv_x, rebuilt))
 
@@ -176,10 +219,12 @@ def constructor_errors(group) -> None:
     """Rejected on every rank before the Buffer's collective setup starts."""
     expect(ValueError, ["normal_strategy", "bogus"], lambda: deep_ep.Buffer(group, normal_strategy="bogus"))
     expect(ValueError, ["normal_strategy", "ops"], lambda: deep_ep.Buffer(group, normal_strategy="ops"))
-    expect(ValueError, ["low_latency_strategy", "bogus"],
-           lambda: deep_ep.Buffer(group, low_latency_strategy="bogus"))
-    expect(ValueError, ["low_latency_strategy", "ops", "torch_npu"],
-           lambda: deep_ep.Buffer(group, low_latency_strategy="ops"))
+    expect(ValueError, ["low_latency_strategy", "bogus"], lambda: deep_ep.Buffer(group, low_latency_strategy="bogus"))
+    expect(
+        ValueError,
+        ["low_latency_strategy", "ops", "torch_npu"],
+        lambda: deep_ep.Buffer(group, low_latency_strategy="ops"),
+    )
     expect(ValueError, ["num_nvl_bytes", "-1"], lambda: deep_ep.Buffer(group, num_nvl_bytes=-1))
     for mode, words in (("bogus", ["DEEP_USE_MODE", "bogus"]), ("ops", ["ops", "torch_npu"])):
         os.environ["DEEP_USE_MODE"] = mode
@@ -195,8 +240,11 @@ def worst_tokens_too_small(buffer: deep_ep.Buffer, rank: int, num_ranks: int) ->
     everyone = inputs_of(rank, num_ranks, seed=2)
     for inputs in everyone:
         inputs.topk_idx[:] = torch.tensor([-1, 0, 1])  # experts 0 and 1 live on rank 0
-    expect(ValueError, ["num_worst_tokens=1", "too small", "[0]"],
-           lambda: dispatch_of(buffer, everyone[rank], num_worst_tokens=1))
+    expect(
+        ValueError,
+        ["num_worst_tokens=1", "too small", "[0]"],
+        lambda: dispatch_of(buffer, everyone[rank], num_worst_tokens=1),
+    )
     result = dispatch_of(buffer, everyone[rank], num_worst_tokens=2 * 7 * num_ranks)
     assert result[0].shape[0] == 2 * 7 * num_ranks
 
@@ -218,8 +266,9 @@ def buffer_too_small(group, rank: int, num_ranks: int) -> None:
     inp = everyone[rank]
     recv_x, _, _, _, handle, _ = dispatch_of(buffer, Inputs(inp.x.bfloat16(), inp.topk_idx, inp.topk_weights))
     combine_needed = shm_transport.data_bytes_needed(1, hidden * 4, 1)
-    expect(ValueError, ["num_nvl_bytes", "combine", f">= {combine_needed}"],
-           lambda: buffer.combine(recv_x.float(), handle))
+    expect(
+        ValueError, ["num_nvl_bytes", "combine", f">= {combine_needed}"], lambda: buffer.combine(recv_x.float(), handle)
+    )
     combined, _, _ = buffer.combine(recv_x, handle)
     weight_sum = torch.where(inp.topk_idx >= 0, inp.topk_weights, 0).sum(1, keepdim=True)
     assert torch.allclose(combined.float(), inp.x.bfloat16().float() * weight_sum, rtol=2e-2, atol=1e-2)
@@ -275,20 +324,29 @@ def disagreement(rank: int, num_ranks: int, group) -> None:
         buffer = deep_ep.Buffer(group, num_nvl_bytes=1 << 20, normal_strategy=strategy)
         # Different hidden sizes.
         everyone = inputs_of(rank, num_ranks, seed=10, hidden=HIDDEN + 16 * rank)
-        expect(ValueError, ["disagree", "hidden", f"rank 0: {HIDDEN}", f"rank 1: {HIDDEN + 16}"],
-               lambda: dispatch_of(buffer, everyone[rank]))
+        expect(
+            ValueError,
+            ["disagree", "hidden", f"rank 0: {HIDDEN}", f"rank 1: {HIDDEN + 16}"],
+            lambda: dispatch_of(buffer, everyone[rank]),
+        )
         check_roundtrip(buffer, rank, num_ranks, seed=11)
         # Different numbers of experts (the per-call metadata then differs in length, too).
         experts = EXPERTS * (1 + rank)
         inp = inputs_of(rank, num_ranks, seed=12)[rank]
-        expect(ValueError, ["disagree", "num_experts", f"rank 0: {EXPERTS}", f"rank 1: {2 * EXPERTS}"],
-               lambda: dispatch_of(buffer, inp, experts=experts))
+        expect(
+            ValueError,
+            ["disagree", "num_experts", f"rank 0: {EXPERTS}", f"rank 1: {2 * EXPERTS}"],
+            lambda: dispatch_of(buffer, inp, experts=experts),
+        )
         check_roundtrip(buffer, rank, num_ranks, seed=13)
         # Different operations: rank 0 dispatches while rank 1 combines.
         everyone = inputs_of(rank, num_ranks, seed=14)
         result = dispatch_of(buffer, everyone[rank])
-        call = (lambda: dispatch_of(buffer, everyone[rank])) if rank == 0 else \
-            (lambda: buffer.combine(result[0], result[4]))
+        call = (
+            (lambda: dispatch_of(buffer, everyone[rank]))
+            if rank == 0
+            else (lambda: buffer.combine(result[0], result[4]))
+        )
         expect(ValueError, ["disagree", "operation", "rank 0: dispatch", "rank 1: combine"], call)
         combined, _, _ = buffer.combine(result[0], result[4])
         check_combine(everyone[rank], combined)
@@ -306,8 +364,9 @@ def missing_peer(rank: int, num_ranks: int, group, strategy: str) -> None:
     everyone = inputs_of(rank, num_ranks, seed=21)
     if rank == 0:  # rank 1 skips this dispatch
         start = time.monotonic()
-        message = expect(RuntimeError, ["rank 0", "timed out", "[1]", "recreate"],
-                         lambda: dispatch_of(buffer, everyone[rank]))
+        message = expect(
+            RuntimeError, ["rank 0", "timed out", "[1]", "recreate"], lambda: dispatch_of(buffer, everyone[rank])
+        )
         elapsed = time.monotonic() - start
         assert TIMEOUT_S - 0.5 <= elapsed <= TIMEOUT_S + 7, (elapsed, message)
         # The Buffer says it must be recreated, at once, on every later call.
@@ -377,13 +436,24 @@ def killed_peer(rank: int, num_ranks: int, group, strategy: str, when: str, work
     os.rename(os.path.join(workdir, "rank0.json.tmp"), os.path.join(workdir, "rank0.json"))
 
 
-@pytest.mark.parametrize("strategy,when", [("default", "before_dispatch"), ("default", "before_combine"),
-                                           ("alltoall", "before_dispatch"), ("alltoall", "before_combine")])
+@pytest.mark.parametrize(
+    "strategy,when",
+    [
+        ("default", "before_dispatch"),
+        ("default", "before_combine"),
+        ("alltoall", "before_dispatch"),
+        ("alltoall", "before_combine"),
+    ],
+)
 def test_killed_peer(strategy: str, when: str, tmp_path) -> None:
     # spawn_ranks would terminate rank 0 as soon as it sees rank 1 die, so the ranks are started
     # here and rank 0 is waited for on its own.
-    context = mp.spawn(_run_rank, args=(2, free_port(), {"DEEP_EP_TIMEOUT_S": "60"}, killed_peer,
-                                        (strategy, when, str(tmp_path))), nprocs=2, join=False)
+    context = mp.spawn(
+        _run_rank,
+        args=(2, free_port(), {"DEEP_EP_TIMEOUT_S": "60"}, killed_peer, (strategy, when, str(tmp_path))),
+        nprocs=2,
+        join=False,
+    )
     pids = [p.pid for p in context.processes]
     exited = None
     try:
@@ -425,8 +495,11 @@ def too_large_for_dev_shm() -> int:
 def test_shm_allocation_failure_is_clear() -> None:
     size = too_large_for_dev_shm()
     name = f"/deep_ep_{os.getpid()}_alloctest_0"
-    message = expect(RuntimeError, [str(size), "/dev/shm", "--shm-size", "num_nvl_bytes"],
-                     lambda: deep_ep_cpp.SharedMemory(name, size, True, size))
+    message = expect(
+        RuntimeError,
+        [str(size), "/dev/shm", "--shm-size", "num_nvl_bytes"],
+        lambda: deep_ep_cpp.SharedMemory(name, size, True, size),
+    )
     assert "free" in message, message
     assert name[1:] not in os.listdir("/dev/shm")
     assert not segments_of([os.getpid()])
@@ -466,8 +539,11 @@ def lifecycle(rank: int, num_ranks: int, group, too_large: int) -> None:
     if too_large:
         oversized = deep_ep.Buffer(group, num_nvl_bytes=too_large)
         check_roundtrip(oversized, rank, num_ranks, seed=39)
-        expect(RuntimeError, [f"{too_large} bytes", "--shm-size", "num_nvl_bytes"],
-               lambda: oversized.get_local_buffer_tensor(torch.uint8))
+        expect(
+            RuntimeError,
+            [f"{too_large} bytes", "--shm-size", "num_nvl_bytes"],
+            lambda: oversized.get_local_buffer_tensor(torch.uint8),
+        )
         check_roundtrip(oversized, rank, num_ranks, seed=38)
         oversized.destroy()
         assert not our_mappings()
@@ -488,9 +564,11 @@ def lifecycle(rank: int, num_ranks: int, group, too_large: int) -> None:
     assert not our_mappings()
 
     # ---- 6. Buffers alive at once on the same group keep working independently, calls interleaved.
-    buffers = [deep_ep.Buffer(group, num_nvl_bytes=1 << 20),
-               deep_ep.Buffer(group, num_nvl_bytes=1024),  # a few rows per round: many rounds
-               deep_ep.Buffer(group, normal_strategy="alltoall")]
+    buffers = [
+        deep_ep.Buffer(group, num_nvl_bytes=1 << 20),
+        deep_ep.Buffer(group, num_nvl_bytes=1024),  # a few rows per round: many rounds
+        deep_ep.Buffer(group, normal_strategy="alltoall"),
+    ]
     dist.barrier(group)  # every rank has unlinked its segments
     assert len(our_mappings()) == 2 * num_ranks and not segments_of(pids)
     for step in range(2):

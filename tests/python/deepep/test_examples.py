@@ -1,7 +1,8 @@
 """The examples run as documented and pass their own checks.
 
-    python -m pytest tests/python/deepep/test_examples.py
+python -m pytest tests/python/deepep/test_examples.py
 """
+
 from __future__ import annotations
 
 import os
@@ -27,7 +28,11 @@ def test_moe_layer(launcher: str) -> None:
     if launcher == "spawn":
         out = run_example(sys.executable, script, "--num-processes", "2")
     else:
-        out = run_example(sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", script,
-                          "--scoring", "softmax")
-    assert "EP (dispatch/combine) on 2 ranks vs one process" in out and "EP (fused_deep_moe) on 2 ranks" in out \
-        and out.rstrip().endswith("OK"), out
+        out = run_example(
+            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", script, "--scoring", "softmax"
+        )
+    assert (
+        "EP (dispatch/combine) on 2 ranks vs one process" in out
+        and "EP (fused_deep_moe) on 2 ranks" in out
+        and out.rstrip().endswith("OK")
+    ), out

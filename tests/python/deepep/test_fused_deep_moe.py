@@ -15,6 +15,7 @@ and ep_recv_count against the counts computed from every rank's topk_idx.
     python tests/python/deepep/test_fused_deep_moe.py --num-processes 2   # checks, then fused vs unfused time
     python -m pytest tests/python/deepep/test_fused_deep_moe.py           # the test suite
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,8 +63,12 @@ def expert_weights(case: Case, num_ranks: int):
     generator = torch.Generator().manual_seed(100 + case.seed)
     w13, w13_scale, w2, w2_scale = _make_weights(generator, case.experts_per_rank * num_ranks, case.hidden, case.inter)
     if case.weights == "bf16":
-        return ((w13.float() * w13_scale.unsqueeze(2)).bfloat16(), None,
-                (w2.float() * w2_scale.unsqueeze(1)).bfloat16(), None)
+        return (
+            (w13.float() * w13_scale.unsqueeze(2)).bfloat16(),
+            None,
+            (w2.float() * w2_scale.unsqueeze(1)).bfloat16(),
+            None,
+        )
     return w13, w13_scale, w2, w2_scale
 
 
@@ -77,26 +82,38 @@ def local_weights(rank: int, case: Case, weights):
     w13, w13_scale, w2, w2_scale = weights
     mine = slice(rank * case.experts_per_rank, (rank + 1) * case.experts_per_rank)
     if case.weights == "ffn":  # gmm1 [L, H, 2I] gate | up, gmm2 [L, I, H], int64 scale bits
-        return (w13[mine].transpose(1, 2).contiguous(), scale_bits(w13_scale[mine]), w2[mine].contiguous(),
-                scale_bits(w2_scale[mine]))
+        return (
+            w13[mine].transpose(1, 2).contiguous(),
+            scale_bits(w13_scale[mine]),
+            w2[mine].contiguous(),
+            scale_bits(w2_scale[mine]),
+        )
     w1, w1_scale = deep_ep.permute_gmm1_weight(w13[mine], None if w13_scale is None else w13_scale[mine])
     # gmm2 [L, H, I]: the down projection as a model stores it ([out, in]).
-    return (w1, w1_scale, w2[mine].transpose(1, 2).contiguous(),
-            None if w2_scale is None else w2_scale[mine].contiguous())
+    return (
+        w1,
+        w1_scale,
+        w2[mine].transpose(1, 2).contiguous(),
+        None if w2_scale is None else w2_scale[mine].contiguous(),
+    )
 
 
 def grouped_weights(rank: int, case: Case, weights):
     """This rank's experts as grouped_swiglu_mlp_int8 takes them (gmm2 [L, I, H])."""
     w13, w13_scale, w2, w2_scale = weights
     mine = slice(rank * case.experts_per_rank, (rank + 1) * case.experts_per_rank)
-    return (*deep_ep.permute_gmm1_weight(w13[mine], w13_scale[mine]), w2[mine].contiguous(),
-            w2_scale[mine].contiguous())
+    return (
+        *deep_ep.permute_gmm1_weight(w13[mine], w13_scale[mine]),
+        w2[mine].contiguous(),
+        w2_scale[mine].contiguous(),
+    )
 
 
 def unfused(buffer, inputs, case: Case, num_experts: int, weights):
     """The same layer through the library's separate steps."""
-    recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(inputs.x, inputs.topk_idx, case.max_tokens,
-                                                                   num_experts, quant_mode="int8")
+    recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(
+        inputs.x, inputs.topk_idx, case.max_tokens, num_experts, quant_mode="int8"
+    )
     y = grouped_swiglu_mlp_int8(recv_x[0], recv_x[1], recv_count, *weights)
     return buffer.low_latency_combine(y, inputs.topk_idx, inputs.topk_weights, handle)[0]
 
@@ -104,8 +121,9 @@ def unfused(buffer, inputs, case: Case, num_experts: int, weights):
 def check_case(rank: int, num_ranks: int, group, buffer, case: Case) -> None:
     num_experts = case.experts_per_rank * num_ranks
     num_tokens = case.tokens[rank % len(case.tokens)]
-    inputs = make_inputs(rank, num_tokens, case.hidden, num_experts, case.topk, num_ranks, pattern=case.pattern,
-                         seed=case.seed)
+    inputs = make_inputs(
+        rank, num_tokens, case.hidden, num_experts, case.topk, num_ranks, pattern=case.pattern, seed=case.seed
+    )
     everyone = gather_objects(inputs.topk_idx, group)
     weights = expert_weights(case, num_ranks)
     mine = local_weights(rank, case, weights)
@@ -115,15 +133,23 @@ def check_case(rank: int, num_ranks: int, group, buffer, case: Case) -> None:
     # the positional call of DeepEP-Ascend's scripts (quant_mode, fuse_mode after num_experts).
     ids = inputs.topk_idx.int() if case.int32_ids else inputs.topk_idx
     limit = case.max_tokens * case.topk * num_ranks if ffn else case.max_tokens  # FFN_COMBINE: max received rows
-    out, counts = to_host(buffer.fused_deep_moe(*to_device((inputs.x, ids, inputs.topk_weights)), *to_device(mine),
-                                                limit, num_experts, case.quant_mode,
-                                                deep_ep.FuseMode.DISPATCH_FFN_COMBINE if ffn else
-                                                deep_ep.FuseMode.FUSED_DEEP_MOE))
+    out, counts = to_host(
+        buffer.fused_deep_moe(
+            *to_device((inputs.x, ids, inputs.topk_weights)),
+            *to_device(mine),
+            limit,
+            num_experts,
+            case.quant_mode,
+            deep_ep.FuseMode.DISPATCH_FFN_COMBINE if ffn else deep_ep.FuseMode.FUSED_DEEP_MOE,
+        )
+    )
     assert out.dtype == torch.bfloat16 and out.shape == (num_tokens, case.hidden)
     # FUSED_DEEP_MOE: ep_recv_count[e * R + r] = rows local expert e received from rank r (selections);
     # DISPATCH_FFN_COMBINE: rows per local expert.
-    expected = [[int((everyone[r] == rank * case.experts_per_rank + e).sum()) for r in range(num_ranks)]
-                for e in range(case.experts_per_rank)]
+    expected = [
+        [int((everyone[r] == rank * case.experts_per_rank + e).sum()) for r in range(num_ranks)]
+        for e in range(case.experts_per_rank)
+    ]
     expected = [sum(row) for row in expected] if ffn else [n for row in expected for n in row]
     assert counts.dtype == torch.int32 and counts.tolist() == expected
 
@@ -135,8 +161,9 @@ def check_case(rank: int, num_ranks: int, group, buffer, case: Case) -> None:
     for t in range(num_tokens):
         if case.weights == "bf16":
             ref = ref_moe_token_float(inputs.x[t], inputs.topk_idx[t], inputs.topk_weights[t], weights[0], weights[2])
-            assert torch.allclose(out[t].double(), ref, rtol=3e-2, atol=3e-2 * float(ref.abs().max())), \
+            assert torch.allclose(out[t].double(), ref, rtol=3e-2, atol=3e-2 * float(ref.abs().max())), (
                 f"rank {rank} token {t}: {(out[t].double() - ref).abs().max()}"
+            )
             continue
         ref, tol = ref_moe_token(inputs.x[t], inputs.topk_idx[t], inputs.topk_weights[t], *weights)
         assert_bf16_matches(out[t], ref, tol, f"rank {rank} token {t}")
@@ -158,16 +185,20 @@ def run_cases(rank: int, num_ranks: int, group, cases: List[Case], strategy: str
 
 def cases_for(num_ranks: int) -> List[Case]:
     single = num_ranks == 1
-    base = Case(tokens=[13] if single else [17, 0, 9, 5][:num_ranks],  # T = 0 on rank 1
-                experts_per_rank=4 if single else 2)
-    return [base,
-            replace(base, inter=192, hidden=200, topk=4, experts_per_rank=3 + 2 * single, seed=1, quant_mode=1),
-            replace(base, pattern="one_expert", seed=2),
-            # I == H: a gmm2 taken in the wrong order has the right shape, so only the values tell.
-            replace(base, inter=128, hidden=128, seed=3, quant_mode=1),
-            replace(base, pattern="repeat", int32_ids=True, seed=5),
-            replace(base, weights="bf16", seed=6),
-            replace(base, weights="ffn", quant_mode=1, pattern="repeat", seed=7)]
+    base = Case(
+        tokens=[13] if single else [17, 0, 9, 5][:num_ranks],  # T = 0 on rank 1
+        experts_per_rank=4 if single else 2,
+    )
+    return [
+        base,
+        replace(base, inter=192, hidden=200, topk=4, experts_per_rank=3 + 2 * single, seed=1, quant_mode=1),
+        replace(base, pattern="one_expert", seed=2),
+        # I == H: a gmm2 taken in the wrong order has the right shape, so only the values tell.
+        replace(base, inter=128, hidden=128, seed=3, quant_mode=1),
+        replace(base, pattern="repeat", int32_ids=True, seed=5),
+        replace(base, weights="bf16", seed=6),
+        replace(base, weights="ffn", quant_mode=1, pattern="repeat", seed=7),
+    ]
 
 
 @pytest.mark.parametrize("num_ranks", [1, 2, 4])
@@ -177,8 +208,9 @@ def test_fused_deep_moe(num_ranks: int, device: str) -> None:
         if num_ranks == 1:
             pytest.skip("NPU run skipped: the MC2 operators need at least 2 ranks (ep_world_size >= 2)")
         cases = [replace(c, hidden=1024) for c in cases_for(num_ranks)]  # A3 needs 1024 <= H <= 8192
-        buffsize = max(hccl_buffsize_mb(c.max_tokens, c.hidden, num_ranks, c.experts_per_rank * num_ranks, c.topk)
-                       for c in cases)
+        buffsize = max(
+            hccl_buffsize_mb(c.max_tokens, c.hidden, num_ranks, c.experts_per_rank * num_ranks, c.topk) for c in cases
+        )
         spawn_ranks(run_cases, num_ranks, cases, env={"HCCL_BUFFSIZE": str(buffsize)}, device="npu")
         return
     spawn_ranks(run_cases, num_ranks, cases_for(num_ranks))
@@ -195,24 +227,39 @@ def shared_expert_ranks(rank: int, num_ranks: int, group) -> None:
     ranks the routed ones; each token's output is its routed sum plus the shared expert's output."""
     case = Case(tokens=[9, 0, 13], experts_per_rank=2, topk=3, pattern="repeat", seed=11)
     num_experts = case.experts_per_rank * (num_ranks - 1)
-    inputs = make_inputs(rank, case.tokens[rank % 3], case.hidden, num_experts, case.topk, num_ranks,
-                         pattern=case.pattern, seed=case.seed)
+    inputs = make_inputs(
+        rank,
+        case.tokens[rank % 3],
+        case.hidden,
+        num_experts,
+        case.topk,
+        num_ranks,
+        pattern=case.pattern,
+        seed=case.seed,
+    )
     everyone = gather_objects(inputs.topk_idx, group)
     generator = torch.Generator().manual_seed(77)
     routed = _make_weights(generator, num_experts, case.hidden, case.inter)
     shared = _make_weights(generator, 1, case.hidden, case.inter)
-    mine = local_weights(0, replace(case, experts_per_rank=1), shared) if rank == 0 else \
-        local_weights(rank - 1, case, routed)
+    mine = (
+        local_weights(0, replace(case, experts_per_rank=1), shared)
+        if rank == 0
+        else local_weights(rank - 1, case, routed)
+    )
     size = deep_ep.Buffer.get_low_latency_rdma_size_hint(case.max_tokens, case.hidden, num_ranks, num_experts)
     buffer = deep_ep.Buffer(group, num_rdma_bytes=size, low_latency_mode=True)
-    out, ep_recv_count = buffer.fused_deep_moe(inputs.x, inputs.topk_idx, inputs.topk_weights, *mine,
-                                               case.max_tokens, num_experts, 0)
+    out, ep_recv_count = buffer.fused_deep_moe(
+        inputs.x, inputs.topk_idx, inputs.topk_weights, *mine, case.max_tokens, num_experts, 0
+    )
     buffer.destroy()
     if rank == 0:  # one block per source rank: all its tokens
         expected = [everyone[s].shape[0] for s in range(num_ranks)]
     else:
-        expected = [int((everyone[s] == (rank - 1) * case.experts_per_rank + e).sum())
-                    for e in range(case.experts_per_rank) for s in range(num_ranks)]
+        expected = [
+            int((everyone[s] == (rank - 1) * case.experts_per_rank + e).sum())
+            for e in range(case.experts_per_rank)
+            for s in range(num_ranks)
+        ]
     assert ep_recv_count.tolist() == expected
     one = torch.tensor([0])
     for t in range(inputs.x.shape[0]):
@@ -236,9 +283,17 @@ def errors(rank: int, num_ranks: int, group) -> None:
     all_weights = expert_weights(case, num_ranks)
     w1, w1_scale, w2, w2_scale = local_weights(rank, case, all_weights)
     grouped = grouped_weights(rank, case, all_weights)
-    good = dict(x=inputs.x, topk_idx=inputs.topk_idx, topk_weights=inputs.topk_weights, gmm1_permuted_weight=w1,
-                gmm1_permuted_weight_scale=w1_scale, gmm2_weight=w2, gmm2_weight_scale=w2_scale,
-                num_max_dispatch_tokens_per_rank=case.max_tokens, num_experts=num_experts)
+    good = dict(
+        x=inputs.x,
+        topk_idx=inputs.topk_idx,
+        topk_weights=inputs.topk_weights,
+        gmm1_permuted_weight=w1,
+        gmm1_permuted_weight_scale=w1_scale,
+        gmm2_weight=w2,
+        gmm2_weight_scale=w2_scale,
+        num_max_dispatch_tokens_per_rank=case.max_tokens,
+        num_experts=num_experts,
+    )
 
     def ok() -> None:
         out, _ = buffer.fused_deep_moe(**good)
@@ -248,23 +303,47 @@ def errors(rank: int, num_ranks: int, group) -> None:
     bad_cases = [
         (ValueError, "fuse_mode.*FUSED_DEEP_MOE.*DISPATCH_FFN_COMBINE.*got 7", dict(fuse_mode=7)),
         (ValueError, "quant_mode.*1 \\(W8A8.*got 2", dict(quant_mode=2)),
-        (TypeError, "gmm1_permuted_weight must have dtype torch.int8 or .*, got torch.int32",
-         dict(gmm1_permuted_weight=w1.to(torch.int32))),
-        (TypeError, "gmm2_weight must have dtype torch.bfloat16, got torch.int8",
-         dict(gmm1_permuted_weight=w1.bfloat16())),
-        (ValueError, "DISPATCH_FFN_COMBINE needs int8 weights",
-         dict(gmm1_permuted_weight=w1.bfloat16(), gmm2_weight=w2.transpose(1, 2).bfloat16(), fuse_mode=2)),
-        (ValueError, r"gmm1_permuted_weight must have shape \[2, 128, 128\] \(\[L, H, 2I\]: L = num_experts / "
-                     r"routed ranks = \d+ / \d+, H from x\), got \[3, 128, 128\]",
-         dict(gmm1_permuted_weight=torch.cat([w1, w1[:1]]))),
-        (ValueError, r"gmm1_permuted_weight.shape\[2\].*multiple of 128.*got 64",
-         dict(gmm1_permuted_weight=w1[:, :, :64].contiguous())),
-        (ValueError, r"gmm1_permuted_weight must have shape \[2, 128, 128\].*H from x.*got \[2, 64, 128\]",
-         dict(gmm1_permuted_weight=w1[:, :64].contiguous())),
-        (ValueError, r"gmm1_permuted_weight_scale must have shape \[2, 128\]",
-         dict(gmm1_permuted_weight_scale=w1_scale[:, :64])),
-        (ValueError, r"gmm2_weight must have shape \[2, 128, 64\] \(\[L, H, I\].*got \[2, 64, 128\]",
-         dict(gmm2_weight=w2.transpose(1, 2).contiguous())),
+        (
+            TypeError,
+            "gmm1_permuted_weight must have dtype torch.int8 or .*, got torch.int32",
+            dict(gmm1_permuted_weight=w1.to(torch.int32)),
+        ),
+        (
+            TypeError,
+            "gmm2_weight must have dtype torch.bfloat16, got torch.int8",
+            dict(gmm1_permuted_weight=w1.bfloat16()),
+        ),
+        (
+            ValueError,
+            "DISPATCH_FFN_COMBINE needs int8 weights",
+            dict(gmm1_permuted_weight=w1.bfloat16(), gmm2_weight=w2.transpose(1, 2).bfloat16(), fuse_mode=2),
+        ),
+        (
+            ValueError,
+            r"gmm1_permuted_weight must have shape \[2, 128, 128\] \(\[L, H, 2I\]: L = num_experts / "
+            r"routed ranks = \d+ / \d+, H from x\), got \[3, 128, 128\]",
+            dict(gmm1_permuted_weight=torch.cat([w1, w1[:1]])),
+        ),
+        (
+            ValueError,
+            r"gmm1_permuted_weight.shape\[2\].*multiple of 128.*got 64",
+            dict(gmm1_permuted_weight=w1[:, :, :64].contiguous()),
+        ),
+        (
+            ValueError,
+            r"gmm1_permuted_weight must have shape \[2, 128, 128\].*H from x.*got \[2, 64, 128\]",
+            dict(gmm1_permuted_weight=w1[:, :64].contiguous()),
+        ),
+        (
+            ValueError,
+            r"gmm1_permuted_weight_scale must have shape \[2, 128\]",
+            dict(gmm1_permuted_weight_scale=w1_scale[:, :64]),
+        ),
+        (
+            ValueError,
+            r"gmm2_weight must have shape \[2, 128, 64\] \(\[L, H, I\].*got \[2, 64, 128\]",
+            dict(gmm2_weight=w2.transpose(1, 2).contiguous()),
+        ),
         (TypeError, "gmm2_weight_scale must have dtype", dict(gmm2_weight_scale=w2_scale.to(torch.int32))),
         (ValueError, "gmm2_weight_scale must have shape", dict(gmm2_weight_scale=w2_scale[:, :-1])),
         (ValueError, "topk_weights must have shape", dict(topk_weights=inputs.topk_weights[:, :1])),
@@ -281,8 +360,9 @@ def errors(rank: int, num_ranks: int, group) -> None:
         # Only rank 0 does: rank 0 names it, the peers say which rank rejected (no waiting).
         if num_ranks > 1:
             start = time.monotonic()
-            with pytest.raises(error if rank == 0 else ValueError,
-                               match=pattern if rank == 0 else r"ranks \[0\] rejected"):
+            with pytest.raises(
+                error if rank == 0 else ValueError, match=pattern if rank == 0 else r"ranks \[0\] rejected"
+            ):
                 buffer.fused_deep_moe(**{**good, **(change if rank == 0 else {})})
             assert time.monotonic() - start < 10
             ok()
@@ -318,20 +398,28 @@ def bench_rank(rank: int, num_ranks: int, group, args) -> None:
     w1, w1_scale = deep_ep.permute_gmm1_weight(w13, w13_scale)
     weights = (w1, w1_scale, w2, w2_scale)  # grouped_swiglu_mlp_int8's layout: gmm2 [L, I, H]
     fused_weights = (w1, w1_scale, w2.transpose(1, 2).contiguous(), w2_scale)
-    case = Case(tokens=[args.num_tokens], max_tokens=args.num_tokens, hidden=hidden, inter=inter,
-                experts_per_rank=local, topk=args.num_topk)
+    case = Case(
+        tokens=[args.num_tokens],
+        max_tokens=args.num_tokens,
+        hidden=hidden,
+        inter=inter,
+        experts_per_rank=local,
+        topk=args.num_topk,
+    )
 
     def fused():
-        return buffer.fused_deep_moe(inputs.x, inputs.topk_idx, inputs.topk_weights, *fused_weights,
-                                     args.num_tokens, num_experts)[0]
+        return buffer.fused_deep_moe(
+            inputs.x, inputs.topk_idx, inputs.topk_weights, *fused_weights, args.num_tokens, num_experts
+        )[0]
 
     def separate():
         return unfused(buffer, inputs, case, num_experts, weights)
 
     def separate_bf16():
         """Dispatch in bf16 (twice the bytes), quantize on the expert side: the same bits again."""
-        recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(inputs.x, inputs.topk_idx, args.num_tokens,
-                                                                       num_experts, use_fp8=False)
+        recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(
+            inputs.x, inputs.topk_idx, args.num_tokens, num_experts, use_fp8=False
+        )
         xq, x_scale = quantize_per_token_int8(recv_x[: int(recv_count.sum())])
         y = grouped_swiglu_mlp_int8(xq, x_scale, recv_count, *weights)
         y = torch.cat([y, y.new_zeros(recv_x.shape[0] - y.shape[0], hidden)])
@@ -342,7 +430,7 @@ def bench_rank(rank: int, num_ranks: int, group, args) -> None:
     times = {name: [] for name in variants}
     for i in range(args.warmup + args.iters):
         # Rotate the order, so no variant always runs on the caches another one warmed.
-        for name, fn in list(variants.items())[i % 3:] + list(variants.items())[: i % 3]:
+        for name, fn in list(variants.items())[i % 3 :] + list(variants.items())[: i % 3]:
             dist.barrier(group)
             start = time.perf_counter()
             fn()
@@ -355,14 +443,17 @@ def bench_rank(rank: int, num_ranks: int, group, args) -> None:
     buffer.destroy()
     if rank == 0:
         us = {name: statistics.median(t) * 1e6 for name, t in times.items()}
-        print(f"[{num_ranks} ranks, {args.num_tokens} tokens/rank, H={hidden}, I={inter}, K={args.num_topk}, "
-              f"E={num_experts}, {int(rows) // num_ranks} expert rows/rank, {torch.get_num_threads()} threads/rank; "
-              f"median of {args.iters}, slowest rank]\n"
-              f"  fused_deep_moe                                                          {us['fused']:7.0f} us\n"
-              f"  unfused: low_latency_dispatch(int8) -> grouped_swiglu_mlp_int8 -> combine "
-              f"{us['unfused']:7.0f} us  (fused {us['unfused'] / us['fused']:.2f}x faster)\n"
-              f"  unfused: low_latency_dispatch(bf16) -> quantize -> grouped -> combine     "
-              f"{us['unfused_bf16']:7.0f} us  (fused {us['unfused_bf16'] / us['fused']:.2f}x faster)", flush=True)
+        print(
+            f"[{num_ranks} ranks, {args.num_tokens} tokens/rank, H={hidden}, I={inter}, K={args.num_topk}, "
+            f"E={num_experts}, {int(rows) // num_ranks} expert rows/rank, {torch.get_num_threads()} threads/rank; "
+            f"median of {args.iters}, slowest rank]\n"
+            f"  fused_deep_moe                                                          {us['fused']:7.0f} us\n"
+            f"  unfused: low_latency_dispatch(int8) -> grouped_swiglu_mlp_int8 -> combine "
+            f"{us['unfused']:7.0f} us  (fused {us['unfused'] / us['fused']:.2f}x faster)\n"
+            f"  unfused: low_latency_dispatch(bf16) -> quantize -> grouped -> combine     "
+            f"{us['unfused_bf16']:7.0f} us  (fused {us['unfused_bf16'] / us['fused']:.2f}x faster)",
+            flush=True,
+        )
 
 
 def main() -> None:

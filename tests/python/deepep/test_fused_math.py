@@ -124,7 +124,10 @@ def ref_moe_token(
 
 
 def ref_moe_token_float(
-    x_row: torch.Tensor, topk_idx_row: torch.Tensor, topk_weights_row: torch.Tensor, w13: torch.Tensor,
+    x_row: torch.Tensor,
+    topk_idx_row: torch.Tensor,
+    topk_weights_row: torch.Tensor,
+    w13: torch.Tensor,
     w2: torch.Tensor,
 ) -> torch.Tensor:
     """fused_deep_moe with floating (bf16) weights for one token, float64: per top-k expert
@@ -136,7 +139,7 @@ def ref_moe_token_float(
         if e < 0:
             continue
         h = w13[e].double() @ x_row.double()
-        gate, up = h[: w2.shape[1]], h[w2.shape[1]:]
+        gate, up = h[: w2.shape[1]], h[w2.shape[1] :]
         a = (gate * torch.sigmoid(gate) * up).to(torch.bfloat16).double()
         y = (a @ w2[e].double()).to(torch.bfloat16).double()
         out += float(topk_weights_row[k]) * y
@@ -252,8 +255,12 @@ def test_modes_accept_upstream_values():
     for quant_mode in (0, 1):
         assert fused.check_modes(quant_mode, 1) is FuseMode.FUSED_DEEP_MOE
         assert fused.check_modes(quant_mode, FuseMode.DISPATCH_FFN_COMBINE) is FuseMode.DISPATCH_FFN_COMBINE
-    for quant_mode, fuse_mode, pattern in ((2, 1, "quant_mode.*got 2"), (True, 1, "quant_mode.*got True"),
-                                           (1, 3, "fuse_mode.*got 3"), (1, True, "fuse_mode.*got True")):
+    for quant_mode, fuse_mode, pattern in (
+        (2, 1, "quant_mode.*got 2"),
+        (True, 1, "quant_mode.*got True"),
+        (1, 3, "fuse_mode.*got 3"),
+        (1, True, "fuse_mode.*got True"),
+    ):
         with pytest.raises(ValueError, match=pattern):
             fused.check_modes(quant_mode, fuse_mode)
 
@@ -265,11 +272,29 @@ def test_weight_layouts_and_scale_bits():
     w13, w13_scale, w2, w2_scale = _make_weights(gen, 2, 128, 128)  # I == H: only the values tell
     w1, w1_scale = permute_gmm1_weight(w13, w13_scale)
     names = ("w1", "w1_scale", "w2", "w2_scale")
-    fused_layout = fused._check_expert_weights(w1, w1_scale, w2.transpose(1, 2).contiguous(), w2_scale, 128, "x",
-                                               w1.device, layout=fused.FUSED_DEEP_MOE_LAYOUT, names=names)
+    fused_layout = fused._check_expert_weights(
+        w1,
+        w1_scale,
+        w2.transpose(1, 2).contiguous(),
+        w2_scale,
+        128,
+        "x",
+        w1.device,
+        layout=fused.FUSED_DEEP_MOE_LAYOUT,
+        names=names,
+    )
     bits = (w13_scale.view(torch.int32).to(torch.int64), w2_scale.view(torch.int32).to(torch.int64))
-    ffn = fused._check_expert_weights(w13.transpose(1, 2).contiguous(), bits[0], w2, bits[1], 128, "x", w1.device,
-                                      layout=fused.DISPATCH_FFN_COMBINE_LAYOUT, names=names)
+    ffn = fused._check_expert_weights(
+        w13.transpose(1, 2).contiguous(),
+        bits[0],
+        w2,
+        bits[1],
+        128,
+        "x",
+        w1.device,
+        layout=fused.DISPATCH_FFN_COMBINE_LAYOUT,
+        names=names,
+    )
     assert torch.equal(fused_layout.w2, w2) and torch.equal(ffn.w2, w2)
     assert torch.equal(ffn.w1_scale, w13_scale) and torch.equal(ffn.w2_scale, w2_scale)
     # Both give the same MLP, and it is the reference's (gmm2 used as [out, in]).
@@ -286,8 +311,17 @@ def test_weight_layouts_and_scale_bits():
         y, tol = ref_expert_row(xq[row], x_scale[row].item(), w13[e], w13_scale[e], w2[e], w2_scale[e])
         assert_bf16_matches(outs[0][row], y, tol, f"row {row}")
     with pytest.raises(ValueError, match="32 bits"):
-        fused._check_expert_weights(w13.transpose(1, 2).contiguous(), bits[0] + 2**33, w2, bits[1], 128, "x",
-                                    w1.device, layout=fused.DISPATCH_FFN_COMBINE_LAYOUT, names=names)
+        fused._check_expert_weights(
+            w13.transpose(1, 2).contiguous(),
+            bits[0] + 2**33,
+            w2,
+            bits[1],
+            128,
+            "x",
+            w1.device,
+            layout=fused.DISPATCH_FFN_COMBINE_LAYOUT,
+            names=names,
+        )
 
 
 # ----------------------------------------------------------------------------- quantization

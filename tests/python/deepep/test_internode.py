@@ -6,6 +6,7 @@ reference; each (token, node) pair must cross the network once.
     python tests/python/deepep/test_internode.py --num-processes 4 --ranks-per-node 2
     python -m pytest tests/python/deepep/test_internode.py
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,13 @@ def run_all_calls(buffer: deep_ep.Buffer, inputs, num_experts: int, quant: str, 
     """Every normal-mode result for these inputs (dispatch, two combines, cached dispatch)."""
     _, per_node, per_expert, _, _ = buffer.get_dispatch_layout(inputs.topk_idx, num_experts)
     recv_x, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(
-        inputs.x, num_tokens_per_expert=per_expert, topk_idx=inputs.topk_idx, topk_weights=inputs.topk_weights,
-        quant_mode=quant, expert_alignment=alignment)
+        inputs.x,
+        num_tokens_per_expert=per_expert,
+        topk_idx=inputs.topk_idx,
+        topk_weights=inputs.topk_weights,
+        quant_mode=quant,
+        expert_alignment=alignment,
+    )
     values = recv_x[0].float() * recv_x[1].unsqueeze(1) if quant == "int8" else recv_x.float()
     y = (values * 1.25 + 0.5).to(torch.bfloat16)
     combined = buffer.combine(y, handle)[0]
@@ -45,8 +51,16 @@ def run_all_calls(buffer: deep_ep.Buffer, inputs, num_experts: int, quant: str, 
     if buffer.get_num_rdma_ranks() > 1:  # upstream's internode handle: topk_weights at [4]
         assert len(handle) == 9 and handle[3] is inputs.topk_idx and handle[4] is inputs.topk_weights
     state = handle.state
-    return flat + [recv_idx, recv_w, torch.tensor(counts), state.recv_src_rank, state.recv_src_idx, combined,
-                   combined2, cached]
+    return flat + [
+        recv_idx,
+        recv_w,
+        torch.tensor(counts),
+        state.recv_src_rank,
+        state.recv_src_idx,
+        combined,
+        combined2,
+        cached,
+    ]
 
 
 def same_as_one_node(rank: int, num_ranks: int, group, ranks_per_node: int) -> None:
@@ -73,8 +87,7 @@ def same_as_one_node(rank: int, num_ranks: int, group, ranks_per_node: int) -> N
             assert torch.equal(a, b), f"rank {rank}, {quant}: result {index} differs from the one-node run"
 
 
-def check_network_traffic(rank: int, num_ranks: int, ranks_per_node: int, everyone, experts: int,
-                          sent: dict) -> None:
+def check_network_traffic(rank: int, num_ranks: int, ranks_per_node: int, everyone, experts: int, sent: dict) -> None:
     """Bytes this rank sent to other nodes: exactly one row per (token, other node) in each
     dispatch (fewer than one per (token, other rank) for these inputs), and in combine one
     float64 partial row per (token, node) it forwarded."""
@@ -91,12 +104,16 @@ def check_network_traffic(rank: int, num_ranks: int, ranks_per_node: int, everyo
     my_node = rank // ranks_per_node
     mine = everyone[rank]
     token_node_pairs = sum(tokens_touching(mine, n) for n in range(nodes) if n != my_node)
-    token_rank_pairs = sum(int((owners(mine) == r).any(1).sum()) for r in range(num_ranks)
-                           if r // ranks_per_node != my_node)
+    token_rank_pairs = sum(
+        int((owners(mine) == r).any(1).sum()) for r in range(num_ranks) if r // ranks_per_node != my_node
+    )
     # Rows other nodes' ranks forwarded to this rank: it is their forwarder into this node.
-    forwarded = sum(tokens_touching(everyone[s], my_node) for s in range(num_ranks)
-                    if s // ranks_per_node != my_node
-                    and node_ranks[my_node][(s % ranks_per_node) % len(node_ranks[my_node])] == rank)
+    forwarded = sum(
+        tokens_touching(everyone[s], my_node)
+        for s in range(num_ranks)
+        if s // ranks_per_node != my_node
+        and node_ranks[my_node][(s % ranks_per_node) % len(node_ranks[my_node])] == rank
+    )
     hidden, topk = mine.x.shape[1], mine.topk_idx.shape[1]
     meta_bytes = 8 * topk + 4 * topk + 8  # top-k ids, weights and the token index travel with each row
     bf16_row, int8_row = 2 * hidden + meta_bytes, hidden + 4 + meta_bytes
@@ -114,8 +131,13 @@ def run_reference_cases(rank: int, num_ranks: int, group, ranks_per_node: int) -
     """The intranode test cases, checked against the reference, across simulated nodes."""
     os.environ[NODE_ENV] = str(ranks_per_node)
     base = Case(tokens=[37, 0, 64, 5], experts=4 * num_ranks, topk=4)
-    for case in (base, replace(base, quant="int8", hidden=200), replace(base, alignment=4, worst=500 * num_ranks),
-                 replace(base, nvl_bytes=4096, hidden=128, seed=4), replace(base, pattern="repeat", seed=6)):
+    for case in (
+        base,
+        replace(base, quant="int8", hidden=200),
+        replace(base, alignment=4, worst=500 * num_ranks),
+        replace(base, nvl_bytes=4096, hidden=128, seed=4),
+        replace(base, pattern="repeat", seed=6),
+    ):
         buffer = deep_ep.Buffer(group, num_nvl_bytes=case.nvl_bytes)
         try:
             check_dispatch_and_combine(rank, num_ranks, buffer, case, group)
@@ -131,8 +153,9 @@ def low_latency_same_as_one_node(rank: int, num_ranks: int, group, ranks_per_nod
         os.environ.pop(NODE_ENV, None) if env is None else os.environ.__setitem__(NODE_ENV, env)
         hint = deep_ep.Buffer.get_low_latency_rdma_size_hint(32, 128, num_ranks, experts)
         buffer = deep_ep.Buffer(group, num_rdma_bytes=hint, low_latency_mode=True)
-        recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(inputs.x, inputs.topk_idx, 32, experts,
-                                                                       use_fp8=False)
+        recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(
+            inputs.x, inputs.topk_idx, 32, experts, use_fp8=False
+        )
         y = (recv_x.float() * 0.5).to(torch.bfloat16)
         combined = buffer.low_latency_combine(y, inputs.topk_idx, inputs.topk_weights, handle)[0]
         valid = int(recv_count.sum())
@@ -170,9 +193,11 @@ def main() -> None:
     args = parser.parse_args()
     spawn_ranks(same_as_one_node, args.num_processes, args.ranks_per_node)
     spawn_ranks(run_reference_cases, args.num_processes, args.ranks_per_node)
-    print(f"internode checks passed: {args.num_processes} ranks, {args.ranks_per_node} per node. "
-          f"For timings and inter-node bytes: python -m deep_ep.bench --num-processes {args.num_processes} "
-          f"--ranks-per-node {args.ranks_per_node}")
+    print(
+        f"internode checks passed: {args.num_processes} ranks, {args.ranks_per_node} per node. "
+        f"For timings and inter-node bytes: python -m deep_ep.bench --num-processes {args.num_processes} "
+        f"--ranks-per-node {args.ranks_per_node}"
+    )
 
 
 if __name__ == "__main__":

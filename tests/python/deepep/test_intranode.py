@@ -1,8 +1,9 @@
 """Normal-mode dispatch/combine on CPU ranks, checked against the pure-torch reference.
 
-    python tests/python/deepep/test_intranode.py --num-processes 4     # checks, then prints GB/s
-    python -m pytest tests/python/deepep/test_intranode.py             # the test suite
+python tests/python/deepep/test_intranode.py --num-processes 4     # checks, then prints GB/s
+python -m pytest tests/python/deepep/test_intranode.py             # the test suite
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,9 @@ def dequantized(recv_x) -> torch.Tensor:
 
 def check_dispatch_and_combine(rank: int, num_ranks: int, buffer: deep_ep.Buffer, case: Case, group) -> None:
     num_tokens = case.tokens[rank % len(case.tokens)]
-    inputs = make_inputs(rank, num_tokens, case.hidden, case.experts, case.topk, num_ranks, case.dtype,
-                         case.pattern, case.seed)
+    inputs = make_inputs(
+        rank, num_tokens, case.hidden, case.experts, case.topk, num_ranks, case.dtype, case.pattern, case.seed
+    )
     everyone = gather_objects(inputs, group)
     local_experts = case.experts // num_ranks
 
@@ -67,28 +69,47 @@ def check_dispatch_and_combine(rank: int, num_ranks: int, buffer: deep_ep.Buffer
     layout_dev = buffer.get_dispatch_layout(idx_dev, case.experts)
     per_rank, per_node, per_expert, in_rank, _ = to_host(layout_dev)
     owner = torch.where(inputs.topk_idx >= 0, inputs.topk_idx // local_experts, -1)
-    expected_in_rank = torch.stack([(owner == r).any(1) for r in range(num_ranks)], 1).to(torch.int32) \
-        if num_tokens else torch.zeros(0, num_ranks, dtype=torch.int32)
+    expected_in_rank = (
+        torch.stack([(owner == r).any(1) for r in range(num_ranks)], 1).to(torch.int32)
+        if num_tokens
+        else torch.zeros(0, num_ranks, dtype=torch.int32)
+    )
     assert torch.equal(in_rank, expected_in_rank)
     assert torch.equal(per_rank, expected_in_rank.sum(0).to(torch.int32))
-    assert torch.equal(per_expert, torch.tensor([int((inputs.topk_idx == e).sum()) for e in range(case.experts)],
-                                                dtype=torch.int32))
+    assert torch.equal(
+        per_expert, torch.tensor([int((inputs.topk_idx == e).sum()) for e in range(case.experts)], dtype=torch.int32)
+    )
     node_size = int(os.environ.get("DEEP_EP_RANKS_PER_NODE") or num_ranks)
     if node_size >= num_ranks:
         assert per_node is None
     else:  # tokens with at least one expert on each (simulated) node
-        expected_per_node = [int(expected_in_rank[:, n * node_size:(n + 1) * node_size].any(1).sum())
-                             for n in range(-(-num_ranks // node_size))]
+        expected_per_node = [
+            int(expected_in_rank[:, n * node_size : (n + 1) * node_size].any(1).sum())
+            for n in range(-(-num_ranks // node_size))
+        ]
         assert per_node.tolist() == expected_per_node
 
     recv_x, recv_topk_idx, recv_topk_weights, counts, handle, event = buffer.dispatch(
-        x_dev, num_tokens_per_rank=layout_dev[0], is_token_in_rank=layout_dev[3],
-        num_tokens_per_expert=layout_dev[2], topk_idx=idx_dev, topk_weights=weights_dev,
-        expert_alignment=case.alignment, num_worst_tokens=case.worst, quant_mode=case.quant)
+        x_dev,
+        num_tokens_per_rank=layout_dev[0],
+        is_token_in_rank=layout_dev[3],
+        num_tokens_per_expert=layout_dev[2],
+        topk_idx=idx_dev,
+        topk_weights=weights_dev,
+        expert_alignment=case.alignment,
+        num_worst_tokens=case.worst,
+        quant_mode=case.quant,
+    )
     event.current_stream_wait()
     recv_x, recv_topk_idx, recv_topk_weights = to_host((recv_x, recv_topk_idx, recv_topk_weights))
-    ref = reference_dispatch([i.x for i in everyone], [i.topk_idx for i in everyone],
-                             [i.topk_weights for i in everyone], case.experts, rank, case.alignment)
+    ref = reference_dispatch(
+        [i.x for i in everyone],
+        [i.topk_idx for i in everyone],
+        [i.topk_weights for i in everyone],
+        case.experts,
+        rank,
+        case.alignment,
+    )
     real_rows = ref["src_idx"].numel()
     out_rows = case.worst or real_rows
     recv_q = recv_x[0] if isinstance(recv_x, tuple) else recv_x
@@ -113,8 +134,15 @@ def check_dispatch_and_combine(rank: int, num_ranks: int, buffer: deep_ep.Buffer
     else:
         assert counts == ref["rows_per_expert"]
     # Handle: rank prefix matrix and source indices hold real values.
-    sent = torch.tensor([[int(((i.topk_idx >= d * local_experts) & (i.topk_idx < (d + 1) * local_experts)).sum())
-                          for d in range(num_ranks)] for i in everyone])
+    sent = torch.tensor(
+        [
+            [
+                int(((i.topk_idx >= d * local_experts) & (i.topk_idx < (d + 1) * local_experts)).sum())
+                for d in range(num_ranks)
+            ]
+            for i in everyone
+        ]
+    )
     if isinstance(handle, dict):  # "alltoall": upstream's dict handle
         assert handle["input_splits"] == sent[rank].tolist()
         assert handle["output_splits"] == sent[:, rank].tolist()
@@ -136,8 +164,11 @@ def check_dispatch_and_combine(rank: int, num_ranks: int, buffer: deep_ep.Buffer
         assert torch.equal(to_host(handle[7]), inputs.topk_weights)
 
     # Combine with the weights recorded at dispatch, and with explicit weights plus biases.
-    y = expert_output(dequantized(recv_x), counts if os.environ.get("MOE_EXPERT_TOKEN_NUMS_TYPE") != "0"
-                      else ref["rows_per_expert"], case.dtype)
+    y = expert_output(
+        dequantized(recv_x),
+        counts if os.environ.get("MOE_EXPERT_TOKEN_NUMS_TYPE") != "0" else ref["rows_per_expert"],
+        case.dtype,
+    )
     combined = to_host(buffer.combine(to_device(y), handle)[0])
     x_used = dequantized(quantize_reference(inputs.x.double())) if case.quant == "int8" else inputs.x.float()
     factor = 1 + (inputs.topk_idx.clamp_min(0) % local_experts).float() / 8
@@ -151,8 +182,7 @@ def check_dispatch_and_combine(rank: int, num_ranks: int, buffer: deep_ep.Buffer
     assert torch.allclose(combined.double(), expected, rtol=tolerance, atol=tolerance)
     weights2 = torch.rand(num_tokens, case.topk)
     bias = (torch.ones(num_tokens, case.hidden, dtype=case.dtype), torch.full((num_tokens, case.hidden), 0.5))
-    combined2 = to_host(buffer.combine(to_device(y), handle, topk_weights=to_device(weights2),
-                                       bias=to_device(bias))[0])
+    combined2 = to_host(buffer.combine(to_device(y), handle, topk_weights=to_device(weights2), bias=to_device(bias))[0])
     expected2 = reference_combine(selection, inputs.topk_idx, weights2) + 1.5
     assert torch.allclose(combined2.double(), expected2, rtol=tolerance, atol=tolerance)
 
@@ -162,9 +192,14 @@ def check_dispatch_and_combine(rank: int, num_ranks: int, buffer: deep_ep.Buffer
         recv2, none1, none2, none3, none4, _ = buffer.dispatch(to_device(x2), handle=handle)
         recv2 = to_host(recv2)
         assert none1 is None and none2 is None and none3 is None and none4 is None
-        ref2 = reference_dispatch([(i.x.float() * 2 + 1).to(case.dtype) for i in everyone],
-                                  [i.topk_idx for i in everyone], [i.topk_weights for i in everyone], case.experts,
-                                  rank, case.alignment)
+        ref2 = reference_dispatch(
+            [(i.x.float() * 2 + 1).to(case.dtype) for i in everyone],
+            [i.topk_idx for i in everyone],
+            [i.topk_weights for i in everyone],
+            case.experts,
+            rank,
+            case.alignment,
+        )
         assert recv2.shape == recv_x.shape
         assert torch.equal(recv2[:real_rows], ref2["x"]) and bool((recv2[real_rows:] == 0).all())
 
@@ -189,23 +224,24 @@ def run_cases(rank: int, num_ranks: int, group, cases: List[Case]) -> None:
 def cases_for(num_ranks: int) -> List[Case]:
     experts = 4 * num_ranks
     base = Case(tokens=[37, 0, 64, 5][: max(1, num_ranks)] if num_ranks > 1 else [53], experts=experts)
-    cases = [base,
-             replace(base, strategy="alltoall"),
-             replace(base, quant="int8", hidden=200),
-             replace(base, quant="int8", strategy="alltoall"),
-             replace(base, alignment=4, worst=400 * num_ranks),
-             replace(base, pattern="one_rank", topk=3),
-             replace(base, pattern="one_expert", topk=2),
-             replace(base, topk=1, experts=num_ranks, seed=1),
-             replace(base, dtype=torch.float32, hidden=64, seed=2),
-             replace(base, dtype=torch.float16, hidden=80, seed=3, env={"MOE_EXPERT_TOKEN_NUMS_TYPE": "0"}),
-             # Data far larger than the buffer: many rounds in dispatch and combine.
-             replace(base, nvl_bytes=4096, hidden=128, seed=4),
-             replace(base, nvl_bytes=4096, hidden=128, quant="int8", alignment=2, seed=5),
-             # A row naming an expert twice: one received row and one combine term per selection.
-             replace(base, pattern="repeat", seed=6),
-             replace(base, pattern="repeat", strategy="alltoall", quant="int8", alignment=2, worst=400 * num_ranks,
-                     seed=7)]
+    cases = [
+        base,
+        replace(base, strategy="alltoall"),
+        replace(base, quant="int8", hidden=200),
+        replace(base, quant="int8", strategy="alltoall"),
+        replace(base, alignment=4, worst=400 * num_ranks),
+        replace(base, pattern="one_rank", topk=3),
+        replace(base, pattern="one_expert", topk=2),
+        replace(base, topk=1, experts=num_ranks, seed=1),
+        replace(base, dtype=torch.float32, hidden=64, seed=2),
+        replace(base, dtype=torch.float16, hidden=80, seed=3, env={"MOE_EXPERT_TOKEN_NUMS_TYPE": "0"}),
+        # Data far larger than the buffer: many rounds in dispatch and combine.
+        replace(base, nvl_bytes=4096, hidden=128, seed=4),
+        replace(base, nvl_bytes=4096, hidden=128, quant="int8", alignment=2, seed=5),
+        # A row naming an expert twice: one received row and one combine term per selection.
+        replace(base, pattern="repeat", seed=6),
+        replace(base, pattern="repeat", strategy="alltoall", quant="int8", alignment=2, worst=400 * num_ranks, seed=7),
+    ]
     if num_ranks >= 4:  # keep the largest world sizes quick
         cases = [cases[0], cases[2], cases[4], cases[5], cases[10], cases[12], cases[13]]
     return cases
@@ -227,8 +263,13 @@ def strategies_agree(rank: int, num_ranks: int, group) -> None:
     for buffer in (shm_buffer, a2a_buffer):
         per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(inputs.topk_idx, 12)
         recv_x, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(
-            inputs.x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-            topk_idx=inputs.topk_idx, topk_weights=inputs.topk_weights)
+            inputs.x,
+            num_tokens_per_rank=per_rank,
+            is_token_in_rank=in_rank,
+            num_tokens_per_expert=per_expert,
+            topk_idx=inputs.topk_idx,
+            topk_weights=inputs.topk_weights,
+        )
         y = expert_output(recv_x.float(), counts, torch.bfloat16)
         outputs = [buffer.combine(y, handle)[0] for _ in range(20)]
         for out in outputs[1:]:
@@ -253,8 +294,13 @@ def bench_rank(rank: int, num_ranks: int, group, args) -> None:
     for _ in range(10):
         per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(inputs.topk_idx, args.num_experts)
     layout_us = (time.perf_counter() - start) / 10 * 1e6
-    kwargs = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-                  topk_idx=inputs.topk_idx, topk_weights=inputs.topk_weights)
+    kwargs = dict(
+        num_tokens_per_rank=per_rank,
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+        topk_idx=inputs.topk_idx,
+        topk_weights=inputs.topk_weights,
+    )
     for quant in ("bf16", "int8"):
         recv_x, _, _, counts, handle, _ = buffer.dispatch(inputs.x, quant_mode=quant, **kwargs)
         torch.distributed.barrier(group)
@@ -270,9 +316,12 @@ def bench_rank(rank: int, num_ranks: int, group, args) -> None:
         combine_s = (time.perf_counter() - start) / args.iters
         recv_bytes = (recv_x[0].numel() + 4 * recv_x[1].numel()) if quant == "int8" else recv_x.numel() * 2
         if rank == 0:
-            print(f"[rank 0] layout {layout_us:.0f} us | {quant} dispatch {dispatch_s * 1e6:.0f} us "
-                  f"{recv_bytes / dispatch_s / 1e9:.2f} GB/s | combine {combine_s * 1e6:.0f} us "
-                  f"{y.numel() * 2 / combine_s / 1e9:.2f} GB/s", flush=True)
+            print(
+                f"[rank 0] layout {layout_us:.0f} us | {quant} dispatch {dispatch_s * 1e6:.0f} us "
+                f"{recv_bytes / dispatch_s / 1e9:.2f} GB/s | combine {combine_s * 1e6:.0f} us "
+                f"{y.numel() * 2 / combine_s / 1e9:.2f} GB/s",
+                flush=True,
+            )
     buffer.destroy()
 
 

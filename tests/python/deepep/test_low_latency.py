@@ -1,8 +1,9 @@
 """Low-latency dispatch/combine on CPU ranks, checked against the pure-torch reference.
 
-    python tests/python/deepep/test_low_latency.py --num-processes 2   # checks, then prints us and GB/s
-    python -m pytest tests/python/deepep/test_low_latency.py           # the test suite
+python tests/python/deepep/test_low_latency.py --num-processes 2   # checks, then prints us and GB/s
+python -m pytest tests/python/deepep/test_low_latency.py           # the test suite
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,18 +51,27 @@ def expert_output(recv_x, recv_count: torch.Tensor, dtype=torch.bfloat16) -> tor
 
 
 def buffer_for(group, num_ranks: int, cases: List[Case], strategy: str = "default") -> deep_ep.Buffer:
-    size = max(deep_ep.Buffer.get_low_latency_rdma_size_hint(c.max_tokens, c.hidden, num_ranks,
-                                                             c.experts_per_rank * num_ranks) for c in cases)
-    return deep_ep.Buffer(group, num_nvl_bytes=4096, num_rdma_bytes=size, low_latency_mode=True,
-                          low_latency_strategy=strategy)
+    size = max(
+        deep_ep.Buffer.get_low_latency_rdma_size_hint(c.max_tokens, c.hidden, num_ranks, c.experts_per_rank * num_ranks)
+        for c in cases
+    )
+    return deep_ep.Buffer(
+        group, num_nvl_bytes=4096, num_rdma_bytes=size, low_latency_mode=True, low_latency_strategy=strategy
+    )
 
 
 def dispatch(buffer, case: Case, inputs, stats=None):
     num_experts = case.experts_per_rank * buffer.group_size
     recv_x, recv_count, handle, event, hook = buffer.low_latency_dispatch(
-        to_device(inputs.x), to_device(inputs.topk_idx), case.max_tokens, num_experts,
-        cumulative_local_expert_recv_stats=stats, use_fp8=case.quant == "int8", return_recv_hook=case.hook,
-        topk_weights=to_device(inputs.topk_weights))
+        to_device(inputs.x),
+        to_device(inputs.topk_idx),
+        case.max_tokens,
+        num_experts,
+        cumulative_local_expert_recv_stats=stats,
+        use_fp8=case.quant == "int8",
+        return_recv_hook=case.hook,
+        topk_weights=to_device(inputs.topk_weights),
+    )
     event.current_stream_wait()
     assert callable(hook)  # always a callable; a no-op without return_recv_hook
     return recv_x, recv_count, handle, hook
@@ -72,8 +82,9 @@ def check_received(rank: int, num_ranks: int, case: Case, everyone, recv_x, recv
     assert handle[5] is recv_count
     recv_x, recv_count, src_info, layout_range = to_host((recv_x, recv_count, handle[0], handle[1]))
     num_experts = case.experts_per_rank * num_ranks
-    ref = reference_dispatch([i.x for i in everyone], [i.topk_idx for i in everyone],
-                             [i.topk_weights for i in everyone], num_experts, rank)
+    ref = reference_dispatch(
+        [i.x for i in everyone], [i.topk_idx for i in everyone], [i.topk_weights for i in everyone], num_experts, rank
+    )
     real = ref["src_idx"].numel()
     rows = case.max_tokens * num_ranks * min(case.topk, case.experts_per_rank)
     assert recv_count.dtype == torch.int64 and recv_count.tolist() == ref["rows_per_expert"]
@@ -90,14 +101,24 @@ def check_received(rank: int, num_ranks: int, case: Case, everyone, recv_x, recv
         assert torch.equal(recv_x[:real], ref["x"])
     # Rows in the documented order: expert-major, then source rank, then source token.
     assert handle[2:5] == (case.max_tokens, case.hidden, num_experts)
-    assert torch.equal(layout_range, torch.cumsum(torch.tensor(
-        [[int((everyone[s].topk_idx == rank * case.experts_per_rank + e).sum()) for s in range(num_ranks)]
-         for e in range(case.experts_per_rank)]).reshape(-1), 0))
+    assert torch.equal(
+        layout_range,
+        torch.cumsum(
+            torch.tensor(
+                [
+                    [int((everyone[s].topk_idx == rank * case.experts_per_rank + e).sum()) for s in range(num_ranks)]
+                    for e in range(case.experts_per_rank)
+                ]
+            ).reshape(-1),
+            0,
+        ),
+    )
     if rank_device().type == "npu":  # handle[0] holds the MC2 operators' own per-row data there
         return real
     assert src_info.shape == (rows, 3)
-    assert torch.equal(src_info[:real, 0].long(), ref["src_rank"]) and torch.equal(src_info[:real, 1].long(),
-                                                                                 ref["src_idx"])
+    assert torch.equal(src_info[:real, 0].long(), ref["src_rank"]) and torch.equal(
+        src_info[:real, 1].long(), ref["src_idx"]
+    )
     assert torch.equal(src_info[:real, 2].long(), ref["src_k"])
     assert bool((src_info[real:] == -1).all())
     return real
@@ -115,23 +136,33 @@ def expected_combine(case: Case, inputs, weights) -> torch.Tensor:
 
 def check_case(rank: int, num_ranks: int, buffer, case: Case, group) -> None:
     num_tokens = case.tokens[rank % len(case.tokens)]
-    inputs = make_inputs(rank, num_tokens, case.hidden, case.experts_per_rank * num_ranks, case.topk, num_ranks,
-                         pattern=case.pattern, seed=case.seed)
+    inputs = make_inputs(
+        rank,
+        num_tokens,
+        case.hidden,
+        case.experts_per_rank * num_ranks,
+        case.topk,
+        num_ranks,
+        pattern=case.pattern,
+        seed=case.seed,
+    )
     everyone = gather_objects(inputs, group)
     stats = to_device(torch.arange(case.experts_per_rank, dtype=torch.int32))
     recv_x, recv_count, handle, hook = dispatch(buffer, case, inputs, stats)
     if hook is not None:
         hook()
     check_received(rank, num_ranks, case, everyone, recv_x, recv_count, handle)
-    assert torch.equal(to_host(stats), torch.arange(case.experts_per_rank, dtype=torch.int32) +
-                       to_host(recv_count).to(torch.int32))
+    assert torch.equal(
+        to_host(stats), torch.arange(case.experts_per_rank, dtype=torch.int32) + to_host(recv_count).to(torch.int32)
+    )
     assert len(handle) == 7 and handle[6] is None  # expand_scales: None, as upstream's default strategy
 
     y = expert_output(to_host(recv_x), to_host(recv_count))
     weights = torch.rand(num_tokens, case.topk)
     out = to_device(torch.empty(num_tokens, case.hidden, dtype=torch.bfloat16))
-    combined, event, hook = buffer.low_latency_combine(to_device(y), to_device(inputs.topk_idx), to_device(weights),
-                                                       handle, return_recv_hook=case.hook, out=out)
+    combined, event, hook = buffer.low_latency_combine(
+        to_device(y), to_device(inputs.topk_idx), to_device(weights), handle, return_recv_hook=case.hook, out=out
+    )
     event.current_stream_wait()
     if hook is not None:
         hook()
@@ -161,17 +192,20 @@ def run_cases(rank: int, num_ranks: int, group, cases: List[Case]) -> None:
 
 def cases_for(num_ranks: int) -> List[Case]:
     base = Case(tokens=[17, 0, 24, 5][: max(1, num_ranks)] if num_ranks > 1 else [21])
-    cases = [base,
-             replace(base, quant="bf16", hook=True, seed=1),
-             replace(base, hook=True, hidden=200, seed=2),
-             replace(base, pattern="one_rank", topk=3, seed=3),
-             replace(base, pattern="one_expert", topk=2, quant="bf16", seed=4),
-             replace(base, topk=1, experts_per_rank=1, seed=5),
-             replace(base, tokens=[0], seed=6),
-             # A row naming an expert twice: one packed row and one combine term per selection.
-             replace(base, pattern="repeat", topk=3, seed=7),
-             replace(base, tokens=[3, 0, 4, 2], pattern="repeat", topk=6, experts_per_rank=2, quant="bf16", hook=True,
-                     seed=8)]
+    cases = [
+        base,
+        replace(base, quant="bf16", hook=True, seed=1),
+        replace(base, hook=True, hidden=200, seed=2),
+        replace(base, pattern="one_rank", topk=3, seed=3),
+        replace(base, pattern="one_expert", topk=2, quant="bf16", seed=4),
+        replace(base, topk=1, experts_per_rank=1, seed=5),
+        replace(base, tokens=[0], seed=6),
+        # A row naming an expert twice: one packed row and one combine term per selection.
+        replace(base, pattern="repeat", topk=3, seed=7),
+        replace(
+            base, tokens=[3, 0, 4, 2], pattern="repeat", topk=6, experts_per_rank=2, quant="bf16", hook=True, seed=8
+        ),
+    ]
     if num_ranks >= 4:  # keep the largest world sizes quick
         cases = cases[:2] + cases[5:]
     return cases
@@ -189,8 +223,9 @@ def test_low_latency(num_ranks: int, device: str) -> None:
         if num_ranks == 1:
             pytest.skip("NPU run skipped: the MC2 operators need at least 2 ranks (ep_world_size >= 2)")
         cases = npu_cases(num_ranks)
-        buffsize = max(hccl_buffsize_mb(c.max_tokens, c.hidden, num_ranks, c.experts_per_rank * num_ranks, c.topk)
-                       for c in cases)
+        buffsize = max(
+            hccl_buffsize_mb(c.max_tokens, c.hidden, num_ranks, c.experts_per_rank * num_ranks, c.topk) for c in cases
+        )
         spawn_ranks(run_cases, num_ranks, cases, env={"HCCL_BUFFSIZE": str(buffsize)}, device="npu")
         return
     spawn_ranks(run_cases, num_ranks, cases_for(num_ranks))
@@ -202,8 +237,7 @@ def strategies_agree(rank: int, num_ranks: int, group) -> None:
     two results are alive at once and the third call reuses the first's memory."""
     case = Case(tokens=[24, 9, 0], hidden=128, experts_per_rank=3, topk=4)
     inputs = make_inputs(rank, case.tokens[rank % 3], case.hidden, 3 * num_ranks, case.topk, num_ranks, seed=9)
-    other = make_inputs(rank, case.tokens[(rank + 1) % 3], case.hidden, 3 * num_ranks, case.topk, num_ranks,
-                        seed=10)
+    other = make_inputs(rank, case.tokens[(rank + 1) % 3], case.hidden, 3 * num_ranks, case.topk, num_ranks, seed=10)
     everyone, everyone_other = gather_objects(inputs, group), gather_objects(other, group)
     buffers = [buffer_for(group, num_ranks, [case], "default"), buffer_for(group, num_ranks, [case], "alltoall")]
     results = []
@@ -235,8 +269,9 @@ def strategies_agree(rank: int, num_ranks: int, group) -> None:
         check_received(rank, num_ranks, c, everyone_other, *second[:3])
         for recv_x, recv_count, handle, _ in (second, first):
             y = expert_output(recv_x, recv_count)
-            combined, _, hook = buffer.low_latency_combine(y, handle.state.topk_idx, handle.state.topk_weights, handle,
-                                                           return_recv_hook=True)
+            combined, _, hook = buffer.low_latency_combine(
+                y, handle.state.topk_idx, handle.state.topk_weights, handle, return_recv_hook=True
+            )
             hook()
             src = inputs if recv_x is first[0] else other
             assert calc_diff(combined, expected_combine(c, src, src.topk_weights)) < 1e-5
@@ -262,26 +297,49 @@ def shared_expert_ranks(rank: int, num_ranks: int, group, num_shared: int) -> No
     is_shared = rank < num_shared
     local = 1 if is_shared else experts_per_rank
     size = deep_ep.Buffer.get_low_latency_rdma_size_hint(num_max, hidden, num_ranks, num_experts)
-    for strategy, quant, pattern in (("default", "bf16", "random"), ("default", "int8", "repeat"),
-                                     ("alltoall", "int8", "random")):
+    for strategy, quant, pattern in (
+        ("default", "bf16", "random"),
+        ("default", "int8", "repeat"),
+        ("alltoall", "int8", "random"),
+    ):
         buffer = deep_ep.Buffer(group, num_rdma_bytes=size, low_latency_mode=True, low_latency_strategy=strategy)
-        inputs = make_inputs(rank, [11, 0, 16, 5][rank % 4], hidden, num_experts, topk, num_ranks, pattern=pattern,
-                             seed=9)
+        inputs = make_inputs(
+            rank, [11, 0, 16, 5][rank % 4], hidden, num_experts, topk, num_ranks, pattern=pattern, seed=9
+        )
         everyone = gather_objects(inputs, group)
         stats = torch.zeros(local, dtype=torch.int32)
         recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(
-            inputs.x, inputs.topk_idx, num_max, num_experts, cumulative_local_expert_recv_stats=stats,
-            quant_mode=quant, topk_weights=inputs.topk_weights)
-        ref = reference_shared_dispatch([i.x for i in everyone], [i.topk_idx for i in everyone],
-                                        [i.topk_weights for i in everyone], num_experts, rank, num_shared)
+            inputs.x,
+            inputs.topk_idx,
+            num_max,
+            num_experts,
+            cumulative_local_expert_recv_stats=stats,
+            quant_mode=quant,
+            topk_weights=inputs.topk_weights,
+        )
+        ref = reference_shared_dispatch(
+            [i.x for i in everyone],
+            [i.topk_idx for i in everyone],
+            [i.topk_weights for i in everyone],
+            num_experts,
+            rank,
+            num_shared,
+        )
         real = ref["src_idx"].numel()
         rows = num_max * -(-num_ranks // num_shared) if is_shared else num_max * num_ranks * min(topk, local)
         assert recv_count.tolist() == ref["rows_per_expert"] and torch.equal(stats, recv_count.int())
         src_info, layout_range = handle[0], handle[1]
         assert handle[2:5] == (num_max, hidden, num_experts) and handle[5] is recv_count
-        per_block = torch.tensor(ref["rows_per_source"]) if is_shared else torch.tensor(
-            [[int((everyone[s].topk_idx == (rank - num_shared) * local + e).sum()) for s in range(num_ranks)]
-             for e in range(local)]).reshape(-1)
+        per_block = (
+            torch.tensor(ref["rows_per_source"])
+            if is_shared
+            else torch.tensor(
+                [
+                    [int((everyone[s].topk_idx == (rank - num_shared) * local + e).sum()) for s in range(num_ranks)]
+                    for e in range(local)
+                ]
+            ).reshape(-1)
+        )
         assert torch.equal(layout_range, torch.cumsum(per_block, 0))
         if quant == "int8":
             q, scale = recv_x
@@ -321,8 +379,9 @@ def errors(rank: int, num_ranks: int, group) -> None:
 
         def ok():
             recv_x, recv_count, handle, _ = dispatch(buffer, case, inputs)
-            combined = buffer.low_latency_combine(expert_output(recv_x, recv_count), inputs.topk_idx,
-                                                  inputs.topk_weights, handle)[0]
+            combined = buffer.low_latency_combine(
+                expert_output(recv_x, recv_count), inputs.topk_idx, inputs.topk_weights, handle
+            )[0]
             assert calc_diff(combined, expected_combine(case, inputs, inputs.topk_weights)) < 1e-5
             return handle
 
@@ -384,8 +443,9 @@ def missing_peer(rank: int, num_ranks: int, group) -> None:
     dist.barrier(group)
     buffer.clean_low_latency_buffer(case.max_tokens, case.hidden, 2 * num_ranks)
     recv_x, recv_count, handle, _ = dispatch(buffer, case, inputs)
-    combined = buffer.low_latency_combine(expert_output(recv_x, recv_count), inputs.topk_idx, inputs.topk_weights,
-                                          handle)[0]
+    combined = buffer.low_latency_combine(
+        expert_output(recv_x, recv_count), inputs.topk_idx, inputs.topk_weights, handle
+    )[0]
     assert calc_diff(combined, expected_combine(case, inputs, inputs.topk_weights)) < 1e-5
     buffer.destroy()
     del os.environ["DEEP_EP_TIMEOUT_S"]
@@ -420,8 +480,9 @@ def bench_rank(rank: int, num_ranks: int, group, args) -> None:
         state = {}
 
         def run_dispatch():
-            state["out"] = buffer.low_latency_dispatch(inputs.x, inputs.topk_idx, args.num_max_tokens, num_experts,
-                                                       use_fp8=use_fp8)
+            state["out"] = buffer.low_latency_dispatch(
+                inputs.x, inputs.topk_idx, args.num_max_tokens, num_experts, use_fp8=use_fp8
+            )
 
         dispatch_s = timed(run_dispatch)
         recv_x, recv_count, handle = state["out"][:3]
@@ -440,11 +501,14 @@ def bench_rank(rank: int, num_ranks: int, group, args) -> None:
         dispatch_bytes = float(selections) / num_ranks * per_row
         combine_bytes = float(selections) / num_ranks * 2 * args.hidden
         if rank == 0:
-            print(f"[{num_ranks} ranks, {args.num_tokens} tokens, H={args.hidden}, K={args.num_topk}, "
-                  f"E={num_experts}] dispatch {quant} ({per_row} B/selection): {dispatch_s * 1e6:.0f} us "
-                  f"{dispatch_bytes / dispatch_s / 1e9:.2f} GB/s | combine bf16 ({2 * args.hidden} B/selection): "
-                  f"{combine_s * 1e6:.0f} us {combine_bytes / combine_s / 1e9:.2f} GB/s | dispatch+combine "
-                  f"{total_s * 1e6:.0f} us {(dispatch_bytes + combine_bytes) / total_s / 1e9:.2f} GB/s", flush=True)
+            print(
+                f"[{num_ranks} ranks, {args.num_tokens} tokens, H={args.hidden}, K={args.num_topk}, "
+                f"E={num_experts}] dispatch {quant} ({per_row} B/selection): {dispatch_s * 1e6:.0f} us "
+                f"{dispatch_bytes / dispatch_s / 1e9:.2f} GB/s | combine bf16 ({2 * args.hidden} B/selection): "
+                f"{combine_s * 1e6:.0f} us {combine_bytes / combine_s / 1e9:.2f} GB/s | dispatch+combine "
+                f"{total_s * 1e6:.0f} us {(dispatch_bytes + combine_bytes) / total_s / 1e9:.2f} GB/s",
+                flush=True,
+            )
     buffer.destroy()
 
 

@@ -13,6 +13,7 @@ not the library's own bookkeeping.
 
     python -m pytest tests/python/deepep/test_memory.py
 """
+
 from __future__ import annotations
 
 import os
@@ -59,15 +60,21 @@ def own_segment(node) -> object:
 def roundtrip(buffer: deep_ep.Buffer, rank: int, num_ranks: int, tokens: List[int], seed: int) -> None:
     """dispatch + combine (identity experts) of every rank's float32 tokens, checked against the reference."""
     experts = EXPERTS_PER_RANK * num_ranks
-    everyone = [make_inputs(r, tokens[r], HIDDEN, experts, TOPK, num_ranks, torch.float32, seed=seed)
-                for r in range(num_ranks)]
+    everyone = [
+        make_inputs(r, tokens[r], HIDDEN, experts, TOPK, num_ranks, torch.float32, seed=seed) for r in range(num_ranks)
+    ]
     mine = everyone[rank]
     _, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(mine.topk_idx, experts)
     recv_x, recv_idx, recv_weights, counts, handle, _ = buffer.dispatch(
-        mine.x, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, topk_idx=mine.topk_idx,
-        topk_weights=mine.topk_weights)
-    ref = reference_dispatch([i.x for i in everyone], [i.topk_idx for i in everyone],
-                             [i.topk_weights for i in everyone], experts, rank)
+        mine.x,
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+        topk_idx=mine.topk_idx,
+        topk_weights=mine.topk_weights,
+    )
+    ref = reference_dispatch(
+        [i.x for i in everyone], [i.topk_idx for i in everyone], [i.topk_weights for i in everyone], experts, rank
+    )
     assert torch.equal(recv_x, ref["x"]) and torch.equal(recv_idx, ref["topk_idx"])
     assert torch.equal(recv_weights, ref["weights"]) and counts == ref["rows_per_expert"]
     combined = buffer.combine(recv_x, handle)[0]
@@ -105,10 +112,12 @@ def normal_follows_use(rank: int, num_ranks: int, group) -> None:
         most = max(message_bytes(LARGE_TOKENS), (LARGE_TOKENS + SMALL_TOKENS) * EXPERTS_PER_RANK * HIDDEN * 4)
         assert figures["large"] >= shm_transport.DATA_OFFSET + message_bytes(LARGE_TOKENS), figures
         assert figures["large"] <= shm_transport.DATA_OFFSET + most + shm_transport.COMMIT_GRANULE, figures
-        print(f"\nnormal mode, num_nvl_bytes={LARGE_NVL_BYTES}: reserved per rank after creation "
-              f"{figures['created']} B, after {SMALL_TOKENS} tokens x {HIDDEN} float32 ({message_bytes(SMALL_TOKENS)} "
-              f"B of rows) {figures['small']} B, after {LARGE_TOKENS} tokens ({message_bytes(LARGE_TOKENS)} B of rows) "
-              f"{figures['large']} B")
+        print(
+            f"\nnormal mode, num_nvl_bytes={LARGE_NVL_BYTES}: reserved per rank after creation "
+            f"{figures['created']} B, after {SMALL_TOKENS} tokens x {HIDDEN} float32 ({message_bytes(SMALL_TOKENS)} "
+            f"B of rows) {figures['small']} B, after {LARGE_TOKENS} tokens ({message_bytes(LARGE_TOKENS)} B of rows) "
+            f"{figures['large']} B"
+        )
     buffer.destroy()
 
 
@@ -138,13 +147,17 @@ def low_latency_sizes_itself(rank: int, num_ranks: int, group) -> None:
     # Rank 0 alone asks for the larger Nmax: the peers have not reserved for it, so rank 0 writes nothing
     # and says why; the peers name rank 0 (ValueError everywhere, no wait).
     inputs = make_inputs(rank, 8, large.hidden, num_experts, large.topk, num_ranks)
-    with pytest.raises(ValueError, match=r"ranks \[1, 2\] have not prepared .* disagree" if rank == 0 else
-                       r"ranks \[0\] rejected"):
+    with pytest.raises(
+        ValueError, match=r"ranks \[1, 2\] have not prepared .* disagree" if rank == 0 else r"ranks \[0\] rejected"
+    ):
         buffer.low_latency_dispatch(inputs.x, inputs.topk_idx, large.max_tokens if rank == 0 else 8, num_experts)
     check_low_latency(rank, num_ranks, buffer, large, group)
     after_large = reserved_bytes(segment)
-    assert created + 2 * needed <= after_large <= created + 2 * (needed + shm_transport.COMMIT_GRANULE) + slack, \
-        (created, needed, after_large)
+    assert created + 2 * needed <= after_large <= created + 2 * (needed + shm_transport.COMMIT_GRANULE) + slack, (
+        created,
+        needed,
+        after_large,
+    )
     assert after_large * 1000 < shm_low_latency.AUTO_BYTES
     check_low_latency(rank, num_ranks, buffer, small, group)  # the smaller size again
     # fused_deep_moe on the same Buffer, and then on a fresh one whose first call it is.
@@ -161,9 +174,11 @@ def low_latency_sizes_itself(rank: int, num_ranks: int, group) -> None:
     alltoall.destroy()
     explicit_limit(rank, num_ranks, group)
     if rank == 0:
-        print(f"\nlow-latency mode, num_rdma_bytes=0 ({shm_low_latency.AUTO_BYTES} B mapped): reserved per rank "
-              f"after creation {created} B, after Nmax={small.max_tokens} H={small.hidden} {after_small} B, "
-              f"after Nmax={large.max_tokens} H={large.hidden} {after_large} B")
+        print(
+            f"\nlow-latency mode, num_rdma_bytes=0 ({shm_low_latency.AUTO_BYTES} B mapped): reserved per rank "
+            f"after creation {created} B, after Nmax={small.max_tokens} H={small.hidden} {after_small} B, "
+            f"after Nmax={large.max_tokens} H={large.hidden} {after_large} B"
+        )
 
 
 def explicit_limit(rank: int, num_ranks: int, group) -> None:
@@ -219,9 +234,10 @@ def out_of_dev_shm(rank: int, num_ranks: int, group) -> None:
     check_low_latency(rank, num_ranks, buffer, case, group)
     inputs = make_inputs(rank, 8, case.hidden, 2 * num_ranks, 2, num_ranks)
     huge_nmax = (TMPFS_MIB << 20) // (case.hidden * 2 * 2)
-    expect_exhausted(lambda: buffer.low_latency_dispatch(inputs.x, inputs.topk_idx, huge_nmax, 2 * num_ranks),
-                     ["rank 0 needs", "rank 1 needs", "/dev/shm", "num_max_dispatch_tokens_per_rank",
-                      "no data moved"])
+    expect_exhausted(
+        lambda: buffer.low_latency_dispatch(inputs.x, inputs.topk_idx, huge_nmax, 2 * num_ranks),
+        ["rank 0 needs", "rank 1 needs", "/dev/shm", "num_max_dispatch_tokens_per_rank", "no data moved"],
+    )
     check_low_latency(rank, num_ranks, buffer, replace(case, seed=1), group)
     check_fused(rank, num_ranks, group, buffer, FusedCase(tokens=[5, 7], max_tokens=8))
     dist.barrier(group)
@@ -236,9 +252,10 @@ def out_of_dev_shm(rank: int, num_ranks: int, group) -> None:
     tokens = (TMPFS_MIB - 4 << 20) // (HIDDEN * 4 + TOPK * 12)
     need = message_bytes(tokens)
     assert (TMPFS_MIB - FILLER_MIB) << 20 < need < TMPFS_MIB << 20
-    message = expect_exhausted(lambda: roundtrip(buffer, rank, num_ranks, [tokens, SMALL_TOKENS], seed=11),
-                               ["rank 0 needs", f"{need} bytes", "/dev/shm", "--shm-size", "num_nvl_bytes",
-                                "no data moved"])
+    message = expect_exhausted(
+        lambda: roundtrip(buffer, rank, num_ranks, [tokens, SMALL_TOKENS], seed=11),
+        ["rank 0 needs", f"{need} bytes", "/dev/shm", "--shm-size", "num_nvl_bytes", "no data moved"],
+    )
     messages = gather_objects(message.split(" (rank 0: ")[0], group)
     assert len(set(messages)) == 1, messages  # the same error on every rank
     assert "rank 1 needs" not in message
@@ -269,8 +286,15 @@ def run_out_of_dev_shm() -> None:
 
 def namespace_command(script: str) -> List[str]:
     """Runs `script` (sh) in a private mount namespace with a TMPFS_MIB tmpfs on /dev/shm."""
-    return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-            f"mount -t tmpfs -o size={TMPFS_MIB}m tmpfs /dev/shm && {script}"]
+    return [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        f"mount -t tmpfs -o size={TMPFS_MIB}m tmpfs /dev/shm && {script}",
+    ]
 
 
 def namespace_skip_reason() -> Optional[str]:
@@ -286,8 +310,13 @@ def test_out_of_dev_shm() -> None:
     reason = namespace_skip_reason()
     if reason:
         pytest.skip(reason)
-    proc = subprocess.run(namespace_command(f"exec {sys.executable} {os.path.abspath(__file__)} --out-of-dev-shm"),
-                          check=False, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        namespace_command(f"exec {sys.executable} {os.path.abspath(__file__)} --out-of-dev-shm"),
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, f"exit code {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
 
 

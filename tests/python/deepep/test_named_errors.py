@@ -6,6 +6,7 @@ while the Buffer is being constructed leaves no shared-memory segment behind.
 
 Every check runs on real processes; peers that time out do so after a short DEEP_EP_TIMEOUT_S.
 """
+
 from __future__ import annotations
 
 import json
@@ -60,13 +61,19 @@ class Skipped:
 
 def normal_dispatch(buffer: deep_ep.Buffer, inputs: Inputs):
     _, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(inputs.topk_idx, EXPERTS_PER_RANK * buffer.group_size)
-    return buffer.dispatch(inputs.x, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-                           topk_idx=inputs.topk_idx, topk_weights=inputs.topk_weights)
+    return buffer.dispatch(
+        inputs.x,
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+        topk_idx=inputs.topk_idx,
+        topk_weights=inputs.topk_weights,
+    )
 
 
 def ll_dispatch(buffer: deep_ep.Buffer, inputs: Inputs):
-    return buffer.low_latency_dispatch(inputs.x, inputs.topk_idx, MAX_TOKENS, EXPERTS_PER_RANK * buffer.group_size,
-                                       use_fp8=False)
+    return buffer.low_latency_dispatch(
+        inputs.x, inputs.topk_idx, MAX_TOKENS, EXPERTS_PER_RANK * buffer.group_size, use_fp8=False
+    )
 
 
 def fused(buffer: deep_ep.Buffer, inputs: Inputs, prepared) -> None:
@@ -75,8 +82,17 @@ def fused(buffer: deep_ep.Buffer, inputs: Inputs, prepared) -> None:
     w1, w1_scale = deep_ep.permute_gmm1_weight(w13, torch.full((EXPERTS_PER_RANK, 2 * INTER), 1e-3))
     w2 = torch.randint(-127, 128, (EXPERTS_PER_RANK, INTER, HIDDEN), dtype=torch.int8, generator=generator)
     w2_scale = torch.full((EXPERTS_PER_RANK, HIDDEN), 1e-3)
-    buffer.fused_deep_moe(inputs.x, inputs.topk_idx, inputs.topk_weights, w1, w1_scale, w2, w2_scale, MAX_TOKENS,
-                          EXPERTS_PER_RANK * buffer.group_size)
+    buffer.fused_deep_moe(
+        inputs.x,
+        inputs.topk_idx,
+        inputs.topk_weights,
+        w1,
+        w1_scale,
+        w2,
+        w2_scale,
+        MAX_TOKENS,
+        EXPERTS_PER_RANK * buffer.group_size,
+    )
 
 
 SKIPPED = [
@@ -84,25 +100,44 @@ SKIPPED = [
     Skipped("dispatch (cached)", None, normal_dispatch, lambda b, i, p: b.dispatch(i.x, handle=p[4])),
     Skipped("combine", None, normal_dispatch, lambda b, i, p: b.combine(p[0], p[4])),
     Skipped("low_latency_dispatch", "default", call=lambda b, i, p: ll_dispatch(b, i)),
-    Skipped("low_latency_combine", "default", ll_dispatch,
-            lambda b, i, p: b.low_latency_combine(p[0], i.topk_idx, i.topk_weights, p[2])),
+    Skipped(
+        "low_latency_combine",
+        "default",
+        ll_dispatch,
+        lambda b, i, p: b.low_latency_combine(p[0], i.topk_idx, i.topk_weights, p[2]),
+    ),
     Skipped("fused_deep_moe", "default", call=fused),
-    Skipped("clean_low_latency_buffer", "default",
-            call=lambda b, i, p: b.clean_low_latency_buffer(MAX_TOKENS, HIDDEN, EXPERTS_PER_RANK * b.group_size)),
+    Skipped(
+        "clean_low_latency_buffer",
+        "default",
+        call=lambda b, i, p: b.clean_low_latency_buffer(MAX_TOKENS, HIDDEN, EXPERTS_PER_RANK * b.group_size),
+    ),
     # The low-latency exchange over all_to_all_single (gloo).
     Skipped("low_latency_dispatch", "alltoall", call=lambda b, i, p: ll_dispatch(b, i)),
-    Skipped("low_latency_combine", "alltoall", ll_dispatch,
-            lambda b, i, p: b.low_latency_combine(p[0], i.topk_idx, i.topk_weights, p[2])),
-    Skipped("clean_low_latency_buffer", "alltoall",
-            call=lambda b, i, p: b.clean_low_latency_buffer(MAX_TOKENS, HIDDEN, EXPERTS_PER_RANK * b.group_size)),
+    Skipped(
+        "low_latency_combine",
+        "alltoall",
+        ll_dispatch,
+        lambda b, i, p: b.low_latency_combine(p[0], i.topk_idx, i.topk_weights, p[2]),
+    ),
+    Skipped(
+        "clean_low_latency_buffer",
+        "alltoall",
+        call=lambda b, i, p: b.clean_low_latency_buffer(MAX_TOKENS, HIDDEN, EXPERTS_PER_RANK * b.group_size),
+    ),
 ]
 
 
 def make_buffer(group, skipped: Skipped) -> deep_ep.Buffer:
     if skipped.low_latency_strategy is None:
         return deep_ep.Buffer(group, num_nvl_bytes=1 << 20)
-    return deep_ep.Buffer(group, num_nvl_bytes=4096, num_rdma_bytes=ll_bytes(dist.get_world_size(group)),
-                          low_latency_mode=True, low_latency_strategy=skipped.low_latency_strategy)
+    return deep_ep.Buffer(
+        group,
+        num_nvl_bytes=4096,
+        num_rdma_bytes=ll_bytes(dist.get_world_size(group)),
+        low_latency_mode=True,
+        low_latency_strategy=skipped.low_latency_strategy,
+    )
 
 
 def expect_named(call: Callable, operation: str) -> float:
@@ -175,8 +210,9 @@ def constructing_rank(rank: int, num_ranks: int, port: int, which: int, workdir:
     report = {}
     start = time.monotonic()
     try:
-        deep_ep.Buffer(dist.group.WORLD, num_nvl_bytes=1 << 20, num_rdma_bytes=ll_bytes(num_ranks),
-                       low_latency_mode=True)
+        deep_ep.Buffer(
+            dist.group.WORLD, num_nvl_bytes=1 << 20, num_rdma_bytes=ll_bytes(num_ranks), low_latency_mode=True
+        )
         report["error"] = None
     except Exception as error:  # noqa: BLE001 - the report is checked by the test
         report.update(error=type(error).__name__, message=str(error))

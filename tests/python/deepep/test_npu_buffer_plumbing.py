@@ -19,6 +19,7 @@ Whether HCCL and the MC2 operators behave as documented is what they cannot show
 lists it); the device-parametrized tests of test_intranode.py / test_low_latency.py and
 npu_smoke.py do that on an NPU host.
 """
+
 from __future__ import annotations
 
 import ast
@@ -118,8 +119,12 @@ class StrictDevice(TorchFunctionMode):
         if name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__") and device_in:
             self.syncs += 1
         if name in ("cpu", "to"):
-            target = kwargs.get("device", args[1] if len(args) > 1 and not isinstance(args[1], torch.dtype)
-                                and not isinstance(args[1], torch.Tensor) else None)
+            target = kwargs.get(
+                "device",
+                args[1]
+                if len(args) > 1 and not isinstance(args[1], torch.dtype) and not isinstance(args[1], torch.Tensor)
+                else None,
+            )
             if name == "cpu" or _is_host(target):
                 rest = {k: v for k, v in kwargs.items() if k != "device"}
                 result = args[0].clone() if _on_device(args[0]) else args[0]
@@ -132,8 +137,10 @@ class StrictDevice(TorchFunctionMode):
                     result = result.clone()
                 return _tag(result)
         if device_in and host_in:
-            raise DeviceMisuse(f"{name} mixes device tensors {[tuple(t.shape) for t in device_in]} with host "
-                               f"tensors {[tuple(t.shape) for t in host_in]}")
+            raise DeviceMisuse(
+                f"{name} mixes device tensors {[tuple(t.shape) for t in device_in]} with host "
+                f"tensors {[tuple(t.shape) for t in host_in]}"
+            )
         if _is_device(kwargs.get("device")):
             return _tag(func(*args, **{k: v for k, v in kwargs.items() if k != "device"}))
         result = func(*args, **kwargs)
@@ -200,11 +207,18 @@ def install_npu_stand_in(monkeypatch_like, device_name="Ascend910_9391", device=
     real_get_backend, real_group_over = dist.get_backend, groups.group_over
     monkeypatch_like(sys.modules, "torch_npu", fake.module, item=True)
     monkeypatch_like(torch, "npu", fake.torch_npu_namespace)
-    monkeypatch_like(dist, "get_backend", lambda group=None: "hccl" if group in (None, dist.group.WORLD)
-                     else real_get_backend(group))
-    monkeypatch_like(groups, "group_over", lambda group, backend, timeout=None: fake.new_group(
-        dist.get_process_group_ranks(group), backend) if backend == "hccl" else
-        real_group_over(group, backend, timeout))
+    monkeypatch_like(
+        dist, "get_backend", lambda group=None: "hccl" if group in (None, dist.group.WORLD) else real_get_backend(group)
+    )
+    monkeypatch_like(
+        groups,
+        "group_over",
+        lambda group, backend, timeout=None: (
+            fake.new_group(dist.get_process_group_ranks(group), backend)
+            if backend == "hccl"
+            else real_group_over(group, backend, timeout)
+        ),
+    )
     monkeypatch_like(npu, "current_device", lambda: device)
     monkeypatch_like(npu_ops, "_npu_device", lambda: torch.device("cpu"))
     if device == DEVICE:
@@ -252,18 +266,28 @@ class Patcher:
 
 # --------------------------------------------------------------------------- backend choice
 def test_plumbing_import_without_torch_npu():
-    for module in ("deep_ep/npu/__init__.py", "deep_ep/npu/backend.py", "deep_ep/npu/env.py",
-                   "deep_ep/npu/operators.py", "deep_ep/npu/versions.py", "deep_ep/npu_env.py", "deep_ep/buffer.py"):
+    for module in (
+        "deep_ep/npu/__init__.py",
+        "deep_ep/npu/backend.py",
+        "deep_ep/npu/env.py",
+        "deep_ep/npu/operators.py",
+        "deep_ep/npu/versions.py",
+        "deep_ep/npu_env.py",
+        "deep_ep/buffer.py",
+    ):
         tree = ast.parse((REPO_ROOT / module).read_text())
         imported = [alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names]
         imported += [node.module or "" for node in tree.body if isinstance(node, ast.ImportFrom)]
         assert not any(name.split(".")[0] == "torch_npu" for name in imported), module
-    code = ("import sys; sys.modules['torch_npu'] = None\n"
-            "import deep_ep, deep_ep.npu, deep_ep.npu.env, deep_ep.npu_env\n"
-            "print('ok')\n")
+    code = (
+        "import sys; sys.modules['torch_npu'] = None\n"
+        "import deep_ep, deep_ep.npu, deep_ep.npu.env, deep_ep.npu_env\n"
+        "print('ok')\n"
+    )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
@@ -314,9 +338,12 @@ def test_plumbing_backend_choice() -> None:
 
 
 # --------------------------------------------------------------------------- normal mode on the device path
-NORMAL_CASES = [dict(quant="bf16", dtype=torch.bfloat16), dict(quant="int8", dtype=torch.bfloat16),
-                dict(quant="bf16", dtype=torch.float16, alignment=4, worst=300),
-                dict(quant="bf16", dtype=torch.float32, hidden=40)]
+NORMAL_CASES = [
+    dict(quant="bf16", dtype=torch.bfloat16),
+    dict(quant="int8", dtype=torch.bfloat16),
+    dict(quant="bf16", dtype=torch.float16, alignment=4, worst=300),
+    dict(quant="bf16", dtype=torch.float32, hidden=40),
+]
 
 
 def _run_normal(buffer, inputs, case, move, back):
@@ -324,9 +351,16 @@ def _run_normal(buffer, inputs, case, move, back):
     x, idx, weights = move(inputs.x), move(inputs.topk_idx), move(inputs.topk_weights)
     per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, case["experts"])
     recv_x, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(
-        x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-        topk_idx=idx, topk_weights=weights, expert_alignment=case.get("alignment", 1),
-        num_worst_tokens=case.get("worst", 0), quant_mode=case["quant"])
+        x,
+        num_tokens_per_rank=per_rank,
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+        topk_idx=idx,
+        topk_weights=weights,
+        expert_alignment=case.get("alignment", 1),
+        num_worst_tokens=case.get("worst", 0),
+        quant_mode=case["quant"],
+    )
     rows = (recv_x[0] if isinstance(recv_x, tuple) else recv_x).shape[0]
     values = recv_x[0].float() * recv_x[1].unsqueeze(1) if isinstance(recv_x, tuple) else recv_x.float()
     y = (values * 1.5).to(case["dtype"])
@@ -335,8 +369,16 @@ def _run_normal(buffer, inputs, case, move, back):
     bias = move(torch.full((inputs.x.shape[0], inputs.x.shape[1]), 0.25, dtype=case["dtype"]))
     combined2 = buffer.combine(y, handle, topk_weights=w2, bias=bias)[0]
     cached = buffer.dispatch((x.float() * 2).to(case["dtype"]), handle=handle)[0] if case["quant"] == "bf16" else None
-    out = dict(recv_x=recv_x, recv_idx=recv_idx, recv_w=recv_w, combined=combined, combined2=combined2,
-               cached=cached, layout=(per_rank, per_expert, in_rank), handle=handle[:8])
+    out = dict(
+        recv_x=recv_x,
+        recv_idx=recv_idx,
+        recv_w=recv_w,
+        combined=combined,
+        combined2=combined2,
+        cached=cached,
+        layout=(per_rank, per_expert, in_rank),
+        handle=handle[:8],
+    )
     out = {k: back(v) for k, v in out.items()}
     out.update(counts=counts, rows=rows)
     return out
@@ -381,8 +423,12 @@ def normal_mode_device_path(rank: int, num_ranks: int, group, strict: bool) -> N
                 assert calls["all_to_all_single"] == (4 if case["quant"] == "bf16" else 3)
                 with StrictDevice(), pytest.raises(ValueError, match="must be on the Buffer's device meta"):
                     buffer.get_dispatch_layout(inputs.topk_idx.to(DEVICE), case["experts"])
-                    buffer.dispatch(inputs.x, num_tokens_per_expert=torch.zeros(case["experts"], dtype=torch.int32),
-                                    topk_idx=inputs.topk_idx.to(DEVICE), topk_weights=inputs.topk_weights)
+                    buffer.dispatch(
+                        inputs.x,
+                        num_tokens_per_expert=torch.zeros(case["experts"], dtype=torch.int32),
+                        topk_idx=inputs.topk_idx.to(DEVICE),
+                        topk_weights=inputs.topk_weights,
+                    )
             else:
                 device = _run_normal(buffer, inputs, case, lambda t: t, lambda t: t)
             buffer.destroy()
@@ -396,8 +442,13 @@ def normal_mode_device_path(rank: int, num_ranks: int, group, strict: bool) -> N
                 from common import gather_objects
 
                 everyone = gather_objects(inputs, group)
-                ref = reference_dispatch([i.x for i in everyone], [i.topk_idx for i in everyone],
-                                         [i.topk_weights for i in everyone], case["experts"], rank)
+                ref = reference_dispatch(
+                    [i.x for i in everyone],
+                    [i.topk_idx for i in everyone],
+                    [i.topk_weights for i in everyone],
+                    case["experts"],
+                    rank,
+                )
                 assert torch.equal(device["recv_x"][: ref["x"].shape[0]], ref["x"])
                 selection = (inputs.x.float().unsqueeze(1).expand(-1, 3, -1) * 1.5).to(case["dtype"])
                 expected = reference_combine(selection, inputs.topk_idx, inputs.topk_weights)
@@ -439,8 +490,15 @@ def low_latency_on_npu(rank: int, num_ranks: int, group) -> None:
             stats = d(torch.ones(num_experts, dtype=torch.int32))
             for quant in ("bf16", "int8"):
                 recv_x, recv_count, handle, event, hook = buffer.low_latency_dispatch(
-                    d(x), d(idx), nmax, num_experts, cumulative_local_expert_recv_stats=stats,
-                    use_fp8=quant == "int8", return_recv_hook=True, topk_weights=d(weights))
+                    d(x),
+                    d(idx),
+                    nmax,
+                    num_experts,
+                    cumulative_local_expert_recv_stats=stats,
+                    use_fp8=quant == "int8",
+                    return_recv_hook=True,
+                    topk_weights=d(weights),
+                )
                 hook()
                 event.current_stream_wait()
                 args = fake.args_of("npu_moe_distribute_dispatch_v2")
@@ -464,8 +522,9 @@ def low_latency_on_npu(rank: int, num_ranks: int, group) -> None:
                     assert torch.equal(recv_x[:real].cpu(), ref_rows)
                     y = (recv_x.float() * 2).to(torch.bfloat16)
                 out = d(torch.empty(5, hidden, dtype=torch.bfloat16))
-                combined, _, hook = buffer.low_latency_combine(y, d(idx), d(weights), handle, out=out,
-                                                               return_recv_hook=True)
+                combined, _, hook = buffer.low_latency_combine(
+                    y, d(idx), d(weights), handle, out=out, return_recv_hook=True
+                )
                 hook()
                 assert combined is out
                 expected = x.float() * 2 * torch.where(idx >= 0, weights, 0.0).sum(1, keepdim=True)
@@ -514,11 +573,16 @@ def low_latency_on_npu(rank: int, num_ranks: int, group) -> None:
             w2 = torch.randint(-127, 128, (num_experts, hidden, inter), generator=gen, dtype=torch.int8)  # [L, H, I]
             s2 = torch.rand(num_experts, hidden, generator=gen) * 1e-2
             del fake.calls[:]
-            output, ep_recv_count = buffer.fused_deep_moe(d(x), d(idx), d(weights), d(w1), d(s1), d(w2), d(s2),
-                                                          nmax, num_experts)
-            assert fake.names_called() == ["npu_moe_distribute_dispatch_v2", "npu_grouped_matmul",
-                                           "npu_dequant_swiglu_quant", "npu_grouped_matmul",
-                                           "npu_moe_distribute_combine_v2"]
+            output, ep_recv_count = buffer.fused_deep_moe(
+                d(x), d(idx), d(weights), d(w1), d(s1), d(w2), d(s2), nmax, num_experts
+            )
+            assert fake.names_called() == [
+                "npu_moe_distribute_dispatch_v2",
+                "npu_grouped_matmul",
+                "npu_dequant_swiglu_quant",
+                "npu_grouped_matmul",
+                "npu_moe_distribute_combine_v2",
+            ]
             assert output.dtype == torch.bfloat16 and output.shape == (5, hidden) and output.device == DEVICE
             assert ep_recv_count.dtype == torch.int32 and ep_recv_count.cpu().tolist() == ref_counts.tolist()
             with pytest.raises(ValueError, match="num_max_dispatch_tokens_per_rank"):
@@ -554,9 +618,18 @@ def test_plumbing_low_latency_checks_limits_of_detected_soc() -> None:
 
 
 # --------------------------------------------------------------------------- SoC record, HCCL_BUFFSIZE
-@pytest.mark.parametrize("recorded,detected,warns", [
-    ("A3", "A3", False), ("A2", "A2", False), ("A3", "A2", True), ("A2", "A3", True), ("A3", None, True),
-    ("cpu", "A2", False), ("cpu", None, False)])
+@pytest.mark.parametrize(
+    "recorded,detected,warns",
+    [
+        ("A3", "A3", False),
+        ("A2", "A2", False),
+        ("A3", "A2", True),
+        ("A2", "A3", True),
+        ("A3", None, True),
+        ("cpu", "A2", False),
+        ("cpu", None, False),
+    ],
+)
 def test_plumbing_soc_record(monkeypatch, recorded, detected, warns):
     monkeypatch.setattr(backend, "build_target_soc", lambda: recorded)
     monkeypatch.setattr(backend, "_soc_warned", False)
@@ -564,8 +637,9 @@ def test_plumbing_soc_record(monkeypatch, recorded, detected, warns):
     assert (message is not None) == warns
     if warns:
         assert f"built for Atlas {recorded}" in message
-        assert ("-a deepep2" if detected == "A2" else "-a deepep" if detected == "A3" else "build.sh") in \
-            message.split("Rebuild")[1]
+        assert ("-a deepep2" if detected == "A2" else "-a deepep" if detected == "A3" else "build.sh") in message.split(
+            "Rebuild"
+        )[1]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         backend.check_build_soc(detected)
@@ -600,11 +674,25 @@ def test_plumbing_hccl_buffsize_check(monkeypatch):
 
 
 def test_plumbing_npu_env_prints_hccl_buffsize(capsys):
-    sizes = ["--num-max-dispatch-tokens-per-rank", "128", "--hidden", "7168", "--num-ranks", "16", "--num-experts",
-             "256", "--num-topk", "8"]
+    sizes = [
+        "--num-max-dispatch-tokens-per-rank",
+        "128",
+        "--hidden",
+        "7168",
+        "--num-ranks",
+        "16",
+        "--num-experts",
+        "256",
+        "--num-topk",
+        "8",
+    ]
     # the worked examples of test_npu_plumbing.py::test_plumbing_hccl_buffsize_worked_examples
-    for mode, cann, expected in (("A2-fullmesh", "8.3.RC1", 452), ("A2-hierarchy", "8.3.RC1", 496),
-                                 ("A3", "8.3.RC1", 960), ("A3", "8.2.RC1", 1018)):
+    for mode, cann, expected in (
+        ("A2-fullmesh", "8.3.RC1", 452),
+        ("A2-hierarchy", "8.3.RC1", 496),
+        ("A3", "8.3.RC1", 960),
+        ("A3", "8.2.RC1", 1018),
+    ):
         assert npu_env.main(sizes + ["--mode", mode, "--cann", cann]) == 0
         assert capsys.readouterr().out.strip() == f"HCCL_BUFFSIZE={expected}"
     assert npu_env.main(["--report"]) == 0
@@ -613,14 +701,49 @@ def test_plumbing_npu_env_prints_hccl_buffsize(capsys):
     with pytest.raises(SystemExit):
         npu_env.main(["--hidden", "7168"])
     with pytest.raises(SystemExit):
-        npu_env.main(["--nmax", "8", "--hidden", "128", "--num-ranks", "3", "--num-experts", "4", "--num-topk", "2",
-                      "--mode", "A3"])
+        npu_env.main(
+            [
+                "--nmax",
+                "8",
+                "--hidden",
+                "128",
+                "--num-ranks",
+                "3",
+                "--num-experts",
+                "4",
+                "--num-topk",
+                "2",
+                "--mode",
+                "A3",
+            ]
+        )
     with pytest.raises(SystemExit):  # no NPU here: the mode must be given
         npu_env.main(sizes)
     assert "give the mode" in capsys.readouterr().err
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
     for module in ("deep_ep.npu_env", "deep_ep.npu.env"):  # the old name and the package's
-        result = subprocess.run([sys.executable, "-m", module, "--nmax", "1", "--hidden", "128", "--num-ranks", "2",
-                                 "--num-experts", "4", "--num-topk", "2", "--mode", "A2-fullmesh"],
-                                cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                module,
+                "--nmax",
+                "1",
+                "--hidden",
+                "128",
+                "--num-ranks",
+                "2",
+                "--num-experts",
+                "4",
+                "--num-topk",
+                "2",
+                "--mode",
+                "A2-fullmesh",
+            ],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert result.returncode == 0 and result.stdout.strip() == "HCCL_BUFFSIZE=200", result.stderr

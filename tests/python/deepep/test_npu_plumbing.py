@@ -67,8 +67,11 @@ def _make_ll(global_ranks=(0,), num_experts=None, rank=0) -> npu_ops.NpuLowLaten
 def _routing(num_tokens, num_topk, num_experts, seed=0, hidden=32):
     """Random distinct top-k rows plus a -1 in row 0 and an all -1 row 1."""
     gen = torch.Generator().manual_seed(seed)
-    idx = torch.stack([torch.randperm(num_experts, generator=gen)[:num_topk]
-                       for _ in range(num_tokens)]) if num_tokens else torch.zeros(0, num_topk, dtype=torch.int64)
+    idx = (
+        torch.stack([torch.randperm(num_experts, generator=gen)[:num_topk] for _ in range(num_tokens)])
+        if num_tokens
+        else torch.zeros(0, num_topk, dtype=torch.int64)
+    )
     if num_tokens >= 2:
         idx[0, -1] = -1
         idx[1, :] = -1
@@ -132,14 +135,17 @@ def test_plumbing_import_without_torch_npu():
     source = Path(npu_ops.__file__).read_text()
     top_level = [node for node in ast.parse(source).body if isinstance(node, (ast.Import, ast.ImportFrom))]
     assert all("torch_npu" not in ast.dump(node) for node in top_level)
-    code = ("import sys; sys.modules['torch_npu'] = None\n"  # makes `import torch_npu` fail
-            "import deep_ep.npu.operators as m\n"
-            "assert m.torch_npu_available() is False\n"
-            "assert m.detect_soc() is None\n"
-            "print('ok')\n")
+    code = (
+        "import sys; sys.modules['torch_npu'] = None\n"  # makes `import torch_npu` fail
+        "import deep_ep.npu.operators as m\n"
+        "assert m.torch_npu_available() is False\n"
+        "assert m.detect_soc() is None\n"
+        "print('ok')\n"
+    )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
@@ -173,12 +179,12 @@ def test_plumbing_mask_and_sinks_follow_the_release(fake_npu, monkeypatch, mode,
     assert (args["expert_scales"] is not None) == (soc == "A2")
     ref_rows, ref_counts = _reference_rows(x, idx, num_local, rank)
     assert torch.equal(recv_count, ref_counts)  # no phantom rows from -1 entries or padding
-    assert torch.equal(recv_x[:ref_rows.shape[0]], ref_rows)
+    assert torch.equal(recv_x[: ref_rows.shape[0]], ref_rows)
     assert tuple(recv_x.shape) == (nmax * num_ranks * min(num_local, num_topk), hidden)
     assert torch.equal(handle.recv_layout_prefix, _reference_layout(ref_counts, num_ranks, rank))
 
     expert_out = (recv_x.float() * 2).to(torch.bfloat16)
-    expert_out[int(recv_count.sum()):] = float("nan")  # rows past the real ones may hold anything
+    expert_out[int(recv_count.sum()) :] = float("nan")  # rows past the real ones may hold anything
     combined = ll.combine(expert_out, idx, weights, handle)
     cargs = fake.args_of("npu_moe_distribute_combine_v2")
     if soc == "A2":  # the dispatch's expand_scales, passed through
@@ -188,8 +194,10 @@ def test_plumbing_mask_and_sinks_follow_the_release(fake_npu, monkeypatch, mode,
     assert ll.release.name == release and ll.mode == mode
 
 
-@pytest.mark.parametrize("mode,release,num_shared,rank", [
-    ("A3", "7.3.0", 1, 0), ("A3", "7.3.0", 1, 2), ("A2-fullmesh", "7.2.0", 2, 1), ("A2-fullmesh", "7.2.0", 2, 5)])
+@pytest.mark.parametrize(
+    "mode,release,num_shared,rank",
+    [("A3", "7.3.0", 1, 0), ("A3", "7.3.0", 1, 2), ("A2-fullmesh", "7.2.0", 2, 1), ("A2-fullmesh", "7.2.0", 2, 5)],
+)
 def test_plumbing_shared_expert_ranks(fake_npu, mode, release, num_shared, rank):
     """S shared-expert ranks (MOE_SHARED_EXPERT_RANK_NUM): both operators get shared_expert_num=1 and
     shared_expert_rank_num=S; the routed experts (and the sink experts of a 1-D mask) live on ranks [S, R)
@@ -206,8 +214,9 @@ def test_plumbing_shared_expert_ranks(fake_npu, mode, release, num_shared, rank)
     # (docs/npu.md): every row here keeps one routed expert.
     idx[1, 0] = num_experts - 1
     ll = _make_ll(tuple(range(num_ranks)), rank=rank)
-    recv_x, recv_count, handle = ll.dispatch(x, idx, weights, nmax, num_experts, False, None,
-                                             num_shared_ranks=num_shared)
+    recv_x, recv_count, handle = ll.dispatch(
+        x, idx, weights, nmax, num_experts, False, None, num_shared_ranks=num_shared
+    )
 
     sinks = 0 if max(RELEASE_DOCS[release].masks[mode]) == 2 else -(-num_topk // (num_ranks - num_shared))
     args = fake.args_of("npu_moe_distribute_dispatch_v2")
@@ -220,7 +229,7 @@ def test_plumbing_shared_expert_ranks(fake_npu, mode, release, num_shared, rank)
         ref_counts = torch.tensor([num_tokens])
     else:
         ref_rows, ref_counts = _reference_rows(x, idx, num_local, rank - num_shared)
-        assert torch.equal(recv_count, ref_counts) and torch.equal(recv_x[:ref_rows.shape[0]], ref_rows)
+        assert torch.equal(recv_count, ref_counts) and torch.equal(recv_x[: ref_rows.shape[0]], ref_rows)
         assert tuple(recv_x.shape) == (nmax * num_ranks * min(num_local, num_topk), hidden)
     assert torch.equal(handle.recv_layout_prefix, _reference_layout(ref_counts, num_ranks, rank))
 
@@ -265,9 +274,15 @@ def test_plumbing_hierarchy_is_a2_only(fake_npu, monkeypatch):
     assert ll.mode == "A3"
 
 
-@pytest.mark.parametrize("ranks,hidden,with_weights,match", [
-    (8, 64, True, "num_ranks in 16, 32, 64"), (16, 10272, True, "hidden <= 10240"),
-    (16, 64, False, "topk_weights is required"), (16, 100, True, "multiple of 32")])
+@pytest.mark.parametrize(
+    "ranks,hidden,with_weights,match",
+    [
+        (8, 64, True, "num_ranks in 16, 32, 64"),
+        (16, 10272, True, "hidden <= 10240"),
+        (16, 64, False, "topk_weights is required"),
+        (16, 100, True, "multiple of 32"),
+    ],
+)
 def test_plumbing_hierarchy_limits_before_the_call(fake_npu, monkeypatch, ranks, hidden, with_weights, match):
     for name, value in HIERARCHY_ENV.items():
         monkeypatch.setenv(name, value)
@@ -278,14 +293,25 @@ def test_plumbing_hierarchy_limits_before_the_call(fake_npu, monkeypatch, ranks,
     assert fake.calls == []  # nothing reached the operator
 
 
-@pytest.mark.parametrize("soc,release,ranks,hidden,bs,topk,experts,match", [
-    ("A2", "7.3.0", 9, 64, 8, 2, 18, "num_ranks"), ("A2", "7.3.0", 4, 64, 8, 2, 8, "num_ranks"),
-    ("A2", "7.1.0", 8, 64, 8, 2, 16, "num_ranks"), ("A2", "7.3.0", 8, 7200, 8, 2, 16, "hidden <= 7168"),
-    ("A2", "7.3.0", 8, 64, 257, 2, 16, "256 tokens"), ("A2", "7.3.0", 8, 48, 8, 2, 16, "multiple of 32"),
-    ("A2", "7.3.0", 8, 64, 8, 2, 200, "24 experts per rank"), ("A2", "7.2.0", 8, 64, 8, 2, 192, "24 experts"),
-    ("A2", "7.3.0", 32, 64, 8, 2, 544, "512 experts"), ("A3", "7.3.0", 769, 1024, 8, 2, 769, "num_ranks"),
-    ("A3", "7.3.0", 4, 512, 8, 2, 8, "hidden in 1024..8192"), ("A3", "7.3.0", 4, 8448, 8, 2, 8, "hidden"),
-    ("A3", "7.3.0", 4, 1024, 513, 2, 8, "512 tokens"), ("A3", "7.3.0", 4, 1024, 8, 17, 72, "num_topk")])
+@pytest.mark.parametrize(
+    "soc,release,ranks,hidden,bs,topk,experts,match",
+    [
+        ("A2", "7.3.0", 9, 64, 8, 2, 18, "num_ranks"),
+        ("A2", "7.3.0", 4, 64, 8, 2, 8, "num_ranks"),
+        ("A2", "7.1.0", 8, 64, 8, 2, 16, "num_ranks"),
+        ("A2", "7.3.0", 8, 7200, 8, 2, 16, "hidden <= 7168"),
+        ("A2", "7.3.0", 8, 64, 257, 2, 16, "256 tokens"),
+        ("A2", "7.3.0", 8, 48, 8, 2, 16, "multiple of 32"),
+        ("A2", "7.3.0", 8, 64, 8, 2, 200, "24 experts per rank"),
+        ("A2", "7.2.0", 8, 64, 8, 2, 192, "24 experts"),
+        ("A2", "7.3.0", 32, 64, 8, 2, 544, "512 experts"),
+        ("A3", "7.3.0", 769, 1024, 8, 2, 769, "num_ranks"),
+        ("A3", "7.3.0", 4, 512, 8, 2, 8, "hidden in 1024..8192"),
+        ("A3", "7.3.0", 4, 8448, 8, 2, 8, "hidden"),
+        ("A3", "7.3.0", 4, 1024, 513, 2, 8, "512 tokens"),
+        ("A3", "7.3.0", 4, 1024, 8, 17, 72, "num_topk"),
+    ],
+)
 def test_plumbing_limits_of_soc_and_release(fake_npu, soc, release, ranks, hidden, bs, topk, experts, match):
     """Limits are checked per SoC, mode and release before any operator call (7.2.0's 1-D mask on A2
     adds a sink expert per rank, which counts against the 24 experts per rank)."""
@@ -305,10 +331,22 @@ def test_plumbing_limits_ok_at_the_edges(fake_npu):
     _make_ll(tuple(range(3))).check_limits(99999, 9999, 16, 3, False)
 
 
-@pytest.mark.parametrize("cann,release", [
-    ("8.2.RC1", "7.1.0"), ("8.3.RC1", "7.2.0"), ("8.3.0", "7.2.0"), ("8.4.0", "7.2.0"), ("8.5.0", "7.3.0"),
-    ("8.5.1", "7.3.0"), ("9.0.0", "newer"), ("8.1.RC1", "7.1.0"), (None, "7.1.0"), ("", "7.1.0"),
-    ("unknown", "7.1.0")])
+@pytest.mark.parametrize(
+    "cann,release",
+    [
+        ("8.2.RC1", "7.1.0"),
+        ("8.3.RC1", "7.2.0"),
+        ("8.3.0", "7.2.0"),
+        ("8.4.0", "7.2.0"),
+        ("8.5.0", "7.3.0"),
+        ("8.5.1", "7.3.0"),
+        ("9.0.0", "newer"),
+        ("8.1.RC1", "7.1.0"),
+        (None, "7.1.0"),
+        ("", "7.1.0"),
+        ("unknown", "7.1.0"),
+    ],
+)
 def test_plumbing_release_from_cann_version(cann, release):
     assert versions.release_for_cann(cann).name == release
 
@@ -379,9 +417,17 @@ def test_plumbing_ep_recv_counts_layout_change_is_an_error(fake_npu):
 # A2 hierarchy (no mask: sinks, E' = 16 * 17 = 272): Align8(8) = 8, 2H + 4 * 8 * 4 = 14464,
 #   128 * 14464 = 1,851,392 = 3616 * 512; (272 + 16 / 4) * 1,851,392 + 8 MB = 519,372,800 B = 495.3 MB -> 496
 # Small sizes: Nmax 1, H 128, R 2, E 4, K 2 -> a few MB in every mode -> HCCL's default, 200
-@pytest.mark.parametrize("mode,cann,expected", [
-    ("A2-fullmesh", "8.3.RC1", 452), ("A3", "8.3.RC1", 960), ("A3", "8.5.0", 960), ("A3", "8.2.RC1", 1018),
-    ("A2-hierarchy", "8.3.RC1", 496), ("A2-hierarchy", "8.2.RC1", 496)])
+@pytest.mark.parametrize(
+    "mode,cann,expected",
+    [
+        ("A2-fullmesh", "8.3.RC1", 452),
+        ("A3", "8.3.RC1", 960),
+        ("A3", "8.5.0", 960),
+        ("A3", "8.2.RC1", 1018),
+        ("A2-hierarchy", "8.3.RC1", 496),
+        ("A2-hierarchy", "8.2.RC1", 496),
+    ],
+)
 def test_plumbing_hccl_buffsize_worked_examples(mode, cann, expected):
     release = versions.release_for_cann(cann)
     assert npu_ops.hccl_buffsize_mb(128, 7168, 16, 256, 8, mode, release) == expected
@@ -396,9 +442,17 @@ def test_plumbing_hccl_buffsize_needs_a_mode_without_npu(monkeypatch):
         npu_ops.hccl_buffsize_mb(128, 7168, 16, 256, 8)
 
 
-@pytest.mark.parametrize("name,soc", [
-    ("Ascend910B1", "A2"), ("Ascend910B4", "A2"), ("Ascend910_9391", "A3"),
-    ("Ascend910_9362", "A3"), ("Ascend310P3", None), (None, None)])
+@pytest.mark.parametrize(
+    "name,soc",
+    [
+        ("Ascend910B1", "A2"),
+        ("Ascend910B4", "A2"),
+        ("Ascend910_9391", "A3"),
+        ("Ascend910_9362", "A3"),
+        ("Ascend310P3", None),
+        (None, None),
+    ],
+)
 def test_plumbing_detect_soc(fake_npu, name, soc):
     fake_npu(device_name=name)
     assert npu_ops.detect_soc() == soc
@@ -449,7 +503,7 @@ def test_plumbing_dispatch_combine_unknown_device(fake_npu, num_tokens):
     ref_rows, ref_counts = _reference_rows(x, idx, num_experts)
     assert recv_x.dtype == torch.bfloat16 and tuple(recv_x.shape) == (rows_m, 32)
     assert recv_count.dtype == torch.int64 and torch.equal(recv_count, ref_counts)
-    assert torch.equal(recv_x[:ref_rows.shape[0]], ref_rows)
+    assert torch.equal(recv_x[: ref_rows.shape[0]], ref_rows)
     assert stats.dtype == torch.int32 and torch.equal(stats, 1 + ref_counts.int())
     assert handle.num_max_dispatch_tokens_per_rank == nmax and handle.hidden == 32
     assert handle.num_experts == num_experts and handle.recv_count is recv_count
@@ -461,8 +515,7 @@ def test_plumbing_dispatch_combine_unknown_device(fake_npu, num_tokens):
     assert combined is out
     scales = fake.args_of("npu_moe_distribute_combine_v2")["expert_scales"]
     assert torch.equal(scales[:num_tokens], torch.where(idx >= 0, weights, 0.0)) and not scales[num_tokens:].any()
-    torch.testing.assert_close(out.double(), _reference_combine(x, idx, weights, num_experts, 0), rtol=2e-2,
-                               atol=2e-2)
+    torch.testing.assert_close(out.double(), _reference_combine(x, idx, weights, num_experts, 0), rtol=2e-2, atol=2e-2)
     assert tuple(ll.combine(expert_out, idx, weights, handle).shape) == (num_tokens, 32)
 
 
@@ -523,7 +576,7 @@ def test_plumbing_v1_fallback_when_v2_missing(fake_npu):
     assert fake.names_called() == ["npu_moe_distribute_dispatch", "npu_moe_distribute_combine"]
     assert fake.args_of("npu_moe_distribute_dispatch")["x_active_mask"] is None
     ref_rows, ref_counts = _reference_rows(x, idx, 4)
-    assert torch.equal(recv_count, ref_counts) and torch.equal(recv_x[:ref_rows.shape[0]], ref_rows)
+    assert torch.equal(recv_count, ref_counts) and torch.equal(recv_x[: ref_rows.shape[0]], ref_rows)
     expected = _reference_combine(x, idx, weights, 4, 0)
     torch.testing.assert_close(combined.double(), expected, rtol=2e-2, atol=2e-2 * float(expected.abs().max()))
 
@@ -570,9 +623,13 @@ def test_plumbing_fused_deep_moe(fake_npu):
     w2_out_in = w2.transpose(1, 2).contiguous()  # gmm2_weight [L, H, I], as DeepEP-Ascend's callers pass it
 
     out, ep_recv_count = ll.fused_deep_moe(x, idx, weights, w1, s1, w2_out_in, s2, nmax, num_local)
-    assert fake.names_called() == ["npu_moe_distribute_dispatch_v2", "npu_grouped_matmul",
-                                   "npu_dequant_swiglu_quant", "npu_grouped_matmul",
-                                   "npu_moe_distribute_combine_v2"]
+    assert fake.names_called() == [
+        "npu_moe_distribute_dispatch_v2",
+        "npu_grouped_matmul",
+        "npu_dequant_swiglu_quant",
+        "npu_grouped_matmul",
+        "npu_moe_distribute_combine_v2",
+    ]
     assert fake.args_of("npu_moe_distribute_dispatch_v2")["quant_mode"] == 2
     gmm1, gmm2 = fake.args_of("npu_grouped_matmul", 0), fake.args_of("npu_grouped_matmul", 1)
     assert gmm1["output_dtype"] == torch.int32 and gmm2["output_dtype"] == torch.bfloat16
@@ -600,22 +657,26 @@ def test_plumbing_fused_deep_moe_weight_errors(fake_npu):
     ll = _make_ll()
     w1 = torch.zeros(2, 32, 96, dtype=torch.int8)  # 2I = 96 is not whole 64-column tiles
     with pytest.raises(ValueError, match="multiple of 128"):
-        ll.fused_deep_moe(x, idx, weights, w1, torch.ones(2, 96), torch.zeros(2, 48, 32, dtype=torch.int8),
-                          torch.ones(2, 32), 4, 2)
+        ll.fused_deep_moe(
+            x, idx, weights, w1, torch.ones(2, 96), torch.zeros(2, 48, 32, dtype=torch.int8), torch.ones(2, 32), 4, 2
+        )
     w1 = torch.zeros(2, 32, 128, dtype=torch.int8)
     with pytest.raises(ValueError, match="gmm2_weight"):
-        ll.fused_deep_moe(x, idx, weights, w1, torch.ones(2, 128), torch.zeros(2, 32, 32, dtype=torch.int8),
-                          torch.ones(2, 32), 4, 2)
+        ll.fused_deep_moe(
+            x, idx, weights, w1, torch.ones(2, 128), torch.zeros(2, 32, 32, dtype=torch.int8), torch.ones(2, 32), 4, 2
+        )
     with pytest.raises(ValueError, match=r"gmm2_weight must be \[2, 32, 64\]"):  # [L, I, H] instead of [L, H, I]
-        ll.fused_deep_moe(x, idx, weights, w1, torch.ones(2, 128), torch.zeros(2, 64, 32, dtype=torch.int8),
-                          torch.ones(2, 32), 4, 2)
+        ll.fused_deep_moe(
+            x, idx, weights, w1, torch.ones(2, 128), torch.zeros(2, 64, 32, dtype=torch.int8), torch.ones(2, 32), 4, 2
+        )
 
 
 def test_plumbing_npu_smoke_script_skips_cleanly_here():
     """The device script says why it cannot run and exits 0; pytest does not collect it (no test_ prefix)."""
     script = REPO_ROOT / "tests" / "python" / "deepep" / "npu_smoke.py"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run([sys.executable, str(script)], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert "skipped" in result.stdout and "torch_npu" in result.stdout

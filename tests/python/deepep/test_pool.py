@@ -1,6 +1,7 @@
 """The output pool never hands out memory that a live tensor still uses, survives any sequence of
 sizes, stays within its budget, and falls back to plain allocations when reference counts cannot
 be trusted."""
+
 from __future__ import annotations
 
 import os
@@ -57,7 +58,7 @@ def churn(pool: OutputPool, steps: int, seed: int, max_mib: float = 4.0) -> None
         if keep < 0.3:
             held.append((out, value))
         elif keep < 0.4:
-            held.append((out[rows // 2:], value))  # only a view survives
+            held.append((out[rows // 2 :], value))  # only a view survives
         del out
         if len(held) > 6 or (held and rng.random() < 0.2):
             held.pop(rng.randrange(len(held)))
@@ -238,15 +239,25 @@ def held_results_stay_correct(rank: int, num_ranks: int, group) -> None:
             inputs = make_inputs(rank, 1100 + 37 * call + 50 * rank, hidden, experts, topk, num_ranks, seed=call)
             per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(inputs.topk_idx, experts)
             recv_x, recv_idx, recv_w, rows, handle, _ = buffer.dispatch(
-                inputs.x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-                topk_idx=inputs.topk_idx, topk_weights=inputs.topk_weights)
+                inputs.x,
+                num_tokens_per_rank=per_rank,
+                is_token_in_rank=in_rank,
+                num_tokens_per_expert=per_expert,
+                topk_idx=inputs.topk_idx,
+                topk_weights=inputs.topk_weights,
+            )
             combined = buffer.combine((recv_x.float() * 2).to(torch.bfloat16), handle)[0]
             assert recv_x.numel() * 2 >= MIN_POOLED_BYTES and combined.numel() * 2 >= MIN_POOLED_BYTES
             results.append((inputs, gather_objects(inputs, group), recv_x, recv_idx, recv_w, rows, combined))
         assert_disjoint([t for r in results for t in (r[2], r[3], r[4], r[6])])
         for inputs, everyone, recv_x, recv_idx, recv_w, rows, combined in results:
-            ref = reference_dispatch([i.x for i in everyone], [i.topk_idx for i in everyone],
-                                     [i.topk_weights for i in everyone], experts, rank)
+            ref = reference_dispatch(
+                [i.x for i in everyone],
+                [i.topk_idx for i in everyone],
+                [i.topk_weights for i in everyone],
+                experts,
+                rank,
+            )
             assert torch.equal(recv_x, ref["x"]) and torch.equal(recv_idx, ref["topk_idx"])
             assert torch.equal(recv_w, ref["weights"]) and rows == ref["rows_per_expert"]
             selection = (inputs.x.float() * 2).to(torch.bfloat16).unsqueeze(1).expand(-1, topk, -1)

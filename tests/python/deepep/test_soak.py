@@ -12,6 +12,7 @@ API of Buffer is used; handles are passed back untouched.
     python tests/python/deepep/test_soak.py --num-processes 3 --calls 1000   # longer; prints RSS
     python -m pytest tests/python/deepep/test_soak.py                         # the test suite
 """
+
 from __future__ import annotations
 
 import argparse
@@ -88,8 +89,16 @@ def draw_call(rng: random.Random, num_ranks: int, index: int) -> Call:
     mode = rng.choices(MODES, MODE_WEIGHTS)[0]
     experts_per_rank = rng.randint(1, MAX_EXPERTS_PER_RANK)
     topk = rng.randint(1, min(MAX_TOPK, experts_per_rank * num_ranks))
-    call = Call(mode=mode, tokens=[], hidden=rng.choice(HIDDEN_SIZES), experts_per_rank=experts_per_rank,
-                topk=topk, dtype=torch.bfloat16, quant="bf16", seed=index)
+    call = Call(
+        mode=mode,
+        tokens=[],
+        hidden=rng.choice(HIDDEN_SIZES),
+        experts_per_rank=experts_per_rank,
+        topk=topk,
+        dtype=torch.bfloat16,
+        quant="bf16",
+        seed=index,
+    )
     if mode in ("normal", "cached"):
         call.tokens = draw_tokens(rng, num_ranks, MAX_TOKENS)
         call.dtype = rng.choice((torch.bfloat16, torch.float16, torch.float32))
@@ -115,8 +124,19 @@ def everyone_inputs(call: Call, x_dtype: Optional[torch.dtype] = None) -> List[I
     """Every rank's inputs of `call` (deterministic from its seed): topk rows of distinct experts with
     some -1 entries."""
     num_ranks = len(call.tokens)
-    return [make_inputs(r, call.tokens[r], call.hidden, call.num_experts, call.topk, num_ranks,
-                        x_dtype or call.dtype, seed=call.seed) for r in range(num_ranks)]
+    return [
+        make_inputs(
+            r,
+            call.tokens[r],
+            call.hidden,
+            call.num_experts,
+            call.topk,
+            num_ranks,
+            x_dtype or call.dtype,
+            seed=call.seed,
+        )
+        for r in range(num_ranks)
+    ]
 
 
 # ---- checks against the reference ----------------------------------------------------------------------------
@@ -168,12 +188,13 @@ def expected_combine(inputs: Inputs, call: Call, weights: torch.Tensor, out_dtyp
     for k in range(call.topk):
         factor = 1 + (inputs.topk_idx[:, k].clamp_min(0) % call.experts_per_rank).float() / 8
         selection = (x_used * factor.unsqueeze(1)).to(out_dtype).unsqueeze(1)
-        total += reference_combine(selection, inputs.topk_idx[:, k: k + 1], weights[:, k: k + 1])
+        total += reference_combine(selection, inputs.topk_idx[:, k : k + 1], weights[:, k : k + 1])
     return total
 
 
-def check_combined(combined: torch.Tensor, expected: torch.Tensor, call: Call, out_dtype: torch.dtype,
-                   what: str) -> None:
+def check_combined(
+    combined: torch.Tensor, expected: torch.Tensor, call: Call, out_dtype: torch.dtype, what: str
+) -> None:
     assert combined.dtype == out_dtype and combined.shape == expected.shape, what
     assert not bool(torch.isnan(combined).any()), what
     assert calc_diff(combined, expected) < 1e-5, what
@@ -208,20 +229,36 @@ def normal_dispatch(buffer: deep_ep.Buffer, rank: int, call: Call) -> Results:
     num_ranks, local = len(call.tokens), call.experts_per_rank
     per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(mine.topk_idx, call.num_experts)
     owner = torch.where(mine.topk_idx >= 0, mine.topk_idx // local, -1)
-    expected_in_rank = torch.stack([(owner == r).any(1) for r in range(num_ranks)], 1).to(torch.int32) \
-        if call.tokens[rank] else torch.zeros(0, num_ranks, dtype=torch.int32)
+    expected_in_rank = (
+        torch.stack([(owner == r).any(1) for r in range(num_ranks)], 1).to(torch.int32)
+        if call.tokens[rank]
+        else torch.zeros(0, num_ranks, dtype=torch.int32)
+    )
     assert torch.equal(in_rank, expected_in_rank) and torch.equal(per_rank, expected_in_rank.sum(0).to(torch.int32))
     assert per_expert.tolist() == [int((mine.topk_idx == e).sum()) for e in range(call.num_experts)]
 
-    ref = reference_dispatch([i.x for i in everyone], [i.topk_idx for i in everyone],
-                             [i.topk_weights for i in everyone], call.num_experts, rank, call.alignment)
+    ref = reference_dispatch(
+        [i.x for i in everyone],
+        [i.topk_idx for i in everyone],
+        [i.topk_weights for i in everyone],
+        call.num_experts,
+        rank,
+        call.alignment,
+    )
     real = ref["src_idx"].numel()
     # A token is received once per local expert it picked; each expert's block may be padded.
     worst = sum(call.tokens) * min(call.topk, local) + local * call.alignment if call.worst else 0
     recv_x, recv_idx, recv_w, counts, handle, event = buffer.dispatch(
-        mine.x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-        topk_idx=mine.topk_idx, topk_weights=mine.topk_weights, expert_alignment=call.alignment,
-        num_worst_tokens=worst, quant_mode=call.quant)
+        mine.x,
+        num_tokens_per_rank=per_rank,
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+        topk_idx=mine.topk_idx,
+        topk_weights=mine.topk_weights,
+        expert_alignment=call.alignment,
+        num_worst_tokens=worst,
+        quant_mode=call.quant,
+    )
     event.current_stream_wait()
     num_rows = worst or real
     rows = recv_x[0] if isinstance(recv_x, tuple) else recv_x
@@ -257,13 +294,21 @@ def cached_dispatch(buffer: deep_ep.Buffer, rank: int, call: Call, earlier: Disp
     first = earlier.call
     again = replace(first, dtype=call.dtype, quant=call.quant, seed=call.seed)
     routes = everyone_inputs(first)
-    everyone = [replace(r, x=new.x) for r, new in zip(routes, everyone_inputs(replace(first, seed=call.seed),
-                                                                             call.dtype))]
-    recv_x, idx, weights, counts, handle, _ = buffer.dispatch(everyone[rank].x, handle=earlier.handle,
-                                                              quant_mode=call.quant)
+    everyone = [
+        replace(r, x=new.x) for r, new in zip(routes, everyone_inputs(replace(first, seed=call.seed), call.dtype))
+    ]
+    recv_x, idx, weights, counts, handle, _ = buffer.dispatch(
+        everyone[rank].x, handle=earlier.handle, quant_mode=call.quant
+    )
     assert idx is None and weights is None and counts is None and handle is None
-    ref = reference_dispatch([i.x for i in everyone], [i.topk_idx for i in everyone],
-                             [i.topk_weights for i in everyone], first.num_experts, rank, first.alignment)
+    ref = reference_dispatch(
+        [i.x for i in everyone],
+        [i.topk_idx for i in everyone],
+        [i.topk_weights for i in everyone],
+        first.num_experts,
+        rank,
+        first.alignment,
+    )
     real = ref["src_idx"].numel()
     rows = recv_x[0] if isinstance(recv_x, tuple) else recv_x
     assert rows.shape == (earlier.num_rows, first.hidden)
@@ -279,14 +324,25 @@ def low_latency(buffer: deep_ep.Buffer, rank: int, call: Call) -> Results:
     mine = everyone[rank]
     num_ranks = len(call.tokens)
     recv_x, recv_count, handle, event, hook = buffer.low_latency_dispatch(
-        mine.x, mine.topk_idx, call.max_tokens, call.num_experts, use_fp8=call.quant == "int8",
-        return_recv_hook=call.hook, topk_weights=mine.topk_weights)
+        mine.x,
+        mine.topk_idx,
+        call.max_tokens,
+        call.num_experts,
+        use_fp8=call.quant == "int8",
+        return_recv_hook=call.hook,
+        topk_weights=mine.topk_weights,
+    )
     event.current_stream_wait()
     assert (hook is not None) == call.hook
     if hook is not None:
         hook()
-    ref = reference_dispatch([i.x for i in everyone], [i.topk_idx for i in everyone],
-                             [i.topk_weights for i in everyone], call.num_experts, rank)
+    ref = reference_dispatch(
+        [i.x for i in everyone],
+        [i.topk_idx for i in everyone],
+        [i.topk_weights for i in everyone],
+        call.num_experts,
+        rank,
+    )
     real = ref["src_idx"].numel()
     num_rows = call.max_tokens * num_ranks * min(call.topk, call.experts_per_rank)
     rows = recv_x[0] if isinstance(recv_x, tuple) else recv_x
@@ -301,8 +357,7 @@ def low_latency(buffer: deep_ep.Buffer, rank: int, call: Call) -> Results:
     event.current_stream_wait()
     if hook is not None:
         hook()
-    check_combined(combined, expected_combine(mine, call, weights, out_dtype), call, out_dtype,
-                   "low_latency_combine")
+    check_combined(combined, expected_combine(mine, call, weights, out_dtype), call, out_dtype, "low_latency_combine")
     return Results([combined, recv_count])
 
 
@@ -312,8 +367,9 @@ def fused(buffer: deep_ep.Buffer, rank: int, call: Call) -> Results:
     mine = everyone[rank]
     num_ranks, local = len(call.tokens), call.experts_per_rank
     weights = expert_weights(call, num_ranks)  # every expert's (the reference needs them all)
-    out, ep_recv_count = buffer.fused_deep_moe(mine.x, mine.topk_idx, mine.topk_weights,
-                                               *local_weights(rank, call, weights), call.max_tokens, call.num_experts)
+    out, ep_recv_count = buffer.fused_deep_moe(
+        mine.x, mine.topk_idx, mine.topk_weights, *local_weights(rank, call, weights), call.max_tokens, call.num_experts
+    )
     assert out.dtype == torch.bfloat16 and out.shape == (call.tokens[rank], call.hidden)
     expected = [int((everyone[r].topk_idx == rank * local + e).sum()) for e in range(local) for r in range(num_ranks)]
     assert ep_recv_count.dtype == torch.int32 and ep_recv_count.tolist() == expected
@@ -340,8 +396,10 @@ class Held:
 
     def check_unchanged(self) -> None:
         now = [fingerprint(t) for t in self.tensors]
-        assert now == self.fingerprints, (f"outputs of call {self.index} ({self.call}) changed while held: a later "
-                                          "call wrote into memory the caller still used")
+        assert now == self.fingerprints, (
+            f"outputs of call {self.index} ({self.call}) changed while held: a later "
+            "call wrote into memory the caller still used"
+        )
 
 
 def resident_bytes() -> int:
@@ -375,7 +433,7 @@ class MemoryTrend:
 
     def median(self, begin: float, end: float) -> float:
         """Median RSS over the calls from fraction `begin` to fraction `end` of the run."""
-        return statistics.median(self.rss[int(len(self.rss) * begin): int(len(self.rss) * end)])
+        return statistics.median(self.rss[int(len(self.rss) * begin) : int(len(self.rss) * end)])
 
     @property
     def early(self) -> float:
@@ -388,18 +446,22 @@ class MemoryTrend:
     def problems(self) -> List[str]:
         found = []
         if self.late - self.early > RSS_GROWTH_LIMIT:
-            found.append(f"resident memory grew from a median of {self.early / 2**20:.0f} MiB (third quarter of the "
-                         f"calls) to {self.late / 2**20:.0f} MiB (last quarter)")
+            found.append(
+                f"resident memory grew from a median of {self.early / 2**20:.0f} MiB (third quarter of the "
+                f"calls) to {self.late / 2**20:.0f} MiB (last quarter)"
+            )
         if self.final_objects - self.middle_objects > OBJECT_GROWTH_LIMIT:
-            found.append(f"live Python objects grew from {self.middle_objects} to {self.final_objects} over the "
-                         "second half")
+            found.append(
+                f"live Python objects grew from {self.middle_objects} to {self.final_objects} over the second half"
+            )
         return found
 
 
 def soak(rank: int, num_ranks: int, group, num_calls: int, seed: int, report: bool) -> None:
     """`num_calls` random calls on one Buffer, each checked; then the memory trend (every rank)."""
-    size = deep_ep.Buffer.get_low_latency_rdma_size_hint(LL_MAX_TOKENS, max(HIDDEN_SIZES), num_ranks,
-                                                         MAX_EXPERTS_PER_RANK * num_ranks)
+    size = deep_ep.Buffer.get_low_latency_rdma_size_hint(
+        LL_MAX_TOKENS, max(HIDDEN_SIZES), num_ranks, MAX_EXPERTS_PER_RANK * num_ranks
+    )
     buffer = deep_ep.Buffer(group, num_nvl_bytes=4 << 20, num_rdma_bytes=size, low_latency_mode=True)
     rng = random.Random(seed)
     earlier: Optional[Dispatched] = None
@@ -440,11 +502,17 @@ def soak(rank: int, num_ranks: int, group, num_calls: int, seed: int, report: bo
     everyone: List[MemoryTrend] = gather_objects(trend, group)
     if report and rank == 0:
         mib = 1 << 20
-        print(f"[soak R={num_ranks}] {num_calls} calls ({', '.join(f'{m} {n}' for m, n in modes.items())}) in "
-              f"{elapsed:.1f} s. Per rank: RSS median of the third / of the last quarter of the calls, peak (MiB); "
-              "live objects at the middle -> end: "
-              + "; ".join(f"rank {r}: {t.early / mib:.1f} / {t.late / mib:.1f} / {max(t.rss) / mib:.1f}, "
-                          f"{t.middle_objects} -> {t.final_objects}" for r, t in enumerate(everyone)), flush=True)
+        print(
+            f"[soak R={num_ranks}] {num_calls} calls ({', '.join(f'{m} {n}' for m, n in modes.items())}) in "
+            f"{elapsed:.1f} s. Per rank: RSS median of the third / of the last quarter of the calls, peak (MiB); "
+            "live objects at the middle -> end: "
+            + "; ".join(
+                f"rank {r}: {t.early / mib:.1f} / {t.late / mib:.1f} / {max(t.rss) / mib:.1f}, "
+                f"{t.middle_objects} -> {t.final_objects}"
+                for r, t in enumerate(everyone)
+            ),
+            flush=True,
+        )
     assert not trend.problems(), f"rank {rank}: {trend.problems()}"
     dist.barrier(group)
     if rank == 0:

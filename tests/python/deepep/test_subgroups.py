@@ -7,6 +7,7 @@ Every Buffer runs normal dispatch + combine and low-latency dispatch + combine (
 in the first two scenarios all_to_all too), checked against the pure-torch reference built from
 its group's inputs.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,8 +35,9 @@ TOKENS = (9, 4, 12, 0)  # per group rank (cycled)
 def group_inputs(group_size: int, seed: int) -> List[Inputs]:
     """Every group rank's inputs (deterministic: each rank builds all of them without communicating)."""
     experts = EXPERTS_PER_RANK * group_size
-    return [make_inputs(r, TOKENS[r % len(TOKENS)], HIDDEN, experts, TOPK, group_size, seed=seed)
-            for r in range(group_size)]
+    return [
+        make_inputs(r, TOKENS[r % len(TOKENS)], HIDDEN, experts, TOPK, group_size, seed=seed) for r in range(group_size)
+    ]
 
 
 def selection_outputs(inputs: Inputs) -> torch.Tensor:
@@ -51,10 +53,15 @@ def check_normal(buffer: deep_ep.Buffer, seed: int) -> None:
     experts = EXPERTS_PER_RANK * size
     _, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(mine.topk_idx, experts)
     recv_x, recv_idx, recv_weights, counts, handle, _ = buffer.dispatch(
-        mine.x, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, topk_idx=mine.topk_idx,
-        topk_weights=mine.topk_weights)
-    ref = reference_dispatch([i.x for i in everyone], [i.topk_idx for i in everyone],
-                             [i.topk_weights for i in everyone], experts, rank)
+        mine.x,
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+        topk_idx=mine.topk_idx,
+        topk_weights=mine.topk_weights,
+    )
+    ref = reference_dispatch(
+        [i.x for i in everyone], [i.topk_idx for i in everyone], [i.topk_weights for i in everyone], experts, rank
+    )
     assert torch.equal(recv_x, ref["x"]) and torch.equal(recv_idx, ref["topk_idx"])
     assert torch.equal(recv_weights, ref["weights"]) and counts == ref["rows_per_expert"]
     combined, _, _ = buffer.combine(recv_x, handle)
@@ -68,10 +75,12 @@ def check_low_latency(buffer: deep_ep.Buffer, seed: int) -> None:
     everyone = group_inputs(size, seed)
     mine = everyone[rank]
     experts = EXPERTS_PER_RANK * size
-    recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(mine.x, mine.topk_idx, MAX_TOKENS, experts,
-                                                                   use_fp8=False)
-    ref = reference_dispatch([i.x for i in everyone], [i.topk_idx for i in everyone],
-                             [i.topk_weights for i in everyone], experts, rank)
+    recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(
+        mine.x, mine.topk_idx, MAX_TOKENS, experts, use_fp8=False
+    )
+    ref = reference_dispatch(
+        [i.x for i in everyone], [i.topk_idx for i in everyone], [i.topk_weights for i in everyone], experts, rank
+    )
     real = ref["src_idx"].numel()
     assert recv_count.tolist() == ref["rows_per_expert"]
     assert torch.equal(recv_x[:real], ref["x"])
@@ -85,8 +94,14 @@ def run_on_group(group, seed: int, strategies=("default", "alltoall")) -> None:
     size = dist.get_world_size(group)
     rdma_bytes = deep_ep.Buffer.get_low_latency_rdma_size_hint(MAX_TOKENS, HIDDEN, size, EXPERTS_PER_RANK * size)
     for strategy in strategies:
-        buffer = deep_ep.Buffer(group, num_nvl_bytes=1 << 20, num_rdma_bytes=rdma_bytes, low_latency_mode=True,
-                                normal_strategy=strategy, low_latency_strategy=strategy)
+        buffer = deep_ep.Buffer(
+            group,
+            num_nvl_bytes=1 << 20,
+            num_rdma_bytes=rdma_bytes,
+            low_latency_mode=True,
+            normal_strategy=strategy,
+            low_latency_strategy=strategy,
+        )
         assert buffer.rank == dist.get_rank(group) and buffer.group_size == size
         check_normal(buffer, seed)
         check_low_latency(buffer, seed + 1)
@@ -147,9 +162,11 @@ def without_named_groups(rank: int, num_ranks: int, world) -> None:
     run_on_group(pair, seed=70, strategies=("default",))
 
 
-@pytest.mark.parametrize("scenario,num_ranks", [(disjoint_groups, 4), (strided_group, 4), (idle_rank, 3),
-                                                (overlapping_groups, 3), (without_named_groups, 4)],
-                         ids=["disjoint", "strided", "idle", "overlapping", "fallback"])
+@pytest.mark.parametrize(
+    "scenario,num_ranks",
+    [(disjoint_groups, 4), (strided_group, 4), (idle_rank, 3), (overlapping_groups, 3), (without_named_groups, 4)],
+    ids=["disjoint", "strided", "idle", "overlapping", "fallback"],
+)
 def test_buffer_on_subgroup(scenario, num_ranks: int) -> None:
     # A Buffer that waited for a rank outside its group would time out after DEEP_EP_TIMEOUT_S.
     spawn_ranks(scenario, num_ranks, env={"DEEP_EP_TIMEOUT_S": "30"})

@@ -1,5 +1,6 @@
 """Threads of the native kernels: each rank's share of the usable cores (affinity, cgroup quota),
 DEEP_EP_NUM_THREADS overriding; and results that do not depend on the thread counts."""
+
 from __future__ import annotations
 
 import os
@@ -62,7 +63,7 @@ def test_cgroup_v1_quota_and_period(tmp_path):
 def test_this_machine_has_at_least_one_core(monkeypatch):
     monkeypatch.delenv("DEEP_EP_NUM_THREADS", raising=False)
     assert 1 <= usable_cores() <= (os.cpu_count() or 1)
-    assert num_threads(10 ** 6) == 1
+    assert num_threads(10**6) == 1
 
 
 def test_override(four_cores, monkeypatch):
@@ -74,15 +75,17 @@ def test_override(four_cores, monkeypatch):
             num_threads(1)
 
 
-def run_calls(rank: int, group, x: torch.Tensor, topk_idx: torch.Tensor, weights: torch.Tensor,
-              num_experts: int) -> list:
+def run_calls(
+    rank: int, group, x: torch.Tensor, topk_idx: torch.Tensor, weights: torch.Tensor, num_experts: int
+) -> list:
     """Normal (bf16 and int8) and low-latency dispatch + combine; every output, in call order."""
     outputs = []
     buffer = Buffer(group, num_nvl_bytes=64 << 20)
     _, _, per_expert, _, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
     for quant in ("bf16", "int8"):
-        recv_x, _, _, _, handle, _ = buffer.dispatch(x, num_tokens_per_expert=per_expert, topk_idx=topk_idx,
-                                                     topk_weights=weights, quant_mode=quant)
+        recv_x, _, _, _, handle, _ = buffer.dispatch(
+            x, num_tokens_per_expert=per_expert, topk_idx=topk_idx, topk_weights=weights, quant_mode=quant
+        )
         y = recv_x if quant == "bf16" else (recv_x[0].float() * recv_x[1].unsqueeze(1)).to(torch.bfloat16)
         outputs += [t.clone() for t in (recv_x if quant == "int8" else (recv_x,))]
         outputs.append(buffer.combine(y, handle)[0].clone())
@@ -123,8 +126,9 @@ def same_results_any_threads(rank: int, num_ranks: int, group) -> None:
             assert torch.equal(a, b), f"rank {rank}: output {index} differs between default threads and {name}"
 
     everyone = gather_objects((x, topk_idx, weights), group)
-    ref = reference_dispatch([e[0] for e in everyone], [e[1] for e in everyone], [e[2] for e in everyone],
-                             num_experts, rank)
+    ref = reference_dispatch(
+        [e[0] for e in everyone], [e[1] for e in everyone], [e[2] for e in everyone], num_experts, rank
+    )
     assert torch.equal(runs["default"][0], ref["x"])
     expected = reference_combine(x.float().unsqueeze(1).expand(-1, num_topk, -1), topk_idx, weights)
     assert torch.allclose(runs["default"][1].double(), expected, rtol=1e-2, atol=1e-2)

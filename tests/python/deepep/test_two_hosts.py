@@ -12,6 +12,7 @@ addresses live only on the veth ends inside the two namespaces this test creates
 
     python -m pytest tests/python/deepep/test_two_hosts.py
 """
+
 from __future__ import annotations
 
 import json
@@ -59,8 +60,9 @@ def skip_reason() -> Optional[str]:
     for tool, package in (("ip", "iproute2"), ("unshare", "util-linux")):
         if shutil.which(tool) is None:
             return f"two-host test skipped: `{tool}` not found (install {package})"
-    probe = subprocess.run(["unshare", "--uts", "--mount", "--propagation", "private", "true"], capture_output=True,
-                           text=True, timeout=30)
+    probe = subprocess.run(
+        ["unshare", "--uts", "--mount", "--propagation", "private", "true"], capture_output=True, text=True, timeout=30
+    )
     if probe.returncode:
         return f"two-host test skipped: unshare --uts --mount is not permitted ({probe.stderr.strip()})"
     return None
@@ -82,12 +84,26 @@ class TwoHosts:
         try:
             for namespace in self.namespaces:
                 run("ip", "netns", "add", namespace)
-            run("ip", "link", "add", self.links[0], "netns", self.namespaces[0], "type", "veth", "peer", "name",
-                self.links[1], "netns", self.namespaces[1])
+            run(
+                "ip",
+                "link",
+                "add",
+                self.links[0],
+                "netns",
+                self.namespaces[0],
+                "type",
+                "veth",
+                "peer",
+                "name",
+                self.links[1],
+                "netns",
+                self.namespaces[1],
+            )
         except subprocess.CalledProcessError as error:
             self.__exit__()
-            pytest.skip(f"two-host test skipped: `{' '.join(error.cmd)}` is not permitted here "
-                        f"({error.stderr.strip()})")
+            pytest.skip(
+                f"two-host test skipped: `{' '.join(error.cmd)}` is not permitted here ({error.stderr.strip()})"
+            )
         try:
             for namespace, link, address in zip(self.namespaces, self.links, ADDRESSES):
                 run("ip", "-n", namespace, "addr", "add", f"{address}/{PREFIX}", "dev", link)
@@ -97,8 +113,9 @@ class TwoHosts:
             self.__exit__()
             raise
         # Name lookups inside the hosts: the two hostnames, and no name server (none is reachable there).
-        (self.workdir / "hosts").write_text("127.0.0.1 localhost\n" + "".join(
-            f"{address} {name}\n" for address, name in zip(ADDRESSES, self.hostnames)))
+        (self.workdir / "hosts").write_text(
+            "127.0.0.1 localhost\n" + "".join(f"{address} {name}\n" for address, name in zip(ADDRESSES, self.hostnames))
+        )
         (self.workdir / "resolv.conf").write_text("")
         return self
 
@@ -108,18 +125,38 @@ class TwoHosts:
         env.update(GLOO_SOCKET_IFNAME=self.links[host], DEEP_EP_TIMEOUT_S=str(TIMEOUT_S))
         # The host's ranks, then what its private /dev/shm holds once they are gone; the exit code is
         # the first failing rank's.
-        ranks = " ".join(f"{sys.executable} {RUNNER} --master {ADDRESSES[0]} --port {PORT} --world-size 4 "
-                         f"--rank {rank} --host-ranks {len(HOST_RANKS[host])} --out {out_dir} & pids=\"$pids $!\"; "
-                         for rank in HOST_RANKS[host])
-        script = (f"set -e; hostname {self.hostnames[host]}; mount -t tmpfs -o size=256m tmpfs /dev/shm; "
-                  f"mount --bind {self.workdir}/hosts /etc/hosts; "
-                  f"mount --bind {self.workdir}/resolv.conf /etc/resolv.conf; set +e; pids=; {ranks}"
-                  f"code=0; for pid in $pids; do wait $pid; rc=$?; [ $code -ne 0 ] || code=$rc; done; "
-                  f"ls -A /dev/shm > {out_dir}/shm_after_host{host}.txt; exit $code")
+        ranks = " ".join(
+            f"{sys.executable} {RUNNER} --master {ADDRESSES[0]} --port {PORT} --world-size 4 "
+            f'--rank {rank} --host-ranks {len(HOST_RANKS[host])} --out {out_dir} & pids="$pids $!"; '
+            for rank in HOST_RANKS[host]
+        )
+        script = (
+            f"set -e; hostname {self.hostnames[host]}; mount -t tmpfs -o size=256m tmpfs /dev/shm; "
+            f"mount --bind {self.workdir}/hosts /etc/hosts; "
+            f"mount --bind {self.workdir}/resolv.conf /etc/resolv.conf; set +e; pids=; {ranks}"
+            f"code=0; for pid in $pids; do wait $pid; rc=$?; [ $code -ne 0 ] || code=$rc; done; "
+            f"ls -A /dev/shm > {out_dir}/shm_after_host{host}.txt; exit $code"
+        )
         log = open(self.workdir / f"host{host}.log", "w")
-        process = subprocess.Popen(["ip", "netns", "exec", self.namespaces[host], "unshare", "--uts", "--mount",
-                                    "--propagation", "private", "sh", "-c", script], env=env, stdout=log,
-                                   stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.namespaces[host],
+                "unshare",
+                "--uts",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                script,
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         log.close()
         self.processes.append(process)
         return process
@@ -184,13 +221,15 @@ def test_two_hosts(tmp_path: Path) -> None:
             try:
                 runner.wait(TIMEOUT_S + MARGIN_S + 30)
             except subprocess.TimeoutExpired:
-                pytest.fail(f"host {host} still runs {TIMEOUT_S + MARGIN_S + 30} s after the link went down:\n"
-                            f"{hosts.log(host)}")
+                pytest.fail(
+                    f"host {host} still runs {TIMEOUT_S + MARGIN_S + 30} s after the link went down:\n{hosts.log(host)}"
+                )
             assert runner.returncode == 0, f"host {host} failed:\n{hosts.log(host)}"
 
     for rank in range(4):
-        assert_same(torch.load(one_dir / "results" / f"rank{rank}.pt"),
-                    torch.load(two_dir / "results" / f"rank{rank}.pt"), rank)
+        assert_same(
+            torch.load(one_dir / "results" / f"rank{rank}.pt"), torch.load(two_dir / "results" / f"rank{rank}.pt"), rank
+        )
 
     pids = []
     for host, ranks in enumerate(HOST_RANKS):
@@ -201,8 +240,9 @@ def test_two_hosts(tmp_path: Path) -> None:
             assert report["hostname"] == hosts.hostnames[host], report
             assert report["calls"] > 0 and report["error"] == "RuntimeError", report
             message = report["message"]
-            assert f"rank {rank} " in message and f"ranks {unreachable} on other hosts are unreachable" in message, \
+            assert f"rank {rank} " in message and f"ranks {unreachable} on other hosts are unreachable" in message, (
                 report
+            )
             detected_s = report["failed_at"] - down_at
             print(f"rank {rank}: RuntimeError {detected_s:.2f} s after the link went down")
             assert 0 <= detected_s <= TIMEOUT_S + MARGIN_S, report
@@ -220,11 +260,16 @@ def failure_note(rank: int, num_ranks: int, group) -> None:
     barrier: rank 1's error must carry rank 0's, which names rank 2 as unreachable."""
     pids = gather_objects(os.getpid(), group)
     local_ranks = [0, 1] if rank < 2 else [2]
-    collective.watch_group(group, timeout_seconds(), {r: pids[r] for r in local_ranks if r != rank},
-                           [r for r in range(num_ranks) if r not in local_ranks])
+    collective.watch_group(
+        group,
+        timeout_seconds(),
+        {r: pids[r] for r in local_ranks if r != rank},
+        [r for r in range(num_ranks) if r not in local_ranks],
+    )
     node = shm.NodeShm(group, local_ranks, 4096, "the note test")
     try:
         if rank == 0:
+
             def lost() -> None:
                 raise RuntimeError("Timed out waiting 1000ms for recv operation to complete")
 
@@ -259,11 +304,35 @@ def test_same_hostname_separate_dev_shm(tmp_path: Path) -> None:
     port = free_port()
     ranks = []
     for rank in range(2):
-        command = [sys.executable, RUNNER, "--master", "127.0.0.1", "--port", str(port), "--world-size", "2",
-                   "--rank", str(rank), "--host-ranks", "1", "--scenarios", "discovery", "--out", str(tmp_path)]
+        command = [
+            sys.executable,
+            RUNNER,
+            "--master",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--world-size",
+            "2",
+            "--rank",
+            str(rank),
+            "--host-ranks",
+            "1",
+            "--scenarios",
+            "discovery",
+            "--out",
+            str(tmp_path),
+        ]
         if rank == 1:
-            command = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                       'mount -t tmpfs -o size=16m tmpfs /dev/shm && exec "$@"', "sh"] + command
+            command = [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                'mount -t tmpfs -o size=16m tmpfs /dev/shm && exec "$@"',
+                "sh",
+            ] + command
         ranks.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     try:
         for rank, process in enumerate(ranks):

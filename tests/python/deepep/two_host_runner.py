@@ -9,6 +9,7 @@ It runs `results` (every checked call, its outputs saved to DIR/results/rank<r>.
 (dispatch/combine in a loop until the link to the other host fails; what it saw goes to
 DIR/fault/rank<r>.json). The test runs `results` alone on one host, too, and compares the files.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,9 @@ import deep_ep  # noqa: E402
 
 NUM_EXPERTS = 16
 HIDDEN = 128
-LOW_LATENCY = low_latency_checks.Case(tokens=[21, 0, 24, 9], max_tokens=24, hidden=HIDDEN, experts_per_rank=4,
-                                      topk=4, seed=3)
+LOW_LATENCY = low_latency_checks.Case(
+    tokens=[21, 0, 24, 9], max_tokens=24, hidden=HIDDEN, experts_per_rank=4, topk=4, seed=3
+)
 # A fault-free loop longer than this means the test never took the link down.
 FAULT_LOOP_LIMIT_S = 60.0
 
@@ -61,8 +63,13 @@ def results(rank: int, num_ranks: int, group, out_dir: str, ranks_per_node: int)
         for quant in ("bf16", "int8"):
             # The checker learns the expected node size from the environment (the Buffer is built).
             os.environ[NODE_ENV] = str(ranks_per_node)
-            check_dispatch_and_combine(rank, num_ranks, buffer, Case(tokens=[37, 0, 64, 5], experts=NUM_EXPERTS,
-                                                                     hidden=HIDDEN, quant=quant, seed=7), group)
+            check_dispatch_and_combine(
+                rank,
+                num_ranks,
+                buffer,
+                Case(tokens=[37, 0, 64, 5], experts=NUM_EXPERTS, hidden=HIDDEN, quant=quant, seed=7),
+                group,
+            )
             os.environ.pop(NODE_ENV)
             saved[f"normal_{quant}"] = run_all_calls(buffer, normal_inputs(rank, num_ranks), NUM_EXPERTS, quant)
     finally:
@@ -72,8 +79,15 @@ def results(rank: int, num_ranks: int, group, out_dir: str, ranks_per_node: int)
         for quant in ("bf16", "int8"):
             case = replace(LOW_LATENCY, quant=quant)
             low_latency_checks.check_case(rank, num_ranks, buffer, case, group)
-            inputs = make_inputs(rank, case.tokens[rank % len(case.tokens)], case.hidden,
-                                 case.experts_per_rank * num_ranks, case.topk, num_ranks, seed=case.seed + 1)
+            inputs = make_inputs(
+                rank,
+                case.tokens[rank % len(case.tokens)],
+                case.hidden,
+                case.experts_per_rank * num_ranks,
+                case.topk,
+                num_ranks,
+                seed=case.seed + 1,
+            )
             recv_x, recv_count, handle, _ = low_latency_checks.dispatch(buffer, case, inputs)
             y = low_latency_checks.expert_output(recv_x, recv_count)
             combined = buffer.low_latency_combine(y, inputs.topk_idx, inputs.topk_weights, handle)[0]
@@ -112,8 +126,9 @@ def fault(rank: int, num_ranks: int, group, out_dir: str, ranks_per_node: int) -
     start = time.monotonic()
     try:
         while time.monotonic() - start < FAULT_LOOP_LIMIT_S:
-            recv_x, _, _, _, handle, _ = buffer.dispatch(inputs.x, num_tokens_per_expert=per_expert,
-                                                         topk_idx=inputs.topk_idx, topk_weights=inputs.topk_weights)
+            recv_x, _, _, _, handle, _ = buffer.dispatch(
+                inputs.x, num_tokens_per_expert=per_expert, topk_idx=inputs.topk_idx, topk_weights=inputs.topk_weights
+            )
             buffer.combine(recv_x, handle)
             report["calls"] += 1
             if report["calls"] == 1:  # tell the test that this rank is in its call loop
@@ -121,8 +136,9 @@ def fault(rank: int, num_ranks: int, group, out_dir: str, ranks_per_node: int) -
     except RuntimeError as error:
         report.update(error="RuntimeError", message=str(error), failed_at=time.time())
     try:
-        buffer.dispatch(inputs.x, num_tokens_per_expert=per_expert, topk_idx=inputs.topk_idx,
-                        topk_weights=inputs.topk_weights)
+        buffer.dispatch(
+            inputs.x, num_tokens_per_expert=per_expert, topk_idx=inputs.topk_idx, topk_weights=inputs.topk_weights
+        )
         report["next_error"] = None
     except RuntimeError as error:
         report["next_error"] = str(error)
@@ -131,12 +147,14 @@ def fault(rank: int, num_ranks: int, group, out_dir: str, ranks_per_node: int) -
     write_json(os.path.join(fault_dir, f"rank{rank}.json"), report)
 
 
-def run_rank(rank: int, world_size: int, master: str, port: int, host_ranks: int, scenarios: List[str],
-             out_dir: str) -> None:
+def run_rank(
+    rank: int, world_size: int, master: str, port: int, host_ranks: int, scenarios: List[str], out_dir: str
+) -> None:
     os.environ.pop(NODE_ENV, None)  # the nodes must come from host discovery alone
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://{master}:{port}", world_size=world_size, rank=rank,
-                            timeout=timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://{master}:{port}", world_size=world_size, rank=rank, timeout=timedelta(seconds=60)
+    )
     for scenario in scenarios:
         SCENARIOS[scenario](rank, world_size, dist.group.WORLD, out_dir, host_ranks)
     if "fault" in scenarios:
@@ -159,8 +177,7 @@ def main() -> None:
     parser.add_argument("--scenarios", default="results,fault")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    run_rank(args.rank, args.world_size, args.master, args.port, args.host_ranks, args.scenarios.split(","),
-             args.out)
+    run_rank(args.rank, args.world_size, args.master, args.port, args.host_ranks, args.scenarios.split(","), args.out)
 
 
 if __name__ == "__main__":
