@@ -4,9 +4,9 @@ Called as DeepEP-Ascend's callers call it: gmm2_weight [L, H, I] (each expert's 
 [out, in] order), quant_mode 0 or 1 with int8 weights (the weights' dtype decides the math), bf16
 weights, FuseMode.DISPATCH_FFN_COMBINE (plain [gate | up] gmm1, gmm2 [L, I, H], int64 scale bits),
 int32 top-k ids, repeated experts. Every case is checked against
-  (a) an independent per-token reference (test_fused_math.ref_moe_token: one token and its top-k
+  (a) an independent per-token reference (fused_reference.ref_moe_token: one token and its top-k
       experts at a time, unpermuted gate-then-up weights, float64 math), with the tolerances
-      explained in test_fused_math.py, and
+      explained in fused_reference.py, and
   (b) the unfused pipeline of the same library, run in the same test on the same Buffer:
       low_latency_dispatch (int8) -> grouped_swiglu_mlp_int8 -> low_latency_combine, which must give
       the same bits;
@@ -23,7 +23,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import List
 
 import pytest
@@ -32,143 +32,15 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import gather_objects, make_inputs, our_segments, skip_unless_device, to_device, to_host  # noqa: E402
-from test_fused_math import _make_weights, assert_bf16_matches, ref_moe_token, ref_moe_token_float  # noqa: E402
-from test_low_latency import buffer_for  # noqa: E402  (a low-latency Buffer big enough for the cases)
+from common import gather_objects, make_inputs, our_segments, skip_unless_device  # noqa: E402
+from fused_cases import Case, check_case, expert_weights, grouped_weights, local_weights, unfused  # noqa: E402
+from fused_reference import assert_bf16_matches, make_weights, ref_moe_token  # noqa: E402
+from low_latency_cases import buffer_for  # noqa: E402  (a low-latency Buffer big enough for the cases)
 
 import deep_ep  # noqa: E402
 from deep_ep.fused import grouped_swiglu_mlp_int8, quantize_per_token_int8  # noqa: E402
 from deep_ep.npu.operators import hccl_buffsize_mb  # noqa: E402
-from deep_ep.testing import rank_device, spawn_ranks  # noqa: E402
-
-
-@dataclass
-class Case:
-    tokens: List[int]  # tokens per rank (cycled over the ranks)
-    max_tokens: int = 24
-    hidden: int = 128
-    inter: int = 64
-    experts_per_rank: int = 2
-    topk: int = 3
-    pattern: str = "random"
-    seed: int = 0
-    weights: str = "int8"  # "int8" (W8A8), "bf16" (a bf16 MLP), "ffn" (FuseMode.DISPATCH_FFN_COMBINE, int8)
-    quant_mode: int = 0  # DeepEP-Ascend's fused test passes 0 with int8 weights
-    int32_ids: bool = False
-
-
-def expert_weights(case: Case, num_ranks: int):
-    """Every expert's weights (the same on every rank): unpermuted w13 [E, 2I, H], scales, w2 [E, I, H],
-    scales; bf16 weights are the int8 ones times their scales."""
-    generator = torch.Generator().manual_seed(100 + case.seed)
-    w13, w13_scale, w2, w2_scale = _make_weights(generator, case.experts_per_rank * num_ranks, case.hidden, case.inter)
-    if case.weights == "bf16":
-        return (
-            (w13.float() * w13_scale.unsqueeze(2)).bfloat16(),
-            None,
-            (w2.float() * w2_scale.unsqueeze(1)).bfloat16(),
-            None,
-        )
-    return w13, w13_scale, w2, w2_scale
-
-
-def scale_bits(scale: torch.Tensor) -> torch.Tensor:
-    """float32 scales as int64 bit patterns, as DeepEP-Ascend's DISPATCH_FFN_COMBINE callers pass them."""
-    return scale.view(torch.int32).to(torch.int64)
-
-
-def local_weights(rank: int, case: Case, weights):
-    """This rank's L experts in the layout fused_deep_moe takes for the case's fuse mode."""
-    w13, w13_scale, w2, w2_scale = weights
-    mine = slice(rank * case.experts_per_rank, (rank + 1) * case.experts_per_rank)
-    if case.weights == "ffn":  # gmm1 [L, H, 2I] gate | up, gmm2 [L, I, H], int64 scale bits
-        return (
-            w13[mine].transpose(1, 2).contiguous(),
-            scale_bits(w13_scale[mine]),
-            w2[mine].contiguous(),
-            scale_bits(w2_scale[mine]),
-        )
-    w1, w1_scale = deep_ep.permute_gmm1_weight(w13[mine], None if w13_scale is None else w13_scale[mine])
-    # gmm2 [L, H, I]: the down projection as a model stores it ([out, in]).
-    return (
-        w1,
-        w1_scale,
-        w2[mine].transpose(1, 2).contiguous(),
-        None if w2_scale is None else w2_scale[mine].contiguous(),
-    )
-
-
-def grouped_weights(rank: int, case: Case, weights):
-    """This rank's experts as grouped_swiglu_mlp_int8 takes them (gmm2 [L, I, H])."""
-    w13, w13_scale, w2, w2_scale = weights
-    mine = slice(rank * case.experts_per_rank, (rank + 1) * case.experts_per_rank)
-    return (
-        *deep_ep.permute_gmm1_weight(w13[mine], w13_scale[mine]),
-        w2[mine].contiguous(),
-        w2_scale[mine].contiguous(),
-    )
-
-
-def unfused(buffer, inputs, case: Case, num_experts: int, weights):
-    """The same layer through the library's separate steps."""
-    recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(
-        inputs.x, inputs.topk_idx, case.max_tokens, num_experts, quant_mode="int8"
-    )
-    y = grouped_swiglu_mlp_int8(recv_x[0], recv_x[1], recv_count, *weights)
-    return buffer.low_latency_combine(y, inputs.topk_idx, inputs.topk_weights, handle)[0]
-
-
-def check_case(rank: int, num_ranks: int, group, buffer, case: Case) -> None:
-    num_experts = case.experts_per_rank * num_ranks
-    num_tokens = case.tokens[rank % len(case.tokens)]
-    inputs = make_inputs(
-        rank, num_tokens, case.hidden, num_experts, case.topk, num_ranks, pattern=case.pattern, seed=case.seed
-    )
-    everyone = gather_objects(inputs.topk_idx, group)
-    weights = expert_weights(case, num_ranks)
-    mine = local_weights(rank, case, weights)
-    ffn = case.weights == "ffn"
-
-    # Inputs on the rank's device (NPU under --device npu), results back on the host for the checks;
-    # the positional call of DeepEP-Ascend's scripts (quant_mode, fuse_mode after num_experts).
-    ids = inputs.topk_idx.int() if case.int32_ids else inputs.topk_idx
-    limit = case.max_tokens * case.topk * num_ranks if ffn else case.max_tokens  # FFN_COMBINE: max received rows
-    out, counts = to_host(
-        buffer.fused_deep_moe(
-            *to_device((inputs.x, ids, inputs.topk_weights)),
-            *to_device(mine),
-            limit,
-            num_experts,
-            case.quant_mode,
-            deep_ep.FuseMode.DISPATCH_FFN_COMBINE if ffn else deep_ep.FuseMode.FUSED_DEEP_MOE,
-        )
-    )
-    assert out.dtype == torch.bfloat16 and out.shape == (num_tokens, case.hidden)
-    # FUSED_DEEP_MOE: ep_recv_count[e * R + r] = rows local expert e received from rank r (selections);
-    # DISPATCH_FFN_COMBINE: rows per local expert.
-    expected = [
-        [int((everyone[r] == rank * case.experts_per_rank + e).sum()) for r in range(num_ranks)]
-        for e in range(case.experts_per_rank)
-    ]
-    expected = [sum(row) for row in expected] if ffn else [n for row in expected for n in row]
-    assert counts.dtype == torch.int32 and counts.tolist() == expected
-
-    # (b) the unfused pipeline: the same bits (CPU; on NPU the expert MLP is CANN's, not fused.py's).
-    if rank_device().type == "cpu" and case.weights != "bf16":
-        assert torch.equal(out, unfused(buffer, inputs, case, num_experts, grouped_weights(rank, case, weights)))
-
-    # (a) the per-token reference.
-    for t in range(num_tokens):
-        if case.weights == "bf16":
-            ref = ref_moe_token_float(inputs.x[t], inputs.topk_idx[t], inputs.topk_weights[t], weights[0], weights[2])
-            assert torch.allclose(out[t].double(), ref, rtol=3e-2, atol=3e-2 * float(ref.abs().max())), (
-                f"rank {rank} token {t}: {(out[t].double() - ref).abs().max()}"
-            )
-            continue
-        ref, tol = ref_moe_token(inputs.x[t], inputs.topk_idx[t], inputs.topk_weights[t], *weights)
-        assert_bf16_matches(out[t], ref, tol, f"rank {rank} token {t}")
-    no_expert = (inputs.topk_idx < 0).all(1)
-    assert not out[no_expert].any()
+from deep_ep.testing import spawn_ranks  # noqa: E402
 
 
 def run_cases(rank: int, num_ranks: int, group, cases: List[Case], strategy: str = "default") -> None:
@@ -239,8 +111,8 @@ def shared_expert_ranks(rank: int, num_ranks: int, group) -> None:
     )
     everyone = gather_objects(inputs.topk_idx, group)
     generator = torch.Generator().manual_seed(77)
-    routed = _make_weights(generator, num_experts, case.hidden, case.inter)
-    shared = _make_weights(generator, 1, case.hidden, case.inter)
+    routed = make_weights(generator, num_experts, case.hidden, case.inter)
+    shared = make_weights(generator, 1, case.hidden, case.inter)
     mine = (
         local_weights(0, replace(case, experts_per_rank=1), shared)
         if rank == 0
@@ -394,7 +266,7 @@ def bench_rank(rank: int, num_ranks: int, group, args) -> None:
     buffer = deep_ep.Buffer(group, num_nvl_bytes=4096, num_rdma_bytes=size, low_latency_mode=True)
     inputs = make_inputs(rank, args.num_tokens, hidden, num_experts, args.num_topk, num_ranks, seed=7)
     generator = torch.Generator().manual_seed(1000 + rank)
-    w13, w13_scale, w2, w2_scale = _make_weights(generator, local, hidden, inter)
+    w13, w13_scale, w2, w2_scale = make_weights(generator, local, hidden, inter)
     w1, w1_scale = deep_ep.permute_gmm1_weight(w13, w13_scale)
     weights = (w1, w1_scale, w2, w2_scale)  # grouped_swiglu_mlp_int8's layout: gmm2 [L, I, H]
     fused_weights = (w1, w1_scale, w2.transpose(1, 2).contiguous(), w2_scale)

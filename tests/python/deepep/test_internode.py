@@ -20,47 +20,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import gather_objects, leaked_segments, make_inputs  # noqa: E402
-from test_intranode import Case, check_dispatch_and_combine  # noqa: E402
+from normal_cases import NODE_ENV, Case, check_dispatch_and_combine, run_all_calls  # noqa: E402
 
 import deep_ep  # noqa: E402
 from deep_ep.testing import spawn_ranks  # noqa: E402
 from deep_ep.transport import hierarchical  # noqa: E402
-
-NODE_ENV = "DEEP_EP_RANKS_PER_NODE"
-
-
-def run_all_calls(buffer: deep_ep.Buffer, inputs, num_experts: int, quant: str, alignment: int = 1):
-    """Every normal-mode result for these inputs (dispatch, two combines, cached dispatch)."""
-    _, per_node, per_expert, _, _ = buffer.get_dispatch_layout(inputs.topk_idx, num_experts)
-    recv_x, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(
-        inputs.x,
-        num_tokens_per_expert=per_expert,
-        topk_idx=inputs.topk_idx,
-        topk_weights=inputs.topk_weights,
-        quant_mode=quant,
-        expert_alignment=alignment,
-    )
-    values = recv_x[0].float() * recv_x[1].unsqueeze(1) if quant == "int8" else recv_x.float()
-    y = (values * 1.25 + 0.5).to(torch.bfloat16)
-    combined = buffer.combine(y, handle)[0]
-    weights = inputs.topk_weights.flip(1).contiguous()
-    bias = torch.full((inputs.x.shape[0], inputs.x.shape[1]), 0.25, dtype=torch.bfloat16)
-    combined2 = buffer.combine(y, handle, topk_weights=weights, bias=bias)[0]
-    cached = buffer.dispatch((inputs.x.float() * 3).to(torch.bfloat16), handle=handle)[0]
-    flat = list(recv_x) if quant == "int8" else [recv_x]
-    if buffer.get_num_rdma_ranks() > 1:  # upstream's internode handle: topk_weights at [4]
-        assert len(handle) == 9 and handle[3] is inputs.topk_idx and handle[4] is inputs.topk_weights
-    state = handle.state
-    return flat + [
-        recv_idx,
-        recv_w,
-        torch.tensor(counts),
-        state.recv_src_rank,
-        state.recv_src_idx,
-        combined,
-        combined2,
-        cached,
-    ]
 
 
 def same_as_one_node(rank: int, num_ranks: int, group, ranks_per_node: int) -> None:

@@ -30,10 +30,10 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import gather_objects, make_inputs, our_segments  # noqa: E402
-from test_fused_deep_moe import Case as FusedCase  # noqa: E402
-from test_fused_deep_moe import check_case as check_fused
-from test_low_latency import Case  # noqa: E402
-from test_low_latency import check_case as check_low_latency
+from fused_cases import Case as FusedCase  # noqa: E402
+from fused_cases import check_case as check_fused  # noqa: E402
+from low_latency_cases import Case  # noqa: E402
+from low_latency_cases import check_case as check_low_latency  # noqa: E402
 
 import deep_ep  # noqa: E402
 from deep_ep.reference import reference_combine, reference_dispatch  # noqa: E402

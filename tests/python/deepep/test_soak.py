@@ -5,7 +5,8 @@ Every call draws its own token counts (0 to a few thousand per rank, 0 on some r
 hidden size, experts per rank, dtype (bfloat16, float16, float32), quantization (int8 or not)
 and mode: normal dispatch + combine, cached dispatch with the handle of an earlier dispatch
 (other modes ran in between) + combine, low_latency_dispatch + low_latency_combine (with and
-without hooks), and fused_deep_moe. All ranks draw the same sequence from one seed; each rank
+without hooks), and fused_deep_moe (int8 W8A8 or bf16 weights, quant_mode 0 or 1, FUSED_DEEP_MOE or
+DISPATCH_FFN_COMBINE). All ranks draw the same sequence from one seed; each rank
 builds every rank's inputs from their seeds (the reference needs all of them). Only the public
 API of Buffer is used; handles are passed back untouched.
 
@@ -33,8 +34,8 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import Inputs, calc_diff, gather_objects, make_inputs, our_segments  # noqa: E402
-from test_fused_deep_moe import expert_weights, local_weights  # noqa: E402
-from test_fused_math import assert_bf16_matches, ref_moe_token  # noqa: E402
+from fused_cases import Case as FusedCase  # noqa: E402
+from fused_cases import check_case as check_fused  # noqa: E402
 
 import deep_ep  # noqa: E402
 from deep_ep.reference import quantize_reference, reference_combine, reference_dispatch  # noqa: E402
@@ -69,6 +70,8 @@ class Call:
     hook: bool = False  # low-latency: return_recv_hook
     max_tokens: int = LL_MAX_TOKENS  # low-latency / fused: Nmax of the call
     inter: int = 64  # fused: I
+    weights: str = "int8"  # fused: "int8" (W8A8), "bf16" or "ffn" (DISPATCH_FFN_COMBINE, int8), as fused_cases.Case
+    quant_mode: int = 1  # fused: 0 or 1 (the weights' dtype decides the math)
 
     @property
     def num_experts(self) -> int:
@@ -117,6 +120,10 @@ def draw_call(rng: random.Random, num_ranks: int, index: int) -> Call:
         call.quant = "int8"
         call.inter = rng.choice((64, 128))
         call.max_tokens = rng.choice((LL_MAX_TOKENS, max(1, max(call.tokens))))
+        # Drawn from the call's own seed: the main sequence (and so the calls of SOAK_SEEDS) stays as it was.
+        variant = random.Random(index)
+        call.weights = variant.choice(("int8", "int8", "bf16", "ffn"))
+        call.quant_mode = variant.choice((0, 1))
     return call
 
 
@@ -333,8 +340,8 @@ def low_latency(buffer: deep_ep.Buffer, rank: int, call: Call) -> Results:
         topk_weights=mine.topk_weights,
     )
     event.current_stream_wait()
-    assert (hook is not None) == call.hook
-    if hook is not None:
+    assert callable(hook)  # always a callable; without return_recv_hook the data is already there
+    if call.hook:
         hook()
     ref = reference_dispatch(
         [i.x for i in everyone],
@@ -355,27 +362,28 @@ def low_latency(buffer: deep_ep.Buffer, rank: int, call: Call) -> Results:
     weights = torch.rand(mine.topk_weights.shape, generator=torch.Generator().manual_seed(call.seed))
     combined, event, hook = buffer.low_latency_combine(y, mine.topk_idx, weights, handle, return_recv_hook=call.hook)
     event.current_stream_wait()
-    if hook is not None:
+    assert callable(hook)
+    if call.hook:
         hook()
     check_combined(combined, expected_combine(mine, call, weights, out_dtype), call, out_dtype, "low_latency_combine")
     return Results([combined, recv_count])
 
 
-def fused(buffer: deep_ep.Buffer, rank: int, call: Call) -> Results:
-    """fused_deep_moe, checked token by token against the per-token reference, and its counts."""
-    everyone = everyone_inputs(call)
-    mine = everyone[rank]
-    num_ranks, local = len(call.tokens), call.experts_per_rank
-    weights = expert_weights(call, num_ranks)  # every expert's (the reference needs them all)
-    out, ep_recv_count = buffer.fused_deep_moe(
-        mine.x, mine.topk_idx, mine.topk_weights, *local_weights(rank, call, weights), call.max_tokens, call.num_experts
+def fused(buffer: deep_ep.Buffer, rank: int, call: Call, group) -> Results:
+    """fused_deep_moe, checked by the fused tests' check: its counts, every output token against the
+    per-token reference, and (int8 weights) against the unfused pipeline on the same Buffer."""
+    case = FusedCase(
+        tokens=call.tokens,
+        max_tokens=call.max_tokens,
+        hidden=call.hidden,
+        inter=call.inter,
+        experts_per_rank=call.experts_per_rank,
+        topk=call.topk,
+        seed=call.seed,
+        weights=call.weights,
+        quant_mode=call.quant_mode,
     )
-    assert out.dtype == torch.bfloat16 and out.shape == (call.tokens[rank], call.hidden)
-    expected = [int((everyone[r].topk_idx == rank * local + e).sum()) for e in range(local) for r in range(num_ranks)]
-    assert ep_recv_count.dtype == torch.int32 and ep_recv_count.tolist() == expected
-    for t in range(call.tokens[rank]):
-        ref, tol = ref_moe_token(mine.x[t], mine.topk_idx[t], mine.topk_weights[t], *weights)
-        assert_bf16_matches(out[t], ref, tol, f"fused_deep_moe token {t}")
+    out, ep_recv_count = check_fused(rank, len(call.tokens), group, buffer, case)
     return Results([out, ep_recv_count])
 
 
@@ -483,7 +491,7 @@ def soak(rank: int, num_ranks: int, group, num_calls: int, seed: int, report: bo
             elif call.mode == "low_latency":
                 results = low_latency(buffer, rank, call)
             else:
-                results = fused(buffer, rank, call)
+                results = fused(buffer, rank, call, group)
             held.append(Held(index, call, results.tensors, [fingerprint(t) for t in results.tensors]))
             if len(held) > HELD_CALLS:
                 held.popleft().check_unchanged()

@@ -26,16 +26,15 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import test_low_latency as low_latency_checks  # noqa: E402
+import low_latency_cases  # noqa: E402
 from common import make_inputs, our_segments  # noqa: E402
-from test_internode import NODE_ENV, run_all_calls  # noqa: E402
-from test_intranode import Case, check_dispatch_and_combine  # noqa: E402
+from normal_cases import NODE_ENV, Case, check_dispatch_and_combine, run_all_calls  # noqa: E402
 
 import deep_ep  # noqa: E402
 
 NUM_EXPERTS = 16
 HIDDEN = 128
-LOW_LATENCY = low_latency_checks.Case(
+LOW_LATENCY = low_latency_cases.Case(
     tokens=[21, 0, 24, 9], max_tokens=24, hidden=HIDDEN, experts_per_rank=4, topk=4, seed=3
 )
 # A fault-free loop longer than this means the test never took the link down.
@@ -74,11 +73,11 @@ def results(rank: int, num_ranks: int, group, out_dir: str, ranks_per_node: int)
             saved[f"normal_{quant}"] = run_all_calls(buffer, normal_inputs(rank, num_ranks), NUM_EXPERTS, quant)
     finally:
         buffer.destroy()
-    buffer = low_latency_checks.buffer_for(group, num_ranks, [LOW_LATENCY])
+    buffer = low_latency_cases.buffer_for(group, num_ranks, [LOW_LATENCY])
     try:
         for quant in ("bf16", "int8"):
             case = replace(LOW_LATENCY, quant=quant)
-            low_latency_checks.check_case(rank, num_ranks, buffer, case, group)
+            low_latency_cases.check_case(rank, num_ranks, buffer, case, group)
             inputs = make_inputs(
                 rank,
                 case.tokens[rank % len(case.tokens)],
@@ -88,8 +87,8 @@ def results(rank: int, num_ranks: int, group, out_dir: str, ranks_per_node: int)
                 num_ranks,
                 seed=case.seed + 1,
             )
-            recv_x, recv_count, handle, _ = low_latency_checks.dispatch(buffer, case, inputs)
-            y = low_latency_checks.expert_output(recv_x, recv_count)
+            recv_x, recv_count, handle, _ = low_latency_cases.dispatch(buffer, case, inputs)
+            y = low_latency_cases.expert_output(recv_x, recv_count)
             combined = buffer.low_latency_combine(y, inputs.topk_idx, inputs.topk_weights, handle)[0]
             valid = int(recv_count.sum())
             rows = [r[:valid] for r in recv_x] if isinstance(recv_x, tuple) else [recv_x[:valid]]
