@@ -12,6 +12,7 @@ bookkeeping) and serves only that Buffer. The implementations live in deep_ep/st
 
 from __future__ import annotations
 
+import weakref
 from abc import ABC, abstractmethod
 from typing import Callable, Dict, List, Optional, Tuple, Type, Union
 
@@ -68,6 +69,24 @@ class EPCommStrategy(ABC):
     def __init__(self, group: dist.ProcessGroup) -> None:
         self.group = group
         self._group_name: Optional[str] = None
+        self._runtime: Optional[weakref.ref] = None
+
+    @property
+    def runtime(self):
+        """The Buffer this strategy was built on. Held weakly: the Buffer holds its strategies, and a
+        cycle would keep it (and its gloo groups) alive until the garbage collector runs, at the latest
+        during interpreter exit, when freeing a gloo group can abort the process."""
+        runtime = self._runtime() if self._runtime is not None else None
+        if runtime is None:
+            raise RuntimeError(
+                f"deep_ep: the Buffer this {type(self).__name__} was built on is gone; "
+                "build the strategy with runtime=buffer.runtime of a live Buffer"
+            )
+        return runtime
+
+    @runtime.setter
+    def runtime(self, runtime) -> None:
+        self._runtime = weakref.ref(runtime)
 
     @property
     def group_name(self) -> str:
