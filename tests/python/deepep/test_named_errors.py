@@ -190,8 +190,8 @@ class KilledAfterCreating:
     def __getattr__(self, name: str):
         return getattr(deep_ep_cpp, name)
 
-    def SharedMemory(self, name: str, size: int, create: bool):  # noqa: N802 - deep_ep_cpp's name
-        segment = deep_ep_cpp.SharedMemory(name, size, create)
+    def SharedMemory(self, name: str, size: int, create: bool, committed: int):  # noqa: N802 - deep_ep_cpp's name
+        segment = deep_ep_cpp.SharedMemory(name, size, create, committed)
         self.created += create
         if create and self.created == self.which:
             os.kill(os.getpid(), signal.SIGKILL)
