@@ -169,12 +169,14 @@ class Buffer(NormalMode, LowLatencyMode):
         self.num_threads = num_threads(len(self.local_ranks))
         self.topology = hierarchical.Topology(self.rank, self.rank_to_node)
         self.shm: Optional[shm.NodeShm] = None  # mapped by the first "default" normal strategy (node_shm)
+        self.setup_operation = groups.CONSTRUCTION  # what a failure while mapping shared memory names
         self.pool = OutputPool()
         self.destroyed = False
         self._init_low_latency()
         # The backends, chosen once: every mode's calls go to them (deep_ep/strategies/).
         self._normal_strategy: NormalEPCommStrategy = get_normal_strategy(normal_strategy)(runtime=self, group=group)
         self._low_latency_strategy: LowLatencyEPCommStrategy = self._make_low_latency_strategy(low_latency_strategy)
+        self.setup_operation = groups.FIRST_USE
 
     # ---- strategies ------------------------------------------------------------------------------
     @property
@@ -187,7 +189,7 @@ class Buffer(NormalMode, LowLatencyMode):
         """The node's normal-mode shared memory, mapped on first use (collective: every rank builds the
         "default" normal strategy at the same point)."""
         if self.shm is None:
-            self.shm = shm.NodeShm(self.comm, self.local_ranks, self.num_nvl_bytes)
+            self.shm = shm.NodeShm(self.comm, self.local_ranks, self.num_nvl_bytes, self.setup_operation)
         return self.shm
 
     def _make_low_latency_strategy(self, name: str) -> LowLatencyEPCommStrategy:

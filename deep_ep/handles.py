@@ -105,27 +105,22 @@ def internode_handle(
     state: Any,
     rank: int,
     rank_to_node: torch.Tensor,
-    recv_topk_idx: torch.Tensor,
     recv_topk_weights: torch.Tensor,
     owner: int,
 ) -> NormalHandle:
     """Upstream's 9-entry internode handle of a DispatchState (several nodes).
 
-    recv_topk_idx / recv_topk_weights: dispatch's [N, K] outputs (local expert ids, -1 elsewhere)."""
+    recv_topk_weights: dispatch's float32 [N, K] output (every received row's source-token weights)."""
     plan = state.plan
     host_idx = state.topk_idx.cpu()
     in_rank = _is_token_in_rank(host_idx, plan.experts_per_rank, plan.num_ranks)
     num_nodes = int(rank_to_node.max()) + 1
     in_node = torch.zeros(in_rank.shape[0], num_nodes, dtype=torch.int32).index_add_(1, rank_to_node, in_rank) > 0
     offset_outer = torch.where(in_node, torch.cumsum(in_node.to(torch.int32), 0) - 1, -1).to(torch.int32)
-    # Local expert of every received row: rows are grouped by local expert (padded blocks).
-    row_expert = torch.repeat_interleave(
-        torch.arange(plan.experts_per_rank), torch.tensor(plan.expert_rows, dtype=torch.int64)
-    )
-    row_expert = torch.cat([row_expert, row_expert.new_full((state.num_out_rows - row_expert.numel(),), -1)])
-    match = (recv_topk_idx.cpu() == row_expert.view(-1, 1)) & (row_expert.view(-1, 1) >= 0)
-    first = match.to(torch.int32).argmax(1, keepdim=True)
-    expand_scales = recv_topk_weights.cpu().gather(1, first).flatten() * match.any(1)
+    # Every received row is one (token, k) selection: its own column's weight (a token naming an
+    # expert twice arrives twice, each row with its selection's weight).
+    real = state.recv_src_k >= 0
+    expand_scales = recv_topk_weights.cpu().gather(1, state.recv_src_k.clamp(min=0).view(-1, 1)).flatten() * real
     return NormalHandle(
         (
             state.recv_src_idx.to(torch.int32),

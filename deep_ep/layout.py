@@ -164,14 +164,15 @@ class RoutingPlan:
             origin_rank / origin_token: int64 [w], each row's source rank and token index there
                 (rows of one source in token order).
             already: int64 [L, R], rows per (local expert, source) placed by earlier windows; updated.
-        Returns: (row in window, output row, source rank, source token), int64 [n] each.
+        Returns: (row in window, output row, source rank, source token, top-k column of the
+        selection), int64 [n] each.
         """
         first = self.rank * self.experts_per_rank
         last = first + self.experts_per_rank
-        row, _, out_row = place_selections(
+        row, k, out_row = place_selections(
             topk_window, first, last, self.expert_starts[first:last], already, origin_rank
         )
-        return row, out_row, origin_rank[row], origin_token[row]
+        return row, out_row, origin_rank[row], origin_token[row], k
 
     def destinations(self, topk_rows: torch.Tensor, origin_rank: torch.Tensor):
         """Holder rank and row (int64 [n, K], -1 for no expert) of every selection of rows from

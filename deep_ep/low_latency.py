@@ -205,6 +205,7 @@ class LowLatencyMode:
     num_rdma_bytes: int
     pool: OutputPool
     destroyed: bool
+    setup_operation: str  # what a failure while mapping shared memory names
 
     def _init_low_latency(self) -> None:
         self.ll: Optional[shm_low_latency.LowLatencyShm] = None
@@ -231,7 +232,9 @@ class LowLatencyMode:
         when building a "default" low-latency strategy), or None where there is none: several nodes,
         low_latency_mode=False or the NPU path. num_rdma_bytes=0 sizes it by the calls (docs/memory.md)."""
         if self.ll is None and self.low_latency_mode and self.num_nodes == 1 and not self.on_npu:
-            self.ll = shm_low_latency.LowLatencyShm(self.comm, self.local_ranks, self.num_rdma_bytes)
+            self.ll = shm_low_latency.LowLatencyShm(
+                self.comm, self.local_ranks, self.num_rdma_bytes, self.setup_operation
+            )
         return self.ll
 
     @staticmethod

@@ -55,6 +55,7 @@ class DispatchState:
     plan: layout.RoutingPlan
     recv_src_rank: torch.Tensor  # int64 [N_out], -1 for padding rows
     recv_src_idx: torch.Tensor  # int64 [N_out]
+    recv_src_k: torch.Tensor  # int64 [N_out]: top-k column of each row's selection, -1 for padding rows
     num_out_rows: int
     num_tokens: int
     hidden: int
@@ -382,7 +383,8 @@ class NormalMode:
             outs = [self._empty((out_rows, width), dtype) for dtype, width in kinds]
             src_rank = torch.full((out_rows,), -1, dtype=torch.int64)
             src_idx = torch.full((out_rows,), -1, dtype=torch.int64)
-            state_box.update(plan=plan, outs=outs, src_rank=src_rank, src_idx=src_idx)
+            src_k = torch.full((out_rows,), -1, dtype=torch.int64)
+            state_box.update(plan=plan, outs=outs, src_rank=src_rank, src_idx=src_idx, src_k=src_k)
             already = torch.zeros(experts_per_rank, self.group_size, dtype=torch.int64)
 
             def routes(source: int, regions: List[torch.Tensor], begin: int, end: int):
@@ -393,15 +395,17 @@ class NormalMode:
                 else:
                     origin_token = torch.arange(begin, end)
                     origin_rank = torch.full_like(origin_token, self.local_ranks[source])
-                row, out_row, rank, token = plan.receive_rows(window_topk, origin_rank, origin_token, already)
-                src_rank[out_row], src_idx[out_row] = rank, token
+                row, out_row, rank, token, k = plan.receive_rows(window_topk, origin_rank, origin_token, already)
+                src_rank[out_row], src_idx[out_row], src_k[out_row] = rank, token, k
                 return row + begin, out_row
 
             return [as_byte_rows(o) for o in outs], routes
 
         meta = torch.cat([header, tokens_per_expert])
         internode, rows_by_source = transport.dispatch(self, meta, fields, topk_idx, decide, state_box, stats)
-        plan, outs, src_rank, src_idx = (state_box[key] for key in ("plan", "outs", "src_rank", "src_idx"))
+        plan, outs, src_rank, src_idx, src_k = (
+            state_box[key] for key in ("plan", "outs", "src_rank", "src_idx", "src_k")
+        )
         self._zero_padding(outs, src_rank, topk_fill=True)
         recv_raw_topk, recv_topk_weights = outs[-2], outs[-1]
         recv_x = (outs[0], outs[1].view(-1)) if quant_code or isinstance(x, (tuple, list)) else outs[0]
@@ -410,6 +414,7 @@ class NormalMode:
             plan=plan,
             recv_src_rank=src_rank,
             recv_src_idx=src_idx,
+            recv_src_k=src_k,
             num_out_rows=src_rank.numel(),
             num_tokens=num_tokens,
             hidden=hidden,

@@ -433,9 +433,7 @@ class DefaultNormalCommStrategy(_NormalStrategyBase):
     ) -> handles.NormalHandle:
         rt = self.runtime
         if rt.num_nodes > 1:
-            return handles.internode_handle(
-                state, rt.rank, rt.rank_to_node, recv_topk_idx, recv_topk_weights, rt.runtime_id
-            )
+            return handles.internode_handle(state, rt.rank, rt.rank_to_node, recv_topk_weights, rt.runtime_id)
         return handles.intranode_handle(state, rt.rank, rt.runtime_id)
 
 

@@ -30,6 +30,8 @@ import torch.distributed as dist
 
 # The operation named in errors of the collective steps of Buffer.__init__.
 CONSTRUCTION = "Buffer construction"
+# A "default" strategy built after construction maps the node's shared memory then (its first use).
+FIRST_USE = "mapping the node's shared memory for a 'default' strategy set after Buffer construction"
 # Groups made so far by this process, per (backend, global ranks): the n of the next name.
 _made: Counter = Counter()
 # Parameters of torch's internal constructor that group_over passes.

@@ -145,7 +145,9 @@ def unlink_segment(name: str) -> None:
         pass
 
 
-def map_node_segments(group: dist.ProcessGroup, local_ranks: Sequence[int], size: int, committed: int) -> list:
+def map_node_segments(
+    group: dist.ProcessGroup, local_ranks: Sequence[int], size: int, committed: int, operation: str = CONSTRUCTION
+) -> list:
     """Creates this rank's segment of `size` bytes (reserving its first `committed` bytes in
     /dev/shm), maps every local peer's, and unlinks the names.
 
@@ -155,7 +157,8 @@ def map_node_segments(group: dist.ProcessGroup, local_ranks: Sequence[int], size
     its own and its peers' (a peer killed right after the barrier leaves nothing). If the
     construction fails here (a peer died, timed out, or could not allocate), this rank removes its
     own name and those of creators that have exited, so a rank killed while constructing leaves no
-    segment behind once a local peer notices. Returns deep_ep_cpp.SharedMemory objects in
+    segment behind once a local peer notices. `operation` is what failures name (Buffer construction,
+    or the later call that maps the memory first). Returns deep_ep_cpp.SharedMemory objects in
     `local_ranks` order.
     """
     rank = dist.get_rank(group)
@@ -166,10 +169,10 @@ def map_node_segments(group: dist.ProcessGroup, local_ranks: Sequence[int], size
     try:
         control = torch.frombuffer(own, dtype=torch.int64, count=CONTROL_BYTES // 8)
         control[PID_WORD] = os.getpid()
-        collective.run_collective(group, CONSTRUCTION, lambda: dist.all_gather_object(names, name, group=group))
+        collective.run_collective(group, operation, lambda: dist.all_gather_object(names, name, group=group))
         segments = [own if r == rank else deep_ep_cpp.SharedMemory(names[r], size, False, 0) for r in local_ranks]
         # Every peer has mapped every segment once all pass this barrier.
-        collective.run_collective(group, CONSTRUCTION, lambda: dist.barrier(group=group))
+        collective.run_collective(group, operation, lambda: dist.barrier(group=group))
     except BaseException:
         remove_stale_segments()  # peers that died here (their pids say so once the group noticed)
         raise
@@ -193,9 +196,12 @@ class NodeShm:
         group: the Buffer's process group (used once, to swap segment names).
         local_ranks: ranks (in `group`) of this node, ascending; this rank among them.
         data_bytes: size of every rank's data area (address space; /dev/shm is reserved as calls need it).
+        setup: the operation that maps the segments, named if that fails.
     """
 
-    def __init__(self, group: dist.ProcessGroup, local_ranks: Sequence[int], data_bytes: int) -> None:
+    def __init__(
+        self, group: dist.ProcessGroup, local_ranks: Sequence[int], data_bytes: int, setup: str = CONSTRUCTION
+    ) -> None:
         self.rank = dist.get_rank(group)
         self.local_ranks = list(local_ranks)
         self.local_index = self.local_ranks.index(self.rank)
@@ -203,7 +209,7 @@ class NodeShm:
         self.data_bytes = data_bytes
         # The call in progress ("dispatch", "combine", ...), named when a barrier times out.
         self.operation = "the shared-memory exchange"
-        self.segments = map_node_segments(group, self.local_ranks, DATA_OFFSET + data_bytes, DATA_OFFSET)
+        self.segments = map_node_segments(group, self.local_ranks, DATA_OFFSET + data_bytes, DATA_OFFSET, setup)
         self.reservation = Reservation(self.segments[self.local_index], DATA_OFFSET, data_bytes)
         self.bytes = [torch.frombuffer(s, dtype=torch.uint8) for s in self.segments]
         self.meta = [b[CONTROL_BYTES:DATA_OFFSET].view(torch.int64) for b in self.bytes]

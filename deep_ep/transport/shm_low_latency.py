@@ -48,6 +48,7 @@ import deep_ep_cpp
 
 from ..utils import timeout_seconds
 from . import shm
+from .groups import CONSTRUCTION
 from .shm import SharedMemoryExhausted
 
 DISPATCH, COMBINE = 0, 1
@@ -119,9 +120,12 @@ class LowLatencyShm:
         group: the Buffer's process group (collective: names travel through it once).
         local_ranks: ranks (in `group`) of this node, ascending; here every rank of the group.
         num_bytes: size of every rank's segment (`num_rdma_bytes`); 0: AUTO_BYTES.
+        setup: the operation that maps the segments, named if that fails.
     """
 
-    def __init__(self, group: dist.ProcessGroup, local_ranks: Sequence[int], num_bytes: int) -> None:
+    def __init__(
+        self, group: dist.ProcessGroup, local_ranks: Sequence[int], num_bytes: int, setup: str = CONSTRUCTION
+    ) -> None:
         self.rank = dist.get_rank(group)
         self.local_ranks = list(local_ranks)
         self.local_index = self.local_ranks.index(self.rank)
@@ -137,7 +141,7 @@ class LowLatencyShm:
                 "num_ranks, num_experts)"
             )
         self.half = (num_bytes - self.control) // 2 // ALIGN * ALIGN
-        self.segments = shm.map_node_segments(group, self.local_ranks, num_bytes, self.control)
+        self.segments = shm.map_node_segments(group, self.local_ranks, num_bytes, self.control, setup)
         self.sync = shm.node_sync(self.segments, self.local_index, self.local_ranks)
         self.base = [s.address for s in self.segments]
         own_segment = self.segments[self.local_index]

@@ -144,11 +144,13 @@ def check_dispatch_and_combine(rank: int, num_ranks: int, buffer: deep_ep.Buffer
         assert torch.equal(to_host(handle[0])[:real_rows].long(), ref["src_idx"])
         assert torch.equal(to_host(handle[3]), inputs.topk_idx)
         assert torch.equal(to_host(handle[4]), inputs.topk_weights)
-        # expand_scales: the weight of every row's own selection (its local expert's column)
-        row_expert = torch.repeat_interleave(torch.arange(local_experts), torch.tensor(ref["rows_per_expert"]))
-        own = to_host(recv_topk_idx)[: row_expert.numel()] == row_expert.unsqueeze(1)
-        expected = (to_host(recv_topk_weights)[: row_expert.numel()] * own).sum(1)
-        assert torch.equal(to_host(handle[8])[: row_expert.numel()], expected)
+        # expand_scales: the weight of every row's own (token, k) selection, 0 for padding; a token
+        # naming an expert twice has two rows, each with its own column's weight.
+        src_k = ref["src_k"]
+        expected = ref["weights"].gather(1, src_k.clamp(min=0).unsqueeze(1)).flatten() * (src_k >= 0)
+        scales = to_host(handle[8])
+        assert torch.equal(scales[:real_rows], expected.to(scales.dtype))
+        assert bool((scales[real_rows:] == 0).all())
     else:
         assert len(handle) == 8
         assert torch.equal(to_host(handle[0]), torch.cumsum(sent, 0).to(torch.int32))

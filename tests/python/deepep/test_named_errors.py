@@ -190,29 +190,37 @@ class KilledAfterCreating:
     def __getattr__(self, name: str):
         return getattr(deep_ep_cpp, name)
 
-    def SharedMemory(self, name: str, size: int, create: bool):  # noqa: N802 - deep_ep_cpp's name
-        segment = deep_ep_cpp.SharedMemory(name, size, create)
+    def SharedMemory(self, name: str, size: int, create: bool, committed: int):  # noqa: N802 - deep_ep_cpp's name
+        segment = deep_ep_cpp.SharedMemory(name, size, create, committed)
         self.created += create
         if create and self.created == self.which:
             os.kill(os.getpid(), signal.SIGKILL)
         return segment
 
 
-def constructing_rank(rank: int, num_ranks: int, port: int, which: int, workdir: str) -> None:
-    """Rank 1 dies in Buffer construction; rank 0 writes what it saw to workdir/rank0.json."""
+def constructing_rank(rank: int, num_ranks: int, port: int, which: int, first_use: bool, workdir: str) -> None:
+    """Rank 1 dies while its shared memory is mapped: in Buffer construction (the "default" strategies map
+    it there), or with `first_use` when a "default" normal strategy is set later on a Buffer built with
+    "alltoall" (its first use). Rank 0 writes what it saw to workdir/rank0.json."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DEEP_EP_TIMEOUT_S="30")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=num_ranks)
     pids: List[Optional[int]] = [None] * num_ranks
     dist.all_gather_object(pids, os.getpid())
+    buffer = None
+    if first_use:
+        buffer = deep_ep.Buffer(dist.group.WORLD, num_nvl_bytes=1 << 20, normal_strategy="alltoall")
     if rank == 1:
         shm_transport.deep_ep_cpp = KilledAfterCreating(which)
     report = {}
     start = time.monotonic()
     try:
-        deep_ep.Buffer(
-            dist.group.WORLD, num_nvl_bytes=1 << 20, num_rdma_bytes=ll_bytes(num_ranks), low_latency_mode=True
-        )
+        if first_use:
+            buffer.normal_strategy = "default"
+        else:
+            deep_ep.Buffer(
+                dist.group.WORLD, num_nvl_bytes=1 << 20, num_rdma_bytes=ll_bytes(num_ranks), low_latency_mode=True
+            )
         report["error"] = None
     except Exception as error:  # noqa: BLE001 - the report is checked by the test
         report.update(error=type(error).__name__, message=str(error))
@@ -224,10 +232,12 @@ def constructing_rank(rank: int, num_ranks: int, port: int, which: int, workdir:
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("which", [1, 2], ids=["normal_segment", "low_latency_segment"])
-def test_rank_killed_in_construction_leaves_no_segment(which: int, tmp_path) -> None:
+@pytest.mark.parametrize(
+    "which, first_use", [(1, False), (2, False), (1, True)], ids=["normal_segment", "low_latency_segment", "first_use"]
+)
+def test_rank_killed_in_construction_leaves_no_segment(which: int, first_use: bool, tmp_path) -> None:
     # spawn_ranks would terminate rank 0 as soon as rank 1 dies, so rank 0 is waited for on its own.
-    context = mp.spawn(constructing_rank, args=(2, free_port(), which, str(tmp_path)), nprocs=2, join=False)
+    context = mp.spawn(constructing_rank, args=(2, free_port(), which, first_use, str(tmp_path)), nprocs=2, join=False)
     pids = [p.pid for p in context.processes]
     try:
         context.processes[0].join(120)
@@ -241,7 +251,8 @@ def test_rank_killed_in_construction_leaves_no_segment(which: int, tmp_path) -> 
     with open(tmp_path / "rank0.json") as f:
         report = json.load(f)
     assert report["error"] == "RuntimeError", report
-    for word in ("Buffer construction", "rank 0", "[1]", "exited"):
+    operation = "mapping the node's shared memory" if first_use else "in Buffer construction"
+    for word in (operation, "rank 0", "[1]", "exited"):
         assert word in report["message"], report
     assert report["elapsed"] < 15, report  # the dead peer is seen at once, not after DEEP_EP_TIMEOUT_S (30 s)
     assert report["left_by_peer"] == [] and report["left_by_me"] == [], report

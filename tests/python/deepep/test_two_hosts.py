@@ -266,7 +266,8 @@ def failure_note(rank: int, num_ranks: int, group) -> None:
         {r: pids[r] for r in local_ranks if r != rank},
         [r for r in range(num_ranks) if r not in local_ranks],
     )
-    node = shm.NodeShm(group, local_ranks, 4096, "the note test")
+    node = shm.NodeShm(group, local_ranks, 4096)
+    node.operation = "the note test"  # what a timed-out barrier names (each call sets its own)
     try:
         if rank == 0:
 
