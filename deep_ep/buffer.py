@@ -632,22 +632,7 @@ class Buffer(NormalMode, LowLatencyMode):
             argument, L that does not match, H or I that do not match, T > Nmax); the peers then raise
             ValueError naming that rank instead of waiting.
         """
-        if self.npu_ll is not None:  # NPU: MC2 dispatch + npu_grouped_matmul + ... (deep_ep/npu/)
-            return npu.fused_deep_moe(
-                self,
-                x,
-                topk_idx,
-                topk_weights,
-                gmm1_permuted_weight,
-                gmm1_permuted_weight_scale,
-                gmm2_weight,
-                gmm2_weight_scale,
-                num_max_dispatch_tokens_per_rank,
-                num_experts,
-                quant_mode,
-                fuse_mode,
-            )
-        return fused.fused_deep_moe(
+        args = (
             self,
             x,
             topk_idx,
@@ -660,5 +645,7 @@ class Buffer(NormalMode, LowLatencyMode):
             num_experts,
             quant_mode,
             fuse_mode,
-            profile_enable,
         )
+        if self.npu_ll is not None:  # NPU: MC2 dispatch + npu_grouped_matmul + ... (deep_ep/npu/)
+            return npu.fused_deep_moe(*args)
+        return fused.fused_deep_moe(*args, profile_enable)
