@@ -82,8 +82,9 @@ def _describe(group: dist.ProcessGroup, what: str, error: RuntimeError, info: _G
     others = [r for r in range(dist.get_world_size(group)) if r != me]
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     timed_out = "timed out" in text.lower() or "timeout" in text.lower()
-    # A killed peer's sockets close a moment before its process is gone: give it that moment.
-    deadline = time.monotonic() + (0 if timed_out else 0.5)
+    # A killed peer's sockets close before its process is gone, and tearing down a large address space
+    # can take a while on a loaded host (0.5 s was seen to be too short): give it that while.
+    deadline = time.monotonic() + (0 if timed_out else 5.0)
     while True:
         dead = sorted(r for r, pid in info.pids.items() if not process_alive(pid))
         if dead or time.monotonic() >= deadline:
