@@ -1,27 +1,24 @@
 """deep_ep.Buffer: DeepEP-Ascend's expert-parallel API over CPU and NPU transports.
 
-The Buffer validates and delegates: every normal-mode call (get_dispatch_layout / dispatch /
-combine) goes to `self.normal_strategy`, every low-latency call (low_latency_dispatch /
-low_latency_combine) to `self.low_latency_strategy`; both are chosen once in __init__ (by name,
-instance or DEEP_USE_MODE) and may be replaced between calls (deep_ep/ep_strategy.py,
-deep_ep/strategies/). The strategies run on the Buffer's runtime state, which the Buffer holds
-itself: the group, its nodes, the shared memory, and the calls' checks and bookkeeping from two
-mixins, `normal.py` and `low_latency.py`. fused_deep_moe's pipeline lives in `fused.py` (CPU) and
-`npu/` (NPU); the routing is computed in `layout.py` and the bytes are moved by `transport/`.
+The Buffer validates and delegates. Its state lives in one Runtime (deep_ep/runtime.py: groups,
+nodes, shared memory, lifetime) with the two modes' call bookkeeping (`runtime.normal`,
+deep_ep/normal.py; `runtime.low_latency`, deep_ep/low_latency.py). Every normal-mode call
+(get_dispatch_layout / dispatch / combine) goes to `self.normal_strategy`, every low-latency call
+(low_latency_dispatch / low_latency_combine) to `self.low_latency_strategy`: backends chosen once in
+__init__ (by name, instance or DEEP_USE_MODE) that may be replaced between calls
+(deep_ep/ep_strategy.py, deep_ep/strategies/). fused_deep_moe's pipeline lives in `fused.py` (CPU)
+and `npu/` (NPU); the routing is computed in `layout.py` and the bytes are moved by `transport/`.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
-import socket
-from datetime import timedelta
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
 
-from . import env, fused, npu, ops
+from . import env, fused, npu
 from .config import Config
 from .ep_strategy import (
     LowLatencyEPCommStrategy,
@@ -33,10 +30,8 @@ from .ep_strategy import (
 )
 from .fused import FuseMode
 from .low_latency import LowLatencyMode
-from .normal import NormalMode
-from .pool import OutputPool
-from .transport import collective, groups, hierarchical, shm
-from .utils import EventOverlap, check_one_of, num_threads, timeout_seconds, topk_idx_t
+from .runtime import Runtime, is_npu_group
+from .utils import EventOverlap, check_one_of, topk_idx_t
 
 __all__ = ["Buffer", "FuseMode", "topk_idx_t"]
 
@@ -46,27 +41,7 @@ DEFAULT_NVL_BYTES = 64 << 20
 _runtime_ids = itertools.count(1)
 
 
-def _host_identity() -> str:
-    """Ranks with the same identity are one node: they share /dev/shm and see each other's pids.
-
-    hostname / boot id / (device, inode) of /dev/shm. The boot id tells hosts of one name apart;
-    /dev/shm's device and inode tell apart containers (or mount namespaces) of one host and one
-    name that each mount their own /dev/shm and so cannot map each other's segments
-    (docs/host_discovery.md)."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-    except OSError:
-        boot = ""
-    try:
-        shm_stat = os.stat("/dev/shm")
-        shm_id = f"{shm_stat.st_dev}:{shm_stat.st_ino}"
-    except OSError:
-        shm_id = ""
-    return f"{socket.gethostname()}/{boot}/{shm_id}"
-
-
-class Buffer(NormalMode, LowLatencyMode):
+class Buffer:
     """The communication buffer of an expert-parallel group.
 
     Args:
@@ -125,86 +100,49 @@ class Buffer(NormalMode, LowLatencyMode):
         use_mode = env.use_mode()
         if use_mode:
             normal_name, low_latency_name = env.USE_MODES[use_mode]
-        normal_strategy, low_latency_strategy = normal_name, low_latency_name
-        self.group = group
-        groups.check_member(group)
-        self.rank = dist.get_rank(group)
-        self.group_size = dist.get_world_size(group)
-        self.backend = dist.get_backend(group)
-        # Backend choice: an 'hccl' group takes the NPU path (deep_ep/npu/), a 'gloo' group the CPU one.
-        self.on_npu = self.backend == npu.NPU_BACKEND
-        if self.on_npu:
-            npu.init_backend()  # torch_npu importable; warns when the wheel was built for another SoC
+        if is_npu_group(group):
             # The normal strategy keeps its name (and its handle format); low-latency maps to MC2.
-            low_latency_strategy = npu.resolve_strategies(normal_strategy, low_latency_strategy, low_latency_mode)[1]
-        elif self.backend != "gloo":
-            raise ValueError(
-                f"group backend must be 'gloo' for CPU ranks or 'hccl' for Ascend NPUs, got {self.backend!r}"
-            )
-        elif low_latency_strategy == "ops":
+            low_latency_name = npu.resolve_strategies(normal_name, low_latency_name, low_latency_mode)[1]
+        elif low_latency_name == "ops":
             raise ValueError(
                 "low_latency_strategy='ops' (DEEP_USE_MODE=ops) needs torch_npu and CANN's MC2 "
                 "operators; on CPU use 'default' or 'alltoall'"
             )
-        self.device = npu.current_device() if self.on_npu else torch.device("cpu")
-        # The device path (NPU; or CPU with DEEP_EP_FORCE_TORCH_OPS=1, which runs the NPU path's code on
-        # CPU): normal mode over the collective transport with torch ops and plain torch allocations.
-        # The device path: the "default" normal strategy moves rows with all_to_all_single there.
-        self.device_path = self.on_npu or ops.torch_ops_forced()
-        self.runtime_id = next(_runtime_ids)
-        self.low_latency_mode = low_latency_mode
-        self.num_nvl_bytes = num_nvl_bytes or DEFAULT_NVL_BYTES
-        self.num_rdma_bytes = num_rdma_bytes
+        self.group = group
         self.explicitly_destroy = explicitly_destroy
-        # Our own group: its timeout is DEEP_EP_TIMEOUT_S, and our traffic never mixes with the caller's.
-        # Only the ranks of `group` take part in making it (other ranks may be anywhere).
-        self.comm = groups.group_over(group, "gloo", timedelta(seconds=timeout_seconds()))
-        # Token rows of the collective transport: on NPU over HCCL (the caller's group); metadata stays on
-        # the host and goes over `comm` (gloo) everywhere.
-        self.data_comm = group if self.on_npu else self.comm
-        self.rank_to_node = self._discover_nodes()
-        self.node = int(self.rank_to_node[self.rank])
-        self.local_ranks = (self.rank_to_node == self.node).nonzero().flatten().tolist()
-        # Threads of the native kernels: this rank's share of the cores (DEEP_EP_NUM_THREADS overrides).
-        self.num_threads = num_threads(len(self.local_ranks))
-        self.topology = hierarchical.Topology(self.rank, self.rank_to_node)
-        self.shm: Optional[shm.NodeShm] = None  # mapped by the first "default" normal strategy (node_shm)
-        self.setup_operation = groups.CONSTRUCTION  # what a failure while mapping shared memory names
-        self.pool = OutputPool()
-        self.destroyed = False
-        self._init_low_latency()
+        self._runtime = Runtime(group, num_nvl_bytes, num_rdma_bytes, low_latency_mode)
+        self.rank = self._runtime.rank
+        self.group_size = self._runtime.group_size
+        self.num_threads = self._runtime.num_threads  # of the native kernels (DEEP_EP_NUM_THREADS overrides)
+        self.low_latency_mode = low_latency_mode
         # The backends, chosen once: every mode's calls go to them (deep_ep/strategies/).
-        self._normal_strategy: NormalEPCommStrategy = get_normal_strategy(normal_strategy)(runtime=self, group=group)
-        self._low_latency_strategy: LowLatencyEPCommStrategy = self._make_low_latency_strategy(low_latency_strategy)
-        self.setup_operation = groups.FIRST_USE
+        self._normal_strategy: NormalEPCommStrategy = get_normal_strategy(normal_name)(
+            runtime=self._runtime, group=group
+        )
+        self._low_latency_strategy: LowLatencyEPCommStrategy = self._make_low_latency_strategy(low_latency_name)
+        self._runtime.started()
 
     # ---- strategies ------------------------------------------------------------------------------
     @property
-    def runtime(self) -> "Buffer":
+    def runtime(self) -> Runtime:
         """The state the strategies run on (groups, shared memory, call bookkeeping): build strategies
-        with `Strategy(runtime=buffer.runtime, group=group)`. Here it is the Buffer itself."""
-        return self
-
-    def node_shm(self) -> shm.NodeShm:
-        """The node's normal-mode shared memory, mapped on first use (collective: every rank builds the
-        "default" normal strategy at the same point)."""
-        if self.shm is None:
-            self.shm = shm.NodeShm(self.comm, self.local_ranks, self.num_nvl_bytes, self.setup_operation)
-        return self.shm
+        with `Strategy(runtime=buffer.runtime, group=group)`."""
+        return self._runtime
 
     def _make_low_latency_strategy(self, name: str) -> LowLatencyEPCommStrategy:
         cls = get_low_latency_strategy(name)
-        if name == "ops" or (name == "default" and self.npu_ll is not None):
+        runtime = self._runtime
+        if name == "ops" or (name == "default" and runtime.low_latency.npu_ll is not None):
             # "ops", and "default" on NPU: CANN's MC2 operators (deep_ep/npu/)
-            return get_low_latency_strategy("ops" if self.on_npu else name)(runtime=self, group=self.group)
-        return cls(runtime=self, group=self.group)
+            return get_low_latency_strategy("ops" if runtime.on_npu else name)(runtime=runtime, group=self.group)
+        return cls(runtime=runtime, group=self.group)
 
     def _adopt(self, strategy, base: type, name: str, make: Callable):
         if isinstance(strategy, str):
             return make(strategy)
         if not isinstance(strategy, base):
             raise TypeError(f"{name} must be a strategy name or a {base.__name__}, got {type(strategy).__name__}")
-        if strategy.runtime is not self:
+        if strategy.runtime is not self._runtime:
             raise ValueError(f"{name} was built on another Buffer's runtime; build it with runtime=buffer.runtime")
         return strategy
 
@@ -220,7 +158,7 @@ class Buffer(NormalMode, LowLatencyMode):
             strategy,
             NormalEPCommStrategy,
             "normal_strategy",
-            lambda n: get_normal_strategy(n)(runtime=self, group=self.group),
+            lambda n: get_normal_strategy(n)(runtime=self._runtime, group=self.group),
         )
 
     @property
@@ -235,58 +173,30 @@ class Buffer(NormalMode, LowLatencyMode):
         )
 
     # ---- topology --------------------------------------------------------------------------------
-    def _discover_nodes(self) -> torch.Tensor:
-        # Every rank's host identity and pid: the nodes, and the peers whose liveness this process can
-        # check, so that a failure in the collective transport names the ranks that died.
-        peers: List[Optional[Tuple[str, int]]] = [None] * self.group_size
-        collective.run_collective(
-            self.comm,
-            groups.CONSTRUCTION,
-            lambda: dist.all_gather_object(peers, (_host_identity(), os.getpid()), group=self.comm),
-        )
-        hosts = [host for host, _ in peers]
-        here = hosts[self.rank]
-        collective.watch_group(
-            self.comm,
-            timeout_seconds(),
-            {r: pid for r, (host, pid) in enumerate(peers) if host == here and r != self.rank},
-            [r for r, host in enumerate(hosts) if host != here],
-        )
-        per_node = os.environ.get("DEEP_EP_RANKS_PER_NODE")
-        if per_node:
-            if not per_node.isdigit() or int(per_node) < 1:
-                raise ValueError(f"DEEP_EP_RANKS_PER_NODE must be a positive integer, got {per_node!r}")
-            return torch.arange(self.group_size) // int(per_node)
-        order = {h: i for i, h in enumerate(dict.fromkeys(hosts))}
-        return torch.tensor([order[h] for h in hosts])
-
-    @property
-    def num_nodes(self) -> int:
-        return int(self.rank_to_node.max()) + 1
-
     def get_num_rdma_ranks(self) -> int:
         """Number of nodes in the group."""
-        return self.num_nodes
+        return self._runtime.num_nodes
 
     def get_rdma_rank(self) -> int:
         """This rank's node index."""
-        return self.node
+        return self._runtime.node
 
     def get_local_buffer_tensor(
         self, dtype: torch.dtype, size: Optional[torch.Size] = None, offset: int = 0, use_rdma_buffer: bool = False
     ) -> torch.Tensor:
         """A view of this rank's shared-memory data area (normal mode, default strategy)."""
-        if use_rdma_buffer or self.shm is None:
+        node_shm = self._runtime.shm
+        if use_rdma_buffer or node_shm is None:
             raise ValueError(
                 "get_local_buffer_tensor: only the shared-memory buffer of normal mode "
                 "(normal_strategy='default', one node) can be viewed"
             )
-        area = self.shm.data[self.shm.local_index][offset:]
+        area = node_shm.data[node_shm.local_index][offset:]
         element = torch.empty(0, dtype=dtype).element_size()
         view = area[: area.numel() // element * element].view(dtype)
         view = view if size is None else view[: torch.Size(size).numel()].view(size)
         # /dev/shm backs only what calls have used so far: reserve what the caller may touch.
-        self.shm.reserve(offset + view.numel() * element, "get_local_buffer_tensor")
+        node_shm.reserve(offset + view.numel() * element, "get_local_buffer_tensor")
         return view
 
     # ---- static helpers --------------------------------------------------------------------------
@@ -313,49 +223,22 @@ class Buffer(NormalMode, LowLatencyMode):
 
     # ---- lifetime --------------------------------------------------------------------------------
     def destroy(self) -> None:
-        """Releases the shared memory. Collective in spirit: call it on every rank."""
-        if self.shm is not None:
-            self.shm.close()
-            self.shm = None
-        if getattr(self, "ll", None) is not None:
-            self.ll.close()
-            self.ll = None
-        if getattr(self, "npu_ll", None) is not None:
-            npu.destroy_low_latency(self.npu_ll)
-            self.npu_ll = None
-        self.pool.clear()
-        # Our own group goes now, too: a gloo group that lives on until interpreter exit (a Buffer
-        # kept alive by an exception's traceback, say) can abort the process when it is freed then.
-        comm, self.comm = getattr(self, "comm", None), None
-        if getattr(self, "data_comm", None) is comm:
-            self.data_comm = None
-        if comm is not None and dist.is_initialized():
-            try:
-                dist.destroy_process_group(comm)
-            except (ValueError, RuntimeError):
-                pass  # already gone (destroyed with the default group)
-        self.destroyed = True
+        """Releases the shared memory and the Buffer's own groups. Collective in spirit: call it on every rank."""
+        self._runtime.destroy()
 
-    def __del__(self) -> None:
-        shm_node = getattr(self, "shm", None)
-        if shm_node is not None:
-            shm_node.close()
-        ll_node = getattr(self, "ll", None)
-        if ll_node is not None:
-            ll_node.close()
+    @staticmethod
+    def get_low_latency_rdma_size_hint(
+        num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int
+    ) -> int:
+        """Bytes of `num_rdma_bytes` that low-latency mode needs (see LowLatencyMode.get_low_latency_rdma_size_hint)."""
+        return LowLatencyMode.get_low_latency_rdma_size_hint(
+            num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts
+        )
 
-    def _check_alive(self) -> None:
-        if self.destroyed:
-            raise RuntimeError("deep_ep: this Buffer was destroyed; create a new one")
-        # After a peer timed out or died, the barriers / the group cannot be trusted: say so before
-        # touching any shared state.
-        broken = (
-            (self.shm.broken if self.shm is not None else None)
-            or collective.failure(self.comm)
-            or collective.failure(self.data_comm)
-        )  # NPU: the rows' HCCL group
-        if broken:
-            raise RuntimeError(broken)
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        """Resets the low-latency signalling state (collective: call it on every rank). Nmax, H, E: of the
+        calls to come. Hooks of earlier calls can no longer run; results already received stay valid."""
+        self._runtime.low_latency.clean_low_latency_buffer(num_max_dispatch_tokens_per_rank, hidden, num_experts)
 
     # ---- normal mode: validate, delegate to the normal strategy ------------------------------------
     def get_dispatch_layout(
@@ -394,7 +277,7 @@ class Buffer(NormalMode, LowLatencyMode):
         dispatch_wait_recv_cost_stats: Optional[torch.Tensor] = None,
         quant_mode: Optional[str] = None,
     ):
-        """Sends every token to the ranks holding its top-k experts (see NormalMode.normal_dispatch for
+        """Sends every token to the ranks holding its top-k experts (see NormalMode.dispatch for
         shapes). Returns (recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list,
         handle, EventOverlap); with a handle (cached dispatch) only recv_x and the event are set.
         The handle is upstream's (deep_ep/handles.py): the 8-tuple on one node, the 9-tuple across
@@ -433,7 +316,7 @@ class Buffer(NormalMode, LowLatencyMode):
         combine_send_cost_stats: Optional[torch.Tensor] = None,
     ):
         """Returns expert outputs to their tokens and sums them with the routing weights (see
-        NormalMode.normal_combine). Returns (combined_x [T, H], combined_topk_weights float32 [T, K],
+        NormalMode.combine). Returns (combined_x [T, H], combined_topk_weights float32 [T, K],
         EventOverlap). combine_send_cost_stats: None or int32 [R]; entry r grows by the microseconds
         it took to hand this rank's rows over to rank r."""
         config = self.get_combine_config(self.group_size) if config is None else config
@@ -633,7 +516,6 @@ class Buffer(NormalMode, LowLatencyMode):
             ValueError naming that rank instead of waiting.
         """
         args = (
-            self,
             x,
             topk_idx,
             topk_weights,
@@ -646,6 +528,6 @@ class Buffer(NormalMode, LowLatencyMode):
             quant_mode,
             fuse_mode,
         )
-        if self.npu_ll is not None:  # NPU: MC2 dispatch + npu_grouped_matmul + ... (deep_ep/npu/)
-            return npu.fused_deep_moe(*args)
-        return fused.fused_deep_moe(*args, profile_enable)
+        if self._runtime.low_latency.npu_ll is not None:  # NPU: MC2 dispatch + npu_grouped_matmul + ...
+            return npu.fused_deep_moe(self._runtime, *args)
+        return fused.fused_deep_moe(self, *args, profile_enable)

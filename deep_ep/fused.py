@@ -574,7 +574,8 @@ def fused_deep_moe(
     -> ``low_latency_combine`` of that tensor with ``topk_weights``.
     """
     what = "fused_deep_moe"
-    buffer._ll_ready(what)
+    calls = buffer.runtime.low_latency  # the low-latency call protocol (deep_ep/low_latency.py)
+    calls.ready(what)
     try:
         mode = check_modes(quant_mode, fuse_mode)
         check_tensor("x", x, dtypes=FLOAT_DTYPES, shape=(None, None), what="[T, H]")
@@ -611,7 +612,8 @@ def fused_deep_moe(
         # Consume the low-latency dispatch call on every rank with a "rejected" header, so the peers
         # fail fast (ValueError naming this rank) instead of waiting for rows that never come, and
         # every rank's call numbers stay in step.
-        buffer._ll_reject_dispatch(buffer._ll_begin(0, what), x, num_max_dispatch_tokens_per_rank, what)
+        transport = buffer.low_latency_strategy.transport
+        calls.reject_dispatch(calls.begin(0, what), x, num_max_dispatch_tokens_per_rank, what, transport)
         raise
     topk_idx = topk_idx.to(topk_idx_t)
     out_dtype = torch.bfloat16 if x.dtype == torch.float32 else x.dtype

@@ -7,20 +7,21 @@ buffering, calls numbered the same on every rank). Strategy "default" on one nod
 transport/shm_low_latency.py (senders write rows into fixed slots of the receivers' shared memory
 and bump a counter; the receive step waits for the counters and packs expert-major); "alltoall"
 and more than one node use transport/alltoall_low_latency.py. Both give the same bits. On NPU the
-calls go to CANN's MC2 operators (deep_ep/npu/). `LowLatencyMode` is a mixin of `deep_ep.Buffer`.
+calls go to CANN's MC2 operators (deep_ep/npu/). `LowLatencyMode` is `runtime.low_latency` of a Buffer's
+runtime (deep_ep/runtime.py).
 """
 
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass
-from typing import Any, List, Optional, Protocol, Union
+from typing import TYPE_CHECKING, Any, List, Optional, Protocol, Union
 
 import torch
 import torch.distributed as dist
 
 from . import env, layout, npu
-from .pool import OutputPool
 from .transport import collective, groups, shm_low_latency
 from .transport.shm import SharedMemoryExhausted
 from .utils import (
@@ -28,12 +29,16 @@ from .utils import (
     NATIVE_DTYPE_CODES,
     EventOverlap,
     check_combine_topk_idx,
+    check_low_latency_x,
     check_num_topk,
     check_positive_int,
     check_tensor,
     resolve_quant_mode,
     topk_idx_t,
 )
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
 
 LL_FORMAT_INT8 = 3  # header format code of int8 rows (16-bit rows use NATIVE_DTYPE_CODES)
 LL_FORMAT_NAMES = {0: "float32", 1: "bfloat16", 2: "float16", LL_FORMAT_INT8: "int8"}
@@ -141,7 +146,7 @@ class LowLatencyCombine:
 LowLatencyCall = Union[LowLatencyState, LowLatencyCombine]
 
 
-def _ll_dropped(state: LowLatencyState, topk_idx: torch.Tensor) -> torch.Tensor:
+def _dropped(state: LowLatencyState, topk_idx: torch.Tensor) -> torch.Tensor:
     """int32 [T, K]: -1 where topk_idx has no expert, else 0 (the one source of the reduction)."""
     if topk_idx is not state.topk_idx:
         return (topk_idx < 0).to(torch.int32).neg_()
@@ -191,49 +196,56 @@ def ll_disagreement(headers: List[List[int]], mine: List[int], compared: int, wh
 
 
 class LowLatencyMode:
-    """Buffer's low-latency methods (a mixin of `deep_ep.Buffer`)."""
+    """The low-latency calls of one Buffer's runtime (`runtime.low_latency`): call numbering, checks,
+    hooks and the node's low-latency shared memory. The strategies call ll_dispatch / ll_combine with
+    the transport that moves the rows; fused_deep_moe and the NPU backend use the same call protocol
+    (ready, begin, reject_dispatch, ll_guard, ll_finish)."""
 
-    # Set by Buffer.__init__ (buffer.py).
-    group_size: int
-    comm: dist.ProcessGroup
-    local_ranks: List[int]
-    num_threads: int  # of the native kernels: this rank's share of the host's cores
-    num_nodes: int
-    on_npu: bool
-    low_latency_mode: bool
-    low_latency_strategy: str
-    num_rdma_bytes: int
-    pool: OutputPool
-    destroyed: bool
-    setup_operation: str  # what a failure while mapping shared memory names
-
-    def _init_low_latency(self) -> None:
+    def __init__(self, runtime: "Runtime") -> None:
+        # A proxy: the runtime owns this object (a strong reference back would be a cycle).
+        self.runtime = weakref.proxy(runtime)
         self.ll: Optional[shm_low_latency.LowLatencyShm] = None
         self.npu_ll = None  # NPU: CANN's MC2 operators on a dedicated HCCL group (deep_ep/npu/operators.py)
-        self._ll_seq = [0, 0]  # calls so far per kind (dispatch, combine); equal on every rank
-        self._ll_pending: List[List[Optional[int]]] = [[None, None], [None, None]]  # [kind][parity] -> seq
-        self._ll_recv: List[Optional[tuple]] = [None, None]  # per parity: (key, recv tensors)
-        self._ll_epoch = 0  # bumped by clean_low_latency_buffer: older hooks refuse to run
-        self._ll_broken: Optional[str] = None
-        self._ll_fits: set = set()
-        if not self.low_latency_mode:
+        self._seq = [0, 0]  # calls so far per kind (dispatch, combine); equal on every rank
+        self._pending: List[List[Optional[int]]] = [[None, None], [None, None]]  # [kind][parity] -> seq
+        self._recv: List[Optional[tuple]] = [None, None]  # per parity: (key, recv tensors)
+        self._epoch = 0  # bumped by clean_low_latency_buffer: older hooks refuse to run
+        self._broken: Optional[str] = None
+        self._fits: set = set()
+        if not runtime.low_latency_mode:
             return
-        sizes: List[Optional[int]] = [None] * self.group_size
+        sizes: List[Optional[int]] = [None] * runtime.group_size
         collective.run_collective(
-            self.comm, groups.CONSTRUCTION, lambda: dist.all_gather_object(sizes, self.num_rdma_bytes, group=self.comm)
+            runtime.comm,
+            groups.CONSTRUCTION,
+            lambda: dist.all_gather_object(sizes, runtime.num_rdma_bytes, group=runtime.comm),
         )
         if len(set(sizes)) > 1:
             raise ValueError(f"num_rdma_bytes must be the same on every rank, got {sizes} (by rank)")
-        if self.on_npu:
-            self.npu_ll = npu.create_low_latency(self)
+        if runtime.on_npu:
+            self.npu_ll = npu.create_low_latency(runtime)
 
-    def low_latency_shm(self) -> Optional[shm_low_latency.LowLatencyShm]:
+    def close(self) -> None:
+        """Unmaps the low-latency shared memory and frees the NPU's dedicated communicator."""
+        if self.ll is not None:
+            self.ll.close()
+            self.ll = None
+        if self.npu_ll is not None:
+            npu.destroy_low_latency(self.npu_ll)
+            self.npu_ll = None
+
+    def shm(self) -> Optional[shm_low_latency.LowLatencyShm]:
         """The node's low-latency shared memory (mapped on first use: collective, every rank calls it
         when building a "default" low-latency strategy), or None where there is none: several nodes,
         low_latency_mode=False or the NPU path. num_rdma_bytes=0 sizes it by the calls (docs/memory.md)."""
-        if self.ll is None and self.low_latency_mode and self.num_nodes == 1 and not self.on_npu:
+        if (
+            self.ll is None
+            and self.runtime.low_latency_mode
+            and self.runtime.num_nodes == 1
+            and not self.runtime.on_npu
+        ):
             self.ll = shm_low_latency.LowLatencyShm(
-                self.comm, self.local_ranks, self.num_rdma_bytes, self.setup_operation
+                self.runtime.comm, self.runtime.local_ranks, self.runtime.num_rdma_bytes, self.runtime.setup_operation
             )
         return self.ll
 
@@ -266,23 +278,23 @@ class LowLatencyMode:
         )
 
     # ---- call bookkeeping (also used by fused.py and npu/backend.py) -----------------------------------------
-    def _ll_ready(self, what: str) -> None:
-        if self.ll is None or self.destroyed:  # the shared-memory path uses neither NodeShm nor the group
-            self._check_alive()
-        if not self.low_latency_mode:
+    def ready(self, what: str) -> None:
+        if self.ll is None or self.runtime.destroyed:  # the shared-memory path uses neither NodeShm nor the group
+            self.runtime.check_alive()
+        if not self.runtime.low_latency_mode:
             raise RuntimeError(f"deep_ep: {what} needs a Buffer created with low_latency_mode=True")
-        if self._ll_broken:
-            raise RuntimeError(self._ll_broken)
+        if self._broken:
+            raise RuntimeError(self._broken)
 
-    def _ll_check_sizes(
+    def check_sizes(
         self, num_max_tokens, hidden: int, num_experts, ll: Optional[shm_low_latency.LowLatencyShm] = None
     ) -> layout.SharedExperts:
         """Nmax / E are ints, E a multiple of the expert-holding ranks, and num_rdma_bytes holds the
         layout (ValueError naming the size). Returns the expert placement (MOE_SHARED_EXPERT_RANK_NUM).
         num_rdma_bytes=0, which upstream accepts, needs no room: the calls go over all_to_all_single."""
-        roles = layout.SharedExperts.check(num_experts, self.group_size, env.shared_expert_rank_num())
+        roles = layout.SharedExperts.check(num_experts, self.runtime.group_size, env.shared_expert_rank_num())
         key = (num_max_tokens, hidden, roles, ll is not None)
-        if key in self._ll_fits:
+        if key in self._fits:
             return roles
         check_positive_int("num_max_dispatch_tokens_per_rank", num_max_tokens)
         if roles.experts_per_rank > shm_low_latency.MAX_LOCAL_EXPERTS:
@@ -290,56 +302,54 @@ class LowLatencyMode:
                 f"low-latency mode supports up to {shm_low_latency.MAX_LOCAL_EXPERTS} experts per "
                 f"rank, got {roles.experts_per_rank}"
             )
-        needed = shm_low_latency.bytes_needed(num_max_tokens, hidden, self.group_size, roles.virtual_experts)
+        needed = shm_low_latency.bytes_needed(num_max_tokens, hidden, self.runtime.group_size, roles.virtual_experts)
         # num_rdma_bytes=0 holds whatever the segment's address space (if any) holds.
-        if 0 < self.num_rdma_bytes < needed or (
+        if 0 < self.runtime.num_rdma_bytes < needed or (
             ll is not None and not ll.fits(num_max_tokens, hidden, roles.virtual_experts)
         ):
             raise ValueError(
-                f"num_rdma_bytes={self.num_rdma_bytes or ll.num_bytes} is too small for "
+                f"num_rdma_bytes={self.runtime.num_rdma_bytes or ll.num_bytes} is too small for "
                 f"low-latency mode with "
                 f"num_max_dispatch_tokens_per_rank={num_max_tokens}, hidden={hidden}, "
-                f"{self.group_size} ranks and num_experts={num_experts}: it needs {needed} bytes "
+                f"{self.runtime.group_size} ranks and num_experts={num_experts}: it needs {needed} bytes "
                 f"(Buffer.get_low_latency_rdma_size_hint({num_max_tokens}, {hidden}, "
-                f"{self.group_size}, {num_experts}))"
+                f"{self.runtime.group_size}, {num_experts}))"
             )
-        if len(self._ll_fits) >= shm_low_latency.MAX_CACHED_LAYOUTS:  # callers that vary Nmax / H / E
-            self._ll_fits.clear()
-        self._ll_fits.add(key)
+        if len(self._fits) >= shm_low_latency.MAX_CACHED_LAYOUTS:  # callers that vary Nmax / H / E
+            self._fits.clear()
+        self._fits.add(key)
         return roles
 
-    def _ll_begin(self, kind: int, what: str) -> int:
+    def begin(self, kind: int, what: str) -> int:
         """The sequence number of the next call of `kind`; refuses a third call in flight."""
-        seq = self._ll_seq[kind] + 1
-        if self._ll_pending[kind][seq & 1] is not None:
+        seq = self._seq[kind] + 1
+        if self._pending[kind][seq & 1] is not None:
             raise RuntimeError(
                 f"deep_ep {what}: two earlier calls still wait for their hook; call the older "
                 "hook first (at most two low-latency results may be in flight)"
             )
         return seq
 
-    def _ll_reject(self, kind: int, seq: int, header: List[int], what: str, transport: "LowLatencyTransport") -> None:
+    def _reject(self, kind: int, seq: int, header: List[int], what: str, transport: "LowLatencyTransport") -> None:
         """This rank rejected its arguments: tell the peers (so they fail fast instead of waiting) and
         consume their call, which keeps every rank's sequence numbers in step."""
-        self._ll_seq[kind] = seq
+        self._seq[kind] = seq
         transport.reject(self, kind, seq, header, what)
 
-    def _ll_reject_dispatch(
+    def reject_dispatch(
         self,
         seq: int,
         x,
         num_max_dispatch_tokens_per_rank,
         what: str,
-        transport: Optional["LowLatencyTransport"] = None,
+        transport: "LowLatencyTransport",
     ) -> None:
-        """_ll_reject of a dispatch call (low_latency_dispatch, fused_deep_moe): the "rejected" header
+        """_reject of a dispatch call (low_latency_dispatch, fused_deep_moe): the "rejected" header
         carries x's token count and Nmax, so the peers can name a rank that has more tokens than Nmax.
-        `transport`: the call's; by default that of the Buffer's low-latency strategy."""
-        if transport is None:
-            transport = self.low_latency_strategy.transport
+        `transport`: the one the call would have used."""
         tokens = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() == 2 else -1
         nmax = num_max_dispatch_tokens_per_rank if isinstance(num_max_dispatch_tokens_per_rank, int) else -1
-        self._ll_reject(0, seq, [seq, 1, nmax, -1, -1, -1, -1, tokens], what, transport)
+        self._reject(0, seq, [seq, 1, nmax, -1, -1, -1, -1, tokens], what, transport)
 
     def ll_guard(self, wait) -> None:
         """Runs a wait on peers; a timeout or a dead peer leaves low-latency mode unusable until
@@ -349,45 +359,29 @@ class LowLatencyMode:
         except SharedMemoryExhausted:
             raise  # no peer is left waiting: the calls stay in step
         except RuntimeError as error:
-            self._ll_broken = (
+            self._broken = (
                 f"deep_ep: low-latency mode cannot be used after an earlier failure ({error}); "
                 "call clean_low_latency_buffer() on every rank, or recreate the Buffer."
             )
             raise
 
-    def _ll_quant(self, x, use_fp8: bool, quant_mode: Optional[str]) -> str:
-        quant = resolve_quant_mode(quant_mode, use_fp8)
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor [T, H], got {type(x).__name__}")
-        if quant == "int8" and x.dtype not in FLOAT_DTYPES:
-            raise TypeError(
-                f"x of dtype {x.dtype} cannot be quantized to int8 (use_fp8=True / quant_mode='int8'); "
-                "pass bfloat16, float16 or float32"
-            )
-        if quant == "bf16" and x.dtype not in (torch.bfloat16, torch.float16):
-            raise TypeError(
-                f"x must be bfloat16 or float16 without int8 quantization (use_fp8=False / "
-                f"quant_mode='bf16'), got {x.dtype}"
-            )
-        return quant
-
-    def _ll_check_hook(self, state: LowLatencyState, what: str) -> None:
-        if state.epoch != self._ll_epoch:
+    def _check_hook(self, state: LowLatencyState, what: str) -> None:
+        if state.epoch != self._epoch:
             raise RuntimeError(
                 f"deep_ep {what}: this hook belongs to a call made before clean_low_latency_buffer(); its data is gone"
             )
-        self._check_alive()
-        if self._ll_broken:
-            raise RuntimeError(self._ll_broken)
+        self.runtime.check_alive()
+        if self._broken:
+            raise RuntimeError(self._broken)
 
     def ll_drop_pending(self, kind: int, seq: int) -> None:
         """Call `seq` of `kind` failed before its hook: it no longer counts as in flight."""
-        self._ll_pending[kind][seq & 1] = None
+        self._pending[kind][seq & 1] = None
 
     def ll_finish(self, kind: int, call: LowLatencyCall) -> None:
         call.received = True
-        if self._ll_pending[kind][call.seq & 1] == call.seq:
-            self._ll_pending[kind][call.seq & 1] = None
+        if self._pending[kind][call.seq & 1] == call.seq:
+            self._pending[kind][call.seq & 1] = None
 
     # ---- dispatch --------------------------------------------------------------------------------
     def ll_dispatch(
@@ -436,10 +430,10 @@ class LowLatencyMode:
             event: EventOverlap. hook: a callable that receives (a no-op once received).
         """
         what = "low_latency_dispatch"
-        self._ll_ready(what)
-        seq = self._ll_begin(0, what)
+        self.ready(what)
+        seq = self.begin(0, what)
         try:
-            quant = self._ll_quant(x, use_fp8, quant_mode)
+            quant = check_low_latency_x(x, resolve_quant_mode(quant_mode, use_fp8))
             if not (
                 x.dim() == 2
                 and isinstance(topk_idx, torch.Tensor)
@@ -452,13 +446,13 @@ class LowLatencyMode:
             num_tokens, hidden = x.shape
             num_topk = topk_idx.shape[1]
             check_num_topk(num_topk)
-            roles = self._ll_check_sizes(num_max_dispatch_tokens_per_rank, hidden, num_experts, transport.ll)
+            roles = self.check_sizes(num_max_dispatch_tokens_per_rank, hidden, num_experts, transport.ll)
             if num_tokens > num_max_dispatch_tokens_per_rank:
                 raise ValueError(
                     f"x has {num_tokens} tokens, more than num_max_dispatch_tokens_per_rank="
                     f"{num_max_dispatch_tokens_per_rank}"
                 )
-            local_experts = roles.local_experts(self.rank)
+            local_experts = roles.local_experts(self.runtime.rank)
             if cumulative_local_expert_recv_stats is not None:
                 check_tensor(
                     "cumulative_local_expert_recv_stats",
@@ -471,7 +465,7 @@ class LowLatencyMode:
             x, topk_idx = x.contiguous(), topk_idx.contiguous()
             shared = roles if roles.num_shared_ranks else None
             if shared is not None:  # the transports route the shared expert as one more top-k column
-                topk_idx = shared.virtual_topk(topk_idx, self.rank)
+                topk_idx = shared.virtual_topk(topk_idx, self.runtime.rank)
             slot, counts = layout.low_latency_slots(topk_idx, roles.virtual_experts, num_max_dispatch_tokens_per_rank)
             if transport.ll is not None:  # every rank's /dev/shm backs what this call writes
                 self.ll_guard(
@@ -480,20 +474,20 @@ class LowLatencyMode:
                     )
                 )
         except (ValueError, TypeError, SharedMemoryExhausted):
-            self._ll_reject_dispatch(seq, x, num_max_dispatch_tokens_per_rank, what, transport)
+            self.reject_dispatch(seq, x, num_max_dispatch_tokens_per_rank, what, transport)
             raise
-        self._ll_seq[0] = seq
+        self._seq[0] = seq
         parity = seq & 1
         num_max = num_max_dispatch_tokens_per_rank
         quantized = quant == "int8"
         fmt = LL_FORMAT_INT8 if quantized else NATIVE_DTYPE_CODES[x.dtype]
-        num_rows = roles.packed_rows(self.rank, num_max, num_topk)
+        num_rows = roles.packed_rows(self.runtime.rank, num_max, num_topk)
         public_experts, experts_per_rank = num_experts, roles.experts_per_rank
         num_experts, num_topk = roles.virtual_experts, topk_idx.shape[1]
         header = [seq, 0, num_max, num_experts, hidden, num_topk, fmt, num_tokens]
         state = LowLatencyState(
             seq=seq,
-            epoch=self._ll_epoch,
+            epoch=self._epoch,
             header=header,
             num_max_tokens=num_max,
             hidden=hidden,
@@ -506,7 +500,7 @@ class LowLatencyMode:
             topk_idx=topk_idx,
             topk_weights=topk_weights,
             src_info=torch.empty(num_rows, 3, dtype=torch.int32),
-            layout_range=torch.empty(experts_per_rank * self.group_size, dtype=torch.int64),
+            layout_range=torch.empty(experts_per_rank * self.runtime.group_size, dtype=torch.int64),
             recv_count=torch.empty(experts_per_rank, dtype=torch.int64),
             stats=cumulative_local_expert_recv_stats,
             transport=transport,
@@ -517,33 +511,33 @@ class LowLatencyMode:
         state.recv_count_out = (
             state.recv_count if env.expert_token_nums_type() == 1 else torch.empty_like(state.recv_count)
         )
-        state.recv = self._ll_recv_buffers(parity, num_rows, hidden, quantized, state.dtype)
+        state.recv = self._recv_buffers(parity, num_rows, hidden, quantized, state.dtype)
         transport.send_dispatch(self, state, x, slot, counts, what)
-        self._ll_pending[0][parity] = seq
-        hook = functools.partial(self._ll_dispatch_receive, state)
+        self._pending[0][parity] = seq
+        hook = functools.partial(self._dispatch_receive, state)
         if not return_recv_hook:
             hook()
         recv_x = state.recv if quantized else state.recv[0]
         # A shared rank has one local expert: its blocks are the first R of the virtual layout.
         return recv_x, state.recv_count_out[:local_experts], state, EventOverlap(), hook
 
-    def _ll_recv_buffers(self, parity: int, rows: int, hidden: int, quantized: bool, dtype: torch.dtype):
+    def _recv_buffers(self, parity: int, rows: int, hidden: int, quantized: bool, dtype: torch.dtype):
         """The receive tensors of one parity, reused by every other call (double buffering)."""
         key = (rows, hidden, quantized, dtype)
-        cached = self._ll_recv[parity]
+        cached = self._recv[parity]
         if cached is None or cached[0] != key:
             if quantized:
                 tensors = (torch.empty(rows, hidden, dtype=torch.int8), torch.empty(rows, dtype=torch.float32))
             else:
                 tensors = (torch.empty(rows, hidden, dtype=dtype),)
-            cached = self._ll_recv[parity] = (key, tensors)
+            cached = self._recv[parity] = (key, tensors)
         return cached[1]
 
-    def _ll_dispatch_receive(self, state: LowLatencyState) -> None:
+    def _dispatch_receive(self, state: LowLatencyState) -> None:
         """Waits for every source's rows of this call and packs them expert-major (the hook)."""
         if state.received:
             return
-        self._ll_check_hook(state, "low_latency_dispatch (receive)")
+        self._check_hook(state, "low_latency_dispatch (receive)")
         state.transport.receive_dispatch(self, state)
         if state.stats is not None:  # [local experts]: 1 on a shared rank, whose other counts are 0
             state.stats.add_(state.recv_count[: state.stats.numel()])
@@ -578,18 +572,18 @@ class LowLatencyMode:
             topk_idx[t, k] != -1 of topk_weights[t, k] * x[row(t, k)], in float32, k ascending.
         """
         what = "low_latency_combine"
-        self._ll_ready(what)
+        self.ready(what)
         if not state.received:
             raise RuntimeError(
                 "deep_ep low_latency_combine: call the hook of the low_latency_dispatch that made this handle first"
             )
-        seq = self._ll_begin(1, what)
+        seq = self.begin(1, what)
         num_tokens, num_topk, hidden = state.num_tokens, state.num_topk, state.hidden
         try:
             if state.shared is not None:  # the shared expert's column, as at dispatch
                 check_tensor("topk_idx", topk_idx, dtypes=(topk_idx_t,), shape=(num_tokens, num_topk - 1))
                 check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=(num_tokens, num_topk - 1))
-                topk_idx = state.shared.virtual_topk(topk_idx, self.rank)
+                topk_idx = state.shared.virtual_topk(topk_idx, self.runtime.rank)
                 topk_weights = state.shared.virtual_weights(topk_weights)
             check_tensor("x", x, dtypes=(state.dtype,), shape=(state.num_rows, hidden))
             check_tensor("topk_idx", topk_idx, dtypes=(topk_idx_t,), shape=(num_tokens, num_topk))
@@ -598,9 +592,9 @@ class LowLatencyMode:
                 check_tensor("out", out, dtypes=(state.dtype,), shape=(num_tokens, hidden))
             check_combine_topk_idx(topk_idx, state.topk_idx)
         except (ValueError, TypeError):
-            self._ll_reject(1, seq, [seq, 1, -1, -1, -1, -1, -1, state.seq], what, state.transport)
+            self._reject(1, seq, [seq, 1, -1, -1, -1, -1, -1, state.seq], what, state.transport)
             raise
-        self._ll_seq[1] = seq
+        self._seq[1] = seq
         parity = seq & 1
         x = x.contiguous()
         header = [
@@ -613,24 +607,26 @@ class LowLatencyMode:
             NATIVE_DTYPE_CODES[x.dtype],
             state.seq,
         ]
-        result = out if out is not None and out.is_contiguous() else self.pool.empty((num_tokens, hidden), x.dtype)
+        result = (
+            out if out is not None and out.is_contiguous() else self.runtime.pool.empty((num_tokens, hidden), x.dtype)
+        )
         task = LowLatencyCombine(
             state=state, seq=seq, header=header, topk_idx=topk_idx, weights=topk_weights, result=result, out=out
         )
         state.transport.send_combine(self, task, x, what)
-        self._ll_pending[1][parity] = seq
-        hook = functools.partial(self._ll_combine_receive, task)
+        self._pending[1][parity] = seq
+        hook = functools.partial(self._combine_receive, task)
         if not return_recv_hook:
             hook()
         return result if out is None else out, EventOverlap(), hook
 
-    def _ll_combine_receive(self, task: LowLatencyCombine) -> None:
+    def _combine_receive(self, task: LowLatencyCombine) -> None:
         """Waits for every holder's rows of this call and reduces them (the hook)."""
         if task.received:
             return
         state = task.state
-        self._ll_check_hook(state, "low_latency_combine (receive)")
-        dropped = _ll_dropped(state, task.topk_idx)
+        self._check_hook(state, "low_latency_combine (receive)")
+        dropped = _dropped(state, task.topk_idx)
         state.transport.receive_combine(self, task, dropped)
         if task.out is not None and task.out is not task.result:
             task.out.copy_(task.result)
@@ -642,21 +638,23 @@ class LowLatencyMode:
         Args: Nmax, H, E of the calls to come; num_rdma_bytes must hold them (ValueError otherwise).
         Hooks of earlier calls can no longer run; results already received stay valid.
         """
-        self._check_alive()
-        if not self.low_latency_mode:
+        self.runtime.check_alive()
+        if not self.runtime.low_latency_mode:
             raise RuntimeError("deep_ep: clean_low_latency_buffer needs a Buffer created with low_latency_mode=True")
         if self.npu_ll is not None:
-            return npu.clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank, hidden, num_experts)
-        self._ll_check_sizes(num_max_dispatch_tokens_per_rank, hidden, num_experts)
+            return npu.clean_low_latency_buffer(self.runtime, num_max_dispatch_tokens_per_rank, hidden, num_experts)
+        self.check_sizes(num_max_dispatch_tokens_per_rank, hidden, num_experts)
 
         def barrier() -> None:
-            collective.run_collective(self.comm, "clean_low_latency_buffer", lambda: dist.barrier(group=self.comm))
+            collective.run_collective(
+                self.runtime.comm, "clean_low_latency_buffer", lambda: dist.barrier(group=self.runtime.comm)
+            )
 
         barrier()
         if self.ll is not None:
             self.ll.reset()
         barrier()
-        self._ll_seq = [0, 0]
-        self._ll_pending = [[None, None], [None, None]]
-        self._ll_epoch += 1
-        self._ll_broken = None
+        self._seq = [0, 0]
+        self._pending = [[None, None], [None, None]]
+        self._epoch += 1
+        self._broken = None

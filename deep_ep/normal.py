@@ -11,14 +11,13 @@ DispatchState it returns into DeepEP-Ascend's handle (deep_ep/handles.py).
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Protocol, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Protocol, Tuple, Union
 
 import torch
-import torch.distributed as dist
 
 from . import env, layout, ops
-from .pool import OutputPool
 from .transport import hierarchical, shm
 from .transport.fields import as_byte_rows
 from .utils import (
@@ -30,6 +29,9 @@ from .utils import (
     resolve_quant_mode,
     topk_idx_t,
 )
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
 
 # Operation codes in the per-call header, so ranks that call different things fail fast.
 OP_DISPATCH, OP_CACHED_DISPATCH, OP_COMBINE = 1, 2, 3
@@ -99,13 +101,13 @@ def check_agreement(meta_all: torch.Tensor, what: str, skip: Tuple[int, ...]) ->
 
 class NormalTransport(Protocol):
     """How one normal strategy moves rows (deep_ep/strategies/normal_strategy.py). `runtime` is the
-    NormalMode; `stats` the caller's int32 [R] cost statistics or None."""
+    Buffer's Runtime (deep_ep/runtime.py); `stats` the caller's int32 [R] cost statistics or None."""
 
     shm: Optional[shm.NodeShm]  # the shared memory whose data area bounds a row, or None
 
     def dispatch(
         self,
-        runtime: "NormalMode",
+        runtime: "Runtime",
         meta: torch.Tensor,
         fields: List[torch.Tensor],
         topk_idx: torch.Tensor,
@@ -117,7 +119,7 @@ class NormalTransport(Protocol):
 
     def cached_dispatch(
         self,
-        runtime: "NormalMode",
+        runtime: "Runtime",
         state: "DispatchState",
         header: torch.Tensor,
         fields: List[torch.Tensor],
@@ -129,7 +131,7 @@ class NormalTransport(Protocol):
 
     def combine(
         self,
-        runtime: "NormalMode",
+        runtime: "Runtime",
         state: "DispatchState",
         header: torch.Tensor,
         x_rows: torch.Tensor,
@@ -145,32 +147,21 @@ class NormalTransport(Protocol):
 
 
 class NormalMode:
-    """The runtime's normal-mode calls (a mixin of the Buffer's runtime, called by the normal strategies)."""
+    """The normal-mode calls of one Buffer's runtime (`runtime.normal`), called by the normal strategies
+    with the transport that moves the rows."""
 
-    # Set by Buffer.__init__ (buffer.py).
-    rank: int
-    group_size: int
-    comm: dist.ProcessGroup  # gloo: the per-call headers and metadata
-    data_comm: dist.ProcessGroup  # the token rows of the collective transport
-    rank_to_node: torch.Tensor
-    num_nodes: int
-    local_ranks: List[int]
-    num_threads: int  # of the native kernels: this rank's share of the host's cores
-    topology: hierarchical.Topology
-    shm: Optional[shm.NodeShm]  # None: the collective transport
-    num_nvl_bytes: int
-    device: torch.device
-    device_path: bool
-    pool: OutputPool
+    def __init__(self, runtime: "Runtime") -> None:
+        # A proxy: the runtime owns this object, and a strong reference back would make a cycle that
+        # keeps the runtime's groups alive until the garbage collector runs (docs/lifetime.md).
+        self.runtime = weakref.proxy(runtime)
 
     # ---- layout ----------------------------------------------------------------------------------
     def _check_topk_idx(self, topk_idx: torch.Tensor, num_experts: int, experts_name: str = "num_experts") -> None:
         check_tensor("topk_idx", topk_idx, dtypes=(topk_idx_t,), shape=(None, None))
         check_num_topk(topk_idx.shape[1])
-        if not isinstance(num_experts, int) or num_experts <= 0 or num_experts % self.group_size:
-            raise ValueError(
-                f"{experts_name} must be a positive multiple of the {self.group_size} ranks, got {num_experts!r}"
-            )
+        ranks = self.runtime.group_size
+        if not isinstance(num_experts, int) or num_experts <= 0 or num_experts % ranks:
+            raise ValueError(f"{experts_name} must be a positive multiple of the {ranks} ranks, got {num_experts!r}")
         if topk_idx.numel():
             low, high = layout.summarize_topk(topk_idx)
             if low < -1 or high >= num_experts:
@@ -187,9 +178,9 @@ class NormalMode:
             num_tokens_per_expert int32 [E] (or [rounds * E] per long-sequence round, see
             deep_ep.env.long_seq_rounds), is_token_in_rank int32 [T, R], EventOverlap.
         """
-        self._check_alive()
+        self.runtime.check_alive()
         self._check_topk_idx(topk_idx, num_experts)
-        self._check_devices(topk_idx=topk_idx)
+        self.runtime.check_devices(topk_idx=topk_idx)
         rounds = env.long_seq_rounds()
         if rounds.configured and topk_idx.shape[0] > rounds.rounds * rounds.per_round_tokens:
             raise ValueError(
@@ -197,7 +188,10 @@ class NormalMode:
                 f"DEEPEP_NORMAL_LONG_SEQ_PER_ROUND_TOKENS = {rounds.rounds * rounds.per_round_tokens}"
             )
         per_rank, per_node, per_expert, in_rank = layout.dispatch_layout(
-            topk_idx, num_experts, self.group_size, self.rank_to_node if self.num_nodes > 1 else None
+            topk_idx,
+            num_experts,
+            self.runtime.group_size,
+            self.runtime.rank_to_node if self.runtime.num_nodes > 1 else None,
         )
         if rounds.rounds > 1:
             per_expert = torch.cat(
@@ -205,7 +199,7 @@ class NormalMode:
                     layout.dispatch_layout(
                         topk_idx[r * rounds.per_round_tokens : (r + 1) * rounds.per_round_tokens],
                         num_experts,
-                        self.group_size,
+                        self.runtime.group_size,
                     )[2]
                     for r in range(rounds.rounds)
                 ]
@@ -223,7 +217,7 @@ class NormalMode:
             return [as_byte_rows(q), as_byte_rows(x[1])], [(torch.int8, q.shape[1]), (torch.float32, 1)], q.shape[1], -1
         check_tensor("x", x, dtypes=FLOAT_DTYPES, shape=(None, None))
         if quant == "int8":
-            q, scale = ops.quantize_int8(x, self.num_threads)
+            q, scale = ops.quantize_int8(x, self.runtime.num_threads)
             return (
                 [as_byte_rows(q), as_byte_rows(scale)],
                 [(torch.int8, x.shape[1]), (torch.float32, 1)],
@@ -238,33 +232,33 @@ class NormalMode:
         if transport.shm is None:
             return
         needed = shm.data_bytes_needed(1, bytes_per_token, num_fields)
-        if shm.window_rows(self.num_nvl_bytes, bytes_per_token, num_fields) < 1:
+        if shm.window_rows(self.runtime.num_nvl_bytes, bytes_per_token, num_fields) < 1:
             raise ValueError(
-                f"num_nvl_bytes={self.num_nvl_bytes} is too small for {what}: one token row "
+                f"num_nvl_bytes={self.runtime.num_nvl_bytes} is too small for {what}: one token row "
                 f"needs at least {needed} bytes; create the Buffer with num_nvl_bytes >= {needed}"
             )
 
     def _empty(self, shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised output: from the pool on CPU, a plain allocation on the Buffer's device otherwise."""
-        if self.device_path:
-            return torch.empty(*shape, dtype=dtype, device=self.device)
-        return self.pool.empty(shape, dtype)
+        if self.runtime.device_path:
+            return torch.empty(*shape, dtype=dtype, device=self.runtime.device)
+        return self.runtime.pool.empty(shape, dtype)
 
     def _check_cost_stats(self, name: str, stats: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """None, or `stats` checked to be int32 [R] (on any device: the host adds the measured times)."""
         if stats is not None:
-            check_tensor(name, stats, dtypes=(torch.int32,), shape=(self.group_size,))
+            check_tensor(name, stats, dtypes=(torch.int32,), shape=(self.runtime.group_size,))
         return stats
 
     def _check_devices(self, **tensors) -> None:
         """ValueError naming the first tensor that is not on the Buffer's device (CPU or this process's NPU)."""
         for name, tensor in tensors.items():
             for index, t in enumerate(tensor if isinstance(tensor, (tuple, list)) else [tensor]):
-                if isinstance(t, torch.Tensor) and t.device != self.device:
+                if isinstance(t, torch.Tensor) and t.device != self.runtime.device:
                     shown = f"{name}[{index}]" if isinstance(tensor, (tuple, list)) else name
-                    raise ValueError(f"{shown} must be on the Buffer's device {self.device}, got {t.device}")
+                    raise ValueError(f"{shown} must be on the Buffer's device {self.runtime.device}, got {t.device}")
 
-    def normal_dispatch(
+    def dispatch(
         self,
         transport: "NormalTransport",
         x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
@@ -302,7 +296,7 @@ class NormalMode:
             EventOverlap.
             Received rows are grouped by local expert, then source rank, then source token.
         """
-        self._check_alive()
+        self.runtime.check_alive()
         quant = resolve_quant_mode(quant_mode, env.normal_int8_quant())
         stats = self._check_cost_stats("dispatch_wait_recv_cost_stats", dispatch_wait_recv_cost_stats)
         if handle_state is not None:
@@ -323,7 +317,7 @@ class NormalMode:
         self._check_topk_idx(host_idx, num_experts, "num_experts (the length of num_tokens_per_expert)")
         num_tokens, num_topk = topk_idx.shape
         check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=(num_tokens, num_topk))
-        self._check_devices(x=x, topk_idx=topk_idx, topk_weights=topk_weights)
+        self.runtime.check_devices(x=x, topk_idx=topk_idx, topk_weights=topk_weights)
         fields, kinds, hidden, dtype_code = self._token_fields(x, quant)
         if fields[0].shape[0] != num_tokens:
             raise ValueError(f"x must have {num_tokens} rows (as topk_idx), got {fields[0].shape[0]}")
@@ -332,11 +326,14 @@ class NormalMode:
                 "is_token_in_rank",
                 is_token_in_rank,
                 dtypes=(torch.int32, torch.bool),
-                shape=(num_tokens, self.group_size),
+                shape=(num_tokens, self.runtime.group_size),
             )
         if num_tokens_per_rank is not None:
             check_tensor(
-                "num_tokens_per_rank", num_tokens_per_rank, dtypes=(torch.int32, torch.int64), shape=(self.group_size,)
+                "num_tokens_per_rank",
+                num_tokens_per_rank,
+                dtypes=(torch.int32, torch.int64),
+                shape=(self.runtime.group_size,),
             )
         for name, value in (("expert_alignment", expert_alignment), ("num_worst_tokens", num_worst_tokens)):
             lowest = 1 if name == "expert_alignment" else 0
@@ -367,12 +364,12 @@ class NormalMode:
             ],
             dtype=torch.int64,
         )
-        experts_per_rank = num_experts // self.group_size
+        experts_per_rank = num_experts // self.runtime.group_size
         state_box = {}
 
         def decide(meta_all: torch.Tensor):
             check_agreement(meta_all, "dispatch", skip=(1,))
-            plan = layout.plan_routing(host_idx, meta_all[:, len(HEADER_FIELDS) :], self.rank, expert_alignment)
+            plan = layout.plan_routing(host_idx, meta_all[:, len(HEADER_FIELDS) :], self.runtime.rank, expert_alignment)
             if num_worst_tokens and int(plan.rows_per_rank.max()) > num_worst_tokens:
                 over = [r for r, n in enumerate(plan.rows_per_rank.tolist()) if n > num_worst_tokens]
                 raise ValueError(
@@ -380,12 +377,12 @@ class NormalMode:
                     f"{[int(plan.rows_per_rank[r]) for r in over]} rows"
                 )
             out_rows = num_worst_tokens or plan.num_recv_rows
-            outs = [self._empty((out_rows, width), dtype) for dtype, width in kinds]
+            outs = [self.runtime.empty((out_rows, width), dtype) for dtype, width in kinds]
             src_rank = torch.full((out_rows,), -1, dtype=torch.int64)
             src_idx = torch.full((out_rows,), -1, dtype=torch.int64)
             src_k = torch.full((out_rows,), -1, dtype=torch.int64)
             state_box.update(plan=plan, outs=outs, src_rank=src_rank, src_idx=src_idx, src_k=src_k)
-            already = torch.zeros(experts_per_rank, self.group_size, dtype=torch.int64)
+            already = torch.zeros(experts_per_rank, self.runtime.group_size, dtype=torch.int64)
 
             def routes(source: int, regions: List[torch.Tensor], begin: int, end: int):
                 window_topk = regions[len(kinds) - 2][: end - begin].view(torch.int64)
@@ -394,7 +391,7 @@ class NormalMode:
                     origin_token = regions[-1][: end - begin].view(torch.int64).flatten()
                 else:
                     origin_token = torch.arange(begin, end)
-                    origin_rank = torch.full_like(origin_token, self.local_ranks[source])
+                    origin_rank = torch.full_like(origin_token, self.runtime.local_ranks[source])
                 row, out_row, rank, token, k = plan.receive_rows(window_topk, origin_rank, origin_token, already)
                 src_rank[out_row], src_idx[out_row], src_k[out_row] = rank, token, k
                 return row + begin, out_row
@@ -402,14 +399,14 @@ class NormalMode:
             return [as_byte_rows(o) for o in outs], routes
 
         meta = torch.cat([header, tokens_per_expert])
-        internode, rows_by_source = transport.dispatch(self, meta, fields, topk_idx, decide, state_box, stats)
+        internode, rows_by_source = transport.dispatch(self.runtime, meta, fields, topk_idx, decide, state_box, stats)
         plan, outs, src_rank, src_idx, src_k = (
             state_box[key] for key in ("plan", "outs", "src_rank", "src_idx", "src_k")
         )
         self._zero_padding(outs, src_rank, topk_fill=True)
         recv_raw_topk, recv_topk_weights = outs[-2], outs[-1]
         recv_x = (outs[0], outs[1].view(-1)) if quant_code or isinstance(x, (tuple, list)) else outs[0]
-        recv_topk_idx = layout.localize_topk_idx_(recv_raw_topk, self.rank, experts_per_rank)
+        recv_topk_idx = layout.localize_topk_idx_(recv_raw_topk, self.runtime.rank, experts_per_rank)
         state = DispatchState(
             plan=plan,
             recv_src_rank=src_rank,
@@ -448,10 +445,10 @@ class NormalMode:
         if state.internode is not None:
             # Across nodes the forwarders need the top-k to place rows: a dispatch with the handle's
             # routing lands every row where the first one did.
-            counts = state.plan.tokens_per_expert_all[self.rank]
+            counts = state.plan.tokens_per_expert_all[self.runtime.rank]
             rounds = env.long_seq_rounds().rounds  # the counts of round 0 carry them all
             counts = torch.cat([counts, counts.new_zeros((rounds - 1) * counts.numel())])
-            recv_x = self.normal_dispatch(
+            recv_x = self.dispatch(
                 transport,
                 x,
                 num_tokens_per_expert=counts,
@@ -482,17 +479,17 @@ class NormalMode:
             ],
             dtype=torch.int64,
         )
-        self._check_devices(x=x)
-        outs = [self._empty((state.num_out_rows, width), dtype) for dtype, width in kinds]
+        self.runtime.check_devices(x=x)
+        outs = [self.runtime.empty((state.num_out_rows, width), dtype) for dtype, width in kinds]
         out_bytes = [as_byte_rows(o) for o in outs]
         check = functools.partial(check_agreement, what="dispatch (cached)", skip=(1, 8))
-        transport.cached_dispatch(self, state, header, fields, out_bytes, check, stats)
+        transport.cached_dispatch(self.runtime, state, header, fields, out_bytes, check, stats)
         self._zero_padding(outs, state.recv_src_rank, topk_fill=False)
         recv_x = (outs[0], outs[1].view(-1)) if len(outs) == 2 else outs[0]
         return recv_x, None, None, None, None, EventOverlap()
 
     # ---- combine ---------------------------------------------------------------------------------
-    def normal_combine(
+    def combine(
         self,
         transport: "NormalTransport",
         x: torch.Tensor,
@@ -515,7 +512,7 @@ class NormalMode:
             where topk_idx is -1), EventOverlap). combined_x[t] = sum over k with topk_idx[t, k] != -1 of
             w[t, k] * x[row(t, k)], accumulated in float32 in k order.
         """
-        self._check_alive()
+        self.runtime.check_alive()
         stats = self._check_cost_stats("combine_send_cost_stats", combine_send_cost_stats)
         plan = state.plan
         check_tensor("x", x, dtypes=FLOAT_DTYPES, shape=(state.num_out_rows, state.hidden))
@@ -528,9 +525,9 @@ class NormalMode:
         for i, b in enumerate(biases):
             check_tensor(f"bias[{i}]", b, dtypes=FLOAT_DTYPES, shape=(num_tokens, state.hidden))
         self._check_buffer_fits(transport, state.hidden * x.element_size(), 1, "combine")
-        self._check_devices(x=x, topk_weights=weights, bias=biases)
+        self.runtime.check_devices(x=x, topk_weights=weights, bias=biases)
         x = x.contiguous()
-        out = self._empty((num_tokens, state.hidden), x.dtype)
+        out = self.runtime.empty((num_tokens, state.hidden), x.dtype)
         header = torch.tensor(
             [
                 OP_COMBINE,
@@ -548,9 +545,9 @@ class NormalMode:
         check = functools.partial(check_agreement, what="combine", skip=(1, 8))
 
         def reduce(sources: List[torch.Tensor], src_rank: torch.Tensor, src_row: torch.Tensor) -> None:
-            ops.weighted_reduce(out, sources, x.dtype, src_rank, src_row, weights, biases, self.num_threads)
+            ops.weighted_reduce(out, sources, x.dtype, src_rank, src_row, weights, biases, self.runtime.num_threads)
 
         transport.combine(
-            self, state, header, as_byte_rows(x), check, reduce, out, weights, topk_weights, biases, stats
+            self.runtime, state, header, as_byte_rows(x), check, reduce, out, weights, topk_weights, biases, stats
         )
         return out, weights.masked_fill(state.topk_idx < 0, 0), EventOverlap()

@@ -208,3 +208,21 @@ def low_latency_quant_mode(quant_mode: Optional[str], use_fp8: bool, use_ue8m0: 
         elif use_fp8 and use_ue8m0:
             quant_mode = "mx_fp8_e4m3"
     return resolve_quant_mode(quant_mode, bool(use_fp8))
+
+
+def check_low_latency_x(x: Any, quant: str) -> str:
+    """TypeError unless x is a tensor low-latency dispatch can send in format `quant` ("int8": any float
+    dtype, quantized on the way; "bf16": bfloat16 or float16 as is). Returns quant."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor [T, H], got {type(x).__name__}")
+    if quant == "int8" and x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"x of dtype {x.dtype} cannot be quantized to int8 (use_fp8=True / quant_mode='int8'); "
+            "pass bfloat16, float16 or float32"
+        )
+    if quant == "bf16" and x.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(
+            f"x must be bfloat16 or float16 without int8 quantization (use_fp8=False / "
+            f"quant_mode='bf16'), got {x.dtype}"
+        )
+    return quant

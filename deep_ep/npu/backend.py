@@ -25,7 +25,15 @@ import torch.distributed as dist
 from .. import layout
 from ..env import shared_expert_rank_num
 from ..fused import FuseMode, check_modes
-from ..utils import EventOverlap, check_combine_topk_idx, check_num_topk, check_positive_int, check_tensor
+from ..utils import (
+    EventOverlap,
+    check_combine_topk_idx,
+    check_low_latency_x,
+    check_num_topk,
+    check_positive_int,
+    check_tensor,
+    resolve_quant_mode,
+)
 from . import operators as npu_ops
 
 NPU_BACKEND = "hccl"
@@ -55,9 +63,9 @@ def init_backend() -> None:
     check_build_soc(npu_ops.detect_soc())
 
 
-def create_low_latency(buffer) -> npu_ops.NpuLowLatency:
+def create_low_latency(runtime) -> npu_ops.NpuLowLatency:
     """The MC2 operators' dedicated HCCL communicator (collective: every rank of the group)."""
-    return npu_ops.NpuLowLatency(buffer.group, buffer.rank, buffer.group_size)
+    return npu_ops.NpuLowLatency(runtime.group, runtime.rank, runtime.group_size)
 
 
 def destroy_low_latency(npu_ll: npu_ops.NpuLowLatency) -> None:
@@ -166,14 +174,8 @@ class NpuLowLatencyState:
     topk_weights: Optional[torch.Tensor]
 
 
-def _check_device(buffer, **tensors) -> None:
-    for name, tensor in tensors.items():
-        if tensor is not None and tensor.device != buffer.device:
-            raise ValueError(f"{name} must be on the Buffer's device {buffer.device}, got {tensor.device}")
-
-
 def _check_mc2_inputs(
-    buffer,
+    runtime,
     x: torch.Tensor,
     topk_idx: torch.Tensor,
     topk_weights: Optional[torch.Tensor],
@@ -191,16 +193,18 @@ def _check_mc2_inputs(
         check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=(num_tokens, num_topk))
     check_positive_int("num_max_dispatch_tokens_per_rank", num_max_tokens)
     shared = shared_expert_rank_num()
-    layout.SharedExperts.check(num_experts, buffer.group_size, shared)
+    layout.SharedExperts.check(num_experts, runtime.group_size, shared)
     if num_tokens > num_max_tokens:
         raise ValueError(f"x has {num_tokens} tokens, more than num_max_dispatch_tokens_per_rank={num_max_tokens}")
-    _check_device(buffer, x=x, topk_idx=topk_idx, topk_weights=topk_weights)
+    runtime.check_devices(x=x, topk_idx=topk_idx, topk_weights=topk_weights)
     # One host sync for all value checks; the message is worked out only when something is wrong.
     if topk_idx.numel() and bool(((topk_idx < -1) | (topk_idx >= num_experts)).any()):
         low, high = int(topk_idx.min()), int(topk_idx.max())
         raise ValueError(f"topk_idx values must lie in [-1, {num_experts}), got values in [{low}, {high}]")
-    buffer.npu_ll.check_limits(hidden, num_max_tokens, num_topk, num_experts, topk_weights is not None, shared)
-    check_hccl_buffsize(buffer.npu_ll, num_max_tokens, hidden, num_experts, num_topk, shared)
+    runtime.low_latency.npu_ll.check_limits(
+        hidden, num_max_tokens, num_topk, num_experts, topk_weights is not None, shared
+    )
+    check_hccl_buffsize(runtime.low_latency.npu_ll, num_max_tokens, hidden, num_experts, num_topk, shared)
     return num_tokens, hidden, num_topk
 
 
@@ -209,7 +213,7 @@ def _no_hook() -> None:
 
 
 def low_latency_dispatch(
-    buffer,
+    runtime,
     x: torch.Tensor,
     topk_idx: torch.Tensor,
     num_max_dispatch_tokens_per_rank: int,
@@ -226,9 +230,9 @@ def low_latency_dispatch(
     handle = (assist_info_for_combine (operator data, the per-row source info), layout_range int64
     [L * R], Nmax, H, E, recv_count, topk_weights, NpuLowLatencyState).
     """
-    quant = buffer._ll_quant(x, use_fp8, quant_mode)
+    quant = check_low_latency_x(x, resolve_quant_mode(quant_mode, use_fp8))
     num_tokens, hidden, num_topk = _check_mc2_inputs(
-        buffer,
+        runtime,
         x,
         topk_idx,
         topk_weights,
@@ -238,15 +242,15 @@ def low_latency_dispatch(
     )
     shared = shared_expert_rank_num()
     if cumulative_local_expert_recv_stats is not None:
-        local = layout.SharedExperts.check(num_experts, buffer.group_size, shared).local_experts(buffer.rank)
+        local = layout.SharedExperts.check(num_experts, runtime.group_size, shared).local_experts(runtime.rank)
         check_tensor(
             "cumulative_local_expert_recv_stats",
             cumulative_local_expert_recv_stats,
             dtypes=(torch.int32,),
             shape=(local,),
         )
-        _check_device(buffer, cumulative_local_expert_recv_stats=cumulative_local_expert_recv_stats)
-    recv_x, recv_count, op = buffer.npu_ll.dispatch(
+        runtime.check_devices(cumulative_local_expert_recv_stats=cumulative_local_expert_recv_stats)
+    recv_x, recv_count, op = runtime.low_latency.npu_ll.dispatch(
         x,
         topk_idx,
         topk_weights,
@@ -272,7 +276,7 @@ def low_latency_dispatch(
 
 
 def low_latency_combine(
-    buffer,
+    runtime,
     x: torch.Tensor,
     topk_idx: torch.Tensor,
     topk_weights: torch.Tensor,
@@ -294,21 +298,21 @@ def low_latency_combine(
     check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=(num_tokens, num_topk))
     if out is not None:
         check_tensor("out", out, dtypes=(state.dtype,), shape=(num_tokens, state.op.hidden))
-    _check_device(buffer, x=x, topk_idx=topk_idx, topk_weights=topk_weights, out=out)
+    runtime.check_devices(x=x, topk_idx=topk_idx, topk_weights=topk_weights, out=out)
     check_combine_topk_idx(topk_idx, state.topk_idx)  # the operator takes the dispatch's expert ids
-    result = buffer.npu_ll.combine(x.contiguous(), topk_idx, topk_weights, state.op, out)
+    result = runtime.low_latency.npu_ll.combine(x.contiguous(), topk_idx, topk_weights, state.op, out)
     return result, EventOverlap(), _no_hook if return_recv_hook else None
 
 
-def clean_low_latency_buffer(buffer, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+def clean_low_latency_buffer(runtime, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
     """Checks the sizes; the MC2 operators keep no signalling state for deep_ep to reset."""
     check_positive_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank)
     check_positive_int("hidden", hidden)
-    layout.SharedExperts.check(num_experts, buffer.group_size, shared_expert_rank_num())
+    layout.SharedExperts.check(num_experts, runtime.group_size, shared_expert_rank_num())
 
 
 def fused_deep_moe(
-    buffer,
+    runtime,
     x: torch.Tensor,
     topk_idx: torch.Tensor,
     topk_weights: torch.Tensor,
@@ -332,18 +336,17 @@ def fused_deep_moe(
     if isinstance(topk_idx, torch.Tensor) and topk_idx.dtype == torch.int32:
         topk_idx = topk_idx.long()
     _check_mc2_inputs(
-        buffer, x, topk_idx, topk_weights, num_max_dispatch_tokens_per_rank, num_experts, (torch.bfloat16,)
+        runtime, x, topk_idx, topk_weights, num_max_dispatch_tokens_per_rank, num_experts, (torch.bfloat16,)
     )
     if topk_weights is None:
         raise ValueError("fused_deep_moe needs topk_weights (float32 [T, K])")
-    _check_device(
-        buffer,
+    runtime.check_devices(
         gmm1_permuted_weight=gmm1_permuted_weight,
         gmm1_permuted_weight_scale=gmm1_permuted_weight_scale,
         gmm2_weight=gmm2_weight,
         gmm2_weight_scale=gmm2_weight_scale,
     )
-    return buffer.npu_ll.fused_deep_moe(
+    return runtime.low_latency.npu_ll.fused_deep_moe(
         x,
         topk_idx,
         topk_weights,

@@ -15,7 +15,7 @@ arrived already and it does nothing.
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -38,6 +38,9 @@ from ..transport import alltoall_low_latency, shm_low_latency
 from ..transport.fields import as_byte_rows
 from ..utils import NATIVE_DTYPE_CODES, EventOverlap, low_latency_quant_mode
 
+if TYPE_CHECKING:
+    from ..runtime import Runtime
+
 
 def _no_hook() -> None:
     """The hook of a call whose data has arrived."""
@@ -50,29 +53,29 @@ class SharedMemoryLowLatency:
     def __init__(self, ll: shm_low_latency.LowLatencyShm) -> None:
         self.ll = ll
 
-    def reject(self, rt: LowLatencyMode, kind: int, seq: int, header: List[int], what: str) -> None:
+    def reject(self, mode: LowLatencyMode, kind: int, seq: int, header: List[int], what: str) -> None:
         ll, parity = self.ll, seq & 1
         if kind == 0:
             ll.skip(seq)
-        rt.ll_guard(lambda: ll.wait_acks(kind, parity, seq, what))
+        mode.ll_guard(lambda: ll.wait_acks(kind, parity, seq, what))
         ll.publish(kind, parity, seq, header)
         ll.ack(kind, parity, seq)
 
-    def _headers(self, rt: LowLatencyMode, kind: int, call: LowLatencyCall) -> None:
+    def _headers(self, mode: LowLatencyMode, kind: int, call: LowLatencyCall) -> None:
         """Waits for every peer's rows of `call` and checks their headers. On a disagreement it
         acknowledges and finishes the call (no peer waits for this rank) and raises ValueError."""
         what = LL_KINDS[kind]
         ll, parity = self.ll, call.seq & 1
-        rt.ll_guard(lambda: ll.wait_signals(kind, parity, call.seq, f"{what} (receive)"))
+        mode.ll_guard(lambda: ll.wait_signals(kind, parity, call.seq, f"{what} (receive)"))
         problem = ll_disagreement(ll.headers(kind, parity).tolist(), call.header, LL_COMPARED[kind], what)
         if problem:
             ll.ack(kind, parity, call.seq)
-            rt.ll_finish(kind, call)
+            mode.ll_finish(kind, call)
             raise ValueError(problem)
 
     def send_dispatch(
         self,
-        rt: LowLatencyMode,
+        mode: LowLatencyMode,
         state: LowLatencyState,
         x: torch.Tensor,
         slot: torch.Tensor,
@@ -81,7 +84,7 @@ class SharedMemoryLowLatency:
     ) -> None:
         ll, seq, parity = self.ll, state.seq, state.seq & 1
         areas = ll.areas(state.num_max_tokens, state.hidden, state.num_experts, parity)
-        rt.ll_guard(lambda: ll.wait_acks(0, parity, seq, what))
+        mode.ll_guard(lambda: ll.wait_acks(0, parity, seq, what))
         me = ll.local_index
         deep_ep_cpp.ll_dispatch_send(
             x.data_ptr(),
@@ -92,7 +95,7 @@ class SharedMemoryLowLatency:
             state.num_topk,
             state.topk_idx.numpy(),
             slot.numpy(),
-            state.num_experts // rt.group_size,
+            state.num_experts // mode.runtime.group_size,
             me,
             state.num_max_tokens,
             areas.tokens[me],
@@ -103,14 +106,14 @@ class SharedMemoryLowLatency:
             counts.numpy(),
             ll.send_signal[0][parity],
             seq,
-            rt.num_threads,
+            mode.runtime.num_threads,
         )
 
-    def receive_dispatch(self, rt: LowLatencyMode, state: LowLatencyState) -> None:
+    def receive_dispatch(self, mode: LowLatencyMode, state: LowLatencyState) -> None:
         ll = self.ll
-        self._headers(rt, 0, state)
+        self._headers(mode, 0, state)
         parity = state.seq & 1
-        counts = ll.counts(parity, state.num_experts // rt.group_size)
+        counts = ll.counts(parity, state.num_experts // mode.runtime.group_size)
         block_rows = layout.low_latency_recv_layout(counts, state.layout_range.numpy(), state.recv_count.numpy())
         areas = ll.areas(state.num_max_tokens, state.hidden, state.num_experts, parity)
         me = ll.local_index
@@ -130,14 +133,14 @@ class SharedMemoryLowLatency:
             state.num_rows,
             ll.recv_ack[0][parity],
             state.seq,
-            rt.num_threads,
+            mode.runtime.num_threads,
         )
 
-    def send_combine(self, rt: LowLatencyMode, task: LowLatencyCombine, x: torch.Tensor, what: str) -> None:
+    def send_combine(self, mode: LowLatencyMode, task: LowLatencyCombine, x: torch.Tensor, what: str) -> None:
         ll, state, seq, parity = self.ll, task.state, task.seq, task.seq & 1
         total, hidden = state.total, state.hidden
         areas = ll.areas(state.num_max_tokens, hidden, state.num_experts, parity)
-        rt.ll_guard(lambda: ll.wait_acks(1, parity, seq, what))
+        mode.ll_guard(lambda: ll.wait_acks(1, parity, seq, what))
         deep_ep_cpp.ll_combine_send(
             x.data_ptr(),
             hidden * x.element_size(),
@@ -150,12 +153,12 @@ class SharedMemoryLowLatency:
             ll.send_header[1][parity],
             ll.send_signal[1][parity],
             seq,
-            rt.num_threads,
+            mode.runtime.num_threads,
         )
 
-    def receive_combine(self, rt: LowLatencyMode, task: LowLatencyCombine, dropped: torch.Tensor) -> None:
+    def receive_combine(self, mode: LowLatencyMode, task: LowLatencyCombine, dropped: torch.Tensor) -> None:
         ll, state = self.ll, task.state
-        self._headers(rt, 1, task)
+        self._headers(mode, 1, task)
         parity = task.seq & 1
         rows = ll.return_view(state.num_max_tokens, state.hidden, state.num_experts, parity)
         ops.weighted_reduce(
@@ -165,7 +168,7 @@ class SharedMemoryLowLatency:
             dropped,
             ll_selection_rows(state),
             task.weights,
-            threads=rt.num_threads,
+            threads=mode.runtime.num_threads,
         )
         ll.ack(1, parity, task.seq)
 
@@ -176,27 +179,27 @@ class AllToAllLowLatency:
 
     ll = None
 
-    def reject(self, rt: LowLatencyMode, kind: int, seq: int, header: List[int], what: str) -> None:
-        counts = torch.zeros(rt.group_size, 1, dtype=torch.int64)
-        alltoall_low_latency.exchange_headers(rt.comm, header, counts, what)
+    def reject(self, mode: LowLatencyMode, kind: int, seq: int, header: List[int], what: str) -> None:
+        counts = torch.zeros(mode.runtime.group_size, 1, dtype=torch.int64)
+        alltoall_low_latency.exchange_headers(mode.runtime.comm, header, counts, what)
 
-    def _headers(self, rt: LowLatencyMode, kind: int, call: LowLatencyCall, counts_to: torch.Tensor) -> torch.Tensor:
+    def _headers(self, mode: LowLatencyMode, kind: int, call: LowLatencyCall, counts_to: torch.Tensor) -> torch.Tensor:
         """Sends `call`'s header and counts_to[d] (int64 [R, C]) to every rank d and checks the headers
         that arrive. On a disagreement it drops the call from the pending ones and raises ValueError.
         Returns int64 [R, HEADER_WORDS + MAX_LOCAL_EXPERTS]: what every source sent."""
         what = LL_KINDS[kind]
-        meta = alltoall_low_latency.exchange_headers(rt.comm, call.header, counts_to, what)
+        meta = alltoall_low_latency.exchange_headers(mode.runtime.comm, call.header, counts_to, what)
         problem = ll_disagreement(
             meta[:, : shm_low_latency.HEADER_WORDS].tolist(), call.header, LL_COMPARED[kind], what
         )
         if problem:
-            rt.ll_drop_pending(kind, call.seq)
+            mode.ll_drop_pending(kind, call.seq)
             raise ValueError(problem)
         return meta
 
     def send_dispatch(
         self,
-        rt: LowLatencyMode,
+        mode: LowLatencyMode,
         state: LowLatencyState,
         x: torch.Tensor,
         slot: torch.Tensor,
@@ -204,24 +207,24 @@ class AllToAllLowLatency:
         what: str,
     ) -> None:
         """Exchanges headers, counts and rows now; the hook places them (receive_dispatch)."""
-        experts_per_rank = state.num_experts // rt.group_size
-        counts_to = counts.view(rt.group_size, experts_per_rank)
-        meta = self._headers(rt, 0, state, counts_to)
+        experts_per_rank = state.num_experts // mode.runtime.group_size
+        counts_to = counts.view(mode.runtime.group_size, experts_per_rank)
+        meta = self._headers(mode, 0, state, counts_to)
         counts_from = meta[:, shm_low_latency.HEADER_WORDS : shm_low_latency.HEADER_WORDS + experts_per_rank]
         token, k, _, _ = layout.expert_major_entries(state.topk_idx, 0, state.num_experts)
         if state.quantized:
-            q, scale = ops.quantize_int8(x, rt.num_threads)
+            q, scale = ops.quantize_int8(x, mode.runtime.num_threads)
             fields = [q, scale.view(-1, 1)]
         else:
             fields = [x]
         info = torch.stack([token, k], 1).to(torch.int32)
         send = torch.cat([as_byte_rows(f.index_select(0, token)) for f in fields] + [as_byte_rows(info)], 1)
         state.arrived = alltoall_low_latency.exchange(
-            rt.comm, send, counts_to.sum(1).tolist(), counts_from.sum(1).tolist(), "low_latency_dispatch"
+            mode.runtime.comm, send, counts_to.sum(1).tolist(), counts_from.sum(1).tolist(), "low_latency_dispatch"
         )
         state.counts_from = counts_from.clone()
 
-    def receive_dispatch(self, rt: LowLatencyMode, state: LowLatencyState) -> None:
+    def receive_dispatch(self, mode: LowLatencyMode, state: LowLatencyState) -> None:
         layout.low_latency_recv_layout(state.counts_from.numpy(), state.layout_range.numpy(), state.recv_count.numpy())
         rows = layout.low_latency_arrival_rows(state.counts_from, state.layout_range)
         state.arrival_rows = rows
@@ -231,28 +234,28 @@ class AllToAllLowLatency:
         if state.quantized:
             recv[1].view(torch.uint8).view(-1, 4).index_copy_(0, rows, arrived[:, width : width + 4])
         info = arrived[:, -8:].clone(memory_format=torch.contiguous_format).view(torch.int32)  # fresh storage: aligned
-        sources = torch.repeat_interleave(torch.arange(rt.group_size), state.counts_from.sum(1))
+        sources = torch.repeat_interleave(torch.arange(mode.runtime.group_size), state.counts_from.sum(1))
         state.src_info.fill_(-1)
         state.src_info[rows] = torch.cat([sources.to(torch.int32).view(-1, 1), info], 1)
         state.total = rows.numel()
         state.arrived = None
 
-    def send_combine(self, rt: LowLatencyMode, task: LowLatencyCombine, x: torch.Tensor, what: str) -> None:
+    def send_combine(self, mode: LowLatencyMode, task: LowLatencyCombine, x: torch.Tensor, what: str) -> None:
         state = task.state
-        self._headers(rt, 1, task, torch.zeros(rt.group_size, 1, dtype=torch.int64))
-        experts_per_rank = state.num_experts // rt.group_size
+        self._headers(mode, 1, task, torch.zeros(mode.runtime.group_size, 1, dtype=torch.int64))
+        experts_per_rank = state.num_experts // mode.runtime.group_size
         _, counts = layout.low_latency_slots(state.topk_idx, state.num_experts)
-        back = counts.view(rt.group_size, experts_per_rank).sum(1).tolist()
+        back = counts.view(mode.runtime.group_size, experts_per_rank).sum(1).tolist()
         send = as_byte_rows(x).index_select(0, state.arrival_rows)
         task.arrived = alltoall_low_latency.exchange(
-            rt.comm, send, state.counts_from.sum(1).tolist(), back, "low_latency_combine"
+            mode.runtime.comm, send, state.counts_from.sum(1).tolist(), back, "low_latency_combine"
         )
         token, k, _, _ = layout.expert_major_entries(state.topk_idx, 0, state.num_experts)
         position = torch.full((state.num_tokens * state.num_topk,), -1, dtype=torch.int64)
         position[token * state.num_topk + k] = torch.arange(token.numel())
         task.arrived_row = position.clamp_min(0).view(state.num_tokens, state.num_topk)
 
-    def receive_combine(self, rt: LowLatencyMode, task: LowLatencyCombine, dropped: torch.Tensor) -> None:
+    def receive_combine(self, mode: LowLatencyMode, task: LowLatencyCombine, dropped: torch.Tensor) -> None:
         ops.weighted_reduce(
             task.result,
             [task.arrived],
@@ -260,14 +263,14 @@ class AllToAllLowLatency:
             dropped,
             task.arrived_row,
             task.weights,
-            threads=rt.num_threads,
+            threads=mode.runtime.num_threads,
         )
 
 
 class _LowLatencyStrategyBase(LowLatencyEPCommStrategy):
     """The runtime and the calls into it, shared by the low-latency strategies."""
 
-    def __init__(self, runtime: LowLatencyMode, group: dist.ProcessGroup) -> None:
+    def __init__(self, runtime: "Runtime", group: dist.ProcessGroup) -> None:
         super().__init__(group)
         self.runtime = runtime
         self.transport = AllToAllLowLatency()  # the default strategy may pick the shared memory instead
@@ -309,7 +312,7 @@ class _LowLatencyStrategyBase(LowLatencyEPCommStrategy):
             )
             handle = handles.LowLatencyHandle(tuple(npu_handle[:6]) + (None,), npu_handle, rt.runtime_id)
             return recv_x, recv_count, handle, event, _no_hook
-        recv_x, recv_count, state, event, hook = rt.ll_dispatch(
+        recv_x, recv_count, state, event, hook = rt.low_latency.ll_dispatch(
             self.transport,
             x,
             topk_idx,
@@ -359,7 +362,7 @@ class _LowLatencyStrategyBase(LowLatencyEPCommStrategy):
                 f"low_latency_combine: the handle was made by another low-latency strategy than this "
                 f"Buffer's {self.get_name()!r}; use the strategy that dispatched it"
             )
-        return rt.ll_combine(x, topk_idx, topk_weights, state, return_recv_hook, out)
+        return rt.low_latency.ll_combine(x, topk_idx, topk_weights, state, return_recv_hook, out)
 
 
 @register_low_latency_strategy("default")
@@ -367,10 +370,10 @@ class DefaultLowLatencyCommStrategy(_LowLatencyStrategyBase):
     """Shared memory on one node (all_to_all_single otherwise); MC2 operators on NPU. Built on every
     rank (it maps the node's low-latency memory the first time)."""
 
-    def __init__(self, runtime: LowLatencyMode, group: dist.ProcessGroup) -> None:
+    def __init__(self, runtime: "Runtime", group: dist.ProcessGroup) -> None:
         super().__init__(runtime, group)
-        self.on_npu = runtime.npu_ll is not None
-        ll = None if self.on_npu else runtime.low_latency_shm()
+        self.on_npu = runtime.low_latency.npu_ll is not None
+        ll = None if self.on_npu else runtime.low_latency.shm()
         if ll is not None:
             self.transport = SharedMemoryLowLatency(ll)
 
@@ -382,7 +385,7 @@ class DefaultLowLatencyCommStrategy(_LowLatencyStrategyBase):
 class AllToAllLowLatencyCommStrategy(_LowLatencyStrategyBase):
     """all_to_all_single between every pair of ranks (CPU ranks)."""
 
-    def __init__(self, runtime: LowLatencyMode, group: dist.ProcessGroup) -> None:
+    def __init__(self, runtime: "Runtime", group: dist.ProcessGroup) -> None:
         super().__init__(runtime, group)
         if runtime.on_npu:
             raise ValueError("low_latency_strategy='alltoall' is not available on NPU; use 'default' or 'ops'")
@@ -401,7 +404,7 @@ class OpsLowLatencyCommStrategy(_LowLatencyStrategyBase):
 
     COMM_ALGS = ("hierarchy", "fullmesh_v1", "fullmesh_v2", "ccu", "")
 
-    def __init__(self, runtime: LowLatencyMode, group: dist.ProcessGroup, comm_alg: str = "hierarchy") -> None:
+    def __init__(self, runtime: "Runtime", group: dist.ProcessGroup, comm_alg: str = "hierarchy") -> None:
         super().__init__(runtime, group)
         if comm_alg not in self.COMM_ALGS:
             raise ValueError(f"comm_alg must be one of {list(self.COMM_ALGS)}, got {comm_alg!r}")
@@ -411,7 +414,7 @@ class OpsLowLatencyCommStrategy(_LowLatencyStrategyBase):
                 "operators; on CPU use 'default' or 'alltoall'"
             )
         self.comm_alg = comm_alg
-        self.on_npu = runtime.npu_ll is not None
+        self.on_npu = runtime.low_latency.npu_ll is not None
 
     def get_name(self) -> str:
         return "ops"

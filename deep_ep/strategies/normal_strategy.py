@@ -17,17 +17,20 @@ all_to_all_single share its duration (they arrive together).
 from __future__ import annotations
 
 import time
-from typing import Callable, List, Optional, Union
+from typing import TYPE_CHECKING, Callable, List, Optional, Union
 
 import torch
 import torch.distributed as dist
 
 from .. import handles
 from ..ep_strategy import NormalEPCommStrategy, register_normal_strategy
-from ..normal import OP_DISPATCH, DispatchState, InternodeState, NormalMode
+from ..normal import OP_DISPATCH, DispatchState, InternodeState
 from ..transport import collective, hierarchical, shm
 from ..transport.fields import as_byte_rows
 from ..utils import EventOverlap
+
+if TYPE_CHECKING:
+    from ..runtime import Runtime
 
 
 def _add_us(stats: Optional[torch.Tensor], ranks: Union[List[int], torch.Tensor], ns: torch.Tensor) -> None:
@@ -46,7 +49,7 @@ class CollectiveRows:
 
     def dispatch(
         self,
-        rt: NormalMode,
+        rt: "Runtime",
         meta: torch.Tensor,
         fields: List[torch.Tensor],
         topk_idx: torch.Tensor,
@@ -77,7 +80,7 @@ class CollectiveRows:
 
     def cached_dispatch(
         self,
-        rt: NormalMode,
+        rt: "Runtime",
         state: DispatchState,
         header: torch.Tensor,
         fields: List[torch.Tensor],
@@ -103,7 +106,7 @@ class CollectiveRows:
 
     def combine(
         self,
-        rt: NormalMode,
+        rt: "Runtime",
         state: DispatchState,
         header: torch.Tensor,
         x_rows: torch.Tensor,
@@ -139,7 +142,7 @@ class SharedMemoryRows:
 
     def dispatch(
         self,
-        rt: NormalMode,
+        rt: "Runtime",
         meta: torch.Tensor,
         fields: List[torch.Tensor],
         topk_idx: torch.Tensor,
@@ -154,7 +157,7 @@ class SharedMemoryRows:
 
     def cached_dispatch(
         self,
-        rt: NormalMode,
+        rt: "Runtime",
         state: DispatchState,
         header: torch.Tensor,
         fields: List[torch.Tensor],
@@ -182,7 +185,7 @@ class SharedMemoryRows:
 
     def combine(
         self,
-        rt: NormalMode,
+        rt: "Runtime",
         state: DispatchState,
         header: torch.Tensor,
         x_rows: torch.Tensor,
@@ -214,7 +217,7 @@ class HierarchicalRows(SharedMemoryRows):
     """Several nodes: each (token, node) pair crosses the network once, to the node's forwarder,
     which publishes it in the node's shared memory (deep_ep/transport/hierarchical.py)."""
 
-    def _forwarders(self, rt: NormalMode) -> torch.Tensor:
+    def _forwarders(self, rt: "Runtime") -> torch.Tensor:
         """int64 [R]: local index (in this node) of the rank that carries each rank's rows here."""
         topology = rt.topology
         mine = topology.local_ranks
@@ -225,7 +228,7 @@ class HierarchicalRows(SharedMemoryRows):
         return local
 
     def _add_across(
-        self, rt: NormalMode, stats: Optional[torch.Tensor], local_ns: torch.Tensor, network_ns: int
+        self, rt: "Runtime", stats: Optional[torch.Tensor], local_ns: torch.Tensor, network_ns: int
     ) -> None:
         """Local ranks: their shared-memory time; other ranks: the network time plus that of the local
         rank that carries their rows."""
@@ -238,7 +241,7 @@ class HierarchicalRows(SharedMemoryRows):
 
     def dispatch(
         self,
-        rt: NormalMode,
+        rt: "Runtime",
         meta: torch.Tensor,
         fields: List[torch.Tensor],
         topk_idx: torch.Tensor,
@@ -274,7 +277,7 @@ class HierarchicalRows(SharedMemoryRows):
 
     def combine(
         self,
-        rt: NormalMode,
+        rt: "Runtime",
         state: DispatchState,
         header: torch.Tensor,
         x_rows: torch.Tensor,
@@ -320,7 +323,7 @@ class _NormalStrategyBase(NormalEPCommStrategy):
 
     transport: Union[CollectiveRows, SharedMemoryRows]
 
-    def __init__(self, runtime: NormalMode, group: dist.ProcessGroup) -> None:
+    def __init__(self, runtime: "Runtime", group: dist.ProcessGroup) -> None:
         super().__init__(group)
         self.runtime = runtime
 
@@ -335,7 +338,7 @@ class _NormalStrategyBase(NormalEPCommStrategy):
         async_finish: bool = False,
         allocate_on_comm_stream: bool = False,
     ):
-        return self.runtime.dispatch_layout(topk_idx, num_experts)
+        return self.runtime.normal.dispatch_layout(topk_idx, num_experts)
 
     def _state(self, handle, what: str) -> DispatchState:
         state = handles.state_of(handle, self.handle_kinds, self.runtime.runtime_id, "Buffer.dispatch")
@@ -367,7 +370,7 @@ class _NormalStrategyBase(NormalEPCommStrategy):
         quant_mode: Optional[str] = None,
     ):
         state = None if handle is None else self._state(handle, "dispatch")
-        recv_x, recv_topk_idx, recv_topk_weights, counts, new_state, event = self.runtime.normal_dispatch(
+        recv_x, recv_topk_idx, recv_topk_weights, counts, new_state, event = self.runtime.normal.dispatch(
             self.transport,
             x,
             state,
@@ -406,7 +409,7 @@ class _NormalStrategyBase(NormalEPCommStrategy):
         combine_send_cost_stats: Optional[torch.Tensor] = None,
     ):
         state = self._state(handle, "combine")
-        return self.runtime.normal_combine(self.transport, x, state, topk_weights, bias, combine_send_cost_stats)
+        return self.runtime.normal.combine(self.transport, x, state, topk_weights, bias, combine_send_cost_stats)
 
 
 @register_normal_strategy("default")
@@ -416,7 +419,7 @@ class DefaultNormalCommStrategy(_NormalStrategyBase):
 
     handle_kinds = (handles.NormalHandle,)
 
-    def __init__(self, runtime: NormalMode, group: dist.ProcessGroup) -> None:
+    def __init__(self, runtime: "Runtime", group: dist.ProcessGroup) -> None:
         super().__init__(runtime, group)
         if runtime.device_path:
             self.transport = CollectiveRows()
@@ -443,7 +446,7 @@ class AlltoAllNormalCommStrategy(_NormalStrategyBase):
 
     handle_kinds = (handles.AlltoAllHandle,)
 
-    def __init__(self, runtime: NormalMode, group: dist.ProcessGroup) -> None:
+    def __init__(self, runtime: "Runtime", group: dist.ProcessGroup) -> None:
         super().__init__(runtime, group)
         self.transport = CollectiveRows()
 

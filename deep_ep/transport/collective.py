@@ -21,7 +21,7 @@ import torch.distributed as dist
 # send operation", "Connection reset by peer"), and the group is unusable afterwards ("Application timeout
 # caused pair closure"). Every collective below goes through `run_collective`, which turns such an error
 # into one that names the ranks, and remembers the failure so that later calls say the Buffer must be
-# recreated (Buffer._check_alive asks `failure`).
+# recreated (Runtime.check_alive asks `failure`).
 
 
 @dataclass

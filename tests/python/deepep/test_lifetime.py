@@ -38,7 +38,7 @@ def freed_by_refcount(rank: int, num_ranks: int, group, destroy: bool) -> None:
             else:
                 buffer = deep_ep.Buffer(group, normal_strategy=strategy)
                 buffer.normal_strategy = AlltoAllNormalCommStrategy(runtime=buffer.runtime, group=group)
-            alive, comm = weakref.ref(buffer), weakref.ref(buffer.comm)
+            alive, comm = weakref.ref(buffer), weakref.ref(buffer.runtime.comm)
             if destroy:
                 buffer.destroy()
             del buffer

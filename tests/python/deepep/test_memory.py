@@ -91,7 +91,7 @@ def message_bytes(tokens: int) -> int:
 # ---- normal mode: reserved bytes follow the largest message -------------------------------------------------
 def normal_follows_use(rank: int, num_ranks: int, group) -> None:
     buffer = deep_ep.Buffer(group, num_nvl_bytes=LARGE_NVL_BYTES)
-    segment = own_segment(buffer.shm)
+    segment = own_segment(buffer.runtime.shm)
     figures: Dict[str, int] = {"created": reserved_bytes(segment)}
     # Control and meta only: no data area yet.
     assert figures["created"] <= shm_transport.DATA_OFFSET, figures
@@ -129,7 +129,7 @@ def test_normal_mode_reserves_what_calls_use() -> None:
 # ---- low-latency mode with num_rdma_bytes=0 ------------------------------------------------------------------
 def low_latency_sizes_itself(rank: int, num_ranks: int, group) -> None:
     buffer = deep_ep.Buffer(group, low_latency_mode=True)  # num_rdma_bytes=0, as DeepEP-Ascend callers pass
-    segment = own_segment(buffer.ll)
+    segment = own_segment(buffer.runtime.low_latency.ll)
     created = reserved_bytes(segment)
     assert created <= shm_low_latency.control_bytes(num_ranks), created
     small = Case(tokens=[5, 8, 0], max_tokens=8, hidden=128, experts_per_rank=2, topk=2)
@@ -169,7 +169,7 @@ def low_latency_sizes_itself(rank: int, num_ranks: int, group) -> None:
     fresh.destroy()
     # The all_to_all transport needs no segment: num_rdma_bytes=0 means no limit there.
     alltoall = deep_ep.Buffer(group, low_latency_mode=True, low_latency_strategy="alltoall")
-    assert alltoall.ll is None
+    assert alltoall.runtime.low_latency.ll is None
     check_low_latency(rank, num_ranks, alltoall, large, group)
     alltoall.destroy()
     explicit_limit(rank, num_ranks, group)
@@ -187,7 +187,7 @@ def explicit_limit(rank: int, num_ranks: int, group) -> None:
     case = Case(tokens=[8], max_tokens=8, hidden=64, experts_per_rank=2, topk=2)
     size = deep_ep.Buffer.get_low_latency_rdma_size_hint(8, 64, num_ranks, 2 * num_ranks)
     buffer = deep_ep.Buffer(group, num_rdma_bytes=size, low_latency_mode=True)
-    assert reserved_bytes(own_segment(buffer.ll)) <= size
+    assert reserved_bytes(own_segment(buffer.runtime.low_latency.ll)) <= size
     check_low_latency(rank, num_ranks, buffer, case, group)
     inputs = make_inputs(rank, 8, 64, 2 * num_ranks, 2, num_ranks)
     with pytest.raises(ValueError, match=rf"num_rdma_bytes={size} is too small .* it needs \d+ bytes"):
@@ -242,7 +242,7 @@ def out_of_dev_shm(rank: int, num_ranks: int, group) -> None:
     check_fused(rank, num_ranks, group, buffer, FusedCase(tokens=[5, 7], max_tokens=8))
     dist.barrier(group)
 
-    segment = own_segment(buffer.shm)
+    segment = own_segment(buffer.runtime.shm)
     reserved = reserved_bytes(segment)
     dist.barrier(group)
     used_before = shm_used()

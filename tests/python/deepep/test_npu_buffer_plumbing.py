@@ -293,8 +293,8 @@ def test_plumbing_import_without_torch_npu():
 
 def backend_choice(rank: int, num_ranks: int, group) -> None:
     buffer = deep_ep.Buffer(group)  # gloo: the CPU path
-    assert not buffer.on_npu and buffer.device == torch.device("cpu") and not buffer.device_path
-    assert buffer.shm is not None and buffer.normal_strategy == "default"
+    assert not buffer.runtime.on_npu and buffer.runtime.device == torch.device("cpu") and not buffer.runtime.device_path
+    assert buffer.runtime.shm is not None and buffer.normal_strategy == "default"
     buffer.destroy()
     patch = Patcher()
     try:
@@ -311,14 +311,16 @@ def backend_choice(rank: int, num_ranks: int, group) -> None:
     try:
         fake = install_npu_stand_in(patch)
         buffer = deep_ep.Buffer(group)  # hccl: the NPU path
-        assert buffer.on_npu and buffer.device == DEVICE and buffer.device_path
-        assert buffer.shm is None and buffer.normal_strategy == "default" and buffer.data_comm is group
-        assert buffer.npu_ll is None and fake.new_group_calls == []  # no MC2 group without low_latency_mode
+        assert buffer.runtime.on_npu and buffer.runtime.device == DEVICE and buffer.runtime.device_path
+        assert buffer.runtime.shm is None and buffer.normal_strategy == "default" and buffer.runtime.data_comm is group
+        assert (
+            buffer.runtime.low_latency.npu_ll is None and fake.new_group_calls == []
+        )  # no MC2 group without low_latency_mode
         buffer.destroy()
         buffer = deep_ep.Buffer(group, low_latency_mode=True, normal_strategy="alltoall")
-        assert buffer.low_latency_strategy == "ops" and buffer.npu_ll is not None
+        assert buffer.low_latency_strategy == "ops" and buffer.runtime.low_latency.npu_ll is not None
         assert fake.new_group_calls == [dict(ranks=list(range(num_ranks)), backend="hccl")]
-        assert buffer.npu_ll.comm_name == f"fake_hccl_comm_{rank}"
+        assert buffer.runtime.low_latency.npu_ll.comm_name == f"fake_hccl_comm_{rank}"
         buffer.destroy()
         with pytest.raises(ValueError, match="not available on NPU"):
             deep_ep.Buffer(group, low_latency_mode=True, low_latency_strategy="alltoall")
@@ -414,10 +416,10 @@ def normal_mode_device_path(rank: int, num_ranks: int, group, strict: bool) -> N
             else:
                 os.environ["DEEP_EP_FORCE_TORCH_OPS"] = "1"
             buffer = deep_ep.Buffer(group, num_nvl_bytes=1 << 20)
-            assert buffer.device_path and buffer.shm is None and buffer.normal_strategy == "default"
+            assert buffer.runtime.device_path and buffer.runtime.shm is None and buffer.normal_strategy == "default"
             if strict:
                 mode = StrictDevice()
-                with strict_collectives(buffer.data_comm) as calls, mode:
+                with strict_collectives(buffer.runtime.data_comm) as calls, mode:
                     device = _run_normal(buffer, inputs, case, lambda t: t.to(DEVICE), to_host)
                 # the rows went over all_to_all_single (dispatch, combine x2, cached), metadata over gloo
                 assert calls["all_to_all_single"] == (4 if case["quant"] == "bf16" else 3)

@@ -233,7 +233,7 @@ def held_results_stay_correct(rank: int, num_ranks: int, group) -> None:
             pool_module.reference_count = constant(2)
         buffer = deep_ep.Buffer(group, num_nvl_bytes=1 << 20)
         if counts == "lying_later":
-            pool_module.reference_count = constant(buffer.pool.idle_refs)
+            pool_module.reference_count = constant(buffer.runtime.pool.idle_refs)
         results = []
         for call in range(4):
             inputs = make_inputs(rank, 1100 + 37 * call + 50 * rank, hidden, experts, topk, num_ranks, seed=call)
@@ -263,7 +263,7 @@ def held_results_stay_correct(rank: int, num_ranks: int, group) -> None:
             selection = (inputs.x.float() * 2).to(torch.bfloat16).unsqueeze(1).expand(-1, topk, -1)
             expected = reference_combine(selection, inputs.topk_idx, inputs.topk_weights)
             assert torch.allclose(combined.double(), expected, rtol=2e-2, atol=2e-2), counts
-        assert buffer.pool.enabled == (counts == "working"), counts
+        assert buffer.runtime.pool.enabled == (counts == "working"), counts
         buffer.destroy()
         pool_module.reference_count = sys.getrefcount
 

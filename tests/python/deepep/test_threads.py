@@ -135,7 +135,7 @@ def same_results_any_threads(rank: int, num_ranks: int, group) -> None:
     assert torch.allclose(runs["default"][-1].double(), expected, rtol=1e-2, atol=1e-2)
 
     buffer = Buffer(group, num_nvl_bytes=1 << 20)
-    assert buffer.num_threads == num_threads(len(buffer.local_ranks))
+    assert buffer.num_threads == num_threads(len(buffer.runtime.local_ranks))
     buffer.destroy()
     os.environ["DEEP_EP_NUM_THREADS"] = "zero"
     try:

@@ -48,7 +48,7 @@ def normal_inputs(rank: int, num_ranks: int):
 def check_nodes(buffer: deep_ep.Buffer, ranks_per_node: int) -> None:
     """The Buffer's nodes are blocks of `ranks_per_node` consecutive ranks."""
     expected = torch.arange(buffer.group_size) // ranks_per_node
-    assert torch.equal(buffer.rank_to_node, expected), (buffer.rank_to_node, expected)
+    assert torch.equal(buffer.runtime.rank_to_node, expected), (buffer.runtime.rank_to_node, expected)
 
 
 def results(rank: int, num_ranks: int, group, out_dir: str, ranks_per_node: int) -> None:
