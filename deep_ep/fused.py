@@ -155,7 +155,7 @@ def _float_scale(
     return scale.to(torch.int32).view(torch.float32).contiguous()  # int64 -> int32 keeps the low 32 bits
 
 
-def _check_expert_weights(
+def check_expert_weights(
     w1: object,
     w1_scale: object,
     w2: object,
@@ -281,7 +281,7 @@ def unpermute_gmm1_weight(w1: Tensor, w1_scale: Tensor) -> tuple[Tensor, Tensor]
 
 
 def quantize_per_token_int8(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-row dynamic symmetric int8 quantization (SPEC: ``quant_mode="int8"``), checked.
+    """Per-row dynamic symmetric int8 quantization (``quant_mode="int8"``, docs/semantics.md), checked.
 
     The public, argument-checking face of :func:`deep_ep.ops.quantize_int8`, the one
     quantizer of the package (dispatch, low-latency dispatch and the expert MLP use it):
@@ -317,7 +317,7 @@ def quantize_per_token_int8(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @functools.lru_cache(maxsize=None)
-def _cpu_int_mm_is_exact() -> bool:
+def cpu_int_mm_is_exact() -> bool:
     """Whether ``torch._int_mm`` on this CPU returns exact int32 dot products.
 
     Why a probe: the int8 GEMM backend may use instructions that saturate 16-bit
@@ -340,7 +340,7 @@ def _cpu_int_mm_is_exact() -> bool:
     return torch.equal(got.double(), a.double() @ b.double())
 
 
-def _int8_matmul_exact(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+def int8_matmul_exact(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
     """``a @ b`` for int8 ``a [m, k]`` and ``b [k, n]`` as float32 ``[m, n]`` (into ``out`` if given).
 
     Every entry is the exact integer dot product rounded once to float32 — the same
@@ -356,7 +356,7 @@ def _int8_matmul_exact(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tenso
     k = a.shape[1]
     if out is None:
         out = torch.empty(a.shape[0], b.shape[1], dtype=torch.float32, device=a.device)
-    if a.device.type == "cpu" and _cpu_int_mm_is_exact():
+    if a.device.type == "cpu" and cpu_int_mm_is_exact():
         if k <= _I32_EXACT_K:
             return out.copy_(torch._int_mm(a, b))
         acc = torch.zeros(a.shape[0], b.shape[1], dtype=torch.int64, device=a.device)
@@ -425,13 +425,13 @@ def _grouped_matmul(rows: Tensor, weight: Tensor, blocks: list[tuple[int, int, i
     out = torch.empty(blocks[-1][2], weight.shape[2], dtype=torch.float32, device=rows.device)
     for e, begin, end in blocks:
         if weight.dtype == torch.int8:
-            _int8_matmul_exact(rows[begin:end], weight[e], out=out[begin:end])
+            int8_matmul_exact(rows[begin:end], weight[e], out=out[begin:end])
         else:
             torch.matmul(rows[begin:end].float(), weight[e].float(), out=out[begin:end])
     return out
 
 
-def _swiglu_mlp_rows(xq: Tensor, x_scale: Tensor, counts: list[int], weights: ExpertWeights, out: Tensor) -> None:
+def swiglu_mlp_rows(xq: Tensor, x_scale: Tensor, counts: list[int], weights: ExpertWeights, out: Tensor) -> None:
     """Writes the W8A8 SwiGLU MLP of rows ``[0, sum(counts))`` into the same rows of ``out``.
 
     No checks (callers validate).  Row block ``e`` (``counts[e]`` rows, expert-major) goes
@@ -521,11 +521,11 @@ def grouped_swiglu_mlp_int8(
     num_rows, hidden = xq.shape
     if hidden == 0:
         _fail(ValueError, "xq", "H >= 1 columns", f"shape {tuple(xq.shape)}")
-    weights = _check_expert_weights(w1, w1_scale, w2, w2_scale, hidden, "xq", xq.device)
+    weights = check_expert_weights(w1, w1_scale, w2, w2_scale, hidden, "xq", xq.device)
     check_tensor("x_scale", x_scale, dtypes=(torch.float32,), shape=(num_rows,), what="[M] of xq", device=xq.device)
     counts = _rows_per_expert_to_list(rows_per_expert, weights.w1.shape[0], num_rows)
     out = torch.empty(num_rows, hidden, dtype=torch.bfloat16, device=xq.device)
-    _swiglu_mlp_rows(xq, x_scale, counts, weights, out)
+    swiglu_mlp_rows(xq, x_scale, counts, weights, out)
     out[sum(counts) :] = 0
     return out
 
@@ -632,7 +632,7 @@ def fused_deep_moe(
         expert_out = torch.empty((rows.shape[0], x.shape[1]), dtype=out_dtype)  # combine reads rows < total only
         counts = recv_count.tolist()
         if weights.quantized:
-            _swiglu_mlp_rows(recv_x[0], recv_x[1], counts, weights, expert_out)
+            swiglu_mlp_rows(recv_x[0], recv_x[1], counts, weights, expert_out)
         else:
             _float_mlp_rows(recv_x, counts, weights, expert_out)
         output, _, _ = buffer.low_latency_combine(expert_out, topk_idx, topk_weights, handle)
@@ -673,7 +673,7 @@ def _fused_weights(
     experts_from: str,
     weight_layout: WeightLayout,
 ) -> ExpertWeights:
-    """_check_expert_weights for fused_deep_moe, skipped when the same weights were checked before."""
+    """check_expert_weights for fused_deep_moe, skipped when the same weights were checked before."""
     tensors = (w1, w1_scale, w2, w2_scale)
     key = None
     if all(type(t) is Tensor for t in tensors):
@@ -687,7 +687,7 @@ def _fused_weights(
         entry = _CHECKED_WEIGHTS.get(id(w1))
         if entry is not None and entry[0]() is w1 and entry[1] == key:
             return dataclasses.replace(entry[3], w1=w1 if entry[2] is None else entry[2])
-    checked = _check_expert_weights(
+    checked = check_expert_weights(
         w1,
         w1_scale,
         w2,

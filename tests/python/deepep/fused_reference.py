@@ -37,14 +37,14 @@ def _dist_to_half_integer(r: torch.Tensor) -> torch.Tensor:
 
 
 def _to_f32(v: float) -> float:
-    """Rounds a Python float to the nearest float32 (SPEC: scales are float32)."""
+    """Rounds a Python float to the nearest float32 (scales are float32)."""
     return torch.tensor(v, dtype=torch.float64).to(torch.float32).item()
 
 
 def ref_quantize_row(
     x_row: torch.Tensor, ambiguous: float, quotient_in_float32: bool = False
 ) -> tuple[torch.Tensor, float, torch.Tensor]:
-    """SPEC int8 quantization of one row: (q as float64, float32 scale, ambiguous mask).
+    """int8 quantization (docs/semantics.md) of one row: (q as float64, float32 scale, ambiguous mask).
 
     ``x / scale`` is exact (float64) unless ``quotient_in_float32``: then it is the
     correctly rounded float32 quotient of the float32 operands, which pins down the

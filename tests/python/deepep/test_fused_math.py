@@ -120,7 +120,7 @@ def test_weight_layouts_and_scale_bits():
     w13, w13_scale, w2, w2_scale = make_weights(gen, 2, 128, 128)  # I == H: only the values tell
     w1, w1_scale = permute_gmm1_weight(w13, w13_scale)
     names = ("w1", "w1_scale", "w2", "w2_scale")
-    fused_layout = fused._check_expert_weights(
+    fused_layout = fused.check_expert_weights(
         w1,
         w1_scale,
         w2.transpose(1, 2).contiguous(),
@@ -132,7 +132,7 @@ def test_weight_layouts_and_scale_bits():
         names=names,
     )
     bits = (w13_scale.view(torch.int32).to(torch.int64), w2_scale.view(torch.int32).to(torch.int64))
-    ffn = fused._check_expert_weights(
+    ffn = fused.check_expert_weights(
         w13.transpose(1, 2).contiguous(),
         bits[0],
         w2,
@@ -151,7 +151,7 @@ def test_weight_layouts_and_scale_bits():
     outs = []
     for weights in (fused_layout, ffn):
         out = torch.zeros(5, 128, dtype=torch.bfloat16)
-        fused._swiglu_mlp_rows(xq, x_scale, [3, 2], weights, out)
+        fused.swiglu_mlp_rows(xq, x_scale, [3, 2], weights, out)
         outs.append(out)
     assert torch.equal(outs[0], outs[1])
     for row in range(5):
@@ -159,7 +159,7 @@ def test_weight_layouts_and_scale_bits():
         y, tol = ref_expert_row(xq[row], x_scale[row].item(), w13[e], w13_scale[e], w2[e], w2_scale[e])
         assert_bf16_matches(outs[0][row], y, tol, f"row {row}")
     with pytest.raises(ValueError, match="32 bits"):
-        fused._check_expert_weights(
+        fused.check_expert_weights(
             w13.transpose(1, 2).contiguous(),
             bits[0] + 2**33,
             w2,
@@ -275,8 +275,8 @@ def test_grouped_mlp_matches_reference(num_experts, inter, hidden):
 def test_grouped_mlp_large_hidden_exact_accumulation(monkeypatch, path):
     # H = 2100 > 1024: a plain float32 GEMM over int8 values could round partial sums.
     if path == "float32":
-        monkeypatch.setattr(fused, "_cpu_int_mm_is_exact", lambda: False)
-    elif not fused._cpu_int_mm_is_exact():
+        monkeypatch.setattr(fused, "cpu_int_mm_is_exact", lambda: False)
+    elif not fused.cpu_int_mm_is_exact():
         pytest.skip("torch._int_mm is not exact on this CPU; the float32 path is used")
     gen = torch.Generator().manual_seed(7)
     _run_grouped_case(gen, 2, 128, 2100, [4, 3], padding=1, as_tensor=False)
@@ -291,16 +291,16 @@ def test_int8_matmul_paths_are_exact(monkeypatch, k):
     a[1], b[:, 1] = -128, -128  # 16384 * 140000 > 2^31: past int32 for the larger k
     exact = (a.double() @ b.double()).float()  # float64 holds these sums exactly
     results = {"float32": None}
-    if fused._cpu_int_mm_is_exact():
-        results["int_mm"] = fused._int8_matmul_exact(a, b)
-    monkeypatch.setattr(fused, "_cpu_int_mm_is_exact", lambda: False)
-    results["float32"] = fused._int8_matmul_exact(a, b)
+    if fused.cpu_int_mm_is_exact():
+        results["int_mm"] = fused.int8_matmul_exact(a, b)
+    monkeypatch.setattr(fused, "cpu_int_mm_is_exact", lambda: False)
+    results["float32"] = fused.int8_matmul_exact(a, b)
     for name, got in results.items():
         assert torch.equal(got, exact), name
 
 
 def test_grouped_mlp_paths_agree_bitwise(monkeypatch):
-    if not fused._cpu_int_mm_is_exact():
+    if not fused.cpu_int_mm_is_exact():
         pytest.skip("torch._int_mm is not exact on this CPU")
     gen = torch.Generator().manual_seed(11)
     w13, w13_scale, w2, w2_scale = make_weights(gen, 2, 1500, 64)
@@ -309,7 +309,7 @@ def test_grouped_mlp_paths_agree_bitwise(monkeypatch):
     x_scale = torch.rand(9, generator=gen) * 0.01
     args = (xq, x_scale, [5, 3], w1, w1_scale, w2, w2_scale)
     via_int_mm = grouped_swiglu_mlp_int8(*args)
-    monkeypatch.setattr(fused, "_cpu_int_mm_is_exact", lambda: False)
+    monkeypatch.setattr(fused, "cpu_int_mm_is_exact", lambda: False)
     assert torch.equal(grouped_swiglu_mlp_int8(*args), via_int_mm)
 
 

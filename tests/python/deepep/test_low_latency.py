@@ -65,7 +65,7 @@ def cases_for(num_ranks: int) -> List[Case]:
 
 
 def npu_cases(num_ranks: int) -> List[Case]:
-    """The cases within the MC2 operators' limits (NPU.md): A3 needs 1024 <= H <= 8192."""
+    """The cases within the MC2 operators' limits (docs/npu.md): A3 needs 1024 <= H <= 8192."""
     return [replace(c, hidden=max(c.hidden, 1024)) for c in cases_for(num_ranks)]
 
 

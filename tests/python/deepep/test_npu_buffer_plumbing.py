@@ -508,7 +508,7 @@ def low_latency_on_npu(rank: int, num_ranks: int, group) -> None:
                 assert args["global_bs"] == nmax * num_ranks and args["expert_token_nums_type"] == 1
                 assert args["group_ep"] == f"fake_hccl_comm_{rank}"
                 assert args["moe_expert_num"] == num_experts + num_topk  # an unknown NPU, one rank: K sink experts
-                # SPEC shapes: recv_x 2-D [M, H] (a pair with int8), recv_count int64 [L], handle fields
+                # the documented shapes: recv_x 2-D [M, H] (a pair with int8), recv_count int64 [L], handle fields
                 assert recv_count.device == DEVICE and recv_count.dtype == torch.int64
                 assert torch.equal(recv_count.cpu(), ref_counts) and handle[5] is recv_count
                 assert handle[1].dtype == torch.int64 and torch.equal(handle[1].cpu(), ref_counts.cumsum(0))
@@ -596,7 +596,7 @@ def low_latency_on_npu(rank: int, num_ranks: int, group) -> None:
 
 def test_plumbing_low_latency_and_fused_on_npu() -> None:
     """Buffer.low_latency_dispatch / combine / fused_deep_moe on an 'hccl' group: the MC2 calls through the
-    recording stand-in (which simulates one rank) and their outputs mapped to the SPEC's shapes."""
+    recording stand-in (which simulates one rank) and their outputs mapped to the documented shapes."""
     spawn_ranks(low_latency_on_npu, 1)
 
 
