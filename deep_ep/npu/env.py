@@ -20,6 +20,7 @@ import os
 import sys
 from typing import List, Optional
 
+from ..env import shared_expert_rank_num
 from . import versions
 from .backend import build_target_soc, soc_mismatch
 from .operators import detect_release, detect_soc, hccl_buffsize_mb, torch_npu_available
@@ -83,6 +84,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--num-experts", type=int, help="E, a multiple of R")
     parser.add_argument("--num-topk", type=int, help="K")
     parser.add_argument(
+        "--num-shared-ranks",
+        type=int,
+        default=None,
+        help="S, shared-expert ranks (default: MOE_SHARED_EXPERT_RANK_NUM, else 0); E is then a multiple of R - S",
+    )
+    parser.add_argument(
         "--mode",
         choices=versions.MODES,
         help="the MC2 mode (default: this machine's, from the NPU and HCCL_INTRA_*_ENABLE)",
@@ -103,7 +110,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             parser.error("all sizes must be positive")
         release = versions.release_for_cann(args.cann) if args.cann else None
         try:
-            print(f"HCCL_BUFFSIZE={hccl_buffsize_mb(*sizes, mode=args.mode, release=release)}")
+            shared = shared_expert_rank_num() if args.num_shared_ranks is None else args.num_shared_ranks
+            mb = hccl_buffsize_mb(*sizes, mode=args.mode, release=release, num_shared_ranks=shared)
+            print(f"HCCL_BUFFSIZE={mb}")
         except ValueError as error:
             parser.error(str(error))
     return 0

@@ -697,6 +697,14 @@ def test_plumbing_npu_env_prints_hccl_buffsize(capsys):
     ):
         assert npu_env.main(sizes + ["--mode", mode, "--cann", cann]) == 0
         assert capsys.readouterr().out.strip() == f"HCCL_BUFFSIZE={expected}"
+    # with a shared-expert rank, E counts the routed experts (the worked example of
+    # test_npu_plumbing.py::test_plumbing_hccl_buffsize_with_shared_expert_ranks)
+    shared = sizes[:7] + ["240", "--num-topk", "8", "--num-shared-ranks", "1", "--mode", "A3", "--cann", "8.5.0"]
+    assert npu_env.main(shared) == 0
+    assert capsys.readouterr().out.strip() == "HCCL_BUFFSIZE=960"
+    with pytest.raises(SystemExit):  # 256 routed experts on 15 routed ranks
+        npu_env.main(sizes + ["--num-shared-ranks", "1", "--mode", "A3"])
+    assert "R - MOE_SHARED_EXPERT_RANK_NUM" in capsys.readouterr().err
     assert npu_env.main(["--report"]) == 0
     out = capsys.readouterr().out
     assert "torch " in out and "deep_ep built for:" in out and "HCCL_BUFFSIZE=" in out and "rules of torch_npu" in out
