@@ -64,12 +64,6 @@ def expert_token_nums_type() -> int:
     return _int("MOE_EXPERT_TOKEN_NUMS_TYPE", 1, 0, 1)
 
 
-def topk_neg_one_enabled() -> bool:
-    """MOE_ENABLE_TOPK_NEG_ONE=1: upstream's low-latency operators accept -1 in topk_idx only with it.
-    Here -1 is always accepted; on NPU the flag also passes the active mask to the operators."""
-    return _flag("MOE_ENABLE_TOPK_NEG_ONE")
-
-
 def shared_expert_rank_num() -> int:
     """MOE_SHARED_EXPERT_RANK_NUM: how many leading ranks hold shared experts (default 0)."""
     return _int("MOE_SHARED_EXPERT_RANK_NUM", 0, 0)
