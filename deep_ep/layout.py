@@ -16,6 +16,60 @@ import numpy as np
 import torch
 
 
+@dataclass
+class SelectionCounts:
+    """What one pass over a topk_idx [T, K] gives (`count_selections`).
+
+    low / high: the smallest and largest id (0, 0 when empty); the counts are only meaningful when
+    they lie in [-1, E). per_expert: int64 [E]; per_rank: int32 [R] and in_rank: int32 [T, R]
+    (None unless asked for); per_node: int32 [nodes] or None.
+    """
+
+    low: int
+    high: int
+    per_expert: torch.Tensor
+    per_rank: Optional[torch.Tensor] = None
+    in_rank: Optional[torch.Tensor] = None
+    per_node: Optional[torch.Tensor] = None
+
+
+def count_selections(
+    topk_idx: torch.Tensor,
+    num_experts: int,
+    num_ranks: int,
+    with_ranks: bool = True,
+    rank_to_node: Optional[torch.Tensor] = None,
+) -> SelectionCounts:
+    """The id range and the layout counts of a contiguous CPU int64 topk_idx [T, K], in one native
+    call (`dispatch_layout` defines the counts). rank_to_node: int64 [R] for per-node counts, or None."""
+    import deep_ep_cpp
+
+    tokens, topk = topk_idx.shape
+    per_expert = torch.zeros(num_experts, dtype=torch.int64)
+    per_rank = torch.zeros(num_ranks, dtype=torch.int32) if with_ranks else None
+    in_rank = torch.zeros(tokens, num_ranks, dtype=torch.int32) if with_ranks else None
+    per_node = None
+    nodes = 0
+    if rank_to_node is not None:
+        rank_to_node = rank_to_node.to(torch.int64).contiguous()
+        nodes = int(rank_to_node.max()) + 1
+        per_node = torch.zeros(nodes, dtype=torch.int32)
+    low, high = deep_ep_cpp.count_layout(
+        topk_idx.data_ptr(),
+        tokens,
+        topk,
+        num_experts,
+        num_ranks,
+        per_expert.data_ptr(),
+        per_rank.data_ptr() if with_ranks else 0,
+        in_rank.data_ptr() if with_ranks else 0,
+        rank_to_node.data_ptr() if per_node is not None else 0,
+        per_node.data_ptr() if per_node is not None else 0,
+        nodes,
+    )
+    return SelectionCounts(low, high, per_expert, per_rank, in_rank, per_node)
+
+
 def dispatch_layout(
     topk_idx: torch.Tensor, num_experts: int, num_ranks: int, rank_to_node: Optional[torch.Tensor] = None
 ):
@@ -28,6 +82,14 @@ def dispatch_layout(
         num_tokens_per_rank int32 [R], num_tokens_per_node int32 [num_nodes] or None,
         num_tokens_per_expert int32 [E], is_token_in_rank int32 [T, R].
     """
+    from .ops import native_ok
+
+    multi_node = rank_to_node is not None and int(rank_to_node.max()) > 0
+    if native_ok(topk_idx):
+        counts = count_selections(
+            topk_idx.contiguous(), num_experts, num_ranks, rank_to_node=rank_to_node if multi_node else None
+        )
+        return counts.per_rank, counts.per_node, counts.per_expert.to(torch.int32), counts.in_rank
     experts_per_rank = num_experts // num_ranks
     valid = topk_idx >= 0
     # Invalid entries land in an extra column that is dropped.
@@ -38,7 +100,7 @@ def dispatch_layout(
     num_tokens_per_rank = is_token_in_rank.sum(0, dtype=torch.int32)
     num_tokens_per_expert = torch.bincount(topk_idx[valid], minlength=num_experts).to(torch.int32)
     num_tokens_per_node = None
-    if rank_to_node is not None and int(rank_to_node.max()) > 0:
+    if multi_node:
         num_nodes = int(rank_to_node.max()) + 1
         in_node = torch.zeros(topk_idx.shape[0], num_nodes, dtype=torch.int32, device=topk_idx.device)
         in_node.index_add_(1, rank_to_node.to(topk_idx.device), is_token_in_rank)
@@ -179,14 +241,20 @@ class RoutingPlan:
         several sources: `topk_rows` int64 [n, K], each source's rows in token order. Exact for
         holders that receive all of a source's rows (a forwarder's node, or every holder for a
         source's own tokens)."""
-        dest_rank = torch.full_like(topk_rows, -1)
-        dest_row = torch.full_like(topk_rows, -1)
-        taken = torch.zeros(self.num_experts, self.num_ranks, dtype=torch.int64)
-        row, k, placed = place_selections(topk_rows, 0, self.num_experts, self.expert_starts, taken, origin_rank)
-        flat = row * topk_rows.shape[1] + k
-        dest_rank.view(-1)[flat] = topk_rows.view(-1)[flat] // self.experts_per_rank
-        dest_row.view(-1)[flat] = placed
-        return dest_rank, dest_row
+        import deep_ep_cpp  # one pass: no sort, no scatter
+
+        topk_rows = topk_rows.contiguous()
+        dest_rank, dest_row = deep_ep_cpp.selection_destinations(
+            topk_rows.numpy(),
+            topk_rows.shape[0],
+            topk_rows.shape[1],
+            self.num_experts,
+            self.experts_per_rank,
+            self.block_start.numpy(),
+            origin_rank.numpy(),
+            self.num_ranks,
+        )
+        return torch.from_numpy(dest_rank), torch.from_numpy(dest_row)
 
 
 def plan_routing(
