@@ -167,41 +167,6 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
         "ordered by expert then token.");
 
     m.def(
-        "place_selections",
-        [](const Array<std::int64_t>& topk_idx, std::int64_t rows, std::int64_t topk, std::int64_t expert_begin,
-           std::int64_t expert_end, const Array<std::int64_t>& start,
-           py::array_t<std::int64_t, py::array::c_style> taken, const Array<std::int64_t>& origin) {
-            if (rows < 0 || topk < 0 || expert_end < expert_begin)
-                throw py::value_error("place_selections: negative sizes or an empty expert range");
-            const std::int64_t span = expert_end - expert_begin;
-            const auto num_sources = span ? static_cast<std::int64_t>(start.size()) / span : 0;
-            const auto* idx = checked_data(topk_idx, static_cast<std::size_t>(rows * topk), "topk_idx");
-            checked_data(start, static_cast<std::size_t>(span * num_sources), "start");
-            if (static_cast<std::int64_t>(taken.size()) != span * num_sources)
-                throw py::value_error("place_selections: taken must have the shape of start");
-            const auto* from = checked_data(origin, static_cast<std::size_t>(rows), "origin");
-            for (std::int64_t r = 0; r < rows; ++r)
-                if (from[r] < 0 || from[r] >= num_sources)
-                    throw py::index_error("place_selections: origin " + std::to_string(from[r]) + " of row " +
-                                          std::to_string(r) + " out of range [0, " + std::to_string(num_sources) +
-                                          ")");
-            py::array_t<std::int64_t> row(rows * topk), k(rows * topk), placed(rows * topk);
-            std::int64_t* outs[] = {row.mutable_data(), k.mutable_data(), placed.mutable_data()};
-            std::int64_t* counters = taken.mutable_data();
-            std::int64_t n;
-            {
-                py::gil_scoped_release release;
-                n = place_selections(idx, rows, topk, expert_begin, expert_end, start.data(), counters, num_sources,
-                                     from, outs[0], outs[1], outs[2]);
-            }
-            return py::make_tuple(row, k, placed, n);
-        },
-        py::arg("topk_idx"), py::arg("rows"), py::arg("topk"), py::arg("expert_begin"), py::arg("expert_end"),
-        py::arg("start"), py::arg("taken").noconvert(), py::arg("origin"),
-        "(row, k, placed row, count) of the selections in [expert_begin, expert_end), in (row, k) order: "
-        "placed = start[e][origin[row]] + taken[e][origin[row]]++.");
-
-    m.def(
         "summarize_topk",
         [](const Array<std::int64_t>& topk_idx, std::int64_t rows, std::int64_t topk) {
             const auto* idx = checked_data(topk_idx, static_cast<std::size_t>(rows * topk), "topk_idx");
@@ -249,6 +214,27 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
         "Addresses of contiguous CPU tensors: topk_idx int64 [rows, topk]; adds to per_expert int64 [E], "
         "per_rank int32 [R], in_rank int32 [rows, R] (zeros), per_node int32 [num_nodes] (0: not wanted). "
         "Returns (min id, max id); counts nothing unless they lie in [-1, num_experts).");
+
+    m.def(
+        "plan_blocks",
+        [](const Array<std::int64_t>& counts, std::int64_t num_ranks, std::int64_t num_experts,
+           std::int64_t alignment) {
+            if (num_ranks <= 0 || num_experts <= 0 || num_experts % num_ranks || alignment <= 0)
+                throw py::value_error("plan_blocks: num_experts must be a positive multiple of num_ranks, "
+                                      "alignment positive");
+            const auto* data = checked_data(counts, static_cast<std::size_t>(num_ranks * num_experts), "counts");
+            for (std::int64_t i = 0; i < num_ranks * num_experts; ++i)
+                if (data[i] < 0) throw py::value_error("plan_blocks: negative count");
+            const std::int64_t experts_per_rank = num_experts / num_ranks;
+            py::array_t<std::int64_t> padded({num_ranks, experts_per_rank});
+            py::array_t<std::int64_t> block_start({num_ranks, experts_per_rank, num_ranks}), rows(num_ranks);
+            plan_blocks(data, num_ranks, num_experts, alignment, padded.mutable_data(), block_start.mutable_data(),
+                        rows.mutable_data());
+            return py::make_tuple(padded, block_start, rows);
+        },
+        py::arg("counts"), py::arg("num_ranks"), py::arg("num_experts"), py::arg("alignment"),
+        "(padded int64 [R, L], block_start int64 [R, L, R], rows_per_rank int64 [R]) of the received layouts "
+        "from counts int64 [R, E] (rows each source sends to each expert).");
 
     m.def(
         "selection_destinations",

@@ -35,26 +35,6 @@ void ExpertMajorSort::fill(std::int64_t* token, std::int64_t* k, std::int64_t* e
     }
 }
 
-std::int64_t place_selections(const std::int64_t* topk_idx, std::int64_t rows, std::int64_t topk,
-                              std::int64_t expert_begin, std::int64_t expert_end, const std::int64_t* start,
-                              std::int64_t* taken, std::int64_t num_sources, const std::int64_t* origin,
-                              std::int64_t* row_out, std::int64_t* k_out, std::int64_t* placed_out) {
-    const std::int64_t span = expert_end - expert_begin;
-    std::int64_t n = 0;
-    for (std::int64_t r = 0; r < rows; ++r) {
-        for (std::int64_t j = 0; j < topk; ++j) {
-            const std::int64_t e = topk_idx[r * topk + j] - expert_begin;
-            if (e < 0 || e >= span) continue;
-            const std::int64_t cell = e * num_sources + origin[r];
-            row_out[n] = r;
-            k_out[n] = j;
-            placed_out[n] = start[cell] + taken[cell]++;
-            ++n;
-        }
-    }
-    return n;
-}
-
 DEEP_EP_VECTORIZED
 void localize_experts(std::int64_t* topk_idx, std::size_t n, std::int64_t expert_begin, std::int64_t experts_per_rank) {
     // Branch-free so it vectorizes; -1 maps below expert_begin >= 0 and so to -1 as well.
@@ -98,6 +78,26 @@ TopkSummary count_layout(const std::int64_t* topk_idx, std::int64_t rows, std::i
         for (std::size_t n = 0; n < node_hit.size(); ++n) out.per_node[n] += node_hit[n];
     }
     return summary;
+}
+
+void plan_blocks(const std::int64_t* counts, std::int64_t num_ranks, std::int64_t num_experts, std::int64_t alignment,
+                 std::int64_t* padded, std::int64_t* block_start, std::int64_t* rows_per_rank) {
+    const std::int64_t experts_per_rank = num_experts / num_ranks;
+    for (std::int64_t d = 0; d < num_ranks; ++d) {
+        std::int64_t row = 0;
+        for (std::int64_t l = 0; l < experts_per_rank; ++l) {
+            const std::int64_t e = d * experts_per_rank + l;
+            const std::int64_t expert_start = row;
+            for (std::int64_t s = 0; s < num_ranks; ++s) {
+                block_start[(d * experts_per_rank + l) * num_ranks + s] = row;
+                row += counts[s * num_experts + e];
+            }
+            const std::int64_t real = row - expert_start;
+            padded[d * experts_per_rank + l] = (real + alignment - 1) / alignment * alignment;
+            row = expert_start + padded[d * experts_per_rank + l];
+        }
+        rows_per_rank[d] = row;
+    }
 }
 
 void selection_destinations(const std::int64_t* topk_idx, std::int64_t rows, std::int64_t topk,

@@ -22,17 +22,6 @@ private:
     std::vector<std::int64_t> first_;  // first_[e]: first entry of expert e; back(): total
 };
 
-// Places selections in expert-major layouts without sorting: visits the selections of
-// topk_idx [rows, topk] whose expert e lies in [expert_begin, expert_end) in (row, k) order and
-// gives each the row start[e'][s] + taken[e'][s]++ (e' = e - expert_begin, s = origin[row], the
-// row's source rank), so rows of one (expert, source) keep their order. start / taken: int64
-// [expert_end - expert_begin, num_sources]; taken is updated. Writes row, k and the placed row
-// of every selection and returns their number (at most rows * topk).
-std::int64_t place_selections(const std::int64_t* topk_idx, std::int64_t rows, std::int64_t topk,
-                              std::int64_t expert_begin, std::int64_t expert_end, const std::int64_t* start,
-                              std::int64_t* taken, std::int64_t num_sources, const std::int64_t* origin,
-                              std::int64_t* row_out, std::int64_t* k_out, std::int64_t* placed_out);
-
 // One pass over topk_idx [rows, topk]: the smallest and largest id (0 and 0 when empty). A row
 // may name an expert more than once: every (row, k) selection is routed on its own.
 struct TopkSummary {
@@ -57,6 +46,14 @@ struct LayoutOutputs {
 TopkSummary count_layout(const std::int64_t* topk_idx, std::int64_t rows, std::int64_t topk, std::int64_t num_experts,
                          std::int64_t num_ranks, const LayoutOutputs& out);
 
+// The received layout of every rank from counts int64 [R, E] (rows each source sends to each
+// expert; expert e lives on rank e / L, L = E / R): expert blocks padded to a multiple of
+// alignment, each expert's rows by source rank. Writes padded int64 [R, L] (rows of local expert l
+// on rank d), block_start int64 [R, L, R] (first row of block (l, source s) on rank d) and
+// rows_per_rank int64 [R].
+void plan_blocks(const std::int64_t* counts, std::int64_t num_ranks, std::int64_t num_experts, std::int64_t alignment,
+                 std::int64_t* padded, std::int64_t* block_start, std::int64_t* rows_per_rank);
+
 // Holder and row of every selection of topk_idx [rows, topk] (rows of several sources, each
 // source's rows in token order): for expert e >= 0, dest_rank = e / experts_per_rank and dest_row
 // = start[e][origin[r]] + taken[e][origin[r]]++ (start / taken int64 [num_experts, num_sources]);
@@ -75,8 +72,10 @@ struct PublishedWindow {
     std::int64_t origin_rank = 0;  // the rank the rows come from (unless origin_rank_field says)
 };
 
-// Where a rank's selections land: start / taken as in place_selections, over the experts
-// [expert_begin, expert_begin + span) and num_sources source ranks.
+// Where a rank's selections land, over the experts [expert_begin, expert_begin + span) and
+// num_sources source ranks: selection (e, s) goes to row start[e'][s] + taken[e'][s]++ (e' = e -
+// expert_begin), so rows of one (expert, source) keep their order. start / taken: int64 [span,
+// num_sources]; taken is updated.
 struct PullPlan {
     std::int64_t topk = 0, expert_begin = 0, span = 0, num_sources = 0;
     const std::int64_t* start = nullptr;
@@ -93,7 +92,7 @@ struct RowField {
 };
 
 // A receiver's dispatch of one round, in one call: places the selections of every window (windows
-// in order, rows in order, k ascending: the order of place_selections) and copies every output
+// in order, rows in order, k ascending) and copies every output
 // field of each placed row; src_rank / src_idx / src_k [out_rows] get the row's source rank, source
 // token and top-k column. std::out_of_range (before any row is copied) if a source rank or an
 // output row falls outside its range. Returns the rows placed.

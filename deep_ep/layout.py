@@ -131,35 +131,6 @@ def summarize_topk(topk_idx: torch.Tensor) -> Tuple[int, int]:
     return deep_ep_cpp.summarize_topk(host.numpy().reshape(-1), host.shape[0], host.shape[1])
 
 
-def place_selections(
-    topk_idx: torch.Tensor,
-    expert_begin: int,
-    expert_end: int,
-    start: torch.Tensor,
-    taken: torch.Tensor,
-    origin: torch.Tensor,
-):
-    """Rows in expert-major layouts for the selections of `topk_idx` [n, K] whose expert e lies in
-    [expert_begin, expert_end), visited in (row, k) order: start[e - expert_begin, origin[row]]
-    plus how many selections of that (expert, source) came before (`taken`, int64 [span, R],
-    updated in place). origin: int64 [n], each row's source rank.
-    Returns (row, k, placed row), int64 [m] each, in (row, k) order."""
-    import deep_ep_cpp  # one pass, no sort: rows of one (expert, source) arrive in token order
-
-    topk_idx = topk_idx.contiguous()
-    row, k, placed, count = deep_ep_cpp.place_selections(
-        topk_idx.numpy().reshape(-1),
-        topk_idx.shape[0],
-        topk_idx.shape[1],
-        expert_begin,
-        expert_end,
-        start.contiguous().numpy().reshape(-1),
-        taken.numpy(),
-        origin.contiguous().numpy(),
-    )
-    return (torch.from_numpy(row[:count]), torch.from_numpy(k[:count]), torch.from_numpy(placed[:count]))
-
-
 def positions_in_groups(group: torch.Tensor, num_groups: int) -> torch.Tensor:
     """For `group` sorted ascending, the index of every element inside its group."""
     counts = torch.bincount(group, minlength=num_groups)
@@ -211,31 +182,6 @@ class RoutingPlan:
         block = torch.repeat_interleave(torch.arange(count.numel()), count)
         return start[block] + positions_in_groups(block, count.numel())
 
-    @property
-    def expert_starts(self) -> torch.Tensor:
-        """int64 [E, R]: first row of block (expert e, source s) on the rank holding e."""
-        return self.block_start.view(self.num_experts, self.num_ranks)
-
-    def receive_rows(
-        self, topk_window: torch.Tensor, origin_rank: torch.Tensor, origin_token: torch.Tensor, already: torch.Tensor
-    ):
-        """Where the published rows of one window land in this rank's received layout.
-
-        Args:
-            topk_window: int64 [w, K], the global top-k ids of the window's rows.
-            origin_rank / origin_token: int64 [w], each row's source rank and token index there
-                (rows of one source in token order).
-            already: int64 [L, R], rows per (local expert, source) placed by earlier windows; updated.
-        Returns: (row in window, output row, source rank, source token, top-k column of the
-        selection), int64 [n] each.
-        """
-        first = self.rank * self.experts_per_rank
-        last = first + self.experts_per_rank
-        row, k, out_row = place_selections(
-            topk_window, first, last, self.expert_starts[first:last], already, origin_rank
-        )
-        return row, out_row, origin_rank[row], origin_token[row], k
-
     def destinations(self, topk_rows: torch.Tensor, origin_rank: torch.Tensor):
         """Holder rank and row (int64 [n, K], -1 for no expert) of every selection of rows from
         several sources: `topk_rows` int64 [n, K], each source's rows in token order. Exact for
@@ -267,21 +213,23 @@ def plan_routing(
         tokens_per_expert_all: int64 [R, E], `num_tokens_per_expert` of every rank.
         alignment: each expert block is padded to a multiple of it.
     """
+    import deep_ep_cpp  # one pass over the [R, E] counts
+
     num_ranks, num_experts = tokens_per_expert_all.shape
     experts_per_rank = num_experts // num_ranks
-    counts = tokens_per_expert_all.view(num_ranks, num_ranks, experts_per_rank).permute(1, 2, 0)  # [dst, l, src]
-    real = counts.sum(2)
-    padded = (real + alignment - 1) // alignment * alignment
-    expert_start = torch.cumsum(padded, 1) - padded
-    block_start = expert_start.unsqueeze(2) + torch.cumsum(counts, 2) - counts
+    tokens_per_expert_all = tokens_per_expert_all.contiguous()
+    padded, block_start, rows_per_rank = deep_ep_cpp.plan_blocks(
+        tokens_per_expert_all.numpy(), num_ranks, num_experts, alignment
+    )
+    mine = tokens_per_expert_all[:, rank * experts_per_rank : (rank + 1) * experts_per_rank]
     plan = RoutingPlan(
         num_ranks=num_ranks,
         rank=rank,
         num_experts=num_experts,
         tokens_per_expert_all=tokens_per_expert_all,
-        block_start=block_start.contiguous(),
-        rows_per_rank=padded.sum(1),
-        recv_counts=counts[rank].clone(),
+        block_start=torch.from_numpy(block_start),
+        rows_per_rank=torch.from_numpy(rows_per_rank),
+        recv_counts=mine.t().contiguous(),
         expert_rows=padded[rank].tolist(),
         dest_rank=topk_idx,
         dest_row=topk_idx,
