@@ -1,11 +1,12 @@
 """Normal mode (prefill / training): the layout counts, dispatch (fresh and cached) and combine.
 
-`NormalMode` checks the arguments, agrees a per-call header with the peers, computes the routing
-once (`layout.py`) and hands the rows to the transport of the calling strategy
-(deep_ep/strategies/normal_strategy.py: shared memory inside a node, the hierarchical transport
-between nodes, or torch.distributed's all_to_all_single). It is a mixin of the Buffer's runtime;
-the group, topology and shared memory come from `Buffer.__init__`. The strategies turn the
-DispatchState it returns into DeepEP-Ascend's handle (deep_ep/handles.py).
+`NormalMode` (the runtime's `normal`) checks the arguments and hands each call to the transport of
+the calling strategy (deep_ep/strategies/normal_strategy.py: shared memory inside a node, the
+hierarchical transport between nodes, or torch.distributed's all_to_all_single) as a named call:
+DispatchCall, CachedDispatchCall or CombineCall. The transport shares the per-call header its own
+way; for a fresh dispatch it then asks `NormalMode.receive` for the routing (`layout.py`) and the
+outputs (a ReceivedRows), which it fills. The strategies turn the DispatchState built from it into
+DeepEP-Ascend's handle (deep_ep/handles.py). docs/normal_data_path.md describes the data path.
 """
 
 from __future__ import annotations
