@@ -6,7 +6,10 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <string>
+#include <tuple>
+#include <utility>
 
 #include "bindings.hpp"
 #include "kernels.hpp"
@@ -164,41 +167,6 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
         "ordered by expert then token.");
 
     m.def(
-        "place_selections",
-        [](const Array<std::int64_t>& topk_idx, std::int64_t rows, std::int64_t topk, std::int64_t expert_begin,
-           std::int64_t expert_end, const Array<std::int64_t>& start,
-           py::array_t<std::int64_t, py::array::c_style> taken, const Array<std::int64_t>& origin) {
-            if (rows < 0 || topk < 0 || expert_end < expert_begin)
-                throw py::value_error("place_selections: negative sizes or an empty expert range");
-            const std::int64_t span = expert_end - expert_begin;
-            const auto num_sources = span ? static_cast<std::int64_t>(start.size()) / span : 0;
-            const auto* idx = checked_data(topk_idx, static_cast<std::size_t>(rows * topk), "topk_idx");
-            checked_data(start, static_cast<std::size_t>(span * num_sources), "start");
-            if (static_cast<std::int64_t>(taken.size()) != span * num_sources)
-                throw py::value_error("place_selections: taken must have the shape of start");
-            const auto* from = checked_data(origin, static_cast<std::size_t>(rows), "origin");
-            for (std::int64_t r = 0; r < rows; ++r)
-                if (from[r] < 0 || from[r] >= num_sources)
-                    throw py::index_error("place_selections: origin " + std::to_string(from[r]) + " of row " +
-                                          std::to_string(r) + " out of range [0, " + std::to_string(num_sources) +
-                                          ")");
-            py::array_t<std::int64_t> row(rows * topk), k(rows * topk), placed(rows * topk);
-            std::int64_t* outs[] = {row.mutable_data(), k.mutable_data(), placed.mutable_data()};
-            std::int64_t* counters = taken.mutable_data();
-            std::int64_t n;
-            {
-                py::gil_scoped_release release;
-                n = place_selections(idx, rows, topk, expert_begin, expert_end, start.data(), counters, num_sources,
-                                     from, outs[0], outs[1], outs[2]);
-            }
-            return py::make_tuple(row, k, placed, n);
-        },
-        py::arg("topk_idx"), py::arg("rows"), py::arg("topk"), py::arg("expert_begin"), py::arg("expert_end"),
-        py::arg("start"), py::arg("taken").noconvert(), py::arg("origin"),
-        "(row, k, placed row, count) of the selections in [expert_begin, expert_end), in (row, k) order: "
-        "placed = start[e][origin[row]] + taken[e][origin[row]]++.");
-
-    m.def(
         "summarize_topk",
         [](const Array<std::int64_t>& topk_idx, std::int64_t rows, std::int64_t topk) {
             const auto* idx = checked_data(topk_idx, static_cast<std::size_t>(rows * topk), "topk_idx");
@@ -211,6 +179,146 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
         },
         py::arg("topk_idx"), py::arg("rows"), py::arg("topk"),
         "(min id, max id) of topk_idx [rows, topk].");
+
+    m.def(
+        "count_layout",
+        [](std::uintptr_t topk_idx, std::int64_t rows, std::int64_t topk, std::int64_t num_experts,
+           std::int64_t num_ranks, std::uintptr_t per_expert, std::uintptr_t per_rank, std::uintptr_t in_rank,
+           std::uintptr_t rank_to_node, std::uintptr_t per_node, std::int64_t num_nodes) {
+            if (rows < 0 || topk < 0 || num_ranks <= 0 || num_experts <= 0 || num_experts % num_ranks)
+                throw py::value_error("count_layout: negative sizes, or num_experts not a multiple of num_ranks");
+            if ((per_rank == 0 && in_rank != 0) || (per_node != 0 && rank_to_node == 0))
+                throw py::value_error("count_layout: in_rank needs per_rank, per_node needs rank_to_node");
+            LayoutOutputs out;
+            out.per_expert = reinterpret_cast<std::int64_t*>(per_expert);
+            out.per_rank = reinterpret_cast<std::int32_t*>(per_rank);
+            out.in_rank = reinterpret_cast<std::int32_t*>(in_rank);
+            out.rank_to_node = reinterpret_cast<const std::int64_t*>(rank_to_node);
+            out.per_node = reinterpret_cast<std::int32_t*>(per_node);
+            out.num_nodes = num_nodes;
+            if (out.rank_to_node)
+                for (std::int64_t r = 0; r < num_ranks; ++r)
+                    if (out.rank_to_node[r] < 0 || out.rank_to_node[r] >= num_nodes)
+                        throw py::value_error("count_layout: rank_to_node names a node out of range");
+            TopkSummary summary;
+            {
+                py::gil_scoped_release release;
+                summary = count_layout(reinterpret_cast<const std::int64_t*>(topk_idx), rows, topk, num_experts,
+                                       num_ranks, out);
+            }
+            return py::make_tuple(summary.min, summary.max);
+        },
+        py::arg("topk_idx"), py::arg("rows"), py::arg("topk"), py::arg("num_experts"), py::arg("num_ranks"),
+        py::arg("per_expert"), py::arg("per_rank") = 0, py::arg("in_rank") = 0, py::arg("rank_to_node") = 0,
+        py::arg("per_node") = 0, py::arg("num_nodes") = 0,
+        "Addresses of contiguous CPU tensors: topk_idx int64 [rows, topk]; adds to per_expert int64 [E], "
+        "per_rank int32 [R], in_rank int32 [rows, R] (zeros), per_node int32 [num_nodes] (0: not wanted). "
+        "Returns (min id, max id); counts nothing unless they lie in [-1, num_experts).");
+
+    m.def(
+        "plan_blocks",
+        [](const Array<std::int64_t>& counts, std::int64_t num_ranks, std::int64_t num_experts,
+           std::int64_t alignment) {
+            if (num_ranks <= 0 || num_experts <= 0 || num_experts % num_ranks || alignment <= 0)
+                throw py::value_error("plan_blocks: num_experts must be a positive multiple of num_ranks, "
+                                      "alignment positive");
+            const auto* data = checked_data(counts, static_cast<std::size_t>(num_ranks * num_experts), "counts");
+            for (std::int64_t i = 0; i < num_ranks * num_experts; ++i)
+                if (data[i] < 0) throw py::value_error("plan_blocks: negative count");
+            const std::int64_t experts_per_rank = num_experts / num_ranks;
+            py::array_t<std::int64_t> padded({num_ranks, experts_per_rank});
+            py::array_t<std::int64_t> block_start({num_ranks, experts_per_rank, num_ranks}), rows(num_ranks);
+            plan_blocks(data, num_ranks, num_experts, alignment, padded.mutable_data(), block_start.mutable_data(),
+                        rows.mutable_data());
+            return py::make_tuple(padded, block_start, rows);
+        },
+        py::arg("counts"), py::arg("num_ranks"), py::arg("num_experts"), py::arg("alignment"),
+        "(padded int64 [R, L], block_start int64 [R, L, R], rows_per_rank int64 [R]) of the received layouts "
+        "from counts int64 [R, E] (rows each source sends to each expert).");
+
+    m.def(
+        "selection_destinations",
+        [](const Array<std::int64_t>& topk_idx, std::int64_t rows, std::int64_t topk, std::int64_t num_experts,
+           std::int64_t experts_per_rank, const Array<std::int64_t>& start, const Array<std::int64_t>& origin,
+           std::int64_t num_sources) {
+            if (rows < 0 || topk < 0 || num_experts < 0 || experts_per_rank <= 0 || num_sources <= 0)
+                throw py::value_error("selection_destinations: negative sizes");
+            const auto* idx = checked_data(topk_idx, static_cast<std::size_t>(rows * topk), "topk_idx");
+            const auto* first = checked_data(start, static_cast<std::size_t>(num_experts * num_sources), "start");
+            const auto* from = checked_data(origin, static_cast<std::size_t>(rows), "origin");
+            for (std::int64_t i = 0; i < rows * topk; ++i)
+                if (idx[i] < -1 || idx[i] >= num_experts)
+                    throw py::index_error("selection_destinations: expert " + std::to_string(idx[i]) + " out of range");
+            for (std::int64_t r = 0; r < rows; ++r)
+                if (from[r] < 0 || from[r] >= num_sources)
+                    throw py::index_error("selection_destinations: origin " + std::to_string(from[r]) + " out of range");
+            py::array_t<std::int64_t> dest_rank({rows, topk}), dest_row({rows, topk});
+            std::vector<std::int64_t> taken(static_cast<std::size_t>(num_experts * num_sources), 0);
+            std::int64_t* outs[] = {dest_rank.mutable_data(), dest_row.mutable_data()};
+            {
+                py::gil_scoped_release release;
+                selection_destinations(idx, rows, topk, experts_per_rank, first, taken.data(), num_sources, from,
+                                       outs[0], outs[1]);
+            }
+            return py::make_tuple(dest_rank, dest_row);
+        },
+        py::arg("topk_idx"), py::arg("rows"), py::arg("topk"), py::arg("num_experts"), py::arg("experts_per_rank"),
+        py::arg("start"), py::arg("origin"), py::arg("num_sources"),
+        "(dest_rank, dest_row) int64 [rows, topk]: holder rank and row of every selection (-1 for id -1); "
+        "start int64 [num_experts, num_sources] first rows, origin int64 [rows] source ranks.");
+
+    m.def(
+        "pull_selections",
+        [](const std::vector<std::tuple<std::vector<std::uintptr_t>, std::int64_t, std::int64_t, std::int64_t>>&
+               windows,
+           std::int64_t topk, std::int64_t expert_begin, std::int64_t span, std::int64_t num_sources,
+           std::uintptr_t start, std::uintptr_t taken, int topk_field, int origin_rank_field, int origin_token_field,
+           const std::vector<std::pair<std::uintptr_t, std::size_t>>& outs, std::int64_t out_rows,
+           std::uintptr_t src_rank, std::uintptr_t src_idx, std::uintptr_t src_k, int num_threads) {
+            if (topk < 0 || span < 0 || num_sources <= 0 || out_rows < 0)
+                throw py::value_error("pull_selections: negative sizes");
+            const int needed = std::max({topk_field, origin_rank_field, origin_token_field,
+                                         static_cast<int>(outs.size()) - 1});
+            std::vector<PublishedWindow> published;
+            for (const auto& [fields, rows, first_token, origin_rank] : windows) {
+                if (static_cast<int>(fields.size()) <= needed || topk_field < 0 || rows < 0)
+                    throw py::value_error("pull_selections: a window lacks a field the plan names");
+                PublishedWindow window;
+                for (auto address : fields) window.fields.push_back(reinterpret_cast<const std::uint8_t*>(address));
+                window.rows = rows;
+                window.first_token = first_token;
+                window.origin_rank = origin_rank;
+                published.push_back(std::move(window));
+            }
+            PullPlan plan;
+            plan.topk = topk;
+            plan.expert_begin = expert_begin;
+            plan.span = span;
+            plan.num_sources = num_sources;
+            plan.start = reinterpret_cast<const std::int64_t*>(start);
+            plan.taken = reinterpret_cast<std::int64_t*>(taken);
+            plan.topk_field = topk_field;
+            plan.origin_rank_field = origin_rank_field;
+            plan.origin_token_field = origin_token_field;
+            std::vector<RowField> fields;
+            for (const auto& [address, width] : outs) fields.push_back({reinterpret_cast<std::uint8_t*>(address), width});
+            try {
+                py::gil_scoped_release release;
+                return pull_selections(published, plan, fields, out_rows, reinterpret_cast<std::int64_t*>(src_rank),
+                                       reinterpret_cast<std::int64_t*>(src_idx),
+                                       reinterpret_cast<std::int64_t*>(src_k), num_threads);
+            } catch (const std::out_of_range& error) {
+                throw py::index_error(error.what());
+            }
+        },
+        py::arg("windows"), py::arg("topk"), py::arg("expert_begin"), py::arg("span"), py::arg("num_sources"),
+        py::arg("start"), py::arg("taken"), py::arg("topk_field"), py::arg("origin_rank_field"),
+        py::arg("origin_token_field"), py::arg("outs"), py::arg("out_rows"), py::arg("src_rank"), py::arg("src_idx"),
+        py::arg("src_k"), py::arg("num_threads") = 1,
+        "One round of a receiver's dispatch: windows are (field addresses, rows, first token, origin rank) per "
+        "source; start / taken int64 [span, num_sources] addresses; outs (address, width) per output field; "
+        "src_rank / src_idx / src_k int64 [out_rows] addresses. Places every selection of the windows in "
+        "[expert_begin, expert_begin + span) and copies its fields. Returns the rows placed.");
 
     m.def(
         "localize_experts",

@@ -1,8 +1,11 @@
 #include "routing.hpp"
 
 #include <algorithm>
+#include <stdexcept>
+#include <string>
 
 #include "cpu.hpp"
+#include "kernels.hpp"
 
 namespace deep_ep {
 
@@ -32,26 +35,6 @@ void ExpertMajorSort::fill(std::int64_t* token, std::int64_t* k, std::int64_t* e
     }
 }
 
-std::int64_t place_selections(const std::int64_t* topk_idx, std::int64_t rows, std::int64_t topk,
-                              std::int64_t expert_begin, std::int64_t expert_end, const std::int64_t* start,
-                              std::int64_t* taken, std::int64_t num_sources, const std::int64_t* origin,
-                              std::int64_t* row_out, std::int64_t* k_out, std::int64_t* placed_out) {
-    const std::int64_t span = expert_end - expert_begin;
-    std::int64_t n = 0;
-    for (std::int64_t r = 0; r < rows; ++r) {
-        for (std::int64_t j = 0; j < topk; ++j) {
-            const std::int64_t e = topk_idx[r * topk + j] - expert_begin;
-            if (e < 0 || e >= span) continue;
-            const std::int64_t cell = e * num_sources + origin[r];
-            row_out[n] = r;
-            k_out[n] = j;
-            placed_out[n] = start[cell] + taken[cell]++;
-            ++n;
-        }
-    }
-    return n;
-}
-
 DEEP_EP_VECTORIZED
 void localize_experts(std::int64_t* topk_idx, std::size_t n, std::int64_t expert_begin, std::int64_t experts_per_rank) {
     // Branch-free so it vectorizes; -1 maps below expert_begin >= 0 and so to -1 as well.
@@ -69,6 +52,118 @@ TopkSummary summarize_topk(const std::int64_t* topk_idx, std::int64_t rows, std:
     summary.min = *low;
     summary.max = *high;
     return summary;
+}
+
+TopkSummary count_layout(const std::int64_t* topk_idx, std::int64_t rows, std::int64_t topk, std::int64_t num_experts,
+                         std::int64_t num_ranks, const LayoutOutputs& out) {
+    const TopkSummary summary = summarize_topk(topk_idx, rows, topk);
+    if (summary.min < -1 || summary.max >= num_experts) return summary;
+    const std::int64_t experts_per_rank = num_experts / num_ranks;
+    std::vector<std::int32_t> node_hit(static_cast<std::size_t>(out.per_node ? out.num_nodes : 0));
+    for (std::int64_t t = 0; t < rows; ++t) {
+        const std::int64_t* row = topk_idx + t * topk;
+        std::int32_t* in_rank = out.in_rank ? out.in_rank + t * num_ranks : nullptr;
+        for (std::int64_t j = 0; j < topk; ++j) {
+            const std::int64_t e = row[j];
+            if (e < 0) continue;
+            ++out.per_expert[e];
+            if (in_rank) in_rank[e / experts_per_rank] = 1;
+        }
+        if (!in_rank) continue;
+        std::fill(node_hit.begin(), node_hit.end(), 0);
+        for (std::int64_t r = 0; r < num_ranks; ++r) {
+            out.per_rank[r] += in_rank[r];
+            if (in_rank[r] && out.per_node) node_hit[out.rank_to_node[r]] = 1;
+        }
+        for (std::size_t n = 0; n < node_hit.size(); ++n) out.per_node[n] += node_hit[n];
+    }
+    return summary;
+}
+
+void plan_blocks(const std::int64_t* counts, std::int64_t num_ranks, std::int64_t num_experts, std::int64_t alignment,
+                 std::int64_t* padded, std::int64_t* block_start, std::int64_t* rows_per_rank) {
+    const std::int64_t experts_per_rank = num_experts / num_ranks;
+    for (std::int64_t d = 0; d < num_ranks; ++d) {
+        std::int64_t row = 0;
+        for (std::int64_t l = 0; l < experts_per_rank; ++l) {
+            const std::int64_t e = d * experts_per_rank + l;
+            const std::int64_t expert_start = row;
+            for (std::int64_t s = 0; s < num_ranks; ++s) {
+                block_start[(d * experts_per_rank + l) * num_ranks + s] = row;
+                row += counts[s * num_experts + e];
+            }
+            const std::int64_t real = row - expert_start;
+            padded[d * experts_per_rank + l] = (real + alignment - 1) / alignment * alignment;
+            row = expert_start + padded[d * experts_per_rank + l];
+        }
+        rows_per_rank[d] = row;
+    }
+}
+
+void selection_destinations(const std::int64_t* topk_idx, std::int64_t rows, std::int64_t topk,
+                            std::int64_t experts_per_rank, const std::int64_t* start, std::int64_t* taken,
+                            std::int64_t num_sources, const std::int64_t* origin, std::int64_t* dest_rank,
+                            std::int64_t* dest_row) {
+    for (std::int64_t r = 0; r < rows; ++r) {
+        for (std::int64_t j = 0; j < topk; ++j) {
+            const std::int64_t i = r * topk + j, e = topk_idx[i];
+            if (e < 0) {
+                dest_rank[i] = dest_row[i] = -1;
+                continue;
+            }
+            const std::int64_t cell = e * num_sources + origin[r];
+            dest_rank[i] = e / experts_per_rank;
+            dest_row[i] = start[cell] + taken[cell]++;
+        }
+    }
+}
+
+std::int64_t pull_selections(const std::vector<PublishedWindow>& windows, const PullPlan& plan,
+                             const std::vector<RowField>& outs, std::int64_t out_rows, std::int64_t* src_rank,
+                             std::int64_t* src_idx, std::int64_t* src_k, int num_threads) {
+    // Pass 1 (serial: `taken` orders the rows of one (expert, source)): place and check every selection.
+    std::vector<std::int32_t> from_window;
+    std::vector<std::int64_t> from_row, to_row;
+    for (std::size_t w = 0; w < windows.size(); ++w) {
+        const PublishedWindow& window = windows[w];
+        const auto* topk_idx = reinterpret_cast<const std::int64_t*>(window.fields[plan.topk_field]);
+        const auto* origin_ranks = plan.origin_rank_field < 0
+                                       ? nullptr
+                                       : reinterpret_cast<const std::int64_t*>(window.fields[plan.origin_rank_field]);
+        const auto* origin_tokens = plan.origin_token_field < 0
+                                        ? nullptr
+                                        : reinterpret_cast<const std::int64_t*>(window.fields[plan.origin_token_field]);
+        for (std::int64_t r = 0; r < window.rows; ++r) {
+            const std::int64_t origin = origin_ranks ? origin_ranks[r] : window.origin_rank;
+            const std::int64_t token = origin_tokens ? origin_tokens[r] : window.first_token + r;
+            if (origin < 0 || origin >= plan.num_sources)
+                throw std::out_of_range("pull_selections: row " + std::to_string(r) + " names source rank " +
+                                        std::to_string(origin) + ", out of range");
+            for (std::int64_t j = 0; j < plan.topk; ++j) {
+                const std::int64_t e = topk_idx[r * plan.topk + j] - plan.expert_begin;
+                if (e < 0 || e >= plan.span) continue;
+                const std::int64_t cell = e * plan.num_sources + origin;
+                const std::int64_t placed = plan.start[cell] + plan.taken[cell]++;
+                if (placed < 0 || placed >= out_rows)
+                    throw std::out_of_range("pull_selections: output row " + std::to_string(placed) +
+                                            " out of range [0, " + std::to_string(out_rows) + ")");
+                from_window.push_back(static_cast<std::int32_t>(w));
+                from_row.push_back(r);
+                to_row.push_back(placed);
+                src_rank[placed] = origin;
+                src_idx[placed] = token;
+                src_k[placed] = j;
+            }
+        }
+    }
+    // Pass 2: every field of every placed selection, on the caller's threads.
+    for (std::size_t f = 0; f < outs.size(); ++f) {
+        std::vector<const std::uint8_t*> srcs;
+        for (const PublishedWindow& window : windows) srcs.push_back(window.fields[f]);
+        copy_rows(outs[f].data, outs[f].width, srcs, outs[f].width, from_window.data(), from_row.data(), to_row.data(),
+                  to_row.size(), outs[f].width, num_threads);
+    }
+    return static_cast<std::int64_t>(to_row.size());
 }
 
 }  // namespace deep_ep

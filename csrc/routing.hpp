@@ -22,23 +22,83 @@ private:
     std::vector<std::int64_t> first_;  // first_[e]: first entry of expert e; back(): total
 };
 
-// Places selections in expert-major layouts without sorting: visits the selections of
-// topk_idx [rows, topk] whose expert e lies in [expert_begin, expert_end) in (row, k) order and
-// gives each the row start[e'][s] + taken[e'][s]++ (e' = e - expert_begin, s = origin[row], the
-// row's source rank), so rows of one (expert, source) keep their order. start / taken: int64
-// [expert_end - expert_begin, num_sources]; taken is updated. Writes row, k and the placed row
-// of every selection and returns their number (at most rows * topk).
-std::int64_t place_selections(const std::int64_t* topk_idx, std::int64_t rows, std::int64_t topk,
-                              std::int64_t expert_begin, std::int64_t expert_end, const std::int64_t* start,
-                              std::int64_t* taken, std::int64_t num_sources, const std::int64_t* origin,
-                              std::int64_t* row_out, std::int64_t* k_out, std::int64_t* placed_out);
-
 // One pass over topk_idx [rows, topk]: the smallest and largest id (0 and 0 when empty). A row
 // may name an expert more than once: every (row, k) selection is routed on its own.
 struct TopkSummary {
     std::int64_t min = 0, max = 0;
 };
 TopkSummary summarize_topk(const std::int64_t* topk_idx, std::int64_t rows, std::int64_t topk);
+
+// One pass over topk_idx [rows, topk] (after a min/max pass that must lie in [-1, num_experts)):
+// per_expert[e] += selections of expert e; with in_rank (and per_rank), in_rank[t, r]
+// = 1 if token t selects an expert of rank r (r = e / (num_experts / num_ranks), 0 elsewhere) and
+// per_rank[r] += tokens with in_rank[t, r]; with rank_to_node and per_node also, per_node[n] +=
+// tokens that select a rank of node n. Counts start from what the arrays hold (callers pass
+// zeros). Returns the summary; nothing is counted when an id lies outside [-1, num_experts).
+struct LayoutOutputs {
+    std::int64_t* per_expert = nullptr;   // [num_experts]
+    std::int32_t* per_rank = nullptr;     // [num_ranks] or null
+    std::int32_t* in_rank = nullptr;      // [rows, num_ranks] or null
+    const std::int64_t* rank_to_node = nullptr;  // [num_ranks] or null
+    std::int32_t* per_node = nullptr;     // [num_nodes] or null
+    std::int64_t num_nodes = 0;
+};
+TopkSummary count_layout(const std::int64_t* topk_idx, std::int64_t rows, std::int64_t topk, std::int64_t num_experts,
+                         std::int64_t num_ranks, const LayoutOutputs& out);
+
+// The received layout of every rank from counts int64 [R, E] (rows each source sends to each
+// expert; expert e lives on rank e / L, L = E / R): expert blocks padded to a multiple of
+// alignment, each expert's rows by source rank. Writes padded int64 [R, L] (rows of local expert l
+// on rank d), block_start int64 [R, L, R] (first row of block (l, source s) on rank d) and
+// rows_per_rank int64 [R].
+void plan_blocks(const std::int64_t* counts, std::int64_t num_ranks, std::int64_t num_experts, std::int64_t alignment,
+                 std::int64_t* padded, std::int64_t* block_start, std::int64_t* rows_per_rank);
+
+// Holder and row of every selection of topk_idx [rows, topk] (rows of several sources, each
+// source's rows in token order): for expert e >= 0, dest_rank = e / experts_per_rank and dest_row
+// = start[e][origin[r]] + taken[e][origin[r]]++ (start / taken int64 [num_experts, num_sources]);
+// -1 and -1 for e < 0. The callers check ids and origins first.
+void selection_destinations(const std::int64_t* topk_idx, std::int64_t rows, std::int64_t topk,
+                            std::int64_t experts_per_rank, const std::int64_t* start, std::int64_t* taken,
+                            std::int64_t num_sources, const std::int64_t* origin, std::int64_t* dest_rank,
+                            std::int64_t* dest_row);
+
+// One source's published rows of one round: field f at fields[f], rows of the width of output
+// field f (extra fields past the outputs are read, not copied).
+struct PublishedWindow {
+    std::vector<const std::uint8_t*> fields;
+    std::int64_t rows = 0;         // rows of this round
+    std::int64_t first_token = 0;  // the source token of row 0 (unless origin_token_field says)
+    std::int64_t origin_rank = 0;  // the rank the rows come from (unless origin_rank_field says)
+};
+
+// Where a rank's selections land, over the experts [expert_begin, expert_begin + span) and
+// num_sources source ranks: selection (e, s) goes to row start[e'][s] + taken[e'][s]++ (e' = e -
+// expert_begin), so rows of one (expert, source) keep their order. start / taken: int64 [span,
+// num_sources]; taken is updated.
+struct PullPlan {
+    std::int64_t topk = 0, expert_begin = 0, span = 0, num_sources = 0;
+    const std::int64_t* start = nullptr;
+    std::int64_t* taken = nullptr;
+    int topk_field = 0;            // the int64 [rows, topk] field of global expert ids
+    int origin_rank_field = -1;    // >= 0: an int64 field giving each row's source rank
+    int origin_token_field = -1;   // >= 0: an int64 field giving each row's source token
+};
+
+// An output field: rows of `width` bytes, contiguous.
+struct RowField {
+    std::uint8_t* data = nullptr;
+    std::size_t width = 0;
+};
+
+// A receiver's dispatch of one round, in one call: places the selections of every window (windows
+// in order, rows in order, k ascending) and copies every output
+// field of each placed row; src_rank / src_idx / src_k [out_rows] get the row's source rank, source
+// token and top-k column. std::out_of_range (before any row is copied) if a source rank or an
+// output row falls outside its range. Returns the rows placed.
+std::int64_t pull_selections(const std::vector<PublishedWindow>& windows, const PullPlan& plan,
+                             const std::vector<RowField>& outs, std::int64_t out_rows, std::int64_t* src_rank,
+                             std::int64_t* src_idx, std::int64_t* src_k, int num_threads);
 
 // In place: global expert ids -> local ids [0, experts_per_rank) of the rank whose first
 // expert is expert_begin; every other id (and -1) becomes -1.

@@ -16,6 +16,60 @@ import numpy as np
 import torch
 
 
+@dataclass
+class SelectionCounts:
+    """What one pass over a topk_idx [T, K] gives (`count_selections`).
+
+    low / high: the smallest and largest id (0, 0 when empty); the counts are only meaningful when
+    they lie in [-1, E). per_expert: int64 [E]; per_rank: int32 [R] and in_rank: int32 [T, R]
+    (None unless asked for); per_node: int32 [nodes] or None.
+    """
+
+    low: int
+    high: int
+    per_expert: torch.Tensor
+    per_rank: Optional[torch.Tensor] = None
+    in_rank: Optional[torch.Tensor] = None
+    per_node: Optional[torch.Tensor] = None
+
+
+def count_selections(
+    topk_idx: torch.Tensor,
+    num_experts: int,
+    num_ranks: int,
+    with_ranks: bool = True,
+    rank_to_node: Optional[torch.Tensor] = None,
+) -> SelectionCounts:
+    """The id range and the layout counts of a contiguous CPU int64 topk_idx [T, K], in one native
+    call (`dispatch_layout` defines the counts). rank_to_node: int64 [R] for per-node counts, or None."""
+    import deep_ep_cpp
+
+    tokens, topk = topk_idx.shape
+    per_expert = torch.zeros(num_experts, dtype=torch.int64)
+    per_rank = torch.zeros(num_ranks, dtype=torch.int32) if with_ranks else None
+    in_rank = torch.zeros(tokens, num_ranks, dtype=torch.int32) if with_ranks else None
+    per_node = None
+    nodes = 0
+    if rank_to_node is not None:
+        rank_to_node = rank_to_node.to(torch.int64).contiguous()
+        nodes = int(rank_to_node.max()) + 1
+        per_node = torch.zeros(nodes, dtype=torch.int32)
+    low, high = deep_ep_cpp.count_layout(
+        topk_idx.data_ptr(),
+        tokens,
+        topk,
+        num_experts,
+        num_ranks,
+        per_expert.data_ptr(),
+        per_rank.data_ptr() if with_ranks else 0,
+        in_rank.data_ptr() if with_ranks else 0,
+        rank_to_node.data_ptr() if per_node is not None else 0,
+        per_node.data_ptr() if per_node is not None else 0,
+        nodes,
+    )
+    return SelectionCounts(low, high, per_expert, per_rank, in_rank, per_node)
+
+
 def dispatch_layout(
     topk_idx: torch.Tensor, num_experts: int, num_ranks: int, rank_to_node: Optional[torch.Tensor] = None
 ):
@@ -28,6 +82,14 @@ def dispatch_layout(
         num_tokens_per_rank int32 [R], num_tokens_per_node int32 [num_nodes] or None,
         num_tokens_per_expert int32 [E], is_token_in_rank int32 [T, R].
     """
+    from .ops import native_ok
+
+    multi_node = rank_to_node is not None and int(rank_to_node.max()) > 0
+    if native_ok(topk_idx):
+        counts = count_selections(
+            topk_idx.contiguous(), num_experts, num_ranks, rank_to_node=rank_to_node if multi_node else None
+        )
+        return counts.per_rank, counts.per_node, counts.per_expert.to(torch.int32), counts.in_rank
     experts_per_rank = num_experts // num_ranks
     valid = topk_idx >= 0
     # Invalid entries land in an extra column that is dropped.
@@ -38,7 +100,7 @@ def dispatch_layout(
     num_tokens_per_rank = is_token_in_rank.sum(0, dtype=torch.int32)
     num_tokens_per_expert = torch.bincount(topk_idx[valid], minlength=num_experts).to(torch.int32)
     num_tokens_per_node = None
-    if rank_to_node is not None and int(rank_to_node.max()) > 0:
+    if multi_node:
         num_nodes = int(rank_to_node.max()) + 1
         in_node = torch.zeros(topk_idx.shape[0], num_nodes, dtype=torch.int32, device=topk_idx.device)
         in_node.index_add_(1, rank_to_node.to(topk_idx.device), is_token_in_rank)
@@ -67,35 +129,6 @@ def summarize_topk(topk_idx: torch.Tensor) -> Tuple[int, int]:
 
     host = topk_idx.cpu().contiguous()
     return deep_ep_cpp.summarize_topk(host.numpy().reshape(-1), host.shape[0], host.shape[1])
-
-
-def place_selections(
-    topk_idx: torch.Tensor,
-    expert_begin: int,
-    expert_end: int,
-    start: torch.Tensor,
-    taken: torch.Tensor,
-    origin: torch.Tensor,
-):
-    """Rows in expert-major layouts for the selections of `topk_idx` [n, K] whose expert e lies in
-    [expert_begin, expert_end), visited in (row, k) order: start[e - expert_begin, origin[row]]
-    plus how many selections of that (expert, source) came before (`taken`, int64 [span, R],
-    updated in place). origin: int64 [n], each row's source rank.
-    Returns (row, k, placed row), int64 [m] each, in (row, k) order."""
-    import deep_ep_cpp  # one pass, no sort: rows of one (expert, source) arrive in token order
-
-    topk_idx = topk_idx.contiguous()
-    row, k, placed, count = deep_ep_cpp.place_selections(
-        topk_idx.numpy().reshape(-1),
-        topk_idx.shape[0],
-        topk_idx.shape[1],
-        expert_begin,
-        expert_end,
-        start.contiguous().numpy().reshape(-1),
-        taken.numpy(),
-        origin.contiguous().numpy(),
-    )
-    return (torch.from_numpy(row[:count]), torch.from_numpy(k[:count]), torch.from_numpy(placed[:count]))
 
 
 def positions_in_groups(group: torch.Tensor, num_groups: int) -> torch.Tensor:
@@ -149,44 +182,25 @@ class RoutingPlan:
         block = torch.repeat_interleave(torch.arange(count.numel()), count)
         return start[block] + positions_in_groups(block, count.numel())
 
-    @property
-    def expert_starts(self) -> torch.Tensor:
-        """int64 [E, R]: first row of block (expert e, source s) on the rank holding e."""
-        return self.block_start.view(self.num_experts, self.num_ranks)
-
-    def receive_rows(
-        self, topk_window: torch.Tensor, origin_rank: torch.Tensor, origin_token: torch.Tensor, already: torch.Tensor
-    ):
-        """Where the published rows of one window land in this rank's received layout.
-
-        Args:
-            topk_window: int64 [w, K], the global top-k ids of the window's rows.
-            origin_rank / origin_token: int64 [w], each row's source rank and token index there
-                (rows of one source in token order).
-            already: int64 [L, R], rows per (local expert, source) placed by earlier windows; updated.
-        Returns: (row in window, output row, source rank, source token, top-k column of the
-        selection), int64 [n] each.
-        """
-        first = self.rank * self.experts_per_rank
-        last = first + self.experts_per_rank
-        row, k, out_row = place_selections(
-            topk_window, first, last, self.expert_starts[first:last], already, origin_rank
-        )
-        return row, out_row, origin_rank[row], origin_token[row], k
-
     def destinations(self, topk_rows: torch.Tensor, origin_rank: torch.Tensor):
         """Holder rank and row (int64 [n, K], -1 for no expert) of every selection of rows from
         several sources: `topk_rows` int64 [n, K], each source's rows in token order. Exact for
         holders that receive all of a source's rows (a forwarder's node, or every holder for a
         source's own tokens)."""
-        dest_rank = torch.full_like(topk_rows, -1)
-        dest_row = torch.full_like(topk_rows, -1)
-        taken = torch.zeros(self.num_experts, self.num_ranks, dtype=torch.int64)
-        row, k, placed = place_selections(topk_rows, 0, self.num_experts, self.expert_starts, taken, origin_rank)
-        flat = row * topk_rows.shape[1] + k
-        dest_rank.view(-1)[flat] = topk_rows.view(-1)[flat] // self.experts_per_rank
-        dest_row.view(-1)[flat] = placed
-        return dest_rank, dest_row
+        import deep_ep_cpp  # one pass: no sort, no scatter
+
+        topk_rows = topk_rows.contiguous()
+        dest_rank, dest_row = deep_ep_cpp.selection_destinations(
+            topk_rows.numpy(),
+            topk_rows.shape[0],
+            topk_rows.shape[1],
+            self.num_experts,
+            self.experts_per_rank,
+            self.block_start.numpy(),
+            origin_rank.numpy(),
+            self.num_ranks,
+        )
+        return torch.from_numpy(dest_rank), torch.from_numpy(dest_row)
 
 
 def plan_routing(
@@ -199,21 +213,23 @@ def plan_routing(
         tokens_per_expert_all: int64 [R, E], `num_tokens_per_expert` of every rank.
         alignment: each expert block is padded to a multiple of it.
     """
+    import deep_ep_cpp  # one pass over the [R, E] counts
+
     num_ranks, num_experts = tokens_per_expert_all.shape
     experts_per_rank = num_experts // num_ranks
-    counts = tokens_per_expert_all.view(num_ranks, num_ranks, experts_per_rank).permute(1, 2, 0)  # [dst, l, src]
-    real = counts.sum(2)
-    padded = (real + alignment - 1) // alignment * alignment
-    expert_start = torch.cumsum(padded, 1) - padded
-    block_start = expert_start.unsqueeze(2) + torch.cumsum(counts, 2) - counts
+    tokens_per_expert_all = tokens_per_expert_all.contiguous()
+    padded, block_start, rows_per_rank = deep_ep_cpp.plan_blocks(
+        tokens_per_expert_all.numpy(), num_ranks, num_experts, alignment
+    )
+    mine = tokens_per_expert_all[:, rank * experts_per_rank : (rank + 1) * experts_per_rank]
     plan = RoutingPlan(
         num_ranks=num_ranks,
         rank=rank,
         num_experts=num_experts,
         tokens_per_expert_all=tokens_per_expert_all,
-        block_start=block_start.contiguous(),
-        rows_per_rank=padded.sum(1),
-        recv_counts=counts[rank].clone(),
+        block_start=torch.from_numpy(block_start),
+        rows_per_rank=torch.from_numpy(rows_per_rank),
+        recv_counts=mine.t().contiguous(),
         expert_rows=padded[rank].tolist(),
         dest_rank=topk_idx,
         dest_row=topk_idx,

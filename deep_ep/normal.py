@@ -1,11 +1,12 @@
 """Normal mode (prefill / training): the layout counts, dispatch (fresh and cached) and combine.
 
-`NormalMode` checks the arguments, agrees a per-call header with the peers, computes the routing
-once (`layout.py`) and hands the rows to the transport of the calling strategy
-(deep_ep/strategies/normal_strategy.py: shared memory inside a node, the hierarchical transport
-between nodes, or torch.distributed's all_to_all_single). It is a mixin of the Buffer's runtime;
-the group, topology and shared memory come from `Buffer.__init__`. The strategies turn the
-DispatchState it returns into DeepEP-Ascend's handle (deep_ep/handles.py).
+`NormalMode` (the runtime's `normal`) checks the arguments and hands each call to the transport of
+the calling strategy (deep_ep/strategies/normal_strategy.py: shared memory inside a node, the
+hierarchical transport between nodes, or torch.distributed's all_to_all_single) as a named call:
+DispatchCall, CachedDispatchCall or CombineCall. The transport shares the per-call header its own
+way; for a fresh dispatch it then asks `NormalMode.receive` for the routing (`layout.py`) and the
+outputs (a ReceivedRows), which it fills. The strategies turn the DispatchState built from it into
+DeepEP-Ascend's handle (deep_ep/handles.py). docs/normal_data_path.md describes the data path.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import functools
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, List, Optional, Protocol, Tuple, Union
+from typing import TYPE_CHECKING, Any, List, Optional, Protocol, Tuple, Union
 
 import torch
 
@@ -69,6 +70,16 @@ class DispatchState:
     transport: Any = None  # the NormalTransport that moved the rows; combine must use the same
 
     @functools.cached_property
+    def holder_index(self) -> torch.Tensor:
+        """int32 [T, K]: the rank holding each selection's row, -1 for none (one node: its local index)."""
+        return self.plan.dest_rank.to(torch.int32)
+
+    @functools.cached_property
+    def peer_rows(self) -> torch.Tensor:
+        """int64 [n]: received rows that came from other ranks (combine hands only those to peers)."""
+        return ((self.recv_src_rank >= 0) & (self.recv_src_rank != self.plan.rank)).nonzero().flatten()
+
+    @functools.cached_property
     def rows_by_source(self) -> torch.Tensor:
         """int64 [real rows]: received rows in arrival (source) order (collective transport)."""
         return self.plan.rows_by_source()
@@ -89,61 +100,99 @@ def check_agreement(meta_all: torch.Tensor, what: str, skip: Tuple[int, ...]) ->
 
     meta_all: int64 [R, >= len(HEADER_FIELDS)], every rank's header; skip: indices of the fields
     that may differ between ranks."""
+    differs = (meta_all[:, : len(HEADER_FIELDS)] != meta_all[0, : len(HEADER_FIELDS)]).any(0).tolist()
     for index, name in enumerate(HEADER_FIELDS):
-        if index in skip:
+        if index in skip or not differs[index]:
             continue
         column = meta_all[:, index]
-        if bool((column != column[0]).any()):
-            shown = [OP_NAMES.get(v, v) for v in column.tolist()] if index == 0 else column.tolist()
-            values = ", ".join(f"rank {r}: {v}" for r, v in enumerate(shown))
-            raise ValueError(f"deep_ep {what}: ranks disagree on {name} ({values})")
+        shown = [OP_NAMES.get(v, v) for v in column.tolist()] if index == 0 else column.tolist()
+        values = ", ".join(f"rank {r}: {v}" for r, v in enumerate(shown))
+        raise ValueError(f"deep_ep {what}: ranks disagree on {name} ({values})")
+
+
+@dataclass
+class DispatchCall:
+    """A fresh dispatch as NormalMode hands it to its transport, every argument checked."""
+
+    meta: torch.Tensor  # int64 [len(HEADER_FIELDS) + E]: the header, then this rank's rows per expert
+    fields: List[torch.Tensor]  # uint8 [T, b_i]: x (or int8 x and its scales), topk_idx, topk_weights
+    kinds: List[Tuple[torch.dtype, int]]  # dtype and width of every field's received rows
+    topk_idx: torch.Tensor  # int64 [T, K] as the caller gave it
+    host_topk_idx: torch.Tensor  # the same on the host, contiguous (the routing math runs there)
+    expert_alignment: int
+    num_worst_tokens: int
+    stats: Optional[torch.Tensor]  # int32 [R] cost statistics, or None
+
+    @property
+    def num_topk(self) -> int:
+        return self.topk_idx.shape[1]
+
+
+@dataclass
+class ReceivedRows:
+    """A fresh dispatch's received rows, laid out once every rank's header is known
+    (`NormalMode.receive`); the transport fills `outs` and `sources`."""
+
+    plan: layout.RoutingPlan
+    outs: List[torch.Tensor]  # [N, width] per field, in the DispatchCall's kinds
+    sources: torch.Tensor  # int64 [3, N]: source rank, source token and top-k column of each row, -1 for padding
+    num_real_rows: int  # rows that hold a selection (the others are padding)
+    taken: torch.Tensor  # int64 [L, R]: rows placed so far per (local expert, source rank)
+    internode: Optional[InternodeState] = None  # across nodes: the routes combine needs
+    rows_by_source: Optional[torch.Tensor] = None  # collective transport: rows in arrival order
+
+    @property
+    def out_bytes(self) -> List[torch.Tensor]:
+        """The outputs as uint8 [N, bytes] rows."""
+        return [as_byte_rows(o) for o in self.outs]
+
+
+@dataclass
+class CachedDispatchCall:
+    """A dispatch along the routes of an earlier one: only x moves."""
+
+    header: torch.Tensor  # int64 [len(HEADER_FIELDS)]
+    fields: List[torch.Tensor]  # uint8 [T, b_i]: x (or int8 x and its scales)
+    outs: List[torch.Tensor]  # uint8 [N, b_i], filled by the transport
+    state: DispatchState
+    stats: Optional[torch.Tensor]
+
+    def check(self, meta_all: torch.Tensor) -> None:
+        """ValueError unless every rank's header agrees."""
+        check_agreement(meta_all, "dispatch (cached)", skip=(1, 8))
+
+
+@dataclass
+class CombineCall:
+    """A combine as NormalMode hands it to its transport, every argument checked."""
+
+    header: torch.Tensor  # int64 [len(HEADER_FIELDS)]
+    state: DispatchState
+    x_rows: torch.Tensor  # uint8 [N, H * itemsize]: the expert outputs in the received layout
+    reduction: ops.Reduction  # into the output, with the weights and biases to use
+    new_weights: Optional[torch.Tensor]  # the caller's float32 [T, K] weights, or None (the dispatch's)
+    stats: Optional[torch.Tensor]
+
+    def check(self, meta_all: torch.Tensor) -> None:
+        """ValueError unless every rank's header agrees."""
+        check_agreement(meta_all, "combine", skip=(1, 8))
 
 
 class NormalTransport(Protocol):
     """How one normal strategy moves rows (deep_ep/strategies/normal_strategy.py). `runtime` is the
-    Buffer's Runtime (deep_ep/runtime.py); `stats` the caller's int32 [R] cost statistics or None."""
+    Buffer's Runtime (deep_ep/runtime.py)."""
 
     shm: Optional[shm.NodeShm]  # the shared memory whose data area bounds a row, or None
 
-    def dispatch(
-        self,
-        runtime: "Runtime",
-        meta: torch.Tensor,
-        fields: List[torch.Tensor],
-        topk_idx: torch.Tensor,
-        decide: Callable,
-        state_box: dict,
-        stats: Optional[torch.Tensor],
-    ):
-        """Moves a fresh dispatch's rows; returns (InternodeState or None, rows_by_source or None)."""
+    def dispatch(self, runtime: "Runtime", call: DispatchCall) -> ReceivedRows:
+        """Moves a fresh dispatch's rows: shares the meta, lets `runtime.normal.receive` lay out the
+        outputs (it raises on every rank alike) and fills them."""
 
-    def cached_dispatch(
-        self,
-        runtime: "Runtime",
-        state: "DispatchState",
-        header: torch.Tensor,
-        fields: List[torch.Tensor],
-        out_bytes: List[torch.Tensor],
-        check: Callable,
-        stats: Optional[torch.Tensor],
-    ) -> None:
-        """Moves a cached dispatch's rows along the routes of `state`."""
+    def cached_dispatch(self, runtime: "Runtime", call: CachedDispatchCall) -> None:
+        """Moves a cached dispatch's rows along the routes of `call.state`."""
 
-    def combine(
-        self,
-        runtime: "Runtime",
-        state: "DispatchState",
-        header: torch.Tensor,
-        x_rows: torch.Tensor,
-        check: Callable,
-        reduce: Callable,
-        out: torch.Tensor,
-        weights: torch.Tensor,
-        new_weights: Optional[torch.Tensor],
-        biases: List[torch.Tensor],
-        stats: Optional[torch.Tensor],
-    ) -> None:
-        """Returns the expert outputs `x_rows` and reduces them into `out`."""
+    def combine(self, runtime: "Runtime", call: CombineCall) -> None:
+        """Returns the expert outputs to their tokens and runs `call.reduction` on them."""
 
 
 class NormalMode:
@@ -156,16 +205,24 @@ class NormalMode:
         self.runtime = weakref.proxy(runtime)
 
     # ---- layout ----------------------------------------------------------------------------------
-    def _check_topk_idx(self, topk_idx: torch.Tensor, num_experts: int, experts_name: str = "num_experts") -> None:
+    def _count_topk_idx(
+        self, topk_idx: torch.Tensor, num_experts: int, experts_name: str = "num_experts", with_ranks: bool = True
+    ) -> layout.SelectionCounts:
+        """Checks topk_idx (int64 [T, K] in [-1, num_experts)) and counts it in one native
+        pass on the host (layout.count_selections); ValueError naming what is wrong."""
         check_tensor("topk_idx", topk_idx, dtypes=(topk_idx_t,), shape=(None, None))
         check_num_topk(topk_idx.shape[1])
         ranks = self.runtime.group_size
         if not isinstance(num_experts, int) or num_experts <= 0 or num_experts % ranks:
             raise ValueError(f"{experts_name} must be a positive multiple of the {ranks} ranks, got {num_experts!r}")
-        if topk_idx.numel():
-            low, high = layout.summarize_topk(topk_idx)
-            if low < -1 or high >= num_experts:
-                raise ValueError(f"topk_idx values must lie in [-1, {num_experts}), got values in [{low}, {high}]")
+        rank_to_node = self.runtime.rank_to_node if with_ranks and self.runtime.num_nodes > 1 else None
+        host = topk_idx.cpu().contiguous()
+        counts = layout.count_selections(host, num_experts, ranks, with_ranks, rank_to_node)
+        if counts.low < -1 or counts.high >= num_experts:
+            raise ValueError(
+                f"topk_idx values must lie in [-1, {num_experts}), got values in [{counts.low}, {counts.high}]"
+            )
+        return counts
 
     def dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int):
         """Counts the rows this rank will send (get_dispatch_layout of every normal strategy).
@@ -179,7 +236,9 @@ class NormalMode:
             deep_ep.env.long_seq_rounds), is_token_in_rank int32 [T, R], EventOverlap.
         """
         self.runtime.check_alive()
-        self._check_topk_idx(topk_idx, num_experts)
+        native = ops.native_ok(topk_idx)
+        # On CPU the checking pass counts everything; on a device it only checks (on a host copy).
+        counts = self._count_topk_idx(topk_idx, num_experts, with_ranks=native)
         self.runtime.check_devices(topk_idx=topk_idx)
         rounds = env.long_seq_rounds()
         if rounds.configured and topk_idx.shape[0] > rounds.rounds * rounds.per_round_tokens:
@@ -187,12 +246,20 @@ class NormalMode:
                 f"topk_idx has {topk_idx.shape[0]} tokens, more than DEEPEP_NORMAL_LONG_SEQ_ROUND * "
                 f"DEEPEP_NORMAL_LONG_SEQ_PER_ROUND_TOKENS = {rounds.rounds * rounds.per_round_tokens}"
             )
-        per_rank, per_node, per_expert, in_rank = layout.dispatch_layout(
-            topk_idx,
-            num_experts,
-            self.runtime.group_size,
-            self.runtime.rank_to_node if self.runtime.num_nodes > 1 else None,
-        )
+        if native:
+            per_rank, per_node, per_expert, in_rank = (
+                counts.per_rank,
+                counts.per_node,
+                counts.per_expert.to(torch.int32),
+                counts.in_rank,
+            )
+        else:
+            per_rank, per_node, per_expert, in_rank = layout.dispatch_layout(
+                topk_idx,
+                num_experts,
+                self.runtime.group_size,
+                self.runtime.rank_to_node if self.runtime.num_nodes > 1 else None,
+            )
         if rounds.rounds > 1:
             per_expert = torch.cat(
                 [
@@ -313,8 +380,9 @@ class NormalMode:
                 f"got {num_tokens_per_expert.shape[0]}"
             )
         num_experts = num_tokens_per_expert.shape[0] // rounds
-        host_idx = topk_idx.cpu()  # the routing math runs on the host (the same tensor on CPU)
-        self._check_topk_idx(host_idx, num_experts, "num_experts (the length of num_tokens_per_expert)")
+        counts = self._count_topk_idx(
+            topk_idx, num_experts, "num_experts (the length of num_tokens_per_expert)", with_ranks=False
+        )
         num_tokens, num_topk = topk_idx.shape
         check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=(num_tokens, num_topk))
         self.runtime.check_devices(x=x, topk_idx=topk_idx, topk_weights=topk_weights)
@@ -339,9 +407,10 @@ class NormalMode:
             lowest = 1 if name == "expert_alignment" else 0
             if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
                 raise ValueError(f"{name} must be an int >= {lowest}, got {value!r}")
-        tokens_per_expert = torch.bincount(host_idx.reshape(-1) + 1, minlength=num_experts + 1)[1:]  # -1 -> bin 0
-        given = num_tokens_per_expert.cpu().to(torch.int64).view(rounds, num_experts).sum(0)
-        if not torch.equal(tokens_per_expert, given):
+        given = num_tokens_per_expert.cpu().to(torch.int64)
+        if rounds > 1:
+            given = given.view(rounds, num_experts).sum(0)
+        if not torch.equal(counts.per_expert, given):
             raise ValueError(
                 "num_tokens_per_expert does not match topk_idx; pass the counts get_dispatch_layout "
                 "returned for this topk_idx"
@@ -350,84 +419,79 @@ class NormalMode:
         kinds += [(torch.int64, num_topk), (torch.float32, num_topk)]
         self._check_buffer_fits(transport, sum(f.shape[1] for f in fields), len(fields), "dispatch")
         quant_code = 1 if len(kinds) == 4 else 0
-        header = torch.tensor(
-            [
-                OP_DISPATCH,
-                num_tokens,
-                hidden,
-                num_topk,
-                num_experts,
-                dtype_code,
-                quant_code,
-                expert_alignment,
-                num_worst_tokens,
-            ],
-            dtype=torch.int64,
+        header = [
+            OP_DISPATCH,
+            num_tokens,
+            hidden,
+            num_topk,
+            num_experts,
+            dtype_code,
+            quant_code,
+            expert_alignment,
+            num_worst_tokens,
+        ]
+        call = DispatchCall(
+            meta=torch.cat([torch.tensor(header, dtype=torch.int64), counts.per_expert]),
+            fields=fields,
+            kinds=kinds,
+            topk_idx=topk_idx,
+            host_topk_idx=topk_idx.cpu().contiguous(),
+            expert_alignment=expert_alignment,
+            num_worst_tokens=num_worst_tokens,
+            stats=stats,
         )
-        experts_per_rank = num_experts // self.runtime.group_size
-        state_box = {}
-
-        def decide(meta_all: torch.Tensor):
-            check_agreement(meta_all, "dispatch", skip=(1,))
-            plan = layout.plan_routing(host_idx, meta_all[:, len(HEADER_FIELDS) :], self.runtime.rank, expert_alignment)
-            if num_worst_tokens and int(plan.rows_per_rank.max()) > num_worst_tokens:
-                over = [r for r, n in enumerate(plan.rows_per_rank.tolist()) if n > num_worst_tokens]
-                raise ValueError(
-                    f"num_worst_tokens={num_worst_tokens} is too small: ranks {over} receive "
-                    f"{[int(plan.rows_per_rank[r]) for r in over]} rows"
-                )
-            out_rows = num_worst_tokens or plan.num_recv_rows
-            outs = [self.runtime.empty((out_rows, width), dtype) for dtype, width in kinds]
-            src_rank = torch.full((out_rows,), -1, dtype=torch.int64)
-            src_idx = torch.full((out_rows,), -1, dtype=torch.int64)
-            src_k = torch.full((out_rows,), -1, dtype=torch.int64)
-            state_box.update(plan=plan, outs=outs, src_rank=src_rank, src_idx=src_idx, src_k=src_k)
-            already = torch.zeros(experts_per_rank, self.runtime.group_size, dtype=torch.int64)
-
-            def routes(source: int, regions: List[torch.Tensor], begin: int, end: int):
-                window_topk = regions[len(kinds) - 2][: end - begin].view(torch.int64)
-                if len(regions) > len(kinds):  # rows forwarded from other nodes say where they come from
-                    origin_rank = regions[-2][: end - begin].view(torch.int64).flatten()
-                    origin_token = regions[-1][: end - begin].view(torch.int64).flatten()
-                else:
-                    origin_token = torch.arange(begin, end)
-                    origin_rank = torch.full_like(origin_token, self.runtime.local_ranks[source])
-                row, out_row, rank, token, k = plan.receive_rows(window_topk, origin_rank, origin_token, already)
-                src_rank[out_row], src_idx[out_row], src_k[out_row] = rank, token, k
-                return row + begin, out_row
-
-            return [as_byte_rows(o) for o in outs], routes
-
-        meta = torch.cat([header, tokens_per_expert])
-        internode, rows_by_source = transport.dispatch(self.runtime, meta, fields, topk_idx, decide, state_box, stats)
-        plan, outs, src_rank, src_idx, src_k = (
-            state_box[key] for key in ("plan", "outs", "src_rank", "src_idx", "src_k")
-        )
-        self._zero_padding(outs, src_rank, topk_fill=True)
-        recv_raw_topk, recv_topk_weights = outs[-2], outs[-1]
+        received = transport.dispatch(self.runtime, call)
+        plan, outs = received.plan, received.outs
+        if received.num_real_rows < received.sources.shape[1]:
+            self._zero_padding(outs, received.sources[0], topk_fill=True)
         recv_x = (outs[0], outs[1].view(-1)) if quant_code or isinstance(x, (tuple, list)) else outs[0]
-        recv_topk_idx = layout.localize_topk_idx_(recv_raw_topk, self.runtime.rank, experts_per_rank)
+        experts_per_rank = num_experts // self.runtime.group_size
+        recv_topk_idx = layout.localize_topk_idx_(outs[-2], self.runtime.rank, experts_per_rank)
         state = DispatchState(
             plan=plan,
-            recv_src_rank=src_rank,
-            recv_src_idx=src_idx,
-            recv_src_k=src_k,
-            num_out_rows=src_rank.numel(),
+            recv_src_rank=received.sources[0],
+            recv_src_idx=received.sources[1],
+            recv_src_k=received.sources[2],
+            num_out_rows=received.sources.shape[1],
             num_tokens=num_tokens,
             hidden=hidden,
             topk_idx=topk_idx,
             topk_weights=topk_weights,
             expert_alignment=expert_alignment,
             num_worst_tokens=num_worst_tokens,
-            internode=internode,
+            internode=received.internode,
+            transport=transport,
         )
-        if rows_by_source is not None:
-            state.rows_by_source = rows_by_source
-        state.transport = transport
-        counts = plan.expert_rows
+        if received.rows_by_source is not None:
+            state.rows_by_source = received.rows_by_source
+        expert_rows = plan.expert_rows
         if env.expert_token_nums_type() == 0:
-            counts = torch.cumsum(torch.tensor(counts, dtype=torch.int64), 0).tolist()
-        return recv_x, recv_topk_idx, recv_topk_weights, counts, state, EventOverlap()
+            expert_rows = torch.cumsum(torch.tensor(expert_rows, dtype=torch.int64), 0).tolist()
+        return recv_x, recv_topk_idx, outs[-1], expert_rows, state, EventOverlap()
+
+    def receive(self, call: DispatchCall, meta_all: torch.Tensor) -> ReceivedRows:
+        """Lays out a fresh dispatch's received rows from every rank's meta int64 [R, m] (the
+        transports call it once the meta is shared); ValueError when the ranks disagree or
+        num_worst_tokens is too small (the same on every rank: they see the same meta)."""
+        check_agreement(meta_all, "dispatch", skip=(1,))
+        plan = layout.plan_routing(
+            call.host_topk_idx, meta_all[:, len(HEADER_FIELDS) :], self.runtime.rank, call.expert_alignment
+        )
+        worst = call.num_worst_tokens
+        rows_per_rank = plan.rows_per_rank.tolist()
+        if worst and max(rows_per_rank) > worst:
+            over = [r for r, n in enumerate(rows_per_rank) if n > worst]
+            raise ValueError(
+                f"num_worst_tokens={worst} is too small: ranks {over} receive {[rows_per_rank[r] for r in over]} rows"
+            )
+        out_rows = worst or rows_per_rank[self.runtime.rank]
+        return ReceivedRows(
+            plan=plan,
+            outs=[self.runtime.empty((out_rows, width), dtype) for dtype, width in call.kinds],
+            sources=torch.full((3, out_rows), -1, dtype=torch.int64),
+            num_real_rows=int(plan.recv_counts.sum()),
+            taken=torch.zeros(plan.experts_per_rank, plan.num_ranks, dtype=torch.int64),
+        )
 
     @staticmethod
     def _zero_padding(outs: List[torch.Tensor], src_rank: torch.Tensor, topk_fill: bool) -> None:
@@ -481,9 +545,9 @@ class NormalMode:
         )
         self.runtime.check_devices(x=x)
         outs = [self.runtime.empty((state.num_out_rows, width), dtype) for dtype, width in kinds]
-        out_bytes = [as_byte_rows(o) for o in outs]
-        check = functools.partial(check_agreement, what="dispatch (cached)", skip=(1, 8))
-        transport.cached_dispatch(self.runtime, state, header, fields, out_bytes, check, stats)
+        transport.cached_dispatch(
+            self.runtime, CachedDispatchCall(header, fields, [as_byte_rows(o) for o in outs], state, stats)
+        )
         self._zero_padding(outs, state.recv_src_rank, topk_fill=False)
         recv_x = (outs[0], outs[1].view(-1)) if len(outs) == 2 else outs[0]
         return recv_x, None, None, None, None, EventOverlap()
@@ -542,12 +606,6 @@ class NormalMode:
             ],
             dtype=torch.int64,
         )
-        check = functools.partial(check_agreement, what="combine", skip=(1, 8))
-
-        def reduce(sources: List[torch.Tensor], src_rank: torch.Tensor, src_row: torch.Tensor) -> None:
-            ops.weighted_reduce(out, sources, x.dtype, src_rank, src_row, weights, biases, self.runtime.num_threads)
-
-        transport.combine(
-            self.runtime, state, header, as_byte_rows(x), check, reduce, out, weights, topk_weights, biases, stats
-        )
+        reduction = ops.Reduction(out, x.dtype, weights, biases, self.runtime.num_threads)
+        transport.combine(self.runtime, CombineCall(header, state, as_byte_rows(x), reduction, topk_weights, stats))
         return out, weights.masked_fill(state.topk_idx < 0, 0), EventOverlap()

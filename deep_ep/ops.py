@@ -5,7 +5,8 @@ with the same definition."""
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, field
+from typing import List, Optional, Protocol, Sequence, Tuple, Union
 
 import torch
 
@@ -147,3 +148,28 @@ def weighted_reduce(
         acc += bias.to(device).float().to(acc_dtype)
     out.copy_(acc.float() if out.dtype != torch.float64 else acc)
     return out
+
+
+class RowReduction(Protocol):
+    """A combine's reduction, run by the transport once the expert outputs are readable."""
+
+    def run(self, sources: List[torch.Tensor], src_rank: torch.Tensor, src_row: torch.Tensor) -> None:
+        """Sums the rows of `sources` (uint8 [rows_i, H * itemsize]) named by src_rank int32 /
+        src_row int64 [T, C] (src_rank -1: no row)."""
+
+
+@dataclass
+class Reduction:
+    """A combine's weighted reduction, waiting for its rows: `run` is `weighted_reduce` into `out`
+    with these weights and biases (the transports call it once the rows are readable)."""
+
+    out: torch.Tensor  # [T, H], written
+    src_dtype: Union[torch.dtype, Sequence[torch.dtype]]
+    weights: torch.Tensor  # float32 [T, C]
+    biases: Sequence[torch.Tensor] = field(default_factory=list)
+    threads: Optional[int] = None
+
+    def run(self, sources: List[torch.Tensor], src_rank: torch.Tensor, src_row: torch.Tensor) -> None:
+        """Reduces the rows of `sources` (uint8 [rows_i, H * itemsize]) named by src_rank int32 /
+        src_row int64 [T, C]."""
+        weighted_reduce(self.out, sources, self.src_dtype, src_rank, src_row, self.weights, self.biases, self.threads)

@@ -17,14 +17,25 @@ all_to_all_single share its duration (they arrive together).
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Callable, List, Optional, Union
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Dict, List, Optional, Union
 
 import torch
 import torch.distributed as dist
 
+import deep_ep_cpp
+
 from .. import handles
 from ..ep_strategy import NormalEPCommStrategy, register_normal_strategy
-from ..normal import OP_DISPATCH, DispatchState, InternodeState
+from ..normal import (
+    OP_DISPATCH,
+    CachedDispatchCall,
+    CombineCall,
+    DispatchCall,
+    DispatchState,
+    InternodeState,
+    ReceivedRows,
+)
 from ..transport import collective, hierarchical, shm
 from ..transport.fields import as_byte_rows
 from ..utils import EventOverlap
@@ -42,96 +53,154 @@ def _add_us(stats: Optional[torch.Tensor], ranks: Union[List[int], torch.Tensor]
         stats.add_(delta.to(stats.device))
 
 
+@dataclass
+class SelectionReceiver:
+    """The receiving side of a fresh shared-memory dispatch: lays out the outputs once the meta is
+    shared (unless the transport did already), then places every published selection of this rank's
+    experts and copies its fields, one native call per round."""
+
+    runtime: "Runtime"
+    call: DispatchCall
+    received: Optional[ReceivedRows] = None
+    forwarded: bool = False  # the rows carry their origin rank and token: two int64 fields after the call's
+
+    def prepare(self, meta_all: torch.Tensor) -> None:
+        if self.received is None:
+            self.received = self.runtime.normal.receive(self.call, meta_all)
+
+    def pull(self, windows: List[shm.Window]) -> None:
+        received, plan = self.received, self.received.plan
+        fields = len(self.call.kinds)
+        starts = plan.block_start[plan.rank]  # int64 [L, R]: first row of block (local expert, source)
+        sources = received.sources
+        deep_ep_cpp.pull_selections(
+            [(w.addresses, w.count, w.begin, self.runtime.local_ranks[w.source]) for w in windows],
+            self.call.num_topk,
+            plan.rank * plan.experts_per_rank,
+            plan.experts_per_rank,
+            plan.num_ranks,
+            starts.data_ptr(),
+            received.taken.data_ptr(),
+            fields - 2,
+            fields if self.forwarded else -1,
+            fields + 1 if self.forwarded else -1,
+            [(out.data_ptr(), out.shape[1] * out.element_size()) for out in received.outs],
+            sources.shape[1],
+            sources[0].data_ptr(),
+            sources[1].data_ptr(),
+            sources[2].data_ptr(),
+            self.runtime.num_threads,
+        )
+
+
+@dataclass
+class CachedReceiver:
+    """The receiving side of a cached shared-memory dispatch: every row goes where the handle's did."""
+
+    call: CachedDispatchCall
+    local_ranks: List[int]
+    threads: int
+    by_source: Dict[int, torch.Tensor] = field(init=False)  # source rank -> its output rows, int64
+
+    def __post_init__(self) -> None:
+        src_rank = self.call.state.recv_src_rank
+        real = (src_rank >= 0).nonzero().flatten()
+        self.by_source = {r: real[src_rank[real] == r] for r in self.local_ranks}
+
+    def prepare(self, meta_all: torch.Tensor) -> None:
+        self.call.check(meta_all)
+
+    def pull(self, windows: List[shm.Window]) -> None:
+        src_idx = self.call.state.recv_src_idx
+        ranks, rows, out_rows = [], [], []
+        for position, window in enumerate(windows):
+            mine = self.by_source[self.local_ranks[window.source]]
+            token = src_idx[mine]
+            keep = (token >= window.begin) & (token < window.begin + window.count)
+            rows.append(token[keep] - window.begin)
+            out_rows.append(mine[keep])
+            ranks.append(torch.full_like(rows[-1], position, dtype=torch.int32))
+        if not ranks:
+            return
+        ranks, rows, out_rows = torch.cat(ranks).numpy(), torch.cat(rows).numpy(), torch.cat(out_rows).numpy()
+        for index, out in enumerate(self.call.outs):
+            width = out.shape[1]
+            deep_ep_cpp.copy_rows(
+                out.data_ptr(),
+                out.shape[0],
+                width,
+                [w.addresses[index] for w in windows],
+                [w.rows for w in windows],
+                width,
+                width,
+                ranks,
+                rows,
+                out_rows,
+                self.threads,
+            )
+
+
 class CollectiveRows:
     """torch.distributed all_to_all_single over the runtime's data group (gloo on CPU, HCCL on NPU)."""
 
     shm = None
 
-    def dispatch(
-        self,
-        rt: "Runtime",
-        meta: torch.Tensor,
-        fields: List[torch.Tensor],
-        topk_idx: torch.Tensor,
-        decide: Callable,
-        state_box: dict,
-        stats: Optional[torch.Tensor],
-    ):
-        out_bytes, _ = decide(collective.all_gather_meta(rt.comm, meta, "dispatch"))
-        plan = state_box["plan"]
+    def dispatch(self, rt: "Runtime", call: DispatchCall) -> ReceivedRows:
+        received = rt.normal.receive(call, collective.all_gather_meta(rt.comm, call.meta, "dispatch"))
+        plan = received.plan
         rows_by_source = plan.rows_by_source()
         start = time.monotonic_ns()
         arrived = collective.dispatch_rows(
             rt.data_comm,
             rt.group_size,
-            topk_idx.shape[1],
-            fields,
-            out_bytes,
+            call.num_topk,
+            call.fields,
+            received.out_bytes,
             plan.dest_rank,
             plan.dest_row,
             plan.recv_counts.sum(0).tolist(),
             rows_by_source,
         )
-        _add_us(stats, list(range(rt.group_size)), torch.tensor(time.monotonic_ns() - start))
-        sources = torch.repeat_interleave(torch.arange(rt.group_size), plan.recv_counts.sum(0))
-        state_box["src_rank"][rows_by_source] = sources
-        state_box["src_idx"][rows_by_source] = arrived
-        return None, rows_by_source
+        _add_us(call.stats, list(range(rt.group_size)), torch.tensor(time.monotonic_ns() - start))
+        received.sources[0][rows_by_source] = torch.repeat_interleave(
+            torch.arange(rt.group_size), plan.recv_counts.sum(0)
+        )
+        received.sources[1][rows_by_source] = arrived
+        received.rows_by_source = rows_by_source
+        return received
 
-    def cached_dispatch(
-        self,
-        rt: "Runtime",
-        state: DispatchState,
-        header: torch.Tensor,
-        fields: List[torch.Tensor],
-        out_bytes: List[torch.Tensor],
-        check: Callable,
-        stats: Optional[torch.Tensor],
-    ) -> None:
-        plan = state.plan
-        check(collective.all_gather_meta(rt.comm, header, "dispatch (cached)"))
+    def cached_dispatch(self, rt: "Runtime", call: CachedDispatchCall) -> None:
+        state = call.state
+        call.check(collective.all_gather_meta(rt.comm, call.header, "dispatch (cached)"))
         start = time.monotonic_ns()
         collective.dispatch_rows(
             rt.data_comm,
             rt.group_size,
             state.topk_idx.shape[1],
-            fields,
-            out_bytes,
-            plan.dest_rank,
-            plan.dest_row,
-            plan.recv_counts.sum(0).tolist(),
+            call.fields,
+            call.outs,
+            state.plan.dest_rank,
+            state.plan.dest_row,
+            state.plan.recv_counts.sum(0).tolist(),
             state.rows_by_source,
         )
-        _add_us(stats, list(range(rt.group_size)), torch.tensor(time.monotonic_ns() - start))
+        _add_us(call.stats, list(range(rt.group_size)), torch.tensor(time.monotonic_ns() - start))
 
-    def combine(
-        self,
-        rt: "Runtime",
-        state: DispatchState,
-        header: torch.Tensor,
-        x_rows: torch.Tensor,
-        check: Callable,
-        reduce: Callable,
-        out: torch.Tensor,
-        weights: torch.Tensor,
-        new_weights: Optional[torch.Tensor],
-        biases: List[torch.Tensor],
-        stats: Optional[torch.Tensor],
-    ) -> None:
-        plan = state.plan
-        check(collective.all_gather_meta(rt.comm, header, "combine"))
+    def combine(self, rt: "Runtime", call: CombineCall) -> None:
+        state = call.state
+        call.check(collective.all_gather_meta(rt.comm, call.header, "combine"))
         start = time.monotonic_ns()
         collective.combine_rows(
             rt.data_comm,
             rt.group_size,
-            x_rows,
+            call.x_rows,
             state.rows_by_source,
-            plan.recv_counts.sum(0).tolist(),
-            plan.dest_rank,
-            plan.dest_row,
-            reduce,
+            state.plan.recv_counts.sum(0).tolist(),
+            state.plan.dest_rank,
+            state.plan.dest_row,
+            call.reduction,
         )
-        _add_us(stats, list(range(rt.group_size)), torch.tensor(time.monotonic_ns() - start))
+        _add_us(call.stats, list(range(rt.group_size)), torch.tensor(time.monotonic_ns() - start))
 
 
 class SharedMemoryRows:
@@ -140,77 +209,42 @@ class SharedMemoryRows:
     def __init__(self, node_shm: shm.NodeShm) -> None:
         self.shm = node_shm
 
-    def dispatch(
-        self,
-        rt: "Runtime",
-        meta: torch.Tensor,
-        fields: List[torch.Tensor],
-        topk_idx: torch.Tensor,
-        decide: Callable,
-        state_box: dict,
-        stats: Optional[torch.Tensor],
-    ):
-        waits = torch.zeros(self.shm.num_local, dtype=torch.int64) if stats is not None else None
-        shm.dispatch_rows(self.shm, meta, fields, decide, "dispatch", waits)
-        _add_us(stats, rt.local_ranks, waits if waits is not None else torch.zeros(0))
-        return None, None
+    def _local_times(self, stats: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """int64 [local ranks] zeros to measure into when the caller wants cost statistics."""
+        return torch.zeros(self.shm.num_local, dtype=torch.int64) if stats is not None else None
 
-    def cached_dispatch(
-        self,
-        rt: "Runtime",
-        state: DispatchState,
-        header: torch.Tensor,
-        fields: List[torch.Tensor],
-        out_bytes: List[torch.Tensor],
-        check: Callable,
-        stats: Optional[torch.Tensor],
-    ) -> None:
-        real = (state.recv_src_rank >= 0).nonzero().flatten()
-        by_source = {r: real[state.recv_src_rank[real] == r] for r in rt.local_ranks}
+    def dispatch(self, rt: "Runtime", call: DispatchCall) -> ReceivedRows:
+        waits = self._local_times(call.stats)
+        receiver = SelectionReceiver(rt, call)
+        shm.dispatch_rows(self.shm, call.meta, call.fields, receiver, "dispatch", waits)
+        if waits is not None:
+            _add_us(call.stats, rt.local_ranks, waits)
+        return receiver.received
 
-        def decide(meta_all: torch.Tensor):
-            check(meta_all)
+    def cached_dispatch(self, rt: "Runtime", call: CachedDispatchCall) -> None:
+        waits = self._local_times(call.stats)
+        receiver = CachedReceiver(call, rt.local_ranks, rt.num_threads)
+        shm.dispatch_rows(self.shm, call.header, call.fields, receiver, "dispatch (cached)", waits)
+        if waits is not None:
+            _add_us(call.stats, rt.local_ranks, waits)
 
-            def routes(source: int, regions, begin: int, end: int):
-                rows = by_source[rt.local_ranks[source]]
-                token = state.recv_src_idx[rows]
-                keep = (token >= begin) & (token < end)
-                return token[keep], rows[keep]
-
-            return out_bytes, routes
-
-        waits = torch.zeros(self.shm.num_local, dtype=torch.int64) if stats is not None else None
-        shm.dispatch_rows(self.shm, header, fields, decide, "dispatch (cached)", waits)
-        _add_us(stats, rt.local_ranks, waits if waits is not None else torch.zeros(0))
-
-    def combine(
-        self,
-        rt: "Runtime",
-        state: DispatchState,
-        header: torch.Tensor,
-        x_rows: torch.Tensor,
-        check: Callable,
-        reduce: Callable,
-        out: torch.Tensor,
-        weights: torch.Tensor,
-        new_weights: Optional[torch.Tensor],
-        biases: List[torch.Tensor],
-        stats: Optional[torch.Tensor],
-    ) -> None:
-        plan = state.plan
-        sends = torch.zeros(self.shm.num_local, dtype=torch.int64) if stats is not None else None
+    def combine(self, rt: "Runtime", call: CombineCall) -> None:
+        state = call.state
+        sends = self._local_times(call.stats)
         shm.combine_rows(
             self.shm,
-            header,
-            check,
-            x_rows,
-            plan.rows_per_rank.tolist(),
-            plan.dest_rank,
-            plan.dest_row,
-            reduce,
+            call.header,
+            call.check,
+            call.x_rows,
+            state.plan.rows_per_rank.tolist(),
+            state.holder_index,
+            state.plan.dest_row,
+            call.reduction,
             sends=sends,
+            peer_rows=state.peer_rows,
         )
-        _add_us(stats, rt.local_ranks, sends if sends is not None else torch.zeros(0))
+        if sends is not None:
+            _add_us(call.stats, rt.local_ranks, sends)
 
 
 class HierarchicalRows(SharedMemoryRows):
@@ -239,83 +273,70 @@ class HierarchicalRows(SharedMemoryRows):
         per_rank = local_ns[self._forwarders(rt)] + torch.where(far, network_ns, 0)
         _add_us(stats, list(range(rt.group_size)), per_rank)
 
-    def dispatch(
-        self,
-        rt: "Runtime",
-        meta: torch.Tensor,
-        fields: List[torch.Tensor],
-        topk_idx: torch.Tensor,
-        decide: Callable,
-        state_box: dict,
-        stats: Optional[torch.Tensor],
-    ):
-        placement = decide(collective.all_gather_meta(rt.comm, meta, "dispatch"))
-        plan = state_box["plan"]
-        num_tokens, num_topk = topk_idx.shape
+    def dispatch(self, rt: "Runtime", call: DispatchCall) -> ReceivedRows:
+        received = rt.normal.receive(call, collective.all_gather_meta(rt.comm, call.meta, "dispatch"))
+        plan = received.plan
+        num_tokens, num_topk = call.topk_idx.shape
         start = time.monotonic_ns()
-        forwarding = hierarchical.plan_forwarding(rt.comm, rt.topology, topk_idx, plan.experts_per_rank)
+        forwarding = hierarchical.plan_forwarding(rt.comm, rt.topology, call.topk_idx, plan.experts_per_rank)
         tokens = torch.arange(num_tokens)
-        arrived = hierarchical.forward_rows(rt.comm, forwarding, fields + [as_byte_rows(tokens)])
+        arrived = hierarchical.forward_rows(rt.comm, forwarding, call.fields + [as_byte_rows(tokens)])
         network_ns = time.monotonic_ns() - start
         forwarding.origin_token = arrived[-1].view(torch.int64).flatten()
-        published = [torch.cat([own, far]) for own, far in zip(fields, arrived)]
+        published = [torch.cat([own, far]) for own, far in zip(call.fields, arrived)]
         published.append(as_byte_rows(torch.cat([torch.full_like(tokens, rt.rank), forwarding.origin_rank])))
         published.append(as_byte_rows(torch.cat([tokens, forwarding.origin_token])))
         node_header = torch.tensor([OP_DISPATCH, published[0].shape[0]], dtype=torch.int64)
         waits = torch.zeros(self.shm.num_local, dtype=torch.int64)
-        shm.dispatch_rows(self.shm, node_header, published, lambda _: placement, "dispatch", waits)
-        self._add_across(rt, stats, waits, network_ns)
-        forwarded_topk = arrived[len(fields) - 2].view(torch.int64).view(-1, num_topk)
+        receiver = SelectionReceiver(rt, call, received, forwarded=True)
+        shm.dispatch_rows(self.shm, node_header, published, receiver, "dispatch", waits)
+        self._add_across(rt, call.stats, waits, network_ns)
+        forwarded_topk = arrived[len(call.fields) - 2].view(torch.int64).view(-1, num_topk)
         # Destinations outside this node come out wrong here (the forwarder holds only the tokens
         # that touch its node) and are dropped by to_local.
         far_rank, far_row = plan.destinations(forwarded_topk, forwarding.origin_rank)
         selection_rank, selection_row = hierarchical.to_local(
             torch.cat([plan.dest_rank, far_rank]), torch.cat([plan.dest_row, far_row]), rt.topology
         )
-        forwarded_weights = arrived[len(fields) - 1].view(torch.float32).view(-1, num_topk)
-        return InternodeState(forwarding, forwarded_weights, selection_rank, selection_row), None
+        forwarded_weights = arrived[len(call.fields) - 1].view(torch.float32).view(-1, num_topk)
+        received.internode = InternodeState(forwarding, forwarded_weights, selection_rank, selection_row)
+        return received
 
-    def combine(
-        self,
-        rt: "Runtime",
-        state: DispatchState,
-        header: torch.Tensor,
-        x_rows: torch.Tensor,
-        check: Callable,
-        reduce: Callable,
-        out: torch.Tensor,
-        weights: torch.Tensor,
-        new_weights: Optional[torch.Tensor],
-        biases: List[torch.Tensor],
-        stats: Optional[torch.Tensor],
-    ) -> None:
-        plan = state.plan
-        num_topk = weights.shape[1]
-        check(collective.all_gather_meta(rt.comm, header, "combine"))
+    def combine(self, rt: "Runtime", call: CombineCall) -> None:
+        state, reduction = call.state, call.reduction
+        num_topk = reduction.weights.shape[1]
+        call.check(collective.all_gather_meta(rt.comm, call.header, "combine"))
         internode = state.internode
         forwarded_weights = internode.forwarded_weights
-        if new_weights is not None:  # the forwarders sum with the owner's new weights
+        if call.new_weights is not None:  # the forwarders sum with the owner's new weights
             forwarded_weights = hierarchical.forward_rows(
-                rt.comm, internode.forwarding, [as_byte_rows(weights)], "combine"
+                rt.comm, internode.forwarding, [as_byte_rows(reduction.weights)], "combine"
             )[0].view(torch.float32)
             forwarded_weights = forwarded_weights.view(-1, num_topk)
-        reduce = hierarchical.hierarchical_reduce(
-            rt.comm, rt.topology, internode.forwarding, out, out.dtype, weights, forwarded_weights, biases
+        across = hierarchical.HierarchicalReduction(
+            rt.comm,
+            rt.topology,
+            internode.forwarding,
+            reduction.out,
+            reduction.src_dtype,
+            reduction.weights,
+            forwarded_weights,
+            reduction.biases,
         )
         sends = torch.zeros(self.shm.num_local, dtype=torch.int64)
         shm.combine_rows(
             self.shm,
-            header,
-            lambda _: None,
-            x_rows,
-            [int(plan.rows_per_rank[r]) for r in rt.local_ranks],
+            call.header,
+            None,  # the headers were agreed across nodes above
+            call.x_rows,
+            [int(state.plan.rows_per_rank[r]) for r in rt.local_ranks],
             internode.selection_rank,
             internode.selection_row,
-            reduce,
+            across,
             sends=sends,
         )
         # A holder's rows are handed over once the local forwarder has read them; it carries them on.
-        self._add_across(rt, stats, sends, 0)
+        self._add_across(rt, call.stats, sends, 0)
 
 
 class _NormalStrategyBase(NormalEPCommStrategy):

@@ -16,6 +16,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from ..ops import RowReduction
+
 # ---- failures ------------------------------------------------------------------------------------------
 # gloo reports a missing or dead peer as a RuntimeError that names no rank ("Timed out waiting 3000ms for
 # send operation", "Connection reset by peer"), and the group is unusable afterwards ("Application timeout
@@ -254,14 +256,14 @@ def combine_rows(
     recv_counts: Sequence[int],
     dest_rank: torch.Tensor,
     dest_row: torch.Tensor,
-    reduce: Callable[[List[torch.Tensor], torch.Tensor, torch.Tensor], None],
+    reduction: RowReduction,
 ) -> None:
     """Returns expert outputs to the token owners and reduces them there.
 
     Args:
         x_rows: uint8 [N, b] expert outputs of this rank in its received layout.
         rows_by_source / recv_counts: as at dispatch (what came from where).
-        reduce: as in the shared-memory transport.
+        reduction: its run(sources, src_rank, src_row) sums the rows, as in the shared-memory transport.
     """
     order = send_order(dest_rank, dest_row)
     back_counts = torch.bincount(dest_rank.reshape(-1)[order], minlength=num_ranks).tolist()
@@ -271,4 +273,4 @@ def combine_rows(
     position = torch.full((dest_rank.numel(),), -1, dtype=torch.int64)
     position[order] = torch.arange(order.numel())
     position = position.view_as(dest_rank)
-    reduce([recv], torch.where(position >= 0, 0, -1).to(torch.int32), position)
+    reduction.run([recv], torch.where(position >= 0, 0, -1).to(torch.int32), position)

@@ -12,7 +12,7 @@ partials. The network is torch.distributed (gloo on CPU): all_to_all_single.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 import torch.distributed as dist
@@ -143,40 +143,45 @@ def to_local(dest_rank: torch.Tensor, dest_row: torch.Tensor, topology: Topology
     return holder.to(torch.int32), torch.where(holder >= 0, dest_row, torch.full_like(dest_row, -1))
 
 
-def hierarchical_reduce(
-    group: dist.ProcessGroup,
-    topology: Topology,
-    forwarding: Forwarding,
-    out: torch.Tensor,
-    x_dtype: torch.dtype,
-    own_weights: torch.Tensor,
-    forwarded_weights: torch.Tensor,
-    biases: Sequence[torch.Tensor],
-) -> Callable:
-    """The `reduce` of the shared-memory combine, across nodes. Its selection table holds this
+@dataclass
+class HierarchicalReduction:
+    """The reduction of the shared-memory combine, across nodes. Its selection table holds this
     rank's tokens first ([T, K], this node's holders only), then the forwarded rows ([F, K]):
     it sums the forwarded rows into float64 partials, returns them to their owners, and sums
     this rank's tokens from its node's rows, then the partials it got back (node order)."""
-    num_tokens, hidden = out.shape
-    threads = num_threads(len(topology.local_ranks))
 
-    def reduce(sources: List[torch.Tensor], src_rank: torch.Tensor, src_row: torch.Tensor) -> None:
+    group: dist.ProcessGroup
+    topology: Topology
+    forwarding: Forwarding
+    out: torch.Tensor  # [T, H], written
+    x_dtype: torch.dtype
+    own_weights: torch.Tensor  # float32 [T, K]
+    forwarded_weights: torch.Tensor  # float32 [F, K]
+    biases: Sequence[torch.Tensor]
+
+    def run(self, sources: List[torch.Tensor], src_rank: torch.Tensor, src_row: torch.Tensor) -> None:
+        num_tokens, hidden = self.out.shape
+        threads = num_threads(len(self.topology.local_ranks))
         partials = torch.empty(src_rank.shape[0] - num_tokens, hidden, dtype=torch.float64)
         ops.weighted_reduce(
-            partials, sources, x_dtype, src_rank[num_tokens:], src_row[num_tokens:], forwarded_weights, threads=threads
+            partials,
+            sources,
+            self.x_dtype,
+            src_rank[num_tokens:],
+            src_row[num_tokens:],
+            self.forwarded_weights,
+            threads=threads,
         )
-        back = return_partials(group, forwarding, partials)
-        present, row = partial_columns(topology, forwarding, num_tokens)
+        back = return_partials(self.group, self.forwarding, partials)
+        present, row = partial_columns(self.topology, self.forwarding, num_tokens)
         present = torch.where(present >= 0, present + len(sources), present)
         ops.weighted_reduce(
-            out,
+            self.out,
             sources + [as_byte_rows(back)],
-            [x_dtype] * len(sources) + [torch.float64],
+            [self.x_dtype] * len(sources) + [torch.float64],
             torch.cat([src_rank[:num_tokens], present], dim=1),
             torch.cat([src_row[:num_tokens], row], dim=1),
-            torch.cat([own_weights, torch.ones(num_tokens, present.shape[1])], dim=1),
-            biases,
+            torch.cat([self.own_weights, torch.ones(num_tokens, present.shape[1])], dim=1),
+            self.biases,
             threads,
         )
-
-    return reduce

@@ -18,6 +18,10 @@ owner writes its data area, and each source's rows of a round start at its data
 area's beginning, so what peers read lies inside what the owner reserved. A rank whose
 reservation fails says so in its meta and writes nothing; after the barrier every rank
 raises SharedMemoryExhausted (docs/memory.md).
+
+One barrier per exchange: an owner overwrites its meta and data area only after every local peer
+has released the previous read phase (a counter in the peer's control area), so no call ends with
+a barrier (docs/normal_data_path.md).
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Protocol, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -50,6 +56,10 @@ PID_WORD = 8
 # The owner's failure note in the control area: its length (a word), then UTF-8 text (docs/host_discovery.md).
 NOTE_WORD = 16
 NOTE_OFFSET = (NOTE_WORD + 1) * 8
+# The read phases (rounds of dispatch / combine) this rank has finished reading its peers' areas
+# for, in the last cache line of the control area; the note's text ends before it.
+RELEASE_WORD = CONTROL_BYTES // 8 - 8
+NOTE_END = RELEASE_WORD * 8
 # How long a failed barrier waits for a local peer's note when the Buffer spans several nodes: the
 # peer it waited for may be stuck a moment longer in a network exchange that is failing, too.
 NOTE_GRACE_S = 1.0
@@ -215,6 +225,12 @@ class NodeShm:
         self.meta = [b[CONTROL_BYTES:DATA_OFFSET].view(torch.int64) for b in self.bytes]
         self.data = [b[DATA_OFFSET:] for b in self.bytes]
         self.sync = node_sync(self.segments, self.local_index, self.local_ranks)
+        # Read phases this rank has finished (and published at RELEASE_WORD); every local rank runs
+        # the same sequence of phases, so a peer's count at least this one means it read all of mine.
+        self.reads = 0
+        self.release_addresses = [s.address + RELEASE_WORD * 8 for s in self.segments]
+        self.peers = [i for i in range(len(self.local_ranks)) if i != self.local_index]
+        self.data_address = [s.address + DATA_OFFSET for s in self.segments]
         self.broken: Optional[str] = None
         # Across nodes a local peer may wait here while this rank's network exchange fails: tell it why.
         self.spans_nodes = self.num_local < dist.get_world_size(group)
@@ -233,10 +249,38 @@ class NodeShm:
             waits += (torch.tensor(self.sync.arrivals_ns, dtype=torch.int64) - start_ns).clamp_min_(0)
 
     def barrier(self) -> None:
+        self._synchronized(lambda: self.sync.barrier(timeout_seconds(), self.operation))
+
+    def release(self) -> None:
+        """Ends a read phase: this rank no longer reads its peers' meta and data areas."""
+        self.reads += 1
+        deep_ep_cpp.store_counter(self.release_addresses[self.local_index], self.reads)
+
+    def wait_readers(self, start_ns: int = 0, sends: Optional[torch.Tensor] = None) -> None:
+        """Returns once every local peer has released every read phase this rank has: from then on
+        this rank may overwrite its meta and data area. With `sends` (int64 [local ranks]), adds to
+        sends[i] the nanoseconds from `start_ns` until local rank i was seen done (this rank: now)."""
+        if self.peers:
+            self._synchronized(
+                lambda: self.sync.wait_at_least(
+                    [self.release_addresses[i] for i in self.peers],
+                    [self.reads] * len(self.peers),
+                    self.peers,
+                    timeout_seconds(),
+                    self.operation,
+                )
+            )
+        if sends is not None:
+            seen = torch.tensor(self.sync.arrivals_ns, dtype=torch.int64)
+            seen[self.local_index] = time.monotonic_ns()
+            sends += (seen - start_ns).clamp_min_(0)
+
+    def _synchronized(self, wait: Callable[[], None]) -> None:
+        """Runs a wait on the peers; after a failure the Buffer refuses every later call."""
         if self.broken:
             raise RuntimeError(self.broken)
         try:
-            self.sync.barrier(timeout_seconds(), self.operation)
+            wait()
         except BaseException as error:
             notes = self.peer_failures() if isinstance(error, RuntimeError) else ""
             # Peers may have moved on without us: the barrier sequence cannot be trusted any more.
@@ -250,7 +294,7 @@ class NodeShm:
 
     def post_failure(self, message: str) -> None:
         """Leaves `message` (why this rank failed) in its control area for the local peers."""
-        text = message.encode()[: CONTROL_BYTES - NOTE_OFFSET]
+        text = message.encode()[: NOTE_END - NOTE_OFFSET]
         if not self.bytes or not text:
             return
         control = self.bytes[self.local_index]
@@ -281,7 +325,9 @@ class NodeShm:
     # ---- memory --------------------------------------------------------------------------------
     def reserve(self, nbytes: int, what: str) -> None:
         """Reserves the first `nbytes` of this rank's data area (for local use: no peer reads it);
-        SharedMemoryExhausted when /dev/shm is full."""
+        SharedMemoryExhausted when /dev/shm is full. Waits first until the peers have read the rows
+        of the last call there, so that the caller may write the area."""
+        self.wait_readers()
         if not self.reservation.grow(nbytes):
             raise SharedMemoryExhausted(
                 exhausted_message(what, {self.rank: nbytes}, "lower num_nvl_bytes") + f" ({self.reservation.failure})"
@@ -290,27 +336,28 @@ class NodeShm:
     # ---- meta ----------------------------------------------------------------------------------
     def publish_meta(self, meta: torch.Tensor, data_bytes: int) -> bool:
         """Reserves the first `data_bytes` of this rank's data area and publishes `meta` with the
-        outcome. Returns whether this rank may write its rows (read_meta raises on every rank if not)."""
+        outcome, once the peers have read the last call's. Returns whether this rank may write its
+        rows (read_meta raises on every rank if not)."""
         if (meta.numel() + STATUS_WORDS) * 8 > META_BYTES:
             raise ValueError(
                 f"deep_ep: per-call metadata of {meta.numel()} int64 values exceeds the "
                 f"{META_BYTES // 8 - STATUS_WORDS} the shared-memory control area holds; "
                 "use fewer experts"
             )
+        self.wait_readers()
         reserved = self.reservation.grow(data_bytes)
         mine = self.meta[self.local_index]
         mine[0] = 0 if reserved else data_bytes
         mine[STATUS_WORDS : STATUS_WORDS + meta.numel()].copy_(meta)
         return reserved
 
-    def agreed(self, decide: Callable, meta_all: torch.Tensor):
+    def agreed(self, decide: Callable[[torch.Tensor], None], meta_all: torch.Tensor) -> None:
         """Runs `decide(meta_all)`. Every rank sees the same meta, so a ValueError/TypeError
-        it raises is raised on every rank; the extra barrier keeps peers from overwriting
-        their meta while a slower rank still reads it, so the Buffer stays usable."""
+        it raises is raised on every rank; it ends the read phase first, so the Buffer stays usable."""
         try:
-            return decide(meta_all)
+            decide(meta_all)
         except (ValueError, TypeError):
-            self.barrier()
+            self.release()
             raise
 
     def read_meta(self, length: int) -> torch.Tensor:
@@ -321,8 +368,7 @@ class NodeShm:
             failed = words[:, 0].nonzero().flatten().tolist()
             needed = {self.local_ranks[i]: int(words[i, 0]) for i in failed}
             mine = f" (rank {self.rank}: {self.reservation.failure})" if self.local_index in failed else ""
-            # As in agreed(): peers keep their meta until every rank has read it.
-            self.barrier()
+            self.release()  # as in agreed()
             raise SharedMemoryExhausted(
                 exhausted_message(
                     self.operation,
@@ -341,18 +387,53 @@ class NodeShm:
 
     def regions(self, local_index: int, widths: Sequence[int], rows: int) -> List[torch.Tensor]:
         """uint8 [rows, width] views of consecutive aligned regions of a rank's data area."""
-        out, offset = [], 0
-        for width in widths:
-            out.append(self.data[local_index][offset : offset + rows * width].view(rows, width))
-            offset += _align(rows * width)
-        return out
+        return [
+            self.data[local_index][offset : offset + rows * width].view(rows, width)
+            for offset, width in zip(region_offsets(widths, rows), widths)
+        ]
+
+    def region_addresses(self, local_index: int, widths: Sequence[int], rows: int) -> List[int]:
+        """The addresses of `regions(local_index, widths, rows)` (no tensors made)."""
+        base = self.data_address[local_index]
+        return [base + offset for offset in region_offsets(widths, rows)]
+
+
+def region_offsets(widths: Sequence[int], rows: int) -> List[int]:
+    """Byte offsets of consecutive aligned regions of `rows` rows of each width."""
+    offsets, offset = [], 0
+    for width in widths:
+        offsets.append(offset)
+        offset += _align(rows * width)
+    return offsets
+
+
+@dataclass
+class Window:
+    """One source's published rows in one round of a dispatch."""
+
+    source: int  # local index of the owner
+    addresses: List[int]  # of its regions, one per field: rows of the field's width, contiguous
+    rows: int  # the regions' capacity (the source's window)
+    begin: int  # the source token of the round's first row
+    count: int  # rows in this round
+
+
+class RowReceiver(Protocol):
+    """The receiving side of a shared-memory dispatch (deep_ep/strategies/normal_strategy.py)."""
+
+    def prepare(self, meta_all: torch.Tensor) -> None:
+        """Checks every local rank's meta int64 [local ranks, m] and sets up the outputs; a
+        ValueError/TypeError it raises is raised on every rank (they see the same meta)."""
+
+    def pull(self, windows: List[Window]) -> None:
+        """Copies this round's rows out of the sources' windows (sources with no rows left out)."""
 
 
 def dispatch_rows(
     node: NodeShm,
     meta: torch.Tensor,
     fields_in: List[torch.Tensor],
-    make_plan: Callable[[torch.Tensor], Tuple[List[torch.Tensor], Callable]],
+    receiver: RowReceiver,
     what: str,
     waits: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
@@ -360,10 +441,8 @@ def dispatch_rows(
 
     Args:
         meta: int64 [m], this rank's header and counts; meta[1] must be its token count.
-        fields_in: uint8 [T, b_i] rows of this rank (the same widths on every rank).
-        make_plan: called with every rank's meta int64 [R, m] once published; returns the
-            output fields uint8 [N, b_i] and `routes(source, window_topk or None, begin, end)`
-            giving (source token, output row) pairs of the rows to pull from that window.
+        fields_in: contiguous CPU uint8 [T, b_i] rows of this rank (the same widths on every rank).
+        receiver: prepares the outputs once every rank's meta is published and pulls the rows.
         what: the operation ("dispatch", "dispatch (cached)"), named if a peer does not arrive.
         waits: None or int64 [local ranks]; gets the nanoseconds this rank waited for every local
             rank's rows to be published (all rounds).
@@ -371,87 +450,80 @@ def dispatch_rows(
 
     A round moves up to `window` rows per source (as many as the data area holds); a source with
     fewer tokens lays out its regions for just those (its own window), so that the data area it
-    reserves follows the largest call it has made.
+    reserves follows the largest call it has made. Each round is one barrier (rows published)
+    and one release (rows read).
     """
     node.operation = what
     widths = [f.shape[1] for f in fields_in]
     window = window_rows(node.data_bytes, row_bytes(fields_in), len(fields_in))
     num_tokens = fields_in[0].shape[0]
     own_window = min(num_tokens, window)
+    own_addresses = node.region_addresses(node.local_index, widths, own_window)
 
     def publish(begin: int) -> None:
-        end = max(begin, min(num_tokens, begin + window))
-        for region, field in zip(node.regions(node.local_index, widths, own_window), fields_in):
-            ops.copy_into(region[: end - begin], field[begin:end], node.num_threads)
+        rows = max(0, min(num_tokens, begin + window) - begin)
+        # The fields are contiguous CPU byte rows (as_byte_rows): plain byte copies, no tensor views.
+        for address, field, width in zip(own_addresses, fields_in, widths):
+            deep_ep_cpp.copy_bytes(address, field.data_ptr() + begin * width, rows * width, node.num_threads)
 
     if node.publish_meta(meta, node.regions_bytes(widths, own_window)):
         publish(0)
     node.timed_barrier(time.monotonic_ns(), waits)
     meta_all = node.read_meta(meta.numel())
-    fields_out, routes = node.agreed(make_plan, meta_all)
+    node.agreed(receiver.prepare, meta_all)
     tokens = meta_all[:, 1].tolist()
     windows = [min(t, window) for t in tokens]
+    addresses = [node.region_addresses(s, widths, windows[s]) for s in range(node.num_local)]
     num_rounds = max(1, -(-max(tokens) // window))
     for round_index in range(num_rounds):
         begin = round_index * window
         if round_index > 0:
+            node.wait_readers()
             publish(begin)
             node.timed_barrier(time.monotonic_ns(), waits)
-        src_rank, src_row, dst_row = [], [], []
-        for source in range(node.num_local):
-            count = min(tokens[source] - begin, window)
-            if count <= 0:
-                continue
-            regions = node.regions(source, widths, windows[source])
-            token, row = routes(source, regions, begin, begin + count)
-            src_rank.append(torch.full_like(token, source, dtype=torch.int32))
-            src_row.append(token - begin)
-            dst_row.append(row)
-        if src_rank:
-            ranks, rows, outs = torch.cat(src_rank), torch.cat(src_row), torch.cat(dst_row)
-            for index, (width, out) in enumerate(zip(widths, fields_out)):
-                srcs = [node.regions(s, widths, windows[s])[index].data_ptr() for s in range(node.num_local)]
-                deep_ep_cpp.copy_rows(
-                    out.data_ptr(),
-                    out.shape[0],
-                    width,
-                    srcs,
-                    windows,
-                    width,
-                    width,
-                    ranks.numpy(),
-                    rows.numpy(),
-                    outs.numpy(),
-                    node.num_threads,
-                )
-        node.barrier()
+        receiver.pull(
+            [
+                Window(source, addresses[source], windows[source], begin, min(tokens[source] - begin, window))
+                for source in range(node.num_local)
+                if tokens[source] > begin
+            ]
+        )
+        node.release()
     return meta_all
 
 
 def combine_rows(
     node: NodeShm,
     meta: torch.Tensor,
-    check: Callable[[torch.Tensor], None],
+    check: Optional[Callable[[torch.Tensor], None]],
     x: torch.Tensor,
     rows_per_rank: Sequence[int],
     dest_rank: torch.Tensor,
     dest_row: torch.Tensor,
-    reduce: Callable[[List[torch.Tensor], torch.Tensor, torch.Tensor], None],
+    reduction: ops.RowReduction,
     what: str = "combine",
     sends: Optional[torch.Tensor] = None,
+    peer_rows: Optional[torch.Tensor] = None,
 ) -> None:
     """Publishes this rank's expert outputs and reduces its tokens from every holder.
 
     Args:
-        meta: int64 [m], this rank's header; check(meta of every rank) raises on disagreement.
+        meta: int64 [m], this rank's header; check(meta of every rank) raises on disagreement
+            (None: the caller agreed the headers already).
         x: [N, H] expert outputs in this rank's received layout (contiguous).
         rows_per_rank: rows each local rank publishes.
-        dest_rank / dest_row: int64 [T, K], holder (local index) and row of each selection, -1 if none.
-        reduce: reduce(sources, src_rank, src_row) runs the weighted reduction over the uint8
-            row tensors `sources`, indexed by int32 / int64 [T, K] (src_rank -1: no row).
+        dest_rank / dest_row: int32 / int64 [T, K], holder (local index) and row of each
+            selection, -1 if none.
+        reduction: its run(sources, src_rank, src_row) does the weighted reduction over the uint8
+            row tensors `sources`, indexed by dest_rank / dest_row.
         what: the operation, named if a peer does not arrive.
         sends: None or int64 [local ranks]; gets the nanoseconds from publishing this rank's rows until
             every local rank was done reading them (all rounds).
+        peer_rows: None, or int64 [n] the rows of x that local peers read: only those are published
+            (at their own positions) and this rank reads its other rows straight from x.
+
+    In one round the owner reads every expert output once, in the reduction, straight from its
+    holder's data area, or from x for its own (docs/normal_data_path.md).
     """
     node.operation = what
     bytes_per_row = x.shape[1] * x.element_size()
@@ -462,39 +534,58 @@ def combine_rows(
     me = node.local_index
     x_bytes = x.view(torch.uint8).view(x.shape[0], bytes_per_row)
     reserved = node.publish_meta(meta, node.regions_bytes([bytes_per_row], windows[me]))
-    valid = dest_rank >= 0
+    start = time.monotonic_ns()
     if num_rounds == 1:
-        start = time.monotonic_ns()
-        if reserved:
-            ops.copy_into(
-                node.regions(me, [bytes_per_row], windows[me])[0][: rows_per_rank[me]],
-                x_bytes[: rows_per_rank[me]],
+        if reserved and peer_rows is None:
+            ops.copy_into(node.regions(me, [bytes_per_row], windows[me])[0], x_bytes[: windows[me]], node.num_threads)
+        elif reserved:
+            rows = peer_rows.numpy()
+            deep_ep_cpp.copy_rows(
+                node.data_address[me],
+                windows[me],
+                bytes_per_row,
+                [x_bytes.data_ptr()],
+                [x_bytes.shape[0]],
+                bytes_per_row,
+                bytes_per_row,
+                np.zeros(rows.shape[0], dtype=np.int32),
+                rows,
+                rows,
                 node.num_threads,
             )
         node.barrier()
-        node.agreed(check, node.read_meta(meta.numel()))
+        meta_all = node.read_meta(meta.numel())
+        if check is not None:
+            node.agreed(check, meta_all)
         sources = [node.regions(s, [bytes_per_row], windows[s])[0] for s in range(node.num_local)]
-        reduce(sources, torch.where(valid, dest_rank, -1).to(torch.int32), dest_row)
-        node.timed_barrier(start, sends)
+        sources[me] = x_bytes[: windows[me]]
+        reduction.run(sources, dest_rank, dest_row)
+        node.release()
+        if sends is not None:
+            node.wait_readers(start, sends)
         return
     # More rows than the data area holds: stage this rank's rows locally, round by round,
     # then reduce from the stage, so the sums are the same bits as in one round.
+    valid = dest_rank >= 0
     selections = valid.nonzero(as_tuple=True)
     stage = torch.empty(len(selections[0]), bytes_per_row, dtype=torch.uint8)
     stage_row = torch.full_like(dest_row, -1)
     stage_row[selections] = torch.arange(len(selections[0]))
     holder, holder_row = dest_rank[selections], dest_row[selections]
     for round_index in range(num_rounds):
-        start = time.monotonic_ns()
         begin = round_index * window
         mine = x_bytes[begin : min(rows_per_rank[me], begin + window)]
+        if round_index > 0:
+            node.wait_readers()
         if reserved:
             ops.copy_into(node.regions(me, [bytes_per_row], windows[me])[0][: mine.shape[0]], mine, node.num_threads)
         node.barrier()
         if round_index == 0:
-            node.agreed(check, node.read_meta(meta.numel()))
+            meta_all = node.read_meta(meta.numel())
+            if check is not None:
+                node.agreed(check, meta_all)
         in_round = (holder_row >= begin) & (holder_row < begin + window)
-        srcs = [node.regions(s, [bytes_per_row], windows[s])[0].data_ptr() for s in range(node.num_local)]
+        srcs = [node.region_addresses(s, [bytes_per_row], windows[s])[0] for s in range(node.num_local)]
         deep_ep_cpp.copy_rows(
             stage.data_ptr(),
             stage.shape[0],
@@ -508,5 +599,7 @@ def combine_rows(
             in_round.nonzero().flatten().numpy(),
             node.num_threads,
         )
-        node.timed_barrier(start, sends)
-    reduce([stage], torch.where(valid, 0, -1).to(torch.int32), stage_row)
+        node.release()
+    if sends is not None:
+        node.wait_readers(start, sends)
+    reduction.run([stage], torch.where(valid, 0, -1).to(torch.int32), stage_row)

@@ -1,0 +1,98 @@
+"""Normal mode's one-barrier protocol on shared memory (docs/normal_data_path.md): a rank that is done
+with a call returns at once, and the next call must not overwrite what a slower peer still reads.
+
+    python -m pytest tests/python/deepep/test_normal_data_path.py
+
+Rank 1 reads late (its dispatch pull, its combine reduction and its cached-dispatch pull wait first),
+so rank 0 runs ahead into the next call; every result is checked against the pure-torch reference,
+which a rank reading a peer's next call's rows would fail. Also: the native layout pass equals the
+torch one, ids included that it must refuse.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import gather_objects, make_inputs  # noqa: E402
+
+import deep_ep  # noqa: E402
+from deep_ep import layout, ops  # noqa: E402
+from deep_ep.reference import reference_combine, reference_dispatch  # noqa: E402
+from deep_ep.strategies import normal_strategy  # noqa: E402
+from deep_ep.testing import spawn_ranks  # noqa: E402
+
+HIDDEN, EXPERTS_PER_RANK, TOPK, TOKENS = 64, 3, 3, 12
+LATE_S = 0.3  # how late rank 1 reads
+
+
+def read_late(cls, name: str) -> None:
+    """Makes `cls.name` sleep LATE_S before doing its work (rank 1 only)."""
+    original = getattr(cls, name)
+
+    def late(self, *args, **kwargs):
+        time.sleep(LATE_S)
+        return original(self, *args, **kwargs)
+
+    setattr(cls, name, late)
+
+
+def slow_reader(rank: int, num_ranks: int, group) -> None:
+    if rank == 1:
+        read_late(normal_strategy.SelectionReceiver, "pull")
+        read_late(normal_strategy.CachedReceiver, "pull")
+        read_late(ops.Reduction, "run")
+    num_experts = EXPERTS_PER_RANK * num_ranks
+    buffer = deep_ep.Buffer(group, num_nvl_bytes=1 << 20)
+    stats = torch.zeros(num_ranks, dtype=torch.int32)
+    for call in range(3):  # every call's rows differ: a stale or early read shows
+        inputs = make_inputs(rank, TOKENS + call, HIDDEN, num_experts, TOPK, num_ranks, seed=call + 1)
+        everyone = gather_objects(inputs, group)
+        xs, idxs, weights = [i.x for i in everyone], [i.topk_idx for i in everyone], [i.topk_weights for i in everyone]
+        ref = reference_dispatch(xs, idxs, weights, num_experts, rank)
+        _, _, per_expert, _, _ = buffer.get_dispatch_layout(inputs.topk_idx, num_experts)
+        recv_x, _, recv_w, _, handle, _ = buffer.dispatch(
+            inputs.x, num_tokens_per_expert=per_expert, topk_idx=inputs.topk_idx, topk_weights=inputs.topk_weights
+        )
+        assert torch.equal(recv_x, ref["x"]) and torch.equal(recv_w, ref["weights"])
+        assert torch.equal(handle.state.recv_src_idx, ref["src_idx"])
+        y = (recv_x.float() * (call + 2)).to(torch.bfloat16)
+        combined = buffer.combine(y, handle, combine_send_cost_stats=stats)[0]
+        selection = (inputs.x.float().unsqueeze(1) * (call + 2)).to(torch.bfloat16).expand(-1, TOPK, -1)
+        expected = reference_combine(selection, inputs.topk_idx, inputs.topk_weights)
+        assert torch.allclose(combined.double(), expected, rtol=2e-2, atol=2e-2)
+        cached = buffer.dispatch((inputs.x.float() - 1).to(torch.bfloat16), handle=handle)[0]
+        assert torch.equal(cached, (ref["x"].float() - 1).to(torch.bfloat16))
+    if rank == 0:
+        # Rank 0's rows were handed over only once rank 1 had read them, at least LATE_S later each time.
+        assert int(stats[1]) >= 3 * LATE_S * 0.9e6, stats.tolist()
+    buffer.destroy()
+
+
+def test_slow_reader_never_sees_the_next_call():
+    spawn_ranks(slow_reader, 2)
+
+
+@pytest.mark.parametrize("num_ranks,nodes", [(2, 1), (4, 2), (6, 3)])
+def test_native_layout_equals_torch(num_ranks: int, nodes: int, monkeypatch):
+    generator = torch.Generator().manual_seed(num_ranks)
+    num_experts = 4 * num_ranks
+    rank_to_node = torch.arange(num_ranks) // (num_ranks // nodes)
+    for tokens in (0, 1, 37):
+        topk_idx = torch.randint(-1, num_experts, (tokens, 5), generator=generator)
+        native = layout.dispatch_layout(topk_idx, num_experts, num_ranks, rank_to_node)
+        monkeypatch.setenv("DEEP_EP_FORCE_TORCH_OPS", "1")
+        torch_ops = layout.dispatch_layout(topk_idx, num_experts, num_ranks, rank_to_node)
+        monkeypatch.delenv("DEEP_EP_FORCE_TORCH_OPS")
+        for mine, theirs in zip(native, torch_ops):
+            assert (mine is None and theirs is None) or (mine.dtype == theirs.dtype and torch.equal(mine, theirs))
+        counts = layout.count_selections(topk_idx, num_experts, num_ranks)
+        assert (counts.low, counts.high) == ((int(topk_idx.min()), int(topk_idx.max())) if tokens else (0, 0))
+    bad = layout.count_selections(torch.tensor([[0, num_experts]]), num_experts, num_ranks)
+    assert (bad.low, bad.high) == (0, num_experts) and not bool(bad.per_expert.any())
