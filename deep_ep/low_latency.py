@@ -117,7 +117,6 @@ class LowLatencyState:
     arrived: Optional[torch.Tensor] = None
     counts_from: Optional[torch.Tensor] = None
     arrival_rows: Optional[torch.Tensor] = None
-    selection_rows: Optional[torch.Tensor] = None
     dropped: Optional[torch.Tensor] = None
     total: int = 0  # received rows, recv_count.sum()
     # With shared-expert ranks: the placement; topk_idx / num_experts / num_topk above are then the
@@ -153,13 +152,6 @@ def _dropped(state: LowLatencyState, topk_idx: torch.Tensor) -> torch.Tensor:
     if state.dropped is None:
         state.dropped = (topk_idx < 0).to(torch.int32).neg_()
     return state.dropped
-
-
-def ll_selection_rows(state: LowLatencyState) -> torch.Tensor:
-    """int64 [T, K]: the combine row of selection (t, k), t * K + k."""
-    if state.selection_rows is None:
-        state.selection_rows = torch.arange(state.num_tokens * state.num_topk).view(state.num_tokens, state.num_topk)
-    return state.selection_rows
 
 
 def ll_disagreement(headers: List[List[int]], mine: List[int], compared: int, what: str) -> Optional[str]:
@@ -351,11 +343,11 @@ class LowLatencyMode:
         nmax = num_max_dispatch_tokens_per_rank if isinstance(num_max_dispatch_tokens_per_rank, int) else -1
         self._reject(0, seq, [seq, 1, nmax, -1, -1, -1, -1, tokens], what, transport)
 
-    def ll_guard(self, wait) -> None:
-        """Runs a wait on peers; a timeout or a dead peer leaves low-latency mode unusable until
-        clean_low_latency_buffer() runs on every rank (or the Buffer is recreated)."""
+    def ll_guard(self, wait):
+        """Runs a wait on peers and returns its result; a timeout or a dead peer leaves low-latency
+        mode unusable until clean_low_latency_buffer() runs on every rank (or the Buffer is recreated)."""
         try:
-            wait()
+            return wait()
         except SharedMemoryExhausted:
             raise  # no peer is left waiting: the calls stay in step
         except RuntimeError as error:
