@@ -270,9 +270,12 @@ class LowLatencyMode:
         )
 
     # ---- call bookkeeping (also used by fused.py and npu/backend.py) -----------------------------------------
-    def ready(self, what: str) -> None:
+    def _check_runtime(self) -> None:
         if self.ll is None or self.runtime.destroyed:  # the shared-memory path uses neither NodeShm nor the group
             self.runtime.check_alive()
+
+    def ready(self, what: str) -> None:
+        self._check_runtime()
         if not self.runtime.low_latency_mode:
             raise RuntimeError(f"deep_ep: {what} needs a Buffer created with low_latency_mode=True")
         if self._broken:
@@ -343,11 +346,11 @@ class LowLatencyMode:
         nmax = num_max_dispatch_tokens_per_rank if isinstance(num_max_dispatch_tokens_per_rank, int) else -1
         self._reject(0, seq, [seq, 1, nmax, -1, -1, -1, -1, tokens], what, transport)
 
-    def ll_guard(self, wait):
-        """Runs a wait on peers and returns its result; a timeout or a dead peer leaves low-latency
+    def ll_guard(self, wait, *args):
+        """Returns wait(*args), a call that waits on peers; a timeout or a dead peer leaves low-latency
         mode unusable until clean_low_latency_buffer() runs on every rank (or the Buffer is recreated)."""
         try:
-            return wait()
+            return wait(*args)
         except SharedMemoryExhausted:
             raise  # no peer is left waiting: the calls stay in step
         except RuntimeError as error:
@@ -362,7 +365,7 @@ class LowLatencyMode:
             raise RuntimeError(
                 f"deep_ep {what}: this hook belongs to a call made before clean_low_latency_buffer(); its data is gone"
             )
-        self.runtime.check_alive()
+        self._check_runtime()
         if self._broken:
             raise RuntimeError(self._broken)
 
@@ -458,12 +461,11 @@ class LowLatencyMode:
             shared = roles if roles.num_shared_ranks else None
             if shared is not None:  # the transports route the shared expert as one more top-k column
                 topk_idx = shared.virtual_topk(topk_idx, self.runtime.rank)
-            slot, counts = layout.low_latency_slots(topk_idx, roles.virtual_experts, num_max_dispatch_tokens_per_rank)
+            virtual_experts = roles.virtual_experts
+            slot, counts = layout.low_latency_slots(topk_idx, virtual_experts, num_max_dispatch_tokens_per_rank)
             if transport.ll is not None:  # every rank's /dev/shm backs what this call writes
                 self.ll_guard(
-                    lambda: transport.ll.prepare(
-                        seq, num_max_dispatch_tokens_per_rank, hidden, roles.virtual_experts, what
-                    )
+                    transport.ll.prepare, seq, num_max_dispatch_tokens_per_rank, hidden, virtual_experts, what
                 )
         except (ValueError, TypeError, SharedMemoryExhausted):
             self.reject_dispatch(seq, x, num_max_dispatch_tokens_per_rank, what, transport)
@@ -474,8 +476,8 @@ class LowLatencyMode:
         quantized = quant == "int8"
         fmt = LL_FORMAT_INT8 if quantized else NATIVE_DTYPE_CODES[x.dtype]
         num_rows = roles.packed_rows(self.runtime.rank, num_max, num_topk)
-        public_experts, experts_per_rank = num_experts, roles.experts_per_rank
-        num_experts, num_topk = roles.virtual_experts, topk_idx.shape[1]
+        public_experts, experts_per_rank = num_experts, virtual_experts // self.runtime.group_size
+        num_experts, num_topk = virtual_experts, topk_idx.shape[1]
         header = [seq, 0, num_max, num_experts, hidden, num_topk, fmt, num_tokens]
         state = LowLatencyState(
             seq=seq,
@@ -577,9 +579,20 @@ class LowLatencyMode:
                 check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=(num_tokens, num_topk - 1))
                 topk_idx = state.shared.virtual_topk(topk_idx, self.runtime.rank)
                 topk_weights = state.shared.virtual_weights(topk_weights)
-            check_tensor("x", x, dtypes=(state.dtype,), shape=(state.num_rows, hidden))
-            check_tensor("topk_idx", topk_idx, dtypes=(topk_idx_t,), shape=(num_tokens, num_topk))
-            check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=(num_tokens, num_topk))
+            if not (
+                isinstance(x, torch.Tensor)
+                and x.dtype == state.dtype
+                and x.shape == (state.num_rows, hidden)
+                and isinstance(topk_idx, torch.Tensor)
+                and topk_idx.dtype == topk_idx_t
+                and topk_idx.shape == (num_tokens, num_topk)
+                and isinstance(topk_weights, torch.Tensor)
+                and topk_weights.dtype == torch.float32
+                and topk_weights.shape == (num_tokens, num_topk)
+            ):  # else: say what is wrong
+                check_tensor("x", x, dtypes=(state.dtype,), shape=(state.num_rows, hidden))
+                check_tensor("topk_idx", topk_idx, dtypes=(topk_idx_t,), shape=(num_tokens, num_topk))
+                check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=(num_tokens, num_topk))
             if out is not None:
                 check_tensor("out", out, dtypes=(state.dtype,), shape=(num_tokens, hidden))
             check_combine_topk_idx(topk_idx, state.topk_idx)
