@@ -88,8 +88,10 @@ void ll_return_rows(const std::uint8_t* x, std::size_t row_bytes, std::size_t ro
     parallel_for(rows, rows * row_bytes, num_threads, [&](std::size_t begin, std::size_t end) {
         for (std::size_t i = begin; i < end; ++i) {
             const std::int32_t* source = info + 3 * i;
+            std::uint8_t* dest = dests[source[0]];
+            if (dest == nullptr) continue;
             const std::size_t row = static_cast<std::size_t>(source[1]) * topk + static_cast<std::size_t>(source[2]);
-            std::memcpy(dests[source[0]] + row * row_bytes, x + i * row_bytes, row_bytes);
+            std::memcpy(dest + row * row_bytes, x + i * row_bytes, row_bytes);
         }
     });
 }

@@ -43,7 +43,7 @@ void ll_pack(const std::int32_t* info, const std::vector<const std::uint8_t*>& r
              std::uint8_t* out, float* out_scales, std::int32_t* out_info, std::size_t out_rows, int num_threads);
 
 // Combine send: packed row i goes to row (token * topk + k) of receiver `source`, where
-// (source, token, k) = info[i].
+// (source, token, k) = info[i]; rows whose receiver's dests entry is null stay where they are.
 void ll_return_rows(const std::uint8_t* x, std::size_t row_bytes, std::size_t rows, const std::int32_t* info,
                     std::size_t topk, const std::vector<std::uint8_t*>& dests, int num_threads);
 

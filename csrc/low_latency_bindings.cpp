@@ -220,8 +220,10 @@ void register_low_latency(py::module_& m) {
            const Array<std::int32_t>& info, std::size_t topk, const std::vector<std::uintptr_t>& dest_addrs,
            std::size_t dest_rows, const std::vector<std::int64_t>& header,
            const std::vector<std::uintptr_t>& header_addrs, const std::vector<std::uintptr_t>& signal_addrs,
-           std::uint64_t value, int num_threads) {
+           std::uint64_t value, std::size_t me, py::array_t<std::int64_t, py::array::c_style> own_rows,
+           int num_threads) {
             const auto* source = checked_data(info, 3 * rows, "info");
+            if (me >= dest_addrs.size()) throw py::value_error("ll_combine_send: me is not a rank index");
             for (std::size_t i = 0; i < rows; ++i) {
                 const std::int32_t* s = source + 3 * i;
                 if (s[0] < 0 || static_cast<std::size_t>(s[0]) >= dest_addrs.size() || s[1] < 0 || s[2] < 0 ||
@@ -231,9 +233,24 @@ void register_low_latency(py::module_& m) {
                                           std::to_string(s[0]) + " token " + std::to_string(s[1]) + " k " +
                                           std::to_string(s[2]) + ", out of range");
             }
-            if (previous > 0) Wait{sync, timeout_s, what}.until(ack_addrs, previous);
             std::vector<std::uint8_t*> dests;
             for (auto a : dest_addrs) dests.push_back(pointer<std::uint8_t>(a));
+            if (own_rows.size() > 0) {  // this rank's own rows stay in x: own_rows[t * topk + k] = i
+                auto* own = own_rows.mutable_data();
+                const auto n = static_cast<std::size_t>(own_rows.size());
+                std::fill(own, own + n, -1);
+                for (std::size_t i = 0; i < rows; ++i) {
+                    const std::int32_t* s = source + 3 * i;
+                    if (static_cast<std::size_t>(s[0]) != me) continue;
+                    const std::size_t row = static_cast<std::size_t>(s[1]) * topk + static_cast<std::size_t>(s[2]);
+                    if (row >= n)
+                        throw py::index_error("ll_combine_send: row " + std::to_string(i) + " names own token " +
+                                              std::to_string(s[1]) + ", outside own_rows");
+                    own[row] = static_cast<std::int64_t>(i);
+                }
+                dests[me] = nullptr;
+            }
+            if (previous > 0) Wait{sync, timeout_s, what}.until(ack_addrs, previous);
             py::gil_scoped_release release;
             ll_return_rows(pointer<const std::uint8_t>(x), row_bytes, rows, source, topk, dests, num_threads);
             publish_checked(header_addrs, header, nullptr, 0, signal_addrs, value);
@@ -241,10 +258,11 @@ void register_low_latency(py::module_& m) {
         py::arg("sync"), py::arg("timeout_s"), py::arg("what"), py::arg("ack_addrs"), py::arg("previous"),
         py::arg("x"), py::arg("row_bytes"), py::arg("rows"), py::arg("info"), py::arg("topk"),
         py::arg("dest_addrs"), py::arg("dest_rows"), py::arg("header"), py::arg("header_addrs"),
-        py::arg("signal_addrs"), py::arg("value"), py::arg("num_threads") = 1,
+        py::arg("signal_addrs"), py::arg("value"), py::arg("me"), py::arg("own_rows"), py::arg("num_threads") = 1,
         "Waits until every owner acked call `previous` (0: no wait), writes packed row i into row "
         "token*topk+k of rank `source` ((source, token, k) = info[i]), then publishes the header and "
-        "release-stores `value` into every signal word.");
+        "release-stores `value` into every signal word. With a non-empty own_rows (int64 [T * topk], this "
+        "rank's tokens) the rows of source `me` are not copied: own_rows[token*topk+k] = i (-1 elsewhere).");
 
     m.def(
         "ll_combine_receive",
@@ -252,9 +270,16 @@ void register_low_latency(py::module_& m) {
            std::uint64_t seq, const std::vector<std::int64_t>& header, std::size_t compared, std::size_t header_offset,
            std::uintptr_t rows, std::size_t num_rows, int dtype, std::size_t tokens, std::size_t topk,
            std::size_t hidden, const Array<std::int32_t>& dropped, const Array<float>& weights, std::uintptr_t out,
+           std::uintptr_t own, const Array<std::int64_t>& own_rows, std::size_t own_count,
            const std::vector<std::uintptr_t>& ack_addrs, int num_threads) {
             const std::size_t n = tokens * topk;
             if (n > num_rows) throw py::value_error("ll_combine_receive: tokens * topk rows exceed the area");
+            const std::int64_t* own_row = own_rows.size() ? checked_data(own_rows, n, "own_rows") : nullptr;
+            if (own_row != nullptr)
+                for (std::size_t i = 0; i < n; ++i)
+                    if (own_row[i] >= static_cast<std::int64_t>(own_count))
+                        throw py::index_error("ll_combine_receive: own row " + std::to_string(own_row[i]) +
+                                              " outside x's " + std::to_string(own_count) + " rows");
             const Dtype type = to_dtype(dtype);
             if (dtype_size(type) != 2) throw py::value_error("ll_combine_receive: rows must be 16-bit");
             const auto* drop = checked_data(dropped, n, "dropped");
@@ -262,18 +287,27 @@ void register_low_latency(py::module_& m) {
             if (!Wait{sync, timeout_s, what}.headers_agree(signal_addrs, seq, header_offset, header, compared))
                 return false;
             const std::size_t row_bytes = 2 * hidden;
-            const auto* base = pointer<const std::uint8_t>(rows);
+            // Selection i = t * topk + k: row i of the return area, or row own_row[i] of x (kept there
+            // by ll_combine_send), or nothing where dropped.
+            const std::uint8_t* sources[2] = {pointer<const std::uint8_t>(rows), pointer<const std::uint8_t>(own)};
+            std::vector<std::int32_t> source(n);
+            std::vector<std::int64_t> row(n);
+            for (std::size_t i = 0; i < n; ++i) {
+                const bool kept = own_row != nullptr && own_row[i] >= 0;
+                source[i] = drop[i] < 0 ? -1 : (kept ? 1 : 0);
+                row[i] = kept ? own_row[i] : static_cast<std::int64_t>(i);
+            }
             {
                 py::gil_scoped_release release;
                 if (type == Dtype::BFloat16) {
                     std::vector<const std::uint8_t*> row_of(n);
-                    for (std::size_t i = 0; i < n; ++i) row_of[i] = drop[i] < 0 ? nullptr : base + i * row_bytes;
+                    for (std::size_t i = 0; i < n; ++i)
+                        row_of[i] = source[i] < 0 ? nullptr
+                                                  : sources[source[i]] + static_cast<std::size_t>(row[i]) * row_bytes;
                     ll_reduce_bf16(row_of.data(), w, tokens, topk, hidden, pointer<std::uint16_t>(out), num_threads);
                 } else {  // float16: the generic reduction (same definition)
-                    std::vector<std::int64_t> row(n);
-                    for (std::size_t i = 0; i < n; ++i) row[i] = static_cast<std::int64_t>(i);
-                    combine_reduce(pointer<void>(out), type, tokens, topk, hidden, {base}, {type}, drop, row.data(), w,
-                                   Bias{}, Bias{}, num_threads);
+                    combine_reduce(pointer<void>(out), type, tokens, topk, hidden, {sources[0], sources[1]},
+                                   {type, type}, source.data(), row.data(), w, Bias{}, Bias{}, num_threads);
                 }
             }
             for (std::uintptr_t addr : ack_addrs) store_counter(addr, seq);
@@ -282,12 +316,14 @@ void register_low_latency(py::module_& m) {
         py::arg("sync"), py::arg("timeout_s"), py::arg("what"), py::arg("signal_addrs"), py::arg("seq"),
         py::arg("header"), py::arg("compared"), py::arg("header_offset"), py::arg("rows"), py::arg("num_rows"),
         py::arg("dtype"), py::arg("tokens"), py::arg("topk"), py::arg("hidden"), py::arg("dropped"),
-        py::arg("weights"), py::arg("out"), py::arg("ack_addrs"), py::arg("num_threads") = 1,
+        py::arg("weights"), py::arg("out"), py::arg("own"), py::arg("own_rows"), py::arg("own_count"),
+        py::arg("ack_addrs"), py::arg("num_threads") = 1,
         "Waits until every holder signalled call `seq` (RuntimeError naming the ranks after timeout_s); returns "
         "False, touching nothing, if a header differs from `header` in its first `compared` words. Else "
         "out[t] (16-bit `dtype`) = sum over k ascending, where dropped[t, k] >= 0, of weights[t, k] * row "
-        "t * topk + k of `rows`, in float64 as combine_reduce; then release-stores `seq` into every ack "
-        "address and returns True.");
+        "t * topk + k of `rows` (row own_rows[t, k] of `own`, this rank's x of own_count rows, where that "
+        "is >= 0; own_rows may be empty), in float64 as combine_reduce; then release-stores `seq` into "
+        "every ack address and returns True.");
 
     m.def(
         "ll_publish",

@@ -137,9 +137,15 @@ class LowLatencyCombine:
     weights: torch.Tensor
     result: torch.Tensor
     out: Optional[torch.Tensor]
+    # The receive runs inside the call (no return_recv_hook): x cannot change before it, so the shared
+    # memory transport leaves this rank's own rows in x instead of copying them.
+    immediate: bool = False
     received: bool = False
     arrived: Optional[torch.Tensor] = None
     arrived_row: Optional[torch.Tensor] = None
+    # shared-memory transport, immediate calls only: x, and int64 [T * K] its row of each own selection (-1: none)
+    x: Optional[torch.Tensor] = None
+    own_rows: Optional[torch.Tensor] = None
 
 
 LowLatencyCall = Union[LowLatencyState, LowLatencyCombine]
@@ -616,7 +622,14 @@ class LowLatencyMode:
             out if out is not None and out.is_contiguous() else self.runtime.pool.empty((num_tokens, hidden), x.dtype)
         )
         task = LowLatencyCombine(
-            state=state, seq=seq, header=header, topk_idx=topk_idx, weights=topk_weights, result=result, out=out
+            state=state,
+            seq=seq,
+            header=header,
+            topk_idx=topk_idx,
+            weights=topk_weights,
+            result=result,
+            out=out,
+            immediate=not return_recv_hook,
         )
         state.transport.send_combine(self, task, x, what)
         self._pending[1][parity] = seq

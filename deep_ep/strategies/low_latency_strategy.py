@@ -41,6 +41,9 @@ if TYPE_CHECKING:
     from ..runtime import Runtime
 
 
+_NO_ROWS = torch.empty(0, dtype=torch.int64)  # own_rows of a combine that copies every row
+
+
 def _no_hook() -> None:
     """The hook of a call whose data has arrived."""
 
@@ -149,6 +152,10 @@ class SharedMemoryLowLatency:
         ll, state, seq, parity = self.ll, task.state, task.seq, task.seq & 1
         total, hidden = state.total, state.hidden
         areas = ll.areas(state.num_max_tokens, hidden, state.num_experts, parity)
+        if task.immediate:  # the reduce reads this rank's own rows from x
+            task.x = x
+            task.own_rows = torch.empty(state.num_tokens * state.num_topk, dtype=torch.int64)
+        own_rows = task.own_rows if task.own_rows is not None else _NO_ROWS
         mode.ll_guard(
             deep_ep_cpp.ll_combine_send,
             ll.sync,
@@ -167,6 +174,8 @@ class SharedMemoryLowLatency:
             ll.send_header[1][parity],
             ll.send_signal[1][parity],
             seq,
+            ll.local_index,
+            own_rows.numpy(),
             mode.runtime.num_threads,
         )
 
@@ -193,9 +202,13 @@ class SharedMemoryLowLatency:
             dropped.numpy(),
             task.weights.numpy(),
             result.data_ptr(),
+            task.x.data_ptr() if task.x is not None else 0,
+            (task.own_rows if task.own_rows is not None else _NO_ROWS).numpy(),
+            state.num_rows,
             ll.recv_ack[1][parity],
             mode.runtime.num_threads,
         )
+        task.x = task.own_rows = None  # x is the caller's again
         if not agreed:
             self._disagree(mode, 1, task)
 

@@ -22,7 +22,13 @@ mapped by all its local peers:
   into recv_x.
 - returns (combine): rows [Nmax * K] of the token owner (room for K = 17: 16 routed columns plus
   the shared expert's): the holder of expert e writes the expert
-  output of the owner's selection (t, k) into row t * K + k; the owner reduces them in k order.
+  output of the owner's selection (t, k) into row t * K + k; the owner reduces them in k order,
+  in one pass that reads each row once. When the reduction runs inside the combine call (no
+  return_recv_hook), a rank's outputs for its own tokens are not copied: it reads them from x.
+
+Each send and each receive is one native call (deep_ep_cpp.ll_dispatch_send / ll_dispatch_receive /
+ll_combine_send / ll_combine_receive) that also does the call's waits; docs/low_latency_data_path.md
+describes the steps and their memory ordering.
 
 Positions of the two parity halves depend only on the segment size, so a peer that disagrees on
 Nmax, H or E (reported through the header) can never write into the other parity.
