@@ -44,6 +44,12 @@ if TYPE_CHECKING:
 _NO_ROWS = torch.empty(0, dtype=torch.int64)  # own_rows of a combine that copies every row
 
 
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two contiguous tensors share memory (an `out` inside combine's x)."""
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+
+
 def _no_hook() -> None:
     """The hook of a call whose data has arrived."""
 
@@ -152,7 +158,7 @@ class SharedMemoryLowLatency:
         ll, state, seq, parity = self.ll, task.state, task.seq, task.seq & 1
         total, hidden = state.total, state.hidden
         areas = ll.areas(state.num_max_tokens, hidden, state.num_experts, parity)
-        if task.immediate:  # the reduce reads this rank's own rows from x
+        if task.immediate and not _overlap(x, task.result):  # the reduce reads this rank's own rows from x
             task.x = x
             task.own_rows = torch.empty(state.num_tokens * state.num_topk, dtype=torch.int64)
         own_rows = task.own_rows if task.own_rows is not None else _NO_ROWS

@@ -172,6 +172,15 @@ def combine_paths_agree(rank: int, num_ranks: int, group) -> None:
                 receive()
                 assert combined.dtype == dtype
                 results[strategy, hook] = combined.clone()
+            # `out` inside x: the rows it overwrites are read before (the reduce reads no row from x then).
+            recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(
+                inputs.x, inputs.topk_idx, num_max, num_experts, use_fp8=False
+            )
+            y = (expert_output(recv_x, recv_count, dtype=torch.float32) * 1.5).to(dtype)
+            out = y[: inputs.x.shape[0]]
+            combined = buffer.low_latency_combine(y, kept, inputs.topk_weights, handle, out=out)[0]
+            assert combined is out
+            results[strategy, "out in x"] = combined.clone()
         first = results["default", False]
         for key, combined in results.items():
             assert torch.equal(combined.view(torch.int16), first.view(torch.int16)), key
