@@ -1,5 +1,6 @@
 #include "kernels.hpp"
 
+#include "bfloat16.hpp"
 #include "cpu.hpp"
 
 #if defined(__SSE2__)
@@ -15,23 +16,6 @@
 namespace deep_ep {
 
 namespace {
-
-float bf16_to_float(std::uint16_t v) {
-    std::uint32_t bits = static_cast<std::uint32_t>(v) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof(f));
-    return f;
-}
-
-std::uint16_t float_to_bf16(float f) {
-    std::uint32_t bits;
-    std::memcpy(&bits, &f, sizeof(bits));
-    // Round to nearest even, as torch does; NaN becomes the canonical quiet NaN. Branch-free, so
-    // the row loops vectorize.
-    const std::uint32_t rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16;
-    const bool nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
-    return static_cast<std::uint16_t>(nan ? 0x7FC0u : rounded);
-}
 
 float f16_to_float(std::uint16_t h) {
     const std::uint32_t sign = (h & 0x8000u) << 16;

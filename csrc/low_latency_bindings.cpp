@@ -22,6 +22,44 @@ T* pointer(std::uintptr_t addr) {
     return reinterpret_cast<T*>(addr);
 }
 
+// Lets Ctrl-C interrupt a long wait.
+void check_python_signals() {
+    py::gil_scoped_acquire gil;
+    if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+}
+
+// The waits of one call: the node's NodeSync, the deadline and the operation named on a timeout.
+struct Wait {
+    NodeSync& sync;
+    double timeout_s;
+    const std::string& what;
+
+    // Waits (GIL released) until every local peer i has stored at least `value` at addrs[i].
+    void until(const std::vector<std::uintptr_t>& addrs, std::uint64_t value) const {
+        if (addrs.size() != sync.arrivals_ns().size())
+            throw py::value_error(what + ": one address per local rank is needed");
+        const std::vector<std::uint64_t> targets(addrs.size(), value);
+        std::vector<int> owners(addrs.size());
+        for (std::size_t i = 0; i < owners.size(); ++i) owners[i] = static_cast<int>(i);
+        py::gil_scoped_release release;
+        sync.wait_at_least(addrs, targets, owners, timeout_s, what, check_python_signals);
+    }
+
+    // until(signals, seq), then whether every source's header (at signal + header_offset) agrees
+    // with `mine` on its first `compared` words.
+    bool headers_agree(const std::vector<std::uintptr_t>& signals, std::uint64_t seq, std::size_t header_offset,
+                       const std::vector<std::int64_t>& mine, std::size_t compared) const {
+        if (compared > mine.size()) throw py::value_error(what + ": more header words compared than given");
+        until(signals, seq);
+        for (std::uintptr_t addr : signals) {
+            const auto* header = pointer<const std::int64_t>(addr + header_offset);
+            for (std::size_t i = 0; i < compared; ++i)
+                if (header[i] != mine[i]) return false;
+        }
+        return true;
+    }
+};
+
 void publish_checked(const std::vector<std::uintptr_t>& header_addrs, const std::vector<std::int64_t>& header,
                      const std::int64_t* extra, std::size_t extra_words,
                      const std::vector<std::uintptr_t>& signal_addrs, std::uint64_t value) {
@@ -49,12 +87,14 @@ void register_low_latency(py::module_& m) {
 
     m.def(
         "ll_dispatch_send",
-        [](std::uintptr_t x, int dtype, bool quantize, std::size_t tokens, std::size_t hidden, std::size_t topk,
-           const Array<std::int64_t>& topk_idx, const Array<std::int64_t>& slot, std::size_t experts_per_rank,
-           std::size_t rank, std::size_t max_tokens, std::uintptr_t token_rows, std::uintptr_t token_scales,
-           const std::vector<std::uintptr_t>& info_addrs, const std::vector<std::int64_t>& header,
-           const std::vector<std::uintptr_t>& header_addrs, const Array<std::int64_t>& counts,
-           const std::vector<std::uintptr_t>& signal_addrs, std::uint64_t value, int num_threads) {
+        [](NodeSync& sync, double timeout_s, const std::string& what, const std::vector<std::uintptr_t>& ack_addrs,
+           std::uint64_t previous, std::uintptr_t x, int dtype, bool quantize, std::size_t tokens, std::size_t hidden,
+           std::size_t topk, const Array<std::int64_t>& topk_idx, const Array<std::int64_t>& slot,
+           std::size_t experts_per_rank, std::size_t rank, std::size_t max_tokens, std::uintptr_t token_rows,
+           std::uintptr_t token_scales, const std::vector<std::uintptr_t>& info_addrs,
+           const std::vector<std::int64_t>& header, const std::vector<std::uintptr_t>& header_addrs,
+           const Array<std::int64_t>& counts, const std::vector<std::uintptr_t>& signal_addrs, std::uint64_t value,
+           int num_threads) {
             const std::size_t num_ranks = info_addrs.size();
             if (header_addrs.size() != num_ranks)
                 throw py::value_error("ll_dispatch_send: one header address per rank is needed");
@@ -73,6 +113,8 @@ void register_low_latency(py::module_& m) {
                 if (idx[i] >= 0 && (slots[i] < 0 || slots[i] >= static_cast<std::int64_t>(max_tokens)))
                     throw py::index_error("ll_dispatch_send: slot " + std::to_string(slots[i]) + " out of range");
             }
+            // Every owner has consumed the call before the previous one on this parity.
+            if (previous > 0) Wait{sync, timeout_s, what}.until(ack_addrs, previous);
             std::vector<std::int32_t*> infos;
             for (auto a : info_addrs) infos.push_back(pointer<std::int32_t>(a));
             py::gil_scoped_release release;
@@ -81,51 +123,72 @@ void register_low_latency(py::module_& m) {
                            pointer<float>(token_scales), infos, num_threads);
             publish_checked(header_addrs, header, count, experts_per_rank, signal_addrs, value);
         },
+        py::arg("sync"), py::arg("timeout_s"), py::arg("what"), py::arg("ack_addrs"), py::arg("previous"),
         py::arg("x"), py::arg("dtype"), py::arg("quantize"), py::arg("tokens"), py::arg("hidden"), py::arg("topk"),
         py::arg("topk_idx"), py::arg("slot"), py::arg("experts_per_rank"), py::arg("rank"), py::arg("max_tokens"),
         py::arg("token_rows"), py::arg("token_scales"), py::arg("info_addrs"), py::arg("header"),
         py::arg("header_addrs"), py::arg("counts"), py::arg("signal_addrs"), py::arg("value"),
         py::arg("num_threads") = 1,
-        "Publishes this rank's token rows (int8-quantized with `quantize`) into its token area, writes the "
-        "(token, k) reference of every selection into its receiver's slot, then each receiver's header and "
-        "counts, then release-stores `value` into each receiver's signal word.");
+        "Waits until every owner acked call `previous` (0: no wait; RuntimeError naming the ranks after "
+        "timeout_s), publishes this rank's token rows (int8-quantized with `quantize`) into its token area, "
+        "writes the (token, k) reference of every selection into its receiver's slot, then each receiver's "
+        "header and counts, then release-stores `value` into each receiver's signal word.");
 
     m.def(
-        "ll_pack",
-        [](std::uintptr_t info, const std::vector<std::uintptr_t>& row_addrs,
+        "ll_dispatch_receive",
+        [](NodeSync& sync, double timeout_s, const std::string& what, const std::vector<std::uintptr_t>& signal_addrs,
+           std::uint64_t seq, const std::vector<std::int64_t>& header, std::size_t compared, std::size_t header_offset,
+           std::size_t counts_offset, std::uintptr_t info, const std::vector<std::uintptr_t>& row_addrs,
            const std::vector<std::uintptr_t>& scale_addrs, std::size_t row_bytes, std::size_t topk,
-           const Array<std::int64_t>& counts, const Array<std::int64_t>& ends, std::size_t max_tokens,
-           std::uintptr_t out, std::uintptr_t out_scales, py::array_t<std::int32_t, py::array::c_style> out_info,
-           std::size_t out_rows, const std::vector<std::uintptr_t>& ack_addrs, std::uint64_t ack_value,
-           int num_threads) {
+           std::size_t experts_per_rank, std::size_t max_tokens, std::uintptr_t out, std::uintptr_t out_scales,
+           py::array_t<std::int32_t, py::array::c_style> out_info, py::array_t<std::int64_t, py::array::c_style> ends,
+           py::array_t<std::int64_t, py::array::c_style> recv_count, const std::vector<std::uintptr_t>& ack_addrs,
+           int num_threads) -> std::int64_t {
             const std::size_t num_ranks = row_addrs.size();
-            const auto blocks = static_cast<std::size_t>(counts.size());
-            if (num_ranks == 0 || blocks % num_ranks || (!scale_addrs.empty() && scale_addrs.size() != num_ranks))
-                throw py::value_error("ll_pack: blocks must be L * num_ranks, one token area per rank");
-            const auto* count = counts.data();
-            const auto* end = checked_data(ends, blocks, "ends");
+            const std::size_t blocks = experts_per_rank * num_ranks;
+            if (num_ranks == 0 || signal_addrs.size() != num_ranks || ack_addrs.size() != num_ranks ||
+                (!scale_addrs.empty() && scale_addrs.size() != num_ranks))
+                throw py::value_error("ll_dispatch_receive: one mailbox and token area per rank is needed");
+            if (static_cast<std::size_t>(ends.size()) != blocks ||
+                static_cast<std::size_t>(recv_count.size()) != experts_per_rank)
+                throw py::value_error("ll_dispatch_receive: ends must hold L * R and recv_count L entries");
+            const auto out_rows = static_cast<std::size_t>(out_info.size()) / 3;
             if (static_cast<std::size_t>(out_info.size()) != 3 * out_rows)
-                throw py::value_error("ll_pack: out_info must hold 3 * out_rows entries");
+                throw py::value_error("ll_dispatch_receive: out_info must be [rows, 3]");
+            if (!Wait{sync, timeout_s, what}.headers_agree(signal_addrs, seq, header_offset, header, compared))
+                return -1;
+            // Rows of block b = l * R + s (local expert l, source s): what s wrote into its mailbox.
+            std::vector<std::int64_t> counts(blocks);
+            auto* end = ends.mutable_data();
+            auto* per_expert = recv_count.mutable_data();
             const auto* refs = pointer<const std::int32_t>(info);
-            std::int64_t previous = 0;
-            for (std::size_t b = 0; b < blocks; ++b) {
-                if (count[b] < 0 || count[b] > static_cast<std::int64_t>(max_tokens) || end[b] - count[b] != previous)
-                    throw py::index_error("ll_pack: block " + std::to_string(b) + " has " + std::to_string(count[b]) +
-                                          " rows ending at " + std::to_string(end[b]) +
-                                          ": not an inclusive prefix of counts within max_tokens");
-                previous = end[b];
-                // The references come from a peer's writes: each must name one of its tokens.
-                for (std::int64_t i = 0; i < count[b]; ++i) {
-                    const std::int32_t* ref = refs + 2 * (b * max_tokens + static_cast<std::size_t>(i));
-                    if (ref[0] < 0 || ref[0] >= static_cast<std::int64_t>(max_tokens) || ref[1] < 0 ||
-                        static_cast<std::size_t>(ref[1]) >= topk)
-                        throw py::index_error("ll_pack: slot " + std::to_string(i) + " of block " + std::to_string(b) +
-                                              " names token " + std::to_string(ref[0]) + " k " +
-                                              std::to_string(ref[1]) + ", out of range");
+            std::int64_t total = 0;
+            for (std::size_t l = 0; l < experts_per_rank; ++l) {
+                per_expert[l] = 0;
+                for (std::size_t source = 0; source < num_ranks; ++source) {
+                    const std::size_t b = l * num_ranks + source;
+                    const std::int64_t n = pointer<const std::int64_t>(signal_addrs[source] + counts_offset)[l];
+                    if (n < 0 || n > static_cast<std::int64_t>(max_tokens))
+                        throw py::index_error("ll_dispatch_receive: rank " + std::to_string(source) + " sent " +
+                                              std::to_string(n) + " rows to local expert " + std::to_string(l) +
+                                              ", outside [0, max_tokens]");
+                    // The references come from a peer's writes: each must name one of its tokens.
+                    for (std::int64_t i = 0; i < n; ++i) {
+                        const std::int32_t* ref = refs + 2 * (b * max_tokens + static_cast<std::size_t>(i));
+                        if (ref[0] < 0 || ref[0] >= static_cast<std::int64_t>(max_tokens) || ref[1] < 0 ||
+                            static_cast<std::size_t>(ref[1]) >= topk)
+                            throw py::index_error("ll_dispatch_receive: slot " + std::to_string(i) + " of block " +
+                                                  std::to_string(b) + " names token " + std::to_string(ref[0]) +
+                                                  " k " + std::to_string(ref[1]) + ", out of range");
+                    }
+                    counts[b] = n;
+                    total += n;
+                    end[b] = total;
+                    per_expert[l] += n;
                 }
             }
-            if (previous > static_cast<std::int64_t>(out_rows))
-                throw py::index_error("ll_pack: " + std::to_string(previous) + " rows do not fit " +
+            if (total > static_cast<std::int64_t>(out_rows))
+                throw py::index_error("ll_dispatch_receive: " + std::to_string(total) + " rows do not fit " +
                                       std::to_string(out_rows) + " output rows");
             auto* info_out = out_info.mutable_data();
             std::vector<const std::uint8_t*> rows;
@@ -133,26 +196,34 @@ void register_low_latency(py::module_& m) {
             for (auto a : row_addrs) rows.push_back(pointer<const std::uint8_t>(a));
             for (auto a : scale_addrs) scales.push_back(pointer<const float>(a));
             py::gil_scoped_release release;
-            ll_pack(refs, rows, scales, row_bytes, count, end, blocks, num_ranks, max_tokens,
+            ll_pack(refs, rows, scales, row_bytes, counts.data(), end, blocks, num_ranks, max_tokens,
                     pointer<std::uint8_t>(out), pointer<float>(out_scales), info_out, out_rows, num_threads);
-            for (std::uintptr_t addr : ack_addrs) store_counter(addr, ack_value);
-            return previous;
+            for (std::uintptr_t addr : ack_addrs) store_counter(addr, seq);
+            return total;
         },
-        py::arg("info"), py::arg("row_addrs"), py::arg("scale_addrs"), py::arg("row_bytes"), py::arg("topk"),
-        py::arg("counts"), py::arg("ends"), py::arg("max_tokens"), py::arg("out"), py::arg("out_scales"),
-        py::arg("out_info"), py::arg("out_rows"), py::arg("ack_addrs"), py::arg("ack_value"),
-        py::arg("num_threads") = 1,
-        "Packs the referenced token rows expert-major into out (and out_scales; scale_addrs empty for 16-bit "
-        "rows), fills out_info [out_rows, 3], then release-stores ack_value into every ack address. Returns "
-        "the number of packed rows.");
+        py::arg("sync"), py::arg("timeout_s"), py::arg("what"), py::arg("signal_addrs"), py::arg("seq"),
+        py::arg("header"), py::arg("compared"), py::arg("header_offset"), py::arg("counts_offset"), py::arg("info"),
+        py::arg("row_addrs"), py::arg("scale_addrs"), py::arg("row_bytes"), py::arg("topk"),
+        py::arg("experts_per_rank"), py::arg("max_tokens"), py::arg("out"), py::arg("out_scales"),
+        py::arg("out_info"), py::arg("ends"), py::arg("recv_count"), py::arg("ack_addrs"), py::arg("num_threads") = 1,
+        "Waits until every source signalled call `seq` (RuntimeError naming the ranks after timeout_s); returns "
+        "-1, touching nothing, if a source's header differs from `header` in its first `compared` words. Else "
+        "reads the rows per (source, local expert) from the mailboxes, writes ends (inclusive prefix per block "
+        "l * R + s) and recv_count [L], packs the referenced token rows expert-major into out (and out_scales; "
+        "scale_addrs empty for 16-bit rows), fills out_info [rows, 3], release-stores `seq` into every ack "
+        "address and returns the number of packed rows.");
 
     m.def(
         "ll_combine_send",
-        [](std::uintptr_t x, std::size_t row_bytes, std::size_t rows, const Array<std::int32_t>& info,
-           std::size_t topk, const std::vector<std::uintptr_t>& dest_addrs, std::size_t dest_rows,
-           const std::vector<std::int64_t>& header, const std::vector<std::uintptr_t>& header_addrs,
-           const std::vector<std::uintptr_t>& signal_addrs, std::uint64_t value, int num_threads) {
+        [](NodeSync& sync, double timeout_s, const std::string& what, const std::vector<std::uintptr_t>& ack_addrs,
+           std::uint64_t previous, std::uintptr_t x, std::size_t row_bytes, std::size_t rows,
+           const Array<std::int32_t>& info, std::size_t topk, const std::vector<std::uintptr_t>& dest_addrs,
+           std::size_t dest_rows, const std::vector<std::int64_t>& header,
+           const std::vector<std::uintptr_t>& header_addrs, const std::vector<std::uintptr_t>& signal_addrs,
+           std::uint64_t value, std::size_t me, py::array_t<std::int64_t, py::array::c_style> own_rows,
+           int num_threads) {
             const auto* source = checked_data(info, 3 * rows, "info");
+            if (me >= dest_addrs.size()) throw py::value_error("ll_combine_send: me is not a rank index");
             for (std::size_t i = 0; i < rows; ++i) {
                 const std::int32_t* s = source + 3 * i;
                 if (s[0] < 0 || static_cast<std::size_t>(s[0]) >= dest_addrs.size() || s[1] < 0 || s[2] < 0 ||
@@ -164,15 +235,95 @@ void register_low_latency(py::module_& m) {
             }
             std::vector<std::uint8_t*> dests;
             for (auto a : dest_addrs) dests.push_back(pointer<std::uint8_t>(a));
+            if (own_rows.size() > 0) {  // this rank's own rows stay in x: own_rows[t * topk + k] = i
+                auto* own = own_rows.mutable_data();
+                const auto n = static_cast<std::size_t>(own_rows.size());
+                std::fill(own, own + n, -1);
+                for (std::size_t i = 0; i < rows; ++i) {
+                    const std::int32_t* s = source + 3 * i;
+                    if (static_cast<std::size_t>(s[0]) != me) continue;
+                    const std::size_t row = static_cast<std::size_t>(s[1]) * topk + static_cast<std::size_t>(s[2]);
+                    if (row >= n)
+                        throw py::index_error("ll_combine_send: row " + std::to_string(i) + " names own token " +
+                                              std::to_string(s[1]) + ", outside own_rows");
+                    own[row] = static_cast<std::int64_t>(i);
+                }
+                dests[me] = nullptr;
+            }
+            if (previous > 0) Wait{sync, timeout_s, what}.until(ack_addrs, previous);
             py::gil_scoped_release release;
             ll_return_rows(pointer<const std::uint8_t>(x), row_bytes, rows, source, topk, dests, num_threads);
             publish_checked(header_addrs, header, nullptr, 0, signal_addrs, value);
         },
+        py::arg("sync"), py::arg("timeout_s"), py::arg("what"), py::arg("ack_addrs"), py::arg("previous"),
         py::arg("x"), py::arg("row_bytes"), py::arg("rows"), py::arg("info"), py::arg("topk"),
         py::arg("dest_addrs"), py::arg("dest_rows"), py::arg("header"), py::arg("header_addrs"),
-        py::arg("signal_addrs"), py::arg("value"), py::arg("num_threads") = 1,
-        "Writes packed row i into row token*topk+k of rank `source` ((source, token, k) = info[i]), then "
-        "publishes the header and release-stores `value` into every signal word.");
+        py::arg("signal_addrs"), py::arg("value"), py::arg("me"), py::arg("own_rows"), py::arg("num_threads") = 1,
+        "Waits until every owner acked call `previous` (0: no wait), writes packed row i into row "
+        "token*topk+k of rank `source` ((source, token, k) = info[i]), then publishes the header and "
+        "release-stores `value` into every signal word. With a non-empty own_rows (int64 [T * topk], this "
+        "rank's tokens) the rows of source `me` are not copied: own_rows[token*topk+k] = i (-1 elsewhere).");
+
+    m.def(
+        "ll_combine_receive",
+        [](NodeSync& sync, double timeout_s, const std::string& what, const std::vector<std::uintptr_t>& signal_addrs,
+           std::uint64_t seq, const std::vector<std::int64_t>& header, std::size_t compared, std::size_t header_offset,
+           std::uintptr_t rows, std::size_t num_rows, int dtype, std::size_t tokens, std::size_t topk,
+           std::size_t hidden, const Array<std::int32_t>& dropped, const Array<float>& weights, std::uintptr_t out,
+           std::uintptr_t own, const Array<std::int64_t>& own_rows, std::size_t own_count,
+           const std::vector<std::uintptr_t>& ack_addrs, int num_threads) {
+            const std::size_t n = tokens * topk;
+            if (n > num_rows) throw py::value_error("ll_combine_receive: tokens * topk rows exceed the area");
+            const std::int64_t* own_row = own_rows.size() ? checked_data(own_rows, n, "own_rows") : nullptr;
+            if (own_row != nullptr)
+                for (std::size_t i = 0; i < n; ++i)
+                    if (own_row[i] >= static_cast<std::int64_t>(own_count))
+                        throw py::index_error("ll_combine_receive: own row " + std::to_string(own_row[i]) +
+                                              " outside x's " + std::to_string(own_count) + " rows");
+            const Dtype type = to_dtype(dtype);
+            if (dtype_size(type) != 2) throw py::value_error("ll_combine_receive: rows must be 16-bit");
+            const auto* drop = checked_data(dropped, n, "dropped");
+            const auto* w = checked_data(weights, n, "weights");
+            if (!Wait{sync, timeout_s, what}.headers_agree(signal_addrs, seq, header_offset, header, compared))
+                return false;
+            const std::size_t row_bytes = 2 * hidden;
+            // Selection i = t * topk + k: row i of the return area, or row own_row[i] of x (kept there
+            // by ll_combine_send), or nothing where dropped.
+            const std::uint8_t* sources[2] = {pointer<const std::uint8_t>(rows), pointer<const std::uint8_t>(own)};
+            std::vector<std::int32_t> source(n);
+            std::vector<std::int64_t> row(n);
+            for (std::size_t i = 0; i < n; ++i) {
+                const bool kept = own_row != nullptr && own_row[i] >= 0;
+                source[i] = drop[i] < 0 ? -1 : (kept ? 1 : 0);
+                row[i] = kept ? own_row[i] : static_cast<std::int64_t>(i);
+            }
+            {
+                py::gil_scoped_release release;
+                if (type == Dtype::BFloat16) {
+                    std::vector<const std::uint8_t*> row_of(n);
+                    for (std::size_t i = 0; i < n; ++i)
+                        row_of[i] = source[i] < 0 ? nullptr
+                                                  : sources[source[i]] + static_cast<std::size_t>(row[i]) * row_bytes;
+                    ll_reduce_bf16(row_of.data(), w, tokens, topk, hidden, pointer<std::uint16_t>(out), num_threads);
+                } else {  // float16: the generic reduction (same definition)
+                    combine_reduce(pointer<void>(out), type, tokens, topk, hidden, {sources[0], sources[1]},
+                                   {type, type}, source.data(), row.data(), w, Bias{}, Bias{}, num_threads);
+                }
+            }
+            for (std::uintptr_t addr : ack_addrs) store_counter(addr, seq);
+            return true;
+        },
+        py::arg("sync"), py::arg("timeout_s"), py::arg("what"), py::arg("signal_addrs"), py::arg("seq"),
+        py::arg("header"), py::arg("compared"), py::arg("header_offset"), py::arg("rows"), py::arg("num_rows"),
+        py::arg("dtype"), py::arg("tokens"), py::arg("topk"), py::arg("hidden"), py::arg("dropped"),
+        py::arg("weights"), py::arg("out"), py::arg("own"), py::arg("own_rows"), py::arg("own_count"),
+        py::arg("ack_addrs"), py::arg("num_threads") = 1,
+        "Waits until every holder signalled call `seq` (RuntimeError naming the ranks after timeout_s); returns "
+        "False, touching nothing, if a header differs from `header` in its first `compared` words. Else "
+        "out[t] (16-bit `dtype`) = sum over k ascending, where dropped[t, k] >= 0, of weights[t, k] * row "
+        "t * topk + k of `rows` (row own_rows[t, k] of `own`, this rank's x of own_count rows, where that "
+        "is >= 0; own_rows may be empty), in float64 as combine_reduce; then release-stores `seq` into "
+        "every ack address and returns True.");
 
     m.def(
         "ll_publish",

@@ -117,7 +117,6 @@ class LowLatencyState:
     arrived: Optional[torch.Tensor] = None
     counts_from: Optional[torch.Tensor] = None
     arrival_rows: Optional[torch.Tensor] = None
-    selection_rows: Optional[torch.Tensor] = None
     dropped: Optional[torch.Tensor] = None
     total: int = 0  # received rows, recv_count.sum()
     # With shared-expert ranks: the placement; topk_idx / num_experts / num_topk above are then the
@@ -138,9 +137,15 @@ class LowLatencyCombine:
     weights: torch.Tensor
     result: torch.Tensor
     out: Optional[torch.Tensor]
+    # The receive runs inside the call (no return_recv_hook): x cannot change before it, so the shared
+    # memory transport leaves this rank's own rows in x instead of copying them.
+    immediate: bool = False
     received: bool = False
     arrived: Optional[torch.Tensor] = None
     arrived_row: Optional[torch.Tensor] = None
+    # shared-memory transport, immediate calls only: x, and int64 [T * K] its row of each own selection (-1: none)
+    x: Optional[torch.Tensor] = None
+    own_rows: Optional[torch.Tensor] = None
 
 
 LowLatencyCall = Union[LowLatencyState, LowLatencyCombine]
@@ -153,13 +158,6 @@ def _dropped(state: LowLatencyState, topk_idx: torch.Tensor) -> torch.Tensor:
     if state.dropped is None:
         state.dropped = (topk_idx < 0).to(torch.int32).neg_()
     return state.dropped
-
-
-def ll_selection_rows(state: LowLatencyState) -> torch.Tensor:
-    """int64 [T, K]: the combine row of selection (t, k), t * K + k."""
-    if state.selection_rows is None:
-        state.selection_rows = torch.arange(state.num_tokens * state.num_topk).view(state.num_tokens, state.num_topk)
-    return state.selection_rows
 
 
 def ll_disagreement(headers: List[List[int]], mine: List[int], compared: int, what: str) -> Optional[str]:
@@ -278,9 +276,12 @@ class LowLatencyMode:
         )
 
     # ---- call bookkeeping (also used by fused.py and npu/backend.py) -----------------------------------------
-    def ready(self, what: str) -> None:
+    def _check_runtime(self) -> None:
         if self.ll is None or self.runtime.destroyed:  # the shared-memory path uses neither NodeShm nor the group
             self.runtime.check_alive()
+
+    def ready(self, what: str) -> None:
+        self._check_runtime()
         if not self.runtime.low_latency_mode:
             raise RuntimeError(f"deep_ep: {what} needs a Buffer created with low_latency_mode=True")
         if self._broken:
@@ -351,11 +352,11 @@ class LowLatencyMode:
         nmax = num_max_dispatch_tokens_per_rank if isinstance(num_max_dispatch_tokens_per_rank, int) else -1
         self._reject(0, seq, [seq, 1, nmax, -1, -1, -1, -1, tokens], what, transport)
 
-    def ll_guard(self, wait) -> None:
-        """Runs a wait on peers; a timeout or a dead peer leaves low-latency mode unusable until
-        clean_low_latency_buffer() runs on every rank (or the Buffer is recreated)."""
+    def ll_guard(self, wait, *args):
+        """Returns wait(*args), a call that waits on peers; a timeout or a dead peer leaves low-latency
+        mode unusable until clean_low_latency_buffer() runs on every rank (or the Buffer is recreated)."""
         try:
-            wait()
+            return wait(*args)
         except SharedMemoryExhausted:
             raise  # no peer is left waiting: the calls stay in step
         except RuntimeError as error:
@@ -370,7 +371,7 @@ class LowLatencyMode:
             raise RuntimeError(
                 f"deep_ep {what}: this hook belongs to a call made before clean_low_latency_buffer(); its data is gone"
             )
-        self.runtime.check_alive()
+        self._check_runtime()
         if self._broken:
             raise RuntimeError(self._broken)
 
@@ -466,12 +467,11 @@ class LowLatencyMode:
             shared = roles if roles.num_shared_ranks else None
             if shared is not None:  # the transports route the shared expert as one more top-k column
                 topk_idx = shared.virtual_topk(topk_idx, self.runtime.rank)
-            slot, counts = layout.low_latency_slots(topk_idx, roles.virtual_experts, num_max_dispatch_tokens_per_rank)
+            virtual_experts = roles.virtual_experts
+            slot, counts = layout.low_latency_slots(topk_idx, virtual_experts, num_max_dispatch_tokens_per_rank)
             if transport.ll is not None:  # every rank's /dev/shm backs what this call writes
                 self.ll_guard(
-                    lambda: transport.ll.prepare(
-                        seq, num_max_dispatch_tokens_per_rank, hidden, roles.virtual_experts, what
-                    )
+                    transport.ll.prepare, seq, num_max_dispatch_tokens_per_rank, hidden, virtual_experts, what
                 )
         except (ValueError, TypeError, SharedMemoryExhausted):
             self.reject_dispatch(seq, x, num_max_dispatch_tokens_per_rank, what, transport)
@@ -482,8 +482,8 @@ class LowLatencyMode:
         quantized = quant == "int8"
         fmt = LL_FORMAT_INT8 if quantized else NATIVE_DTYPE_CODES[x.dtype]
         num_rows = roles.packed_rows(self.runtime.rank, num_max, num_topk)
-        public_experts, experts_per_rank = num_experts, roles.experts_per_rank
-        num_experts, num_topk = roles.virtual_experts, topk_idx.shape[1]
+        public_experts, experts_per_rank = num_experts, virtual_experts // self.runtime.group_size
+        num_experts, num_topk = virtual_experts, topk_idx.shape[1]
         header = [seq, 0, num_max, num_experts, hidden, num_topk, fmt, num_tokens]
         state = LowLatencyState(
             seq=seq,
@@ -585,9 +585,20 @@ class LowLatencyMode:
                 check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=(num_tokens, num_topk - 1))
                 topk_idx = state.shared.virtual_topk(topk_idx, self.runtime.rank)
                 topk_weights = state.shared.virtual_weights(topk_weights)
-            check_tensor("x", x, dtypes=(state.dtype,), shape=(state.num_rows, hidden))
-            check_tensor("topk_idx", topk_idx, dtypes=(topk_idx_t,), shape=(num_tokens, num_topk))
-            check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=(num_tokens, num_topk))
+            if not (
+                isinstance(x, torch.Tensor)
+                and x.dtype == state.dtype
+                and x.shape == (state.num_rows, hidden)
+                and isinstance(topk_idx, torch.Tensor)
+                and topk_idx.dtype == topk_idx_t
+                and topk_idx.shape == (num_tokens, num_topk)
+                and isinstance(topk_weights, torch.Tensor)
+                and topk_weights.dtype == torch.float32
+                and topk_weights.shape == (num_tokens, num_topk)
+            ):  # else: say what is wrong
+                check_tensor("x", x, dtypes=(state.dtype,), shape=(state.num_rows, hidden))
+                check_tensor("topk_idx", topk_idx, dtypes=(topk_idx_t,), shape=(num_tokens, num_topk))
+                check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=(num_tokens, num_topk))
             if out is not None:
                 check_tensor("out", out, dtypes=(state.dtype,), shape=(num_tokens, hidden))
             check_combine_topk_idx(topk_idx, state.topk_idx)
@@ -611,7 +622,14 @@ class LowLatencyMode:
             out if out is not None and out.is_contiguous() else self.runtime.pool.empty((num_tokens, hidden), x.dtype)
         )
         task = LowLatencyCombine(
-            state=state, seq=seq, header=header, topk_idx=topk_idx, weights=topk_weights, result=result, out=out
+            state=state,
+            seq=seq,
+            header=header,
+            topk_idx=topk_idx,
+            weights=topk_weights,
+            result=result,
+            out=out,
+            immediate=not return_recv_hook,
         )
         state.transport.send_combine(self, task, x, what)
         self._pending[1][parity] = seq

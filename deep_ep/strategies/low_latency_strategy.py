@@ -32,7 +32,6 @@ from ..low_latency import (
     LowLatencyMode,
     LowLatencyState,
     ll_disagreement,
-    ll_selection_rows,
 )
 from ..transport import alltoall_low_latency, shm_low_latency
 from ..transport.fields import as_byte_rows
@@ -40,6 +39,15 @@ from ..utils import NATIVE_DTYPE_CODES, EventOverlap, low_latency_quant_mode
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
+
+
+_NO_ROWS = torch.empty(0, dtype=torch.int64)  # own_rows of a combine that copies every row
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two contiguous tensors share memory (an `out` inside combine's x)."""
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
 
 
 def _no_hook() -> None:
@@ -61,17 +69,15 @@ class SharedMemoryLowLatency:
         ll.publish(kind, parity, seq, header)
         ll.ack(kind, parity, seq)
 
-    def _headers(self, mode: LowLatencyMode, kind: int, call: LowLatencyCall) -> None:
-        """Waits for every peer's rows of `call` and checks their headers. On a disagreement it
+    def _disagree(self, mode: LowLatencyMode, kind: int, call: LowLatencyCall) -> None:
+        """A source's header of `call` differs from this rank's (the native receive touched nothing):
         acknowledges and finishes the call (no peer waits for this rank) and raises ValueError."""
         what = LL_KINDS[kind]
         ll, parity = self.ll, call.seq & 1
-        mode.ll_guard(lambda: ll.wait_signals(kind, parity, call.seq, f"{what} (receive)"))
         problem = ll_disagreement(ll.headers(kind, parity).tolist(), call.header, LL_COMPARED[kind], what)
-        if problem:
-            ll.ack(kind, parity, call.seq)
-            mode.ll_finish(kind, call)
-            raise ValueError(problem)
+        ll.ack(kind, parity, call.seq)
+        mode.ll_finish(kind, call)
+        raise ValueError(problem)
 
     def send_dispatch(
         self,
@@ -84,9 +90,14 @@ class SharedMemoryLowLatency:
     ) -> None:
         ll, seq, parity = self.ll, state.seq, state.seq & 1
         areas = ll.areas(state.num_max_tokens, state.hidden, state.num_experts, parity)
-        mode.ll_guard(lambda: ll.wait_acks(0, parity, seq, what))
         me = ll.local_index
-        deep_ep_cpp.ll_dispatch_send(
+        mode.ll_guard(
+            deep_ep_cpp.ll_dispatch_send,
+            ll.sync,
+            ll.timeout_s,
+            what,
+            ll.send_ack[0][parity],
+            ll.begin_send(0, parity, seq),
             x.data_ptr(),
             NATIVE_DTYPE_CODES[x.dtype],
             state.quantized,
@@ -110,38 +121,54 @@ class SharedMemoryLowLatency:
         )
 
     def receive_dispatch(self, mode: LowLatencyMode, state: LowLatencyState) -> None:
-        ll = self.ll
-        self._headers(mode, 0, state)
-        parity = state.seq & 1
-        counts = ll.counts(parity, state.num_experts // mode.runtime.group_size)
-        block_rows = layout.low_latency_recv_layout(counts, state.layout_range.numpy(), state.recv_count.numpy())
+        ll, parity = self.ll, state.seq & 1
         areas = ll.areas(state.num_max_tokens, state.hidden, state.num_experts, parity)
-        me = ll.local_index
         recv = state.recv
-        state.total = deep_ep_cpp.ll_pack(
-            areas.info[me],
+        total = mode.ll_guard(
+            deep_ep_cpp.ll_dispatch_receive,
+            ll.sync,
+            ll.timeout_s,
+            "low_latency_dispatch (receive)",
+            ll.recv_signal[0][parity],
+            state.seq,
+            state.header,
+            LL_COMPARED[0],
+            shm_low_latency.HEADER_WORD * 8,
+            shm_low_latency.COUNTS_WORD * 8,
+            areas.info[ll.local_index],
             areas.tokens,
             areas.scales if state.quantized else [],
             recv[0].shape[1] * recv[0].element_size(),
             state.num_topk,
-            block_rows,
-            state.layout_range.numpy(),
+            state.num_experts // mode.runtime.group_size,
             state.num_max_tokens,
             recv[0].data_ptr(),
             recv[1].data_ptr() if state.quantized else 0,
             state.src_info.numpy(),
-            state.num_rows,
+            state.layout_range.numpy(),
+            state.recv_count.numpy(),
             ll.recv_ack[0][parity],
-            state.seq,
             mode.runtime.num_threads,
         )
+        if total < 0:
+            self._disagree(mode, 0, state)
+        state.total = total
 
     def send_combine(self, mode: LowLatencyMode, task: LowLatencyCombine, x: torch.Tensor, what: str) -> None:
         ll, state, seq, parity = self.ll, task.state, task.seq, task.seq & 1
         total, hidden = state.total, state.hidden
         areas = ll.areas(state.num_max_tokens, hidden, state.num_experts, parity)
-        mode.ll_guard(lambda: ll.wait_acks(1, parity, seq, what))
-        deep_ep_cpp.ll_combine_send(
+        if task.immediate and not _overlap(x, task.result):  # the reduce reads this rank's own rows from x
+            task.x = x
+            task.own_rows = torch.empty(state.num_tokens * state.num_topk, dtype=torch.int64)
+        own_rows = task.own_rows if task.own_rows is not None else _NO_ROWS
+        mode.ll_guard(
+            deep_ep_cpp.ll_combine_send,
+            ll.sync,
+            ll.timeout_s,
+            what,
+            ll.send_ack[1][parity],
+            ll.begin_send(1, parity, seq),
             x.data_ptr(),
             hidden * x.element_size(),
             total,
@@ -153,24 +180,43 @@ class SharedMemoryLowLatency:
             ll.send_header[1][parity],
             ll.send_signal[1][parity],
             seq,
+            ll.local_index,
+            own_rows.numpy(),
             mode.runtime.num_threads,
         )
 
     def receive_combine(self, mode: LowLatencyMode, task: LowLatencyCombine, dropped: torch.Tensor) -> None:
-        ll, state = self.ll, task.state
-        self._headers(mode, 1, task)
-        parity = task.seq & 1
-        rows = ll.return_view(state.num_max_tokens, state.hidden, state.num_experts, parity)
-        ops.weighted_reduce(
-            task.result,
-            [rows],
-            task.result.dtype,
-            dropped,
-            ll_selection_rows(state),
-            task.weights,
-            threads=mode.runtime.num_threads,
+        ll, state, parity = self.ll, task.state, task.seq & 1
+        areas = ll.areas(state.num_max_tokens, state.hidden, state.num_experts, parity)
+        result = task.result
+        agreed = mode.ll_guard(
+            deep_ep_cpp.ll_combine_receive,
+            ll.sync,
+            ll.timeout_s,
+            "low_latency_combine (receive)",
+            ll.recv_signal[1][parity],
+            task.seq,
+            task.header,
+            LL_COMPARED[1],
+            shm_low_latency.HEADER_WORD * 8,
+            areas.returns[ll.local_index],
+            areas.return_rows,
+            NATIVE_DTYPE_CODES[result.dtype],
+            state.num_tokens,
+            state.num_topk,
+            state.hidden,
+            dropped.numpy(),
+            task.weights.numpy(),
+            result.data_ptr(),
+            task.x.data_ptr() if task.x is not None else 0,
+            (task.own_rows if task.own_rows is not None else _NO_ROWS).numpy(),
+            state.num_rows,
+            ll.recv_ack[1][parity],
+            mode.runtime.num_threads,
         )
-        ll.ack(1, parity, task.seq)
+        task.x = task.own_rows = None  # x is the caller's again
+        if not agreed:
+            self._disagree(mode, 1, task)
 
 
 class AllToAllLowLatency:

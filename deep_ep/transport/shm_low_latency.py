@@ -22,7 +22,13 @@ mapped by all its local peers:
   into recv_x.
 - returns (combine): rows [Nmax * K] of the token owner (room for K = 17: 16 routed columns plus
   the shared expert's): the holder of expert e writes the expert
-  output of the owner's selection (t, k) into row t * K + k; the owner reduces them in k order.
+  output of the owner's selection (t, k) into row t * K + k; the owner reduces them in k order,
+  in one pass that reads each row once. When the reduction runs inside the combine call (no
+  return_recv_hook), a rank's outputs for its own tokens are not copied: it reads them from x.
+
+Each send and each receive is one native call (deep_ep_cpp.ll_dispatch_send / ll_dispatch_receive /
+ll_combine_send / ll_combine_receive) that also does the call's waits; docs/low_latency_data_path.md
+describes the steps and their memory ordering.
 
 Positions of the two parity halves depend only on the segment size, so a peer that disagrees on
 Nmax, H or E (reported through the header) can never write into the other parity.
@@ -38,6 +44,7 @@ sizes (ValueError).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import List, Sequence
 
@@ -91,6 +98,7 @@ def return_bytes(num_max_tokens: int, hidden: int, num_experts: int) -> int:
     return _align(num_max_tokens * (MAX_TOPK + 1) * 2 * hidden)
 
 
+@functools.lru_cache(maxsize=MAX_CACHED_LAYOUTS)  # every dispatch asks (prepare)
 def half_bytes(num_max_tokens: int, hidden: int, num_experts: int) -> int:
     """Bytes of one parity's areas, a prefix of its half: dispatch slots, tokens and scales, then
     the combine rows."""
@@ -212,6 +220,9 @@ class LowLatencyShm:
         /dev/shm is full; ValueError when a rank prepared for smaller sizes; RuntimeError when a peer
         never finishes its step (timeout or exit)."""
         needed = half_bytes(num_max_tokens, hidden, num_experts)
+        if needed <= self._everyone_reserved:  # sizes seen before: nothing to reserve or check
+            self._mark_ready(seq, 0)
+            return
         me = self.local_index
         own = min(r.reserved for r in self.reservations)
         failing = None
@@ -220,8 +231,6 @@ class LowLatencyShm:
             if failing is None:
                 deep_ep_cpp.store_counter(self.committed_words[me], min(r.reserved for r in self.reservations))
         self._mark_ready(seq, needed if failing else 0)
-        if needed <= self._everyone_reserved:
-            return
         short = [d for d in range(self.num_local) if deep_ep_cpp.load_counter(self.committed_words[d]) < needed]
         if short:
             self.sync.wait_at_least(
@@ -272,35 +281,26 @@ class LowLatencyShm:
         return found
 
     # ---- signalling ----------------------------------------------------------------------------------------
-    def wait_acks(self, kind: int, parity: int, seq: int, what: str) -> None:
-        """Before sending call `seq`: every owner has consumed the previous call on this parity through
-        this shared memory (seq - 2, unless calls of another low-latency strategy came in between)."""
+    def begin_send(self, kind: int, parity: int, seq: int) -> int:
+        """Call `seq` of `kind` is about to be sent on `parity`: returns the call whose acks the sender
+        must wait for first (the previous one sent on this parity through this memory, 0: none);
+        the native send calls wait for them."""
         previous = self.last_seq[kind][parity]
+        self.last_seq[kind][parity] = seq
+        return previous
+
+    def wait_acks(self, kind: int, parity: int, seq: int, what: str) -> None:
+        """Before sending call `seq` without rows (a rejected call): every owner has consumed the
+        previous call on this parity through this shared memory."""
+        previous = self.begin_send(kind, parity, seq)
         if previous > 0:
             self.sync.wait_at_least(
                 self.send_ack[kind][parity], [previous] * self.num_local, self.owners, self.timeout_s, what
             )
-        self.last_seq[kind][parity] = seq
-
-    def wait_signals(self, kind: int, parity: int, seq: int, what: str) -> None:
-        """Every source has published call `seq` on this parity."""
-        self.sync.wait_at_least(
-            self.recv_signal[kind][parity], [seq] * self.num_local, self.owners, self.timeout_s, what
-        )
 
     def headers(self, kind: int, parity: int) -> torch.Tensor:
         """int64 [sources, HEADER_WORDS] view of the headers of this rank's mailboxes."""
         return self._headers[kind][parity]
-
-    def counts(self, parity: int, experts_per_rank: int):
-        """numpy int64 [sources, L] view: rows every source sent to each local expert (dispatch)."""
-        key = ("counts", parity, experts_per_rank)
-        view = self._areas.get(key)
-        if view is None:
-            view = self._remember(
-                key, self.inbox[DISPATCH, parity, :, COUNTS_WORD : COUNTS_WORD + experts_per_rank].numpy()
-            )
-        return view
 
     def _remember(self, key: tuple, value):
         """Caches `value` (an Areas or a view) under `key` and returns it."""
@@ -315,19 +315,6 @@ class LowLatencyShm:
     def publish(self, kind: int, parity: int, seq: int, header: List[int]) -> None:
         """Header and signal without rows (a call whose arguments this rank rejected)."""
         deep_ep_cpp.ll_publish(self.send_header[kind][parity], header, self.send_signal[kind][parity], seq)
-
-    def return_view(self, num_max_tokens: int, hidden: int, num_experts: int, parity: int) -> torch.Tensor:
-        """uint8 [rows, 2H] view of this rank's combine rows of one parity."""
-        key = ("view", num_max_tokens, hidden, num_experts, parity)
-        view = self._areas.get(key)
-        if view is None:
-            areas = self.areas(num_max_tokens, hidden, num_experts, parity)
-            offset = areas.returns[self.local_index] - self.base[self.local_index]
-            view = torch.frombuffer(
-                self.segments[self.local_index], dtype=torch.uint8, count=areas.return_rows * 2 * hidden, offset=offset
-            ).view(-1, 2 * hidden)
-            self._remember(key, view)
-        return view
 
     def reset(self) -> None:
         """Zeroes this rank's mailboxes and call words (clean_low_latency_buffer; peers must be quiet).

@@ -24,7 +24,7 @@ from low_latency_cases import Case, buffer_for, check_case, check_received, disp
 
 import deep_ep  # noqa: E402
 from deep_ep.npu.operators import hccl_buffsize_mb  # noqa: E402
-from deep_ep.reference import quantize_reference, reference_shared_dispatch  # noqa: E402
+from deep_ep.reference import quantize_reference, reference_combine, reference_shared_dispatch  # noqa: E402
 from deep_ep.testing import spawn_ranks  # noqa: E402
 
 
@@ -139,6 +139,62 @@ def strategies_agree(rank: int, num_ranks: int, group) -> None:
 
 def test_strategies_agree_and_repeat() -> None:
     spawn_ranks(strategies_agree, 3)
+
+
+def combine_paths_agree(rank: int, num_ranks: int, group) -> None:
+    """The shared-memory combine reads a rank's own rows from x when it reduces inside the call and
+    copies them with return_recv_hook; both give the bits of the "alltoall" strategy (same float64
+    sum, k ascending), for bfloat16 and float16 rows, a hidden size that is not a multiple of the
+    kernel's 32-column blocks, and top-k entries set to -1 before combine. Against the reference too."""
+    hidden, experts_per_rank, topk, num_max = 100, 3, 4, 16
+    num_experts = experts_per_rank * num_ranks
+    buffers = {
+        s: buffer_for(group, num_ranks, [Case(tokens=[num_max], max_tokens=num_max, hidden=hidden)], s)
+        for s in ("default", "alltoall")
+    }
+    for dtype in (torch.bfloat16, torch.float16):
+        inputs = make_inputs(
+            rank, [num_max, 5, 0][rank % 3], hidden, num_experts, topk, num_ranks, dtype=dtype, seed=11
+        )
+        kept = inputs.topk_idx.clone()
+        kept[::3, 1] = -1  # dropped at combine: left out of the sum
+        results = {}
+        for strategy, buffer in buffers.items():
+            for hook in (False, True):
+                recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(
+                    inputs.x, inputs.topk_idx, num_max, num_experts, use_fp8=False
+                )
+                assert recv_x.dtype == dtype
+                y = (expert_output(recv_x, recv_count, dtype=torch.float32) * 1.5).to(dtype)
+                combined, _, receive = buffer.low_latency_combine(
+                    y, kept, inputs.topk_weights, handle, return_recv_hook=hook
+                )
+                receive()
+                assert combined.dtype == dtype
+                results[strategy, hook] = combined.clone()
+            # `out` inside x: the rows it overwrites are read before (the reduce reads no row from x then).
+            recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(
+                inputs.x, inputs.topk_idx, num_max, num_experts, use_fp8=False
+            )
+            y = (expert_output(recv_x, recv_count, dtype=torch.float32) * 1.5).to(dtype)
+            out = y[: inputs.x.shape[0]]
+            combined = buffer.low_latency_combine(y, kept, inputs.topk_weights, handle, out=out)[0]
+            assert combined is out
+            results[strategy, "out in x"] = combined.clone()
+        first = results["default", False]
+        for key, combined in results.items():
+            assert torch.equal(combined.view(torch.int16), first.view(torch.int16)), key
+        factor = 1 + (inputs.topk_idx.clamp_min(0) % experts_per_rank).double() / 8
+        selection = (inputs.x.double().unsqueeze(1) * factor.unsqueeze(2)).to(dtype).double() * 1.5
+        expected = reference_combine(selection.to(dtype), kept, inputs.topk_weights)
+        assert calc_diff(first, expected) < 1e-5
+    for buffer in buffers.values():
+        buffer.destroy()
+
+
+@pytest.mark.parametrize("num_ranks", [2, 3])
+def test_combine_paths_agree(num_ranks: int) -> None:
+    spawn_ranks(combine_paths_agree, num_ranks)
 
 
 def shared_expert_ranks(rank: int, num_ranks: int, group, num_shared: int) -> None:
