@@ -25,6 +25,7 @@ Low-latency mode, 7 entries: src_info, layout_range, num_max_dispatch_tokens_per
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Iterable, Tuple, Type
 
 import torch
@@ -91,8 +92,8 @@ def intranode_handle(state: Any, rank: int, owner: int) -> NormalHandle:
     return NormalHandle(
         (
             plan.rank_prefix_matrix(),
-            plan.block_start[rank].t().contiguous().to(torch.int32),  # [R, L] block starts
-            torch.cumsum(torch.tensor(plan.expert_rows, dtype=torch.int64), 0).to(torch.int32),
+            plan.block_start[rank].t().to(torch.int32, memory_format=torch.contiguous_format),  # [R, L] block starts
+            torch.tensor(list(itertools.accumulate(plan.expert_rows)), dtype=torch.int32),
             state.recv_src_idx.to(torch.int32),
             _is_token_in_rank(state),
             plan.recv_counts.to(torch.int32),

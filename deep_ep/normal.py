@@ -12,6 +12,7 @@ DeepEP-Ascend's handle (deep_ep/handles.py). docs/normal_data_path.md describes 
 from __future__ import annotations
 
 import functools
+import itertools
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, List, Optional, Protocol, Tuple, Union
@@ -442,7 +443,7 @@ class NormalMode:
             fields=fields,
             kinds=kinds,
             topk_idx=topk_idx,
-            host_topk_idx=topk_idx.cpu().contiguous(),
+            host_topk_idx=counts.host,
             expert_alignment=expert_alignment,
             num_worst_tokens=num_worst_tokens,
             stats=stats,
@@ -474,7 +475,7 @@ class NormalMode:
             state.rows_by_source = received.rows_by_source
         expert_rows = plan.expert_rows
         if env.expert_token_nums_type() == 0:
-            expert_rows = torch.cumsum(torch.tensor(expert_rows, dtype=torch.int64), 0).tolist()
+            expert_rows = list(itertools.accumulate(expert_rows))
         return recv_x, recv_topk_idx, outs[-1], expert_rows, state, EventOverlap()
 
     def receive(self, call: DispatchCall, meta_all: torch.Tensor) -> ReceivedRows:
