@@ -366,7 +366,7 @@ class NodeShm:
     def read_meta(self, length: int) -> torch.Tensor:
         """int64 [local ranks, length]: every local rank's published meta (after the barrier that
         follows publish_meta). SharedMemoryExhausted on every rank when a rank could not reserve."""
-        words = np.stack([m[: STATUS_WORDS + length] for m in self.meta_words])
+        words = np.array([m[: STATUS_WORDS + length] for m in self.meta_words])
         if words[:, 0].any():
             failed = words[:, 0].nonzero()[0].tolist()
             needed = {self.local_ranks[i]: int(words[i, 0]) for i in failed}
