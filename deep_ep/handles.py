@@ -25,6 +25,7 @@ Low-latency mode, 7 entries: src_info, layout_range, num_max_dispatch_tokens_per
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Iterable, Tuple, Type
 
 import torch
@@ -76,22 +77,25 @@ def state_of(handle: Any, kinds: Tuple[Type, ...], owner: int, what: str) -> Any
     return handle.state
 
 
-def _is_token_in_rank(topk_idx: torch.Tensor, experts_per_rank: int, num_ranks: int) -> torch.Tensor:
-    """int32 [T, R] on the host: 1 where the token selects an expert of the rank."""
-    return layout.dispatch_layout(topk_idx, experts_per_rank * num_ranks, num_ranks)[3]
+def _is_token_in_rank(state: Any) -> torch.Tensor:
+    """int32 [T, R] on the host: 1 where the token selects an expert of the rank (dispatch's checking
+    pass counted it; a state made without it counts it here)."""
+    if state.is_token_in_rank is not None:
+        return state.is_token_in_rank
+    plan = state.plan
+    return layout.dispatch_layout(state.topk_idx.cpu(), plan.num_experts, plan.num_ranks)[3]
 
 
 def intranode_handle(state: Any, rank: int, owner: int) -> NormalHandle:
     """Upstream's 8-entry intranode handle of a DispatchState."""
     plan = state.plan
-    host_idx = state.topk_idx.cpu()
     return NormalHandle(
         (
             plan.rank_prefix_matrix(),
-            plan.block_start[rank].t().contiguous().to(torch.int32),  # [R, L] block starts
-            torch.cumsum(torch.tensor(plan.expert_rows, dtype=torch.int64), 0).to(torch.int32),
+            plan.block_start[rank].t().to(torch.int32, memory_format=torch.contiguous_format),  # [R, L] block starts
+            torch.tensor(list(itertools.accumulate(plan.expert_rows)), dtype=torch.int32),
             state.recv_src_idx.to(torch.int32),
-            _is_token_in_rank(host_idx, plan.experts_per_rank, plan.num_ranks),
+            _is_token_in_rank(state),
             plan.recv_counts.to(torch.int32),
             state.topk_idx,
             state.topk_weights,
@@ -112,8 +116,7 @@ def internode_handle(
 
     recv_topk_weights: dispatch's float32 [N, K] output (every received row's source-token weights)."""
     plan = state.plan
-    host_idx = state.topk_idx.cpu()
-    in_rank = _is_token_in_rank(host_idx, plan.experts_per_rank, plan.num_ranks)
+    in_rank = _is_token_in_rank(state)
     num_nodes = int(rank_to_node.max()) + 1
     in_node = torch.zeros(in_rank.shape[0], num_nodes, dtype=torch.int32).index_add_(1, rank_to_node, in_rank) > 0
     offset_outer = torch.where(in_node, torch.cumsum(in_node.to(torch.int32), 0) - 1, -1).to(torch.int32)

@@ -31,6 +31,7 @@ class SelectionCounts:
     per_rank: Optional[torch.Tensor] = None
     in_rank: Optional[torch.Tensor] = None
     per_node: Optional[torch.Tensor] = None
+    host: Optional[torch.Tensor] = None  # the counted topk_idx: contiguous, on the host
 
 
 def count_selections(
@@ -67,7 +68,7 @@ def count_selections(
         per_node.data_ptr() if per_node is not None else 0,
         nodes,
     )
-    return SelectionCounts(low, high, per_expert, per_rank, in_rank, per_node)
+    return SelectionCounts(low, high, per_expert, per_rank, in_rank, per_node, topk_idx)
 
 
 def dispatch_layout(
@@ -172,7 +173,7 @@ class RoutingPlan:
     def rank_prefix_matrix(self) -> torch.Tensor:
         """int32 [R, R]: entry [i][j] = rows rank j received from ranks <= i."""
         rows_sent = self.tokens_per_expert_all.view(self.num_ranks, self.num_ranks, -1).sum(2)  # [src, dst]
-        return torch.cumsum(rows_sent, 0).to(torch.int32)
+        return torch.cumsum(rows_sent, 0, dtype=torch.int32)
 
     def rows_by_source(self) -> torch.Tensor:
         """Received-layout rows of this rank, ordered by (source, local expert, token):

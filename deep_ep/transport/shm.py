@@ -223,6 +223,9 @@ class NodeShm:
         self.reservation = Reservation(self.segments[self.local_index], DATA_OFFSET, data_bytes)
         self.bytes = [torch.frombuffer(s, dtype=torch.uint8) for s in self.segments]
         self.meta = [b[CONTROL_BYTES:DATA_OFFSET].view(torch.int64) for b in self.bytes]
+        # numpy views of the same words: a call reads and writes a few of them, and numpy's
+        # element access costs a fraction of torch's per-op dispatch.
+        self.meta_words = [m.numpy() for m in self.meta]
         self.data = [b[DATA_OFFSET:] for b in self.bytes]
         self.sync = node_sync(self.segments, self.local_index, self.local_ranks)
         # Read phases this rank has finished (and published at RELEASE_WORD); every local rank runs
@@ -317,7 +320,7 @@ class NodeShm:
             time.sleep(0.01)
 
     def close(self) -> None:
-        self.bytes = self.meta = self.data = []
+        self.bytes = self.meta = self.meta_words = self.data = []
         for segment in getattr(self, "segments", []):
             segment.close()
         self.segments = []
@@ -346,9 +349,9 @@ class NodeShm:
             )
         self.wait_readers()
         reserved = self.reservation.grow(data_bytes)
-        mine = self.meta[self.local_index]
+        mine = self.meta_words[self.local_index]
         mine[0] = 0 if reserved else data_bytes
-        mine[STATUS_WORDS : STATUS_WORDS + meta.numel()].copy_(meta)
+        mine[STATUS_WORDS : STATUS_WORDS + meta.numel()] = meta.numpy()
         return reserved
 
     def agreed(self, decide: Callable[[torch.Tensor], None], meta_all: torch.Tensor) -> None:
@@ -363,9 +366,9 @@ class NodeShm:
     def read_meta(self, length: int) -> torch.Tensor:
         """int64 [local ranks, length]: every local rank's published meta (after the barrier that
         follows publish_meta). SharedMemoryExhausted on every rank when a rank could not reserve."""
-        words = torch.stack([m[: STATUS_WORDS + length] for m in self.meta])
+        words = np.array([m[: STATUS_WORDS + length] for m in self.meta_words])
         if words[:, 0].any():
-            failed = words[:, 0].nonzero().flatten().tolist()
+            failed = words[:, 0].nonzero()[0].tolist()
             needed = {self.local_ranks[i]: int(words[i, 0]) for i in failed}
             mine = f" (rank {self.rank}: {self.reservation.failure})" if self.local_index in failed else ""
             self.release()  # as in agreed()
@@ -377,7 +380,7 @@ class NodeShm:
                 )
                 + mine
             )
-        return words[:, STATUS_WORDS:]
+        return torch.from_numpy(words[:, STATUS_WORDS:])
 
     # ---- data area -----------------------------------------------------------------------------
     @staticmethod
