@@ -131,7 +131,8 @@ def weighted_reduce(
         )
         return out
     # Device (NPU) branch: no host syncs, index tensors moved to the rows' device. Ascend NPUs have no
-    # fast float64, so there the sum is float32 (docs/semantics.md); on CPU (forced) float64 as above.
+    # fast float64, so there the sum is float32 (within the documented float32 tolerance); on CPU (forced)
+    # float64 as above.
     device = out.device
     acc_dtype = torch.float64 if device.type == "cpu" or out.dtype == torch.float64 else torch.float32
     acc = torch.zeros(tokens, hidden, dtype=acc_dtype, device=device)
