@@ -22,11 +22,11 @@ from . import env, fused, npu
 from .config import Config
 from .ep_strategy import (
     LowLatencyEPCommStrategy,
-    LowLatencyStrategy,
     NormalEPCommStrategy,
-    NormalStrategy,
     get_low_latency_strategy,
     get_normal_strategy,
+    registered_low_latency_strategies,
+    registered_normal_strategies,
 )
 from .fused import FuseMode
 from .low_latency import LowLatencyMode
@@ -35,8 +35,6 @@ from .utils import EventOverlap, check_one_of, topk_idx_t
 
 __all__ = ["Buffer", "FuseMode", "topk_idx_t"]
 
-NORMAL_STRATEGIES = tuple(NormalStrategy.get_all_strategies())
-LOW_LATENCY_STRATEGIES = tuple(LowLatencyStrategy.get_all_strategies())
 DEFAULT_NVL_BYTES = 64 << 20
 _runtime_ids = itertools.count(1)
 
@@ -95,8 +93,9 @@ class Buffer:
             if isinstance(low_latency_strategy, LowLatencyEPCommStrategy)
             else low_latency_strategy
         )
-        check_one_of("normal_strategy", normal_name, NORMAL_STRATEGIES)
-        check_one_of("low_latency_strategy", low_latency_name, LOW_LATENCY_STRATEGIES)
+        # Any registered name: the built-in backends and those a caller registered (deep_ep.ep_strategy).
+        check_one_of("normal_strategy", normal_name, registered_normal_strategies())
+        check_one_of("low_latency_strategy", low_latency_name, registered_low_latency_strategies())
         use_mode = env.use_mode()
         if use_mode:
             normal_name, low_latency_name = env.USE_MODES[use_mode]

@@ -248,6 +248,20 @@ def _registered(registry: Dict[str, type], kind: str, name: str) -> type:
     return registry[name]
 
 
+def registered_normal_strategies() -> List[str]:
+    """Names of every registered normal-mode strategy: the built-in ones and any registered since."""
+    from . import strategies  # noqa: F401  (the built-in strategies register themselves on import)
+
+    return list(_NORMAL_STRATEGY_REGISTRY)
+
+
+def registered_low_latency_strategies() -> List[str]:
+    """Names of every registered low-latency strategy: the built-in ones and any registered since."""
+    from . import strategies  # noqa: F401
+
+    return list(_LOW_LATENCY_STRATEGY_REGISTRY)
+
+
 def get_normal_strategy(name: str) -> Type[NormalEPCommStrategy]:
     """The normal-mode strategy class registered under `name` (ValueError if none)."""
     return _registered(_NORMAL_STRATEGY_REGISTRY, "normal", name)

@@ -10,7 +10,7 @@ import torch
 from common import calc_diff, gather_objects, make_topk_idx
 
 import deep_ep
-from deep_ep.ep_strategy import get_low_latency_strategy
+from deep_ep.ep_strategy import get_low_latency_strategy, register_normal_strategy
 from deep_ep.reference import reference_combine
 from deep_ep.strategies import AlltoAllNormalCommStrategy, DefaultNormalCommStrategy
 from deep_ep.testing import spawn_ranks
@@ -181,6 +181,45 @@ def env_rank(rank: int, num_ranks: int, group) -> None:
     _, recv_count, handle, _, _ = buffer.low_latency_dispatch(x, topk_idx, TOKENS, num_experts, use_fp8=False)
     assert torch.equal(recv_count, handle.state.recv_count.cumsum(0))
     buffer.destroy()
+
+
+@register_normal_strategy("counting")
+class CountingNormalStrategy(AlltoAllNormalCommStrategy):
+    """A backend a caller adds: one class and one registry line (here: all_to_all_single rows, with
+    its dispatch calls counted). Registered on import, so in every spawned rank too."""
+
+    def __init__(self, runtime, group) -> None:
+        super().__init__(runtime, group)
+        self.dispatches = 0
+
+    def get_name(self) -> str:
+        return "counting"
+
+    def dispatch(self, *args, **kwargs):
+        self.dispatches += 1
+        return super().dispatch(*args, **kwargs)
+
+
+def registered_backend_rank(rank: int, num_ranks: int, group) -> None:
+    num_experts = EXPERTS_PER_RANK * num_ranks
+    x, topk_idx, topk_weights = inputs(rank, num_experts)
+    with pytest.raises(ValueError, match="normal_strategy must be one of .*'counting'.*got 'unregistered'"):
+        deep_ep.Buffer(group, normal_strategy="unregistered")
+    buffer = deep_ep.Buffer(group, normal_strategy="counting")
+    assert isinstance(buffer.normal_strategy, CountingNormalStrategy) and buffer.normal_strategy == "counting"
+    combined = normal_round(rank, num_ranks, group, buffer, num_experts, x, topk_idx, topk_weights)
+    assert buffer.normal_strategy.dispatches == 1
+    buffer.normal_strategy = "default"
+    assert torch.equal(normal_round(rank, num_ranks, group, buffer, num_experts, x, topk_idx, topk_weights), combined)
+    buffer.normal_strategy = CountingNormalStrategy(runtime=buffer.runtime, group=group)
+    assert torch.equal(normal_round(rank, num_ranks, group, buffer, num_experts, x, topk_idx, topk_weights), combined)
+    assert buffer.normal_strategy.dispatches == 1
+    buffer.destroy()
+
+
+def test_registered_backend() -> None:
+    """A strategy registered by the caller is a backend like the built-in ones, by name or instance."""
+    spawn_ranks(registered_backend_rank, 2)
 
 
 def test_environment_variables() -> None:
