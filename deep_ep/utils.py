@@ -146,7 +146,14 @@ def check_tensor(
     if value.dtype not in dtypes:
         wanted = " or ".join(str(d) for d in dtypes)
         raise TypeError(f"{name} must have dtype {wanted}, got {value.dtype}")
-    if value.dim() != len(shape) or any(want is not None and want != got for want, got in zip(shape, value.shape)):
+    # A plain loop: this runs several times per call, and a generator costs a frame per size.
+    mismatch = value.dim() != len(shape)
+    if not mismatch:
+        for want, got in zip(shape, value.shape):
+            if want is not None and want != got:
+                mismatch = True
+                break
+    if mismatch:
         wanted = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
         if what:
             wanted += f" ({what})"
