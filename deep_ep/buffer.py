@@ -110,16 +110,31 @@ class Buffer:
         self.group = group
         self.explicitly_destroy = explicitly_destroy
         self._runtime = Runtime(group, num_nvl_bytes, num_rdma_bytes, low_latency_mode)
-        self.rank = self._runtime.rank
-        self.group_size = self._runtime.group_size
-        self.num_threads = self._runtime.num_threads  # of the native kernels (DEEP_EP_NUM_THREADS overrides)
-        self.low_latency_mode = low_latency_mode
         # The backends, chosen once: every mode's calls go to them (deep_ep/strategies/).
         self._normal_strategy: NormalEPCommStrategy = get_normal_strategy(normal_name)(
             runtime=self._runtime, group=group
         )
         self._low_latency_strategy: LowLatencyEPCommStrategy = self._make_low_latency_strategy(low_latency_name)
         self._runtime.started()
+
+    # ---- what the runtime knows, read through ----------------------------------------------------
+    @property
+    def rank(self) -> int:
+        """This rank's index in the group."""
+        return self._runtime.rank
+
+    @property
+    def group_size(self) -> int:
+        return self._runtime.group_size
+
+    @property
+    def num_threads(self) -> int:
+        """Threads of the native kernels: this rank's share of the host's cores (DEEP_EP_NUM_THREADS overrides)."""
+        return self._runtime.num_threads
+
+    @property
+    def low_latency_mode(self) -> bool:
+        return self._runtime.low_latency_mode
 
     # ---- strategies ------------------------------------------------------------------------------
     @property

@@ -316,25 +316,11 @@ class NormalMode:
                 f"needs at least {needed} bytes; create the Buffer with num_nvl_bytes >= {needed}"
             )
 
-    def _empty(self, shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """An uninitialised output: from the pool on CPU, a plain allocation on the Buffer's device otherwise."""
-        if self.runtime.device_path:
-            return torch.empty(*shape, dtype=dtype, device=self.runtime.device)
-        return self.runtime.pool.empty(shape, dtype)
-
     def _check_cost_stats(self, name: str, stats: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """None, or `stats` checked to be int32 [R] (on any device: the host adds the measured times)."""
         if stats is not None:
             check_tensor(name, stats, dtypes=(torch.int32,), shape=(self.runtime.group_size,))
         return stats
-
-    def _check_devices(self, **tensors) -> None:
-        """ValueError naming the first tensor that is not on the Buffer's device (CPU or this process's NPU)."""
-        for name, tensor in tensors.items():
-            for index, t in enumerate(tensor if isinstance(tensor, (tuple, list)) else [tensor]):
-                if isinstance(t, torch.Tensor) and t.device != self.runtime.device:
-                    shown = f"{name}[{index}]" if isinstance(tensor, (tuple, list)) else name
-                    raise ValueError(f"{shown} must be on the Buffer's device {self.runtime.device}, got {t.device}")
 
     def dispatch(
         self,
