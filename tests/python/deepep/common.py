@@ -134,3 +134,18 @@ def make_inputs(
     topk_idx = make_topk_idx(num_tokens, num_experts, topk, generator, pattern, num_ranks)
     weights = torch.rand(num_tokens, topk, generator=generator)
     return Inputs(x, topk_idx, weights)
+
+
+def reference_of(everyone: List[Inputs], num_experts: int, rank: int, alignment: int = 1) -> dict:
+    """deep_ep.reference.reference_dispatch of every rank's Inputs: what `rank` must receive."""
+    # Imported here: some tests install a torch_npu stand-in before deep_ep is first imported.
+    from deep_ep.reference import reference_dispatch
+
+    return reference_dispatch(
+        [i.x for i in everyone],
+        [i.topk_idx for i in everyone],
+        [i.topk_weights for i in everyone],
+        num_experts,
+        rank,
+        alignment,
+    )

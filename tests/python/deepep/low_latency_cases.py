@@ -12,10 +12,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import calc_diff, gather_objects, make_inputs, to_device, to_host  # noqa: E402
+from common import calc_diff, gather_objects, make_inputs, reference_of, to_device, to_host  # noqa: E402
 
 import deep_ep  # noqa: E402
-from deep_ep.reference import quantize_reference, reference_combine, reference_dispatch  # noqa: E402
+from deep_ep.reference import quantize_reference, reference_combine  # noqa: E402
 from deep_ep.testing import rank_device  # noqa: E402
 
 
@@ -74,9 +74,7 @@ def check_received(rank: int, num_ranks: int, case: Case, everyone, recv_x, recv
     assert handle[5] is recv_count
     recv_x, recv_count, src_info, layout_range = to_host((recv_x, recv_count, handle[0], handle[1]))
     num_experts = case.experts_per_rank * num_ranks
-    ref = reference_dispatch(
-        [i.x for i in everyone], [i.topk_idx for i in everyone], [i.topk_weights for i in everyone], num_experts, rank
-    )
+    ref = reference_of(everyone, num_experts, rank)
     real = ref["src_idx"].numel()
     rows = case.max_tokens * num_ranks * min(case.topk, case.experts_per_rank)
     assert recv_count.dtype == torch.int64 and recv_count.tolist() == ref["rows_per_expert"]

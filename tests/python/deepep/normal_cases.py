@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import calc_diff, gather_objects, make_inputs, to_device, to_host  # noqa: E402
+from common import calc_diff, gather_objects, make_inputs, reference_of, to_device, to_host  # noqa: E402
 
 import deep_ep  # noqa: E402
 from deep_ep.reference import quantize_reference, reference_combine, reference_dispatch  # noqa: E402
@@ -95,14 +95,7 @@ def check_dispatch_and_combine(rank: int, num_ranks: int, buffer: deep_ep.Buffer
     )
     event.current_stream_wait()
     recv_x, recv_topk_idx, recv_topk_weights = to_host((recv_x, recv_topk_idx, recv_topk_weights))
-    ref = reference_dispatch(
-        [i.x for i in everyone],
-        [i.topk_idx for i in everyone],
-        [i.topk_weights for i in everyone],
-        case.experts,
-        rank,
-        case.alignment,
-    )
+    ref = reference_of(everyone, case.experts, rank, case.alignment)
     real_rows = ref["src_idx"].numel()
     out_rows = case.worst or real_rows
     recv_q = recv_x[0] if isinstance(recv_x, tuple) else recv_x

@@ -25,11 +25,10 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import Inputs, make_inputs, our_segments  # noqa: E402
+from common import Inputs, make_inputs, our_segments, reference_of  # noqa: E402
 
 import deep_ep  # noqa: E402
 import deep_ep_cpp  # noqa: E402
-from deep_ep.reference import reference_dispatch  # noqa: E402
 from deep_ep.testing import _run_rank, free_port, spawn_ranks  # noqa: E402
 from deep_ep.transport import shm as shm_transport  # noqa: E402
 
@@ -95,9 +94,7 @@ def dispatch_of(buffer: deep_ep.Buffer, inputs: Inputs, experts: int = EXPERTS, 
 
 def check_dispatch(rank: int, everyone: List[Inputs], result, experts: int = EXPERTS) -> None:
     recv_x, recv_topk_idx, recv_topk_weights, counts, _, _ = result
-    ref = reference_dispatch(
-        [i.x for i in everyone], [i.topk_idx for i in everyone], [i.topk_weights for i in everyone], experts, rank
-    )
+    ref = reference_of(everyone, experts, rank)
     assert torch.equal(recv_x, ref["x"])
     assert torch.equal(recv_topk_idx, ref["topk_idx"]) and torch.equal(recv_topk_weights, ref["weights"])
     assert counts == ref["rows_per_expert"]

@@ -29,14 +29,14 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import gather_objects, make_inputs, our_segments  # noqa: E402
+from common import gather_objects, make_inputs, our_segments, reference_of  # noqa: E402
 from fused_cases import Case as FusedCase  # noqa: E402
 from fused_cases import check_case as check_fused  # noqa: E402
 from low_latency_cases import Case  # noqa: E402
 from low_latency_cases import check_case as check_low_latency  # noqa: E402
 
 import deep_ep  # noqa: E402
-from deep_ep.reference import reference_combine, reference_dispatch  # noqa: E402
+from deep_ep.reference import reference_combine  # noqa: E402
 from deep_ep.testing import spawn_ranks  # noqa: E402
 from deep_ep.transport import shm as shm_transport  # noqa: E402
 from deep_ep.transport import shm_low_latency  # noqa: E402
@@ -72,9 +72,7 @@ def roundtrip(buffer: deep_ep.Buffer, rank: int, num_ranks: int, tokens: List[in
         topk_idx=mine.topk_idx,
         topk_weights=mine.topk_weights,
     )
-    ref = reference_dispatch(
-        [i.x for i in everyone], [i.topk_idx for i in everyone], [i.topk_weights for i in everyone], experts, rank
-    )
+    ref = reference_of(everyone, experts, rank)
     assert torch.equal(recv_x, ref["x"]) and torch.equal(recv_idx, ref["topk_idx"])
     assert torch.equal(recv_weights, ref["weights"]) and counts == ref["rows_per_expert"]
     combined = buffer.combine(recv_x, handle)[0]

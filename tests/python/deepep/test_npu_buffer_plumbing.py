@@ -38,7 +38,7 @@ from torch.overrides import TorchFunctionMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import make_inputs, to_host  # noqa: E402
+from common import make_inputs, reference_of, to_host  # noqa: E402
 from npu_stand_in import FakeTorchNpu  # noqa: E402
 
 import deep_ep  # noqa: E402
@@ -48,7 +48,7 @@ from deep_ep.npu import (
     versions,  # noqa: E402
 )
 from deep_ep.npu import operators as npu_ops  # noqa: E402
-from deep_ep.reference import reference_combine, reference_dispatch  # noqa: E402
+from deep_ep.reference import reference_combine  # noqa: E402
 from deep_ep.testing import spawn_ranks  # noqa: E402
 from deep_ep.transport import groups  # noqa: E402
 
@@ -444,13 +444,7 @@ def normal_mode_device_path(rank: int, num_ranks: int, group, strict: bool) -> N
                 from common import gather_objects
 
                 everyone = gather_objects(inputs, group)
-                ref = reference_dispatch(
-                    [i.x for i in everyone],
-                    [i.topk_idx for i in everyone],
-                    [i.topk_weights for i in everyone],
-                    case["experts"],
-                    rank,
-                )
+                ref = reference_of(everyone, case["experts"], rank)
                 assert torch.equal(device["recv_x"][: ref["x"].shape[0]], ref["x"])
                 selection = (inputs.x.float().unsqueeze(1).expand(-1, 3, -1) * 1.5).to(case["dtype"])
                 expected = reference_combine(selection, inputs.topk_idx, inputs.topk_weights)

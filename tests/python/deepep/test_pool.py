@@ -15,12 +15,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import gather_objects, make_inputs  # noqa: E402
+from common import gather_objects, make_inputs, reference_of  # noqa: E402
 
 import deep_ep  # noqa: E402
 import deep_ep.pool as pool_module  # noqa: E402
 from deep_ep.pool import MAX_BLOCKS, MAX_IDLE_HANDOUTS, MIN_POOLED_BYTES, OutputPool  # noqa: E402
-from deep_ep.reference import reference_combine, reference_dispatch  # noqa: E402
+from deep_ep.reference import reference_combine  # noqa: E402
 from deep_ep.testing import spawn_ranks  # noqa: E402
 
 MiB = 1 << 20
@@ -251,13 +251,7 @@ def held_results_stay_correct(rank: int, num_ranks: int, group) -> None:
             results.append((inputs, gather_objects(inputs, group), recv_x, recv_idx, recv_w, rows, combined))
         assert_disjoint([t for r in results for t in (r[2], r[3], r[4], r[6])])
         for inputs, everyone, recv_x, recv_idx, recv_w, rows, combined in results:
-            ref = reference_dispatch(
-                [i.x for i in everyone],
-                [i.topk_idx for i in everyone],
-                [i.topk_weights for i in everyone],
-                experts,
-                rank,
-            )
+            ref = reference_of(everyone, experts, rank)
             assert torch.equal(recv_x, ref["x"]) and torch.equal(recv_idx, ref["topk_idx"])
             assert torch.equal(recv_w, ref["weights"]) and rows == ref["rows_per_expert"]
             selection = (inputs.x.float() * 2).to(torch.bfloat16).unsqueeze(1).expand(-1, topk, -1)

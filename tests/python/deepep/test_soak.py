@@ -33,12 +33,12 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import Inputs, calc_diff, gather_objects, make_inputs, our_segments  # noqa: E402
+from common import Inputs, calc_diff, gather_objects, make_inputs, our_segments, reference_of  # noqa: E402
 from fused_cases import Case as FusedCase  # noqa: E402
 from fused_cases import check_case as check_fused  # noqa: E402
 
 import deep_ep  # noqa: E402
-from deep_ep.reference import quantize_reference, reference_combine, reference_dispatch  # noqa: E402
+from deep_ep.reference import quantize_reference, reference_combine  # noqa: E402
 from deep_ep.testing import spawn_ranks  # noqa: E402
 
 MODES = ("normal", "cached", "low_latency", "fused")
@@ -244,14 +244,7 @@ def normal_dispatch(buffer: deep_ep.Buffer, rank: int, call: Call) -> Results:
     assert torch.equal(in_rank, expected_in_rank) and torch.equal(per_rank, expected_in_rank.sum(0).to(torch.int32))
     assert per_expert.tolist() == [int((mine.topk_idx == e).sum()) for e in range(call.num_experts)]
 
-    ref = reference_dispatch(
-        [i.x for i in everyone],
-        [i.topk_idx for i in everyone],
-        [i.topk_weights for i in everyone],
-        call.num_experts,
-        rank,
-        call.alignment,
-    )
+    ref = reference_of(everyone, call.num_experts, rank, call.alignment)
     real = ref["src_idx"].numel()
     # A token is received once per local expert it picked; each expert's block may be padded.
     worst = sum(call.tokens) * min(call.topk, local) + local * call.alignment if call.worst else 0
@@ -308,14 +301,7 @@ def cached_dispatch(buffer: deep_ep.Buffer, rank: int, call: Call, earlier: Disp
         everyone[rank].x, handle=earlier.handle, quant_mode=call.quant
     )
     assert idx is None and weights is None and counts is None and handle is None
-    ref = reference_dispatch(
-        [i.x for i in everyone],
-        [i.topk_idx for i in everyone],
-        [i.topk_weights for i in everyone],
-        first.num_experts,
-        rank,
-        first.alignment,
-    )
+    ref = reference_of(everyone, first.num_experts, rank, first.alignment)
     real = ref["src_idx"].numel()
     rows = recv_x[0] if isinstance(recv_x, tuple) else recv_x
     assert rows.shape == (earlier.num_rows, first.hidden)
@@ -343,13 +329,7 @@ def low_latency(buffer: deep_ep.Buffer, rank: int, call: Call) -> Results:
     assert callable(hook)  # always a callable; without return_recv_hook the data is already there
     if call.hook:
         hook()
-    ref = reference_dispatch(
-        [i.x for i in everyone],
-        [i.topk_idx for i in everyone],
-        [i.topk_weights for i in everyone],
-        call.num_experts,
-        rank,
-    )
+    ref = reference_of(everyone, call.num_experts, rank)
     real = ref["src_idx"].numel()
     num_rows = call.max_tokens * num_ranks * min(call.topk, call.experts_per_rank)
     rows = recv_x[0] if isinstance(recv_x, tuple) else recv_x

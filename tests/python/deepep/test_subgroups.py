@@ -21,10 +21,10 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import Inputs, leaked_segments, make_inputs  # noqa: E402
+from common import Inputs, leaked_segments, make_inputs, reference_of  # noqa: E402
 
 import deep_ep  # noqa: E402
-from deep_ep.reference import reference_combine, reference_dispatch  # noqa: E402
+from deep_ep.reference import reference_combine  # noqa: E402
 from deep_ep.testing import spawn_ranks  # noqa: E402
 from deep_ep.transport import groups  # noqa: E402
 
@@ -59,9 +59,7 @@ def check_normal(buffer: deep_ep.Buffer, seed: int) -> None:
         topk_idx=mine.topk_idx,
         topk_weights=mine.topk_weights,
     )
-    ref = reference_dispatch(
-        [i.x for i in everyone], [i.topk_idx for i in everyone], [i.topk_weights for i in everyone], experts, rank
-    )
+    ref = reference_of(everyone, experts, rank)
     assert torch.equal(recv_x, ref["x"]) and torch.equal(recv_idx, ref["topk_idx"])
     assert torch.equal(recv_weights, ref["weights"]) and counts == ref["rows_per_expert"]
     combined, _, _ = buffer.combine(recv_x, handle)
@@ -78,9 +76,7 @@ def check_low_latency(buffer: deep_ep.Buffer, seed: int) -> None:
     recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(
         mine.x, mine.topk_idx, MAX_TOKENS, experts, use_fp8=False
     )
-    ref = reference_dispatch(
-        [i.x for i in everyone], [i.topk_idx for i in everyone], [i.topk_weights for i in everyone], experts, rank
-    )
+    ref = reference_of(everyone, experts, rank)
     real = ref["src_idx"].numel()
     assert recv_count.tolist() == ref["rows_per_expert"]
     assert torch.equal(recv_x[:real], ref["x"])
