@@ -322,6 +322,7 @@ class HierarchicalRows(SharedMemoryRows):
             reduction.weights,
             forwarded_weights,
             reduction.biases,
+            reduction.threads,
         )
         sends = torch.zeros(self.shm.num_local, dtype=torch.int64)
         shm.combine_rows(

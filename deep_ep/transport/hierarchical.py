@@ -12,13 +12,12 @@ partials. The network is torch.distributed (gloo on CPU): all_to_all_single.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from .. import ops
-from ..utils import num_threads
 from .collective import exchange_rows, run_collective
 from .fields import as_byte_rows
 
@@ -158,10 +157,11 @@ class HierarchicalReduction:
     own_weights: torch.Tensor  # float32 [T, K]
     forwarded_weights: torch.Tensor  # float32 [F, K]
     biases: Sequence[torch.Tensor]
+    threads: Optional[int]  # of the native kernels, the runtime's (None: utils.num_threads())
 
     def run(self, sources: List[torch.Tensor], src_rank: torch.Tensor, src_row: torch.Tensor) -> None:
         num_tokens, hidden = self.out.shape
-        threads = num_threads(len(self.topology.local_ranks))
+        threads = self.threads
         partials = torch.empty(src_rank.shape[0] - num_tokens, hidden, dtype=torch.float64)
         ops.weighted_reduce(
             partials,
