@@ -97,12 +97,12 @@ class Runtime:
         # the host and goes over `comm` (gloo) everywhere.
         self.data_comm: Optional[dist.ProcessGroup] = group if self.on_npu else self.comm
         self.rank_to_node = self._discover_nodes()
-        self.node = int(self.rank_to_node[self.rank])
-        self.num_nodes = int(self.rank_to_node.max()) + 1
-        self.local_ranks: List[int] = (self.rank_to_node == self.node).nonzero().flatten().tolist()
+        self.topology = hierarchical.Topology(self.rank, self.rank_to_node)  # derives the nodes' ranks once
+        self.node = self.topology.node
+        self.num_nodes = self.topology.num_nodes
+        self.local_ranks: List[int] = self.topology.local_ranks
         # Threads of the native kernels: this rank's share of the cores (DEEP_EP_NUM_THREADS overrides).
         self.num_threads = num_threads(len(self.local_ranks))
-        self.topology = hierarchical.Topology(self.rank, self.rank_to_node)
         self.shm: Optional[shm.NodeShm] = None  # mapped by the first "default" normal strategy (node_shm)
         self.setup_operation = groups.CONSTRUCTION  # what a failure while mapping shared memory names
         self.pool = OutputPool()
