@@ -39,15 +39,19 @@ class _GroupInfo:
 _groups: "weakref.WeakKeyDictionary[dist.ProcessGroup, _GroupInfo]" = weakref.WeakKeyDictionary()
 
 
-def process_alive(pid: int) -> bool:
-    """False once `pid` has exited (also while it is a zombie not yet reaped)."""
+def process_state(pid: int) -> str:
+    """The state letter of `pid` in /proc (R, S, D, Z, ...), or "" once it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             stat = f.read()
     except OSError:
-        return False
-    state = stat[stat.rfind(")") + 2 : stat.rfind(")") + 3]
-    return state not in ("Z", "X")
+        return ""
+    return stat[stat.rfind(")") + 2 : stat.rfind(")") + 3]
+
+
+def process_alive(pid: int) -> bool:
+    """False once `pid` has exited (also while it is a zombie not yet reaped)."""
+    return process_state(pid) not in ("", "Z", "X")
 
 
 def _info(group: dist.ProcessGroup) -> _GroupInfo:
@@ -85,8 +89,10 @@ def _describe(group: dist.ProcessGroup, what: str, error: RuntimeError, info: _G
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     timed_out = "timed out" in text.lower() or "timeout" in text.lower()
     # A killed peer's sockets close before its process is gone, and tearing down a large address space
-    # can take a while on a loaded host (0.5 s was seen to be too short): give it that while.
-    deadline = time.monotonic() + (0 if timed_out else 5.0)
+    # can take a while on a loaded host (0.5 s and, in CI, 5 s were seen to be too short): give it up
+    # to 10 s, never more than the group's timeout.
+    grace = min(10.0, info.timeout_s) if info.timeout_s else 10.0
+    deadline = time.monotonic() + (0 if timed_out else grace)
     while True:
         dead = sorted(r for r, pid in info.pids.items() if not process_alive(pid))
         if dead or time.monotonic() >= deadline:
@@ -111,8 +117,12 @@ def _describe(group: dist.ProcessGroup, what: str, error: RuntimeError, info: _G
             f"gloo: {text}). {cause} crashed, is stuck, or called a different operation; "
             "the Buffer must be recreated."
         )
+    # Which local peers still run, and in what state: what to look at when a peer closed the
+    # connection without exiting.
+    running = ", ".join(f"rank {r} (pid {info.pids[r]}) is in state {process_state(info.pids[r])}" for r in alive)
     return (
         f"deep_ep: rank {me} lost the connection in {what} with {who} (gloo: {text}). "
+        f"{running + '. ' if running else ''}"
         "A peer crashed or its host is unreachable; the Buffer must be recreated."
     )
 
