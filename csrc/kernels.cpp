@@ -252,6 +252,13 @@ void quantize_int8(const void* x, Dtype dtype, std::size_t rows, std::size_t hid
     });
 }
 
+void reduce_row(const RowTerm* terms, std::size_t count, std::size_t hidden, Dtype out_dtype, std::uint8_t* out,
+                double* scratch) {
+    std::fill(scratch, scratch + hidden, 0.0);
+    for (std::size_t k = 0; k < count; ++k) accumulate_row(scratch, terms[k].row, terms[k].dtype, hidden, terms[k].weight);
+    store_row(scratch, out_dtype, hidden, out);
+}
+
 void combine_reduce(void* out, Dtype out_dtype, std::size_t tokens, std::size_t columns, std::size_t hidden,
                     const std::vector<const std::uint8_t*>& srcs, const std::vector<Dtype>& src_dtypes,
                     const std::int32_t* src_rank, const std::int64_t* src_row, const float* weights,
@@ -260,24 +267,25 @@ void combine_reduce(void* out, Dtype out_dtype, std::size_t tokens, std::size_t 
     const std::size_t out_stride = hidden * dtype_size(out_dtype);
     parallel_for(tokens, tokens * columns * hidden * 2, num_threads, [&](std::size_t begin, std::size_t end) {
         std::vector<double> acc(hidden);
-        std::vector<float> bias(hidden);
+        std::vector<RowTerm> terms;
+        terms.reserve(columns + 2);
         for (std::size_t t = begin; t < end; ++t) {
-            std::fill(acc.begin(), acc.end(), 0.0);
+            terms.clear();
             for (std::size_t c = 0; c < columns; ++c) {
                 const std::size_t e = t * columns + c;
                 const std::int32_t s = src_rank[e];
                 if (s < 0) continue;
                 const Dtype dtype = src_dtypes[s];
-                accumulate_row(acc.data(), srcs[s] + static_cast<std::size_t>(src_row[e]) * hidden * dtype_size(dtype),
-                               dtype, hidden, weights[e]);
+                terms.push_back({srcs[s] + static_cast<std::size_t>(src_row[e]) * hidden * dtype_size(dtype), dtype,
+                                 static_cast<double>(weights[e])});
             }
+            // A bias is a term of weight 1.0: 1.0 * value is exact, so the sum gains exactly the bias.
             for (const Bias* b : {&bias0, &bias1}) {
                 if (b->data == nullptr) continue;
-                const std::size_t stride = hidden * dtype_size(b->dtype);
-                load_row(static_cast<const std::uint8_t*>(b->data) + t * stride, b->dtype, hidden, bias.data());
-                for (std::size_t h = 0; h < hidden; ++h) acc[h] += static_cast<double>(bias[h]);
+                terms.push_back({static_cast<const std::uint8_t*>(b->data) + t * hidden * dtype_size(b->dtype),
+                                 b->dtype, 1.0});
             }
-            store_row(acc.data(), out_dtype, hidden, out_base + t * out_stride);
+            reduce_row(terms.data(), terms.size(), hidden, out_dtype, out_base + t * out_stride, acc.data());
         }
     });
 }

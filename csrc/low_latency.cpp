@@ -5,7 +5,6 @@
 #include <stdexcept>
 #include <string>
 
-#include "bfloat16.hpp"
 #include "cpu.hpp"
 #include "sync.hpp"
 
@@ -93,50 +92,6 @@ void ll_return_rows(const std::uint8_t* x, std::size_t row_bytes, std::size_t ro
             const std::size_t row = static_cast<std::size_t>(source[1]) * topk + static_cast<std::size_t>(source[2]);
             std::memcpy(dest + row * row_bytes, x + i * row_bytes, row_bytes);
         }
-    });
-}
-
-namespace {
-
-// Columns of one register block: 32 float64 sums (four AVX-512 or eight AVX2 registers).
-constexpr std::size_t kBlock = 32;
-
-// One token of ll_reduce_bf16: for each block of columns, the sums start at 0.0 and take the
-// products weight * value in k order (the order and operations of combine_reduce, which keeps
-// them in memory), then round once to float32 and bfloat16.
-DEEP_EP_VECTORIZED
-void reduce_token_bf16(const std::uint8_t* const* rows, const float* weights, std::size_t topk, std::size_t hidden,
-                       std::uint16_t* out) {
-    std::size_t h0 = 0;
-    for (; h0 + kBlock <= hidden; h0 += kBlock) {
-        double acc[kBlock] = {};
-        for (std::size_t k = 0; k < topk; ++k) {
-            if (rows[k] == nullptr) continue;
-            const auto* v = reinterpret_cast<const std::uint16_t*>(rows[k]) + h0;
-            const double w = weights[k];
-            for (std::size_t j = 0; j < kBlock; ++j) acc[j] += w * static_cast<double>(bf16_to_float(v[j]));
-        }
-        for (std::size_t j = 0; j < kBlock; ++j) out[h0 + j] = float_to_bf16(static_cast<float>(acc[j]));
-    }
-    const std::size_t rest = hidden - h0;
-    if (rest == 0) return;
-    double acc[kBlock] = {};
-    for (std::size_t k = 0; k < topk; ++k) {
-        if (rows[k] == nullptr) continue;
-        const auto* v = reinterpret_cast<const std::uint16_t*>(rows[k]) + h0;
-        const double w = weights[k];
-        for (std::size_t j = 0; j < rest; ++j) acc[j] += w * static_cast<double>(bf16_to_float(v[j]));
-    }
-    for (std::size_t j = 0; j < rest; ++j) out[h0 + j] = float_to_bf16(static_cast<float>(acc[j]));
-}
-
-}  // namespace
-
-void ll_reduce_bf16(const std::uint8_t* const* rows, const float* weights, std::size_t tokens, std::size_t topk,
-                    std::size_t hidden, std::uint16_t* out, int num_threads) {
-    parallel_for(tokens, tokens * topk * hidden * 2, num_threads, [&](std::size_t begin, std::size_t end) {
-        for (std::size_t t = begin; t < end; ++t)
-            reduce_token_bf16(rows + t * topk, weights + t * topk, topk, hidden, out + t * hidden);
     });
 }
 

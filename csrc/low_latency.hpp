@@ -47,12 +47,6 @@ void ll_pack(const std::int32_t* info, const std::vector<const std::uint8_t*>& r
 void ll_return_rows(const std::uint8_t* x, std::size_t row_bytes, std::size_t rows, const std::int32_t* info,
                     std::size_t topk, const std::vector<std::uint8_t*>& dests, int num_threads);
 
-// Combine receive: out[t] = sum over k ascending of weights[t * topk + k] * row (t, k), where row
-// (t, k) is the bfloat16 row rows[t * topk + k] (null: skipped), summed in float64 and stored as
-// bfloat16: the bits of combine_reduce, reading each row once with the sums kept in registers.
-void ll_reduce_bf16(const std::uint8_t* const* rows, const float* weights, std::size_t tokens, std::size_t topk,
-                    std::size_t hidden, std::uint16_t* out, int num_threads);
-
 // Writes header (+ extra[d * extra_words ...]) at header_addrs[d], then release-stores `value`
 // at signal_addrs[d]: peer d may read everything written before once it sees the value.
 void ll_publish(const std::vector<std::uintptr_t>& header_addrs, const std::vector<std::int64_t>& header,

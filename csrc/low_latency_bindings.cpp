@@ -286,7 +286,6 @@ void register_low_latency(py::module_& m) {
             const auto* w = checked_data(weights, n, "weights");
             if (!Wait{sync, timeout_s, what}.headers_agree(signal_addrs, seq, header_offset, header, compared))
                 return false;
-            const std::size_t row_bytes = 2 * hidden;
             // Selection i = t * topk + k: row i of the return area, or row own_row[i] of x (kept there
             // by ll_combine_send), or nothing where dropped.
             const std::uint8_t* sources[2] = {pointer<const std::uint8_t>(rows), pointer<const std::uint8_t>(own)};
@@ -299,16 +298,8 @@ void register_low_latency(py::module_& m) {
             }
             {
                 py::gil_scoped_release release;
-                if (type == Dtype::BFloat16) {
-                    std::vector<const std::uint8_t*> row_of(n);
-                    for (std::size_t i = 0; i < n; ++i)
-                        row_of[i] = source[i] < 0 ? nullptr
-                                                  : sources[source[i]] + static_cast<std::size_t>(row[i]) * row_bytes;
-                    ll_reduce_bf16(row_of.data(), w, tokens, topk, hidden, pointer<std::uint16_t>(out), num_threads);
-                } else {  // float16: the generic reduction (same definition)
-                    combine_reduce(pointer<void>(out), type, tokens, topk, hidden, {sources[0], sources[1]},
-                                   {type, type}, source.data(), row.data(), w, Bias{}, Bias{}, num_threads);
-                }
+                combine_reduce(pointer<void>(out), type, tokens, topk, hidden, {sources[0], sources[1]}, {type, type},
+                               source.data(), row.data(), w, Bias{}, Bias{}, num_threads);
             }
             for (std::uintptr_t addr : ack_addrs) store_counter(addr, seq);
             return true;

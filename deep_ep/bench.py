@@ -7,7 +7,8 @@
 
 Normal mode: every rank first checks one dispatch/combine against the pure-torch reference, then
 times it; all figures of the table come from this one command (medians over iterations of the
-slowest rank's time, ranks starting together):
+slowest rank's time per call, ranks starting each iteration together; a small call is timed in
+batches of calls in a row, about 5 ms per iteration, the MPI baselines alike):
   - deep_ep: get_dispatch_layout + dispatch + combine in a row, and dispatch and combine alone;
   - the transport floor: MPI Alltoallv (mpi4py over MPICH, shared memory inside a host) between
     warm preallocated buffers, moving exactly the bytes dispatch receives (rows, top-k ids and
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -51,6 +53,9 @@ if TYPE_CHECKING:
 
 # Default wall time one timed measurement aims at: enough calls to be stable, few enough for a short run.
 MEASURE_SECONDS = 0.6
+# Wall time one timed iteration aims at by default (calls in a row after one barrier), and its most calls.
+BATCH_SECONDS = 0.005
+MOST_BATCH = 32
 
 
 @dataclass
@@ -84,19 +89,33 @@ def calls_for_budget(seconds_per_call: float, budget: float, most: int, fewest: 
     return max(fewest, min(most, int(budget / max(seconds_per_call, 1e-6))))
 
 
+def calls_per_iteration(seconds_per_call: float, batch: Optional[int]) -> int:
+    """`batch`, or by default as many calls in a row as fill BATCH_SECONDS (at most MOST_BATCH): the
+    ranks leave the barrier before an iteration up to a few hundred microseconds apart (gloo), which
+    would otherwise count as time of a call that itself takes less than a millisecond."""
+    if batch is not None:
+        return batch
+    return max(1, min(MOST_BATCH, math.ceil(BATCH_SECONDS / max(seconds_per_call, 1e-6))))
+
+
 def timed(
-    group: dist.ProcessGroup, fn: Callable[[], object], iters: int, batch: int = 1, budget: Optional[float] = None
+    group: dist.ProcessGroup,
+    fn: Callable[[], object],
+    iters: int,
+    batch: Optional[int] = None,
+    budget: Optional[float] = None,
 ) -> float:
     """Median over iterations of the slowest rank's time per call, in seconds (ranks start together).
-    With batch > 1 an iteration times `batch` calls in a row, so that the ranks' skew on leaving the
-    barrier (tens of microseconds) does not count as latency of a call that takes about as long.
+    An iteration times `batch` calls in a row (default: calls_per_iteration), so that the ranks' skew
+    on leaving the barrier does not count as latency of a call that takes about as long.
     With a `budget` (seconds), `iters` is the most iterations: one untimed call sets how many fit."""
+    start = time.perf_counter()
+    fn()
+    estimate = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+    dist.all_reduce(estimate, op=dist.ReduceOp.MAX, group=group)
+    batch = calls_per_iteration(float(estimate), batch)
     if budget is not None:
-        start = time.perf_counter()
-        fn()
-        estimate = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-        dist.all_reduce(estimate, op=dist.ReduceOp.MAX, group=group)
-        iters = calls_for_budget(float(estimate), budget, iters)
+        iters = calls_for_budget(float(estimate) * batch, budget, iters)
     times = []
     for _ in range(iters):
         dist.barrier(group)
@@ -199,13 +218,13 @@ def time_normal(
 
     for _ in range(args.warmup):
         layout_dispatch_combine()
-    full_s = timed(group, layout_dispatch_combine, args.iters, budget=args.measure_seconds)
+    full_s = timed(group, layout_dispatch_combine, args.iters, args.batch, budget=args.measure_seconds)
     # Bytes a dispatch sends to other nodes: counted by the hierarchical transport, one row per
     # (token, node); the alltoall strategy sends one row (the same bytes) per (token, rank).
     before = dict(hierarchical.traffic)
     dispatch()
     network_rows, network_bytes = count_network(before)
-    dispatch_s = timed(group, dispatch, args.iters, budget=args.measure_seconds)
+    dispatch_s = timed(group, dispatch, args.iters, args.batch, budget=args.measure_seconds)
     recv_x, handle = result["out"][0], result["out"][4]
     if strategy == "alltoall":
         row_bytes = (
@@ -218,7 +237,7 @@ def time_normal(
     y = dequantized(recv_x)
     for _ in range(args.warmup):
         buffer.combine(y, handle)
-    combine_s = timed(group, lambda: buffer.combine(y, handle), args.iters, budget=args.measure_seconds)
+    combine_s = timed(group, lambda: buffer.combine(y, handle), args.iters, args.batch, budget=args.measure_seconds)
     row = Timing(
         dispatch_s, combine_s, recv_bytes(recv_x), y.numel() * y.element_size(), network_bytes, network_rows, full_s
     )
@@ -516,7 +535,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         help="simulate nodes of this many ranks (DEEP_EP_RANKS_PER_NODE): the hierarchical transport between them",
     )
     parser.add_argument(
-        "--batch", type=int, default=None, help="calls timed in a row per iteration (default 1; 20 in low-latency mode)"
+        "--batch",
+        type=int,
+        default=None,
+        help="calls timed in a row per iteration (default: normal mode as many as fill "
+        f"{BATCH_SECONDS * 1e3:g} ms, at most {MOST_BATCH}, the MPI baselines alike; low-latency mode 20)",
     )
     parser.add_argument(
         "--default-threads",
@@ -533,8 +556,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         parser.error("--mode low_latency takes one --num-tokens size")
     if args.num_max_tokens is None:
         args.num_max_tokens = max(args.sizes)
-    if args.batch is None:
-        args.batch = 20 if args.mode == "low_latency" else 1
+    if args.batch is None and args.mode == "low_latency":
+        args.batch = 20
     args.quant = args.quant or ("int8" if args.int8 or args.mode == "low_latency" else "bf16")
     args.strategies = ["default"] if args.no_alltoall else ["default", "alltoall"]
     return args

@@ -63,22 +63,26 @@ class MpiOutcome:
 # ---- inside mpiexec -------------------------------------------------------------------------------
 def timed(comm, fn: Callable[[], object], args: argparse.Namespace) -> float:
     """Median over iterations of the slowest rank's seconds per call (ranks start together); as many
-    iterations as fit args.measure_seconds, within [3, args.iters], after args.warmup calls."""
+    iterations as fit args.measure_seconds, within [3, args.iters], after args.warmup calls; an
+    iteration times calls in a row as the torch ranks' do (deep_ep.bench.calls_per_iteration)."""
     from mpi4py import MPI
 
-    from .bench import calls_for_budget
+    from .bench import calls_for_budget, calls_per_iteration
 
     for _ in range(args.warmup):
         fn()
     start = time.perf_counter()
     fn()
-    iters = calls_for_budget(comm.allreduce(time.perf_counter() - start, op=MPI.MAX), args.measure_seconds, args.iters)
+    estimate = comm.allreduce(time.perf_counter() - start, op=MPI.MAX)
+    batch = calls_per_iteration(estimate, args.batch)
+    iters = calls_for_budget(estimate * batch, args.measure_seconds, args.iters)
     times = np.empty(iters)
     for i in range(iters):
         comm.Barrier()
         start = time.perf_counter()
-        fn()
-        times[i] = time.perf_counter() - start
+        for _ in range(batch):
+            fn()
+        times[i] = (time.perf_counter() - start) / batch
     comm.Allreduce(MPI.IN_PLACE, times, op=MPI.MAX)
     return statistics.median(times.tolist())
 
@@ -247,6 +251,7 @@ def mpi_main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--measure-seconds", type=float, default=0.6)
+    parser.add_argument("--batch", type=int, default=None, help="calls timed in a row (default: as the bench)")
     parser.add_argument("--result", required=True, help="JSON file rank 0 writes the figures to")
     args = parser.parse_args(argv)
     comm = MPI.COMM_WORLD
@@ -299,6 +304,7 @@ def run_mpi_baselines(args: argparse.Namespace) -> MpiOutcome:
             str(args.warmup),
             "--measure-seconds",
             str(args.measure_seconds),
+            *(["--batch", str(args.batch)] if args.batch is not None else []),
             "--result",
             result,
         ]
