@@ -25,9 +25,9 @@ Low-latency mode, 7 entries: src_info, layout_range, num_max_dispatch_tokens_per
 
 from __future__ import annotations
 
-import itertools
 from typing import Any, Iterable, Tuple, Type
 
+import numpy as np
 import torch
 
 from . import layout
@@ -86,17 +86,22 @@ def _is_token_in_rank(state: Any) -> torch.Tensor:
     return layout.dispatch_layout(state.topk_idx.cpu(), plan.num_experts, plan.num_ranks)[3]
 
 
+def _int32(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous int32 copy of a CPU integer tensor (numpy: microseconds less than torch's .to)."""
+    return torch.from_numpy(np.ascontiguousarray(tensor.numpy(), dtype=np.int32))
+
+
 def intranode_handle(state: Any, rank: int, owner: int) -> NormalHandle:
     """Upstream's 8-entry intranode handle of a DispatchState."""
     plan = state.plan
     return NormalHandle(
         (
             plan.rank_prefix_matrix(),
-            plan.block_start[rank].t().to(torch.int32, memory_format=torch.contiguous_format),  # [R, L] block starts
-            torch.tensor(list(itertools.accumulate(plan.expert_rows)), dtype=torch.int32),
-            state.recv_src_idx.to(torch.int32),
+            _int32(plan.block_start[rank].t()),  # [R, L] block starts
+            torch.from_numpy(np.cumsum(plan.expert_rows, dtype=np.int32)),
+            _int32(state.recv_src_idx),
             _is_token_in_rank(state),
-            plan.recv_counts.to(torch.int32),
+            _int32(plan.recv_counts),
             state.topk_idx,
             state.topk_weights,
         ),

@@ -10,7 +10,7 @@ multiple of `alignment`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -46,15 +46,16 @@ def count_selections(
     import deep_ep_cpp
 
     tokens, topk = topk_idx.shape
-    per_expert = torch.zeros(num_experts, dtype=torch.int64)
-    per_rank = torch.zeros(num_ranks, dtype=torch.int32) if with_ranks else None
-    in_rank = torch.zeros(tokens, num_ranks, dtype=torch.int32) if with_ranks else None
+    # numpy zeros: a few microseconds less each than torch.zeros on the per-call path.
+    per_expert = torch.from_numpy(np.zeros(num_experts, dtype=np.int64))
+    per_rank = torch.from_numpy(np.zeros(num_ranks, dtype=np.int32)) if with_ranks else None
+    in_rank = torch.from_numpy(np.zeros((tokens, num_ranks), dtype=np.int32)) if with_ranks else None
     per_node = None
     nodes = 0
     if rank_to_node is not None:
         rank_to_node = rank_to_node.to(torch.int64).contiguous()
         nodes = int(rank_to_node.max()) + 1
-        per_node = torch.zeros(nodes, dtype=torch.int32)
+        per_node = torch.from_numpy(np.zeros(nodes, dtype=np.int32))
     low, high = deep_ep_cpp.count_layout(
         topk_idx.data_ptr(),
         tokens,
@@ -172,8 +173,8 @@ class RoutingPlan:
 
     def rank_prefix_matrix(self) -> torch.Tensor:
         """int32 [R, R]: entry [i][j] = rows rank j received from ranks <= i."""
-        rows_sent = self.tokens_per_expert_all.view(self.num_ranks, self.num_ranks, -1).sum(2)  # [src, dst]
-        return torch.cumsum(rows_sent, 0, dtype=torch.int32)
+        rows_sent = self.tokens_per_expert_all.numpy().reshape(self.num_ranks, self.num_ranks, -1).sum(2)  # [src, dst]
+        return torch.from_numpy(rows_sent.cumsum(0, dtype=np.int32))
 
     def rows_by_source(self) -> torch.Tensor:
         """Received-layout rows of this rank, ordered by (source, local expert, token):
@@ -183,11 +184,11 @@ class RoutingPlan:
         block = torch.repeat_interleave(torch.arange(count.numel()), count)
         return start[block] + positions_in_groups(block, count.numel())
 
-    def destinations(self, topk_rows: torch.Tensor, origin_rank: torch.Tensor):
+    def destinations(self, topk_rows: torch.Tensor, origin_rank: Union[torch.Tensor, np.ndarray]):
         """Holder rank and row (int64 [n, K], -1 for no expert) of every selection of rows from
-        several sources: `topk_rows` int64 [n, K], each source's rows in token order. Exact for
-        holders that receive all of a source's rows (a forwarder's node, or every holder for a
-        source's own tokens)."""
+        several sources: `topk_rows` int64 [n, K], each source's rows in token order; origin_rank
+        int64 [n]. Exact for holders that receive all of a source's rows (a forwarder's node, or
+        every holder for a source's own tokens)."""
         import deep_ep_cpp  # one pass: no sort, no scatter
 
         topk_rows = topk_rows.contiguous()
@@ -198,7 +199,7 @@ class RoutingPlan:
             self.num_experts,
             self.experts_per_rank,
             self.block_start.numpy(),
-            origin_rank.numpy(),
+            origin_rank if isinstance(origin_rank, np.ndarray) else origin_rank.numpy(),
             self.num_ranks,
         )
         return torch.from_numpy(dest_rank), torch.from_numpy(dest_row)
@@ -218,24 +219,23 @@ def plan_routing(
 
     num_ranks, num_experts = tokens_per_expert_all.shape
     experts_per_rank = num_experts // num_ranks
-    tokens_per_expert_all = tokens_per_expert_all.contiguous()
-    padded, block_start, rows_per_rank = deep_ep_cpp.plan_blocks(
-        tokens_per_expert_all.numpy(), num_ranks, num_experts, alignment
-    )
-    mine = tokens_per_expert_all[:, rank * experts_per_rank : (rank + 1) * experts_per_rank]
+    # The bookkeeping runs on numpy views: each torch op on these small arrays costs microseconds.
+    counts = np.ascontiguousarray(tokens_per_expert_all.numpy())
+    padded, block_start, rows_per_rank = deep_ep_cpp.plan_blocks(counts, num_ranks, num_experts, alignment)
+    mine = counts[:, rank * experts_per_rank : (rank + 1) * experts_per_rank]
     plan = RoutingPlan(
         num_ranks=num_ranks,
         rank=rank,
         num_experts=num_experts,
-        tokens_per_expert_all=tokens_per_expert_all,
+        tokens_per_expert_all=torch.from_numpy(counts),
         block_start=torch.from_numpy(block_start),
         rows_per_rank=torch.from_numpy(rows_per_rank),
-        recv_counts=mine.t().contiguous(),
+        recv_counts=torch.from_numpy(np.ascontiguousarray(mine.T)),
         expert_rows=padded[rank].tolist(),
         dest_rank=topk_idx,
         dest_row=topk_idx,
     )
-    plan.dest_rank, plan.dest_row = plan.destinations(topk_idx, torch.full((topk_idx.shape[0],), rank))
+    plan.dest_rank, plan.dest_row = plan.destinations(topk_idx, np.full(topk_idx.shape[0], rank, dtype=np.int64))
     return plan
 
 
