@@ -25,6 +25,7 @@ Low-latency mode, 7 entries: src_info, layout_range, num_max_dispatch_tokens_per
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Iterable, Tuple, Type
 
 import numpy as np
@@ -98,7 +99,7 @@ def intranode_handle(state: Any, rank: int, owner: int) -> NormalHandle:
         (
             plan.rank_prefix_matrix(),
             _int32(plan.block_start[rank].t()),  # [R, L] block starts
-            torch.from_numpy(np.cumsum(plan.expert_rows, dtype=np.int32)),
+            torch.from_numpy(np.fromiter(itertools.accumulate(plan.expert_rows), np.int32, len(plan.expert_rows))),
             _int32(state.recv_src_idx),
             _is_token_in_rank(state),
             _int32(plan.recv_counts),
