@@ -75,7 +75,7 @@ class DispatchState:
     @functools.cached_property
     def holder_index(self) -> torch.Tensor:
         """int32 [T, K]: the rank holding each selection's row, -1 for none (one node: its local index)."""
-        return self.plan.dest_rank.to(torch.int32)
+        return torch.from_numpy(self.plan.dest_rank.numpy().astype(np.int32))
 
     @functools.cached_property
     def peer_rows(self) -> torch.Tensor:
@@ -105,10 +105,11 @@ def check_agreement(meta_all: torch.Tensor, what: str, skip: Tuple[int, ...]) ->
 
     meta_all: int64 [R, >= len(HEADER_FIELDS)], every rank's header; skip: indices of the fields
     that may differ between ranks."""
+    # The usual case, every rank agreeing, in two numpy calls (count_nonzero has no Python wrapper).
     headers = meta_all.numpy()[:, : len(HEADER_FIELDS)]
-    differs = (headers != headers[0]).any(0)
-    differs[list(skip)] = False
-    if not differs.any():
+    differs = headers != headers[0]
+    differs[:, list(skip)] = False
+    if not np.count_nonzero(differs):
         return
     headers = headers.tolist()
     first = headers[0]
@@ -411,7 +412,7 @@ class NormalMode:
         given = num_tokens_per_expert.cpu().numpy()
         if rounds > 1:
             given = given.reshape(rounds, num_experts).sum(0)
-        if not np.array_equal(counts.per_expert.numpy(), given):
+        if counts.per_expert.tolist() != given.tolist():
             raise ValueError(
                 "num_tokens_per_expert does not match topk_idx; pass the counts get_dispatch_layout "
                 "returned for this topk_idx"

@@ -144,7 +144,9 @@ class Runtime:
         """The node's normal-mode shared memory, mapped on first use (collective: every rank builds the
         "default" normal strategy at the same point)."""
         if self.shm is None:
-            self.shm = shm.NodeShm(self.comm, self.local_ranks, self.num_nvl_bytes, self.setup_operation)
+            self.shm = shm.NodeShm(
+                self.comm, self.local_ranks, self.num_nvl_bytes, self.setup_operation, self.num_threads
+            )
         return self.shm
 
     # ---- checks shared by the modes ----------------------------------------------------------------

@@ -207,15 +207,22 @@ class NodeShm:
         local_ranks: ranks (in `group`) of this node, ascending; this rank among them.
         data_bytes: size of every rank's data area (address space; /dev/shm is reserved as calls need it).
         setup: the operation that maps the segments, named if that fails.
+        threads: of the native row copies (the Buffer passes its runtime's; default: this rank's share).
     """
 
     def __init__(
-        self, group: dist.ProcessGroup, local_ranks: Sequence[int], data_bytes: int, setup: str = CONSTRUCTION
+        self,
+        group: dist.ProcessGroup,
+        local_ranks: Sequence[int],
+        data_bytes: int,
+        setup: str = CONSTRUCTION,
+        threads: Optional[int] = None,
     ) -> None:
         self.rank = dist.get_rank(group)
         self.local_ranks = list(local_ranks)
         self.local_index = self.local_ranks.index(self.rank)
-        self.num_threads = num_threads(len(self.local_ranks))  # this rank's share of the host's cores
+        # The runtime's thread count; on its own, this rank's share of the host's cores.
+        self.num_threads = threads if threads is not None else num_threads(len(self.local_ranks))
         self.data_bytes = data_bytes
         # The call in progress ("dispatch", "combine", ...), named when a barrier times out.
         self.operation = "the shared-memory exchange"
@@ -367,7 +374,7 @@ class NodeShm:
         """int64 [local ranks, length]: every local rank's published meta (after the barrier that
         follows publish_meta). SharedMemoryExhausted on every rank when a rank could not reserve."""
         words = np.array([m[: STATUS_WORDS + length] for m in self.meta_words])
-        if words[:, 0].any():
+        if np.count_nonzero(words[:, 0]):
             failed = words[:, 0].nonzero()[0].tolist()
             needed = {self.local_ranks[i]: int(words[i, 0]) for i in failed}
             mine = f" (rank {self.rank}: {self.reservation.failure})" if self.local_index in failed else ""
