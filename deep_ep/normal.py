@@ -105,14 +105,11 @@ def check_agreement(meta_all: torch.Tensor, what: str, skip: Tuple[int, ...]) ->
 
     meta_all: int64 [R, >= len(HEADER_FIELDS)], every rank's header; skip: indices of the fields
     that may differ between ranks."""
-    # The usual case, every rank agreeing, in two numpy calls (count_nonzero has no Python wrapper).
-    headers = meta_all.numpy()[:, : len(HEADER_FIELDS)]
-    differs = headers != headers[0]
-    differs[:, list(skip)] = False
-    if not np.count_nonzero(differs):
-        return
-    headers = headers.tolist()
+    # On Python ints: a few microseconds less per call than numpy or torch ops on a node's handful of ranks.
+    headers = meta_all.numpy()[:, : len(HEADER_FIELDS)].tolist()
     first = headers[0]
+    if all(row == first or all(row[i] == first[i] for i in range(len(first)) if i not in skip) for row in headers):
+        return
     for index, name in enumerate(HEADER_FIELDS):
         if index in skip:
             continue
