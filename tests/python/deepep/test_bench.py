@@ -89,6 +89,14 @@ def test_bench_low_latency(capfd):
     assert "default (shm)" in out and "memcpy (same bytes)" in out
 
 
+def test_calls_per_iteration_fills_the_batch_time():
+    # A small call is timed in runs of calls that last about BATCH_SECONDS; a long one alone; --batch wins.
+    assert bench.calls_per_iteration(0.0005, None) == 10
+    assert bench.calls_per_iteration(1e-9, None) == bench.MOST_BATCH
+    assert bench.calls_per_iteration(0.05, None) == 1
+    assert bench.calls_per_iteration(0.0005, 3) == 3
+
+
 def test_sizes_flag_rejects_garbage():
     with pytest.raises(SystemExit):
         bench.parse_args(["--num-tokens", "16,x"])
