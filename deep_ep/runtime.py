@@ -188,6 +188,8 @@ class Runtime:
         comm, self.comm = self.comm, None
         if self.data_comm is comm:
             self.data_comm = None
+        if comm is not None:
+            collective.forget_group(comm)
         if comm is not None and dist.is_initialized():
             try:
                 dist.destroy_process_group(comm)

@@ -8,6 +8,8 @@ the receiver expects from it.
 
 from __future__ import annotations
 
+import os
+import select
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -26,10 +28,39 @@ from ..ops import RowReduction
 # recreated (Runtime.check_alive asks `failure`).
 
 
+class LocalPeers:
+    """The local peers of a group (group rank -> pid) and, where the kernel offers them (Linux 5.3+),
+    a pidfd of each: a pidfd names the process itself, not its number, and reads as ready once that
+    process has exited, so the answer holds even if the number is reused. Without one, /proc says."""
+
+    def __init__(self, pids: Dict[int, int]) -> None:
+        self.pids = dict(pids)
+        self.pidfds: Dict[int, int] = {}
+        for rank, pid in self.pids.items():
+            try:
+                self.pidfds[rank] = os.pidfd_open(pid)
+            except (AttributeError, OSError):  # an older kernel or Python, or the process is gone
+                pass
+
+    def exited(self, rank: int) -> bool:
+        fd = self.pidfds.get(rank)
+        if fd is None:
+            return not process_alive(self.pids[rank])
+        return bool(select.select([fd], [], [], 0)[0])
+
+    def close(self) -> None:
+        for fd in self.pidfds.values():
+            os.close(fd)
+        self.pidfds = {}
+
+    def __del__(self) -> None:
+        self.close()
+
+
 @dataclass
 class _GroupInfo:
     timeout_s: Optional[float] = None
-    pids: Dict[int, int] = field(default_factory=dict)  # group rank -> pid, peers whose liveness we can see
+    peers: LocalPeers = field(default_factory=lambda: LocalPeers({}))  # the peers whose liveness we can see
     remote: List[int] = field(default_factory=list)  # group ranks on other hosts
     failure: Optional[str] = None
     # Told the message of a failure (weakly held: a listener does not keep its owner alive).
@@ -67,8 +98,17 @@ def watch_group(group: dist.ProcessGroup, timeout_s: float, pids: Dict[int, int]
     (another pid namespace) are left out of `pids`."""
     info = _info(group)
     info.timeout_s = timeout_s
-    info.pids = {r: p for r, p in pids.items() if process_alive(p)}
+    info.peers.close()
+    info.peers = LocalPeers({r: p for r, p in pids.items() if process_alive(p)})
     info.remote = sorted(remote)
+
+
+def forget_group(group: dist.ProcessGroup) -> None:
+    """Drops what watch_group registered for `group` (its pidfds are closed now, not when the group
+    object happens to be collected); the owner calls it when it destroys the group."""
+    info = _groups.pop(group, None)
+    if info is not None:
+        info.peers.close()
 
 
 def on_failure(group: dist.ProcessGroup, listener: Callable[[str], None]) -> None:
@@ -94,13 +134,13 @@ def _describe(group: dist.ProcessGroup, what: str, error: RuntimeError, info: _G
     grace = min(10.0, info.timeout_s) if info.timeout_s else 10.0
     deadline = time.monotonic() + (0 if timed_out else grace)
     while True:
-        dead = sorted(r for r, pid in info.pids.items() if not process_alive(pid))
+        dead = sorted(r for r in info.peers.pids if info.peers.exited(r))
         if dead or time.monotonic() >= deadline:
             break
         time.sleep(0.01)
     # Peers on other hosts: their liveness cannot be seen from here, only that they did not answer in time.
     remote = [r for r in info.remote if r != me]
-    alive = [r for r in sorted(info.pids) if r not in dead]
+    alive = [r for r in sorted(info.peers.pids) if r not in dead]
     states = [f"ranks {dead} have exited"] if dead else []
     if remote and (timed_out or not dead):
         states.append(f"ranks {remote} on other hosts are unreachable or not answering")
@@ -119,7 +159,8 @@ def _describe(group: dist.ProcessGroup, what: str, error: RuntimeError, info: _G
         )
     # Which local peers still run, and in what state: what to look at when a peer closed the
     # connection without exiting.
-    running = ", ".join(f"rank {r} (pid {info.pids[r]}) is in state {process_state(info.pids[r])}" for r in alive)
+    pids = info.peers.pids
+    running = ", ".join(f"rank {r} (pid {pids[r]}) is in state {process_state(pids[r])}" for r in alive)
     return (
         f"deep_ep: rank {me} lost the connection in {what} with {who} (gloo: {text}). "
         f"{running + '. ' if running else ''}"

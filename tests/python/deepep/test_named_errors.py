@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from common import Inputs, make_inputs, our_segments  # noqa: E402
 import deep_ep  # noqa: E402
 import deep_ep_cpp  # noqa: E402
 from deep_ep.testing import free_port, spawn_ranks  # noqa: E402
+from deep_ep.transport import collective  # noqa: E402
 from deep_ep.transport import shm as shm_transport  # noqa: E402
 
 HIDDEN, INTER, EXPERTS_PER_RANK, TOPK, MAX_TOKENS = 64, 64, 2, 2, 8
@@ -257,3 +259,25 @@ def test_rank_killed_in_construction_leaves_no_segment(which: int, first_use: bo
     assert report["elapsed"] < 15, report  # the dead peer is seen at once, not after DEEP_EP_TIMEOUT_S (30 s)
     assert report["left_by_peer"] == [] and report["left_by_me"] == [], report
     assert not segments_of(pids[0]) and not segments_of(pids[1])
+
+
+def test_local_peers_see_a_killed_process_exit() -> None:
+    # The liveness behind "ranks [...] have exited": a pidfd (or /proc) says exited once the process is
+    # gone, also while it is a zombie nobody has reaped; close() lets the descriptors go.
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        peers = collective.LocalPeers({1: child.pid})
+        assert not peers.exited(1)
+        if hasattr(os, "pidfd_open"):
+            assert set(peers.pidfds) == {1}
+        os.kill(child.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while not peers.exited(1):
+            assert time.monotonic() < deadline, "a SIGKILLed child not seen exited within 10 s"
+            time.sleep(0.01)
+        assert collective.process_state(child.pid) == "Z"  # not reaped yet: still a zombie
+        peers.close()
+        assert peers.pidfds == {}
+    finally:
+        child.kill()
+        child.wait()
