@@ -255,7 +255,8 @@ void quantize_int8(const void* x, Dtype dtype, std::size_t rows, std::size_t hid
 void reduce_row(const RowTerm* terms, std::size_t count, std::size_t hidden, Dtype out_dtype, std::uint8_t* out,
                 double* scratch) {
     std::fill(scratch, scratch + hidden, 0.0);
-    for (std::size_t k = 0; k < count; ++k) accumulate_row(scratch, terms[k].row, terms[k].dtype, hidden, terms[k].weight);
+    for (std::size_t k = 0; k < count; ++k)
+        accumulate_row(scratch, terms[k].row, terms[k].dtype, hidden, terms[k].weight);
     store_row(scratch, out_dtype, hidden, out);
 }
 
