@@ -41,6 +41,8 @@ class LocalPeers:
                 self.pidfds[rank] = os.pidfd_open(pid)
             except (AttributeError, OSError):  # an older kernel or Python, or the process is gone
                 pass
+        # Closed by close(), when this object is collected, or at exit (before modules are torn down).
+        self._finalizer = weakref.finalize(self, _close_all, self.pidfds)
 
     def exited(self, rank: int) -> bool:
         fd = self.pidfds.get(rank)
@@ -49,12 +51,13 @@ class LocalPeers:
         return bool(select.select([fd], [], [], 0)[0])
 
     def close(self) -> None:
-        for fd in self.pidfds.values():
-            os.close(fd)
-        self.pidfds = {}
+        self._finalizer()
 
-    def __del__(self) -> None:
-        self.close()
+
+def _close_all(fds: Dict[int, int]) -> None:
+    for fd in fds.values():
+        os.close(fd)
+    fds.clear()
 
 
 @dataclass
