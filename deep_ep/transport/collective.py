@@ -145,7 +145,10 @@ def _describe(group: dist.ProcessGroup, what: str, error: RuntimeError, info: _G
     remote = [r for r in info.remote if r != me]
     alive = [r for r in sorted(info.peers.pids) if r not in dead]
     states = [f"ranks {dead} have exited"] if dead else []
-    if remote and (timed_out or not dead):
+    # Ranks on other hosts are named even when a local peer has exited: with the link between hosts
+    # down, a local peer that timed out first exits while this rank still waits, and its closed
+    # connection is then all this rank's own error shows.
+    if remote:
         states.append(f"ranks {remote} on other hosts are unreachable or not answering")
         if alive:
             states.append(f"ranks {alive} on this host are alive")
