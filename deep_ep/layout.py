@@ -73,13 +73,18 @@ def count_selections(
 
 
 def dispatch_layout(
-    topk_idx: torch.Tensor, num_experts: int, num_ranks: int, rank_to_node: Optional[torch.Tensor] = None
+    topk_idx: torch.Tensor,
+    num_experts: int,
+    num_ranks: int,
+    rank_to_node: Optional[torch.Tensor] = None,
+    device_path: bool = False,
 ):
     """Counts for `get_dispatch_layout`.
 
     Args:
         topk_idx: int64 [T, K], values in [-1, E).
         rank_to_node: int64 [R], the node of every rank, or None for one node.
+        device_path: torch ops even for a CPU topk_idx (see ops.native_ok).
     Returns:
         num_tokens_per_rank int32 [R], num_tokens_per_node int32 [num_nodes] or None,
         num_tokens_per_expert int32 [E], is_token_in_rank int32 [T, R].
@@ -87,7 +92,7 @@ def dispatch_layout(
     from .ops import native_ok
 
     multi_node = rank_to_node is not None and int(rank_to_node.max()) > 0
-    if native_ok(topk_idx):
+    if native_ok(topk_idx, device_path):
         counts = count_selections(
             topk_idx.contiguous(), num_experts, num_ranks, rank_to_node=rank_to_node if multi_node else None
         )
@@ -239,12 +244,15 @@ def plan_routing(
     return plan
 
 
-def localize_topk_idx_(topk_idx: torch.Tensor, rank: int, experts_per_rank: int) -> torch.Tensor:
+def localize_topk_idx_(
+    topk_idx: torch.Tensor, rank: int, experts_per_rank: int, device_path: bool = False
+) -> torch.Tensor:
     """In place on a contiguous int64 tensor: global expert ids -> this rank's local ids
-    [0, L); other experts and -1 become -1. (Native on CPU; torch ops on other devices.)"""
+    [0, L); other experts and -1 become -1. (Native on CPU; torch ops on other devices, or with
+    `device_path`.)"""
     from .ops import native_ok
 
-    if not native_ok(topk_idx):
+    if not native_ok(topk_idx, device_path):
         local = topk_idx - rank * experts_per_rank
         return topk_idx.copy_(torch.where((local >= 0) & (local < experts_per_rank), local, -1))
     import deep_ep_cpp

@@ -250,7 +250,8 @@ class NormalMode:
             deep_ep.env.long_seq_rounds), is_token_in_rank int32 [T, R], EventOverlap.
         """
         self.runtime.check_alive()
-        native = ops.native_ok(topk_idx)
+        device_path = self.runtime.device_path
+        native = ops.native_ok(topk_idx, device_path)
         # On CPU the checking pass counts everything; on a device it only checks (on a host copy).
         counts = self._count_topk_idx(topk_idx, num_experts, with_ranks=native)
         self.runtime.check_devices(topk_idx=topk_idx)
@@ -273,6 +274,7 @@ class NormalMode:
                 num_experts,
                 self.runtime.group_size,
                 self.runtime.rank_to_node if self.runtime.num_nodes > 1 else None,
+                device_path,
             )
         if rounds.rounds > 1:
             per_expert = torch.cat(
@@ -281,6 +283,7 @@ class NormalMode:
                         topk_idx[r * rounds.per_round_tokens : (r + 1) * rounds.per_round_tokens],
                         num_experts,
                         self.runtime.group_size,
+                        device_path=device_path,
                     )[2]
                     for r in range(rounds.rounds)
                 ]
@@ -298,7 +301,7 @@ class NormalMode:
             return [as_byte_rows(q), as_byte_rows(x[1])], [(torch.int8, q.shape[1]), (torch.float32, 1)], q.shape[1], -1
         check_tensor("x", x, dtypes=FLOAT_DTYPES, shape=(None, None))
         if quant == "int8":
-            q, scale = ops.quantize_int8(x, self.runtime.num_threads)
+            q, scale = ops.quantize_int8(x, self.runtime.num_threads, self.runtime.device_path)
             return (
                 [as_byte_rows(q), as_byte_rows(scale)],
                 [(torch.int8, x.shape[1]), (torch.float32, 1)],
@@ -445,7 +448,9 @@ class NormalMode:
             self._zero_padding(outs, received.sources[0], topk_fill=True)
         recv_x = (outs[0], outs[1].view(-1)) if quant_code or isinstance(x, (tuple, list)) else outs[0]
         experts_per_rank = num_experts // self.runtime.group_size
-        recv_topk_idx = layout.localize_topk_idx_(outs[-2], self.runtime.rank, experts_per_rank)
+        recv_topk_idx = layout.localize_topk_idx_(
+            outs[-2], self.runtime.rank, experts_per_rank, self.runtime.device_path
+        )
         state = DispatchState(
             plan=plan,
             recv_src_rank=received.sources[0],
@@ -609,6 +614,6 @@ class NormalMode:
                 dtype=np.int64,
             )
         )
-        reduction = ops.Reduction(out, x.dtype, weights, biases, self.runtime.num_threads)
+        reduction = ops.Reduction(out, x.dtype, weights, biases, self.runtime.num_threads, self.runtime.device_path)
         transport.combine(self.runtime, CombineCall(header, state, as_byte_rows(x), reduction, topk_weights, stats))
         return out, weights.masked_fill(state.topk_idx < 0, 0), EventOverlap()

@@ -20,15 +20,16 @@ def _native():
 
 
 def torch_ops_forced() -> bool:
-    """Env DEEP_EP_FORCE_TORCH_OPS=1: CPU tensors take the device (NPU) branches too, and a Buffer
-    takes the device path (collective transport, plain torch allocations). For tests and debugging:
-    it runs on CPU exactly the code the NPU path runs."""
+    """Env DEEP_EP_FORCE_TORCH_OPS=1: a Buffer made now takes the device path (collective transport,
+    plain torch allocations, the torch branches below) on CPU too. For tests and debugging: it runs on
+    CPU exactly the code the NPU path runs. Read once, by the Runtime (its `device_path`)."""
     return os.environ.get("DEEP_EP_FORCE_TORCH_OPS", "0").strip() in ("1", "true", "True")
 
 
-def native_ok(tensor: torch.Tensor) -> bool:
-    """Whether deep_ep_cpp's kernels handle `tensor` (CPU, and the torch branches not forced)."""
-    return tensor.device.type == "cpu" and not torch_ops_forced()
+def native_ok(tensor: torch.Tensor, device_path: bool = False) -> bool:
+    """Whether deep_ep_cpp's kernels handle `tensor`: a CPU tensor, unless the caller's runtime takes
+    the device path (`Runtime.device_path`), whose torch branches then run on CPU as well."""
+    return not device_path and tensor.device.type == "cpu"
 
 
 def copy_into(dst: torch.Tensor, src: torch.Tensor, threads: int) -> None:
@@ -48,18 +49,21 @@ def copy_into(dst: torch.Tensor, src: torch.Tensor, threads: int) -> None:
         dst.copy_(src)
 
 
-def quantize_int8(x: torch.Tensor, threads: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def quantize_int8(
+    x: torch.Tensor, threads: Optional[int] = None, device_path: bool = False
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-token dynamic int8: `scale = max|x_row| / 127`, `q = round_half_even(x / scale)`.
 
     Args: x [T, H] float32/bfloat16/float16; threads: of the native kernel (default: every usable core,
-        see `deep_ep.utils.num_threads`; a Buffer passes its rank's share).
+        see `deep_ep.utils.num_threads`; a Buffer passes its rank's share); device_path: the torch
+        branch even for CPU tensors (see native_ok).
     Returns: (q int8 [T, H], scale float32 [T]); an all-zero row gets scale 0 and q 0, a row
     holding inf / NaN a non-finite scale (inf / NaN), so the problem stays visible downstream.
     The one quantizer of the package; `deep_ep.fused.quantize_per_token_int8` is its checked face.
     """
     x = x.contiguous()
     rows, hidden = x.shape
-    if native_ok(x):
+    if native_ok(x, device_path):
         q = torch.empty(rows, hidden, dtype=torch.int8)
         scale = torch.empty(rows, dtype=torch.float32)
         _native().quantize_int8(
@@ -88,6 +92,7 @@ def weighted_reduce(
     weights: torch.Tensor,
     biases: Sequence[Optional[torch.Tensor]] = (),
     threads: Optional[int] = None,
+    device_path: bool = False,
 ) -> torch.Tensor:
     """out[t] = sum over columns c ascending of weights[t, c] * row(t, c) (+ biases).
 
@@ -105,12 +110,13 @@ def weighted_reduce(
         weights: float32 [T, C].
         biases: up to two [T, H] tensors added at the end.
         threads: of the native kernel, as in `quantize_int8`.
+        device_path: the torch branch even for CPU tensors (see native_ok).
     """
     tokens, columns = src_rank.shape
     hidden = out.shape[1]
     dtypes = [src_dtype] * len(sources) if isinstance(src_dtype, torch.dtype) else list(src_dtype)
     biases = [b.contiguous() for b in biases if b is not None]
-    if native_ok(out):
+    if native_ok(out, device_path):
         bias_args = []
         for i in range(2):
             bias_args += [biases[i].data_ptr(), NATIVE_DTYPE_CODES[biases[i].dtype]] if i < len(biases) else [0, 0]
@@ -169,8 +175,19 @@ class Reduction:
     weights: torch.Tensor  # float32 [T, C]
     biases: Sequence[torch.Tensor] = field(default_factory=list)
     threads: Optional[int] = None
+    device_path: bool = False  # the runtime's: torch branches on CPU too
 
     def run(self, sources: List[torch.Tensor], src_rank: torch.Tensor, src_row: torch.Tensor) -> None:
         """Reduces the rows of `sources` (uint8 [rows_i, H * itemsize]) named by src_rank int32 /
         src_row int64 [T, C]."""
-        weighted_reduce(self.out, sources, self.src_dtype, src_rank, src_row, self.weights, self.biases, self.threads)
+        weighted_reduce(
+            self.out,
+            sources,
+            self.src_dtype,
+            src_rank,
+            src_row,
+            self.weights,
+            self.biases,
+            self.threads,
+            self.device_path,
+        )

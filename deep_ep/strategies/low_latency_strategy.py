@@ -259,7 +259,7 @@ class AllToAllLowLatency:
         counts_from = meta[:, shm_low_latency.HEADER_WORDS : shm_low_latency.HEADER_WORDS + experts_per_rank]
         token, k, _, _ = layout.expert_major_entries(state.topk_idx, 0, state.num_experts)
         if state.quantized:
-            q, scale = ops.quantize_int8(x, mode.runtime.num_threads)
+            q, scale = ops.quantize_int8(x, mode.runtime.num_threads, mode.runtime.device_path)
             fields = [q, scale.view(-1, 1)]
         else:
             fields = [x]
@@ -310,6 +310,7 @@ class AllToAllLowLatency:
             task.arrived_row,
             task.weights,
             threads=mode.runtime.num_threads,
+            device_path=mode.runtime.device_path,
         )
 
 

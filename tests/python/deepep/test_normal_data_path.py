@@ -80,16 +80,14 @@ def test_slow_reader_never_sees_the_next_call():
 
 
 @pytest.mark.parametrize("num_ranks,nodes", [(2, 1), (4, 2), (6, 3)])
-def test_native_layout_equals_torch(num_ranks: int, nodes: int, monkeypatch):
+def test_native_layout_equals_torch(num_ranks: int, nodes: int):
     generator = torch.Generator().manual_seed(num_ranks)
     num_experts = 4 * num_ranks
     rank_to_node = torch.arange(num_ranks) // (num_ranks // nodes)
     for tokens in (0, 1, 37):
         topk_idx = torch.randint(-1, num_experts, (tokens, 5), generator=generator)
         native = layout.dispatch_layout(topk_idx, num_experts, num_ranks, rank_to_node)
-        monkeypatch.setenv("DEEP_EP_FORCE_TORCH_OPS", "1")
-        torch_ops = layout.dispatch_layout(topk_idx, num_experts, num_ranks, rank_to_node)
-        monkeypatch.delenv("DEEP_EP_FORCE_TORCH_OPS")
+        torch_ops = layout.dispatch_layout(topk_idx, num_experts, num_ranks, rank_to_node, device_path=True)
         for mine, theirs in zip(native, torch_ops):
             assert (mine is None and theirs is None) or (mine.dtype == theirs.dtype and torch.equal(mine, theirs))
         counts = layout.count_selections(topk_idx, num_experts, num_ranks)
