@@ -10,7 +10,7 @@ multiple of `alignment`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -189,7 +189,7 @@ class RoutingPlan:
         block = torch.repeat_interleave(torch.arange(count.numel()), count)
         return start[block] + positions_in_groups(block, count.numel())
 
-    def destinations(self, topk_rows: torch.Tensor, origin_rank: Union[torch.Tensor, np.ndarray]):
+    def destinations(self, topk_rows: torch.Tensor, origin_rank: np.ndarray):
         """Holder rank and row (int64 [n, K], -1 for no expert) of every selection of rows from
         several sources: `topk_rows` int64 [n, K], each source's rows in token order; origin_rank
         int64 [n]. Exact for holders that receive all of a source's rows (a forwarder's node, or
@@ -204,7 +204,7 @@ class RoutingPlan:
             self.num_experts,
             self.experts_per_rank,
             self.block_start.numpy(),
-            origin_rank if isinstance(origin_rank, np.ndarray) else origin_rank.numpy(),
+            origin_rank,
             self.num_ranks,
         )
         return torch.from_numpy(dest_rank), torch.from_numpy(dest_row)

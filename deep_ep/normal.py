@@ -100,6 +100,13 @@ class InternodeState:
     selection_row: torch.Tensor  # int64 [T + F, K]: its row there
 
 
+def header_tensor(fields: List[int], counts: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """int64 [len(HEADER_FIELDS) (+ E)]: a call's header fields, then this rank's int64 per-expert
+    counts if given. Built in numpy: a few microseconds less per call than torch.tensor / torch.cat."""
+    header = np.array(fields, dtype=np.int64)
+    return torch.from_numpy(header if counts is None else np.concatenate((header, counts.numpy())))
+
+
 def check_agreement(meta_all: torch.Tensor, what: str, skip: Tuple[int, ...]) -> None:
     """ValueError naming the first header field the ranks disagree on.
 
@@ -433,7 +440,7 @@ class NormalMode:
             num_worst_tokens,
         ]
         call = DispatchCall(
-            meta=torch.from_numpy(np.concatenate((np.array(header, dtype=np.int64), counts.per_expert.numpy()))),
+            meta=header_tensor(header, counts.per_expert),
             fields=fields,
             kinds=kinds,
             topk_idx=topk_idx,
@@ -535,7 +542,7 @@ class NormalMode:
             raise ValueError(f"x must have {state.num_tokens} rows (the handle's tokens), got {fields[0].shape[0]}")
         self._check_buffer_fits(transport, sum(f.shape[1] for f in fields), len(fields), "dispatch")
         plan = state.plan
-        header = torch.tensor(
+        header = header_tensor(
             [
                 OP_CACHED_DISPATCH,
                 state.num_tokens,
@@ -546,8 +553,7 @@ class NormalMode:
                 1 if len(kinds) == 2 else 0,
                 0,
                 state.num_out_rows,
-            ],
-            dtype=torch.int64,
+            ]
         )
         self.runtime.check_devices(x=x)
         outs = [self.runtime.empty((state.num_out_rows, width), dtype) for dtype, width in kinds]
@@ -598,21 +604,18 @@ class NormalMode:
         self.runtime.check_devices(x=x, topk_weights=weights, bias=biases)
         x = x.contiguous()
         out = self.runtime.empty((num_tokens, state.hidden), x.dtype)
-        header = torch.from_numpy(
-            np.array(
-                [
-                    OP_COMBINE,
-                    num_tokens,
-                    state.hidden,
-                    num_topk,
-                    plan.num_experts,
-                    NATIVE_DTYPE_CODES[x.dtype],
-                    0,
-                    0,
-                    state.num_out_rows,
-                ],
-                dtype=np.int64,
-            )
+        header = header_tensor(
+            [
+                OP_COMBINE,
+                num_tokens,
+                state.hidden,
+                num_topk,
+                plan.num_experts,
+                NATIVE_DTYPE_CODES[x.dtype],
+                0,
+                0,
+                state.num_out_rows,
+            ]
         )
         reduction = ops.Reduction(out, x.dtype, weights, biases, self.runtime.num_threads, self.runtime.device_path)
         transport.combine(self.runtime, CombineCall(header, state, as_byte_rows(x), reduction, topk_weights, stats))

@@ -294,7 +294,7 @@ class HierarchicalRows(SharedMemoryRows):
         forwarded_topk = arrived[len(call.fields) - 2].view(torch.int64).view(-1, num_topk)
         # Destinations outside this node come out wrong here (the forwarder holds only the tokens
         # that touch its node) and are dropped by to_local.
-        far_rank, far_row = plan.destinations(forwarded_topk, forwarding.origin_rank)
+        far_rank, far_row = plan.destinations(forwarded_topk, forwarding.origin_rank.numpy())
         selection_rank, selection_row = hierarchical.to_local(
             torch.cat([plan.dest_rank, far_rank]), torch.cat([plan.dest_row, far_row]), rt.topology
         )
