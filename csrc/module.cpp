@@ -237,6 +237,31 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
         "from counts int64 [R, E] (rows each source sends to each expert).");
 
     m.def(
+        "handle_arrays",
+        [](const Array<std::int64_t>& counts, const Array<std::int64_t>& padded, const Array<std::int64_t>& block_start,
+           std::int64_t num_ranks, std::int64_t num_experts, std::int64_t rank) {
+            if (num_ranks <= 0 || num_experts <= 0 || num_experts % num_ranks || rank < 0 || rank >= num_ranks)
+                throw py::value_error("handle_arrays: num_experts must be a positive multiple of num_ranks, "
+                                      "rank in [0, num_ranks)");
+            const std::int64_t experts_per_rank = num_experts / num_ranks;
+            const auto* count_data = checked_data(counts, static_cast<std::size_t>(num_ranks * num_experts), "counts");
+            const auto* padded_data = checked_data(padded, static_cast<std::size_t>(num_experts), "padded");
+            const auto* start_data =
+                checked_data(block_start, static_cast<std::size_t>(num_experts * num_ranks), "block_start");
+            py::array_t<std::int32_t> rank_prefix({num_ranks, num_ranks}), channel_prefix({num_ranks, experts_per_rank});
+            py::array_t<std::int32_t> expert_prefix(experts_per_rank), recv_counts({experts_per_rank, num_ranks});
+            handle_arrays(count_data, padded_data, start_data, num_ranks, num_experts, rank,
+                          HandleArrays{rank_prefix.mutable_data(), channel_prefix.mutable_data(),
+                                       expert_prefix.mutable_data(), recv_counts.mutable_data()});
+            return py::make_tuple(rank_prefix, channel_prefix, expert_prefix, recv_counts);
+        },
+        py::arg("counts"), py::arg("padded"), py::arg("block_start"), py::arg("num_ranks"), py::arg("num_experts"),
+        py::arg("rank"),
+        "(rank_prefix int32 [R, R], channel_prefix int32 [R, L], expert_prefix int32 [L], recv_counts int32 [L, R]): "
+        "the intranode handle's routing arrays of `rank`, from plan_blocks' counts int64 [R, E], padded int64 "
+        "[R, L] and block_start int64 [R, L, R].");
+
+    m.def(
         "selection_destinations",
         [](const Array<std::int64_t>& topk_idx, std::int64_t rows, std::int64_t topk, std::int64_t num_experts,
            std::int64_t experts_per_rank, const Array<std::int64_t>& start, const Array<std::int64_t>& origin,

@@ -100,6 +100,30 @@ void plan_blocks(const std::int64_t* counts, std::int64_t num_ranks, std::int64_
     }
 }
 
+void handle_arrays(const std::int64_t* counts, const std::int64_t* padded, const std::int64_t* block_start,
+                   std::int64_t num_ranks, std::int64_t num_experts, std::int64_t rank, const HandleArrays& out) {
+    const std::int64_t experts_per_rank = num_experts / num_ranks;
+    std::vector<std::int64_t> received(static_cast<std::size_t>(num_ranks), 0);  // by destination, running
+    for (std::int64_t s = 0; s < num_ranks; ++s) {
+        for (std::int64_t d = 0; d < num_ranks; ++d) {
+            const std::int64_t* sent = counts + s * num_experts + d * experts_per_rank;
+            for (std::int64_t l = 0; l < experts_per_rank; ++l) received[d] += sent[l];
+            out.rank_prefix[s * num_ranks + d] = static_cast<std::int32_t>(received[d]);
+        }
+    }
+    std::int64_t rows = 0;
+    for (std::int64_t l = 0; l < experts_per_rank; ++l) {
+        rows += padded[rank * experts_per_rank + l];
+        out.expert_prefix[l] = static_cast<std::int32_t>(rows);
+        for (std::int64_t s = 0; s < num_ranks; ++s) {
+            out.channel_prefix[s * experts_per_rank + l] =
+                static_cast<std::int32_t>(block_start[(rank * experts_per_rank + l) * num_ranks + s]);
+            out.recv_counts[l * num_ranks + s] =
+                static_cast<std::int32_t>(counts[s * num_experts + rank * experts_per_rank + l]);
+        }
+    }
+}
+
 void selection_destinations(const std::int64_t* topk_idx, std::int64_t rows, std::int64_t topk,
                             std::int64_t experts_per_rank, const std::int64_t* start, std::int64_t* taken,
                             std::int64_t num_sources, const std::int64_t* origin, std::int64_t* dest_rank,

@@ -54,6 +54,19 @@ TopkSummary count_layout(const std::int64_t* topk_idx, std::int64_t rows, std::i
 void plan_blocks(const std::int64_t* counts, std::int64_t num_ranks, std::int64_t num_experts, std::int64_t alignment,
                  std::int64_t* padded, std::int64_t* block_start, std::int64_t* rows_per_rank);
 
+// The int32 routing arrays of rank `rank`'s intranode handle, from plan_blocks' inputs and
+// outputs: rank_prefix [R, R] (entry [i][j]: rows rank j receives from ranks <= i),
+// channel_prefix [R, L] (block_start[rank] transposed), expert_prefix [L] (inclusive prefix sum
+// of padded[rank]) and recv_counts [L, R] (rows this rank receives per local expert and source).
+struct HandleArrays {
+    std::int32_t* rank_prefix;
+    std::int32_t* channel_prefix;
+    std::int32_t* expert_prefix;
+    std::int32_t* recv_counts;
+};
+void handle_arrays(const std::int64_t* counts, const std::int64_t* padded, const std::int64_t* block_start,
+                   std::int64_t num_ranks, std::int64_t num_experts, std::int64_t rank, const HandleArrays& out);
+
 // Holder and row of every selection of topk_idx [rows, topk] (rows of several sources, each
 // source's rows in token order): for expert e >= 0, dest_rank = e / experts_per_rank and dest_row
 // = start[e][origin[r]] + taken[e][origin[r]]++ (start / taken int64 [num_experts, num_sources]);

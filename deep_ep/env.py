@@ -87,6 +87,10 @@ class LongSeqRounds:
     configured: bool = False  # the variables are set: at most rounds * per_round_tokens tokens per call
 
 
+# The unset case, shared (the dataclass is frozen): every normal-mode call asks.
+ONE_ROUND = LongSeqRounds()
+
+
 def long_seq_rounds() -> LongSeqRounds:
     """The long-sequence rounds; both variables must be set together (ValueError otherwise)."""
     has_round = os.environ.get("DEEPEP_NORMAL_LONG_SEQ_ROUND") is not None
@@ -96,7 +100,7 @@ def long_seq_rounds() -> LongSeqRounds:
             "DEEPEP_NORMAL_LONG_SEQ_ROUND and DEEPEP_NORMAL_LONG_SEQ_PER_ROUND_TOKENS must be set or unset together"
         )
     if not has_round:
-        return LongSeqRounds()
+        return ONE_ROUND
     rounds = _int("DEEPEP_NORMAL_LONG_SEQ_ROUND", 1, 1, MAX_ROUNDS)
     tokens = _int(
         "DEEPEP_NORMAL_LONG_SEQ_PER_ROUND_TOKENS", MAX_TOKENS_PER_ROUND, MIN_TOKENS_PER_ROUND, MAX_TOKENS_PER_ROUND

@@ -25,7 +25,6 @@ Low-latency mode, 7 entries: src_info, layout_range, num_max_dispatch_tokens_per
 
 from __future__ import annotations
 
-import itertools
 from typing import Any, Iterable, Tuple, Type
 
 import numpy as np
@@ -92,17 +91,17 @@ def _int32(tensor: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(tensor.numpy(), dtype=np.int32))
 
 
-def intranode_handle(state: Any, rank: int, owner: int) -> NormalHandle:
+def intranode_handle(state: Any, owner: int) -> NormalHandle:
     """Upstream's 8-entry intranode handle of a DispatchState."""
-    plan = state.plan
+    rank_prefix, block_starts, expert_prefix, recv_counts = state.plan.handle_arrays()
     return NormalHandle(
         (
-            plan.rank_prefix_matrix(),
-            _int32(plan.block_start[rank].t()),  # [R, L] block starts
-            torch.from_numpy(np.fromiter(itertools.accumulate(plan.expert_rows), np.int32, len(plan.expert_rows))),
+            rank_prefix,
+            block_starts,
+            expert_prefix,
             _int32(state.recv_src_idx),
             _is_token_in_rank(state),
-            _int32(plan.recv_counts),
+            recv_counts,
             state.topk_idx,
             state.topk_weights,
         ),

@@ -151,6 +151,7 @@ class RoutingPlan:
 
     tokens_per_expert_all: int64 [R, E], rows each source rank sends to each expert.
     block_start: int64 [R, L, R], row where block (local expert l, source s) starts on rank d.
+    padded: int64 [R, L], rows of local expert l on rank d (with alignment padding).
     rows_per_rank: int64 [R], received rows (with alignment padding) on every rank.
     recv_counts: int64 [L, R], real rows this rank receives per (local expert, source).
     expert_rows: list of L ints, this rank's rows per local expert (padded).
@@ -162,6 +163,7 @@ class RoutingPlan:
     num_experts: int
     tokens_per_expert_all: torch.Tensor
     block_start: torch.Tensor
+    padded: torch.Tensor
     rows_per_rank: torch.Tensor
     recv_counts: torch.Tensor
     expert_rows: list
@@ -176,10 +178,22 @@ class RoutingPlan:
     def num_recv_rows(self) -> int:
         return int(self.rows_per_rank[self.rank])
 
-    def rank_prefix_matrix(self) -> torch.Tensor:
-        """int32 [R, R]: entry [i][j] = rows rank j received from ranks <= i."""
-        rows_sent = self.tokens_per_expert_all.numpy().reshape(self.num_ranks, self.num_ranks, -1).sum(2)  # [src, dst]
-        return torch.from_numpy(rows_sent.cumsum(0, dtype=np.int32))
+    def handle_arrays(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The int32 routing arrays of this rank's intranode handle, in one native pass:
+        rank_prefix_matrix [R, R] (entry [i][j]: rows rank j receives from ranks <= i), block starts
+        [R, L] (block_start[rank] transposed), the inclusive prefix sum of expert_rows [L], and
+        recv_counts [L, R]."""
+        import deep_ep_cpp
+
+        arrays = deep_ep_cpp.handle_arrays(
+            self.tokens_per_expert_all.numpy(),
+            self.padded.numpy(),
+            self.block_start.numpy(),
+            self.num_ranks,
+            self.num_experts,
+            self.rank,
+        )
+        return tuple(torch.from_numpy(a) for a in arrays)
 
     def rows_by_source(self) -> torch.Tensor:
         """Received-layout rows of this rank, ordered by (source, local expert, token):
@@ -234,6 +248,7 @@ def plan_routing(
         num_experts=num_experts,
         tokens_per_expert_all=torch.from_numpy(counts),
         block_start=torch.from_numpy(block_start),
+        padded=torch.from_numpy(padded),
         rows_per_rank=torch.from_numpy(rows_per_rank),
         recv_counts=torch.from_numpy(np.ascontiguousarray(mine.T)),
         expert_rows=padded[rank].tolist(),

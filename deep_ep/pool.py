@@ -24,6 +24,7 @@ A dropped block's pages go back to the system at once (munmap).
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import sys
@@ -124,10 +125,7 @@ class OutputPool:
     # ---- hand-out ----------------------------------------------------------------------------------
     def empty(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised contiguous CPU tensor of `shape` and `dtype` that aliases no live tensor."""
-        numel = 1
-        for size in shape:
-            numel *= size
-        nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         if self.enabled and MIN_POOLED_BYTES <= nbytes <= self.max_bytes:
             with self.lock:
                 out = self._take(nbytes, shape, dtype)

@@ -459,7 +459,7 @@ class DefaultNormalCommStrategy(_NormalStrategyBase):
         rt = self.runtime
         if rt.num_nodes > 1:
             return handles.internode_handle(state, rt.rank, rt.rank_to_node, recv_topk_weights, rt.runtime_id)
-        return handles.intranode_handle(state, rt.rank, rt.runtime_id)
+        return handles.intranode_handle(state, rt.runtime_id)
 
 
 @register_normal_strategy("alltoall")

@@ -226,6 +226,8 @@ class NodeShm:
         self.data_bytes = data_bytes
         # The call in progress ("dispatch", "combine", ...), named when a barrier times out.
         self.operation = "the shared-memory exchange"
+        # Read once, as the Buffer's gloo group fixes its own timeout at construction.
+        self.timeout_s = timeout_seconds()
         self.segments = map_node_segments(group, self.local_ranks, DATA_OFFSET + data_bytes, DATA_OFFSET, setup)
         self.reservation = Reservation(self.segments[self.local_index], DATA_OFFSET, data_bytes)
         self.bytes = [torch.frombuffer(s, dtype=torch.uint8) for s in self.segments]
@@ -259,7 +261,7 @@ class NodeShm:
             waits += (torch.tensor(self.sync.arrivals_ns, dtype=torch.int64) - start_ns).clamp_min_(0)
 
     def barrier(self) -> None:
-        self._synchronized(lambda: self.sync.barrier(timeout_seconds(), self.operation))
+        self._synchronized(lambda: self.sync.barrier(self.timeout_s, self.operation))
 
     def release(self) -> None:
         """Ends a read phase: this rank no longer reads its peers' meta and data areas."""
@@ -276,7 +278,7 @@ class NodeShm:
                     [self.release_addresses[i] for i in self.peers],
                     [self.reads] * len(self.peers),
                     self.peers,
-                    timeout_seconds(),
+                    self.timeout_s,
                     self.operation,
                 )
             )

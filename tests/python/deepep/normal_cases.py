@@ -147,6 +147,16 @@ def check_dispatch_and_combine(rank: int, num_ranks: int, buffer: deep_ep.Buffer
     else:
         assert len(handle) == 8
         assert torch.equal(to_host(handle[0]), torch.cumsum(sent, 0).to(torch.int32))
+        # [1] first row of block (source s, local expert l), [2] inclusive prefix of the padded
+        # rows per local expert, [5] rows per (local expert, source): from every rank's topk_idx.
+        mine = [rank * local_experts + j for j in range(local_experts)]
+        block_rows = torch.tensor([[int((i.topk_idx == e).sum()) for i in everyone] for e in mine], dtype=torch.int32)
+        padded = torch.tensor(ref["rows_per_expert"], dtype=torch.int32)
+        expert_first = torch.cumsum(padded, 0) - padded
+        block_first = expert_first.unsqueeze(1) + torch.cumsum(block_rows, 1) - block_rows  # [L, R]
+        assert torch.equal(to_host(handle[1]), block_first.t())
+        assert torch.equal(to_host(handle[2]), torch.cumsum(padded, 0).to(torch.int32))
+        assert torch.equal(to_host(handle[5]), block_rows)
         assert torch.equal(to_host(handle[3])[:real_rows].long(), ref["src_idx"])
         assert torch.equal(to_host(handle[6]), inputs.topk_idx)
         assert torch.equal(to_host(handle[7]), inputs.topk_weights)
