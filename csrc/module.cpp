@@ -100,6 +100,7 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
             },
             py::arg("addrs"), py::arg("targets"), py::arg("owners"), py::arg("timeout_s"), py::arg("what"))
         .def_property_readonly("generation", &NodeSync::generation)
+        .def_property_readonly("peers_with_pidfd", &NodeSync::peers_with_pidfd)
         .def_property_readonly("arrivals_ns", &NodeSync::arrivals_ns);
 
     m.def("store_counter", &store_counter, py::arg("addr"), py::arg("value"));

@@ -6,6 +6,11 @@
 #include <sstream>
 #include <stdexcept>
 #include <thread>
+#include <utility>
+
+#include <poll.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 namespace deep_ep {
 
@@ -53,23 +58,57 @@ void store_counter(std::uintptr_t addr, std::uint64_t value) {
 
 std::uint64_t load_counter(std::uintptr_t addr) { return counter_at(addr)->load(std::memory_order_acquire); }
 
+PeerProcess::PeerProcess(std::int64_t pid) : pid_(pid), watched_(process_alive(pid)) {
+#ifdef SYS_pidfd_open
+    // The pid was checked alive just before: a number reused in between is not a practical concern.
+    if (watched_) pidfd_ = static_cast<int>(syscall(SYS_pidfd_open, static_cast<pid_t>(pid), 0));
+#endif
+}
+
+PeerProcess::~PeerProcess() {
+    if (pidfd_ >= 0) close(pidfd_);
+}
+
+PeerProcess::PeerProcess(PeerProcess&& other) noexcept
+    : pid_(other.pid_), watched_(other.watched_), pidfd_(std::exchange(other.pidfd_, -1)) {}
+
+PeerProcess& PeerProcess::operator=(PeerProcess&& other) noexcept {
+    if (this != &other) {
+        if (pidfd_ >= 0) close(pidfd_);
+        pid_ = other.pid_;
+        watched_ = other.watched_;
+        pidfd_ = std::exchange(other.pidfd_, -1);
+    }
+    return *this;
+}
+
+bool PeerProcess::alive() const {
+    if (!watched_) return true;
+    if (pidfd_ < 0) return process_alive(pid_);
+    pollfd ready{pidfd_, POLLIN, 0};
+    return poll(&ready, 1, 0) == 0;  // readable (or an error on the descriptor): exited
+}
+
 NodeSync::NodeSync(std::vector<std::uintptr_t> counter_addrs, int my_index, std::vector<int> global_ranks,
                    std::vector<std::int64_t> pids)
-    : counter_addrs_(std::move(counter_addrs)),
-      my_index_(my_index),
-      global_ranks_(std::move(global_ranks)),
-      pids_(std::move(pids)) {
-    if (counter_addrs_.size() != global_ranks_.size() || counter_addrs_.size() != pids_.size())
+    : counter_addrs_(std::move(counter_addrs)), my_index_(my_index), global_ranks_(std::move(global_ranks)) {
+    if (counter_addrs_.size() != global_ranks_.size() || counter_addrs_.size() != pids.size())
         throw std::invalid_argument("NodeSync: counter_addrs, global_ranks and pids differ in length");
     if (my_index_ < 0 || my_index_ >= static_cast<int>(counter_addrs_.size()))
         throw std::invalid_argument("NodeSync: my_index out of range");
-    // A peer in another pid namespace is invisible here: then only the deadline applies.
-    for (std::int64_t pid : pids_) check_liveness_.push_back(process_alive(pid));
+    peers_.reserve(pids.size());
+    for (std::int64_t pid : pids) peers_.emplace_back(pid);
     arrivals_ns_.assign(counter_addrs_.size(), 0);
     generation_ = load_counter(counter_addrs_[my_index_]);
 }
 
-bool NodeSync::peer_alive(int index) const { return !check_liveness_[index] || process_alive(pids_[index]); }
+int NodeSync::peers_with_pidfd() const {
+    int count = 0;
+    for (int i = 0; i < static_cast<int>(peers_.size()); ++i) count += i != my_index_ && peers_[i].has_pidfd();
+    return count;
+}
+
+bool NodeSync::peer_alive(int index) const { return peers_[index].alive(); }
 
 void NodeSync::barrier(double timeout_s, const std::string& what, const std::function<void()>& poll) {
     ++generation_;

@@ -333,6 +333,7 @@ class NodeShm:
         for segment in getattr(self, "segments", []):
             segment.close()
         self.segments = []
+        self.sync = None  # its pidfds of the local peers close with it
 
     # ---- memory --------------------------------------------------------------------------------
     def reserve(self, nbytes: int, what: str) -> None:

@@ -281,3 +281,32 @@ def test_local_peers_see_a_killed_process_exit() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_shared_memory_wait_sees_a_killed_peer_exit() -> None:
+    # The native waits of the shared-memory transports watch local peers the same way: a peer killed
+    # (and left an unreaped zombie) ends the wait at once with "have exited"; a live peer that never
+    # arrives ends it at the deadline. The counters live in this process: only the pids matter here.
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        counters = torch.zeros(2, dtype=torch.int64)
+        addresses = [counters.data_ptr(), counters.data_ptr() + 8]
+        sync = deep_ep_cpp.NodeSync(addresses, 0, [0, 1], [os.getpid(), child.pid])
+        if hasattr(os, "pidfd_open"):  # the kernel and Python offer pidfds: the native side uses one too
+            assert sync.peers_with_pidfd == 1
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"timed out after 0\.3 s in live wait waiting for ranks \[1\]"):
+            sync.wait_at_least([addresses[1]], [1], [1], 0.3, "live wait")
+        assert time.monotonic() - start >= 0.3
+        os.kill(child.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while collective.process_state(child.pid) != "Z":
+            assert time.monotonic() < deadline, "a SIGKILLed child did not become a zombie within 10 s"
+            time.sleep(0.01)
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"waited in dead wait for ranks \[1\], but ranks \[1\] have exited"):
+            sync.wait_at_least([addresses[1]], [1], [1], 60.0, "dead wait")
+        assert time.monotonic() - start < 5  # seen at the first liveness check, not at the 60 s deadline
+    finally:
+        child.kill()
+        child.wait()
