@@ -1,0 +1,83 @@
+"""The combine reduction (deep_ep.ops.weighted_reduce over deep_ep_cpp.combine_reduce), bit for bit
+against its definition: out[t] = sum over columns c in order of weights[t, c] * row(t, c), each product
+and each sum a float64 operation, rounded once at the end (16-bit outputs through float32).
+
+    python -m pytest tests/python/deepep/test_reduction.py
+
+The native kernel has a blocked path for bf16 rows (32 columns at a time, AVX-512 CPUs) and a
+whole-row path for the rest; the widths below take both, their tails included. The reference is a
+plain loop of float64 torch ops, in column order; the cancelling values make a sum taken in another
+order, or rounded differently, come out different.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deep_ep import ops
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def special_values(shape, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    """Random values with some zeros, negative zeros, tiny and huge magnitudes, infinities and NaNs."""
+    x = torch.randn(shape, generator=generator) * torch.exp2(torch.randint(-20, 20, shape, generator=generator))
+    pick = torch.randint(0, 40, shape, generator=generator)
+    x = torch.where(pick == 0, torch.zeros(()), x)
+    x = torch.where(pick == 1, torch.tensor(-0.0), x)
+    x = torch.where(pick == 2, torch.tensor(float("inf")), x)
+    x = torch.where(pick == 3, torch.tensor(float("nan")), x)
+    x = torch.where(pick == 4, torch.tensor(1e-40), x)  # subnormal in float32, flushed in 16-bit types
+    return x.to(dtype)
+
+
+def cancelling_values(shape, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    """Huge values of both signs next to small ones, so that a sum in another order (or with another
+    rounding) ends up with another value: (2^60 - 2^60) + 1 = 1 but (2^60 + 1) - 2^60 = 0 in float64."""
+    choices = torch.tensor([2.0**60, -(2.0**60), 1.0, -1.0, 0.375, 3.0])
+    return choices[torch.randint(0, len(choices), shape, generator=generator)].to(dtype)
+
+
+def reference(sources, src_rank, src_row, weights, biases, out_dtype) -> torch.Tensor:
+    tokens, columns = src_rank.shape
+    hidden = sources[0].shape[1]
+    acc = torch.zeros(tokens, hidden, dtype=torch.float64)
+    for t in range(tokens):
+        for c in range(columns):
+            s = int(src_rank[t, c])
+            if s >= 0:
+                acc[t] = acc[t] + weights[t, c].double() * sources[s][int(src_row[t, c])].double()
+    for bias in biases:
+        acc = acc + bias.double()
+    return acc.float().to(out_dtype) if out_dtype != torch.float64 else acc
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [2048, 32, 40, 7])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("values", [special_values, cancelling_values])
+def test_native_reduction_is_the_float64_sum_in_order(dtype: torch.dtype, hidden: int, with_bias: bool, values) -> None:
+    generator = torch.Generator().manual_seed(hidden * 7 + len(str(dtype)))
+    tokens, columns = 9, 8
+    sources = [values((rows, hidden), dtype, generator) for rows in (13, 5, 20)]
+    src_rank = torch.randint(0, len(sources), (tokens, columns), generator=generator, dtype=torch.int32)
+    src_rank[torch.rand(tokens, columns, generator=generator) < 0.2] = -1  # selections without a row
+    src_rank[0] = -1  # a token with no row at all: zeros (plus bias)
+    limits = torch.tensor([s.shape[0] for s in sources])[src_rank.clamp_min(0).long()]
+    src_row = (torch.rand(tokens, columns, generator=generator) * limits).long()
+    weights = torch.tensor([1.0, -1.0, 0.5])[torch.randint(0, 3, (tokens, columns), generator=generator)]
+    if values is special_values:
+        weights = torch.rand(tokens, columns, generator=generator) * 2 - 1
+    biases = [values((tokens, hidden), dtype, generator)] if with_bias else []
+    expected = reference(sources, src_rank, src_row, weights, biases, dtype)
+
+    out = torch.empty(tokens, hidden, dtype=dtype)
+    byte_rows = [s.view(torch.uint8).view(s.shape[0], -1) for s in sources]
+    ops.weighted_reduce(out, byte_rows, dtype, src_rank, src_row, weights, biases, threads=1)
+    # NaN where the definition gives NaN (its sign and payload are not specified), every other value
+    # the same bits (-0.0 differs from 0.0).
+    assert torch.equal(out.isnan(), expected.isnan())
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    real = ~expected.isnan()
+    assert torch.equal(out.view(bits)[real], expected.view(bits)[real])
