@@ -221,9 +221,10 @@ void register_low_latency(py::module_& m) {
            std::size_t dest_rows, const std::vector<std::int64_t>& header,
            const std::vector<std::uintptr_t>& header_addrs, const std::vector<std::uintptr_t>& signal_addrs,
            std::uint64_t value, std::size_t me, py::array_t<std::int64_t, py::array::c_style> own_rows,
-           int num_threads) {
+           bool in_place, const Array<std::int64_t>& extra, std::size_t extra_words, int num_threads) {
             const auto* source = checked_data(info, 3 * rows, "info");
             if (me >= dest_addrs.size()) throw py::value_error("ll_combine_send: me is not a rank index");
+            const auto* extra_data = checked_data(extra, dest_addrs.size() * extra_words, "extra");
             for (std::size_t i = 0; i < rows; ++i) {
                 const std::int32_t* s = source + 3 * i;
                 if (s[0] < 0 || static_cast<std::size_t>(s[0]) >= dest_addrs.size() || s[1] < 0 || s[2] < 0 ||
@@ -252,17 +253,21 @@ void register_low_latency(py::module_& m) {
             }
             if (previous > 0) Wait{sync, timeout_s, what}.until(ack_addrs, previous);
             py::gil_scoped_release release;
-            ll_return_rows(pointer<const std::uint8_t>(x), row_bytes, rows, source, topk, dests, num_threads);
-            publish_checked(header_addrs, header, nullptr, 0, signal_addrs, value);
+            if (!in_place)
+                ll_return_rows(pointer<const std::uint8_t>(x), row_bytes, rows, source, topk, dests, num_threads);
+            publish_checked(header_addrs, header, extra_data, extra_words, signal_addrs, value);
         },
         py::arg("sync"), py::arg("timeout_s"), py::arg("what"), py::arg("ack_addrs"), py::arg("previous"),
         py::arg("x"), py::arg("row_bytes"), py::arg("rows"), py::arg("info"), py::arg("topk"),
         py::arg("dest_addrs"), py::arg("dest_rows"), py::arg("header"), py::arg("header_addrs"),
-        py::arg("signal_addrs"), py::arg("value"), py::arg("me"), py::arg("own_rows"), py::arg("num_threads") = 1,
+        py::arg("signal_addrs"), py::arg("value"), py::arg("me"), py::arg("own_rows"), py::arg("in_place"),
+        py::arg("extra"), py::arg("extra_words"), py::arg("num_threads") = 1,
         "Waits until every owner acked call `previous` (0: no wait), writes packed row i into row "
-        "token*topk+k of rank `source` ((source, token, k) = info[i]), then publishes the header and "
-        "release-stores `value` into every signal word. With a non-empty own_rows (int64 [T * topk], this "
-        "rank's tokens) the rows of source `me` are not copied: own_rows[token*topk+k] = i (-1 elsewhere).");
+        "token*topk+k of rank `source` ((source, token, k) = info[i]) unless `in_place` (the rows stay in x, "
+        "where the owners read them), then publishes the header with extra[d] (int64 [R, extra_words]) "
+        "for owner d and release-stores `value` into every signal word. With a non-empty own_rows "
+        "(int64 [T * topk], this rank's tokens) the rows of source `me` are not copied: "
+        "own_rows[token*topk+k] = i (-1 elsewhere).");
 
     m.def(
         "ll_combine_receive",
@@ -271,8 +276,15 @@ void register_low_latency(py::module_& m) {
            std::uintptr_t rows, std::size_t num_rows, int dtype, std::size_t tokens, std::size_t topk,
            std::size_t hidden, const Array<std::int32_t>& dropped, const Array<float>& weights, std::uintptr_t out,
            std::uintptr_t own, const Array<std::int64_t>& own_rows, std::size_t own_count,
-           const std::vector<std::uintptr_t>& ack_addrs, int num_threads) {
+           std::size_t placement_offset, const std::vector<std::uintptr_t>& in_place_rows,
+           std::size_t in_place_count, const Array<std::int64_t>& topk_idx, const Array<std::int64_t>& slot,
+           std::size_t experts_per_rank, const std::vector<std::uintptr_t>& ack_addrs, int num_threads) {
             const std::size_t n = tokens * topk;
+            const std::size_t holders = signal_addrs.size();
+            if (in_place_rows.size() != holders || experts_per_rank == 0)
+                throw py::value_error("ll_combine_receive: one in-place area per holder, experts_per_rank > 0");
+            const auto* expert = checked_data(topk_idx, n, "topk_idx");
+            const auto* slots = checked_data(slot, n, "slot");
             if (n > num_rows) throw py::value_error("ll_combine_receive: tokens * topk rows exceed the area");
             const std::int64_t* own_row = own_rows.size() ? checked_data(own_rows, n, "own_rows") : nullptr;
             if (own_row != nullptr)
@@ -286,20 +298,44 @@ void register_low_latency(py::module_& m) {
             const auto* w = checked_data(weights, n, "weights");
             if (!Wait{sync, timeout_s, what}.headers_agree(signal_addrs, seq, header_offset, header, compared))
                 return false;
+            // A holder that left its rows in place (its zero-copy buffer) wrote 1 and then, per local
+            // expert l, the first row of block (l, this rank) of its packed layout into this rank's
+            // mailbox; one that copied them wrote 0.
+            std::vector<const std::int64_t*> block_first(holders, nullptr);
+            for (std::size_t h = 0; h < holders; ++h) {
+                const auto* words = pointer<const std::int64_t>(signal_addrs[h] + placement_offset);
+                if (words[0] == 1) block_first[h] = words + 1;
+            }
             // Selection i = t * topk + k: row i of the return area, or row own_row[i] of x (kept there
-            // by ll_combine_send), or nothing where dropped.
-            const std::uint8_t* sources[2] = {pointer<const std::uint8_t>(rows), pointer<const std::uint8_t>(own)};
+            // by ll_combine_send), or row block_first[l] + slot[i] of its holder's in-place rows, or
+            // nothing where dropped.
+            std::vector<const std::uint8_t*> sources = {pointer<const std::uint8_t>(rows),
+                                                        pointer<const std::uint8_t>(own)};
+            for (std::uintptr_t area : in_place_rows) sources.push_back(pointer<const std::uint8_t>(area));
             std::vector<std::int32_t> source(n);
             std::vector<std::int64_t> row(n);
             for (std::size_t i = 0; i < n; ++i) {
+                const std::size_t h = drop[i] < 0 ? 0 : static_cast<std::size_t>(expert[i]) / experts_per_rank;
+                if (drop[i] >= 0 && (expert[i] < 0 || h >= holders))
+                    throw py::index_error("ll_combine_receive: expert " + std::to_string(expert[i]) + " has no holder");
+                if (drop[i] >= 0 && block_first[h] != nullptr) {
+                    const std::int64_t r = block_first[h][static_cast<std::size_t>(expert[i]) % experts_per_rank] + slots[i];
+                    if (r < 0 || r >= static_cast<std::int64_t>(in_place_count))
+                        throw py::index_error("ll_combine_receive: holder " + std::to_string(h) + " places a row at " +
+                                              std::to_string(r) + ", outside its " + std::to_string(in_place_count));
+                    source[i] = static_cast<std::int32_t>(2 + h);
+                    row[i] = r;
+                    continue;
+                }
                 const bool kept = own_row != nullptr && own_row[i] >= 0;
                 source[i] = drop[i] < 0 ? -1 : (kept ? 1 : 0);
                 row[i] = kept ? own_row[i] : static_cast<std::int64_t>(i);
             }
             {
                 py::gil_scoped_release release;
-                combine_reduce(pointer<void>(out), type, tokens, topk, hidden, {sources[0], sources[1]}, {type, type},
-                               source.data(), row.data(), w, Bias{}, Bias{}, num_threads);
+                combine_reduce(pointer<void>(out), type, tokens, topk, hidden, sources,
+                               std::vector<Dtype>(sources.size(), type), source.data(), row.data(), w, Bias{}, Bias{},
+                               num_threads);
             }
             for (std::uintptr_t addr : ack_addrs) store_counter(addr, seq);
             return true;
@@ -308,13 +344,17 @@ void register_low_latency(py::module_& m) {
         py::arg("header"), py::arg("compared"), py::arg("header_offset"), py::arg("rows"), py::arg("num_rows"),
         py::arg("dtype"), py::arg("tokens"), py::arg("topk"), py::arg("hidden"), py::arg("dropped"),
         py::arg("weights"), py::arg("out"), py::arg("own"), py::arg("own_rows"), py::arg("own_count"),
-        py::arg("ack_addrs"), py::arg("num_threads") = 1,
+        py::arg("placement_offset"), py::arg("in_place_rows"), py::arg("in_place_count"), py::arg("topk_idx"),
+        py::arg("slot"), py::arg("experts_per_rank"), py::arg("ack_addrs"), py::arg("num_threads") = 1,
         "Waits until every holder signalled call `seq` (RuntimeError naming the ranks after timeout_s); returns "
         "False, touching nothing, if a header differs from `header` in its first `compared` words. Else "
         "out[t] (16-bit `dtype`) = sum over k ascending, where dropped[t, k] >= 0, of weights[t, k] * row "
         "t * topk + k of `rows` (row own_rows[t, k] of `own`, this rank's x of own_count rows, where that "
-        "is >= 0; own_rows may be empty), in float64 as combine_reduce; then release-stores `seq` into "
-        "every ack address and returns True.");
+        "is >= 0; own_rows may be empty), in float64 as combine_reduce; a holder whose mailbox says it left "
+        "its rows in place (word 1 at placement_offset, then the first row of block (l, this rank) per local "
+        "expert l) is read there instead: row block_first[l] + slot[t, k] of in_place_rows[holder] "
+        "(in_place_count rows), l and the holder from topk_idx [T, topk] (the dispatch's ids). Then "
+        "release-stores `seq` into every ack address and returns True.");
 
     m.def(
         "ll_publish",

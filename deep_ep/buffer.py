@@ -435,6 +435,15 @@ class Buffer:
             quant_mode=quant_mode,
         )
 
+    def get_next_low_latency_combine_buffer(self, handle: tuple) -> torch.Tensor:
+        """[M, H] (the handle's dtype, bfloat16 unless x was float16) where the expert outputs of the
+        next low_latency_combine may be written, in the packed layout of recv_x. Passed to that call as
+        x, its rows are not copied: on one host the token owners read them where they are. Write it
+        after this call and not after passing it to low_latency_combine; every call hands out the
+        memory of the next combine (two alternate). Plain tensor with the "alltoall" strategy;
+        RuntimeError with CANN's MC2 operators."""
+        return self.low_latency_strategy.get_next_low_latency_combine_buffer(handle)
+
     def low_latency_combine(
         self,
         x: torch.Tensor,

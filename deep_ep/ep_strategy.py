@@ -214,6 +214,13 @@ class LowLatencyEPCommStrategy(EPCommStrategy):
     ) -> Tuple[torch.Tensor, EventOverlap, Callable]:
         """Buffer.low_latency_combine."""
 
+    def get_next_low_latency_combine_buffer(self, handle: tuple) -> torch.Tensor:
+        """Buffer.get_next_low_latency_combine_buffer; a strategy without a zero-copy buffer raises."""
+        raise NotImplementedError(
+            f"low-latency strategy {self.get_name()!r} has no zero-copy combine buffer; "
+            "pass low_latency_combine a tensor of your own"
+        )
+
 
 # ==================== registry ====================
 _NORMAL_STRATEGY_REGISTRY: Dict[str, Type[NormalEPCommStrategy]] = {}

@@ -106,6 +106,7 @@ class LowLatencyState:
     topk_idx: torch.Tensor
     topk_weights: Optional[torch.Tensor]
     src_info: torch.Tensor  # int32 [M, 3]
+    slot: torch.Tensor  # int64 [T, K]: each selection's slot in its expert's block (layout.low_latency_slots)
     layout_range: torch.Tensor  # int64 [L * R]
     recv_count: torch.Tensor  # int64 [L]
     stats: Optional[torch.Tensor]
@@ -500,6 +501,7 @@ class LowLatencyMode:
             topk_idx=topk_idx,
             topk_weights=topk_weights,
             src_info=torch.empty(num_rows, 3, dtype=torch.int32),
+            slot=slot,
             layout_range=torch.empty(experts_per_rank * self.runtime.group_size, dtype=torch.int64),
             recv_count=torch.empty(experts_per_rank, dtype=torch.int64),
             stats=cumulative_local_expert_recv_stats,
@@ -637,6 +639,18 @@ class LowLatencyMode:
         if not return_recv_hook:
             hook()
         return result if out is None else out, EventOverlap(), hook
+
+    def combine_buffer(self, state: LowLatencyState) -> torch.Tensor:
+        """[M, H] in the handle's dtype where the next low_latency_combine's x may be written: passed
+        as x, its rows are read where they are instead of being copied (shared memory; on the other
+        transports it is a plain tensor). It is the memory of the next combine's parity, handed out
+        once every rank has read the combine two calls back; the next buffer is another one."""
+        what = "get_next_low_latency_combine_buffer"
+        self.ready(what)
+        if not state.received:
+            raise RuntimeError(f"deep_ep {what}: call the hook of the low_latency_dispatch that made this handle first")
+        self._check_hook(state, what)
+        return state.transport.combine_buffer(self, state, self.begin(1, what), what)
 
     def _combine_receive(self, task: LowLatencyCombine) -> None:
         """Waits for every holder's rows of this call and reduces them (the hook)."""

@@ -50,6 +50,11 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
 
 
+def _block_rows(layout_range: torch.Tensor) -> torch.Tensor:
+    """Rows of every block from the inclusive prefix sums int64 [L * R] of a packed layout."""
+    return torch.diff(layout_range, prepend=layout_range.new_zeros(1))
+
+
 def _no_hook() -> None:
     """The hook of a call whose data has arrived."""
 
@@ -154,11 +159,28 @@ class SharedMemoryLowLatency:
             self._disagree(mode, 0, state)
         state.total = total
 
+    def combine_buffer(self, mode: LowLatencyMode, state: LowLatencyState, seq: int, what: str) -> torch.Tensor:
+        """[M, H] in state.dtype over this rank's zero-copy area of the parity combine `seq` will use,
+        once every owner has read the last combine sent through it."""
+        ll, parity = self.ll, seq & 1
+        mode.ll_guard(ll.wait_consumed, 1, parity, what)
+        area = ll.in_place_area(state.num_max_tokens, state.hidden, state.num_experts, parity, what)
+        return area[: state.num_rows].view(state.dtype)
+
     def send_combine(self, mode: LowLatencyMode, task: LowLatencyCombine, x: torch.Tensor, what: str) -> None:
         ll, state, seq, parity = self.ll, task.state, task.seq, task.seq & 1
         total, hidden = state.total, state.hidden
         areas = ll.areas(state.num_max_tokens, hidden, state.num_experts, parity)
-        if task.immediate and not _overlap(x, task.result):  # the reduce reads this rank's own rows from x
+        # x is this parity's zero-copy area (combine_buffer): the owners read the rows where they are.
+        in_place = x.data_ptr() == areas.in_place[ll.local_index] and not _overlap(x, task.result)
+        experts_per_rank = state.num_experts // ll.num_local
+        # Per owner d: 1 and the first packed row of every block (l, d), or 0 (rows copied).
+        placement = torch.zeros(ll.num_local, 1 + experts_per_rank, dtype=torch.int64)
+        if in_place:
+            first = state.layout_range - _block_rows(state.layout_range)
+            placement[:, 0] = 1
+            placement[:, 1:] = first.view(experts_per_rank, ll.num_local).t()
+        elif task.immediate and not _overlap(x, task.result):  # the reduce reads this rank's own rows from x
             task.x = x
             task.own_rows = torch.empty(state.num_tokens * state.num_topk, dtype=torch.int64)
         own_rows = task.own_rows if task.own_rows is not None else _NO_ROWS
@@ -182,6 +204,9 @@ class SharedMemoryLowLatency:
             seq,
             ll.local_index,
             own_rows.numpy(),
+            in_place,
+            placement.numpy(),
+            placement.shape[1],
             mode.runtime.num_threads,
         )
 
@@ -211,6 +236,12 @@ class SharedMemoryLowLatency:
             task.x.data_ptr() if task.x is not None else 0,
             (task.own_rows if task.own_rows is not None else _NO_ROWS).numpy(),
             state.num_rows,
+            shm_low_latency.COUNTS_WORD * 8,
+            areas.in_place,
+            areas.in_place_rows,
+            state.topk_idx.numpy(),
+            state.slot.numpy(),
+            state.num_experts // ll.num_local,
             ll.recv_ack[1][parity],
             mode.runtime.num_threads,
         )
@@ -224,6 +255,10 @@ class AllToAllLowLatency:
     move at the call; the hook places / reduces them. Same bits as the shared memory."""
 
     ll = None
+
+    def combine_buffer(self, mode: LowLatencyMode, state: LowLatencyState, seq: int, what: str) -> torch.Tensor:
+        """A fresh [M, H] tensor: the rows travel through all_to_all_single either way."""
+        return mode.runtime.pool.empty((state.num_rows, state.hidden), state.dtype)
 
     def reject(self, mode: LowLatencyMode, kind: int, seq: int, header: List[int], what: str) -> None:
         counts = torch.zeros(mode.runtime.group_size, 1, dtype=torch.int64)
@@ -410,6 +445,16 @@ class _LowLatencyStrategyBase(LowLatencyEPCommStrategy):
                 f"Buffer's {self.get_name()!r}; use the strategy that dispatched it"
             )
         return rt.low_latency.ll_combine(x, topk_idx, topk_weights, state, return_recv_hook, out)
+
+    def get_next_low_latency_combine_buffer(self, handle: tuple) -> torch.Tensor:
+        rt = self.runtime
+        state = handles.state_of(handle, (handles.LowLatencyHandle,), rt.runtime_id, "Buffer.low_latency_dispatch")
+        if self.on_npu:
+            raise RuntimeError(
+                "deep_ep: get_next_low_latency_combine_buffer is not available with CANN's MC2 operators; "
+                "pass low_latency_combine a tensor of your own"
+            )
+        return rt.low_latency.combine_buffer(state)
 
 
 @register_low_latency_strategy("default")

@@ -105,9 +105,24 @@ def half_bytes(num_max_tokens: int, hidden: int, num_experts: int) -> int:
     return slot_bytes(num_max_tokens, hidden, num_experts) + return_bytes(num_max_tokens, hidden, num_experts)
 
 
+def in_place_rows(num_max_tokens: int, num_ranks: int, num_experts: int) -> int:
+    """Rows of a parity's zero-copy combine area: the most packed rows a rank can hold, Nmax * R *
+    min(K, L) for any K <= MAX_TOPK + 1 (layout.SharedExperts.packed_rows)."""
+    return num_max_tokens * num_ranks * min(MAX_TOPK + 1, max(1, num_experts // num_ranks))
+
+
+def in_place_bytes(num_max_tokens: int, hidden: int, num_ranks: int, num_experts: int) -> int:
+    """One parity's zero-copy combine area: in_place_rows 16-bit rows, after the half's other areas.
+    Only its owner writes it, so it is reserved when first handed out (not in prepare)."""
+    return _align(in_place_rows(num_max_tokens, num_ranks, num_experts) * 2 * hidden)
+
+
 def bytes_needed(num_max_tokens: int, hidden: int, num_ranks: int, num_experts: int) -> int:
     """Segment bytes for Nmax tokens of hidden size H per rank, R ranks and E experts."""
-    return control_bytes(num_ranks) + 2 * half_bytes(num_max_tokens, hidden, num_experts)
+    per_half = half_bytes(num_max_tokens, hidden, num_experts) + in_place_bytes(
+        num_max_tokens, hidden, num_ranks, num_experts
+    )
+    return control_bytes(num_ranks) + 2 * per_half
 
 
 @dataclass
@@ -119,6 +134,8 @@ class Areas:
     scales: List[int]  # float32 [Nmax]
     returns: List[int]  # combine rows [return_rows, 2H]
     return_rows: int
+    in_place: List[int]  # zero-copy combine rows [in_place_rows, 2H] (packed layout)
+    in_place_rows: int
 
 
 class LowLatencyShm:
@@ -195,7 +212,9 @@ class LowLatencyShm:
     # ---- sizes ---------------------------------------------------------------------------------------------
     def fits(self, num_max_tokens: int, hidden: int, num_experts: int) -> bool:
         return (
-            half_bytes(num_max_tokens, hidden, num_experts) <= self.half
+            half_bytes(num_max_tokens, hidden, num_experts)
+            + in_place_bytes(num_max_tokens, hidden, self.num_local, num_experts)
+            <= self.half
             and num_experts // self.num_local <= MAX_LOCAL_EXPERTS
         )
 
@@ -276,9 +295,42 @@ class LowLatencyShm:
                 scales=[t + _align(num_max_tokens * 2 * hidden) for t in tokens],
                 returns=[s + slot_bytes(num_max_tokens, hidden, num_experts) for s in starts],
                 return_rows=ret // (2 * hidden),
+                in_place=[s + half_bytes(num_max_tokens, hidden, num_experts) for s in starts],
+                in_place_rows=in_place_rows(num_max_tokens, self.num_local, num_experts),
             )
             self._remember(key, found)
         return found
+
+    def in_place_area(self, num_max_tokens: int, hidden: int, num_experts: int, parity: int, what: str) -> torch.Tensor:
+        """uint8 [in_place_rows, 2H]: this rank's zero-copy combine area of `parity`, reserved now
+        (SharedMemoryExhausted when /dev/shm is full). The caller waits for the owners first."""
+        end = half_bytes(num_max_tokens, hidden, num_experts) + in_place_bytes(
+            num_max_tokens, hidden, self.num_local, num_experts
+        )
+        reservation = self.reservations[parity]
+        if not reservation.grow(end):
+            raise SharedMemoryExhausted(
+                shm.exhausted_message(what, {self.rank: end}, "use a smaller num_max_dispatch_tokens_per_rank")
+                + f" ({reservation.failure})"
+            )
+        key = ("in_place", num_max_tokens, hidden, num_experts, parity)
+        found = self._areas.get(key)
+        if found is None:
+            rows = in_place_rows(num_max_tokens, self.num_local, num_experts)
+            offset = self.control + parity * self.half + half_bytes(num_max_tokens, hidden, num_experts)
+            area = torch.frombuffer(
+                self.segments[self.local_index], dtype=torch.uint8, count=rows * 2 * hidden, offset=offset
+            )
+            found = self._remember(key, area.view(rows, 2 * hidden))
+        return found
+
+    def wait_consumed(self, kind: int, parity: int, what: str) -> None:
+        """Returns once every owner has consumed the last call of `kind` sent on `parity`."""
+        previous = self.last_seq[kind][parity]
+        if previous > 0:
+            self.sync.wait_at_least(
+                self.send_ack[kind][parity], [previous] * self.num_local, self.owners, self.timeout_s, what
+            )
 
     # ---- signalling ----------------------------------------------------------------------------------------
     def begin_send(self, kind: int, parity: int, seq: int) -> int:
@@ -292,11 +344,8 @@ class LowLatencyShm:
     def wait_acks(self, kind: int, parity: int, seq: int, what: str) -> None:
         """Before sending call `seq` without rows (a rejected call): every owner has consumed the
         previous call on this parity through this shared memory."""
-        previous = self.begin_send(kind, parity, seq)
-        if previous > 0:
-            self.sync.wait_at_least(
-                self.send_ack[kind][parity], [previous] * self.num_local, self.owners, self.timeout_s, what
-            )
+        self.wait_consumed(kind, parity, what)
+        self.begin_send(kind, parity, seq)
 
     def headers(self, kind: int, parity: int) -> torch.Tensor:
         """int64 [sources, HEADER_WORDS] view of the headers of this rank's mailboxes."""

@@ -86,7 +86,7 @@ def test_bench_low_latency(capfd):
         ]
     )
     out = capfd.readouterr().out  # printed by rank 0's process
-    assert "default (shm)" in out and "memcpy (same bytes)" in out
+    assert "default (shm)" in out and "default, zero-copy" in out and "memcpy (same bytes)" in out
 
 
 def test_calls_per_iteration_fills_the_batch_time():

@@ -143,9 +143,11 @@ def test_strategies_agree_and_repeat() -> None:
 
 def combine_paths_agree(rank: int, num_ranks: int, group) -> None:
     """The shared-memory combine reads a rank's own rows from x when it reduces inside the call and
-    copies them with return_recv_hook; both give the bits of the "alltoall" strategy (same float64
-    sum, k ascending), for bfloat16 and float16 rows, a hidden size that is not a multiple of the
-    kernel's 32-column blocks, and top-k entries set to -1 before combine. Against the reference too."""
+    copies them with return_recv_hook, and reads every row in place from the zero-copy buffers
+    (get_next_low_latency_combine_buffer), also when only some ranks use them; all give the bits of the
+    "alltoall" strategy (same float64 sum, k ascending), for bfloat16 and float16 rows, a hidden size
+    that is not a multiple of the kernel's 32-column blocks, and top-k entries set to -1 before combine.
+    Against the reference too."""
     hidden, experts_per_rank, topk, num_max = 100, 3, 4, 16
     num_experts = experts_per_rank * num_ranks
     buffers = {
@@ -172,6 +174,34 @@ def combine_paths_agree(rank: int, num_ranks: int, group) -> None:
                 receive()
                 assert combined.dtype == dtype
                 results[strategy, hook] = combined.clone()
+                # The same rows written into the zero-copy buffer (read in place on shared memory), three
+                # calls in a row so both parities' buffers serve; with the hook, two are in flight.
+                pending = []
+                for call in range(3):
+                    zero_copy = buffer.get_next_low_latency_combine_buffer(handle)
+                    assert zero_copy.shape == y.shape and zero_copy.dtype == dtype
+                    zero_copy.copy_(y)
+                    combined, _, receive = buffer.low_latency_combine(
+                        zero_copy, kept, inputs.topk_weights, handle, return_recv_hook=hook
+                    )
+                    pending.append((combined, receive))
+                    if len(pending) == 2 or not hook:
+                        done, receive = pending.pop(0)
+                        receive()
+                        results[strategy, "zero-copy", hook, call] = done.clone()
+                for done, receive in pending:
+                    receive()
+                    results[strategy, "zero-copy", hook, "last"] = done.clone()
+                # Ranks that disagree on it: odd ranks copy their rows, even ranks leave them in place.
+                x_of_rank = y
+                if rank % 2 == 0:
+                    x_of_rank = buffer.get_next_low_latency_combine_buffer(handle)
+                    x_of_rank.copy_(y)
+                combined, _, receive = buffer.low_latency_combine(
+                    x_of_rank, kept, inputs.topk_weights, handle, return_recv_hook=hook
+                )
+                receive()
+                results[strategy, "mixed", hook] = combined.clone()
             # `out` inside x: the rows it overwrites are read before (the reduce reads no row from x then).
             recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(
                 inputs.x, inputs.topk_idx, num_max, num_experts, use_fp8=False
@@ -260,7 +290,12 @@ def shared_expert_ranks(rank: int, num_ranks: int, group, num_shared: int) -> No
         assert torch.equal(src_info[:real].long(), torch.stack([ref["src_rank"], ref["src_idx"], ref["src_k"]], 1))
         # Routed local expert l multiplies by 1 + l / 8, the shared expert by 1; combine adds it with weight 1.
         weights = torch.rand(inputs.x.shape[0], topk)
-        combined = buffer.low_latency_combine(expert_output(recv_x, recv_count), inputs.topk_idx, weights, handle)[0]
+        y = expert_output(recv_x, recv_count)
+        combined = buffer.low_latency_combine(y, inputs.topk_idx, weights, handle)[0].clone()
+        zero_copy = buffer.get_next_low_latency_combine_buffer(handle)
+        zero_copy.copy_(y)
+        in_place = buffer.low_latency_combine(zero_copy, inputs.topk_idx, weights, handle)[0]
+        assert torch.equal(in_place.view(torch.int16), combined.view(torch.int16)), (strategy, quant)
         case = Case(tokens=[0], quant=quant, experts_per_rank=experts_per_rank, topk=topk)
         x_used = inputs.x.double()
         if quant == "int8":
