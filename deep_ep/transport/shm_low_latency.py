@@ -3,7 +3,7 @@
 Every local rank owns one segment of `num_rdma_bytes` (AUTO_BYTES of address space when it is 0),
 mapped by all its local peers:
 
-    [control 4 KiB | mailboxes | parity 0: slots, tokens, scales, returns ... | parity 1: the same]
+    [control 4 KiB | mailboxes | parity 0: slots, tokens, scales, returns, in place ... | parity 1: the same]
 
 - mailboxes: one per (kind, parity, source rank), kind = dispatch or combine. The source writes a
   header (and, for dispatch, its row count per local expert of the owner) and then release-stores
@@ -25,6 +25,10 @@ mapped by all its local peers:
   output of the owner's selection (t, k) into row t * K + k; the owner reduces them in k order,
   in one pass that reads each row once. When the reduction runs inside the combine call (no
   return_recv_hook), a rank's outputs for its own tokens are not copied: it reads them from x.
+- in place (combine): this rank's zero-copy buffer, [Nmax * R * min(17, L)] rows in the packed layout
+  of its recv_x (Buffer.get_next_low_latency_combine_buffer). Written only by its owner (by the
+  caller's experts), so it is reserved when first handed out; a combine whose x is this area copies
+  nothing, and the token owners reduce straight from it (docs/low_latency_data_path.md).
 
 Each send and each receive is one native call (deep_ep_cpp.ll_dispatch_send / ll_dispatch_receive /
 ll_combine_send / ll_combine_receive) that also does the call's waits; docs/low_latency_data_path.md
