@@ -200,6 +200,7 @@ class LowLatencyShm:
             [self.inbox[k, p, :, HEADER_WORD : HEADER_WORD + HEADER_WORDS] for p in (0, 1)] for k in (0, 1)
         ]
         self.last_seq = [[0, 0], [0, 0]]  # [kind][parity]: the last call sent through this memory
+        self.handed_out = False  # whether in_place_area gave the caller a view of this rank's segment
         # Read once: the hot path should not parse the environment on every wait.
         self.timeout_s = timeout_seconds()
 
@@ -209,8 +210,13 @@ class LowLatencyShm:
     def close(self) -> None:
         self.inbox = None
         self.sync = None
-        for segment in getattr(self, "segments", []):
-            segment.close()
+        self._areas = {}
+        self.reservations = []
+        for index, segment in enumerate(getattr(self, "segments", [])):
+            # A zero-copy buffer the caller still holds views this rank's segment: the mapping then
+            # goes with the last such tensor (the names are unlinked already), never under it.
+            if not (index == self.local_index and getattr(self, "handed_out", False)):
+                segment.close()
         self.segments = []
 
     # ---- sizes ---------------------------------------------------------------------------------------------
@@ -326,6 +332,7 @@ class LowLatencyShm:
                 self.segments[self.local_index], dtype=torch.uint8, count=rows * 2 * hidden, offset=offset
             )
             found = self._remember(key, area.view(rows, 2 * hidden))
+        self.handed_out = True
         return found
 
     def wait_consumed(self, kind: int, parity: int, what: str) -> None:

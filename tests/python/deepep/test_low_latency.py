@@ -227,6 +227,43 @@ def test_combine_paths_agree(num_ranks: int) -> None:
     spawn_ranks(combine_paths_agree, num_ranks)
 
 
+def dev_shm_used() -> int:
+    stat = os.statvfs("/dev/shm")
+    return (stat.f_blocks - stat.f_bfree) * stat.f_frsize
+
+
+def zero_copy_buffer_outlives_destroy(rank: int, num_ranks: int, group) -> None:
+    """A zero-copy combine buffer is a view of this rank's shared memory: held past Buffer.destroy() it
+    stays readable (its mapping goes with the tensor), and once dropped the memory is given back."""
+    dist.barrier(group)
+    before = dev_shm_used()
+    dist.barrier(group)
+    case = Case(tokens=[16], max_tokens=16, hidden=256, experts_per_rank=2, topk=2, quant="bf16")
+    buffer = buffer_for(group, num_ranks, [case])
+    inputs = make_inputs(rank, 16, case.hidden, 2 * num_ranks, case.topk, num_ranks)
+    recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(
+        inputs.x, inputs.topk_idx, case.max_tokens, 2 * num_ranks, use_fp8=False
+    )
+    zero_copy = buffer.get_next_low_latency_combine_buffer(handle)
+    zero_copy.copy_(expert_output(recv_x, recv_count))
+    expected = zero_copy.clone()
+    buffer.low_latency_combine(zero_copy, inputs.topk_idx, inputs.topk_weights, handle)
+    dist.barrier(group)
+    held = dev_shm_used() - before
+    buffer.destroy()
+    assert torch.equal(zero_copy, expected)  # no segfault: still mapped
+    del zero_copy
+    dist.barrier(group)
+    after = dev_shm_used() - before
+    assert held > 0 and after < held, (held, after)
+    assert after <= 1 << 20, after  # every rank's segments are gone (allowing for other users of /dev/shm)
+
+
+def test_zero_copy_buffer_outlives_destroy() -> None:
+    spawn_ranks(zero_copy_buffer_outlives_destroy, 2)
+    assert not our_segments()
+
+
 def shared_expert_ranks(rank: int, num_ranks: int, group, num_shared: int) -> None:
     """MOE_SHARED_EXPERT_RANK_NUM = S: ranks [0, S) hold the shared expert and receive every token of
     the sources s with s % S == rank; ranks [S, R) hold the routed experts, L = E / (R - S) each; combine
