@@ -5,10 +5,10 @@ Every call draws its own token counts (0 to a few thousand per rank, 0 on some r
 hidden size, experts per rank, dtype (bfloat16, float16, float32), quantization (int8 or not)
 and mode: normal dispatch + combine, cached dispatch with the handle of an earlier dispatch
 (other modes ran in between) + combine, low_latency_dispatch + low_latency_combine (with and
-without hooks), and fused_deep_moe (int8 W8A8 or bf16 weights, quant_mode 0 or 1, FUSED_DEEP_MOE or
-DISPATCH_FFN_COMBINE). All ranks draw the same sequence from one seed; each rank
-builds every rank's inputs from their seeds (the reference needs all of them). Only the public
-API of Buffer is used; handles are passed back untouched.
+without hooks, copying or from the zero-copy buffer), and fused_deep_moe (int8 W8A8 or bf16
+weights, quant_mode 0 or 1, FUSED_DEEP_MOE or DISPATCH_FFN_COMBINE). All ranks draw the same
+sequence from one seed; each rank builds every rank's inputs from their seeds (the reference needs
+all of them). Only the public API of Buffer is used; handles are passed back untouched.
 
     python tests/python/deepep/test_soak.py --num-processes 3 --calls 1000   # longer; prints RSS
     python -m pytest tests/python/deepep/test_soak.py                         # the test suite
@@ -69,6 +69,7 @@ class Call:
     worst: bool = False  # normal: num_worst_tokens set
     new_weights: bool = False  # normal combine: explicit topk_weights instead of the dispatch's
     hook: bool = False  # low-latency: return_recv_hook
+    zero_copy: bool = False  # low-latency: combine from get_next_low_latency_combine_buffer
     max_tokens: int = LL_MAX_TOKENS  # low-latency / fused: Nmax of the call
     inter: int = 64  # fused: I
     weights: str = "int8"  # fused: "int8" (W8A8), "bf16" or "ffn" (DISPATCH_FFN_COMBINE, int8), as fused_cases.Case
@@ -116,6 +117,8 @@ def draw_call(rng: random.Random, num_ranks: int, index: int) -> Call:
         call.dtype = rng.choice((torch.bfloat16, torch.float16) + ((torch.float32,) if call.quant == "int8" else ()))
         call.hook = rng.random() < 0.5
         call.max_tokens = rng.choice((LL_MAX_TOKENS, max(1, max(call.tokens))))
+        # From the call's own seed, as the fused variants: the main sequence stays as it was.
+        call.zero_copy = random.Random(index).random() < 0.5
     else:
         call.tokens = draw_tokens(rng, num_ranks, FUSED_MAX_TOKENS)
         call.quant = "int8"
@@ -340,6 +343,8 @@ def low_latency(buffer: deep_ep.Buffer, rank: int, call: Call) -> Results:
     check_rows(first_rows(recv_x, real), ref["x"], call.quant, out_dtype, "low_latency_dispatch recv_x")
 
     y = expert_outputs(recv_x, recv_count.tolist(), out_dtype, num_rows)
+    if call.zero_copy:  # the experts' output written where the combine reads it in place
+        y = buffer.get_next_low_latency_combine_buffer(handle).copy_(y)
     weights = torch.rand(mine.topk_weights.shape, generator=torch.Generator().manual_seed(call.seed))
     combined, event, hook = buffer.low_latency_combine(y, mine.topk_idx, weights, handle, return_recv_hook=call.hook)
     event.current_stream_wait()
