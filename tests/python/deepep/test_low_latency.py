@@ -401,6 +401,16 @@ def errors(rank: int, num_ranks: int, group) -> None:
         bad_idx[0, 0] = 2 * num_ranks
         with pytest.raises(ValueError, match=r"outside \[-1|rejected"):
             buffer.low_latency_dispatch(inputs.x, bad_idx, 8, 2 * num_ranks)
+        # The zero-copy buffer: only for this Buffer's own handles, once the dispatch has received.
+        handle = ok()
+        with pytest.raises(TypeError, match="rebuilt from a handle"):
+            buffer.get_next_low_latency_combine_buffer(tuple(handle))
+        _, _, waiting, _, hook = buffer.low_latency_dispatch(
+            inputs.x, inputs.topk_idx, case.max_tokens, 2 * num_ranks, return_recv_hook=True
+        )
+        with pytest.raises(RuntimeError, match="call the hook of the low_latency_dispatch"):
+            buffer.get_next_low_latency_combine_buffer(waiting)
+        hook()
         ok()
         buffer.destroy()
     if num_ranks > 1:
