@@ -269,23 +269,27 @@ bool cpu_has_avx512() {
 
 #define DEEP_EP_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,f16c")))
 
-// 8 values of 16-bit type D widened exactly to float64 (as bf16_to_float / f16_to_float do). The
+// 8 values of type D widened exactly to float64 (as bf16_to_float / f16_to_float / a cast do). The
 // all-lanes zero-masked conversion: GCC 12 flags the unmasked one's undefined pass-through.
 template <Dtype D>
 DEEP_EP_AVX512 inline __m512d widen8(const std::uint8_t* values) {
-    const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(values));
     __m256 floats;
-    if constexpr (D == Dtype::BFloat16)
-        floats = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
-    else
-        floats = _mm256_cvtph_ps(bits);
+    if constexpr (D == Dtype::Float32) {
+        floats = _mm256_loadu_ps(reinterpret_cast<const float*>(values));
+    } else {
+        const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(values));
+        if constexpr (D == Dtype::BFloat16)
+            floats = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+        else
+            floats = _mm256_cvtph_ps(bits);
+    }
     return _mm512_maskz_cvtps_pd(0xFF, floats);
 }
 
 // sums[j] += weight * row[8j, 8j + 8) for the 32 columns of a block.
 template <Dtype D>
 DEEP_EP_AVX512 inline void add_block(__m512d* sums, const std::uint8_t* row, double weight) {
-    constexpr std::size_t kStride = 8 * 2;  // bytes of 8 values
+    constexpr std::size_t kStride = D == Dtype::Float32 ? 32 : 16;  // bytes of 8 values
     const __m512d w = _mm512_set1_pd(weight);
     sums[0] = _mm512_add_pd(sums[0], _mm512_mul_pd(w, widen8<D>(row)));
     sums[1] = _mm512_add_pd(sums[1], _mm512_mul_pd(w, widen8<D>(row + kStride)));
@@ -293,12 +297,12 @@ DEEP_EP_AVX512 inline void add_block(__m512d* sums, const std::uint8_t* row, dou
     sums[3] = _mm512_add_pd(sums[3], _mm512_mul_pd(w, widen8<D>(row + 3 * kStride)));
 }
 
-// 16-bit rows only: float32 rows ran slower blocked than whole-row (486 against 297 us for 128 tokens
-// x 8 rows x 2048 on one core); fp16 rows ran 665-693 us against 3240-3245 us (f16_to_float's branches
-// keep the whole-row loop scalar).
-bool blockable(const RowTerm& term) { return term.dtype == Dtype::BFloat16 || term.dtype == Dtype::Float16; }
+// bf16, fp16 and float32 rows (128 tokens x 8 rows x 2048 on one core, whole-row -> blocked: bf16
+// 364-368 -> 299-301 us, fp16 3240-3245 -> 662-693 us (f16_to_float's branches keep the whole-row
+// loop scalar), float32 296-298 -> 246-254 us); float64 partial sums stay whole-row.
+bool blockable(const RowTerm& term) { return term.dtype != Dtype::Float64; }
 
-// scratch[0, columns) = sum over terms in order of weight * row, for bf16 / fp16 rows and
+// scratch[0, columns) = sum over terms in order of weight * row, for bf16 / fp16 / float32 rows and
 // columns a multiple of kBlockColumns: per column the same multiplies and adds in the same order as
 // accumulate_row (so the same bits), but the sums of a block stay in registers across the terms
 // instead of going through memory once per term.
@@ -311,6 +315,9 @@ DEEP_EP_AVX512 void accumulate_blocks(const RowTerm* terms, std::size_t count, s
             switch (terms[k].dtype) {
                 case Dtype::BFloat16:
                     add_block<Dtype::BFloat16>(sums, row, terms[k].weight);
+                    break;
+                case Dtype::Float32:
+                    add_block<Dtype::Float32>(sums, row, terms[k].weight);
                     break;
                 default:
                     add_block<Dtype::Float16>(sums, row, terms[k].weight);
