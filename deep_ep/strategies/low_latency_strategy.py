@@ -50,9 +50,9 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
 
 
-def _block_rows(layout_range: torch.Tensor) -> torch.Tensor:
-    """Rows of every block from the inclusive prefix sums int64 [L * R] of a packed layout."""
-    return torch.diff(layout_range, prepend=layout_range.new_zeros(1))
+def _block_starts(layout_range: torch.Tensor) -> torch.Tensor:
+    """First row of every block, from the inclusive prefix sums int64 [L * R] of a packed layout."""
+    return torch.cat((layout_range.new_zeros(1), layout_range[:-1]))
 
 
 def _no_hook() -> None:
@@ -172,15 +172,15 @@ class SharedMemoryLowLatency:
         total, hidden = state.total, state.hidden
         areas = ll.areas(state.num_max_tokens, hidden, state.num_experts, parity)
         # x is this parity's zero-copy area (combine_buffer): the owners read the rows where they are.
-        in_place = x.data_ptr() == areas.in_place[ll.local_index] and not _overlap(x, task.result)
+        overlaps = _overlap(x, task.result)
+        in_place = x.data_ptr() == areas.in_place[ll.local_index] and not overlaps
         experts_per_rank = state.num_experts // ll.num_local
         # Per owner d: 1 and the first packed row of every block (l, d), or 0 (rows copied).
         placement = torch.zeros(ll.num_local, 1 + experts_per_rank, dtype=torch.int64)
         if in_place:
-            first = state.layout_range - _block_rows(state.layout_range)
             placement[:, 0] = 1
-            placement[:, 1:] = first.view(experts_per_rank, ll.num_local).t()
-        elif task.immediate and not _overlap(x, task.result):  # the reduce reads this rank's own rows from x
+            placement[:, 1:] = _block_starts(state.layout_range).view(experts_per_rank, ll.num_local).t()
+        elif task.immediate and not overlaps:  # the reduce reads this rank's own rows from x
             task.x = x
             task.own_rows = torch.empty(state.num_tokens * state.num_topk, dtype=torch.int64)
         own_rows = task.own_rows if task.own_rows is not None else _NO_ROWS

@@ -121,12 +121,16 @@ def in_place_bytes(num_max_tokens: int, hidden: int, num_ranks: int, num_experts
     return _align(in_place_rows(num_max_tokens, num_ranks, num_experts) * 2 * hidden)
 
 
-def bytes_needed(num_max_tokens: int, hidden: int, num_ranks: int, num_experts: int) -> int:
-    """Segment bytes for Nmax tokens of hidden size H per rank, R ranks and E experts."""
-    per_half = half_bytes(num_max_tokens, hidden, num_experts) + in_place_bytes(
+def half_bytes_in_place(num_max_tokens: int, hidden: int, num_ranks: int, num_experts: int) -> int:
+    """Bytes of one parity's areas with the zero-copy combine area after them."""
+    return half_bytes(num_max_tokens, hidden, num_experts) + in_place_bytes(
         num_max_tokens, hidden, num_ranks, num_experts
     )
-    return control_bytes(num_ranks) + 2 * per_half
+
+
+def bytes_needed(num_max_tokens: int, hidden: int, num_ranks: int, num_experts: int) -> int:
+    """Segment bytes for Nmax tokens of hidden size H per rank, R ranks and E experts."""
+    return control_bytes(num_ranks) + 2 * half_bytes_in_place(num_max_tokens, hidden, num_ranks, num_experts)
 
 
 @dataclass
@@ -222,9 +226,7 @@ class LowLatencyShm:
     # ---- sizes ---------------------------------------------------------------------------------------------
     def fits(self, num_max_tokens: int, hidden: int, num_experts: int) -> bool:
         return (
-            half_bytes(num_max_tokens, hidden, num_experts)
-            + in_place_bytes(num_max_tokens, hidden, self.num_local, num_experts)
-            <= self.half
+            half_bytes_in_place(num_max_tokens, hidden, self.num_local, num_experts) <= self.half
             and num_experts // self.num_local <= MAX_LOCAL_EXPERTS
         )
 
@@ -314,9 +316,7 @@ class LowLatencyShm:
     def in_place_area(self, num_max_tokens: int, hidden: int, num_experts: int, parity: int, what: str) -> torch.Tensor:
         """uint8 [in_place_rows, 2H]: this rank's zero-copy combine area of `parity`, reserved now
         (SharedMemoryExhausted when /dev/shm is full). The caller waits for the owners first."""
-        end = half_bytes(num_max_tokens, hidden, num_experts) + in_place_bytes(
-            num_max_tokens, hidden, self.num_local, num_experts
-        )
+        end = half_bytes_in_place(num_max_tokens, hidden, self.num_local, num_experts)
         reservation = self.reservations[parity]
         if not reservation.grow(end):
             raise SharedMemoryExhausted(
@@ -326,10 +326,10 @@ class LowLatencyShm:
         key = ("in_place", num_max_tokens, hidden, num_experts, parity)
         found = self._areas.get(key)
         if found is None:
-            rows = in_place_rows(num_max_tokens, self.num_local, num_experts)
-            offset = self.control + parity * self.half + half_bytes(num_max_tokens, hidden, num_experts)
+            areas, me = self.areas(num_max_tokens, hidden, num_experts, parity), self.local_index
+            rows = areas.in_place_rows
             area = torch.frombuffer(
-                self.segments[self.local_index], dtype=torch.uint8, count=rows * 2 * hidden, offset=offset
+                self.segments[me], dtype=torch.uint8, count=rows * 2 * hidden, offset=areas.in_place[me] - self.base[me]
             )
             found = self._remember(key, area.view(rows, 2 * hidden))
         self.handed_out = True
