@@ -16,8 +16,9 @@ batches of calls in a row, about 5 ms per iteration, the MPI baselines alike):
   - a Megatron-style MPI dispatcher (sort by expert, Alltoallv of counts and rows, permute; back
     with a weighted index_add): what one writes without deep_ep;
   - deep_ep's gloo all_to_all strategy ("alltoall");
-  - with --default-threads, deep_ep again in ranks that keep torch's default thread count (every
-    core per process, as a program started with torch.multiprocessing.spawn has).
+  - with --default-threads, deep_ep's layout + dispatch + combine again with torch's default thread
+    count (every core per process, as a program started with torch.multiprocessing.spawn has),
+    timed alternately with the tuned count, iteration by iteration, in the same ranks.
 The MPI baselines run in `mpiexec -n R python -m deep_ep.bench_mpi` (deep_ep/bench_mpi.py) on the
 same seeded inputs, after the torch ranks have finished, and check their results against the same
 reference; they need `pip install .[bench]` (mpi4py, mpich), else the table says so.
@@ -37,7 +38,7 @@ import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -69,6 +70,7 @@ class Timing:
     network_bytes: int = 0  # dispatch bytes rank 0 sends to other nodes, per call
     network_rows: int = 0
     full: float = 0.0  # get_dispatch_layout + dispatch + combine in a row
+    full_default_threads: float = 0.0  # the same with torch's default thread count (--default-threads)
     combine_in_place: float = 0.0  # low-latency combine from get_next_low_latency_combine_buffer
 
 
@@ -110,6 +112,21 @@ def timed(
     An iteration times `batch` calls in a row (default: calls_per_iteration), so that the ranks' skew
     on leaving the barrier does not count as latency of a call that takes about as long.
     With a `budget` (seconds), `iters` is the most iterations: one untimed call sets how many fit."""
+    return timed_by_threads(group, fn, [torch.get_num_threads()], iters, batch, budget)[0]
+
+
+def timed_by_threads(
+    group: dist.ProcessGroup,
+    fn: Callable[[], object],
+    thread_counts: Sequence[int],
+    iters: int,
+    batch: Optional[int] = None,
+    budget: Optional[float] = None,
+) -> List[float]:
+    """`timed` once per torch thread count, measured alternately: every iteration times a batch with
+    each count in turn, so that all counts meet the same phases of a shared, noisy machine. Returns
+    one median per count; torch's thread count is the first one again afterwards."""
+    torch.set_num_threads(thread_counts[0])
     start = time.perf_counter()
     fn()
     estimate = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
@@ -117,16 +134,18 @@ def timed(
     batch = calls_per_iteration(float(estimate), batch)
     if budget is not None:
         iters = calls_for_budget(float(estimate) * batch, budget, iters)
-    times = []
-    for _ in range(iters):
-        dist.barrier(group)
-        start = time.perf_counter()
-        for _ in range(batch):
-            fn()
-        times.append((time.perf_counter() - start) / batch)
-    slowest = torch.tensor(times, dtype=torch.float64)
-    dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
-    return statistics.median(slowest.tolist())
+    times = torch.empty(iters, len(thread_counts), dtype=torch.float64)
+    for i in range(iters):
+        for j, threads in enumerate(thread_counts):
+            torch.set_num_threads(threads)
+            dist.barrier(group)
+            start = time.perf_counter()
+            for _ in range(batch):
+                fn()
+            times[i, j] = (time.perf_counter() - start) / batch
+    torch.set_num_threads(thread_counts[0])
+    dist.all_reduce(times, op=dist.ReduceOp.MAX, group=group)
+    return [statistics.median(column) for column in times.t().tolist()]
 
 
 def recv_bytes(recv_x) -> int:
@@ -219,7 +238,13 @@ def time_normal(
 
     for _ in range(args.warmup):
         layout_dispatch_combine()
-    full_s = timed(group, layout_dispatch_combine, args.iters, args.batch, budget=args.measure_seconds)
+    # With --default-threads, the default thread count is timed alternately with the tuned one.
+    thread_counts = [args.tuned_threads]
+    if args.default_threads and strategy == "default":
+        thread_counts.append(args.default_torch_threads)
+    full_s, *default_s = timed_by_threads(
+        group, layout_dispatch_combine, thread_counts, args.iters, args.batch, budget=args.measure_seconds
+    )
     # Bytes a dispatch sends to other nodes: counted by the hierarchical transport, one row per
     # (token, node); the alltoall strategy sends one row (the same bytes) per (token, rank).
     before = dict(hierarchical.traffic)
@@ -240,7 +265,14 @@ def time_normal(
         buffer.combine(y, handle)
     combine_s = timed(group, lambda: buffer.combine(y, handle), args.iters, args.batch, budget=args.measure_seconds)
     row = Timing(
-        dispatch_s, combine_s, recv_bytes(recv_x), y.numel() * y.element_size(), network_bytes, network_rows, full_s
+        dispatch_s,
+        combine_s,
+        recv_bytes(recv_x),
+        y.numel() * y.element_size(),
+        network_bytes,
+        network_rows,
+        full_s,
+        full_default_threads=default_s[0] if default_s else 0.0,
     )
     buffer.destroy()
     return row
@@ -409,6 +441,11 @@ def print_low_latency(
 
 def bench_rank(rank: int, num_ranks: int, group, args: argparse.Namespace) -> None:
     quant = args.quant
+    # Ranks start with torch's default thread count (--default-threads) or their share of the cores;
+    # every figure is timed with the share, unless a figure says otherwise.
+    args.default_torch_threads = torch.get_num_threads()
+    args.tuned_threads = max(1, usable_cores() // num_ranks)
+    torch.set_num_threads(args.tuned_threads)
     if args.mode == "low_latency":
         rows = bench_low_latency(rank, group, args, quant)
         nbytes = torch.tensor([rows["default"].bytes, rows["default"].combine_bytes], dtype=torch.int64)
@@ -424,12 +461,13 @@ def bench_rank(rank: int, num_ranks: int, group, args: argparse.Namespace) -> No
             json.dump(results, f)
 
 
-def run_ranks(args: argparse.Namespace, default_threads: bool) -> Dict[str, Dict[str, Timing]]:
-    """Spawns the ranks for the normal-mode sizes; returns {tokens: {strategy: Timing}} of rank 0."""
+def run_ranks(args: argparse.Namespace) -> Dict[str, Dict[str, Timing]]:
+    """Spawns the ranks for the normal-mode sizes; returns {tokens: {strategy: Timing}} of rank 0.
+    With --default-threads the ranks keep torch's default thread count until bench_rank starts."""
     env = {"DEEP_EP_RANKS_PER_NODE": str(args.ranks_per_node)} if args.ranks_per_node else {}
     with tempfile.TemporaryDirectory(prefix="deep_ep_bench_") as tmp:
         args.result_file = os.path.join(tmp, "result.json")
-        spawn_ranks(bench_rank, args.num_processes, args, env=env, share_threads=not default_threads)
+        spawn_ranks(bench_rank, args.num_processes, args, env=env, share_threads=not args.default_threads)
         with open(args.result_file) as f:
             raw = json.load(f)
     return {tokens: {name: Timing(**row) for name, row in rows.items()} for tokens, rows in raw.items()}
@@ -439,12 +477,7 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1e3:.2f}"
 
 
-def print_normal(
-    args: argparse.Namespace,
-    tuned: Dict[str, Dict[str, Timing]],
-    default_threads: Optional[Dict[str, Dict[str, Timing]]],
-    mpi: "MpiOutcome",
-) -> None:
+def print_normal(args: argparse.Namespace, timings: Dict[str, Dict[str, Timing]], mpi: "MpiOutcome") -> None:
     """The normal-mode table: one line per size, ratios of figures measured in this run."""
 
     print(
@@ -466,11 +499,11 @@ def print_normal(
     ]
     if "alltoall" in args.strategies:
         columns += ["gloo alltoall ms", "alltoall/ours"]
-    if default_threads is not None:
+    if args.default_threads:
         columns += ["default-threads ms", "default/tuned"]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
-    for tokens, rows in tuned.items():
+    for tokens, rows in timings.items():
         ours = rows["default"]
         cells = [tokens, ms(ours.full), ms(ours.dispatch), ms(ours.combine)]
         floor = mpi.sizes.get(tokens) if mpi.sizes else None
@@ -489,21 +522,21 @@ def print_normal(
         if "alltoall" in args.strategies:
             other = rows["alltoall"]
             cells += [ms(other.full), f"{other.full / ours.full:.2f}x"]
-        if default_threads is not None:
-            loose = default_threads[tokens]["default"]
-            cells += [ms(loose.full), f"{loose.full / ours.full:.2f}x"]
+        if args.default_threads:
+            cells += [ms(ours.full_default_threads), f"{ours.full_default_threads / ours.full:.2f}x"]
         print("| " + " | ".join(cells) + " |")
     print(f"MPI: {mpi.note}")
-    if default_threads is not None:
+    if args.default_threads:
         print(
-            f"default-threads: the ranks keep torch's default of {torch.get_num_threads()} threads each; tuned: "
-            f"torch.set_num_threads({max(1, usable_cores() // args.num_processes)}) in every rank; deep_ep's "
-            f"kernels use {num_threads(args.num_processes)} thread(s) per rank in both"
+            f"default-threads: torch's default of {torch.get_num_threads()} threads in every rank; tuned: "
+            f"torch.set_num_threads({max(1, usable_cores() // args.num_processes)}); the two are timed "
+            f"alternately, iteration by iteration, in the same ranks; deep_ep's kernels use "
+            f"{num_threads(args.num_processes)} thread(s) per rank in both"
         )
     if args.ranks_per_node:
         print(f"\nsimulated nodes of {args.ranks_per_node} ranks (DEEP_EP_RANKS_PER_NODE); rank 0 per dispatch:")
         print(f"{'tokens/rank':<12}{'strategy':<22}{'rows to other nodes':>21}{'MB':>9}{'inter-node GB/s':>17}")
-        for tokens, rows in tuned.items():
+        for tokens, rows in timings.items():
             for name, label in (("default", "hierarchical (shm)"), ("alltoall", "alltoall (gloo)")):
                 if name in rows:
                     r = rows[name]
@@ -582,8 +615,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "--default-threads",
         action="store_true",
-        help="normal mode: also run deep_ep in ranks that leave torch's default thread count "
-        "untouched, and show that run beside the tuned one (1 core's share per rank)",
+        help="normal mode: also time layout + dispatch + combine with torch's default thread count, "
+        "alternately with the tuned one (each rank's share of the cores), and show the ratio",
     )
     parser.add_argument("--no-alltoall", action="store_true", help="skip the gloo all_to_all strategy")
     parser.add_argument("--no-mpi", action="store_true", help="skip the MPI baselines")
@@ -608,14 +641,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         return
     from .bench_mpi import run_mpi_baselines
 
-    tuned = run_ranks(args, default_threads=False)
-    default_threads = None
-    if args.default_threads:
-        loose = argparse.Namespace(**vars(args))
-        loose.strategies = ["default"]
-        default_threads = run_ranks(loose, default_threads=True)
+    rows = run_ranks(args)
     mpi = run_mpi_baselines(args)
-    print_normal(args, tuned, default_threads, mpi)
+    print_normal(args, rows, mpi)
 
 
 if __name__ == "__main__":
