@@ -38,7 +38,7 @@ import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Hashable, List, Optional, Protocol, Tuple
 
 import torch
 import torch.distributed as dist
@@ -101,51 +101,90 @@ def calls_per_iteration(seconds_per_call: float, batch: Optional[int]) -> int:
     return max(1, min(MOST_BATCH, math.ceil(BATCH_SECONDS / max(seconds_per_call, 1e-6))))
 
 
-def timed(
-    group: dist.ProcessGroup,
-    fn: Callable[[], object],
+@dataclass
+class Measured:
+    """One figure to time: calls of `fn`, with torch's thread count set to `threads`."""
+
+    fn: Callable[[], object]
+    threads: int
+
+
+class RankSync(Protocol):
+    """How the ranks of a measurement start each iteration together and find the slowest rank."""
+
+    def barrier(self) -> None: ...
+
+    def max_over_ranks(self, values: torch.Tensor) -> None:
+        """Replaces float64 `values` by their element-wise maximum over the ranks, in place."""
+
+
+@dataclass
+class TorchSync:
+    """RankSync over a torch.distributed group."""
+
+    group: dist.ProcessGroup
+
+    def barrier(self) -> None:
+        dist.barrier(self.group)
+
+    def max_over_ranks(self, values: torch.Tensor) -> None:
+        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group)
+
+
+def measure_together(
+    sync: RankSync,
+    figures: Dict[Hashable, Measured],
     iters: int,
     batch: Optional[int] = None,
     budget: Optional[float] = None,
-) -> float:
-    """Median over iterations of the slowest rank's time per call, in seconds (ranks start together).
-    An iteration times `batch` calls in a row (default: calls_per_iteration), so that the ranks' skew
-    on leaving the barrier does not count as latency of a call that takes about as long.
-    With a `budget` (seconds), `iters` is the most iterations: one untimed call sets how many fit."""
-    return timed_by_threads(group, fn, [torch.get_num_threads()], iters, batch, budget)[0]
+    warmup: int = 0,
+) -> Dict[Hashable, float]:
+    """Seconds per call of every figure: the median over iterations of the slowest rank's time.
 
-
-def timed_by_threads(
-    group: dist.ProcessGroup,
-    fn: Callable[[], object],
-    thread_counts: Sequence[int],
-    iters: int,
-    batch: Optional[int] = None,
-    budget: Optional[float] = None,
-) -> List[float]:
-    """`timed` once per torch thread count, measured alternately: every iteration times a batch with
-    each count in turn, so that all counts meet the same phases of a shared, noisy machine. Returns
-    one median per count; torch's thread count is the first one again afterwards."""
-    torch.set_num_threads(thread_counts[0])
-    start = time.perf_counter()
-    fn()
-    estimate = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-    dist.all_reduce(estimate, op=dist.ReduceOp.MAX, group=group)
-    batch = calls_per_iteration(float(estimate), batch)
-    if budget is not None:
-        iters = calls_for_budget(float(estimate) * batch, budget, iters)
-    times = torch.empty(iters, len(thread_counts), dtype=torch.float64)
-    for i in range(iters):
-        for j, threads in enumerate(thread_counts):
-            torch.set_num_threads(threads)
-            dist.barrier(group)
+    The figures are timed interleaved: iteration i times one batch of each figure in turn, every
+    batch after a barrier, so that all figures (and the ratios between them) meet the same phases of
+    a shared, noisy machine. A batch is `batch` calls in a row (default: calls_per_iteration), so
+    that the ranks' skew on leaving the barrier does not count as latency of a short call; a batch
+    of several calls follows one untimed call, so that it runs warm as in a run of its own, not
+    after the other figures' data went through the caches. After
+    `warmup` calls, one untimed call of each figure estimates its time; with a `budget` (seconds) a
+    figure gets as many iterations as fill it, at most `iters` and at least 3, else `iters`."""
+    threads_before = torch.get_num_threads()
+    names, items = list(figures), list(figures.values())
+    estimates = torch.empty(len(items), dtype=torch.float64)
+    for j, figure in enumerate(items):
+        torch.set_num_threads(figure.threads)
+        for _ in range(warmup):
+            figure.fn()
+        start = time.perf_counter()
+        figure.fn()
+        estimates[j] = time.perf_counter() - start
+    sync.max_over_ranks(estimates)
+    batches = [calls_per_iteration(e, batch) for e in estimates.tolist()]
+    counts = [
+        iters if budget is None else calls_for_budget(e * b, budget, iters) for e, b in zip(estimates.tolist(), batches)
+    ]
+    times = torch.zeros(len(items), max(counts), dtype=torch.float64)
+    for i in range(max(counts)):
+        for j, figure in enumerate(items):
+            if i >= counts[j]:
+                continue
+            torch.set_num_threads(figure.threads)
+            if batches[j] > 1:
+                figure.fn()  # untimed: warm again after the other figures (a long call is timed alone, cold)
+            sync.barrier()
             start = time.perf_counter()
-            for _ in range(batch):
-                fn()
-            times[i, j] = (time.perf_counter() - start) / batch
-    torch.set_num_threads(thread_counts[0])
-    dist.all_reduce(times, op=dist.ReduceOp.MAX, group=group)
-    return [statistics.median(column) for column in times.t().tolist()]
+            for _ in range(batches[j]):
+                figure.fn()
+            times[j, i] = (time.perf_counter() - start) / batches[j]
+    torch.set_num_threads(threads_before)
+    sync.max_over_ranks(times)
+    return {name: statistics.median(times[j, : counts[j]].tolist()) for j, name in enumerate(names)}
+
+
+def timed(group: dist.ProcessGroup, fn: Callable[[], object], iters: int, batch: Optional[int] = None) -> float:
+    """`measure_together` of one figure at the current thread count, `iters` iterations."""
+    return measure_together(TorchSync(group), {"call": Measured(fn, torch.get_num_threads())}, iters, batch)["call"]
 
 
 def recv_bytes(recv_x) -> int:
@@ -192,16 +231,43 @@ def alltoall_network_rows(topk_idx: torch.Tensor, args: argparse.Namespace, rank
     return sum(int((owner == r).any(1).sum()) for r in range(num_ranks) if r // per_node != rank // per_node)
 
 
-def time_normal(
+@dataclass
+class StrategyRun:
+    """One normal strategy at one size, checked against the reference and ready to time."""
+
+    buffer: Buffer
+    figures: Dict[str, Measured]  # "full" (L+D+C), "dispatch", "combine"; "full_default_threads"
+    bytes: int
+    combine_bytes: int
+    network_bytes: int
+    network_rows: int
+
+    def timing(self, seconds: Dict[str, float]) -> Timing:
+        """The table's row from the seconds measure_together gave for `figures`."""
+        return Timing(
+            seconds["dispatch"],
+            seconds["combine"],
+            self.bytes,
+            self.combine_bytes,
+            self.network_bytes,
+            self.network_rows,
+            seconds["full"],
+            full_default_threads=seconds.get("full_default_threads", 0.0),
+        )
+
+
+def prepare_normal(
     rank: int,
     group,
     args: argparse.Namespace,
     quant: str,
     strategy: str,
     num_tokens: int,
-    reference_row: Optional[Timing],
-) -> Timing:
-    """Checks one strategy at `num_tokens` tokens per rank against the reference, then times it."""
+    reference_run: Optional[StrategyRun],
+) -> StrategyRun:
+    """Checks one strategy at `num_tokens` tokens per rank against the reference and returns what
+    to time: layout + dispatch + combine (with --default-threads also at torch's default thread
+    count, for "default"), dispatch alone and combine alone (of one dispatch's handle)."""
     x, topk_idx, topk_weights = make_rank_inputs(rank, num_tokens, args.hidden, args.num_experts, args.num_topk)
     num_ranks = dist.get_world_size(group)
     buffer = Buffer(group, num_nvl_bytes=args.nvl_bytes, normal_strategy=strategy)
@@ -215,13 +281,9 @@ def time_normal(
         topk_weights=topk_weights,
         quant_mode=quant,
     )
-    result = {}
 
     def dequantized(recv_x):
         return (recv_x[0].float() * recv_x[1].unsqueeze(1)).to(torch.bfloat16) if quant == "int8" else recv_x
-
-    def dispatch():
-        result["out"] = buffer.dispatch(x, **kwargs)
 
     def layout_dispatch_combine():
         layout = buffer.get_dispatch_layout(topk_idx, args.num_experts)
@@ -236,46 +298,28 @@ def time_normal(
         )
         buffer.combine(dequantized(out[0]), out[4])
 
-    for _ in range(args.warmup):
-        layout_dispatch_combine()
-    # With --default-threads, the default thread count is timed alternately with the tuned one.
-    thread_counts = [args.tuned_threads]
-    if args.default_threads and strategy == "default":
-        thread_counts.append(args.default_torch_threads)
-    full_s, *default_s = timed_by_threads(
-        group, layout_dispatch_combine, thread_counts, args.iters, args.batch, budget=args.measure_seconds
-    )
     # Bytes a dispatch sends to other nodes: counted by the hierarchical transport, one row per
     # (token, node); the alltoall strategy sends one row (the same bytes) per (token, rank).
     before = dict(hierarchical.traffic)
-    dispatch()
+    recv_x, _, _, _, handle, _ = buffer.dispatch(x, **kwargs)
     network_rows, network_bytes = count_network(before)
-    dispatch_s = timed(group, dispatch, args.iters, args.batch, budget=args.measure_seconds)
-    recv_x, handle = result["out"][0], result["out"][4]
     if strategy == "alltoall":
         row_bytes = (
             network_bytes // network_rows
             if network_rows
-            else (reference_row.network_bytes // max(1, reference_row.network_rows) if reference_row else 0)
+            else (reference_run.network_bytes // max(1, reference_run.network_rows) if reference_run else 0)
         )
         network_rows = alltoall_network_rows(topk_idx, args, rank, num_ranks)
         network_bytes = network_rows * row_bytes
     y = dequantized(recv_x)
-    for _ in range(args.warmup):
-        buffer.combine(y, handle)
-    combine_s = timed(group, lambda: buffer.combine(y, handle), args.iters, args.batch, budget=args.measure_seconds)
-    row = Timing(
-        dispatch_s,
-        combine_s,
-        recv_bytes(recv_x),
-        y.numel() * y.element_size(),
-        network_bytes,
-        network_rows,
-        full_s,
-        full_default_threads=default_s[0] if default_s else 0.0,
-    )
-    buffer.destroy()
-    return row
+    figures = {
+        "full": Measured(layout_dispatch_combine, args.tuned_threads),
+        "dispatch": Measured(lambda: buffer.dispatch(x, **kwargs), args.tuned_threads),
+        "combine": Measured(lambda: buffer.combine(y, handle), args.tuned_threads),
+    }
+    if args.default_threads and strategy == "default":
+        figures["full_default_threads"] = Measured(layout_dispatch_combine, args.default_torch_threads)
+    return StrategyRun(buffer, figures, recv_bytes(recv_x), y.numel() * y.element_size(), network_bytes, network_rows)
 
 
 def count_network(before: Dict[str, int]) -> Tuple[int, int]:
@@ -286,15 +330,41 @@ def count_network(before: Dict[str, int]) -> Tuple[int, int]:
     )
 
 
-def bench_normal(rank: int, group, args: argparse.Namespace, quant: str) -> Dict[str, Dict[str, dict]]:
-    """{str(tokens): {strategy: Timing as a dict}} for every size of --num-tokens."""
+class Baselines(Protocol):
+    """Figures timed together with deep_ep's at every size (the MPI baselines, deep_ep/bench_mpi.py)."""
+
+    def prepare(self, num_tokens: int) -> Dict[str, Measured]:
+        """Checks the baselines at `num_tokens` tokens per rank; returns what to time, by name."""
+
+
+def bench_normal(
+    rank: int,
+    group,
+    args: argparse.Namespace,
+    sync: RankSync,
+    baselines: Optional[Baselines] = None,
+) -> Tuple[Dict[str, Dict[str, dict]], Dict[str, Dict[str, float]]]:
+    """Every size of --num-tokens: checks each strategy (and the baselines), then times all their
+    figures together (measure_together). Returns ({str(tokens): {strategy: Timing as a dict}},
+    {str(tokens): {baseline figure: seconds}})."""
     out: Dict[str, Dict[str, dict]] = {}
+    baseline_out: Dict[str, Dict[str, float]] = {}
     for num_tokens in args.sizes:
-        rows: Dict[str, Timing] = {}
+        runs: Dict[str, StrategyRun] = {}
         for strategy in args.strategies:
-            rows[strategy] = time_normal(rank, group, args, quant, strategy, num_tokens, rows.get("default"))
-        out[str(num_tokens)] = {name: asdict(row) for name, row in rows.items()}
-    return out
+            runs[strategy] = prepare_normal(rank, group, args, args.quant, strategy, num_tokens, runs.get("default"))
+        figures = {(name, key): figure for name, run in runs.items() for key, figure in run.figures.items()}
+        if baselines is not None:
+            figures.update({("baseline", key): figure for key, figure in baselines.prepare(num_tokens).items()})
+        seconds = measure_together(sync, figures, args.iters, args.batch, args.measure_seconds, args.warmup)
+        out[str(num_tokens)] = {
+            name: asdict(run.timing({key: s for (owner, key), s in seconds.items() if owner == name}))
+            for name, run in runs.items()
+        }
+        baseline_out[str(num_tokens)] = {key: s for (owner, key), s in seconds.items() if owner == "baseline"}
+        for run in runs.values():
+            run.buffer.destroy()
+    return out, baseline_out
 
 
 def check_low_latency(rank: int, group, buffer: Buffer, args, x, topk_idx, topk_weights, use_fp8: bool) -> None:
@@ -439,14 +509,20 @@ def print_low_latency(
     )
 
 
-def bench_rank(rank: int, num_ranks: int, group, args: argparse.Namespace) -> None:
-    quant = args.quant
-    # Ranks start with torch's default thread count (--default-threads) or their share of the cores;
-    # every figure is timed with the share, unless a figure says otherwise.
+def set_rank_threads(args: argparse.Namespace, num_ranks: int) -> None:
+    """Ranks start with torch's default thread count (with --default-threads) or their share of the
+    cores; every figure is timed with the share (args.tuned_threads) unless it says otherwise."""
     args.default_torch_threads = torch.get_num_threads()
     args.tuned_threads = max(1, usable_cores() // num_ranks)
     torch.set_num_threads(args.tuned_threads)
+
+
+def bench_rank(rank: int, num_ranks: int, group, args: argparse.Namespace) -> None:
+    """One rank of the bench without MPI: low-latency mode prints its table; normal mode writes the
+    timings to args.result_file (rank 0)."""
+    set_rank_threads(args, num_ranks)
     if args.mode == "low_latency":
+        quant = args.quant
         rows = bench_low_latency(rank, group, args, quant)
         nbytes = torch.tensor([rows["default"].bytes, rows["default"].combine_bytes], dtype=torch.int64)
         dist.broadcast(nbytes, 0, group=group)
@@ -455,22 +531,31 @@ def bench_rank(rank: int, num_ranks: int, group, args: argparse.Namespace) -> No
         if rank == 0:
             print_low_latency(rows, memcpy_s, memcpy_both_s, num_ranks, args, quant)
         return
-    results = bench_normal(rank, group, args, quant)
+    timings, _ = bench_normal(rank, group, args, TorchSync(group))
     if rank == 0:
         with open(args.result_file, "w") as f:
-            json.dump(results, f)
+            json.dump(timings, f)
+
+
+def load_timings(raw: Dict[str, Dict[str, dict]]) -> Dict[str, Dict[str, Timing]]:
+    """bench_normal's timings, as written to JSON, back as Timing rows."""
+    return {tokens: {name: Timing(**row) for name, row in rows.items()} for tokens, rows in raw.items()}
+
+
+def bench_env(args: argparse.Namespace) -> Dict[str, str]:
+    """Environment of every rank: the simulated nodes of --ranks-per-node."""
+    return {"DEEP_EP_RANKS_PER_NODE": str(args.ranks_per_node)} if args.ranks_per_node else {}
 
 
 def run_ranks(args: argparse.Namespace) -> Dict[str, Dict[str, Timing]]:
-    """Spawns the ranks for the normal-mode sizes; returns {tokens: {strategy: Timing}} of rank 0.
-    With --default-threads the ranks keep torch's default thread count until bench_rank starts."""
-    env = {"DEEP_EP_RANKS_PER_NODE": str(args.ranks_per_node)} if args.ranks_per_node else {}
+    """Spawns the ranks for the normal-mode sizes (no MPI baselines); returns rank 0's
+    {tokens: {strategy: Timing}}. With --default-threads the ranks keep torch's default thread
+    count until bench_rank starts."""
     with tempfile.TemporaryDirectory(prefix="deep_ep_bench_") as tmp:
         args.result_file = os.path.join(tmp, "result.json")
-        spawn_ranks(bench_rank, args.num_processes, args, env=env, share_threads=not args.default_threads)
+        spawn_ranks(bench_rank, args.num_processes, args, env=bench_env(args), share_threads=not args.default_threads)
         with open(args.result_file) as f:
-            raw = json.load(f)
-    return {tokens: {name: Timing(**row) for name, row in rows.items()} for tokens, rows in raw.items()}
+            return load_timings(json.load(f))
 
 
 def ms(seconds: float) -> str:
@@ -639,11 +724,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.mode == "low_latency":
         spawn_ranks(bench_rank, args.num_processes, args)
         return
-    from .bench_mpi import run_mpi_baselines
+    from .bench_mpi import MpiOutcome, mpi_unavailable, run_with_mpi
 
-    rows = run_ranks(args)
-    mpi = run_mpi_baselines(args)
-    print_normal(args, rows, mpi)
+    # With MPI, every rank runs in mpiexec and times deep_ep and the MPI baselines together.
+    missing = mpi_unavailable(args)
+    if missing is None:
+        timings, mpi = run_with_mpi(args)
+    else:
+        timings, mpi = run_ranks(args), MpiOutcome(None, missing)
+    print_normal(args, timings, mpi)
 
 
 if __name__ == "__main__":
