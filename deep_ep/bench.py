@@ -442,8 +442,11 @@ def bench_low_latency(rank: int, group, args: argparse.Namespace, quant: str) ->
             if not torch.equal(combined.view(torch.int16), copied.view(torch.int16)):
                 raise AssertionError(f"rank {rank}: the zero-copy combine differs from the copying one")
         # Timed only where the buffers are the transport's own memory (they then still hold y).
-        kept = buffer.get_next_low_latency_combine_buffer(handle).data_ptr() == first[0]
-        in_place_s = timed(group, combine_in_place, args.iters, args.batch) if kept else 0.0
+        # Every rank must agree: a rank that times alone waits in collectives its peers never join
+        # (the alltoall strategy's buffers are fresh tensors, whose addresses may repeat on one rank).
+        kept = torch.tensor([int(buffer.get_next_low_latency_combine_buffer(handle).data_ptr() == first[0])])
+        dist.all_reduce(kept, op=dist.ReduceOp.MIN, group=group)
+        in_place_s = timed(group, combine_in_place, args.iters, args.batch) if kept.item() else 0.0
         selections = int(recv_count.sum())
         per_selection = args.hidden + 4 if use_fp8 else 2 * args.hidden
         rows[strategy] = Timing(
