@@ -64,6 +64,17 @@ def test_bench_normal_table(capsys):
         assert "MPI: not installed - pip install .[bench]" in out
 
 
+def test_bench_normal_table_without_mpi(capsys):
+    """--no-mpi: the spawned ranks (no mpiexec) time deep_ep's figures, and both thread counts."""
+    bench.main(TINY + ["--no-mpi", "--default-threads", "--no-alltoall"])
+    out = capsys.readouterr().out
+    rows = table_lines(out)
+    assert sorted(rows) == ["40", "8"], out
+    for cells in rows.values():
+        assert cells[4] == "-" and float(cells[1]) > 0 and cells[-1].endswith("x") and float(cells[-2]) > 0
+    assert "MPI: skipped (--no-mpi)" in out
+
+
 def test_bench_low_latency(capfd):
     bench.main(
         [
