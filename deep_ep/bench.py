@@ -5,10 +5,10 @@
     python -m deep_ep.bench --num-processes 4 --int8 --num-tokens 2048
     python -m deep_ep.bench --mode low_latency       # 128 tokens per rank (Nmax 128), int8 dispatch
 
-Normal mode: every rank first checks one dispatch/combine against the pure-torch reference, then
-times it; all figures of the table come from this one command (medians over iterations of the
-slowest rank's time per call, ranks starting each iteration together; a small call is timed in
-batches of calls in a row, about 5 ms per iteration, the MPI baselines alike):
+Normal mode: per size, every rank first checks each figure's calls against the pure-torch
+reference, then times all figures together (measure_together: each iteration times one batch of
+every figure in turn; medians over iterations of the slowest rank's time per call; a small call is
+timed in batches of calls in a row, about 5 ms per iteration, the MPI baselines alike):
   - deep_ep: get_dispatch_layout + dispatch + combine in a row, and dispatch and combine alone;
   - the transport floor: MPI Alltoallv (mpi4py over MPICH, shared memory inside a host) between
     warm preallocated buffers, moving exactly the bytes dispatch receives (rows, top-k ids and
@@ -17,11 +17,11 @@ batches of calls in a row, about 5 ms per iteration, the MPI baselines alike):
     with a weighted index_add): what one writes without deep_ep;
   - deep_ep's gloo all_to_all strategy ("alltoall");
   - with --default-threads, deep_ep's layout + dispatch + combine again with torch's default thread
-    count (every core per process, as a program started with torch.multiprocessing.spawn has),
-    timed alternately with the tuned count, iteration by iteration, in the same ranks.
-The MPI baselines run in `mpiexec -n R python -m deep_ep.bench_mpi` (deep_ep/bench_mpi.py) on the
-same seeded inputs, after the torch ranks have finished, and check their results against the same
-reference; they need `pip install .[bench]` (mpi4py, mpich), else the table says so.
+    count (every core per process, as a program started with torch.multiprocessing.spawn has).
+With `pip install .[bench]` (mpi4py, mpich) the ranks run under `mpiexec -n R python -m
+deep_ep.bench_mpi` (deep_ep/bench_mpi.py), which runs deep_ep and the MPI baselines in the same
+processes on the same seeded inputs; without it they are spawned by torch and the table says how
+to add the baselines.
 
 Low-latency mode: dispatch / combine time and GB/s (rows that hold data, at the bytes the format
 moves per (token, expert) selection: int8 = H + 4 scale bytes, bf16 = 2H) beside a plain memcpy of
