@@ -117,7 +117,8 @@ void store_row(const double* acc, Dtype dtype, std::size_t hidden, std::uint8_t*
     }
 }
 
-// acc += weight * row in float64, one element at a time in a fixed order (no FMA: see CMake flags).
+// acc += weight * row in float64, one element at a time in a fixed order (no FMA: see CMake flags;
+// the AVX-512 blocked path below fuses them where that gives the same bits).
 DEEP_EP_VECTORIZED
 void accumulate_row(double* acc, const std::uint8_t* row, Dtype dtype, std::size_t hidden, double weight) {
     switch (dtype) {
@@ -286,20 +287,25 @@ DEEP_EP_AVX512 inline __m512d widen8(const std::uint8_t* values) {
     return _mm512_maskz_cvtps_pd(0xFF, floats);
 }
 
-// sums[j] += weight * row[8j, 8j + 8) for the 32 columns of a block.
+// sums[j] += weight * row[8j, 8j + 8) for the 32 columns of a block. A fused multiply-add, and
+// still the bits of accumulate_row's multiply, then add: a float32 weight times a bf16 / fp16 /
+// float32 value has at most 24 + 24 significant bits, so the float64 product is exact and rounding
+// it first changes nothing; only the add rounds, in both.
 template <Dtype D>
 DEEP_EP_AVX512 inline void add_block(__m512d* sums, const std::uint8_t* row, double weight) {
     constexpr std::size_t kStride = D == Dtype::Float32 ? 32 : 16;  // bytes of 8 values
     const __m512d w = _mm512_set1_pd(weight);
-    sums[0] = _mm512_add_pd(sums[0], _mm512_mul_pd(w, widen8<D>(row)));
-    sums[1] = _mm512_add_pd(sums[1], _mm512_mul_pd(w, widen8<D>(row + kStride)));
-    sums[2] = _mm512_add_pd(sums[2], _mm512_mul_pd(w, widen8<D>(row + 2 * kStride)));
-    sums[3] = _mm512_add_pd(sums[3], _mm512_mul_pd(w, widen8<D>(row + 3 * kStride)));
+    sums[0] = _mm512_fmadd_pd(w, widen8<D>(row), sums[0]);
+    sums[1] = _mm512_fmadd_pd(w, widen8<D>(row + kStride), sums[1]);
+    sums[2] = _mm512_fmadd_pd(w, widen8<D>(row + 2 * kStride), sums[2]);
+    sums[3] = _mm512_fmadd_pd(w, widen8<D>(row + 3 * kStride), sums[3]);
 }
 
 // bf16, fp16 and float32 rows (128 tokens x 8 rows x 2048 on one core, whole-row -> blocked: bf16
 // 364-368 -> 299-301 us, fp16 3240-3245 -> 662-693 us (f16_to_float's branches keep the whole-row
-// loop scalar), float32 296-298 -> 246-254 us); float64 partial sums stay whole-row.
+// loop scalar), float32 296-298 -> 246-254 us; with the fused multiply-add: bf16 253-256, fp16
+// 615-621, float32 207-212 us). float64 partial sums (internode) stay whole-row: a float64 value
+// times a weight is not exact, so there a fused multiply-add would change the bits.
 bool blockable(const RowTerm& term) { return term.dtype != Dtype::Float64; }
 
 // scratch[0, columns) = sum over terms in order of weight * row, for bf16 / fp16 / float32 rows and
