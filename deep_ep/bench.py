@@ -146,9 +146,9 @@ def measure_together(
     a shared, noisy machine. A batch is `batch` calls in a row (default: calls_per_iteration), so
     that the ranks' skew on leaving the barrier does not count as latency of a short call; a batch
     of several calls follows one untimed call, so that it runs warm as in a run of its own, not
-    after the other figures' data went through the caches. After
-    `warmup` calls, one untimed call of each figure estimates its time; with a `budget` (seconds) a
-    figure gets as many iterations as fill it, at most `iters` and at least 3, else `iters`."""
+    after the other figures' data went through the caches. After `warmup` calls, one untimed call
+    of each figure estimates its time; with a `budget` (seconds) a figure gets as many iterations
+    as fill it, at most `iters` and at least 3, else `iters`."""
     threads_before = torch.get_num_threads()
     names, items = list(figures), list(figures.values())
     estimates = torch.empty(len(items), dtype=torch.float64)
