@@ -108,6 +108,37 @@ def test_calls_per_iteration_fills_the_batch_time():
     assert bench.calls_per_iteration(0.0005, 3) == 3
 
 
+class LocalSync:
+    """One process plays every rank: barriers return at once, the maximum is its own values."""
+
+    def barrier(self) -> None:
+        pass
+
+    def max_over_ranks(self, values: torch.Tensor) -> None:
+        pass
+
+
+def test_measure_together_interleaves_warm_batches_with_their_thread_counts():
+    calls = []
+
+    def figure(name):
+        return lambda: calls.append((name, torch.get_num_threads()))
+
+    before = torch.get_num_threads()
+    seconds = bench.measure_together(
+        LocalSync(),
+        {"a": bench.Measured(figure("a"), 1), "b": bench.Measured(figure("b"), 2)},
+        iters=3,
+        batch=2,
+        warmup=1,
+    )
+    assert set(seconds) == {"a", "b"} and all(s >= 0 for s in seconds.values())
+    # Warm-up and estimate per figure, then each iteration: one untimed and two timed calls of a, of b.
+    assert calls[:4] == [("a", 1), ("a", 1), ("b", 2), ("b", 2)]
+    assert calls[4:] == ([("a", 1)] * 3 + [("b", 2)] * 3) * 3
+    assert torch.get_num_threads() == before
+
+
 def test_sizes_flag_rejects_garbage():
     with pytest.raises(SystemExit):
         bench.parse_args(["--num-tokens", "16,x"])
