@@ -158,32 +158,56 @@ std::size_t dtype_size(Dtype dtype) {
     }
 }
 
+namespace {
+
+// (v + 1.5 * 2^23) - 1.5 * 2^23 rounds |v| <= 2^22 to nearest even: std::nearbyint, vectorizable.
+inline std::int8_t round_to_int8(float quotient) {
+    constexpr float kRound = 12582912.0f;
+    const float v = (quotient + kRound) - kRound;
+    return static_cast<std::int8_t>(std::min(127.0f, std::max(-127.0f, v)));
+}
+
+}  // namespace
+
 DEEP_EP_VECTORIZED
 float quantize_row(const std::uint8_t* row, Dtype dtype, std::size_t hidden, float* scratch, std::int8_t* q) {
-    load_row(row, dtype, hidden, scratch);
     // max |x| over the bits of |x| (ordered like the values, NaN above inf): a row holding a NaN gets
     // scale NaN and one holding an inf scale inf, so non-finite input stays visible after
     // dequantization instead of turning into plausible numbers (as torch's amax does on NPU).
-    std::int32_t max_bits = 0;  // signed compares vectorize on every x86-64 level
-    for (std::size_t h = 0; h < hidden; ++h) {
-        std::int32_t bits;
-        std::memcpy(&bits, &scratch[h], sizeof(bits));
-        bits &= 0x7FFFFFFF;
-        max_bits = bits > max_bits ? bits : max_bits;
-    }
+    // bf16 rows are read as their 16-bit patterns, without a float32 copy: the same order gives the
+    // same max, and each value widens as load_row would widen it (128 x 2048 on one core, back to
+    // back: 57.5-58.1 us with the copy, 50.7-51.4 us without). Signed compares vectorize on every
+    // x86-64 level.
+    const bool bf16 = dtype == Dtype::BFloat16;
+    const auto* bf16_bits = reinterpret_cast<const std::uint16_t*>(row);
     float amax;
-    std::memcpy(&amax, &max_bits, sizeof(amax));
+    if (bf16) {
+        std::int16_t max_bits = 0;
+        for (std::size_t h = 0; h < hidden; ++h) {
+            const auto bits = static_cast<std::int16_t>(bf16_bits[h] & 0x7FFF);
+            max_bits = bits > max_bits ? bits : max_bits;
+        }
+        amax = bf16_to_float(static_cast<std::uint16_t>(max_bits));
+    } else {
+        load_row(row, dtype, hidden, scratch);
+        std::int32_t max_bits = 0;
+        for (std::size_t h = 0; h < hidden; ++h) {
+            std::int32_t bits;
+            std::memcpy(&bits, &scratch[h], sizeof(bits));
+            bits &= 0x7FFFFFFF;
+            max_bits = bits > max_bits ? bits : max_bits;
+        }
+        std::memcpy(&amax, &max_bits, sizeof(amax));
+    }
     const float scale = amax / 127.0f;
     if (scale == 0.0f) {
         std::memset(q, 0, hidden);
         return scale;
     }
-    // (v + 1.5 * 2^23) - 1.5 * 2^23 rounds |v| <= 2^22 to nearest even: std::nearbyint, vectorizable.
-    constexpr float kRound = 12582912.0f;
-    for (std::size_t h = 0; h < hidden; ++h) {
-        float v = scratch[h] / scale;
-        v = (v + kRound) - kRound;
-        q[h] = static_cast<std::int8_t>(std::min(127.0f, std::max(-127.0f, v)));
+    if (bf16) {
+        for (std::size_t h = 0; h < hidden; ++h) q[h] = round_to_int8(bf16_to_float(bf16_bits[h]) / scale);
+    } else {
+        for (std::size_t h = 0; h < hidden; ++h) q[h] = round_to_int8(scratch[h] / scale);
     }
     return scale;
 }

@@ -66,3 +66,14 @@ def test_tiny_scale_divides():
     q_ref, scale_ref = float32_definition(x)
     assert torch.isinf(1.0 / scale).all()  # no multiply by the inverse could give these
     assert torch.equal(scale, scale_ref) and torch.equal(q, q_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_non_finite_rows_stay_visible(dtype):
+    """A NaN gives the row scale NaN and an inf scale inf (torch's float32 division has no defined
+    int8 for NaN, so q is pinned here): NaN quotients become -127, finite values over inf 0."""
+    nan, inf = float("nan"), float("inf")
+    x = torch.tensor([[1.0, nan, -2.0, 3.0], [1.0, inf, -2.0, 0.0], [-inf, 1.0, -1.0, 0.5]]).to(dtype)
+    q, scale = ops.quantize_int8(x, 1)
+    assert torch.isnan(scale[0]) and scale[1:].tolist() == [inf, inf]
+    assert q.tolist() == [[-127, -127, -127, -127], [0, -127, 0, 0], [-127, 0, 0, 0]]
