@@ -4,8 +4,9 @@ and each sum a float64 operation, rounded once at the end (16-bit outputs throug
 
     python -m pytest tests/python/deepep/test_reduction.py
 
-The native kernel has a blocked path for bf16 rows (32 columns at a time, AVX-512 CPUs) and a
-whole-row path for the rest; the widths below take both, their tails included. The reference is a
+The native kernel has a blocked path for bf16, fp16 and float32 rows (32 columns at a time, with a
+fused multiply-add, AVX-512 CPUs) and a whole-row path for the rest; the widths below take both,
+their tails included. The reference is a
 plain loop of float64 torch ops, in column order; the cancelling values make a sum taken in another
 order, or rounded differently, come out different.
 """
