@@ -8,7 +8,7 @@
 #endif
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
-#define DEEP_EP_AVX512_REDUCE 1
+#define DEEP_EP_X86_INTRINSICS 1
 #endif
 
 #include <algorithm>
@@ -185,6 +185,40 @@ inline std::int8_t round_to_int8(float quotient) {
 
 }  // namespace
 
+#if DEEP_EP_X86_INTRINSICS
+namespace {
+
+bool cpu_has_avx2_f16c() {
+    static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+    return has;
+}
+
+// out[0, n) = the fp16 values of row widened to float32, n = count rounded down to 8, with the
+// hardware conversion (exact) instead of f16_to_float's branches, which keep load_row scalar (128 x
+// 2048 fp16 quantized on one core: 348-351 us through load_row, 74-75 us here). Infinities and NaNs
+// take f16_to_float's bits: the hardware sets the quiet bit of a signalling NaN, f16_to_float keeps
+// the payload as it is. Returns n.
+__attribute__((target("avx2,f16c"))) std::size_t load_f16_blocks(const std::uint8_t* row, std::size_t count,
+                                                                 float* out) {
+    const std::size_t done = count / 8 * 8;
+    const __m256i exponent = _mm256_set1_epi32(0x7C00);
+    for (std::size_t h = 0; h < done; h += 8) {
+        const __m128i halves = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * h));
+        const __m256i wide = _mm256_cvtepu16_epi32(halves);
+        const __m256i special = _mm256_cmpeq_epi32(_mm256_and_si256(wide, exponent), exponent);
+        const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(wide, _mm256_set1_epi32(0x8000)), 16);
+        const __m256i payload = _mm256_slli_epi32(_mm256_and_si256(wide, _mm256_set1_epi32(0x3FF)), 13);
+        const __m256i soft = _mm256_or_si256(_mm256_or_si256(sign, payload), _mm256_set1_epi32(0x7F800000));
+        const __m256 floats = _mm256_blendv_ps(_mm256_cvtph_ps(halves), _mm256_castsi256_ps(soft),
+                                               _mm256_castsi256_ps(special));
+        _mm256_storeu_ps(out + h, floats);
+    }
+    return done;
+}
+
+}  // namespace
+#endif
+
 DEEP_EP_VECTORIZED
 float quantize_row(const std::uint8_t* row, Dtype dtype, std::size_t hidden, float* scratch, std::int8_t* q) {
     // max |x| over the bits of |x| (ordered like the values, NaN above inf): a row holding a NaN gets
@@ -193,14 +227,24 @@ float quantize_row(const std::uint8_t* row, Dtype dtype, std::size_t hidden, flo
     // bf16 rows are read as their 16-bit patterns, without a float32 copy: the same order gives the
     // same max, and each value widens as load_row would widen it (128 x 2048 on one core, back to
     // back: 57.5-58.1 us with the copy, 50.7-51.4 us without).
+    // Aligned float32 rows are read in place, too (128 x 2048: 61-66 us with the copy, 52-53 without).
     const bool bf16 = dtype == Dtype::BFloat16;
     const auto* bf16_bits = reinterpret_cast<const std::uint16_t*>(row);
+    const float* values = scratch;  // the row as float32 (unless bf16)
     float amax;
     if (bf16) {
         amax = bf16_to_float(static_cast<std::uint16_t>(max_magnitude_bits<std::int16_t>(row, hidden)));
     } else {
-        load_row(row, dtype, hidden, scratch);
-        const auto bits = max_magnitude_bits<std::int32_t>(scratch, hidden);
+        if (dtype == Dtype::Float32 && reinterpret_cast<std::uintptr_t>(row) % alignof(float) == 0) {
+            values = reinterpret_cast<const float*>(row);
+        } else {
+            std::size_t loaded = 0;
+#if DEEP_EP_X86_INTRINSICS
+            if (dtype == Dtype::Float16 && cpu_has_avx2_f16c()) loaded = load_f16_blocks(row, hidden, scratch);
+#endif
+            load_row(row + loaded * dtype_size(dtype), dtype, hidden - loaded, scratch + loaded);
+        }
+        const auto bits = max_magnitude_bits<std::int32_t>(values, hidden);
         std::memcpy(&amax, &bits, sizeof(amax));
     }
     const float scale = amax / 127.0f;
@@ -211,7 +255,7 @@ float quantize_row(const std::uint8_t* row, Dtype dtype, std::size_t hidden, flo
     if (bf16) {
         for (std::size_t h = 0; h < hidden; ++h) q[h] = round_to_int8(bf16_to_float(bf16_bits[h]) / scale);
     } else {
-        for (std::size_t h = 0; h < hidden; ++h) q[h] = round_to_int8(scratch[h] / scale);
+        for (std::size_t h = 0; h < hidden; ++h) q[h] = round_to_int8(values[h] / scale);
     }
     return scale;
 }
@@ -285,7 +329,7 @@ void quantize_int8(const void* x, Dtype dtype, std::size_t rows, std::size_t hid
     });
 }
 
-#if DEEP_EP_AVX512_REDUCE
+#if DEEP_EP_X86_INTRINSICS
 namespace {
 
 constexpr std::size_t kBlockColumns = 32;  // four registers of 8 float64 sums
@@ -332,8 +376,9 @@ DEEP_EP_AVX512 inline void add_block(__m512d* sums, const std::uint8_t* row, dou
 // bf16, fp16 and float32 rows (128 tokens x 8 rows x 2048 on one core, whole-row -> blocked: bf16
 // 364-368 -> 299-301 us, fp16 3240-3245 -> 662-693 us (f16_to_float's branches keep the whole-row
 // loop scalar), float32 296-298 -> 246-254 us; with the fused multiply-add: bf16 253-256, fp16
-// 615-621, float32 207-212 us). float64 partial sums (internode) stay whole-row: a float64 value
-// times a weight is not exact, so there a fused multiply-add would change the bits.
+// 615-621, float32 207-212 us; fp16 218-222 us once store_f16_blocks writes the output). float64
+// partial sums (internode) stay whole-row: a float64 value times a weight is not exact, so there a
+// fused multiply-add would change the bits.
 bool blockable(const RowTerm& term) { return term.dtype != Dtype::Float64; }
 
 // scratch[0, columns) = sum over terms in order of weight * row, for bf16 / fp16 / float32 rows and
@@ -362,13 +407,32 @@ DEEP_EP_AVX512 void accumulate_blocks(const RowTerm* terms, std::size_t count, s
     }
 }
 
+// out[0, n) = the float64 sums of a row stored as fp16, n = hidden rounded down to 8: rounded to
+// float32, then to fp16 (both to nearest even), as store_row does, with the hardware conversions
+// instead of float_to_f16's branches, which keep store_row scalar (128 tokens x 8 rows x 2048 on
+// one core: 615-621 us with store_row, where bf16 takes 253-256 us). NaN becomes sign | 0x7E00, as
+// in float_to_f16 (the hardware keeps part of the payload). Returns n.
+DEEP_EP_AVX512 std::size_t store_f16_blocks(const double* acc, std::size_t hidden, std::uint8_t* out) {
+    const std::size_t done = hidden / 8 * 8;
+    const __m128i sign = _mm_set1_epi16(static_cast<short>(0x8000));
+    const __m128i infinity = _mm_set1_epi16(0x7C00);
+    for (std::size_t h = 0; h < done; h += 8) {
+        const __m256 floats = _mm512_maskz_cvtpd_ps(0xFF, _mm512_loadu_pd(acc + h));  // see widen8
+        const __m128i halves = _mm256_cvtps_ph(floats, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __mmask8 nan = _mm_cmpgt_epu16_mask(_mm_andnot_si128(sign, halves), infinity);
+        const __m128i quiet = _mm_or_si128(_mm_and_si128(halves, sign), _mm_set1_epi16(0x7E00));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * h), _mm_mask_blend_epi16(nan, halves, quiet));
+    }
+    return done;
+}
+
 }  // namespace
 #endif
 
 void reduce_row(const RowTerm* terms, std::size_t count, std::size_t hidden, Dtype out_dtype, std::uint8_t* out,
                 double* scratch) {
     std::size_t done = 0;  // leading columns already summed
-#if DEEP_EP_AVX512_REDUCE
+#if DEEP_EP_X86_INTRINSICS
     if (count > 0 && std::all_of(terms, terms + count, blockable) && cpu_has_avx512()) {
         done = hidden / kBlockColumns * kBlockColumns;
         accumulate_blocks(terms, count, done, scratch);
@@ -378,7 +442,11 @@ void reduce_row(const RowTerm* terms, std::size_t count, std::size_t hidden, Dty
     for (std::size_t k = 0; k < count; ++k)
         accumulate_row(scratch + done, terms[k].row + done * dtype_size(terms[k].dtype), terms[k].dtype,
                        hidden - done, terms[k].weight);
-    store_row(scratch, out_dtype, hidden, out);
+    std::size_t stored = 0;  // leading columns already written
+#if DEEP_EP_X86_INTRINSICS
+    if (out_dtype == Dtype::Float16 && cpu_has_avx512()) stored = store_f16_blocks(scratch, hidden, out);
+#endif
+    store_row(scratch + stored, out_dtype, hidden - stored, out + stored * dtype_size(out_dtype));
 }
 
 void combine_reduce(void* out, Dtype out_dtype, std::size_t tokens, std::size_t columns, std::size_t hidden,

@@ -50,7 +50,8 @@ struct RowTerm {
 // fused multiply-add), rounded once (16-bit types through float32); scratch holds hidden doubles.
 // The one reduction of combine, in both modes. Whole rows at a time (the sums in scratch); on
 // AVX-512 CPUs, rows that are all bf16 / fp16 / float32 go 32 columns at a time with the sums in
-// registers, the same operations in the same order.
+// registers, the same operations in the same order, and fp16 outputs are rounded by the hardware
+// conversions (the same bits as the software ones).
 void reduce_row(const RowTerm* terms, std::size_t count, std::size_t hidden, Dtype out_dtype, std::uint8_t* out,
                 double* scratch);
 

@@ -68,7 +68,7 @@ def test_tiny_scale_divides():
     assert torch.equal(scale, scale_ref) and torch.equal(q, q_ref)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_non_finite_rows_stay_visible(dtype):
     """A NaN gives the row scale NaN and an inf scale inf (torch's float32 division has no defined
     int8 for NaN, so q is pinned here): NaN quotients become -127, finite values over inf 0."""
@@ -77,3 +77,22 @@ def test_non_finite_rows_stay_visible(dtype):
     q, scale = ops.quantize_int8(x, 1)
     assert torch.isnan(scale[0]) and scale[1:].tolist() == [inf, inf]
     assert q.tolist() == [[-127, -127, -127, -127], [0, -127, 0, 0], [-127, 0, 0, 0]]
+
+
+def test_fp16_nan_payloads_widen_as_their_bits():
+    """fp16 rows widen to float32 keeping a NaN's payload as it is (a signalling NaN stays signalling),
+    so the largest magnitude bits, and the NaN scale, are the same with the hardware conversion (which
+    quiets) as without. 16 columns: two blocks of the hardware path."""
+    halves = torch.tensor(
+        [
+            [0x3C00, 0x7DFF, 0x7E00, 0x4000] * 4,  # signalling NaN, payload 0x1FF; quiet NaN 0x7E00
+            [0x3C00, 0x7DFF, 0x7C01, 0xC000] * 4,  # two signalling NaNs
+            [0x3C00, 0x7C00, 0x0001, 0x8001] * 4,  # inf and subnormals
+        ],
+        dtype=torch.int32,
+    ).to(torch.int16)
+    q, scale = ops.quantize_int8(halves.view(torch.float16), 1)
+    # Widened, 0x7DFF is 0x7FBFE000 (quieted it would be 0x7FFFE000) and 0x7E00 is 0x7FC00000, which
+    # wins; the division by 127 quiets the winner: 0x7FC00000 and 0x7FFFE000.
+    assert [v & 0xFFFFFFFF for v in scale.view(torch.int32).tolist()] == [0x7FC00000, 0x7FFFE000, 0x7F800000]
+    assert q.tolist() == [[-127] * 16, [-127] * 16, [0, -127, 0, 0] * 4]
