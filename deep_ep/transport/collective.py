@@ -97,12 +97,13 @@ def _info(group: dist.ProcessGroup) -> _GroupInfo:
 
 def watch_group(group: dist.ProcessGroup, timeout_s: float, pids: Dict[int, int], remote: Sequence[int] = ()) -> None:
     """Registers the group's timeout, the pids of peers on this host (group rank -> pid) and the ranks on
-    other hosts, so that failures name the ranks that died or cannot be reached. Peers invisible from here
-    (another pid namespace) are left out of `pids`."""
+    other hosts, so that failures name the ranks that died or cannot be reached. Every peer in `pids` is
+    watched, even one that has exited already: a peer may pass the rendezvous that sent its pid and die
+    before this rank gets here (its failure is then named, not passed over as invisible)."""
     info = _info(group)
     info.timeout_s = timeout_s
     info.peers.close()
-    info.peers = LocalPeers({r: p for r, p in pids.items() if process_alive(p)})
+    info.peers = LocalPeers(pids)
     info.remote = sorted(remote)
 
 

@@ -283,6 +283,30 @@ def test_local_peers_see_a_killed_process_exit() -> None:
         child.wait()
 
 
+def peer_dead_before_registration(rank: int, num_ranks: int, group) -> None:
+    # A peer can pass the rendezvous that sends its pid and die (SIGKILL) before this rank registers it:
+    # it must still be watched, so that the failure says it exited. Here: a zombie and a reaped child.
+    zombie = subprocess.Popen([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
+    reaped = subprocess.Popen([sys.executable, "-c", "pass"])
+    reaped.wait()
+    while collective.process_state(zombie.pid) != "Z":
+        time.sleep(0.01)
+    collective.watch_group(group, 30.0, {1: zombie.pid, 2: reaped.pid})
+
+    def closed_connection() -> None:
+        raise RuntimeError("Connection closed by peer")
+
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"ranks \[1, 2\] have exited"):
+        collective.run_collective(group, "a test exchange", closed_connection)
+    assert time.monotonic() - start < 5  # seen at once, not after the grace period
+    zombie.wait()
+
+
+def test_peer_dead_before_registration_is_named() -> None:
+    spawn_ranks(peer_dead_before_registration, 1)
+
+
 def test_shared_memory_wait_sees_a_killed_peer_exit() -> None:
     # The native waits of the shared-memory transports watch local peers the same way: a peer killed
     # (and left an unreaped zombie) ends the wait at once with "have exited"; a live peer that never
