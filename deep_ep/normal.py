@@ -148,6 +148,10 @@ class DispatchCall:
     def num_topk(self) -> int:
         return self.topk_idx.shape[1]
 
+    @property
+    def num_experts(self) -> int:
+        return int(self.meta[HEADER_FIELDS.index("num_experts")])
+
 
 @dataclass
 class ReceivedRows:

@@ -274,11 +274,16 @@ class HierarchicalRows(SharedMemoryRows):
         _add_us(stats, list(range(rt.group_size)), per_rank)
 
     def dispatch(self, rt: "Runtime", call: DispatchCall) -> ReceivedRows:
-        received = rt.normal.receive(call, collective.all_gather_meta(rt.comm, call.meta, "dispatch"))
+        forwarding = hierarchical.plan_forwarding(rt.topology, call.topk_idx, call.num_experts // rt.group_size)
+        # The rows this rank forwards to each rank travel after the call's meta, in the same exchange:
+        # one network round trip per dispatch less than swapping them on their own.
+        meta = torch.cat([call.meta, torch.tensor(forwarding.send_counts, dtype=torch.int64)])
+        meta_all = collective.all_gather_meta(rt.comm, meta, "dispatch")
+        received = rt.normal.receive(call, meta_all[:, : call.meta.numel()])  # raises on every rank alike
+        forwarding.expect(meta_all[:, call.meta.numel() + rt.rank].tolist())
         plan = received.plan
         num_tokens, num_topk = call.topk_idx.shape
         start = time.monotonic_ns()
-        forwarding = hierarchical.plan_forwarding(rt.comm, rt.topology, call.topk_idx, plan.experts_per_rank)
         tokens = torch.arange(num_tokens)
         arrived = hierarchical.forward_rows(rt.comm, forwarding, call.fields + [as_byte_rows(tokens)])
         network_ns = time.monotonic_ns() - start

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from .. import ops
-from .collective import exchange_rows, run_collective
+from .collective import exchange_rows
 from .fields import as_byte_rows
 
 # Bytes this process sent to ranks of other nodes, by phase (tests and the benchmark read it).
@@ -61,12 +61,16 @@ class Forwarding:
     origin_rank: torch.Tensor
     origin_token: torch.Tensor
 
+    def expect(self, recv_counts: List[int]) -> None:
+        """Sets the rows every rank forwards to this one (each rank's send_counts entry for it)."""
+        self.recv_counts = list(recv_counts)
+        self.origin_rank = torch.repeat_interleave(torch.arange(len(recv_counts)), torch.tensor(recv_counts))
 
-def plan_forwarding(
-    group: dist.ProcessGroup, topology: Topology, topk_idx: torch.Tensor, experts_per_rank: int, what: str = "dispatch"
-) -> Forwarding:
-    """Which of this rank's tokens cross to which node (one row per (token, node)); swaps the
-    counts with every rank (a failure names `what`)."""
+
+def plan_forwarding(topology: Topology, topk_idx: torch.Tensor, experts_per_rank: int) -> Forwarding:
+    """Which of this rank's tokens cross to which node (one row per (token, node)). What the other
+    ranks forward here is known only once their send_counts are: `Forwarding.expect` sets it (the
+    transport swaps the counts along with the call's metadata, in the same network exchange)."""
     valid = topk_idx >= 0
     node_of = torch.where(
         valid, topology.rank_to_node[topk_idx.clamp_min(0) // experts_per_rank], torch.full_like(topk_idx, -1)
@@ -80,12 +84,8 @@ def plan_forwarding(
         send_counts[topology.forwarder(node)] = tokens.numel()
         parts.append(tokens)
     send_token = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
-    recv = torch.empty(topology.num_ranks, dtype=torch.int64)
-    counts = torch.tensor(send_counts, dtype=torch.int64)
-    run_collective(group, what, lambda: dist.all_to_all_single(recv, counts, group=group))
-    recv_counts = recv.tolist()
-    origin_rank = torch.repeat_interleave(torch.arange(topology.num_ranks), recv)
-    return Forwarding(send_token, send_counts, recv_counts, origin_rank, torch.empty(0, dtype=torch.int64))
+    nothing = torch.empty(0, dtype=torch.int64)
+    return Forwarding(send_token, send_counts, [0] * topology.num_ranks, nothing, nothing)
 
 
 def forward_rows(

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Callable, List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import pytest
 import torch
@@ -350,8 +350,13 @@ def disagreement(rank: int, num_ranks: int, group) -> None:
         buffer.destroy()
 
 
-def test_ranks_disagree() -> None:
-    spawn_ranks(disagreement, 2, env={"DEEP_EP_TIMEOUT_S": "20"})
+@pytest.mark.parametrize("ranks_per_node", [None, "1"], ids=["one_node", "two_simulated_nodes"])
+def test_ranks_disagree(ranks_per_node: Optional[str]) -> None:
+    # Across nodes the hierarchical transport's forwarding counts travel with the dispatch metadata.
+    env = {"DEEP_EP_TIMEOUT_S": "20"}
+    if ranks_per_node:
+        env["DEEP_EP_RANKS_PER_NODE"] = ranks_per_node
+    spawn_ranks(disagreement, 2, env=env)
 
 
 # ---- 3. a rank that never arrives -----------------------------------------------------------------------
