@@ -25,7 +25,8 @@ to add the baselines.
 
 Low-latency mode: dispatch / combine time and GB/s (rows that hold data, at the bytes the format
 moves per (token, expert) selection: int8 = H + 4 scale bytes, bf16 = 2H) beside a plain memcpy of
-the same bytes, copied by every rank at the same time.
+the same bytes, copied by every rank at the same time; every strategy's dispatch, combine and
+zero-copy combine and both memcpy sizes are timed together, as the normal-mode figures are.
 """
 
 from __future__ import annotations
@@ -180,11 +181,6 @@ def measure_together(
     torch.set_num_threads(threads_before)
     sync.max_over_ranks(times)
     return {name: statistics.median(times[j, : counts[j]].tolist()) for j, name in enumerate(names)}
-
-
-def timed(group: dist.ProcessGroup, fn: Callable[[], object], iters: int, batch: Optional[int] = None) -> float:
-    """`measure_together` of one figure at the current thread count, `iters` iterations."""
-    return measure_together(TorchSync(group), {"call": Measured(fn, torch.get_num_threads())}, iters, batch)["call"]
 
 
 def recv_bytes(recv_x) -> int:
@@ -396,76 +392,105 @@ def check_low_latency(rank: int, group, buffer: Buffer, args, x, topk_idx, topk_
         raise AssertionError(f"rank {rank}: low_latency_combine differs from the reference")
 
 
-def bench_low_latency(rank: int, group, args: argparse.Namespace, quant: str) -> Dict[str, Timing]:
-    x, topk_idx, topk_weights = make_rank_inputs(rank, args.sizes[0], args.hidden, args.num_experts, args.num_topk)
+@dataclass
+class LowLatencyRun:
+    """One low-latency strategy ready to time: its Buffer, the figures (dispatch, combine and, where
+    the transport has its own combine buffers, the zero-copy combine) and the check that the
+    zero-copy combine still gives the copying one's bits."""
+
+    buffer: Buffer
+    figures: Dict[str, Callable[[], object]]
+    selections: int  # rows that hold data on this rank
+    check: Callable[[], None]
+
+
+def prepare_low_latency(
+    rank: int, group, args: argparse.Namespace, strategy: str, inputs: Tuple[torch.Tensor, ...], use_fp8: bool
+) -> LowLatencyRun:
+    """Builds `strategy`'s Buffer, checks its calls against the reference and returns its figures."""
+    x, topk_idx, topk_weights = inputs
     num_ranks = dist.get_world_size(group)
-    use_fp8 = quant == "int8"
     size = Buffer.get_low_latency_rdma_size_hint(args.num_max_tokens, args.hidden, num_ranks, args.num_experts)
-    rows: Dict[str, Timing] = {}
-    for strategy in args.strategies:
-        buffer = Buffer(
-            group, num_nvl_bytes=4096, num_rdma_bytes=size, low_latency_mode=True, low_latency_strategy=strategy
-        )
-        check_low_latency(rank, group, buffer, args, x, topk_idx, topk_weights, use_fp8)
-        result = {}
+    buffer = Buffer(
+        group, num_nvl_bytes=4096, num_rdma_bytes=size, low_latency_mode=True, low_latency_strategy=strategy
+    )
+    check_low_latency(rank, group, buffer, args, x, topk_idx, topk_weights, use_fp8)
 
-        def dispatch():
-            result["out"] = buffer.low_latency_dispatch(
-                x, topk_idx, args.num_max_tokens, args.num_experts, use_fp8=use_fp8
-            )
+    def dispatch():
+        return buffer.low_latency_dispatch(x, topk_idx, args.num_max_tokens, args.num_experts, use_fp8=use_fp8)
 
-        for _ in range(args.warmup):
-            dispatch()
-        dispatch_s = timed(group, dispatch, args.iters, args.batch)
-        recv_x, recv_count, handle = result["out"][:3]
-        y = (recv_x[0].float() * recv_x[1].unsqueeze(1)).to(torch.bfloat16) if use_fp8 else recv_x.clone()
+    # A combine may use the handle of an earlier dispatch (the handle keeps its own routes), so the
+    # combine figures keep this one while the dispatch figure makes new ones.
+    recv_x, recv_count, handle = dispatch()[:3]
+    y = (recv_x[0].float() * recv_x[1].unsqueeze(1)).to(torch.bfloat16) if use_fp8 else recv_x.clone()
 
-        def combine():
-            return buffer.low_latency_combine(y, topk_idx, topk_weights, handle)[0]
+    def combine():
+        return buffer.low_latency_combine(y, topk_idx, topk_weights, handle)[0]
 
-        def combine_in_place():
-            # The expert would write its output into the buffer; both buffers already hold y (below).
-            return buffer.low_latency_combine(
-                buffer.get_next_low_latency_combine_buffer(handle), topk_idx, topk_weights, handle
-            )[0]
+    def combine_in_place():
+        # The expert would write its output into the buffer; both buffers already hold y (below).
+        return buffer.low_latency_combine(
+            buffer.get_next_low_latency_combine_buffer(handle), topk_idx, topk_weights, handle
+        )[0]
 
-        for _ in range(args.warmup):
-            combine()
-        combine_s = timed(group, combine, args.iters, args.batch)
-        copied = combine().clone()
-        first = []
-        for _ in range(2):  # one call per parity: each buffer gets y once, and must give the same bits
+    copied = combine().clone()
+
+    def check_zero_copy() -> None:
+        for _ in range(2):  # one call per parity: each buffer gets y, and must give the same bits
             zero_copy = buffer.get_next_low_latency_combine_buffer(handle)
             zero_copy.copy_(y)
-            first.append(zero_copy.data_ptr())
             combined = buffer.low_latency_combine(zero_copy, topk_idx, topk_weights, handle)[0]
             if not torch.equal(combined.view(torch.int16), copied.view(torch.int16)):
                 raise AssertionError(f"rank {rank}: the zero-copy combine differs from the copying one")
-        # Timed only where the buffers are the transport's own memory (they then still hold y).
-        # Every rank must agree: a rank that times alone waits in collectives its peers never join
-        # (the alltoall strategy's buffers are fresh tensors, whose addresses may repeat on one rank).
-        kept = torch.tensor([int(buffer.get_next_low_latency_combine_buffer(handle).data_ptr() == first[0])])
-        dist.all_reduce(kept, op=dist.ReduceOp.MIN, group=group)
-        in_place_s = timed(group, combine_in_place, args.iters, args.batch) if kept.item() else 0.0
-        selections = int(recv_count.sum())
-        per_selection = args.hidden + 4 if use_fp8 else 2 * args.hidden
+
+    first = buffer.get_next_low_latency_combine_buffer(handle).data_ptr()
+    check_zero_copy()
+    figures = {"dispatch": dispatch, "combine": combine}
+    # Timed only where the buffers are the transport's own memory (they then still hold y).
+    # Every rank must agree: a rank that times alone waits in collectives its peers never join
+    # (the alltoall strategy's buffers are fresh tensors, whose addresses may repeat on one rank).
+    kept = torch.tensor([int(buffer.get_next_low_latency_combine_buffer(handle).data_ptr() == first)])
+    dist.all_reduce(kept, op=dist.ReduceOp.MIN, group=group)
+    if kept.item():
+        figures["zero-copy"] = combine_in_place
+    return LowLatencyRun(buffer, figures, int(recv_count.sum()), check_zero_copy if kept.item() else lambda: None)
+
+
+def bench_low_latency(rank: int, group, args: argparse.Namespace, quant: str) -> Tuple[Dict[str, Timing], float, float]:
+    """Every strategy's dispatch and combine and a plain memcpy of the same bytes (every rank copying
+    at the same time), all timed together (measure_together). Returns ({strategy: Timing}, memcpy
+    seconds of the dispatch bytes, of the bytes dispatch and combine move)."""
+    inputs = make_rank_inputs(rank, args.sizes[0], args.hidden, args.num_experts, args.num_topk)
+    use_fp8 = quant == "int8"
+    runs = {strategy: prepare_low_latency(rank, group, args, strategy, inputs, use_fp8) for strategy in args.strategies}
+    per_selection = args.hidden + 4 if use_fp8 else 2 * args.hidden
+    # Rank 0's bytes size the memcpy on every rank, as the table reports rank 0's.
+    nbytes = torch.tensor([runs["default"].selections * per_selection, runs["default"].selections * 2 * args.hidden])
+    dist.broadcast(nbytes, 0, group=group)
+    copies = {}
+    for name, count in (("memcpy", int(nbytes[0])), ("memcpy both", int(nbytes.sum()))):
+        src, dst = torch.full((count,), 1, dtype=torch.uint8), torch.zeros(count, dtype=torch.uint8)
+        copies[name] = lambda src=src, dst=dst: dst.copy_(src)
+    threads = torch.get_num_threads()
+    figures: Dict[Hashable, Measured] = {
+        (strategy, figure): Measured(fn, threads)
+        for strategy, run in runs.items()
+        for figure, fn in run.figures.items()
+    }
+    figures.update({name: Measured(fn, threads) for name, fn in copies.items()})
+    seconds = measure_together(TorchSync(group), figures, args.iters, args.batch, warmup=args.warmup)
+    rows: Dict[str, Timing] = {}
+    for strategy, run in runs.items():
+        run.check()  # the buffers still held y through the timing
         rows[strategy] = Timing(
-            dispatch_s,
-            combine_s,
-            selections * per_selection,
-            selections * 2 * args.hidden,
-            combine_in_place=in_place_s,
+            seconds[(strategy, "dispatch")],
+            seconds[(strategy, "combine")],
+            run.selections * per_selection,
+            run.selections * 2 * args.hidden,
+            combine_in_place=seconds.get((strategy, "zero-copy"), 0.0),
         )
-        buffer.destroy()
-    return rows
-
-
-def memcpy_time(group, nbytes: int, args: argparse.Namespace) -> float:
-    """Seconds of a plain memcpy of `nbytes`, every rank copying at the same time."""
-    src, dst = torch.empty(nbytes, dtype=torch.uint8).fill_(1), torch.empty(nbytes, dtype=torch.uint8).fill_(0)
-    for _ in range(args.warmup):
-        dst.copy_(src)
-    return timed(group, lambda: dst.copy_(src), args.iters, args.batch)
+        run.buffer.destroy()
+    return rows, seconds["memcpy"], seconds["memcpy both"]
 
 
 def print_low_latency(
@@ -526,11 +551,7 @@ def bench_rank(rank: int, num_ranks: int, group, args: argparse.Namespace) -> No
     set_rank_threads(args, num_ranks)
     if args.mode == "low_latency":
         quant = args.quant
-        rows = bench_low_latency(rank, group, args, quant)
-        nbytes = torch.tensor([rows["default"].bytes, rows["default"].combine_bytes], dtype=torch.int64)
-        dist.broadcast(nbytes, 0, group=group)
-        memcpy_s = memcpy_time(group, int(nbytes[0]), args)
-        memcpy_both_s = memcpy_time(group, int(nbytes.sum()), args)
+        rows, memcpy_s, memcpy_both_s = bench_low_latency(rank, group, args, quant)
         if rank == 0:
             print_low_latency(rows, memcpy_s, memcpy_both_s, num_ranks, args, quant)
         return
