@@ -46,9 +46,9 @@ import torch.distributed as dist
 
 from . import Buffer
 from .reference import quantize_reference, reference_combine, reference_dispatch
-from .testing import spawn_ranks
+from .testing import spawn_ranks, torch_threads_per_rank
 from .transport import hierarchical
-from .utils import num_threads, usable_cores
+from .utils import num_threads
 
 if TYPE_CHECKING:
     from .bench_mpi import MpiOutcome
@@ -256,7 +256,6 @@ def prepare_normal(
     rank: int,
     group,
     args: argparse.Namespace,
-    quant: str,
     strategy: str,
     num_tokens: int,
     reference_run: Optional[StrategyRun],
@@ -264,6 +263,7 @@ def prepare_normal(
     """Checks one strategy at `num_tokens` tokens per rank against the reference and returns what
     to time: layout + dispatch + combine (with --default-threads also at torch's default thread
     count, for "default"), dispatch alone and combine alone (of one dispatch's handle)."""
+    quant = args.quant
     x, topk_idx, topk_weights = make_rank_inputs(rank, num_tokens, args.hidden, args.num_experts, args.num_topk)
     num_ranks = dist.get_world_size(group)
     buffer = Buffer(group, num_nvl_bytes=args.nvl_bytes, normal_strategy=strategy)
@@ -348,7 +348,7 @@ def bench_normal(
     for num_tokens in args.sizes:
         runs: Dict[str, StrategyRun] = {}
         for strategy in args.strategies:
-            runs[strategy] = prepare_normal(rank, group, args, args.quant, strategy, num_tokens, runs.get("default"))
+            runs[strategy] = prepare_normal(rank, group, args, strategy, num_tokens, runs.get("default"))
         figures = {(name, key): figure for name, run in runs.items() for key, figure in run.figures.items()}
         if baselines is not None:
             figures.update({("baseline", key): figure for key, figure in baselines.prepare(num_tokens).items()})
@@ -456,14 +456,19 @@ def prepare_low_latency(
     return LowLatencyRun(buffer, figures, int(recv_count.sum()), check_zero_copy if kept.item() else lambda: None)
 
 
-def bench_low_latency(rank: int, group, args: argparse.Namespace, quant: str) -> Tuple[Dict[str, Timing], float, float]:
+def selection_bytes(args: argparse.Namespace) -> int:
+    """Bytes low-latency dispatch moves per (token, expert) selection: int8 = H + 4 scale bytes, bf16 = 2H."""
+    return args.hidden + 4 if args.quant == "int8" else 2 * args.hidden
+
+
+def bench_low_latency(rank: int, group, args: argparse.Namespace) -> Tuple[Dict[str, Timing], float, float]:
     """Every strategy's dispatch and combine and a plain memcpy of the same bytes (every rank copying
     at the same time), all timed together (measure_together). Returns ({strategy: Timing}, memcpy
     seconds of the dispatch bytes, of the bytes dispatch and combine move)."""
     inputs = make_rank_inputs(rank, args.sizes[0], args.hidden, args.num_experts, args.num_topk)
-    use_fp8 = quant == "int8"
+    use_fp8 = args.quant == "int8"
     runs = {strategy: prepare_low_latency(rank, group, args, strategy, inputs, use_fp8) for strategy in args.strategies}
-    per_selection = args.hidden + 4 if use_fp8 else 2 * args.hidden
+    per_selection = selection_bytes(args)
     # Rank 0's bytes size the memcpy on every rank, as the table reports rank 0's.
     nbytes = torch.tensor([runs["default"].selections * per_selection, runs["default"].selections * 2 * args.hidden])
     dist.broadcast(nbytes, 0, group=group)
@@ -493,15 +498,13 @@ def bench_low_latency(rank: int, group, args: argparse.Namespace, quant: str) ->
     return rows, seconds["memcpy"], seconds["memcpy both"]
 
 
-def print_low_latency(
-    rows: Dict[str, Timing], memcpy_s: float, memcpy_both_s: float, num_ranks: int, args, quant: str
-) -> None:
+def print_low_latency(rows: Dict[str, Timing], memcpy_s: float, memcpy_both_s: float, num_ranks: int, args) -> None:
     gbps = lambda n, s: n / s / 1e9  # noqa: E731
     nbytes = rows["default"].bytes
-    per_selection = args.hidden + 4 if quant == "int8" else 2 * args.hidden
+    per_selection = selection_bytes(args)
     print(
         f"\ndeep_ep low-latency mode: {num_ranks} ranks, {args.sizes[0]} tokens/rank (Nmax {args.num_max_tokens}), "
-        f"hidden {args.hidden}, top-{args.num_topk} of {args.num_experts} experts, dispatch {quant}, "
+        f"hidden {args.hidden}, top-{args.num_topk} of {args.num_experts} experts, dispatch {args.quant}, "
         f"{per_selection} B per selection, combine bf16 (rank 0 receives {nbytes / 1e6:.1f} MB)"
     )
     print(f"{'strategy':<22}{'dispatch us':>13}{'GB/s':>8}{'combine us':>13}{'GB/s':>8}{'total us':>12}")
@@ -541,7 +544,7 @@ def set_rank_threads(args: argparse.Namespace, num_ranks: int) -> None:
     """Ranks start with torch's default thread count (with --default-threads) or their share of the
     cores; every figure is timed with the share (args.tuned_threads) unless it says otherwise."""
     args.default_torch_threads = torch.get_num_threads()
-    args.tuned_threads = max(1, usable_cores() // num_ranks)
+    args.tuned_threads = torch_threads_per_rank(num_ranks)
     torch.set_num_threads(args.tuned_threads)
 
 
@@ -550,10 +553,9 @@ def bench_rank(rank: int, num_ranks: int, group, args: argparse.Namespace) -> No
     timings to args.result_file (rank 0)."""
     set_rank_threads(args, num_ranks)
     if args.mode == "low_latency":
-        quant = args.quant
-        rows, memcpy_s, memcpy_both_s = bench_low_latency(rank, group, args, quant)
+        rows, memcpy_s, memcpy_both_s = bench_low_latency(rank, group, args)
         if rank == 0:
-            print_low_latency(rows, memcpy_s, memcpy_both_s, num_ranks, args, quant)
+            print_low_latency(rows, memcpy_s, memcpy_both_s, num_ranks, args)
         return
     timings, _ = bench_normal(rank, group, args, TorchSync(group))
     if rank == 0:
@@ -638,7 +640,7 @@ def print_normal(args: argparse.Namespace, timings: Dict[str, Dict[str, Timing]]
     if args.default_threads:
         print(
             f"default-threads: torch's default of {torch.get_num_threads()} threads in every rank; tuned: "
-            f"torch.set_num_threads({max(1, usable_cores() // args.num_processes)}); the two are timed "
+            f"torch.set_num_threads({torch_threads_per_rank(args.num_processes)}); the two are timed "
             f"alternately, iteration by iteration, in the same ranks; deep_ep's kernels use "
             f"{num_threads(args.num_processes)} thread(s) per rank in both"
         )

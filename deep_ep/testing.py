@@ -23,6 +23,12 @@ def free_port() -> int:
 DEVICES = ("cpu", "npu")
 
 
+def torch_threads_per_rank(num_ranks: int) -> int:
+    """torch's thread count for each of `num_ranks` ranks sharing this machine: its share of the
+    usable cores (at least 1)."""
+    return max(1, usable_cores() // num_ranks)
+
+
 def _run_rank(
     rank: int,
     num_ranks: int,
@@ -37,7 +43,7 @@ def _run_rank(
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     if share_threads:
         # Ranks share the machine's cores; oversubscribed threads would only slow every rank down.
-        torch.set_num_threads(max(1, usable_cores() // num_ranks))
+        torch.set_num_threads(torch_threads_per_rank(num_ranks))
     backend = "gloo"
     if device == "npu":  # one NPU per rank, HCCL between them: the Buffer takes the NPU path
         import torch_npu  # noqa: F401
