@@ -87,14 +87,15 @@ def test_native_reduction_is_the_float64_sum_in_order(dtype: torch.dtype, hidden
 @pytest.mark.parametrize("hidden", [40, 7])
 def test_fp16_nan_sums_are_stored_canonical(hidden: int) -> None:
     """A NaN sum is stored in fp16 as sign | 0x7E00, whether the hardware conversion writes it (8
-    columns at a time, AVX-512 CPUs) or the scalar one (the tail, other CPUs): the same bits on every
+    columns at a time, AVX-512 CPUs) or float_to_f16 (the tail, other CPUs): the same bits on every
     path, so one host and several hosts agree on them, too."""
     payloads = torch.tensor([0x7C01, 0x7DFF, 0x7E00, 0x7FFF, 0xFC01, 0xFE01, 0x3C00], dtype=torch.int32)
-    row = payloads[torch.arange(hidden) % payloads.numel()].to(torch.int16).view(torch.float16)
+    pattern = payloads[torch.arange(hidden) % payloads.numel()]
+    row = pattern.to(torch.int16).view(torch.float16)
     out = torch.empty(1, hidden, dtype=torch.float16)
     source = row.view(1, hidden).view(torch.uint8)
     src_rank, src_row = torch.zeros(1, 1, dtype=torch.int32), torch.zeros(1, 1, dtype=torch.int64)
     ops.weighted_reduce(out, [source], torch.float16, src_rank, src_row, torch.ones(1, 1), threads=1)
     bits = out.view(torch.int16).int() & 0xFFFF
-    expected = torch.where(row.isnan(), (payloads[torch.arange(hidden) % payloads.numel()] & 0x8000) | 0x7E00, 0x3C00)
+    expected = torch.where(row.isnan(), (pattern & 0x8000) | 0x7E00, 0x3C00)
     assert torch.equal(bits[0], expected)
