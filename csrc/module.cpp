@@ -7,6 +7,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <cstring>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -99,6 +100,51 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
                 sync.wait_at_least(addrs, targets, owners, timeout_s, what, poll_python_signals);
             },
             py::arg("addrs"), py::arg("targets"), py::arg("owners"), py::arg("timeout_s"), py::arg("what"))
+        .def(
+            "publish",
+            [](NodeSync& sync, const std::vector<std::uintptr_t>& release_addrs, const std::vector<int>& owners,
+               std::uint64_t reads, std::uintptr_t meta_address, const Array<std::int64_t>& words,
+               const std::vector<std::tuple<std::uintptr_t, std::uintptr_t, std::size_t>>& copies, int num_threads,
+               double timeout_s, const std::string& what) {
+                if (release_addrs.size() != owners.size())
+                    throw py::value_error("publish: release_addrs and owners differ in length");
+                for (int owner : owners)
+                    if (owner < 0 || owner >= static_cast<int>(sync.arrivals_ns().size()))
+                        throw py::value_error("publish: owner index out of range");
+                const std::vector<std::uint64_t> targets(release_addrs.size(), reads);
+                const auto* data = words.data();
+                const auto nbytes = static_cast<std::size_t>(words.size()) * sizeof(std::int64_t);
+                py::gil_scoped_release release;
+                sync.wait_at_least(release_addrs, targets, owners, timeout_s, what, poll_python_signals);
+                if (nbytes) std::memcpy(reinterpret_cast<void*>(meta_address), data, nbytes);
+                for (const auto& [dst, src, size] : copies)
+                    copy_bytes(reinterpret_cast<std::uint8_t*>(dst), reinterpret_cast<const std::uint8_t*>(src), size,
+                               num_threads);
+            },
+            py::arg("release_addrs"), py::arg("owners"), py::arg("reads"), py::arg("meta_address"), py::arg("words"),
+            py::arg("copies"), py::arg("num_threads"), py::arg("timeout_s"), py::arg("what"),
+            "Waits until every counter at release_addrs (written by local peer owners[i]) reaches `reads`, then "
+            "writes `words` (int64) at meta_address and makes the (dst, src, nbytes) copies: one call per "
+            "published exchange.")
+        .def(
+            "gather",
+            [](NodeSync& sync, const std::vector<std::uintptr_t>& meta_addrs, std::int64_t words, double timeout_s,
+               const std::string& what) {
+                if (meta_addrs.size() != sync.arrivals_ns().size() || words < 0)
+                    throw py::value_error("gather: one meta address per local rank and words >= 0 expected");
+                py::array_t<std::int64_t> out({static_cast<py::ssize_t>(meta_addrs.size()), static_cast<py::ssize_t>(words)});
+                auto* dst = out.mutable_data();
+                {
+                    py::gil_scoped_release release;
+                    sync.barrier(timeout_s, what, poll_python_signals);
+                    for (std::size_t i = 0; i < meta_addrs.size(); ++i)
+                        std::memcpy(dst + i * words, reinterpret_cast<const void*>(meta_addrs[i]),
+                                    static_cast<std::size_t>(words) * sizeof(std::int64_t));
+                }
+                return out;
+            },
+            py::arg("meta_addrs"), py::arg("words"), py::arg("timeout_s"), py::arg("what"),
+            "barrier(), then the first `words` int64 at every local rank's meta address: int64 [local ranks, words].")
         .def_property_readonly("generation", &NodeSync::generation)
         .def_property_readonly("peers_with_pidfd", &NodeSync::peers_with_pidfd)
         .def_property_readonly("arrivals_ns", &NodeSync::arrivals_ns);

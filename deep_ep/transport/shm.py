@@ -30,7 +30,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Protocol, Sequence
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -41,7 +41,6 @@ import deep_ep_cpp
 from .. import ops
 from ..utils import num_threads, timeout_seconds
 from . import collective
-from .fields import row_bytes
 from .groups import CONSTRUCTION
 
 CONTROL_BYTES = 4096
@@ -113,10 +112,6 @@ class Reservation:
             return False
         self.reserved = target
         return True
-
-
-def _align(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
 def data_bytes_needed(rows: int, bytes_per_row: int, num_fields: int = 1) -> int:
@@ -242,6 +237,8 @@ class NodeShm:
         self.reads = 0
         self.release_addresses = [s.address + RELEASE_WORD * 8 for s in self.segments]
         self.peers = [i for i in range(len(self.local_ranks)) if i != self.local_index]
+        self.peer_releases = [self.release_addresses[i] for i in self.peers]
+        self.meta_addresses = [s.address + CONTROL_BYTES for s in self.segments]
         self.data_address = [s.address + DATA_OFFSET for s in self.segments]
         self.broken: Optional[str] = None
         # Across nodes a local peer may wait here while this rank's network exchange fails: tell it why.
@@ -254,9 +251,13 @@ class NodeShm:
         return len(self.local_ranks)
 
     def timed_barrier(self, start_ns: int, waits: Optional[torch.Tensor]) -> None:
-        """barrier(); with `waits` (int64 [local ranks]), adds to waits[i] the nanoseconds from
-        `start_ns` (time.monotonic_ns) until local rank i was seen arriving."""
+        """barrier(), then add_arrivals(start_ns, waits)."""
         self.barrier()
+        self.add_arrivals(start_ns, waits)
+
+    def add_arrivals(self, start_ns: int, waits: Optional[torch.Tensor]) -> None:
+        """With `waits` (int64 [local ranks]), adds to waits[i] the nanoseconds from `start_ns`
+        (time.monotonic_ns) until local rank i was seen arriving in the last barrier."""
         if waits is not None:
             waits += (torch.tensor(self.sync.arrivals_ns, dtype=torch.int64) - start_ns).clamp_min_(0)
 
@@ -287,12 +288,13 @@ class NodeShm:
             seen[self.local_index] = time.monotonic_ns()
             sends += (seen - start_ns).clamp_min_(0)
 
-    def _synchronized(self, wait: Callable[[], None]) -> None:
-        """Runs a wait on the peers; after a failure the Buffer refuses every later call."""
+    def _synchronized(self, wait: Callable[[], Any]) -> Any:
+        """Runs a wait on the peers and returns what it returns; after a failure the Buffer refuses
+        every later call."""
         if self.broken:
             raise RuntimeError(self.broken)
         try:
-            wait()
+            return wait()
         except BaseException as error:
             notes = self.peer_failures() if isinstance(error, RuntimeError) else ""
             # Peers may have moved on without us: the barrier sequence cannot be trusted any more.
@@ -347,22 +349,39 @@ class NodeShm:
             )
 
     # ---- meta ----------------------------------------------------------------------------------
-    def publish_meta(self, meta: torch.Tensor, data_bytes: int) -> bool:
-        """Reserves the first `data_bytes` of this rank's data area and publishes `meta` with the
-        outcome, once the peers have read the last call's. Returns whether this rank may write its
-        rows (read_meta raises on every rank if not)."""
+    def publish(self, meta: torch.Tensor, data_bytes: int, copies: Sequence[Tuple[int, int, int]] = ()) -> bool:
+        """Reserves the first `data_bytes` of this rank's data area and, once the peers have read the
+        last call's, publishes `meta` with the outcome and makes the byte copies (dst, src, nbytes)
+        into the data area: one native call. Returns whether this rank could reserve (gather_meta
+        raises on every rank if not; nothing is copied then)."""
         if (meta.numel() + STATUS_WORDS) * 8 > META_BYTES:
             raise ValueError(
                 f"deep_ep: per-call metadata of {meta.numel()} int64 values exceeds the "
                 f"{META_BYTES // 8 - STATUS_WORDS} the shared-memory control area holds; "
                 "use fewer experts"
             )
-        self.wait_readers()
+        # Growing touches only pages past what peers read: it need not wait for them.
         reserved = self.reservation.grow(data_bytes)
-        mine = self.meta_words[self.local_index]
-        mine[0] = 0 if reserved else data_bytes
-        mine[STATUS_WORDS : STATUS_WORDS + meta.numel()] = meta.numpy()
+        words = np.concatenate(([0 if reserved else data_bytes], meta.numpy()))
+        self.publish_rows(copies if reserved else (), words)
         return reserved
+
+    def publish_rows(self, copies: Sequence[Tuple[int, int, int]], words: Optional[np.ndarray] = None) -> None:
+        """Once the peers have read the last read phase, writes `words` (int64, the status word and
+        the meta) to this rank's meta area, if given, and makes the copies (dst, src, nbytes)."""
+        self._synchronized(
+            lambda: self.sync.publish(
+                self.peer_releases,
+                self.peers,
+                self.reads,
+                self.meta_addresses[self.local_index],
+                np.empty(0, dtype=np.int64) if words is None else words,
+                copies,
+                self.num_threads,
+                self.timeout_s,
+                self.operation,
+            )
+        )
 
     def agreed(self, decide: Callable[[torch.Tensor], None], meta_all: torch.Tensor) -> None:
         """Runs `decide(meta_all)`. Every rank sees the same meta, so a ValueError/TypeError
@@ -373,10 +392,12 @@ class NodeShm:
             self.release()
             raise
 
-    def read_meta(self, length: int) -> torch.Tensor:
-        """int64 [local ranks, length]: every local rank's published meta (after the barrier that
-        follows publish_meta). SharedMemoryExhausted on every rank when a rank could not reserve."""
-        words = np.array([m[: STATUS_WORDS + length] for m in self.meta_words])
+    def gather_meta(self, length: int) -> torch.Tensor:
+        """int64 [local ranks, length]: after a barrier, every local rank's published meta.
+        SharedMemoryExhausted on every rank when a rank could not reserve."""
+        words = self._synchronized(
+            lambda: self.sync.gather(self.meta_addresses, STATUS_WORDS + length, self.timeout_s, self.operation)
+        )
         if np.count_nonzero(words[:, 0]):
             failed = words[:, 0].nonzero()[0].tolist()
             needed = {self.local_ranks[i]: int(words[i, 0]) for i in failed}
@@ -393,31 +414,24 @@ class NodeShm:
         return torch.from_numpy(words[:, STATUS_WORDS:])
 
     # ---- data area -----------------------------------------------------------------------------
-    @staticmethod
-    def regions_bytes(widths: Sequence[int], rows: int) -> int:
-        """Data-area bytes of `regions(..., widths, rows)`."""
-        return sum(_align(rows * width) for width in widths)
-
-    def regions(self, local_index: int, widths: Sequence[int], rows: int) -> List[torch.Tensor]:
-        """uint8 [rows, width] views of consecutive aligned regions of a rank's data area."""
-        return [
-            self.data[local_index][offset : offset + rows * width].view(rows, width)
-            for offset, width in zip(region_offsets(widths, rows), widths)
-        ]
+    def region(self, local_index: int, width: int, rows: int) -> torch.Tensor:
+        """uint8 [rows, width]: the first region of a rank's data area (see region_layout)."""
+        return self.data[local_index][: rows * width].view(rows, width)
 
     def region_addresses(self, local_index: int, widths: Sequence[int], rows: int) -> List[int]:
-        """The addresses of `regions(local_index, widths, rows)` (no tensors made)."""
+        """The addresses of the regions of `region_layout(widths, rows)` in a rank's data area."""
         base = self.data_address[local_index]
-        return [base + offset for offset in region_offsets(widths, rows)]
+        return [base + offset for offset in region_layout(widths, rows)[0]]
 
 
-def region_offsets(widths: Sequence[int], rows: int) -> List[int]:
-    """Byte offsets of consecutive aligned regions of `rows` rows of each width."""
+def region_layout(widths: Sequence[int], rows: int) -> Tuple[List[int], int]:
+    """Byte offsets of consecutive aligned regions of `rows` rows of each width, and the data-area
+    bytes they take."""
     offsets, offset = [], 0
     for width in widths:
         offsets.append(offset)
-        offset += _align(rows * width)
-    return offsets
+        offset += (rows * width + ALIGN - 1) // ALIGN * ALIGN
+    return offsets, offset
 
 
 @dataclass
@@ -468,21 +482,23 @@ def dispatch_rows(
     """
     node.operation = what
     widths = [f.shape[1] for f in fields_in]
-    window = window_rows(node.data_bytes, row_bytes(fields_in), len(fields_in))
+    window = window_rows(node.data_bytes, sum(widths), len(fields_in))
     num_tokens = fields_in[0].shape[0]
-    own_window = min(num_tokens, window)
-    own_addresses = node.region_addresses(node.local_index, widths, own_window)
+    own_offsets, own_bytes = region_layout(widths, min(num_tokens, window))
+    own_base = node.data_address[node.local_index]
 
-    def publish(begin: int) -> None:
+    def copies(begin: int) -> List[Tuple[int, int, int]]:
         rows = max(0, min(num_tokens, begin + window) - begin)
         # The fields are contiguous CPU byte rows (as_byte_rows): plain byte copies, no tensor views.
-        for address, field, width in zip(own_addresses, fields_in, widths):
-            deep_ep_cpp.copy_bytes(address, field.data_ptr() + begin * width, rows * width, node.num_threads)
+        return [
+            (own_base + offset, field.data_ptr() + begin * width, rows * width)
+            for offset, field, width in zip(own_offsets, fields_in, widths)
+        ]
 
-    if node.publish_meta(meta, node.regions_bytes(widths, own_window)):
-        publish(0)
-    node.timed_barrier(time.monotonic_ns(), waits)
-    meta_all = node.read_meta(meta.numel())
+    node.publish(meta, own_bytes, copies(0))
+    start = time.monotonic_ns()
+    meta_all = node.gather_meta(meta.numel())
+    node.add_arrivals(start, waits)
     node.agreed(receiver.prepare, meta_all)
     tokens = meta_all[:, 1].tolist()
     windows = [min(t, window) for t in tokens]
@@ -491,8 +507,7 @@ def dispatch_rows(
     for round_index in range(num_rounds):
         begin = round_index * window
         if round_index > 0:
-            node.wait_readers()
-            publish(begin)
+            node.publish_rows(copies(begin))
             node.timed_barrier(time.monotonic_ns(), waits)
         receiver.pull(
             [
@@ -546,12 +561,17 @@ def combine_rows(
     windows = [min(rows, window) for rows in rows_per_rank]
     me = node.local_index
     x_bytes = x.view(torch.uint8).view(x.shape[0], bytes_per_row)
-    reserved = node.publish_meta(meta, node.regions_bytes([bytes_per_row], windows[me]))
+
+    def copies(begin: int) -> List[Tuple[int, int, int]]:
+        rows = max(0, min(rows_per_rank[me], begin + window) - begin)
+        return [(node.data_address[me], x_bytes.data_ptr() + begin * bytes_per_row, rows * bytes_per_row)]
+
+    # One round with peer_rows publishes only those rows (below); otherwise the rows move with the meta.
+    scattered = num_rounds == 1 and peer_rows is not None
+    reserved = node.publish(meta, region_layout([bytes_per_row], windows[me])[1], [] if scattered else copies(0))
     start = time.monotonic_ns()
     if num_rounds == 1:
-        if reserved and peer_rows is None:
-            ops.copy_into(node.regions(me, [bytes_per_row], windows[me])[0], x_bytes[: windows[me]], node.num_threads)
-        elif reserved:
+        if reserved and scattered:
             rows = peer_rows.numpy()
             deep_ep_cpp.copy_rows(
                 node.data_address[me],
@@ -566,11 +586,10 @@ def combine_rows(
                 rows,
                 node.num_threads,
             )
-        node.barrier()
-        meta_all = node.read_meta(meta.numel())
+        meta_all = node.gather_meta(meta.numel())
         if check is not None:
             node.agreed(check, meta_all)
-        sources = [node.regions(s, [bytes_per_row], windows[s])[0] for s in range(node.num_local)]
+        sources = [node.region(s, bytes_per_row, windows[s]) for s in range(node.num_local)]
         sources[me] = x_bytes[: windows[me]]
         reduction.run(sources, dest_rank, dest_row)
         node.release()
@@ -587,16 +606,13 @@ def combine_rows(
     holder, holder_row = dest_rank[selections], dest_row[selections]
     for round_index in range(num_rounds):
         begin = round_index * window
-        mine = x_bytes[begin : min(rows_per_rank[me], begin + window)]
-        if round_index > 0:
-            node.wait_readers()
-        if reserved:
-            ops.copy_into(node.regions(me, [bytes_per_row], windows[me])[0][: mine.shape[0]], mine, node.num_threads)
-        node.barrier()
         if round_index == 0:
-            meta_all = node.read_meta(meta.numel())
+            meta_all = node.gather_meta(meta.numel())
             if check is not None:
                 node.agreed(check, meta_all)
+        else:
+            node.publish_rows(copies(begin))
+            node.barrier()
         in_round = (holder_row >= begin) & (holder_row < begin + window)
         srcs = [node.region_addresses(s, [bytes_per_row], windows[s])[0] for s in range(node.num_local)]
         deep_ep_cpp.copy_rows(

@@ -83,7 +83,7 @@ def roundtrip(buffer: deep_ep.Buffer, rank: int, num_ranks: int, tokens: List[in
 
 def message_bytes(tokens: int) -> int:
     """Data-area bytes of one rank's dispatch rows (x float32, topk_idx int64, weights float32)."""
-    return shm_transport.NodeShm.regions_bytes([HIDDEN * 4, TOPK * 8, TOPK * 4], tokens)
+    return shm_transport.region_layout([HIDDEN * 4, TOPK * 8, TOPK * 4], tokens)[1]
 
 
 # ---- normal mode: reserved bytes follow the largest message -------------------------------------------------
