@@ -96,6 +96,9 @@ class Runtime:
         # Token rows of the collective transport: on NPU over HCCL (the caller's group); metadata stays on
         # the host and goes over `comm` (gloo) everywhere.
         self.data_comm: Optional[dist.ProcessGroup] = group if self.on_npu else self.comm
+        # Read on every call (check_alive): a failed collective leaves its message there.
+        self.comm_status = collective.group_status(self.comm)
+        self.data_status = collective.group_status(self.data_comm)
         self.rank_to_node = self._discover_nodes()
         self.topology = hierarchical.Topology(self.rank, self.rank_to_node)  # derives the nodes' ranks once
         self.node = self.topology.node
@@ -158,8 +161,8 @@ class Runtime:
         # touching any shared state.
         broken = (
             (self.shm.broken if self.shm is not None else None)
-            or collective.failure(self.comm)
-            or collective.failure(self.data_comm)  # NPU: the rows' HCCL group
+            or self.comm_status.failure
+            or self.data_status.failure  # NPU: the rows' HCCL group
         )
         if broken:
             raise RuntimeError(broken)
@@ -167,10 +170,13 @@ class Runtime:
     def check_devices(self, **tensors) -> None:
         """ValueError naming the first tensor (or list item) not on the Buffer's device; None is skipped."""
         for name, tensor in tensors.items():
-            for index, t in enumerate(tensor if isinstance(tensor, (tuple, list)) else [tensor]):
+            if isinstance(tensor, torch.Tensor):  # the common case first: one check per tensor
+                if tensor.device != self.device:
+                    raise ValueError(f"{name} must be on the Buffer's device {self.device}, got {tensor.device}")
+                continue
+            for index, t in enumerate(tensor if isinstance(tensor, (tuple, list)) else []):
                 if isinstance(t, torch.Tensor) and t.device != self.device:
-                    shown = f"{name}[{index}]" if isinstance(tensor, (tuple, list)) else name
-                    raise ValueError(f"{shown} must be on the Buffer's device {self.device}, got {t.device}")
+                    raise ValueError(f"{name}[{index}] must be on the Buffer's device {self.device}, got {t.device}")
 
     def empty(self, shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised output: from the pool on CPU, a plain allocation on the Buffer's device otherwise."""

@@ -25,7 +25,7 @@ from ..ops import RowReduction
 # send operation", "Connection reset by peer"), and the group is unusable afterwards ("Application timeout
 # caused pair closure"). Every collective below goes through `run_collective`, which turns such an error
 # into one that names the ranks, and remembers the failure so that later calls say the Buffer must be
-# recreated (Runtime.check_alive asks `failure`).
+# recreated (Runtime.check_alive reads the group's status).
 
 
 class LocalPeers:
@@ -61,7 +61,10 @@ def _close_all(fds: Dict[int, int]) -> None:
 
 
 @dataclass
-class _GroupInfo:
+class GroupStatus:
+    """What this module knows of one group: its timeout, the peers it can watch, and its failure
+    (`failure`: the message once a collective failed; the group must then be recreated)."""
+
     timeout_s: Optional[float] = None
     peers: LocalPeers = field(default_factory=lambda: LocalPeers({}))  # the peers whose liveness we can see
     remote: List[int] = field(default_factory=list)  # group ranks on other hosts
@@ -70,7 +73,7 @@ class _GroupInfo:
     listeners: List[weakref.WeakMethod] = field(default_factory=list)
 
 
-_groups: "weakref.WeakKeyDictionary[dist.ProcessGroup, _GroupInfo]" = weakref.WeakKeyDictionary()
+_groups: "weakref.WeakKeyDictionary[dist.ProcessGroup, GroupStatus]" = weakref.WeakKeyDictionary()
 
 
 def process_state(pid: int) -> str:
@@ -88,10 +91,11 @@ def process_alive(pid: int) -> bool:
     return process_state(pid) not in ("", "Z", "X")
 
 
-def _info(group: dist.ProcessGroup) -> _GroupInfo:
+def group_status(group: dist.ProcessGroup) -> GroupStatus:
+    """The group's status, registered on first use (a runtime keeps it to check `failure` per call)."""
     info = _groups.get(group)
     if info is None:
-        info = _groups[group] = _GroupInfo()
+        info = _groups[group] = GroupStatus()
     return info
 
 
@@ -100,7 +104,7 @@ def watch_group(group: dist.ProcessGroup, timeout_s: float, pids: Dict[int, int]
     other hosts, so that failures name the ranks that died or cannot be reached. Every peer in `pids` is
     watched, even one that has exited already: a peer may pass the rendezvous that sent its pid and die
     before this rank gets here (its failure is then named, not passed over as invisible)."""
-    info = _info(group)
+    info = group_status(group)
     info.timeout_s = timeout_s
     info.peers.close()
     info.peers = LocalPeers(pids)
@@ -118,16 +122,10 @@ def forget_group(group: dist.ProcessGroup) -> None:
 def on_failure(group: dist.ProcessGroup, listener: Callable[[str], None]) -> None:
     """Calls the bound method `listener(message)` when a collective on `group` fails (the shared-memory
     transport posts the message where the local peers, which may be waiting for this rank, read it)."""
-    _info(group).listeners.append(weakref.WeakMethod(listener))
+    group_status(group).listeners.append(weakref.WeakMethod(listener))
 
 
-def failure(group: dist.ProcessGroup) -> Optional[str]:
-    """The message of an earlier failure on `group` (it must be recreated), or None."""
-    info = _groups.get(group) if group is not None else None
-    return info.failure if info is not None else None
-
-
-def _describe(group: dist.ProcessGroup, what: str, error: RuntimeError, info: _GroupInfo) -> str:
+def _describe(group: dist.ProcessGroup, what: str, error: RuntimeError, info: GroupStatus) -> str:
     me = dist.get_rank(group)
     others = [r for r in range(dist.get_world_size(group)) if r != me]
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -179,7 +177,7 @@ def run_collective(group: dist.ProcessGroup, what: str, call: Callable[[], None]
     """Runs `call()` (torch.distributed collectives on `group`). A RuntimeError from it becomes one that
     names the ranks waited for (dead ones when their pids tell), mentioning `what` (e.g. "dispatch"); the
     group is then marked failed and every later call raises at once, saying the Buffer must be recreated."""
-    info = _info(group)
+    info = group_status(group)
     if info.failure:
         raise RuntimeError(info.failure)
     try:
