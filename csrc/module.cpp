@@ -7,7 +7,9 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -44,6 +46,13 @@ void check_sources(const std::int32_t* rank, const std::int64_t* row, std::size_
             throw py::index_error(std::string(what) + ": entry " + std::to_string(i) + " names source " +
                                   std::to_string(rank[i]) + " row " + std::to_string(row[i]) + ", out of range");
     }
+}
+
+// Expert ids must lie in [-1, num_experts).
+void check_expert_ids(const std::int64_t* idx, std::int64_t n, std::int64_t num_experts, const char* what) {
+    for (std::int64_t i = 0; i < n; ++i)
+        if (idx[i] < -1 || idx[i] >= num_experts)
+            throw py::index_error(std::string(what) + ": expert " + std::to_string(idx[i]) + " out of range");
 }
 
 // Lets Ctrl-C interrupt a long wait.
@@ -149,6 +158,20 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
         .def_property_readonly("peers_with_pidfd", &NodeSync::peers_with_pidfd)
         .def_property_readonly("arrivals_ns", &NodeSync::arrivals_ns);
 
+    m.def(
+        "getenv",
+        [](const std::string& name) -> py::object {
+            const char* value = std::getenv(name.c_str());
+            if (value == nullptr) return py::none();
+            // Decoded as os.environ decodes (the filesystem encoding, surrogateescape).
+            PyObject* text = PyUnicode_DecodeFSDefault(value);
+            if (text == nullptr) throw py::error_already_set();
+            return py::reinterpret_steal<py::object>(text);
+        },
+        py::arg("name"),
+        "The process environment's value of `name`, or None: what os.environ.get gives (os.environ's "
+        "changes reach the C environment), in one call instead of several Python frames.");
+
     m.def("store_counter", &store_counter, py::arg("addr"), py::arg("value"));
     m.def("load_counter", &load_counter, py::arg("addr"));
 
@@ -230,58 +253,95 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
     m.def(
         "count_layout",
         [](std::uintptr_t topk_idx, std::int64_t rows, std::int64_t topk, std::int64_t num_experts,
-           std::int64_t num_ranks, std::uintptr_t per_expert, std::uintptr_t per_rank, std::uintptr_t in_rank,
-           std::uintptr_t rank_to_node, std::uintptr_t per_node, std::int64_t num_nodes) {
+           std::int64_t num_ranks, bool with_ranks, const std::optional<Array<std::int64_t>>& rank_to_node) {
             if (rows < 0 || topk < 0 || num_ranks <= 0 || num_experts <= 0 || num_experts % num_ranks)
                 throw py::value_error("count_layout: negative sizes, or num_experts not a multiple of num_ranks");
-            if ((per_rank == 0 && in_rank != 0) || (per_node != 0 && rank_to_node == 0))
-                throw py::value_error("count_layout: in_rank needs per_rank, per_node needs rank_to_node");
+            if (rank_to_node && !with_ranks) throw py::value_error("count_layout: per-node counts need with_ranks");
+            // Zeroed outputs, made here: one call instead of an allocation per array in Python.
+            auto zeros = [](auto array) {
+                std::fill(array.mutable_data(), array.mutable_data() + array.size(), 0);
+                return array;
+            };
+            auto per_expert = zeros(py::array_t<std::int32_t>(num_experts));
             LayoutOutputs out;
-            out.per_expert = reinterpret_cast<std::int64_t*>(per_expert);
-            out.per_rank = reinterpret_cast<std::int32_t*>(per_rank);
-            out.in_rank = reinterpret_cast<std::int32_t*>(in_rank);
-            out.rank_to_node = reinterpret_cast<const std::int64_t*>(rank_to_node);
-            out.per_node = reinterpret_cast<std::int32_t*>(per_node);
-            out.num_nodes = num_nodes;
-            if (out.rank_to_node)
+            out.per_expert = per_expert.mutable_data();
+            py::object per_rank = py::none(), in_rank = py::none(), per_node = py::none();
+            if (with_ranks) {
+                auto ranks = zeros(py::array_t<std::int32_t>(num_ranks));
+                auto in = zeros(py::array_t<std::int32_t>({rows, num_ranks}));
+                out.per_rank = ranks.mutable_data();
+                out.in_rank = in.mutable_data();
+                per_rank = ranks;
+                in_rank = in;
+            }
+            if (rank_to_node) {
+                const auto* node = checked_data(*rank_to_node, static_cast<std::size_t>(num_ranks), "rank_to_node");
+                const std::int64_t num_nodes = *std::max_element(node, node + num_ranks) + 1;
                 for (std::int64_t r = 0; r < num_ranks; ++r)
-                    if (out.rank_to_node[r] < 0 || out.rank_to_node[r] >= num_nodes)
-                        throw py::value_error("count_layout: rank_to_node names a node out of range");
+                    if (node[r] < 0) throw py::value_error("count_layout: rank_to_node names a negative node");
+                auto nodes = zeros(py::array_t<std::int32_t>(num_nodes));
+                out.rank_to_node = node;
+                out.per_node = nodes.mutable_data();
+                out.num_nodes = num_nodes;
+                per_node = nodes;
+            }
             TopkSummary summary;
             {
                 py::gil_scoped_release release;
                 summary = count_layout(reinterpret_cast<const std::int64_t*>(topk_idx), rows, topk, num_experts,
                                        num_ranks, out);
             }
-            return py::make_tuple(summary.min, summary.max);
+            return py::make_tuple(summary.min, summary.max, per_expert, per_rank, in_rank, per_node);
         },
         py::arg("topk_idx"), py::arg("rows"), py::arg("topk"), py::arg("num_experts"), py::arg("num_ranks"),
-        py::arg("per_expert"), py::arg("per_rank") = 0, py::arg("in_rank") = 0, py::arg("rank_to_node") = 0,
-        py::arg("per_node") = 0, py::arg("num_nodes") = 0,
-        "Addresses of contiguous CPU tensors: topk_idx int64 [rows, topk]; adds to per_expert int64 [E], "
-        "per_rank int32 [R], in_rank int32 [rows, R] (zeros), per_node int32 [num_nodes] (0: not wanted). "
-        "Returns (min id, max id); counts nothing unless they lie in [-1, num_experts).");
+        py::arg("with_ranks"), py::arg("rank_to_node") = py::none(),
+        "topk_idx: the address of a contiguous CPU int64 [rows, topk]. Returns (min id, max id, per_expert "
+        "int32 [E], per_rank int32 [R], in_rank int32 [rows, R], per_node int32 [nodes]); the rank counts "
+        "are None without with_ranks, the node counts None without rank_to_node (int64 [R]). Counts "
+        "nothing unless the ids lie in [-1, num_experts).");
 
     m.def(
-        "plan_blocks",
-        [](const Array<std::int64_t>& counts, std::int64_t num_ranks, std::int64_t num_experts,
-           std::int64_t alignment) {
+        "plan_routing",
+        [](const Array<std::int64_t>& counts, std::int64_t num_ranks, std::int64_t num_experts, std::int64_t alignment,
+           std::int64_t rank, const Array<std::int64_t>& topk_idx, std::int64_t tokens, std::int64_t topk) {
             if (num_ranks <= 0 || num_experts <= 0 || num_experts % num_ranks || alignment <= 0)
-                throw py::value_error("plan_blocks: num_experts must be a positive multiple of num_ranks, "
+                throw py::value_error("plan_routing: num_experts must be a positive multiple of num_ranks, "
                                       "alignment positive");
+            if (rank < 0 || rank >= num_ranks || tokens < 0 || topk < 0)
+                throw py::value_error("plan_routing: rank out of range or negative sizes");
             const auto* data = checked_data(counts, static_cast<std::size_t>(num_ranks * num_experts), "counts");
             for (std::int64_t i = 0; i < num_ranks * num_experts; ++i)
-                if (data[i] < 0) throw py::value_error("plan_blocks: negative count");
+                if (data[i] < 0) throw py::value_error("plan_routing: negative count");
+            const auto* idx = checked_data(topk_idx, static_cast<std::size_t>(tokens * topk), "topk_idx");
+            check_expert_ids(idx, tokens * topk, num_experts, "plan_routing");
             const std::int64_t experts_per_rank = num_experts / num_ranks;
             py::array_t<std::int64_t> padded({num_ranks, experts_per_rank});
             py::array_t<std::int64_t> block_start({num_ranks, experts_per_rank, num_ranks}), rows(num_ranks);
-            plan_blocks(data, num_ranks, num_experts, alignment, padded.mutable_data(), block_start.mutable_data(),
-                        rows.mutable_data());
-            return py::make_tuple(padded, block_start, rows);
+            py::array_t<std::int64_t> recv_counts({experts_per_rank, num_ranks});
+            py::array_t<std::int64_t> dest_rank({tokens, topk}), dest_row({tokens, topk});
+            std::int64_t real_rows = 0;
+            {
+                py::gil_scoped_release release;
+                plan_blocks(data, num_ranks, num_experts, alignment, padded.mutable_data(), block_start.mutable_data(),
+                            rows.mutable_data());
+                auto* received = recv_counts.mutable_data();
+                for (std::int64_t l = 0; l < experts_per_rank; ++l)
+                    for (std::int64_t s = 0; s < num_ranks; ++s)
+                        real_rows += received[l * num_ranks + s] = data[s * num_experts + rank * experts_per_rank + l];
+                const std::vector<std::int64_t> origin(static_cast<std::size_t>(tokens), rank);
+                std::vector<std::int64_t> taken(static_cast<std::size_t>(num_experts * num_ranks), 0);
+                selection_destinations(idx, tokens, topk, experts_per_rank, block_start.data(), taken.data(), num_ranks,
+                                       origin.data(), dest_rank.mutable_data(), dest_row.mutable_data());
+            }
+            return py::make_tuple(padded, block_start, rows, recv_counts, dest_rank, dest_row, real_rows);
         },
-        py::arg("counts"), py::arg("num_ranks"), py::arg("num_experts"), py::arg("alignment"),
-        "(padded int64 [R, L], block_start int64 [R, L, R], rows_per_rank int64 [R]) of the received layouts "
-        "from counts int64 [R, E] (rows each source sends to each expert).");
+        py::arg("counts"), py::arg("num_ranks"), py::arg("num_experts"), py::arg("alignment"), py::arg("rank"),
+        py::arg("topk_idx"), py::arg("tokens"), py::arg("topk"),
+        "The routing plan of `rank`, from counts int64 [R, E] (rows each source sends to each expert) and "
+        "the rank's topk_idx int64 [tokens, topk]: (padded int64 [R, L], block_start int64 [R, L, R], "
+        "rows_per_rank int64 [R], recv_counts int64 [L, R] (rows `rank` receives per local expert and "
+        "source), dest_rank / dest_row int64 [tokens, topk] (holder and row of every selection, -1 for -1), "
+        "the rows `rank` receives without padding).");
 
     m.def(
         "handle_arrays",
@@ -318,9 +378,7 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
             const auto* idx = checked_data(topk_idx, static_cast<std::size_t>(rows * topk), "topk_idx");
             const auto* first = checked_data(start, static_cast<std::size_t>(num_experts * num_sources), "start");
             const auto* from = checked_data(origin, static_cast<std::size_t>(rows), "origin");
-            for (std::int64_t i = 0; i < rows * topk; ++i)
-                if (idx[i] < -1 || idx[i] >= num_experts)
-                    throw py::index_error("selection_destinations: expert " + std::to_string(idx[i]) + " out of range");
+            check_expert_ids(idx, rows * topk, num_experts, "selection_destinations");
             for (std::int64_t r = 0; r < rows; ++r)
                 if (from[r] < 0 || from[r] >= num_sources)
                     throw py::index_error("selection_destinations: origin " + std::to_string(from[r]) + " out of range");

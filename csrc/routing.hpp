@@ -36,7 +36,7 @@ TopkSummary summarize_topk(const std::int64_t* topk_idx, std::int64_t rows, std:
 // tokens that select a rank of node n. Counts start from what the arrays hold (callers pass
 // zeros). Returns the summary; nothing is counted when an id lies outside [-1, num_experts).
 struct LayoutOutputs {
-    std::int64_t* per_expert = nullptr;   // [num_experts]
+    std::int32_t* per_expert = nullptr;   // [num_experts]
     std::int32_t* per_rank = nullptr;     // [num_ranks] or null
     std::int32_t* in_rank = nullptr;      // [rows, num_ranks] or null
     const std::int64_t* rank_to_node = nullptr;  // [num_ranks] or null

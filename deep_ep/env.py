@@ -6,9 +6,12 @@ the value found. docs/compat.md lists what each one does here and on DeepEP-Asce
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional
+
+# The C environment's value, which os.environ's changes reach: one native call per read, where
+# os.environ.get takes several Python frames (the normal-mode calls read a few variables each).
+from deep_ep_cpp import getenv as _getenv
 
 # DEEP_USE_MODE -> (normal strategy, low-latency strategy), as DeepEP-Ascend maps it.
 USE_MODES = {"default": ("default", "default"), "alltoall": ("alltoall", "alltoall"), "ops": ("default", "ops")}
@@ -20,7 +23,7 @@ MAX_TOTAL_TOKENS = 131072
 
 
 def _int(name: str, default: int, low: int, high: Optional[int] = None) -> int:
-    value = os.environ.get(name)
+    value = _getenv(name)
     if value is None or value.strip() == "":
         return default
     text = value.strip()
@@ -31,7 +34,7 @@ def _int(name: str, default: int, low: int, high: Optional[int] = None) -> int:
 
 
 def _flag(name: str) -> bool:
-    value = os.environ.get(name, "0").strip()
+    value = (_getenv(name) or "0").strip()
     if value in ("", "0", "false", "False"):
         return False
     if value in ("1", "true", "True"):
@@ -42,7 +45,7 @@ def _flag(name: str) -> bool:
 def use_mode() -> Optional[str]:
     """DEEP_USE_MODE: None when unset, else "default", "alltoall" or "ops" (any case, as upstream
     lower-cases it). It overrides the Buffer's normal_strategy / low_latency_strategy (USE_MODES)."""
-    value = os.environ.get("DEEP_USE_MODE")
+    value = _getenv("DEEP_USE_MODE")
     if value is None or value.strip() == "":
         return None
     mode = value.strip().lower()
@@ -93,8 +96,8 @@ ONE_ROUND = LongSeqRounds()
 
 def long_seq_rounds() -> LongSeqRounds:
     """The long-sequence rounds; both variables must be set together (ValueError otherwise)."""
-    has_round = os.environ.get("DEEPEP_NORMAL_LONG_SEQ_ROUND") is not None
-    has_tokens = os.environ.get("DEEPEP_NORMAL_LONG_SEQ_PER_ROUND_TOKENS") is not None
+    has_round = _getenv("DEEPEP_NORMAL_LONG_SEQ_ROUND") is not None
+    has_tokens = _getenv("DEEPEP_NORMAL_LONG_SEQ_PER_ROUND_TOKENS") is not None
     if has_round != has_tokens:
         raise ValueError(
             "DEEPEP_NORMAL_LONG_SEQ_ROUND and DEEPEP_NORMAL_LONG_SEQ_PER_ROUND_TOKENS must be set or unset together"

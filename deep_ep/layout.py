@@ -21,7 +21,7 @@ class SelectionCounts:
     """What one pass over a topk_idx [T, K] gives (`count_selections`).
 
     low / high: the smallest and largest id (0, 0 when empty); the counts are only meaningful when
-    they lie in [-1, E). per_expert: int64 [E]; per_rank: int32 [R] and in_rank: int32 [T, R]
+    they lie in [-1, E). per_expert: int32 [E]; per_rank: int32 [R] and in_rank: int32 [T, R]
     (None unless asked for); per_node: int32 [nodes] or None.
     """
 
@@ -46,30 +46,21 @@ def count_selections(
     import deep_ep_cpp
 
     tokens, topk = topk_idx.shape
-    # numpy zeros: a few microseconds less each than torch.zeros on the per-call path.
-    per_expert = torch.from_numpy(np.zeros(num_experts, dtype=np.int64))
-    per_rank = torch.from_numpy(np.zeros(num_ranks, dtype=np.int32)) if with_ranks else None
-    in_rank = torch.from_numpy(np.zeros((tokens, num_ranks), dtype=np.int32)) if with_ranks else None
-    per_node = None
-    nodes = 0
-    if rank_to_node is not None:
-        rank_to_node = rank_to_node.to(torch.int64).contiguous()
-        nodes = int(rank_to_node.max()) + 1
-        per_node = torch.from_numpy(np.zeros(nodes, dtype=np.int32))
-    low, high = deep_ep_cpp.count_layout(
-        topk_idx.data_ptr(),
-        tokens,
-        topk,
-        num_experts,
-        num_ranks,
-        per_expert.data_ptr(),
-        per_rank.data_ptr() if with_ranks else 0,
-        in_rank.data_ptr() if with_ranks else 0,
-        rank_to_node.data_ptr() if per_node is not None else 0,
-        per_node.data_ptr() if per_node is not None else 0,
-        nodes,
+    nodes = None if rank_to_node is None else rank_to_node.to(torch.int64).numpy()
+    low, high, per_expert, per_rank, in_rank, per_node = deep_ep_cpp.count_layout(
+        topk_idx.data_ptr(), tokens, topk, num_experts, num_ranks, with_ranks, nodes
     )
-    return SelectionCounts(low, high, per_expert, per_rank, in_rank, per_node, topk_idx)
+    if not with_ranks:
+        return SelectionCounts(low, high, torch.from_numpy(per_expert), host=topk_idx)
+    return SelectionCounts(
+        low,
+        high,
+        torch.from_numpy(per_expert),
+        torch.from_numpy(per_rank),
+        torch.from_numpy(in_rank),
+        None if per_node is None else torch.from_numpy(per_node),
+        topk_idx,
+    )
 
 
 def dispatch_layout(
@@ -96,7 +87,7 @@ def dispatch_layout(
         counts = count_selections(
             topk_idx.contiguous(), num_experts, num_ranks, rank_to_node=rank_to_node if multi_node else None
         )
-        return counts.per_rank, counts.per_node, counts.per_expert.to(torch.int32), counts.in_rank
+        return counts.per_rank, counts.per_node, counts.per_expert, counts.in_rank
     experts_per_rank = num_experts // num_ranks
     valid = topk_idx >= 0
     # Invalid entries land in an extra column that is dropped.
@@ -156,6 +147,7 @@ class RoutingPlan:
     recv_counts: int64 [L, R], real rows this rank receives per (local expert, source).
     expert_rows: list of L ints, this rank's rows per local expert (padded).
     dest_rank / dest_row: int64 [T, K], where each of this rank's selections lands (-1 if none).
+    num_real_rows: the rows this rank receives without padding (the sum of recv_counts).
     """
 
     num_ranks: int
@@ -169,6 +161,7 @@ class RoutingPlan:
     expert_rows: list
     dest_rank: torch.Tensor
     dest_row: torch.Tensor
+    num_real_rows: int
 
     @property
     def experts_per_rank(self) -> int:
@@ -234,15 +227,14 @@ def plan_routing(
         tokens_per_expert_all: int64 [R, E], `num_tokens_per_expert` of every rank.
         alignment: each expert block is padded to a multiple of it.
     """
-    import deep_ep_cpp  # one pass over the [R, E] counts
+    import deep_ep_cpp  # one native call: the blocks of every rank and this rank's destinations
 
     num_ranks, num_experts = tokens_per_expert_all.shape
-    experts_per_rank = num_experts // num_ranks
-    # The bookkeeping runs on numpy views: each torch op on these small arrays costs microseconds.
     counts = np.ascontiguousarray(tokens_per_expert_all.numpy())
-    padded, block_start, rows_per_rank = deep_ep_cpp.plan_blocks(counts, num_ranks, num_experts, alignment)
-    mine = counts[:, rank * experts_per_rank : (rank + 1) * experts_per_rank]
-    plan = RoutingPlan(
+    padded, block_start, rows_per_rank, recv_counts, dest_rank, dest_row, real_rows = deep_ep_cpp.plan_routing(
+        counts, num_ranks, num_experts, alignment, rank, topk_idx.numpy(), topk_idx.shape[0], topk_idx.shape[1]
+    )
+    return RoutingPlan(
         num_ranks=num_ranks,
         rank=rank,
         num_experts=num_experts,
@@ -250,13 +242,12 @@ def plan_routing(
         block_start=torch.from_numpy(block_start),
         padded=torch.from_numpy(padded),
         rows_per_rank=torch.from_numpy(rows_per_rank),
-        recv_counts=torch.from_numpy(np.ascontiguousarray(mine.T)),
+        recv_counts=torch.from_numpy(recv_counts),
         expert_rows=padded[rank].tolist(),
-        dest_rank=topk_idx,
-        dest_row=topk_idx,
+        dest_rank=torch.from_numpy(dest_rank),
+        dest_row=torch.from_numpy(dest_row),
+        num_real_rows=real_rows,
     )
-    plan.dest_rank, plan.dest_row = plan.destinations(topk_idx, np.full(topk_idx.shape[0], rank, dtype=np.int64))
-    return plan
 
 
 def localize_topk_idx_(

@@ -101,8 +101,8 @@ class InternodeState:
 
 
 def header_tensor(fields: List[int], counts: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """int64 [len(HEADER_FIELDS) (+ E)]: a call's header fields, then this rank's int64 per-expert
-    counts if given. Built in numpy: a few microseconds less per call than torch.tensor / torch.cat."""
+    """int64 [len(HEADER_FIELDS) (+ E)]: a call's header fields, then this rank's per-expert counts
+    (int32 or int64) if given. Built in numpy: a few microseconds less per call than torch.tensor / torch.cat."""
     header = np.array(fields, dtype=np.int64)
     return torch.from_numpy(header if counts is None else np.concatenate((header, counts.numpy())))
 
@@ -276,7 +276,7 @@ class NormalMode:
             per_rank, per_node, per_expert, in_rank = (
                 counts.per_rank,
                 counts.per_node,
-                counts.per_expert.to(torch.int32),
+                counts.per_expert,
                 counts.in_rank,
             )
         else:
@@ -506,7 +506,7 @@ class NormalMode:
             plan=plan,
             outs=[self.runtime.empty((out_rows, width), dtype) for dtype, width in call.kinds],
             sources=torch.from_numpy(np.full((3, out_rows), -1, dtype=np.int64)),
-            num_real_rows=int(plan.recv_counts.numpy().sum()),
+            num_real_rows=plan.num_real_rows,
             taken=torch.from_numpy(np.zeros((plan.experts_per_rank, plan.num_ranks), dtype=np.int64)),
         )
 
@@ -606,7 +606,6 @@ class NormalMode:
             check_tensor(f"bias[{i}]", b, dtypes=FLOAT_DTYPES, shape=(num_tokens, state.hidden))
         self._check_buffer_fits(transport, state.hidden * x.element_size(), 1, "combine")
         self.runtime.check_devices(x=x, topk_weights=weights, bias=biases)
-        x = x.contiguous()
         out = self.runtime.empty((num_tokens, state.hidden), x.dtype)
         header = header_tensor(
             [

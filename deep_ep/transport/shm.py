@@ -63,6 +63,9 @@ NOTE_END = RELEASE_WORD * 8
 # peer it waited for may be stuck a moment longer in a network exchange that is failing, too.
 NOTE_GRACE_S = 1.0
 
+# region() keeps at most this many views (the sizes of recent calls).
+MAX_REGION_VIEWS = 256
+
 # Reservations of /dev/shm grow by at least this much, so that slowly growing calls
 # reserve in a few steps.
 COMMIT_GRANULE = 1 << 20
@@ -231,6 +234,9 @@ class NodeShm:
         # element access costs a fraction of torch's per-op dispatch.
         self.meta_words = [m.numpy() for m in self.meta]
         self.data = [b[DATA_OFFSET:] for b in self.bytes]
+        # region() views by (rank, width, rows): calls of the same sizes reuse them instead of making
+        # two tensor views per rank and call.
+        self.region_views: Dict[Tuple[int, int, int], torch.Tensor] = {}
         self.sync = node_sync(self.segments, self.local_index, self.local_ranks)
         # Read phases this rank has finished (and published at RELEASE_WORD); every local rank runs
         # the same sequence of phases, so a peer's count at least this one means it read all of mine.
@@ -332,6 +338,7 @@ class NodeShm:
 
     def close(self) -> None:
         self.bytes = self.meta = self.meta_words = self.data = []
+        self.region_views = {}
         for segment in getattr(self, "segments", []):
             segment.close()
         self.segments = []
@@ -416,7 +423,13 @@ class NodeShm:
     # ---- data area -----------------------------------------------------------------------------
     def region(self, local_index: int, width: int, rows: int) -> torch.Tensor:
         """uint8 [rows, width]: the first region of a rank's data area (see region_layout)."""
-        return self.data[local_index][: rows * width].view(rows, width)
+        key = (local_index, width, rows)
+        view = self.region_views.get(key)
+        if view is None:
+            if len(self.region_views) >= MAX_REGION_VIEWS:
+                self.region_views.clear()
+            view = self.region_views[key] = self.data[local_index][: rows * width].view(rows, width)
+        return view
 
     def region_addresses(self, local_index: int, widths: Sequence[int], rows: int) -> List[int]:
         """The addresses of the regions of `region_layout(widths, rows)` in a rank's data area."""
@@ -524,7 +537,7 @@ def combine_rows(
     node: NodeShm,
     meta: torch.Tensor,
     check: Optional[Callable[[torch.Tensor], None]],
-    x: torch.Tensor,
+    x_rows: torch.Tensor,
     rows_per_rank: Sequence[int],
     dest_rank: torch.Tensor,
     dest_row: torch.Tensor,
@@ -538,7 +551,7 @@ def combine_rows(
     Args:
         meta: int64 [m], this rank's header; check(meta of every rank) raises on disagreement
             (None: the caller agreed the headers already).
-        x: [N, H] expert outputs in this rank's received layout (contiguous).
+        x_rows: uint8 [N, H * itemsize], the expert outputs in this rank's received layout (contiguous).
         rows_per_rank: rows each local rank publishes.
         dest_rank / dest_row: int32 / int64 [T, K], holder (local index) and row of each
             selection, -1 if none.
@@ -547,24 +560,23 @@ def combine_rows(
         what: the operation, named if a peer does not arrive.
         sends: None or int64 [local ranks]; gets the nanoseconds from publishing this rank's rows until
             every local rank was done reading them (all rounds).
-        peer_rows: None, or int64 [n] the rows of x that local peers read: only those are published
-            (at their own positions) and this rank reads its other rows straight from x.
+        peer_rows: None, or int64 [n] the rows of x_rows that local peers read: only those are published
+            (at their own positions) and this rank reads its other rows straight from x_rows.
 
     In one round the owner reads every expert output once, in the reduction, straight from its
-    holder's data area, or from x for its own (docs/normal_data_path.md).
+    holder's data area, or from x_rows for its own (docs/normal_data_path.md).
     """
     node.operation = what
-    bytes_per_row = x.shape[1] * x.element_size()
+    bytes_per_row = x_rows.shape[1]
     window = window_rows(node.data_bytes, bytes_per_row, 1)
     num_rounds = max(1, -(-max(rows_per_rank) // window))
     # Each holder's regions hold just its rows when they fit (see dispatch_rows).
     windows = [min(rows, window) for rows in rows_per_rank]
     me = node.local_index
-    x_bytes = x.view(torch.uint8).view(x.shape[0], bytes_per_row)
 
     def copies(begin: int) -> List[Tuple[int, int, int]]:
         rows = max(0, min(rows_per_rank[me], begin + window) - begin)
-        return [(node.data_address[me], x_bytes.data_ptr() + begin * bytes_per_row, rows * bytes_per_row)]
+        return [(node.data_address[me], x_rows.data_ptr() + begin * bytes_per_row, rows * bytes_per_row)]
 
     # One round with peer_rows publishes only those rows (below); otherwise the rows move with the meta.
     scattered = num_rounds == 1 and peer_rows is not None
@@ -577,8 +589,8 @@ def combine_rows(
                 node.data_address[me],
                 windows[me],
                 bytes_per_row,
-                [x_bytes.data_ptr()],
-                [x_bytes.shape[0]],
+                [x_rows.data_ptr()],
+                [x_rows.shape[0]],
                 bytes_per_row,
                 bytes_per_row,
                 np.zeros(rows.shape[0], dtype=np.int32),
@@ -590,7 +602,7 @@ def combine_rows(
         if check is not None:
             node.agreed(check, meta_all)
         sources = [node.region(s, bytes_per_row, windows[s]) for s in range(node.num_local)]
-        sources[me] = x_bytes[: windows[me]]
+        sources[me] = x_rows
         reduction.run(sources, dest_rank, dest_row)
         node.release()
         if sends is not None:
