@@ -319,12 +319,14 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
             py::array_t<std::int64_t> block_start({num_ranks, experts_per_rank, num_ranks}), rows(num_ranks);
             py::array_t<std::int64_t> recv_counts({experts_per_rank, num_ranks});
             py::array_t<std::int64_t> dest_rank({tokens, topk}), dest_row({tokens, topk});
+            py::array_t<std::int32_t> holder({tokens, topk});
+            std::vector<std::int64_t> peer_rows;
+            auto* received = recv_counts.mutable_data();
             std::int64_t real_rows = 0;
             {
                 py::gil_scoped_release release;
                 plan_blocks(data, num_ranks, num_experts, alignment, padded.mutable_data(), block_start.mutable_data(),
                             rows.mutable_data());
-                auto* received = recv_counts.mutable_data();
                 for (std::int64_t l = 0; l < experts_per_rank; ++l)
                     for (std::int64_t s = 0; s < num_ranks; ++s)
                         real_rows += received[l * num_ranks + s] = data[s * num_experts + rank * experts_per_rank + l];
@@ -332,8 +334,17 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
                 std::vector<std::int64_t> taken(static_cast<std::size_t>(num_experts * num_ranks), 0);
                 selection_destinations(idx, tokens, topk, experts_per_rank, block_start.data(), taken.data(), num_ranks,
                                        origin.data(), dest_rank.mutable_data(), dest_row.mutable_data());
+                std::copy(dest_rank.data(), dest_rank.data() + tokens * topk, holder.mutable_data());
+                // Received rows of other sources, ascending: blocks (expert, source) lie expert-major.
+                const auto* first = block_start.data() + rank * experts_per_rank * num_ranks;
+                for (std::int64_t l = 0; l < experts_per_rank; ++l)
+                    for (std::int64_t s = 0; s < num_ranks; ++s)
+                        for (std::int64_t j = 0; s != rank && j < received[l * num_ranks + s]; ++j)
+                            peer_rows.push_back(first[l * num_ranks + s] + j);
             }
-            return py::make_tuple(padded, block_start, rows, recv_counts, dest_rank, dest_row, real_rows);
+            return py::make_tuple(padded, block_start, rows, recv_counts, dest_rank, dest_row, holder,
+                                  py::array_t<std::int64_t>(static_cast<py::ssize_t>(peer_rows.size()), peer_rows.data()),
+                                  real_rows);
         },
         py::arg("counts"), py::arg("num_ranks"), py::arg("num_experts"), py::arg("alignment"), py::arg("rank"),
         py::arg("topk_idx"), py::arg("tokens"), py::arg("topk"),
@@ -341,7 +352,8 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
         "the rank's topk_idx int64 [tokens, topk]: (padded int64 [R, L], block_start int64 [R, L, R], "
         "rows_per_rank int64 [R], recv_counts int64 [L, R] (rows `rank` receives per local expert and "
         "source), dest_rank / dest_row int64 [tokens, topk] (holder and row of every selection, -1 for -1), "
-        "the rows `rank` receives without padding).");
+        "holder int32 [tokens, topk] (dest_rank), peer_rows int64 [n] (the received rows of other sources, "
+        "ascending), the rows `rank` receives without padding).");
 
     m.def(
         "handle_arrays",

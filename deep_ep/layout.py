@@ -148,6 +148,9 @@ class RoutingPlan:
     expert_rows: list of L ints, this rank's rows per local expert (padded).
     dest_rank / dest_row: int64 [T, K], where each of this rank's selections lands (-1 if none).
     num_real_rows: the rows this rank receives without padding (the sum of recv_counts).
+    holder: int32 [T, K], dest_rank for the native kernels (one node: the holder's local index).
+    peer_rows: int64 [n], this rank's received rows from other ranks, ascending (one node: the
+        rows local peers read in combine).
     """
 
     num_ranks: int
@@ -162,6 +165,8 @@ class RoutingPlan:
     dest_rank: torch.Tensor
     dest_row: torch.Tensor
     num_real_rows: int
+    holder: torch.Tensor
+    peer_rows: torch.Tensor
 
     @property
     def experts_per_rank(self) -> int:
@@ -231,8 +236,10 @@ def plan_routing(
 
     num_ranks, num_experts = tokens_per_expert_all.shape
     counts = np.ascontiguousarray(tokens_per_expert_all.numpy())
-    padded, block_start, rows_per_rank, recv_counts, dest_rank, dest_row, real_rows = deep_ep_cpp.plan_routing(
-        counts, num_ranks, num_experts, alignment, rank, topk_idx.numpy(), topk_idx.shape[0], topk_idx.shape[1]
+    padded, block_start, rows_per_rank, recv_counts, dest_rank, dest_row, holder, peer_rows, real_rows = (
+        deep_ep_cpp.plan_routing(
+            counts, num_ranks, num_experts, alignment, rank, topk_idx.numpy(), topk_idx.shape[0], topk_idx.shape[1]
+        )
     )
     return RoutingPlan(
         num_ranks=num_ranks,
@@ -247,6 +254,8 @@ def plan_routing(
         dest_rank=torch.from_numpy(dest_rank),
         dest_row=torch.from_numpy(dest_row),
         num_real_rows=real_rows,
+        holder=torch.from_numpy(holder),
+        peer_rows=torch.from_numpy(peer_rows),
     )
 
 

@@ -73,18 +73,6 @@ class DispatchState:
     is_token_in_rank: Optional[torch.Tensor] = None  # int32 [T, R] on the host, from dispatch's checking pass
 
     @functools.cached_property
-    def holder_index(self) -> torch.Tensor:
-        """int32 [T, K]: the rank holding each selection's row, -1 for none (one node: its local index)."""
-        return torch.from_numpy(self.plan.dest_rank.numpy().astype(np.int32))
-
-    @functools.cached_property
-    def peer_rows(self) -> torch.Tensor:
-        """int64 [n]: received rows that came from other ranks (combine hands only those to peers)."""
-        # numpy: a few hundred rows, where torch's nonzero costs several microseconds more.
-        src_rank = self.recv_src_rank.numpy()
-        return torch.from_numpy(((src_rank >= 0) & (src_rank != self.plan.rank)).nonzero()[0])
-
-    @functools.cached_property
     def rows_by_source(self) -> torch.Tensor:
         """int64 [real rows]: received rows in arrival (source) order (collective transport)."""
         return self.plan.rows_by_source()

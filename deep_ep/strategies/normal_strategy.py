@@ -237,11 +237,11 @@ class SharedMemoryRows:
             call.check,
             call.x_rows,
             state.plan.rows_per_rank.tolist(),
-            state.holder_index,
+            state.plan.holder,
             state.plan.dest_row,
             call.reduction,
             sends=sends,
-            peer_rows=state.peer_rows,
+            peer_rows=state.plan.peer_rows,
         )
         if sends is not None:
             _add_us(call.stats, rt.local_ranks, sends)
