@@ -112,7 +112,8 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
         .def(
             "publish",
             [](NodeSync& sync, const std::vector<std::uintptr_t>& release_addrs, const std::vector<int>& owners,
-               std::uint64_t reads, std::uintptr_t meta_address, const Array<std::int64_t>& words,
+               std::uint64_t reads, std::uintptr_t meta_address, std::optional<std::int64_t> status,
+               const Array<std::int64_t>& words,
                const std::vector<std::tuple<std::uintptr_t, std::uintptr_t, std::size_t>>& copies, int num_threads,
                double timeout_s, const std::string& what) {
                 if (release_addrs.size() != owners.size())
@@ -125,16 +126,21 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
                 const auto nbytes = static_cast<std::size_t>(words.size()) * sizeof(std::int64_t);
                 py::gil_scoped_release release;
                 sync.wait_at_least(release_addrs, targets, owners, timeout_s, what, poll_python_signals);
-                if (nbytes) std::memcpy(reinterpret_cast<void*>(meta_address), data, nbytes);
+                if (status) {
+                    auto* meta = reinterpret_cast<std::int64_t*>(meta_address);
+                    meta[0] = *status;
+                    std::memcpy(meta + 1, data, nbytes);
+                }
                 for (const auto& [dst, src, size] : copies)
                     copy_bytes(reinterpret_cast<std::uint8_t*>(dst), reinterpret_cast<const std::uint8_t*>(src), size,
                                num_threads);
             },
-            py::arg("release_addrs"), py::arg("owners"), py::arg("reads"), py::arg("meta_address"), py::arg("words"),
+            py::arg("release_addrs"), py::arg("owners"), py::arg("reads"), py::arg("meta_address"), py::arg("status"),
+            py::arg("words"),
             py::arg("copies"), py::arg("num_threads"), py::arg("timeout_s"), py::arg("what"),
             "Waits until every counter at release_addrs (written by local peer owners[i]) reaches `reads`, then "
-            "writes `words` (int64) at meta_address and makes the (dst, src, nbytes) copies: one call per "
-            "published exchange.")
+            "(unless status is None) writes the status word and then `words` (int64) at meta_address, and makes "
+            "the (dst, src, nbytes) copies: one call per published exchange.")
         .def(
             "gather",
             [](NodeSync& sync, const std::vector<std::uintptr_t>& meta_addrs, std::int64_t words, double timeout_s,

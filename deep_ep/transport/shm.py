@@ -63,6 +63,8 @@ NOTE_END = RELEASE_WORD * 8
 # peer it waited for may be stuck a moment longer in a network exchange that is failing, too.
 NOTE_GRACE_S = 1.0
 
+NO_WORDS = np.empty(0, dtype=np.int64)  # publish_rows without meta
+
 # region() keeps at most this many views (the sizes of recent calls).
 MAX_REGION_VIEWS = 256
 
@@ -369,20 +371,22 @@ class NodeShm:
             )
         # Growing touches only pages past what peers read: it need not wait for them.
         reserved = self.reservation.grow(data_bytes)
-        words = np.concatenate(([0 if reserved else data_bytes], meta.numpy()))
-        self.publish_rows(copies if reserved else (), words)
+        self.publish_rows(copies if reserved else (), 0 if reserved else data_bytes, meta.numpy())
         return reserved
 
-    def publish_rows(self, copies: Sequence[Tuple[int, int, int]], words: Optional[np.ndarray] = None) -> None:
-        """Once the peers have read the last read phase, writes `words` (int64, the status word and
-        the meta) to this rank's meta area, if given, and makes the copies (dst, src, nbytes)."""
+    def publish_rows(
+        self, copies: Sequence[Tuple[int, int, int]], status: Optional[int] = None, meta: Optional[np.ndarray] = None
+    ) -> None:
+        """Once the peers have read the last read phase, writes the status word and `meta` (int64) to
+        this rank's meta area, if given, and makes the copies (dst, src, nbytes)."""
         self._synchronized(
             lambda: self.sync.publish(
                 self.peer_releases,
                 self.peers,
                 self.reads,
                 self.meta_addresses[self.local_index],
-                np.empty(0, dtype=np.int64) if words is None else words,
+                status,
+                NO_WORDS if meta is None else meta,
                 copies,
                 self.num_threads,
                 self.timeout_s,
