@@ -223,19 +223,19 @@ class RoutingPlan:
 
 
 def plan_routing(
-    topk_idx: torch.Tensor, tokens_per_expert_all: torch.Tensor, rank: int, alignment: int = 1
+    topk_idx: torch.Tensor, tokens_per_expert_all: np.ndarray, rank: int, alignment: int = 1
 ) -> RoutingPlan:
     """Builds the RoutingPlan of this rank.
 
     Args:
         topk_idx: int64 [T, K] of this rank.
-        tokens_per_expert_all: int64 [R, E], `num_tokens_per_expert` of every rank.
+        tokens_per_expert_all: numpy int64 [R, E], `num_tokens_per_expert` of every rank.
         alignment: each expert block is padded to a multiple of it.
     """
     import deep_ep_cpp  # one native call: the blocks of every rank and this rank's destinations
 
     num_ranks, num_experts = tokens_per_expert_all.shape
-    counts = np.ascontiguousarray(tokens_per_expert_all.numpy())
+    counts = np.ascontiguousarray(tokens_per_expert_all)
     padded, block_start, rows_per_rank, recv_counts, dest_rank, dest_row, holder, peer_rows, real_rows = (
         deep_ep_cpp.plan_routing(
             counts, num_ranks, num_experts, alignment, rank, topk_idx.numpy(), topk_idx.shape[0], topk_idx.shape[1]
