@@ -383,7 +383,7 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
         py::arg("counts"), py::arg("padded"), py::arg("block_start"), py::arg("num_ranks"), py::arg("num_experts"),
         py::arg("rank"),
         "(rank_prefix int32 [R, R], channel_prefix int32 [R, L], expert_prefix int32 [L], recv_counts int32 [L, R]): "
-        "the intranode handle's routing arrays of `rank`, from plan_blocks' counts int64 [R, E], padded int64 "
+        "the intranode handle's routing arrays of `rank`, from plan_routing's counts int64 [R, E], padded int64 "
         "[R, L] and block_start int64 [R, L, R].");
 
     m.def(
