@@ -326,6 +326,8 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
             py::array_t<std::int64_t> recv_counts({experts_per_rank, num_ranks});
             py::array_t<std::int64_t> dest_rank({tokens, topk}), dest_row({tokens, topk});
             py::array_t<std::int32_t> holder({tokens, topk});
+            py::array_t<std::int32_t> rank_prefix({num_ranks, num_ranks}), channel_prefix({num_ranks, experts_per_rank});
+            py::array_t<std::int32_t> expert_prefix(experts_per_rank), recv_counts32({experts_per_rank, num_ranks});
             std::vector<std::int64_t> peer_rows;
             auto* received = recv_counts.mutable_data();
             std::int64_t real_rows = 0;
@@ -341,6 +343,9 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
                 selection_destinations(idx, tokens, topk, experts_per_rank, block_start.data(), taken.data(), num_ranks,
                                        origin.data(), dest_rank.mutable_data(), dest_row.mutable_data());
                 std::copy(dest_rank.data(), dest_rank.data() + tokens * topk, holder.mutable_data());
+                handle_arrays(data, padded.data(), block_start.data(), num_ranks, num_experts, rank,
+                              HandleArrays{rank_prefix.mutable_data(), channel_prefix.mutable_data(),
+                                           expert_prefix.mutable_data(), recv_counts32.mutable_data()});
                 // Received rows of other sources, ascending: blocks (expert, source) lie expert-major.
                 const auto* first = block_start.data() + rank * experts_per_rank * num_ranks;
                 for (std::int64_t l = 0; l < experts_per_rank; ++l)
@@ -350,7 +355,7 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
             }
             return py::make_tuple(padded, block_start, rows, recv_counts, dest_rank, dest_row, holder,
                                   py::array_t<std::int64_t>(static_cast<py::ssize_t>(peer_rows.size()), peer_rows.data()),
-                                  real_rows);
+                                  py::make_tuple(rank_prefix, channel_prefix, expert_prefix, recv_counts32), real_rows);
         },
         py::arg("counts"), py::arg("num_ranks"), py::arg("num_experts"), py::arg("alignment"), py::arg("rank"),
         py::arg("topk_idx"), py::arg("tokens"), py::arg("topk"),
@@ -359,32 +364,9 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
         "rows_per_rank int64 [R], recv_counts int64 [L, R] (rows `rank` receives per local expert and "
         "source), dest_rank / dest_row int64 [tokens, topk] (holder and row of every selection, -1 for -1), "
         "holder int32 [tokens, topk] (dest_rank), peer_rows int64 [n] (the received rows of other sources, "
-        "ascending), the rows `rank` receives without padding).");
-
-    m.def(
-        "handle_arrays",
-        [](const Array<std::int64_t>& counts, const Array<std::int64_t>& padded, const Array<std::int64_t>& block_start,
-           std::int64_t num_ranks, std::int64_t num_experts, std::int64_t rank) {
-            if (num_ranks <= 0 || num_experts <= 0 || num_experts % num_ranks || rank < 0 || rank >= num_ranks)
-                throw py::value_error("handle_arrays: num_experts must be a positive multiple of num_ranks, "
-                                      "rank in [0, num_ranks)");
-            const std::int64_t experts_per_rank = num_experts / num_ranks;
-            const auto* count_data = checked_data(counts, static_cast<std::size_t>(num_ranks * num_experts), "counts");
-            const auto* padded_data = checked_data(padded, static_cast<std::size_t>(num_experts), "padded");
-            const auto* start_data =
-                checked_data(block_start, static_cast<std::size_t>(num_experts * num_ranks), "block_start");
-            py::array_t<std::int32_t> rank_prefix({num_ranks, num_ranks}), channel_prefix({num_ranks, experts_per_rank});
-            py::array_t<std::int32_t> expert_prefix(experts_per_rank), recv_counts({experts_per_rank, num_ranks});
-            handle_arrays(count_data, padded_data, start_data, num_ranks, num_experts, rank,
-                          HandleArrays{rank_prefix.mutable_data(), channel_prefix.mutable_data(),
-                                       expert_prefix.mutable_data(), recv_counts.mutable_data()});
-            return py::make_tuple(rank_prefix, channel_prefix, expert_prefix, recv_counts);
-        },
-        py::arg("counts"), py::arg("padded"), py::arg("block_start"), py::arg("num_ranks"), py::arg("num_experts"),
-        py::arg("rank"),
-        "(rank_prefix int32 [R, R], channel_prefix int32 [R, L], expert_prefix int32 [L], recv_counts int32 [L, R]): "
-        "the intranode handle's routing arrays of `rank`, from plan_routing's counts int64 [R, E], padded int64 "
-        "[R, L] and block_start int64 [R, L, R].");
+        "ascending), the intranode handle's int32 arrays (rank_prefix [R, R], channel_prefix [R, L], "
+        "expert_prefix [L], recv_counts [L, R]; see handle_arrays in routing.hpp), the rows `rank` receives "
+        "without padding).");
 
     m.def(
         "selection_destinations",

@@ -93,7 +93,7 @@ def _int32(tensor: torch.Tensor) -> torch.Tensor:
 
 def intranode_handle(state: Any, owner: int) -> NormalHandle:
     """Upstream's 8-entry intranode handle of a DispatchState."""
-    rank_prefix, block_starts, expert_prefix, recv_counts = state.plan.handle_arrays()
+    rank_prefix, block_starts, expert_prefix, recv_counts = state.plan.handle_arrays
     return NormalHandle(
         (
             rank_prefix,

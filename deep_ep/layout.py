@@ -151,6 +151,9 @@ class RoutingPlan:
     holder: int32 [T, K], dest_rank for the native kernels (one node: the holder's local index).
     peer_rows: int64 [n], this rank's received rows from other ranks, ascending (one node: the
         rows local peers read in combine).
+    handle_arrays: the int32 routing arrays of this rank's intranode handle: rank_prefix_matrix
+        [R, R] (entry [i][j]: rows rank j receives from ranks <= i), block starts [R, L]
+        (block_start[rank] transposed), the inclusive prefix sum of expert_rows [L], and recv_counts [L, R].
     """
 
     num_ranks: int
@@ -167,6 +170,7 @@ class RoutingPlan:
     num_real_rows: int
     holder: torch.Tensor
     peer_rows: torch.Tensor
+    handle_arrays: Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
     @property
     def experts_per_rank(self) -> int:
@@ -175,23 +179,6 @@ class RoutingPlan:
     @property
     def num_recv_rows(self) -> int:
         return int(self.rows_per_rank[self.rank])
-
-    def handle_arrays(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The int32 routing arrays of this rank's intranode handle, in one native pass:
-        rank_prefix_matrix [R, R] (entry [i][j]: rows rank j receives from ranks <= i), block starts
-        [R, L] (block_start[rank] transposed), the inclusive prefix sum of expert_rows [L], and
-        recv_counts [L, R]."""
-        import deep_ep_cpp
-
-        arrays = deep_ep_cpp.handle_arrays(
-            self.tokens_per_expert_all.numpy(),
-            self.padded.numpy(),
-            self.block_start.numpy(),
-            self.num_ranks,
-            self.num_experts,
-            self.rank,
-        )
-        return tuple(torch.from_numpy(a) for a in arrays)
 
     def rows_by_source(self) -> torch.Tensor:
         """Received-layout rows of this rank, ordered by (source, local expert, token):
@@ -236,7 +223,7 @@ def plan_routing(
 
     num_ranks, num_experts = tokens_per_expert_all.shape
     counts = np.ascontiguousarray(tokens_per_expert_all)
-    padded, block_start, rows_per_rank, recv_counts, dest_rank, dest_row, holder, peer_rows, real_rows = (
+    padded, block_start, rows_per_rank, recv_counts, dest_rank, dest_row, holder, peer_rows, handle, real_rows = (
         deep_ep_cpp.plan_routing(
             counts, num_ranks, num_experts, alignment, rank, topk_idx.numpy(), topk_idx.shape[0], topk_idx.shape[1]
         )
@@ -256,6 +243,12 @@ def plan_routing(
         num_real_rows=real_rows,
         holder=torch.from_numpy(holder),
         peer_rows=torch.from_numpy(peer_rows),
+        handle_arrays=(
+            torch.from_numpy(handle[0]),
+            torch.from_numpy(handle[1]),
+            torch.from_numpy(handle[2]),
+            torch.from_numpy(handle[3]),
+        ),
     )
 
 

@@ -71,24 +71,28 @@ class SelectionReceiver:
     def pull(self, windows: List[shm.Window]) -> None:
         received, plan = self.received, self.received.plan
         fields = len(self.call.kinds)
-        starts = plan.block_start[plan.rank]  # int64 [L, R]: first row of block (local expert, source)
-        sources = received.sources
+        experts_per_rank = plan.experts_per_rank
+        # Addresses into the contiguous int64 tables (no tensor views): block_start[rank] is the
+        # [L, R] table of first rows of this rank's blocks; sources holds 3 rows of out_rows.
+        starts = plan.block_start.data_ptr() + plan.rank * experts_per_rank * plan.num_ranks * 8
+        out_rows = received.sources.shape[1]
+        sources = received.sources.data_ptr()
         deep_ep_cpp.pull_selections(
             [(w.addresses, w.count, w.begin, self.runtime.local_ranks[w.source]) for w in windows],
             self.call.num_topk,
-            plan.rank * plan.experts_per_rank,
-            plan.experts_per_rank,
+            plan.rank * experts_per_rank,
+            experts_per_rank,
             plan.num_ranks,
-            starts.data_ptr(),
+            starts,
             received.taken.data_ptr(),
             fields - 2,
             fields if self.forwarded else -1,
             fields + 1 if self.forwarded else -1,
             [(out.data_ptr(), out.shape[1] * out.element_size()) for out in received.outs],
-            sources.shape[1],
-            sources[0].data_ptr(),
-            sources[1].data_ptr(),
-            sources[2].data_ptr(),
+            out_rows,
+            sources,
+            sources + out_rows * 8,
+            sources + out_rows * 16,
             self.runtime.num_threads,
         )
 
