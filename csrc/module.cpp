@@ -136,8 +136,7 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
                                num_threads);
             },
             py::arg("release_addrs"), py::arg("owners"), py::arg("reads"), py::arg("meta_address"), py::arg("status"),
-            py::arg("words"),
-            py::arg("copies"), py::arg("num_threads"), py::arg("timeout_s"), py::arg("what"),
+            py::arg("words"), py::arg("copies"), py::arg("num_threads"), py::arg("timeout_s"), py::arg("what"),
             "Waits until every counter at release_addrs (written by local peer owners[i]) reaches `reads`, then "
             "(unless status is None) writes the status word and then `words` (int64) at meta_address, and makes "
             "the (dst, src, nbytes) copies: one call per published exchange.")
@@ -147,7 +146,8 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
                const std::string& what) {
                 if (meta_addrs.size() != sync.arrivals_ns().size() || words < 0)
                     throw py::value_error("gather: one meta address per local rank and words >= 0 expected");
-                py::array_t<std::int64_t> out({static_cast<py::ssize_t>(meta_addrs.size()), static_cast<py::ssize_t>(words)});
+                const auto ranks = static_cast<py::ssize_t>(meta_addrs.size());
+                py::array_t<std::int64_t> out({ranks, static_cast<py::ssize_t>(words)});
                 auto* dst = out.mutable_data();
                 {
                     py::gil_scoped_release release;
@@ -326,36 +326,38 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
             py::array_t<std::int64_t> recv_counts({experts_per_rank, num_ranks});
             py::array_t<std::int64_t> dest_rank({tokens, topk}), dest_row({tokens, topk});
             py::array_t<std::int32_t> holder({tokens, topk});
-            py::array_t<std::int32_t> rank_prefix({num_ranks, num_ranks}), channel_prefix({num_ranks, experts_per_rank});
-            py::array_t<std::int32_t> expert_prefix(experts_per_rank), recv_counts32({experts_per_rank, num_ranks});
-            std::vector<std::int64_t> peer_rows;
+            py::array_t<std::int32_t> rank_prefix({num_ranks, num_ranks});
+            py::array_t<std::int32_t> channel_prefix({num_ranks, experts_per_rank}), expert_prefix(experts_per_rank);
+            py::array_t<std::int32_t> recv_counts32({experts_per_rank, num_ranks});
+            // Raw pointers taken with the GIL held; the passes below run without it.
+            auto* padded_data = padded.mutable_data();
+            auto* start = block_start.mutable_data();
             auto* received = recv_counts.mutable_data();
+            auto* rank_of = dest_rank.mutable_data();
+            auto* row_of = dest_row.mutable_data();
+            auto* holder_of = holder.mutable_data();
+            const HandleArrays handle{rank_prefix.mutable_data(), channel_prefix.mutable_data(),
+                                      expert_prefix.mutable_data(), recv_counts32.mutable_data()};
+            auto* rows_data = rows.mutable_data();
+            std::vector<std::int64_t> others;
             std::int64_t real_rows = 0;
             {
                 py::gil_scoped_release release;
-                plan_blocks(data, num_ranks, num_experts, alignment, padded.mutable_data(), block_start.mutable_data(),
-                            rows.mutable_data());
-                for (std::int64_t l = 0; l < experts_per_rank; ++l)
-                    for (std::int64_t s = 0; s < num_ranks; ++s)
-                        real_rows += received[l * num_ranks + s] = data[s * num_experts + rank * experts_per_rank + l];
+                plan_blocks(data, num_ranks, num_experts, alignment, padded_data, start, rows_data);
+                real_rows = received_counts(data, num_ranks, num_experts, rank, received);
                 const std::vector<std::int64_t> origin(static_cast<std::size_t>(tokens), rank);
                 std::vector<std::int64_t> taken(static_cast<std::size_t>(num_experts * num_ranks), 0);
-                selection_destinations(idx, tokens, topk, experts_per_rank, block_start.data(), taken.data(), num_ranks,
-                                       origin.data(), dest_rank.mutable_data(), dest_row.mutable_data());
-                std::copy(dest_rank.data(), dest_rank.data() + tokens * topk, holder.mutable_data());
-                handle_arrays(data, padded.data(), block_start.data(), num_ranks, num_experts, rank,
-                              HandleArrays{rank_prefix.mutable_data(), channel_prefix.mutable_data(),
-                                           expert_prefix.mutable_data(), recv_counts32.mutable_data()});
-                // Received rows of other sources, ascending: blocks (expert, source) lie expert-major.
-                const auto* first = block_start.data() + rank * experts_per_rank * num_ranks;
-                for (std::int64_t l = 0; l < experts_per_rank; ++l)
-                    for (std::int64_t s = 0; s < num_ranks; ++s)
-                        for (std::int64_t j = 0; s != rank && j < received[l * num_ranks + s]; ++j)
-                            peer_rows.push_back(first[l * num_ranks + s] + j);
+                selection_destinations(idx, tokens, topk, experts_per_rank, start, taken.data(), num_ranks,
+                                       origin.data(), rank_of, row_of);
+                std::copy(rank_of, rank_of + tokens * topk, holder_of);
+                handle_arrays(data, padded_data, start, num_ranks, num_experts, rank, handle);
+                others = peer_rows(start + rank * experts_per_rank * num_ranks, received, experts_per_rank,
+                                   num_ranks, rank);
             }
-            return py::make_tuple(padded, block_start, rows, recv_counts, dest_rank, dest_row, holder,
-                                  py::array_t<std::int64_t>(static_cast<py::ssize_t>(peer_rows.size()), peer_rows.data()),
-                                  py::make_tuple(rank_prefix, channel_prefix, expert_prefix, recv_counts32), real_rows);
+            py::array_t<std::int64_t> peers(static_cast<py::ssize_t>(others.size()), others.data());
+            return py::make_tuple(padded, block_start, rows, recv_counts, dest_rank, dest_row, holder, peers,
+                                  py::make_tuple(rank_prefix, channel_prefix, expert_prefix, recv_counts32),
+                                  real_rows);
         },
         py::arg("counts"), py::arg("num_ranks"), py::arg("num_experts"), py::arg("alignment"), py::arg("rank"),
         py::arg("topk_idx"), py::arg("tokens"), py::arg("topk"),

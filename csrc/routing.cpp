@@ -124,6 +124,28 @@ void handle_arrays(const std::int64_t* counts, const std::int64_t* padded, const
     }
 }
 
+std::int64_t received_counts(const std::int64_t* counts, std::int64_t num_ranks, std::int64_t num_experts,
+                             std::int64_t rank, std::int64_t* recv_counts) {
+    const std::int64_t experts_per_rank = num_experts / num_ranks;
+    std::int64_t total = 0;
+    for (std::int64_t l = 0; l < experts_per_rank; ++l)
+        for (std::int64_t s = 0; s < num_ranks; ++s)
+            total += recv_counts[l * num_ranks + s] = counts[s * num_experts + rank * experts_per_rank + l];
+    return total;
+}
+
+std::vector<std::int64_t> peer_rows(const std::int64_t* rank_block_start, const std::int64_t* recv_counts,
+                                    std::int64_t experts_per_rank, std::int64_t num_ranks, std::int64_t rank) {
+    std::vector<std::int64_t> rows;
+    for (std::int64_t l = 0; l < experts_per_rank; ++l)
+        for (std::int64_t s = 0; s < num_ranks; ++s) {
+            const std::int64_t block = l * num_ranks + s;
+            for (std::int64_t j = 0; s != rank && j < recv_counts[block]; ++j)
+                rows.push_back(rank_block_start[block] + j);
+        }
+    return rows;
+}
+
 void selection_destinations(const std::int64_t* topk_idx, std::int64_t rows, std::int64_t topk,
                             std::int64_t experts_per_rank, const std::int64_t* start, std::int64_t* taken,
                             std::int64_t num_sources, const std::int64_t* origin, std::int64_t* dest_rank,

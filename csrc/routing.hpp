@@ -54,6 +54,16 @@ TopkSummary count_layout(const std::int64_t* topk_idx, std::int64_t rows, std::i
 void plan_blocks(const std::int64_t* counts, std::int64_t num_ranks, std::int64_t num_experts, std::int64_t alignment,
                  std::int64_t* padded, std::int64_t* block_start, std::int64_t* rows_per_rank);
 
+// The rows `rank` receives per local expert l and source s, from counts int64 [R, E]: writes
+// recv_counts int64 [L, R] and returns their sum (the rows it receives without padding).
+std::int64_t received_counts(const std::int64_t* counts, std::int64_t num_ranks, std::int64_t num_experts,
+                             std::int64_t rank, std::int64_t* recv_counts);
+
+// The rows `rank` receives from other sources, ascending, from its block starts (block_start[rank],
+// int64 [L, R]) and recv_counts int64 [L, R]: blocks (local expert, source) lie expert-major.
+std::vector<std::int64_t> peer_rows(const std::int64_t* rank_block_start, const std::int64_t* recv_counts,
+                                    std::int64_t experts_per_rank, std::int64_t num_ranks, std::int64_t rank);
+
 // The int32 routing arrays of rank `rank`'s intranode handle, from plan_blocks' inputs and
 // outputs: rank_prefix [R, R] (entry [i][j]: rows rank j receives from ranks <= i),
 // channel_prefix [R, L] (block_start[rank] transposed), expert_prefix [L] (inclusive prefix sum

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import List
 
 import torch
 
@@ -15,7 +14,3 @@ def as_byte_rows(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.view(torch.uint8)
     width = math.prod(tensor.shape[1:])
     return tensor.reshape(tensor.shape[0], width).view(torch.uint8)
-
-
-def row_bytes(fields: List[torch.Tensor]) -> int:
-    return sum(f.shape[1] for f in fields)

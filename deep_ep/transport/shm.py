@@ -231,10 +231,6 @@ class NodeShm:
         self.segments = map_node_segments(group, self.local_ranks, DATA_OFFSET + data_bytes, DATA_OFFSET, setup)
         self.reservation = Reservation(self.segments[self.local_index], DATA_OFFSET, data_bytes)
         self.bytes = [torch.frombuffer(s, dtype=torch.uint8) for s in self.segments]
-        self.meta = [b[CONTROL_BYTES:DATA_OFFSET].view(torch.int64) for b in self.bytes]
-        # numpy views of the same words: a call reads and writes a few of them, and numpy's
-        # element access costs a fraction of torch's per-op dispatch.
-        self.meta_words = [m.numpy() for m in self.meta]
         self.data = [b[DATA_OFFSET:] for b in self.bytes]
         # region() views by (rank, width, rows): calls of the same sizes reuse them instead of making
         # two tensor views per rank and call.
@@ -339,7 +335,7 @@ class NodeShm:
             time.sleep(0.01)
 
     def close(self) -> None:
-        self.bytes = self.meta = self.meta_words = self.data = []
+        self.bytes = self.data = []
         self.region_views = {}
         for segment in getattr(self, "segments", []):
             segment.close()
