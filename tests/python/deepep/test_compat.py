@@ -5,11 +5,14 @@ independent reference (deep_ep/reference.py) on several world sizes."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from common import calc_diff, gather_objects, make_topk_idx
 
 import deep_ep
+from deep_ep import env
 from deep_ep.ep_strategy import get_low_latency_strategy, register_normal_strategy
 from deep_ep.reference import reference_combine
 from deep_ep.strategies import AlltoAllNormalCommStrategy, DefaultNormalCommStrategy
@@ -180,6 +183,14 @@ def env_rank(rank: int, num_ranks: int, group) -> None:
     assert counts[-1] == recv_x.shape[0] and all(r >= 0 for r in rows)  # prefix sums
     _, recv_count, handle, _, _ = buffer.low_latency_dispatch(x, topk_idx, TOKENS, num_experts, use_fp8=False)
     assert torch.equal(recv_count, handle.state.recv_count.cumsum(0))
+    # Read at call time: set through os.environ between calls (as SGLang's overrides do), a variable
+    # counts from the next call on, and unset it stops counting.
+    os.environ["DEEP_NORMAL_MODE_USE_INT8_QUANT"] = "1"
+    quantized = buffer.dispatch(x, topk_idx=topk_idx, topk_weights=topk_weights, num_tokens_per_expert=per_expert)[0]
+    del os.environ["DEEP_NORMAL_MODE_USE_INT8_QUANT"]
+    plain = buffer.dispatch(x, topk_idx=topk_idx, topk_weights=topk_weights, num_tokens_per_expert=per_expert)[0]
+    assert isinstance(quantized, tuple) and quantized[0].dtype == torch.int8 and quantized[1].shape == (len(plain),)
+    assert torch.equal(plain, recv_x)
     buffer.destroy()
 
 
@@ -220,6 +231,29 @@ def registered_backend_rank(rank: int, num_ranks: int, group) -> None:
 def test_registered_backend() -> None:
     """A strategy registered by the caller is a backend like the built-in ones, by name or instance."""
     spawn_ranks(registered_backend_rank, 2)
+
+
+def test_environment_is_read_at_call_time(monkeypatch) -> None:
+    """deep_ep.env reads the process environment on every call, as os.environ sees it: set, changed
+    or removed through os.environ, and decoded as os.environ decodes undecodable bytes."""
+    monkeypatch.delenv("DEEP_NORMAL_MODE_USE_INT8_QUANT", raising=False)
+    assert env.normal_int8_quant() is False
+    monkeypatch.setenv("DEEP_NORMAL_MODE_USE_INT8_QUANT", "1")
+    assert env.normal_int8_quant() is True
+    monkeypatch.setenv("DEEPEP_NORMAL_LONG_SEQ_ROUND", "2")
+    monkeypatch.setenv("DEEPEP_NORMAL_LONG_SEQ_PER_ROUND_TOKENS", "32")
+    assert env.long_seq_rounds() == env.LongSeqRounds(2, 32, True)
+    monkeypatch.delenv("DEEPEP_NORMAL_LONG_SEQ_PER_ROUND_TOKENS")
+    with pytest.raises(ValueError, match="set or unset together"):
+        env.long_seq_rounds()
+    monkeypatch.setenv("MOE_EXPERT_TOKEN_NUMS_TYPE", "2")
+    with pytest.raises(ValueError, match="MOE_EXPERT_TOKEN_NUMS_TYPE must be an integer in \\[0, 1\\], got '2'"):
+        env.expert_token_nums_type()
+    monkeypatch.setenv("DEEP_USE_MODE", "x")  # registers the variable for monkeypatch to restore
+    os.environb[b"DEEP_USE_MODE"] = b"ops\xff"
+    with pytest.raises(ValueError, match="DEEP_USE_MODE") as raised:
+        env.use_mode()
+    assert repr(os.environ["DEEP_USE_MODE"]) in str(raised.value)
 
 
 def test_environment_variables() -> None:
