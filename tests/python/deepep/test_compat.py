@@ -183,8 +183,8 @@ def env_rank(rank: int, num_ranks: int, group) -> None:
     assert counts[-1] == recv_x.shape[0] and all(r >= 0 for r in rows)  # prefix sums
     _, recv_count, handle, _, _ = buffer.low_latency_dispatch(x, topk_idx, TOKENS, num_experts, use_fp8=False)
     assert torch.equal(recv_count, handle.state.recv_count.cumsum(0))
-    # Read at call time: set through os.environ between calls (as SGLang's overrides do), a variable
-    # counts from the next call on, and unset it stops counting.
+    # Read at call time: set through os.environ between calls (a framework overriding it around one
+    # forward pass), a variable counts from the next call on, and unset it stops counting.
     os.environ["DEEP_NORMAL_MODE_USE_INT8_QUANT"] = "1"
     quantized = buffer.dispatch(x, topk_idx=topk_idx, topk_weights=topk_weights, num_tokens_per_expert=per_expert)[0]
     del os.environ["DEEP_NORMAL_MODE_USE_INT8_QUANT"]
