@@ -6,7 +6,8 @@ with a call returns at once, and the next call must not overwrite what a slower 
 Rank 1 reads late (its dispatch pull, its combine reduction and its cached-dispatch pull wait first),
 so rank 0 runs ahead into the next call; every result is checked against the pure-torch reference,
 which a rank reading a peer's next call's rows would fail. Also: the native layout pass equals the
-torch one, ids included that it must refuse.
+torch one, ids included that it must refuse; the native routing plan equals its definition written
+out in Python; the native publish and gather of one rank, and their argument checks.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import gather_objects, make_inputs  # noqa: E402
 
 import deep_ep  # noqa: E402
+import deep_ep_cpp  # noqa: E402
 from deep_ep import layout, ops  # noqa: E402
 from deep_ep.reference import reference_combine, reference_dispatch  # noqa: E402
 from deep_ep.strategies import normal_strategy  # noqa: E402
@@ -94,3 +97,70 @@ def test_native_layout_equals_torch(num_ranks: int, nodes: int):
         assert (counts.low, counts.high) == ((int(topk_idx.min()), int(topk_idx.max())) if tokens else (0, 0))
     bad = layout.count_selections(torch.tensor([[0, num_experts]]), num_experts, num_ranks)
     assert (bad.low, bad.high) == (0, num_experts) and not bool(bad.per_expert.any())
+
+
+@pytest.mark.parametrize("num_ranks,alignment", [(1, 1), (3, 1), (4, 8)])
+def test_native_plan_matches_its_definition(num_ranks: int, alignment: int):
+    """layout.plan_routing (one native call) against the received layout's definition, written out
+    in Python: received counts, every selection's holder and row, the rows of other sources, and
+    the intranode handle's arrays."""
+    generator = torch.Generator().manual_seed(num_ranks * 10 + alignment)
+    local, num_experts = EXPERTS_PER_RANK, EXPERTS_PER_RANK * num_ranks
+    for rank in range(num_ranks):
+        topk_idx = torch.randint(-1, num_experts, (TOKENS, TOPK), generator=generator)
+        counts = torch.randint(0, 5, (num_ranks, num_experts), generator=generator)
+        counts[rank] = torch.bincount(topk_idx[topk_idx >= 0], minlength=num_experts)
+        plan = layout.plan_routing(topk_idx, counts.numpy(), rank, alignment)
+        received = counts[:, rank * local : (rank + 1) * local].t()  # [L, R]
+        assert torch.equal(plan.recv_counts, received) and plan.num_real_rows == int(received.sum())
+        padded = (received.sum(1) + alignment - 1) // alignment * alignment
+        assert plan.expert_rows == padded.tolist()
+        start = torch.cat([torch.zeros(1, dtype=torch.int64), padded.cumsum(0)[:-1]])  # first row per expert
+        for expert in range(local):
+            first = start[expert] + torch.cat([torch.zeros(1, dtype=torch.int64), received[expert].cumsum(0)[:-1]])
+            assert torch.equal(plan.block_start[rank, expert], first)
+        # Every selection: its expert's rank holds it, at its block's next row, in token order.
+        assert torch.equal(plan.holder, plan.dest_rank.to(torch.int32))
+        for expert in range(num_experts):
+            picked = topk_idx == expert
+            owner, within = divmod(expert, local)
+            assert bool((plan.dest_rank[picked] == owner).all())
+            block = int(plan.block_start[owner, within, rank])
+            assert plan.dest_row[picked].tolist() == list(range(block, block + int(picked.sum())))
+        assert bool((plan.dest_rank[topk_idx < 0] == -1).all()) and bool((plan.dest_row[topk_idx < 0] == -1).all())
+        peers = [
+            int(plan.block_start[rank, expert, source]) + j
+            for expert in range(local)
+            for source in range(num_ranks)
+            if source != rank
+            for j in range(int(received[expert, source]))
+        ]
+        assert plan.peer_rows.tolist() == peers
+        rank_prefix, channel_prefix, expert_prefix, recv_counts = plan.handle_arrays
+        per_destination = counts.view(num_ranks, num_ranks, local).sum(2)  # [source, destination]
+        assert torch.equal(rank_prefix, per_destination.cumsum(0).to(torch.int32))
+        assert torch.equal(channel_prefix, plan.block_start[rank].t().to(torch.int32))
+        assert torch.equal(expert_prefix, padded.cumsum(0).to(torch.int32))
+        assert torch.equal(recv_counts, received.to(torch.int32))
+
+
+def test_native_publish_and_gather_one_rank():
+    """NodeSync.publish writes the status word and the meta and makes the copies; gather returns every
+    local rank's meta after the barrier; bad arguments are refused before anything is written."""
+    counter, meta = np.zeros(8, np.int64), np.zeros(6, np.int64)
+    source, target = np.arange(16, dtype=np.uint8), np.zeros(16, np.uint8)
+    sync = deep_ep_cpp.NodeSync([counter.ctypes.data], 0, [0], [os.getpid()])
+    words = np.array([5, 6, 7], np.int64)
+    copies = [(target.ctypes.data, source.ctypes.data, 16)]
+    sync.publish([], [], 0, meta.ctypes.data, 9, words, copies, 1, 1.0, "a test")
+    assert meta[:4].tolist() == [9, 5, 6, 7] and target.tolist() == source.tolist()
+    assert sync.gather([meta.ctypes.data], 4, 1.0, "a test").tolist() == [[9, 5, 6, 7]]
+    sync.publish([], [], 0, meta.ctypes.data, None, np.zeros(0, np.int64), [], 1, 1.0, "a test")  # rows only
+    assert meta[:4].tolist() == [9, 5, 6, 7]
+    with pytest.raises(ValueError, match="owner index out of range"):
+        sync.publish([counter.ctypes.data], [1], 0, meta.ctypes.data, 1, words, [], 1, 1.0, "a test")
+    with pytest.raises(ValueError, match="differ in length"):
+        sync.publish([counter.ctypes.data], [], 0, meta.ctypes.data, 1, words, [], 1, 1.0, "a test")
+    with pytest.raises(ValueError, match="one meta address per local rank"):
+        sync.gather([meta.ctypes.data, meta.ctypes.data], 4, 1.0, "a test")
+    assert meta[:4].tolist() == [9, 5, 6, 7]
