@@ -32,14 +32,16 @@ zero-copy combine and both memcpy sizes are timed together, as the normal-mode f
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import math
 import os
+import pstats
 import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Callable, Dict, Hashable, List, Optional, Protocol, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Hashable, List, Optional, Protocol, Tuple
 
 import torch
 import torch.distributed as dist
@@ -73,6 +75,7 @@ class Timing:
     full: float = 0.0  # get_dispatch_layout + dispatch + combine in a row
     full_default_threads: float = 0.0  # the same with torch's default thread count (--default-threads)
     combine_in_place: float = 0.0  # low-latency combine from get_next_low_latency_combine_buffer
+    python_calls: float = 0.0  # Python function calls per layout + dispatch + combine (python_calls())
 
 
 def make_rank_inputs(
@@ -86,6 +89,18 @@ def make_rank_inputs(
     topk_idx = scores.topk(num_topk, dim=1).indices
     topk_weights = torch.softmax(scores.gather(1, topk_idx), dim=1)
     return x, topk_idx, topk_weights
+
+
+def python_calls(fn: Callable[[], Any], repeats: int = 5) -> float:
+    """Python function calls per call of `fn` (cProfile's count, builtins included), after one
+    warm call. Collective: every rank must run it with the same `fn`."""
+    fn()
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(repeats):
+        fn()
+    profile.disable()
+    return sum(stat[1] for stat in pstats.Stats(profile).stats.values()) / repeats
 
 
 def calls_for_budget(seconds_per_call: float, budget: float, most: int, fewest: int = 3) -> int:
@@ -237,6 +252,7 @@ class StrategyRun:
     combine_bytes: int
     network_bytes: int
     network_rows: int
+    python_calls: float  # per layout + dispatch + combine
 
     def timing(self, seconds: Dict[str, float]) -> Timing:
         """The table's row from the seconds measure_together gave for `figures`."""
@@ -249,6 +265,7 @@ class StrategyRun:
             self.network_rows,
             seconds["full"],
             full_default_threads=seconds.get("full_default_threads", 0.0),
+            python_calls=self.python_calls,
         )
 
 
@@ -315,7 +332,10 @@ def prepare_normal(
     }
     if args.default_threads and strategy == "default":
         figures["full_default_threads"] = Measured(layout_dispatch_combine, args.default_torch_threads)
-    return StrategyRun(buffer, figures, recv_bytes(recv_x), y.numel() * y.element_size(), network_bytes, network_rows)
+    calls = python_calls(layout_dispatch_combine)
+    return StrategyRun(
+        buffer, figures, recv_bytes(recv_x), y.numel() * y.element_size(), network_bytes, network_rows, calls
+    )
 
 
 def count_network(before: Dict[str, int]) -> Tuple[int, int]:
@@ -612,6 +632,7 @@ def print_normal(args: argparse.Namespace, timings: Dict[str, Dict[str, Timing]]
         columns += ["gloo alltoall ms", "alltoall/ours"]
     if args.default_threads:
         columns += ["default-threads ms", "default/tuned"]
+    columns.append("Python calls")
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for tokens, rows in timings.items():
@@ -635,8 +656,13 @@ def print_normal(args: argparse.Namespace, timings: Dict[str, Dict[str, Timing]]
             cells += [ms(other.full), f"{other.full / ours.full:.2f}x"]
         if args.default_threads:
             cells += [ms(ours.full_default_threads), f"{ours.full_default_threads / ours.full:.2f}x"]
+        cells.append(f"{ours.python_calls:.0f}")
         print("| " + " | ".join(cells) + " |")
     print(f"MPI: {mpi.note}")
+    print(
+        "Python calls: rank 0's Python function calls per layout + dispatch + combine of deep_ep "
+        "(cProfile's count, builtins included)"
+    )
     if args.default_threads:
         print(
             f"default-threads: torch's default of {torch.get_num_threads()} threads in every rank; tuned: "
