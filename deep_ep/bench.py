@@ -332,7 +332,8 @@ def prepare_normal(
     }
     if args.default_threads and strategy == "default":
         figures["full_default_threads"] = Measured(layout_dispatch_combine, args.default_torch_threads)
-    calls = python_calls(layout_dispatch_combine)
+    # Only deep_ep's default strategy has the column (the gloo one would take seconds at large sizes).
+    calls = python_calls(layout_dispatch_combine) if strategy == "default" else 0.0
     return StrategyRun(
         buffer, figures, recv_bytes(recv_x), y.numel() * y.element_size(), network_bytes, network_rows, calls
     )

@@ -489,9 +489,10 @@ class NormalMode:
                 f"num_worst_tokens={worst} is too small: ranks {over} receive {[rows_per_rank[r] for r in over]} rows"
             )
         out_rows = worst or rows_per_rank[self.runtime.rank]
-        sources = np.empty((3, out_rows), dtype=np.int64)  # empty + fill: np.full adds a Python frame
+        # numpy for the small host arrays: microseconds less per call than torch.full / zeros (and
+        # empty + fill, where np.full adds a Python frame).
+        sources = np.empty((3, out_rows), dtype=np.int64)
         sources.fill(-1)
-        # numpy for the small host arrays: microseconds less per call than torch.full / zeros / sum.
         return ReceivedRows(
             plan=plan,
             outs=[self.runtime.empty((out_rows, width), dtype) for dtype, width in call.kinds],
