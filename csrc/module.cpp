@@ -142,24 +142,38 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
             "the (dst, src, nbytes) copies: one call per published exchange.")
         .def(
             "gather",
-            [](NodeSync& sync, const std::vector<std::uintptr_t>& meta_addrs, std::int64_t words, double timeout_s,
-               const std::string& what) {
-                if (meta_addrs.size() != sync.arrivals_ns().size() || words < 0)
-                    throw py::value_error("gather: one meta address per local rank and words >= 0 expected");
+            [](NodeSync& sync, const std::vector<std::uintptr_t>& meta_addrs, std::int64_t words,
+               const Array<std::int64_t>& agreed, double timeout_s, const std::string& what) {
+                if (meta_addrs.size() != sync.arrivals_ns().size() || words < 1)
+                    throw py::value_error("gather: one meta address per local rank and words >= 1 expected");
+                const auto* fields = agreed.data();
+                const auto num_agreed = static_cast<std::size_t>(agreed.size());
+                for (std::size_t j = 0; j < num_agreed; ++j)
+                    if (fields[j] < 0 || fields[j] >= words - 1)
+                        throw py::value_error("gather: agreed field index out of range");
                 const auto ranks = static_cast<py::ssize_t>(meta_addrs.size());
                 py::array_t<std::int64_t> out({ranks, static_cast<py::ssize_t>(words)});
                 auto* dst = out.mutable_data();
+                int outcome = 0;
                 {
                     py::gil_scoped_release release;
                     sync.barrier(timeout_s, what, poll_python_signals);
                     for (std::size_t i = 0; i < meta_addrs.size(); ++i)
                         std::memcpy(dst + i * words, reinterpret_cast<const void*>(meta_addrs[i]),
                                     static_cast<std::size_t>(words) * sizeof(std::int64_t));
+                    // Word 0 of every meta is its status; the header fields follow it.
+                    for (py::ssize_t i = 0; i < ranks && outcome == 0; ++i)
+                        if (dst[i * words] != 0) outcome = 1;
+                    for (py::ssize_t i = 1; i < ranks && outcome == 0; ++i)
+                        for (std::size_t j = 0; j < num_agreed; ++j)
+                            if (dst[i * words + 1 + fields[j]] != dst[1 + fields[j]]) outcome = 2;
                 }
-                return out;
+                return py::make_tuple(out, outcome);
             },
-            py::arg("meta_addrs"), py::arg("words"), py::arg("timeout_s"), py::arg("what"),
-            "barrier(), then the first `words` int64 at every local rank's meta address: int64 [local ranks, words].")
+            py::arg("meta_addrs"), py::arg("words"), py::arg("agreed"), py::arg("timeout_s"), py::arg("what"),
+            "barrier(), then the first `words` int64 at every local rank's meta address: (int64 [local ranks, "
+            "words], outcome). Word 0 of a meta is its status; outcome is 1 when a status is non-zero, else 2 "
+            "when the ranks' field agreed[j] (word 1 + agreed[j]) differs for some j, else 0.")
         .def_property_readonly("generation", &NodeSync::generation)
         .def_property_readonly("peers_with_pidfd", &NodeSync::peers_with_pidfd)
         .def_property_readonly("arrivals_ns", &NodeSync::arrivals_ns);

@@ -95,28 +95,33 @@ def header_tensor(fields: List[int], counts: Optional[torch.Tensor] = None) -> t
     return torch.from_numpy(header if counts is None else np.concatenate((header, counts.numpy())))
 
 
-def check_agreement(meta_all: torch.Tensor, what: str, skip: Tuple[int, ...]) -> None:
+def agreed_fields(*skip: int) -> np.ndarray:
+    """int64 indices of the HEADER_FIELDS every rank must agree on: all but `skip`."""
+    return np.array([i for i in range(len(HEADER_FIELDS)) if i not in skip], dtype=np.int64)
+
+
+# The fields a call's ranks must agree on: a fresh dispatch lets the token count differ; a cached
+# dispatch and a combine also the received rows (index 8), which follow from the handle.
+DISPATCH_AGREED = agreed_fields(1)
+HANDLE_AGREED = agreed_fields(1, 8)
+
+
+def check_agreement(meta_all: torch.Tensor, what: str, agreed: np.ndarray) -> None:
     """ValueError naming the first header field the ranks disagree on.
 
-    meta_all: int64 [R, >= len(HEADER_FIELDS)], every rank's header; skip: indices of the fields
-    that may differ between ranks."""
-    # On Python ints: a few microseconds less per call than numpy or torch ops on a node's handful of ranks.
-    headers = meta_all.numpy()[:, : len(HEADER_FIELDS)].tolist()
-    first = headers[0]
-    if all(row == first or all(row[i] == first[i] for i in range(len(first)) if i not in skip) for row in headers):
+    meta_all: int64 [R, >= len(HEADER_FIELDS)], every rank's header; agreed: indices of the fields
+    that must be equal on every rank (DISPATCH_AGREED, HANDLE_AGREED)."""
+    headers = meta_all.numpy()[:, agreed]
+    # One vectorised comparison: this runs on every call, the message only on a mismatch.
+    if (headers == headers[0]).all():
         return
-    for index, name in enumerate(HEADER_FIELDS):
-        if index in skip:
+    for column, index in enumerate(agreed.tolist()):
+        values = headers[:, column].tolist()
+        if values.count(values[0]) == len(values):
             continue
-        for row in headers:
-            if row[index] != first[index]:
-                break
-        else:
-            continue
-        column = [row[index] for row in headers]
-        shown = [OP_NAMES.get(v, v) for v in column] if index == 0 else column
-        values = ", ".join(f"rank {r}: {v}" for r, v in enumerate(shown))
-        raise ValueError(f"deep_ep {what}: ranks disagree on {name} ({values})")
+        shown = [OP_NAMES.get(v, v) for v in values] if index == 0 else values
+        listed = ", ".join(f"rank {r}: {v}" for r, v in enumerate(shown))
+        raise ValueError(f"deep_ep {what}: ranks disagree on {HEADER_FIELDS[index]} ({listed})")
 
 
 @dataclass
@@ -172,7 +177,7 @@ class CachedDispatchCall:
 
     def check(self, meta_all: torch.Tensor) -> None:
         """ValueError unless every rank's header agrees."""
-        check_agreement(meta_all, "dispatch (cached)", skip=(1, 8))
+        check_agreement(meta_all, "dispatch (cached)", HANDLE_AGREED)
 
 
 @dataclass
@@ -188,7 +193,7 @@ class CombineCall:
 
     def check(self, meta_all: torch.Tensor) -> None:
         """ValueError unless every rank's header agrees."""
-        check_agreement(meta_all, "combine", skip=(1, 8))
+        check_agreement(meta_all, "combine", HANDLE_AGREED)
 
 
 class NormalTransport(Protocol):
@@ -473,11 +478,13 @@ class NormalMode:
             expert_rows = list(itertools.accumulate(expert_rows))
         return recv_x, recv_topk_idx, outs[-1], expert_rows, state, EventOverlap()
 
-    def receive(self, call: DispatchCall, meta_all: torch.Tensor) -> ReceivedRows:
+    def receive(self, call: DispatchCall, meta_all: torch.Tensor, agree: bool = False) -> ReceivedRows:
         """Lays out a fresh dispatch's received rows from every rank's meta int64 [R, m] (the
-        transports call it once the meta is shared); ValueError when the ranks disagree or
-        num_worst_tokens is too small (the same on every rank: they see the same meta)."""
-        check_agreement(meta_all, "dispatch", skip=(1,))
+        transports call it once the meta is shared; `agree`: they found the ranks agree on
+        DISPATCH_AGREED already); ValueError when the ranks disagree or num_worst_tokens is too small
+        (the same on every rank: they see the same meta)."""
+        if not agree:
+            check_agreement(meta_all, "dispatch", DISPATCH_AGREED)
         plan = layout.plan_routing(
             call.host_topk_idx, meta_all.numpy()[:, len(HEADER_FIELDS) :], self.runtime.rank, call.expert_alignment
         )

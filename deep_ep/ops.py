@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional, Protocol, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 from .utils import NATIVE_DTYPE_CODES, num_threads
@@ -83,6 +84,41 @@ def quantize_int8(
     return q, scale
 
 
+def native_reduce(
+    out: torch.Tensor,
+    sources: List[int],
+    source_rows: List[int],
+    dtype_codes: List[int],
+    src_rank: np.ndarray,
+    src_row: np.ndarray,
+    weights: np.ndarray,
+    biases: Sequence[torch.Tensor],
+    threads: int,
+) -> None:
+    """weighted_reduce's CPU kernel on raw rows: `sources` are the addresses of contiguous
+    [source_rows[i], H] rows of NATIVE_DTYPE_CODES dtype_codes[i]; src_rank int32 / src_row int64 /
+    weights float32 numpy [T, C]; biases: up to two contiguous CPU [T, H] tensors."""
+    bias_args = []
+    for i in range(2):
+        bias_args += [biases[i].data_ptr(), NATIVE_DTYPE_CODES[biases[i].dtype]] if i < len(biases) else [0, 0]
+    tokens, columns = src_rank.shape
+    _native().combine_reduce(
+        out.data_ptr(),
+        NATIVE_DTYPE_CODES[out.dtype],
+        tokens,
+        columns,
+        out.shape[1],
+        sources,
+        source_rows,
+        dtype_codes,
+        src_rank,
+        src_row,
+        weights,
+        *bias_args,
+        threads,
+    )
+
+
 def weighted_reduce(
     out: torch.Tensor,
     sources: List[torch.Tensor],
@@ -112,30 +148,23 @@ def weighted_reduce(
         threads: of the native kernel, as in `quantize_int8`.
         device_path: the torch branch even for CPU tensors (see native_ok).
     """
-    tokens, columns = src_rank.shape
-    hidden = out.shape[1]
     dtypes = [src_dtype] * len(sources) if isinstance(src_dtype, torch.dtype) else list(src_dtype)
     biases = [b.contiguous() for b in biases if b is not None]
     if native_ok(out, device_path):
-        bias_args = []
-        for i in range(2):
-            bias_args += [biases[i].data_ptr(), NATIVE_DTYPE_CODES[biases[i].dtype]] if i < len(biases) else [0, 0]
-        _native().combine_reduce(
-            out.data_ptr(),
-            NATIVE_DTYPE_CODES[out.dtype],
-            tokens,
-            columns,
-            hidden,
+        native_reduce(
+            out,
             [s.data_ptr() for s in sources],
             [s.shape[0] for s in sources],
             [NATIVE_DTYPE_CODES[d] for d in dtypes],
             src_rank.contiguous().numpy(),
             src_row.contiguous().numpy(),
             weights.contiguous().numpy(),
-            *bias_args,
+            biases,
             threads or num_threads(),
         )
         return out
+    tokens, columns = src_rank.shape
+    hidden = out.shape[1]
     # Device (NPU) branch: no host syncs, index tensors moved to the rows' device. Ascend NPUs have no
     # fast float64, so there the sum is float32 (within the documented float32 tolerance); on CPU (forced)
     # float64 as above.
@@ -176,6 +205,23 @@ class Reduction:
     biases: Sequence[torch.Tensor] = field(default_factory=list)
     threads: Optional[int] = None
     device_path: bool = False  # the runtime's: torch branches on CPU too
+
+    def run_rows(self, sources: List[int], source_rows: List[int], src_rank: np.ndarray, src_row: np.ndarray) -> None:
+        """Reduces, on CPU, the rows at the addresses `sources` (contiguous [source_rows[i], H] rows of
+        src_dtype) named by src_rank int32 / src_row int64 numpy [T, C]: the shared-memory transport's
+        reduction, straight from the holders' data areas."""
+        dtypes = [self.src_dtype] * len(sources) if isinstance(self.src_dtype, torch.dtype) else self.src_dtype
+        native_reduce(
+            self.out,
+            sources,
+            source_rows,
+            [NATIVE_DTYPE_CODES[d] for d in dtypes],
+            src_rank,
+            src_row,
+            self.weights.contiguous().numpy(),
+            [b.contiguous() for b in self.biases],
+            self.threads or num_threads(),
+        )
 
     def run(self, sources: List[torch.Tensor], src_rank: torch.Tensor, src_row: torch.Tensor) -> None:
         """Reduces the rows of `sources` (uint8 [rows_i, H * itemsize]) named by src_rank int32 /

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Dict, List, Optional, Union
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -28,6 +29,8 @@ import deep_ep_cpp
 from .. import handles
 from ..ep_strategy import NormalEPCommStrategy, register_normal_strategy
 from ..normal import (
+    DISPATCH_AGREED,
+    HANDLE_AGREED,
     OP_DISPATCH,
     CachedDispatchCall,
     CombineCall,
@@ -64,9 +67,14 @@ class SelectionReceiver:
     received: Optional[ReceivedRows] = None
     forwarded: bool = False  # the rows carry their origin rank and token: two int64 fields after the call's
 
-    def prepare(self, meta_all: torch.Tensor) -> None:
+    @property
+    def agreed_fields(self) -> np.ndarray:
+        # Across nodes the headers were agreed over the network, before the shared-memory exchange.
+        return DISPATCH_AGREED if self.received is None else shm.NO_WORDS
+
+    def prepare(self, meta_all: torch.Tensor, agree: bool) -> None:
         if self.received is None:
-            self.received = self.runtime.normal.receive(self.call, meta_all)
+            self.received = self.runtime.normal.receive(self.call, meta_all, agree)
 
     def pull(self, windows: List[shm.Window]) -> None:
         received, plan = self.received, self.received.plan
@@ -111,8 +119,11 @@ class CachedReceiver:
         real = (src_rank >= 0).nonzero().flatten()
         self.by_source = {r: real[src_rank[real] == r] for r in self.local_ranks}
 
-    def prepare(self, meta_all: torch.Tensor) -> None:
-        self.call.check(meta_all)
+    agreed_fields = HANDLE_AGREED
+
+    def prepare(self, meta_all: torch.Tensor, agree: bool) -> None:
+        if not agree:
+            self.call.check(meta_all)
 
     def pull(self, windows: List[shm.Window]) -> None:
         src_idx = self.call.state.recv_src_idx
@@ -233,19 +244,20 @@ class SharedMemoryRows:
             _add_us(call.stats, rt.local_ranks, waits)
 
     def combine(self, rt: "Runtime", call: CombineCall) -> None:
-        state = call.state
         sends = self._local_times(call.stats)
+        plan = call.state.plan
         shm.combine_rows(
             self.shm,
             call.header,
             call.check,
+            HANDLE_AGREED,
             call.x_rows,
-            state.plan.rows_per_rank.tolist(),
-            state.plan.holder,
-            state.plan.dest_row,
+            plan.rows_per_rank.tolist(),
+            plan.holder.numpy(),
+            plan.dest_row.numpy(),
             call.reduction,
             sends=sends,
-            peer_rows=state.plan.peer_rows,
+            peer_rows=plan.peer_rows.numpy(),
         )
         if sends is not None:
             _add_us(call.stats, rt.local_ranks, sends)
@@ -338,10 +350,11 @@ class HierarchicalRows(SharedMemoryRows):
             self.shm,
             call.header,
             None,  # the headers were agreed across nodes above
+            shm.NO_WORDS,
             call.x_rows,
             [int(state.plan.rows_per_rank[r]) for r in rt.local_ranks],
-            internode.selection_rank,
-            internode.selection_row,
+            internode.selection_rank.numpy(),
+            internode.selection_row.numpy(),
             across,
             sends=sends,
         )

@@ -14,10 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from .. import ops
+from ..utils import NATIVE_DTYPE_CODES, num_threads
 from .collective import exchange_rows
 from .fields import as_byte_rows
 
@@ -159,29 +161,26 @@ class HierarchicalReduction:
     biases: Sequence[torch.Tensor]
     threads: Optional[int]  # of the native kernels, the runtime's (None: utils.num_threads())
 
-    def run(self, sources: List[torch.Tensor], src_rank: torch.Tensor, src_row: torch.Tensor) -> None:
+    def run_rows(self, sources: List[int], source_rows: List[int], src_rank: np.ndarray, src_row: np.ndarray) -> None:
+        """As ops.Reduction.run_rows: `sources` are the addresses of the node's holders' rows."""
         num_tokens, hidden = self.out.shape
-        threads = self.threads
+        threads = self.threads or num_threads()
+        codes = [NATIVE_DTYPE_CODES[self.x_dtype]] * len(sources)
         partials = torch.empty(src_rank.shape[0] - num_tokens, hidden, dtype=torch.float64)
-        ops.weighted_reduce(
-            partials,
-            sources,
-            self.x_dtype,
-            src_rank[num_tokens:],
-            src_row[num_tokens:],
-            self.forwarded_weights,
-            threads=threads,
-        )
-        back = return_partials(self.group, self.forwarding, partials)
+        forwarded_weights = self.forwarded_weights.contiguous().numpy()
+        forwarded = src_rank[num_tokens:], src_row[num_tokens:]
+        ops.native_reduce(partials, sources, source_rows, codes, *forwarded, forwarded_weights, [], threads)
+        back = return_partials(self.group, self.forwarding, partials).contiguous()
         present, row = partial_columns(self.topology, self.forwarding, num_tokens)
         present = torch.where(present >= 0, present + len(sources), present)
-        ops.weighted_reduce(
+        ops.native_reduce(
             self.out,
-            sources + [as_byte_rows(back)],
-            [self.x_dtype] * len(sources) + [torch.float64],
-            torch.cat([src_rank[:num_tokens], present], dim=1),
-            torch.cat([src_row[:num_tokens], row], dim=1),
-            torch.cat([self.own_weights, torch.ones(num_tokens, present.shape[1])], dim=1),
-            self.biases,
+            sources + [back.data_ptr()],
+            source_rows + [back.shape[0]],
+            codes + [NATIVE_DTYPE_CODES[torch.float64]],
+            np.concatenate([src_rank[:num_tokens], present.numpy()], axis=1),
+            np.concatenate([src_row[:num_tokens], row.numpy()], axis=1),
+            torch.cat([self.own_weights, torch.ones(num_tokens, present.shape[1])], dim=1).numpy(),
+            [b.contiguous() for b in self.biases],
             threads,
         )

@@ -30,7 +30,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -64,9 +64,6 @@ NOTE_END = RELEASE_WORD * 8
 NOTE_GRACE_S = 1.0
 
 NO_WORDS = np.empty(0, dtype=np.int64)  # publish_rows without meta
-
-# region() keeps at most this many views (the sizes of recent calls).
-MAX_REGION_VIEWS = 256
 
 # Reservations of /dev/shm grow by at least this much, so that slowly growing calls
 # reserve in a few steps.
@@ -232,9 +229,6 @@ class NodeShm:
         self.reservation = Reservation(self.segments[self.local_index], DATA_OFFSET, data_bytes)
         self.bytes = [torch.frombuffer(s, dtype=torch.uint8) for s in self.segments]
         self.data = [b[DATA_OFFSET:] for b in self.bytes]
-        # region() views by (rank, width, rows): calls of the same sizes reuse them instead of making
-        # two tensor views per rank and call.
-        self.region_views: Dict[Tuple[int, int, int], torch.Tensor] = {}
         self.sync = node_sync(self.segments, self.local_index, self.local_ranks)
         # Read phases this rank has finished (and published at RELEASE_WORD); every local rank runs
         # the same sequence of phases, so a peer's count at least this one means it read all of mine.
@@ -300,15 +294,19 @@ class NodeShm:
         try:
             return wait()
         except BaseException as error:
-            notes = self.peer_failures() if isinstance(error, RuntimeError) else ""
-            # Peers may have moved on without us: the barrier sequence cannot be trusted any more.
-            self.broken = (
-                f"deep_ep: this Buffer can no longer be used after an earlier failure ({error}{notes}); "
-                "destroy it and create a new one on every rank."
-            )
-            if notes:
-                raise RuntimeError(f"{error}{notes}") from None
-            raise
+            self._fail(error)
+
+    def _fail(self, error: BaseException) -> NoReturn:
+        """Raises the error of a failed wait on the peers, with the notes they left, and marks the
+        Buffer broken: peers may have moved on without us, so the barrier sequence cannot be trusted."""
+        notes = self.peer_failures() if isinstance(error, RuntimeError) else ""
+        self.broken = (
+            f"deep_ep: this Buffer can no longer be used after an earlier failure ({error}{notes}); "
+            "destroy it and create a new one on every rank."
+        )
+        if notes:
+            raise RuntimeError(f"{error}{notes}") from None
+        raise error
 
     def post_failure(self, message: str) -> None:
         """Leaves `message` (why this rank failed) in its control area for the local peers."""
@@ -336,7 +334,6 @@ class NodeShm:
 
     def close(self) -> None:
         self.bytes = self.data = []
-        self.region_views = {}
         for segment in getattr(self, "segments", []):
             segment.close()
         self.segments = []
@@ -354,35 +351,71 @@ class NodeShm:
             )
 
     # ---- meta ----------------------------------------------------------------------------------
-    def publish(self, meta: torch.Tensor, data_bytes: int, copies: Sequence[Tuple[int, int, int]] = ()) -> bool:
-        """Reserves the first `data_bytes` of this rank's data area and, once the peers have read the
-        last call's, publishes `meta` with the outcome and makes the byte copies (dst, src, nbytes)
-        into the data area: one native call. Returns whether this rank could reserve (gather_meta
-        raises on every rank if not; nothing is copied then)."""
-        if (meta.numel() + STATUS_WORDS) * 8 > META_BYTES:
+    def exchange(
+        self,
+        meta: np.ndarray,
+        data_bytes: int,
+        copies: Sequence[Tuple[int, int, int]],
+        agreed: np.ndarray = NO_WORDS,
+        scatter: Optional["RowScatter"] = None,
+        timed: bool = False,
+    ) -> Tuple[torch.Tensor, bool]:
+        """Publishes this rank's call and gathers every local rank's, in one barrier.
+
+        Reserves the first `data_bytes` of this rank's data area; once the peers have read the last
+        call's, writes the status word and `meta` (int64 [m]) and makes the byte copies (dst, src,
+        nbytes) and the `scatter` into the data area. After the barrier it returns every local rank's
+        meta, int64 [local ranks, m], and whether they agree on the header fields `agreed` (indices
+        into meta). SharedMemoryExhausted on every rank, and nothing copied, when a rank could not
+        reserve. With `timed`, `published_ns` is the monotonic time at which this rank had published.
+        """
+        if (meta.size + STATUS_WORDS) * 8 > META_BYTES:
             raise ValueError(
-                f"deep_ep: per-call metadata of {meta.numel()} int64 values exceeds the "
+                f"deep_ep: per-call metadata of {meta.size} int64 values exceeds the "
                 f"{META_BYTES // 8 - STATUS_WORDS} the shared-memory control area holds; "
                 "use fewer experts"
             )
+        if self.broken:
+            raise RuntimeError(self.broken)
         # Growing touches only pages past what peers read: it need not wait for them.
-        reserved = self.reservation.grow(data_bytes)
-        self.publish_rows(copies if reserved else (), 0 if reserved else data_bytes, meta.numpy())
-        return reserved
+        reserved = data_bytes <= self.reservation.reserved or self.reservation.grow(data_bytes)
+        try:
+            self.sync.publish(
+                self.peer_releases,
+                self.peers,
+                self.reads,
+                self.meta_addresses[self.local_index],
+                0 if reserved else data_bytes,
+                meta,
+                copies if reserved else (),
+                self.num_threads,
+                self.timeout_s,
+                self.operation,
+            )
+            if scatter is not None and reserved:
+                scatter.copy(self.data_address[self.local_index], self.num_threads)
+            if timed:
+                self.published_ns = time.monotonic_ns()
+            words, outcome = self.sync.gather(
+                self.meta_addresses, STATUS_WORDS + meta.size, agreed, self.timeout_s, self.operation
+            )
+        except BaseException as error:
+            self._fail(error)
+        if outcome == 1:
+            self._raise_exhausted(words)
+        return torch.from_numpy(words[:, STATUS_WORDS:]), outcome == 0
 
-    def publish_rows(
-        self, copies: Sequence[Tuple[int, int, int]], status: Optional[int] = None, meta: Optional[np.ndarray] = None
-    ) -> None:
-        """Once the peers have read the last read phase, writes the status word and `meta` (int64) to
-        this rank's meta area, if given, and makes the copies (dst, src, nbytes)."""
+    def publish_rows(self, copies: Sequence[Tuple[int, int, int]]) -> None:
+        """Once the peers have read the last read phase, makes the copies (dst, src, nbytes) into this
+        rank's data area (the later rounds of an exchange)."""
         self._synchronized(
             lambda: self.sync.publish(
                 self.peer_releases,
                 self.peers,
                 self.reads,
                 self.meta_addresses[self.local_index],
-                status,
-                NO_WORDS if meta is None else meta,
+                None,
+                NO_WORDS,
                 copies,
                 self.num_threads,
                 self.timeout_s,
@@ -390,51 +423,39 @@ class NodeShm:
             )
         )
 
-    def agreed(self, decide: Callable[[torch.Tensor], None], meta_all: torch.Tensor) -> None:
-        """Runs `decide(meta_all)`. Every rank sees the same meta, so a ValueError/TypeError
+    def agreed(self, decide: Callable[[torch.Tensor, bool], None], meta_all: torch.Tensor, agree: bool) -> None:
+        """Runs `decide(meta_all, agree)`. Every rank sees the same meta, so a ValueError/TypeError
         it raises is raised on every rank; it ends the read phase first, so the Buffer stays usable."""
         try:
-            decide(meta_all)
+            decide(meta_all, agree)
         except (ValueError, TypeError):
             self.release()
             raise
 
-    def gather_meta(self, length: int) -> torch.Tensor:
-        """int64 [local ranks, length]: after a barrier, every local rank's published meta.
-        SharedMemoryExhausted on every rank when a rank could not reserve."""
-        words = self._synchronized(
-            lambda: self.sync.gather(self.meta_addresses, STATUS_WORDS + length, self.timeout_s, self.operation)
-        )
-        if np.count_nonzero(words[:, 0]):
-            failed = words[:, 0].nonzero()[0].tolist()
-            needed = {self.local_ranks[i]: int(words[i, 0]) for i in failed}
-            mine = f" (rank {self.rank}: {self.reservation.failure})" if self.local_index in failed else ""
-            self.release()  # as in agreed()
-            raise SharedMemoryExhausted(
-                exhausted_message(
-                    self.operation,
-                    needed,
-                    "lower num_nvl_bytes (larger data then moves in rounds) or move fewer tokens per call",
-                )
-                + mine
+    def _raise_exhausted(self, words: np.ndarray) -> NoReturn:
+        """SharedMemoryExhausted naming the local ranks whose status word (column 0 of `words`, every
+        local rank's gathered meta) says they could not reserve; ends the read phase first."""
+        failed = words[:, 0].nonzero()[0].tolist()
+        needed = {self.local_ranks[i]: int(words[i, 0]) for i in failed}
+        mine = f" (rank {self.rank}: {self.reservation.failure})" if self.local_index in failed else ""
+        self.release()  # as in agreed()
+        raise SharedMemoryExhausted(
+            exhausted_message(
+                self.operation,
+                needed,
+                "lower num_nvl_bytes (larger data then moves in rounds) or move fewer tokens per call",
             )
-        return torch.from_numpy(words[:, STATUS_WORDS:])
+            + mine
+        )
 
     # ---- data area -----------------------------------------------------------------------------
-    def region(self, local_index: int, width: int, rows: int) -> torch.Tensor:
-        """uint8 [rows, width]: the first region of a rank's data area (see region_layout)."""
-        key = (local_index, width, rows)
-        view = self.region_views.get(key)
-        if view is None:
-            if len(self.region_views) >= MAX_REGION_VIEWS:
-                self.region_views.clear()
-            view = self.region_views[key] = self.data[local_index][: rows * width].view(rows, width)
-        return view
-
-    def region_addresses(self, local_index: int, widths: Sequence[int], rows: int) -> List[int]:
-        """The addresses of the regions of `region_layout(widths, rows)` in a rank's data area."""
-        base = self.data_address[local_index]
-        return [base + offset for offset in region_layout(widths, rows)[0]]
+    def region_addresses(self, widths: Sequence[int], rows: Sequence[int]) -> List[List[int]]:
+        """The addresses of the regions of `region_layout(widths, rows[i])` in local rank i's data
+        area, for every local rank."""
+        return [
+            [base + offset for offset in region_layout(widths, count)[0]]
+            for base, count in zip(self.data_address, rows)
+        ]
 
 
 def region_layout(widths: Sequence[int], rows: int) -> Tuple[List[int], int]:
@@ -458,12 +479,42 @@ class Window:
     count: int  # rows in this round
 
 
+@dataclass
+class RowScatter:
+    """Rows of a contiguous byte-row tensor that a holder publishes at their own positions."""
+
+    src: int  # address of uint8 [src_rows, row_bytes]
+    src_rows: int
+    row_bytes: int
+    rows: np.ndarray  # int64 [n], ascending
+    capacity: int  # rows the data area's region holds
+
+    def copy(self, dst: int, threads: int) -> None:
+        """dst row r = src row r for every r in rows (dst: a region of `capacity` rows)."""
+        deep_ep_cpp.copy_rows(
+            dst,
+            self.capacity,
+            self.row_bytes,
+            [self.src],
+            [self.src_rows],
+            self.row_bytes,
+            self.row_bytes,
+            np.zeros(self.rows.shape[0], dtype=np.int32),
+            self.rows,
+            self.rows,
+            threads,
+        )
+
+
 class RowReceiver(Protocol):
     """The receiving side of a shared-memory dispatch (deep_ep/strategies/normal_strategy.py)."""
 
-    def prepare(self, meta_all: torch.Tensor) -> None:
-        """Checks every local rank's meta int64 [local ranks, m] and sets up the outputs; a
-        ValueError/TypeError it raises is raised on every rank (they see the same meta)."""
+    agreed_fields: np.ndarray  # the header fields every rank must agree on (indices into the meta)
+
+    def prepare(self, meta_all: torch.Tensor, agree: bool) -> None:
+        """Sets up the outputs from every local rank's meta int64 [local ranks, m], of which `agree`
+        says whether they agree on agreed_fields; a ValueError/TypeError it raises (on disagreement,
+        say) is raised on every rank (they see the same meta)."""
 
     def pull(self, windows: List[Window]) -> None:
         """Copies this round's rows out of the sources' windows (sources with no rows left out)."""
@@ -499,23 +550,20 @@ def dispatch_rows(
     num_tokens = fields_in[0].shape[0]
     own_offsets, own_bytes = region_layout(widths, min(num_tokens, window))
     own_base = node.data_address[node.local_index]
+    # The fields are contiguous CPU byte rows (as_byte_rows): plain byte copies, no tensor views.
+    own_rows = [(own_base + offset, f.data_ptr(), width) for offset, f, width in zip(own_offsets, fields_in, widths)]
 
     def copies(begin: int) -> List[Tuple[int, int, int]]:
         rows = max(0, min(num_tokens, begin + window) - begin)
-        # The fields are contiguous CPU byte rows (as_byte_rows): plain byte copies, no tensor views.
-        return [
-            (own_base + offset, field.data_ptr() + begin * width, rows * width)
-            for offset, field, width in zip(own_offsets, fields_in, widths)
-        ]
+        return [(dst, src + begin * width, rows * width) for dst, src, width in own_rows]
 
-    node.publish(meta, own_bytes, copies(0))
-    start = time.monotonic_ns()
-    meta_all = node.gather_meta(meta.numel())
-    node.add_arrivals(start, waits)
-    node.agreed(receiver.prepare, meta_all)
+    meta_all, agree = node.exchange(meta.numpy(), own_bytes, copies(0), receiver.agreed_fields, timed=waits is not None)
+    if waits is not None:
+        node.add_arrivals(node.published_ns, waits)
+    node.agreed(receiver.prepare, meta_all, agree)
     tokens = meta_all[:, 1].tolist()
     windows = [min(t, window) for t in tokens]
-    addresses = [node.region_addresses(s, widths, windows[s]) for s in range(node.num_local)]
+    addresses = node.region_addresses(widths, windows)
     num_rounds = max(1, -(-max(tokens) // window))
     for round_index in range(num_rounds):
         begin = round_index * window
@@ -537,26 +585,26 @@ def combine_rows(
     node: NodeShm,
     meta: torch.Tensor,
     check: Optional[Callable[[torch.Tensor], None]],
+    agreed: np.ndarray,
     x_rows: torch.Tensor,
     rows_per_rank: Sequence[int],
-    dest_rank: torch.Tensor,
-    dest_row: torch.Tensor,
-    reduction: ops.RowReduction,
+    dest_rank: np.ndarray,
+    dest_row: np.ndarray,
+    reduction: ops.Reduction,
     what: str = "combine",
     sends: Optional[torch.Tensor] = None,
-    peer_rows: Optional[torch.Tensor] = None,
+    peer_rows: Optional[np.ndarray] = None,
 ) -> None:
     """Publishes this rank's expert outputs and reduces its tokens from every holder.
 
     Args:
-        meta: int64 [m], this rank's header; check(meta of every rank) raises on disagreement
-            (None: the caller agreed the headers already).
+        meta: int64 [m], this rank's header; check(meta of every rank) raises when the ranks disagree
+            on the fields `agreed` (None, with `agreed` empty: the caller agreed the headers already).
         x_rows: uint8 [N, H * itemsize], the expert outputs in this rank's received layout (contiguous).
         rows_per_rank: rows each local rank publishes.
         dest_rank / dest_row: int32 / int64 [T, K], holder (local index) and row of each
             selection, -1 if none.
-        reduction: its run(sources, src_rank, src_row) does the weighted reduction over the uint8
-            row tensors `sources`, indexed by dest_rank / dest_row.
+        reduction: the weighted reduction over the rows dest_rank / dest_row name.
         what: the operation, named if a peer does not arrive.
         sends: None or int64 [local ranks]; gets the nanoseconds from publishing this rank's rows until
             every local rank was done reading them (all rounds).
@@ -573,60 +621,49 @@ def combine_rows(
     # Each holder's regions hold just its rows when they fit (see dispatch_rows).
     windows = [min(rows, window) for rows in rows_per_rank]
     me = node.local_index
+    x_address = x_rows.data_ptr()
 
     def copies(begin: int) -> List[Tuple[int, int, int]]:
         rows = max(0, min(rows_per_rank[me], begin + window) - begin)
-        return [(node.data_address[me], x_rows.data_ptr() + begin * bytes_per_row, rows * bytes_per_row)]
+        return [(node.data_address[me], x_address + begin * bytes_per_row, rows * bytes_per_row)]
 
-    # One round with peer_rows publishes only those rows (below); otherwise the rows move with the meta.
-    scattered = num_rounds == 1 and peer_rows is not None
-    reserved = node.publish(meta, region_layout([bytes_per_row], windows[me])[1], [] if scattered else copies(0))
-    start = time.monotonic_ns()
+    # One round with peer_rows publishes only those rows; otherwise the rows move with the meta.
+    scatter = None
+    if num_rounds == 1 and peer_rows is not None:
+        scatter = RowScatter(x_address, x_rows.shape[0], bytes_per_row, peer_rows, windows[me])
+    meta_all, agree = node.exchange(
+        meta.numpy(),
+        region_layout([bytes_per_row], windows[me])[1],
+        [] if scatter is not None else copies(0),
+        agreed,
+        scatter,
+        timed=sends is not None,
+    )
+    if not agree:
+        node.agreed(lambda metas, _: check(metas), meta_all, agree)
     if num_rounds == 1:
-        if reserved and scattered:
-            rows = peer_rows.numpy()
-            deep_ep_cpp.copy_rows(
-                node.data_address[me],
-                windows[me],
-                bytes_per_row,
-                [x_rows.data_ptr()],
-                [x_rows.shape[0]],
-                bytes_per_row,
-                bytes_per_row,
-                np.zeros(rows.shape[0], dtype=np.int32),
-                rows,
-                rows,
-                node.num_threads,
-            )
-        meta_all = node.gather_meta(meta.numel())
-        if check is not None:
-            node.agreed(check, meta_all)
-        sources = [node.region(s, bytes_per_row, windows[s]) for s in range(node.num_local)]
-        sources[me] = x_rows
-        reduction.run(sources, dest_rank, dest_row)
+        sources = list(node.data_address)
+        sources[me] = x_address
+        windows[me] = x_rows.shape[0]
+        reduction.run_rows(sources, windows, dest_rank, dest_row)
         node.release()
         if sends is not None:
-            node.wait_readers(start, sends)
+            node.wait_readers(node.published_ns, sends)
         return
     # More rows than the data area holds: stage this rank's rows locally, round by round,
     # then reduce from the stage, so the sums are the same bits as in one round.
-    valid = dest_rank >= 0
-    selections = valid.nonzero(as_tuple=True)
+    selections = (dest_rank >= 0).nonzero()
     stage = torch.empty(len(selections[0]), bytes_per_row, dtype=torch.uint8)
-    stage_row = torch.full_like(dest_row, -1)
-    stage_row[selections] = torch.arange(len(selections[0]))
+    stage_row = np.full(dest_row.shape, -1, dtype=np.int64)
+    stage_row[selections] = np.arange(len(selections[0]))
     holder, holder_row = dest_rank[selections], dest_row[selections]
+    srcs = [addresses[0] for addresses in node.region_addresses([bytes_per_row], windows)]
     for round_index in range(num_rounds):
         begin = round_index * window
-        if round_index == 0:
-            meta_all = node.gather_meta(meta.numel())
-            if check is not None:
-                node.agreed(check, meta_all)
-        else:
+        if round_index > 0:
             node.publish_rows(copies(begin))
             node.barrier()
         in_round = (holder_row >= begin) & (holder_row < begin + window)
-        srcs = [node.region_addresses(s, [bytes_per_row], windows[s])[0] for s in range(node.num_local)]
         deep_ep_cpp.copy_rows(
             stage.data_ptr(),
             stage.shape[0],
@@ -635,12 +672,13 @@ def combine_rows(
             windows,
             bytes_per_row,
             bytes_per_row,
-            holder[in_round].to(torch.int32).numpy(),
-            (holder_row[in_round] - begin).numpy(),
-            in_round.nonzero().flatten().numpy(),
+            holder[in_round],
+            holder_row[in_round] - begin,
+            in_round.nonzero()[0],
             node.num_threads,
         )
         node.release()
     if sends is not None:
-        node.wait_readers(start, sends)
-    reduction.run([stage], torch.where(valid, 0, -1).to(torch.int32), stage_row)
+        node.wait_readers(node.published_ns, sends)
+    stage_rank = np.where(dest_rank >= 0, 0, -1).astype(np.int32)
+    reduction.run_rows([stage.data_ptr()], [stage.shape[0]], stage_rank, stage_row)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 
 import numpy as np
@@ -30,6 +31,8 @@ from deep_ep import layout, ops  # noqa: E402
 from deep_ep.reference import reference_combine, reference_dispatch  # noqa: E402
 from deep_ep.strategies import normal_strategy  # noqa: E402
 from deep_ep.testing import spawn_ranks  # noqa: E402
+
+NO_FIELDS = np.zeros(0, np.int64)  # gather without agreed fields
 
 HIDDEN, EXPERTS_PER_RANK, TOPK, TOKENS = 64, 3, 3, 12
 LATE_S = 0.3  # how late rank 1 reads
@@ -50,7 +53,7 @@ def slow_reader(rank: int, num_ranks: int, group) -> None:
     if rank == 1:
         read_late(normal_strategy.SelectionReceiver, "pull")
         read_late(normal_strategy.CachedReceiver, "pull")
-        read_late(ops.Reduction, "run")
+        read_late(ops.Reduction, "run_rows")
     num_experts = EXPERTS_PER_RANK * num_ranks
     buffer = deep_ep.Buffer(group, num_nvl_bytes=1 << 20)
     stats = torch.zeros(num_ranks, dtype=torch.int32)
@@ -154,7 +157,8 @@ def test_native_publish_and_gather_one_rank():
     copies = [(target.ctypes.data, source.ctypes.data, 16)]
     sync.publish([], [], 0, meta.ctypes.data, 9, words, copies, 1, 1.0, "a test")
     assert meta[:4].tolist() == [9, 5, 6, 7] and target.tolist() == source.tolist()
-    assert sync.gather([meta.ctypes.data], 4, 1.0, "a test").tolist() == [[9, 5, 6, 7]]
+    gathered, outcome = sync.gather([meta.ctypes.data], 4, NO_FIELDS, 1.0, "a test")
+    assert gathered.tolist() == [[9, 5, 6, 7]] and outcome == 1  # status 9: this rank could not reserve
     sync.publish([], [], 0, meta.ctypes.data, None, np.zeros(0, np.int64), [], 1, 1.0, "a test")  # rows only
     assert meta[:4].tolist() == [9, 5, 6, 7]
     with pytest.raises(ValueError, match="owner index out of range"):
@@ -162,5 +166,38 @@ def test_native_publish_and_gather_one_rank():
     with pytest.raises(ValueError, match="differ in length"):
         sync.publish([counter.ctypes.data], [], 0, meta.ctypes.data, 1, words, [], 1, 1.0, "a test")
     with pytest.raises(ValueError, match="one meta address per local rank"):
-        sync.gather([meta.ctypes.data, meta.ctypes.data], 4, 1.0, "a test")
+        sync.gather([meta.ctypes.data, meta.ctypes.data], 4, NO_FIELDS, 1.0, "a test")
+    with pytest.raises(ValueError, match="agreed field index out of range"):
+        sync.gather([meta.ctypes.data], 4, np.array([3], np.int64), 1.0, "a test")
     assert meta[:4].tolist() == [9, 5, 6, 7]
+
+
+def test_native_gather_outcomes_two_ranks():
+    """NodeSync.gather's outcome, for two local ranks (two threads of this process, each with its own
+    NodeSync over the same barrier counters): 0 when the statuses are 0 and the agreed fields equal,
+    1 when a status is not 0, 2 when an agreed field differs; other fields may differ."""
+    counters = np.zeros(16, np.int64)  # one barrier word per rank, a cache line apart
+    addresses = [counters.ctypes.data, counters.ctypes.data + 64]
+    syncs = [deep_ep_cpp.NodeSync(addresses, index, [0, 1], [os.getpid()] * 2) for index in range(2)]
+    metas = [np.zeros(4, np.int64), np.zeros(4, np.int64)]
+    meta_addresses = [m.ctypes.data for m in metas]
+    agreed = np.array([0, 2], np.int64)  # words 1 and 3
+
+    def outcomes(first: list, second: list) -> list:
+        metas[0][:], metas[1][:] = first, second
+        results = [None, None]
+
+        def gather(index: int) -> None:
+            results[index] = syncs[index].gather(meta_addresses, 4, agreed, 5.0, "a test")
+
+        peer = threading.Thread(target=gather, args=(1,))
+        peer.start()
+        gather(0)
+        peer.join()
+        assert results[0][0].tolist() == results[1][0].tolist() == [first, second]
+        return [results[0][1], results[1][1]]
+
+    assert outcomes([0, 7, 1, 3], [0, 7, 2, 3]) == [0, 0]  # word 2 is not agreed on
+    assert outcomes([0, 7, 1, 3], [5, 7, 1, 3]) == [1, 1]
+    assert outcomes([0, 7, 1, 3], [0, 7, 1, 4]) == [2, 2]
+    assert outcomes([4, 7, 1, 3], [0, 8, 1, 3]) == [1, 1]  # the status comes first
