@@ -268,7 +268,7 @@ class Buffer:
         Returns: num_tokens_per_rank int32 [R], num_tokens_per_rdma_rank int32 [nodes] (None on one
         node), num_tokens_per_expert int32 [E] ([rounds * E] with DEEPEP_NORMAL_LONG_SEQ_ROUND),
         is_token_in_rank int32 [T, R], EventOverlap."""
-        return self.normal_strategy.get_dispatch_layout(
+        return self._normal_strategy.get_dispatch_layout(
             topk_idx, num_experts, previous_event, async_finish, allocate_on_comm_stream
         )
 
@@ -297,8 +297,8 @@ class Buffer:
         The handle is upstream's (deep_ep/handles.py): the 8-tuple on one node, the 9-tuple across
         nodes ("default"), a dict ("alltoall"). dispatch_wait_recv_cost_stats: None or int32 [R]; entry r
         grows by the microseconds this rank waited for rank r's rows."""
-        config = self.get_dispatch_config(self.group_size) if config is None else config
-        return self.normal_strategy.dispatch(
+        config = self.get_dispatch_config(self._runtime.group_size) if config is None else config
+        return self._normal_strategy.dispatch(
             x=x,
             handle=handle,
             num_tokens_per_rank=num_tokens_per_rank,
@@ -333,8 +333,8 @@ class Buffer:
         NormalMode.combine). Returns (combined_x [T, H], combined_topk_weights float32 [T, K],
         EventOverlap). combine_send_cost_stats: None or int32 [R]; entry r grows by the microseconds
         it took to hand this rank's rows over to rank r."""
-        config = self.get_combine_config(self.group_size) if config is None else config
-        return self.normal_strategy.combine(
+        config = self.get_combine_config(self._runtime.group_size) if config is None else config
+        return self._normal_strategy.combine(
             x=x,
             handle=handle,
             topk_weights=topk_weights,
@@ -419,7 +419,7 @@ class Buffer:
         use_mxfp4 -> MXFP4, which are a ValueError here). round_scale and async_finish: no effect.
         Returns (recv_x, recv_count int64 [L], handle (upstream's 7-tuple), EventOverlap, hook): hook is
         always a callable; with return_recv_hook the data is there only after hook()."""
-        return self.low_latency_strategy.low_latency_dispatch(
+        return self._low_latency_strategy.low_latency_dispatch(
             x=x,
             topk_idx=topk_idx,
             num_max_dispatch_tokens_per_rank=num_max_dispatch_tokens_per_rank,
@@ -442,7 +442,7 @@ class Buffer:
         after this call and not after passing it to low_latency_combine; every call hands out the
         memory of the next combine (two alternate). Plain tensor with the "alltoall" strategy;
         RuntimeError with CANN's MC2 operators."""
-        return self.low_latency_strategy.get_next_low_latency_combine_buffer(handle)
+        return self._low_latency_strategy.get_next_low_latency_combine_buffer(handle)
 
     def low_latency_combine(
         self,
@@ -458,7 +458,7 @@ class Buffer:
         """Returns expert outputs to their tokens and sums them with topk_weights (see
         LowLatencyMode.ll_combine). zero_copy, async_finish: no effect. Returns (combined_x [T, H],
         EventOverlap, hook)."""
-        return self.low_latency_strategy.low_latency_combine(
+        return self._low_latency_strategy.low_latency_combine(
             x=x,
             topk_idx=topk_idx,
             topk_weights=topk_weights,

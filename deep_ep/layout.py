@@ -15,6 +15,8 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
+import deep_ep_cpp
+
 
 @dataclass
 class SelectionCounts:
@@ -43,7 +45,6 @@ def count_selections(
 ) -> SelectionCounts:
     """The id range and the layout counts of a contiguous CPU int64 topk_idx [T, K], in one native
     call (`dispatch_layout` defines the counts). rank_to_node: int64 [R] for per-node counts, or None."""
-    import deep_ep_cpp
 
     tokens, topk = topk_idx.shape
     nodes = None if rank_to_node is None else rank_to_node.to(torch.int64).numpy()
@@ -111,7 +112,6 @@ def expert_major_entries(topk_idx: torch.Tensor, expert_begin: int, expert_end: 
     ordered by expert then token: exactly the order in which their rows are laid out
     on the receiving rank. Returns (token, k, expert, index within the expert's group),
     int64 [n] each."""
-    import deep_ep_cpp  # a counting sort: one pass to count, one to place
 
     topk_idx = topk_idx.contiguous()
     entries = deep_ep_cpp.expert_major_entries(
@@ -123,7 +123,6 @@ def expert_major_entries(topk_idx: torch.Tensor, expert_begin: int, expert_end: 
 def summarize_topk(topk_idx: torch.Tensor) -> Tuple[int, int]:
     """(smallest id, largest id) of int64 [T, K], in one native pass on a host copy. A row may name
     an expert more than once (each selection is routed on its own, as DeepEP-Ascend does)."""
-    import deep_ep_cpp
 
     host = topk_idx.cpu().contiguous()
     return deep_ep_cpp.summarize_topk(host.numpy().reshape(-1), host.shape[0], host.shape[1])
@@ -193,7 +192,6 @@ class RoutingPlan:
         several sources: `topk_rows` int64 [n, K], each source's rows in token order; origin_rank
         int64 [n]. Exact for holders that receive all of a source's rows (a forwarder's node, or
         every holder for a source's own tokens)."""
-        import deep_ep_cpp  # one pass: no sort, no scatter
 
         topk_rows = topk_rows.contiguous()
         dest_rank, dest_row = deep_ep_cpp.selection_destinations(
@@ -219,7 +217,6 @@ def plan_routing(
         tokens_per_expert_all: numpy int64 [R, E], `num_tokens_per_expert` of every rank.
         alignment: each expert block is padded to a multiple of it.
     """
-    import deep_ep_cpp  # one native call: the blocks of every rank and this rank's destinations
 
     num_ranks, num_experts = tokens_per_expert_all.shape
     counts = np.ascontiguousarray(tokens_per_expert_all)
@@ -263,7 +260,6 @@ def localize_topk_idx_(
     if not native_ok(topk_idx, device_path):
         local = topk_idx - rank * experts_per_rank
         return topk_idx.copy_(torch.where((local >= 0) & (local < experts_per_rank), local, -1))
-    import deep_ep_cpp
 
     deep_ep_cpp.localize_experts(topk_idx.numpy(), rank * experts_per_rank, experts_per_rank)
     return topk_idx
@@ -289,7 +285,6 @@ def low_latency_slots(topk_idx: torch.Tensor, num_experts: int, num_slots: Optio
     Raises ValueError for ids outside [-1, E), or for an expert selected more than num_slots times
     (possible only with repeated experts: T <= Nmax otherwise).
     """
-    import deep_ep_cpp
 
     slot, counts = deep_ep_cpp.expert_slots(topk_idx.numpy(), topk_idx.shape[0], topk_idx.shape[1], num_experts)
     counts = torch.from_numpy(counts)

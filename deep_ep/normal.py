@@ -317,14 +317,13 @@ class NormalMode:
     def _check_buffer_fits(
         self, transport: "NormalTransport", bytes_per_token: int, num_fields: int, what: str
     ) -> None:
-        if transport.shm is None:
+        if transport.shm is None or shm.window_rows(self.runtime.num_nvl_bytes, bytes_per_token, num_fields):
             return
         needed = shm.data_bytes_needed(1, bytes_per_token, num_fields)
-        if shm.window_rows(self.runtime.num_nvl_bytes, bytes_per_token, num_fields) < 1:
-            raise ValueError(
-                f"num_nvl_bytes={self.runtime.num_nvl_bytes} is too small for {what}: one token row "
-                f"needs at least {needed} bytes; create the Buffer with num_nvl_bytes >= {needed}"
-            )
+        raise ValueError(
+            f"num_nvl_bytes={self.runtime.num_nvl_bytes} is too small for {what}: one token row "
+            f"needs at least {needed} bytes; create the Buffer with num_nvl_bytes >= {needed}"
+        )
 
     def _check_cost_stats(self, name: str, stats: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """None, or `stats` checked to be int32 [R] (on any device: the host adds the measured times)."""

@@ -11,13 +11,9 @@ from typing import List, Optional, Protocol, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+import deep_ep_cpp
+
 from .utils import NATIVE_DTYPE_CODES, num_threads
-
-
-def _native():
-    import deep_ep_cpp  # imported lazily: only CPU tensors need it
-
-    return deep_ep_cpp
 
 
 def torch_ops_forced() -> bool:
@@ -45,7 +41,7 @@ def copy_into(dst: torch.Tensor, src: torch.Tensor, threads: int) -> None:
         and dst.is_contiguous()
         and src.is_contiguous()
     ):
-        _native().copy_bytes(dst.data_ptr(), src.data_ptr(), dst.numel() * dst.element_size(), threads)
+        deep_ep_cpp.copy_bytes(dst.data_ptr(), src.data_ptr(), dst.numel() * dst.element_size(), threads)
     else:
         dst.copy_(src)
 
@@ -67,7 +63,7 @@ def quantize_int8(
     if native_ok(x, device_path):
         q = torch.empty(rows, hidden, dtype=torch.int8)
         scale = torch.empty(rows, dtype=torch.float32)
-        _native().quantize_int8(
+        deep_ep_cpp.quantize_int8(
             x.data_ptr(),
             NATIVE_DTYPE_CODES[x.dtype],
             rows,
@@ -102,7 +98,7 @@ def native_reduce(
     for i in range(2):
         bias_args += [biases[i].data_ptr(), NATIVE_DTYPE_CODES[biases[i].dtype]] if i < len(biases) else [0, 0]
     tokens, columns = src_rank.shape
-    _native().combine_reduce(
+    deep_ep_cpp.combine_reduce(
         out.data_ptr(),
         NATIVE_DTYPE_CODES[out.dtype],
         tokens,

@@ -147,7 +147,7 @@ def check_tensor(
         wanted = " or ".join(str(d) for d in dtypes)
         raise TypeError(f"{name} must have dtype {wanted}, got {value.dtype}")
     # A plain loop: this runs several times per call, and a generator costs a frame per size.
-    mismatch = value.dim() != len(shape)
+    mismatch = value.ndim != len(shape)
     if not mismatch:
         for want, got in zip(shape, value.shape):
             if want is not None and want != got:
@@ -157,7 +157,7 @@ def check_tensor(
         wanted = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
         if what:
             wanted += f" ({what})"
-        if value.dim() != len(shape):
+        if value.ndim != len(shape):
             raise ValueError(f"{name} must have shape {wanted}, a {len(shape)}-D tensor, got {list(value.shape)}")
         raise ValueError(f"{name} must have shape {wanted}, got {list(value.shape)}")
     if device is not None and value.device != device:
