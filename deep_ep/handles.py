@@ -133,7 +133,7 @@ def internode_handle(
         (
             state.recv_src_idx.to(torch.int32),
             in_rank,
-            plan.recv_counts.to(torch.int32),
+            torch.from_numpy(plan.recv_counts.astype(np.int32)),
             state.topk_idx,
             state.topk_weights,
             plan.block_start[rank].t().contiguous().to(torch.int32),
@@ -155,10 +155,10 @@ def alltoall_handle(state: Any, rank: int, hidden_shape: torch.Size, owner: int)
     hidden_shape / hidden_shape_before_permute (x's shape), num_local_experts."""
     plan = state.plan
     experts_per_rank = plan.experts_per_rank
-    order = collective.send_order(plan.dest_rank, plan.dest_row)
-    position = torch.full((plan.dest_rank.numel(),), -1, dtype=torch.int32)
+    order = collective.send_order(torch.from_numpy(plan.dest_rank), torch.from_numpy(plan.dest_row))
+    position = torch.full((plan.dest_rank.size,), -1, dtype=torch.int32)
     position[order] = torch.arange(order.numel(), dtype=torch.int32)
-    sent = plan.tokens_per_expert_all[rank].view(plan.num_ranks, experts_per_rank).sum(1)
+    sent = plan.tokens_per_expert_all[rank].reshape(plan.num_ranks, experts_per_rank).sum(1)
     return AlltoAllHandle(
         {
             "input_splits": sent.tolist(),

@@ -29,11 +29,18 @@ class SelectionCounts:
 
     low: int
     high: int
-    per_expert: torch.Tensor
-    per_rank: Optional[torch.Tensor] = None
-    in_rank: Optional[torch.Tensor] = None
-    per_node: Optional[torch.Tensor] = None
+    per_expert: np.ndarray
+    per_rank: Optional[np.ndarray] = None
+    in_rank: Optional[np.ndarray] = None
+    per_node: Optional[np.ndarray] = None
     host: Optional[torch.Tensor] = None  # the counted topk_idx: contiguous, on the host
+
+    def layout(self) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """The counts as get_dispatch_layout returns them: (per_rank, per_node or None, per_expert,
+        in_rank), int32 tensors sharing the counted arrays."""
+        per_node = None if self.per_node is None else torch.from_numpy(self.per_node)
+        per_rank, in_rank = torch.from_numpy(self.per_rank), torch.from_numpy(self.in_rank)
+        return per_rank, per_node, torch.from_numpy(self.per_expert), in_rank
 
 
 def count_selections(
@@ -44,24 +51,15 @@ def count_selections(
     rank_to_node: Optional[torch.Tensor] = None,
 ) -> SelectionCounts:
     """The id range and the layout counts of a contiguous CPU int64 topk_idx [T, K], in one native
-    call (`dispatch_layout` defines the counts). rank_to_node: int64 [R] for per-node counts, or None."""
+    call (`dispatch_layout` defines the counts), as numpy int32 arrays (callers wrap what they hand
+    out: a conversion costs about a microsecond). rank_to_node: int64 [R] for per-node counts, or None."""
 
     tokens, topk = topk_idx.shape
     nodes = None if rank_to_node is None else rank_to_node.to(torch.int64).numpy()
     low, high, per_expert, per_rank, in_rank, per_node = deep_ep_cpp.count_layout(
         topk_idx.data_ptr(), tokens, topk, num_experts, num_ranks, with_ranks, nodes
     )
-    if not with_ranks:
-        return SelectionCounts(low, high, torch.from_numpy(per_expert), host=topk_idx)
-    return SelectionCounts(
-        low,
-        high,
-        torch.from_numpy(per_expert),
-        torch.from_numpy(per_rank),
-        torch.from_numpy(in_rank),
-        None if per_node is None else torch.from_numpy(per_node),
-        topk_idx,
-    )
+    return SelectionCounts(low, high, per_expert, per_rank, in_rank, per_node, topk_idx)
 
 
 def dispatch_layout(
@@ -88,7 +86,7 @@ def dispatch_layout(
         counts = count_selections(
             topk_idx.contiguous(), num_experts, num_ranks, rank_to_node=rank_to_node if multi_node else None
         )
-        return counts.per_rank, counts.per_node, counts.per_expert, counts.in_rank
+        return counts.layout()
     experts_per_rank = num_experts // num_ranks
     valid = topk_idx >= 0
     # Invalid entries land in an extra column that is dropped.
@@ -137,7 +135,10 @@ def positions_in_groups(group: torch.Tensor, num_groups: int) -> torch.Tensor:
 
 @dataclass
 class RoutingPlan:
-    """Everything one dispatch decides, from all ranks' per-expert token counts.
+    """Everything one dispatch decides, from all ranks' per-expert token counts. Host bookkeeping:
+    the arrays the native kernels read are numpy arrays (torch-op consumers wrap them with
+    torch.from_numpy, which shares the memory); block_start and handle_arrays, which go into handles
+    and into the pull by address, are tensors.
 
     tokens_per_expert_all: int64 [R, E], rows each source rank sends to each expert.
     block_start: int64 [R, L, R], row where block (local expert l, source s) starts on rank d.
@@ -158,17 +159,17 @@ class RoutingPlan:
     num_ranks: int
     rank: int
     num_experts: int
-    tokens_per_expert_all: torch.Tensor
+    tokens_per_expert_all: np.ndarray
     block_start: torch.Tensor
-    padded: torch.Tensor
-    rows_per_rank: torch.Tensor
-    recv_counts: torch.Tensor
+    padded: np.ndarray
+    rows_per_rank: np.ndarray
+    recv_counts: np.ndarray
     expert_rows: list
-    dest_rank: torch.Tensor
-    dest_row: torch.Tensor
+    dest_rank: np.ndarray
+    dest_row: np.ndarray
     num_real_rows: int
-    holder: torch.Tensor
-    peer_rows: torch.Tensor
+    holder: np.ndarray
+    peer_rows: np.ndarray
     handle_arrays: Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
     @property
@@ -183,7 +184,7 @@ class RoutingPlan:
         """Received-layout rows of this rank, ordered by (source, local expert, token):
         the order in which a source sends them (int64 [real rows])."""
         start = self.block_start[self.rank].t().reshape(-1)  # [R * L], source-major
-        count = self.recv_counts.t().reshape(-1)
+        count = torch.from_numpy(self.recv_counts).t().reshape(-1)
         block = torch.repeat_interleave(torch.arange(count.numel()), count)
         return start[block] + positions_in_groups(block, count.numel())
 
@@ -229,17 +230,17 @@ def plan_routing(
         num_ranks=num_ranks,
         rank=rank,
         num_experts=num_experts,
-        tokens_per_expert_all=torch.from_numpy(counts),
+        tokens_per_expert_all=counts,
         block_start=torch.from_numpy(block_start),
-        padded=torch.from_numpy(padded),
-        rows_per_rank=torch.from_numpy(rows_per_rank),
-        recv_counts=torch.from_numpy(recv_counts),
+        padded=padded,
+        rows_per_rank=rows_per_rank,
+        recv_counts=recv_counts,
         expert_rows=padded[rank].tolist(),
-        dest_rank=torch.from_numpy(dest_rank),
-        dest_row=torch.from_numpy(dest_row),
+        dest_rank=dest_rank,
+        dest_row=dest_row,
         num_real_rows=real_rows,
-        holder=torch.from_numpy(holder),
-        peer_rows=torch.from_numpy(peer_rows),
+        holder=holder,
+        peer_rows=peer_rows,
         handle_arrays=(
             torch.from_numpy(handle[0]),
             torch.from_numpy(handle[1]),

@@ -88,11 +88,12 @@ class InternodeState:
     selection_row: torch.Tensor  # int64 [T + F, K]: its row there
 
 
-def header_tensor(fields: List[int], counts: Optional[torch.Tensor] = None) -> torch.Tensor:
+def header_words(fields: List[int], counts: Optional[np.ndarray] = None) -> np.ndarray:
     """int64 [len(HEADER_FIELDS) (+ E)]: a call's header fields, then this rank's per-expert counts
-    (int32 or int64) if given. Built in numpy: a few microseconds less per call than torch.tensor / torch.cat."""
+    if given. The meta stays in numpy on the host: the transports hand it to native calls or to
+    `collective.all_gather_meta`."""
     header = np.array(fields, dtype=np.int64)
-    return torch.from_numpy(header if counts is None else np.concatenate((header, counts.numpy())))
+    return header if counts is None else np.concatenate((header, counts))
 
 
 def agreed_fields(*skip: int) -> np.ndarray:
@@ -106,12 +107,12 @@ DISPATCH_AGREED = agreed_fields(1)
 HANDLE_AGREED = agreed_fields(1, 8)
 
 
-def check_agreement(meta_all: torch.Tensor, what: str, agreed: np.ndarray) -> None:
+def check_agreement(meta_all: np.ndarray, what: str, agreed: np.ndarray) -> None:
     """ValueError naming the first header field the ranks disagree on.
 
     meta_all: int64 [R, >= len(HEADER_FIELDS)], every rank's header; agreed: indices of the fields
     that must be equal on every rank (DISPATCH_AGREED, HANDLE_AGREED)."""
-    headers = meta_all.numpy()[:, agreed]
+    headers = meta_all[:, agreed]
     # One vectorised comparison: this runs on every call, the message only on a mismatch.
     if (headers == headers[0]).all():
         return
@@ -128,7 +129,7 @@ def check_agreement(meta_all: torch.Tensor, what: str, agreed: np.ndarray) -> No
 class DispatchCall:
     """A fresh dispatch as NormalMode hands it to its transport, every argument checked."""
 
-    meta: torch.Tensor  # int64 [len(HEADER_FIELDS) + E]: the header, then this rank's rows per expert
+    meta: np.ndarray  # int64 [len(HEADER_FIELDS) + E]: the header, then this rank's rows per expert
     fields: List[torch.Tensor]  # uint8 [T, b_i]: x (or int8 x and its scales), topk_idx, topk_weights
     kinds: List[Tuple[torch.dtype, int]]  # dtype and width of every field's received rows
     topk_idx: torch.Tensor  # int64 [T, K] as the caller gave it
@@ -169,13 +170,13 @@ class ReceivedRows:
 class CachedDispatchCall:
     """A dispatch along the routes of an earlier one: only x moves."""
 
-    header: torch.Tensor  # int64 [len(HEADER_FIELDS)]
+    header: np.ndarray  # int64 [len(HEADER_FIELDS)]
     fields: List[torch.Tensor]  # uint8 [T, b_i]: x (or int8 x and its scales)
     outs: List[torch.Tensor]  # uint8 [N, b_i], filled by the transport
     state: DispatchState
     stats: Optional[torch.Tensor]
 
-    def check(self, meta_all: torch.Tensor) -> None:
+    def check(self, meta_all: np.ndarray) -> None:
         """ValueError unless every rank's header agrees."""
         check_agreement(meta_all, "dispatch (cached)", HANDLE_AGREED)
 
@@ -184,14 +185,14 @@ class CachedDispatchCall:
 class CombineCall:
     """A combine as NormalMode hands it to its transport, every argument checked."""
 
-    header: torch.Tensor  # int64 [len(HEADER_FIELDS)]
+    header: np.ndarray  # int64 [len(HEADER_FIELDS)]
     state: DispatchState
     x_rows: torch.Tensor  # uint8 [N, H * itemsize]: the expert outputs in the received layout
     reduction: ops.Reduction  # into the output, with the weights and biases to use
     new_weights: Optional[torch.Tensor]  # the caller's float32 [T, K] weights, or None (the dispatch's)
     stats: Optional[torch.Tensor]
 
-    def check(self, meta_all: torch.Tensor) -> None:
+    def check(self, meta_all: np.ndarray) -> None:
         """ValueError unless every rank's header agrees."""
         check_agreement(meta_all, "combine", HANDLE_AGREED)
 
@@ -266,12 +267,7 @@ class NormalMode:
                 f"DEEPEP_NORMAL_LONG_SEQ_PER_ROUND_TOKENS = {rounds.rounds * rounds.per_round_tokens}"
             )
         if native:
-            per_rank, per_node, per_expert, in_rank = (
-                counts.per_rank,
-                counts.per_node,
-                counts.per_expert,
-                counts.in_rank,
-            )
+            per_rank, per_node, per_expert, in_rank = counts.layout()
         else:
             per_rank, per_node, per_expert, in_rank = layout.dispatch_layout(
                 topk_idx,
@@ -436,7 +432,7 @@ class NormalMode:
             num_worst_tokens,
         ]
         call = DispatchCall(
-            meta=header_tensor(header, counts.per_expert),
+            meta=header_words(header, counts.per_expert),
             fields=fields,
             kinds=kinds,
             topk_idx=topk_idx,
@@ -468,7 +464,7 @@ class NormalMode:
             num_worst_tokens=num_worst_tokens,
             internode=received.internode,
             transport=transport,
-            is_token_in_rank=counts.in_rank,
+            is_token_in_rank=torch.from_numpy(counts.in_rank),
         )
         if received.rows_by_source is not None:
             state.rows_by_source = received.rows_by_source
@@ -477,7 +473,7 @@ class NormalMode:
             expert_rows = list(itertools.accumulate(expert_rows))
         return recv_x, recv_topk_idx, outs[-1], expert_rows, state, EventOverlap()
 
-    def receive(self, call: DispatchCall, meta_all: torch.Tensor, agree: bool = False) -> ReceivedRows:
+    def receive(self, call: DispatchCall, meta_all: np.ndarray, agree: bool = False) -> ReceivedRows:
         """Lays out a fresh dispatch's received rows from every rank's meta int64 [R, m] (the
         transports call it once the meta is shared; `agree`: they found the ranks agree on
         DISPATCH_AGREED already); ValueError when the ranks disagree or num_worst_tokens is too small
@@ -485,7 +481,7 @@ class NormalMode:
         if not agree:
             check_agreement(meta_all, "dispatch", DISPATCH_AGREED)
         plan = layout.plan_routing(
-            call.host_topk_idx, meta_all.numpy()[:, len(HEADER_FIELDS) :], self.runtime.rank, call.expert_alignment
+            call.host_topk_idx, meta_all[:, len(HEADER_FIELDS) :], self.runtime.rank, call.expert_alignment
         )
         worst = call.num_worst_tokens
         rows_per_rank = plan.rows_per_rank.tolist()
@@ -525,7 +521,7 @@ class NormalMode:
             # routing lands every row where the first one did.
             counts = state.plan.tokens_per_expert_all[self.runtime.rank]
             rounds = env.long_seq_rounds().rounds  # the counts of round 0 carry them all
-            counts = torch.cat([counts, counts.new_zeros((rounds - 1) * counts.numel())])
+            counts = torch.from_numpy(np.concatenate([counts, np.zeros((rounds - 1) * counts.size, counts.dtype)]))
             recv_x = self.dispatch(
                 transport,
                 x,
@@ -543,7 +539,7 @@ class NormalMode:
             raise ValueError(f"x must have {state.num_tokens} rows (the handle's tokens), got {fields[0].shape[0]}")
         self._check_buffer_fits(transport, sum(f.shape[1] for f in fields), len(fields), "dispatch")
         plan = state.plan
-        header = header_tensor(
+        header = header_words(
             [
                 OP_CACHED_DISPATCH,
                 state.num_tokens,
@@ -604,7 +600,7 @@ class NormalMode:
         self._check_buffer_fits(transport, state.hidden * x.element_size(), 1, "combine")
         self.runtime.check_devices(x=x, topk_weights=weights, bias=biases)
         out = self.runtime.empty((num_tokens, state.hidden), x.dtype)
-        header = header_tensor(
+        header = header_words(
             [
                 OP_COMBINE,
                 num_tokens,

@@ -72,7 +72,7 @@ class SelectionReceiver:
         # Across nodes the headers were agreed over the network, before the shared-memory exchange.
         return DISPATCH_AGREED if self.received is None else shm.NO_WORDS
 
-    def prepare(self, meta_all: torch.Tensor, agree: bool) -> None:
+    def prepare(self, meta_all: np.ndarray, agree: bool) -> None:
         if self.received is None:
             self.received = self.runtime.normal.receive(self.call, meta_all, agree)
 
@@ -121,7 +121,7 @@ class CachedReceiver:
 
     agreed_fields = HANDLE_AGREED
 
-    def prepare(self, meta_all: torch.Tensor, agree: bool) -> None:
+    def prepare(self, meta_all: np.ndarray, agree: bool) -> None:
         if not agree:
             self.call.check(meta_all)
 
@@ -171,14 +171,14 @@ class CollectiveRows:
             call.num_topk,
             call.fields,
             received.out_bytes,
-            plan.dest_rank,
-            plan.dest_row,
+            torch.from_numpy(plan.dest_rank),
+            torch.from_numpy(plan.dest_row),
             plan.recv_counts.sum(0).tolist(),
             rows_by_source,
         )
         _add_us(call.stats, list(range(rt.group_size)), torch.tensor(time.monotonic_ns() - start))
         received.sources[0][rows_by_source] = torch.repeat_interleave(
-            torch.arange(rt.group_size), plan.recv_counts.sum(0)
+            torch.arange(rt.group_size), torch.from_numpy(plan.recv_counts.sum(0))
         )
         received.sources[1][rows_by_source] = arrived
         received.rows_by_source = rows_by_source
@@ -194,8 +194,8 @@ class CollectiveRows:
             state.topk_idx.shape[1],
             call.fields,
             call.outs,
-            state.plan.dest_rank,
-            state.plan.dest_row,
+            torch.from_numpy(state.plan.dest_rank),
+            torch.from_numpy(state.plan.dest_row),
             state.plan.recv_counts.sum(0).tolist(),
             state.rows_by_source,
         )
@@ -211,8 +211,8 @@ class CollectiveRows:
             call.x_rows,
             state.rows_by_source,
             state.plan.recv_counts.sum(0).tolist(),
-            state.plan.dest_rank,
-            state.plan.dest_row,
+            torch.from_numpy(state.plan.dest_rank),
+            torch.from_numpy(state.plan.dest_row),
             call.reduction,
         )
         _add_us(call.stats, list(range(rt.group_size)), torch.tensor(time.monotonic_ns() - start))
@@ -253,11 +253,11 @@ class SharedMemoryRows:
             HANDLE_AGREED,
             call.x_rows,
             plan.rows_per_rank.tolist(),
-            plan.holder.numpy(),
-            plan.dest_row.numpy(),
+            plan.holder,
+            plan.dest_row,
             call.reduction,
             sends=sends,
-            peer_rows=plan.peer_rows.numpy(),
+            peer_rows=plan.peer_rows,
         )
         if sends is not None:
             _add_us(call.stats, rt.local_ranks, sends)
@@ -293,10 +293,10 @@ class HierarchicalRows(SharedMemoryRows):
         forwarding = hierarchical.plan_forwarding(rt.topology, call.topk_idx, call.num_experts // rt.group_size)
         # The rows this rank forwards to each rank travel after the call's meta, in the same exchange:
         # one network round trip per dispatch less than swapping them on their own.
-        meta = torch.cat([call.meta, torch.tensor(forwarding.send_counts, dtype=torch.int64)])
+        meta = np.concatenate([call.meta, np.asarray(forwarding.send_counts, dtype=np.int64)])
         meta_all = collective.all_gather_meta(rt.comm, meta, "dispatch")
-        received = rt.normal.receive(call, meta_all[:, : call.meta.numel()])  # raises on every rank alike
-        forwarding.expect(meta_all[:, call.meta.numel() + rt.rank].tolist())
+        received = rt.normal.receive(call, meta_all[:, : call.meta.size])  # raises on every rank alike
+        forwarding.expect(meta_all[:, call.meta.size + rt.rank].tolist())
         plan = received.plan
         num_tokens, num_topk = call.topk_idx.shape
         start = time.monotonic_ns()
@@ -307,7 +307,7 @@ class HierarchicalRows(SharedMemoryRows):
         published = [torch.cat([own, far]) for own, far in zip(call.fields, arrived)]
         published.append(as_byte_rows(torch.cat([torch.full_like(tokens, rt.rank), forwarding.origin_rank])))
         published.append(as_byte_rows(torch.cat([tokens, forwarding.origin_token])))
-        node_header = torch.tensor([OP_DISPATCH, published[0].shape[0]], dtype=torch.int64)
+        node_header = np.array([OP_DISPATCH, published[0].shape[0]], dtype=np.int64)
         waits = torch.zeros(self.shm.num_local, dtype=torch.int64)
         receiver = SelectionReceiver(rt, call, received, forwarded=True)
         shm.dispatch_rows(self.shm, node_header, published, receiver, "dispatch", waits)
@@ -317,7 +317,9 @@ class HierarchicalRows(SharedMemoryRows):
         # that touch its node) and are dropped by to_local.
         far_rank, far_row = plan.destinations(forwarded_topk, forwarding.origin_rank.numpy())
         selection_rank, selection_row = hierarchical.to_local(
-            torch.cat([plan.dest_rank, far_rank]), torch.cat([plan.dest_row, far_row]), rt.topology
+            torch.cat([torch.from_numpy(plan.dest_rank), far_rank]),
+            torch.cat([torch.from_numpy(plan.dest_row), far_row]),
+            rt.topology,
         )
         forwarded_weights = arrived[len(call.fields) - 1].view(torch.float32).view(-1, num_topk)
         received.internode = InternodeState(forwarding, forwarded_weights, selection_rank, selection_row)

@@ -15,6 +15,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -203,8 +204,8 @@ def run_collective(group: dist.ProcessGroup, what: str, call: Callable[[], None]
 META_PREFIX = 272
 
 
-def all_gather_meta(group: dist.ProcessGroup, meta: torch.Tensor, what: str = "the metadata exchange") -> torch.Tensor:
-    """int64 [R, m]: every rank's meta vector.
+def all_gather_meta(group: dist.ProcessGroup, meta: np.ndarray, what: str = "the metadata exchange") -> np.ndarray:
+    """int64 [R, m]: every rank's meta vector (int64 [m] numpy, as is the result).
 
     Ranks may pass vectors of different lengths (they disagree on the operation or on num_experts);
     gloo would abort the process on such a size mismatch, so the vectors travel as a fixed-size prefix
@@ -213,6 +214,7 @@ def all_gather_meta(group: dist.ProcessGroup, meta: torch.Tensor, what: str = "t
     decides m (operation, num_experts) at the front and reject the disagreement from there.
     """
     num_ranks = dist.get_world_size(group)
+    meta = torch.from_numpy(meta)
     length = meta.numel()
     first = min(length, META_PREFIX - 1)
     head = torch.zeros(META_PREFIX, dtype=torch.int64)
@@ -223,13 +225,13 @@ def all_gather_meta(group: dist.ProcessGroup, meta: torch.Tensor, what: str = "t
     table = torch.stack(heads)
     lengths = table[:, 0]
     if bool((lengths != length).any()):
-        return table[:, 1 : 1 + min(int(lengths.min()), META_PREFIX - 1)].contiguous()
+        return table[:, 1 : 1 + min(int(lengths.min()), META_PREFIX - 1)].contiguous().numpy()
     if length == first:
-        return table[:, 1 : 1 + length].contiguous()
+        return table[:, 1 : 1 + length].contiguous().numpy()
     rest = meta[first:].contiguous()
     parts = [torch.empty_like(rest) for _ in range(num_ranks)]
     run_collective(group, what, lambda: dist.all_gather(parts, rest, group=group))
-    return torch.cat([table[:, 1:], torch.stack(parts)], dim=1)
+    return torch.cat([table[:, 1:], torch.stack(parts)], dim=1).numpy()
 
 
 def send_order(dest_rank: torch.Tensor, dest_row: torch.Tensor) -> torch.Tensor:

@@ -359,7 +359,7 @@ class NodeShm:
         agreed: np.ndarray = NO_WORDS,
         scatter: Optional["RowScatter"] = None,
         timed: bool = False,
-    ) -> Tuple[torch.Tensor, bool]:
+    ) -> Tuple[np.ndarray, bool]:
         """Publishes this rank's call and gathers every local rank's, in one barrier.
 
         Reserves the first `data_bytes` of this rank's data area; once the peers have read the last
@@ -403,7 +403,7 @@ class NodeShm:
             self._fail(error)
         if outcome == 1:
             self._raise_exhausted(words)
-        return torch.from_numpy(words[:, STATUS_WORDS:]), outcome == 0
+        return words[:, STATUS_WORDS:], outcome == 0
 
     def publish_rows(self, copies: Sequence[Tuple[int, int, int]]) -> None:
         """Once the peers have read the last read phase, makes the copies (dst, src, nbytes) into this
@@ -423,7 +423,7 @@ class NodeShm:
             )
         )
 
-    def agreed(self, decide: Callable[[torch.Tensor, bool], None], meta_all: torch.Tensor, agree: bool) -> None:
+    def agreed(self, decide: Callable[[np.ndarray, bool], None], meta_all: np.ndarray, agree: bool) -> None:
         """Runs `decide(meta_all, agree)`. Every rank sees the same meta, so a ValueError/TypeError
         it raises is raised on every rank; it ends the read phase first, so the Buffer stays usable."""
         try:
@@ -511,7 +511,7 @@ class RowReceiver(Protocol):
 
     agreed_fields: np.ndarray  # the header fields every rank must agree on (indices into the meta)
 
-    def prepare(self, meta_all: torch.Tensor, agree: bool) -> None:
+    def prepare(self, meta_all: np.ndarray, agree: bool) -> None:
         """Sets up the outputs from every local rank's meta int64 [local ranks, m], of which `agree`
         says whether they agree on agreed_fields; a ValueError/TypeError it raises (on disagreement,
         say) is raised on every rank (they see the same meta)."""
@@ -522,12 +522,12 @@ class RowReceiver(Protocol):
 
 def dispatch_rows(
     node: NodeShm,
-    meta: torch.Tensor,
+    meta: np.ndarray,
     fields_in: List[torch.Tensor],
     receiver: RowReceiver,
     what: str,
     waits: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+) -> np.ndarray:
     """Moves token rows from their owners to the receivers, through shared memory.
 
     Args:
@@ -557,7 +557,7 @@ def dispatch_rows(
         rows = max(0, min(num_tokens, begin + window) - begin)
         return [(dst, src + begin * width, rows * width) for dst, src, width in own_rows]
 
-    meta_all, agree = node.exchange(meta.numpy(), own_bytes, copies(0), receiver.agreed_fields, timed=waits is not None)
+    meta_all, agree = node.exchange(meta, own_bytes, copies(0), receiver.agreed_fields, timed=waits is not None)
     if waits is not None:
         node.add_arrivals(node.published_ns, waits)
     node.agreed(receiver.prepare, meta_all, agree)
@@ -583,8 +583,8 @@ def dispatch_rows(
 
 def combine_rows(
     node: NodeShm,
-    meta: torch.Tensor,
-    check: Optional[Callable[[torch.Tensor], None]],
+    meta: np.ndarray,
+    check: Optional[Callable[[np.ndarray], None]],
     agreed: np.ndarray,
     x_rows: torch.Tensor,
     rows_per_rank: Sequence[int],
@@ -632,7 +632,7 @@ def combine_rows(
     if num_rounds == 1 and peer_rows is not None:
         scatter = RowScatter(x_address, x_rows.shape[0], bytes_per_row, peer_rows, windows[me])
     meta_all, agree = node.exchange(
-        meta.numpy(),
+        meta,
         region_layout([bytes_per_row], windows[me])[1],
         [] if scatter is not None else copies(0),
         agreed,
