@@ -323,7 +323,7 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
     m.def(
         "plan_routing",
         [](const Array<std::int64_t>& counts, std::int64_t num_ranks, std::int64_t num_experts, std::int64_t alignment,
-           std::int64_t rank, const Array<std::int64_t>& topk_idx, std::int64_t tokens, std::int64_t topk) {
+           std::int64_t rank, std::uintptr_t topk_idx, std::int64_t tokens, std::int64_t topk) {
             if (num_ranks <= 0 || num_experts <= 0 || num_experts % num_ranks || alignment <= 0)
                 throw py::value_error("plan_routing: num_experts must be a positive multiple of num_ranks, "
                                       "alignment positive");
@@ -332,7 +332,7 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
             const auto* data = checked_data(counts, static_cast<std::size_t>(num_ranks * num_experts), "counts");
             for (std::int64_t i = 0; i < num_ranks * num_experts; ++i)
                 if (data[i] < 0) throw py::value_error("plan_routing: negative count");
-            const auto* idx = checked_data(topk_idx, static_cast<std::size_t>(tokens * topk), "topk_idx");
+            const auto* idx = reinterpret_cast<const std::int64_t*>(topk_idx);
             check_expert_ids(idx, tokens * topk, num_experts, "plan_routing");
             const std::int64_t experts_per_rank = num_experts / num_ranks;
             py::array_t<std::int64_t> padded({num_ranks, experts_per_rank});
@@ -376,7 +376,7 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
         py::arg("counts"), py::arg("num_ranks"), py::arg("num_experts"), py::arg("alignment"), py::arg("rank"),
         py::arg("topk_idx"), py::arg("tokens"), py::arg("topk"),
         "The routing plan of `rank`, from counts int64 [R, E] (rows each source sends to each expert) and "
-        "the rank's topk_idx int64 [tokens, topk]: (padded int64 [R, L], block_start int64 [R, L, R], "
+        "the address of the rank's contiguous CPU topk_idx int64 [tokens, topk]: (padded int64 [R, L], block_start int64 [R, L, R], "
         "rows_per_rank int64 [R], recv_counts int64 [L, R] (rows `rank` receives per local expert and "
         "source), dest_rank / dest_row int64 [tokens, topk] (holder and row of every selection, -1 for -1), "
         "holder int32 [tokens, topk] (dest_rank), peer_rows int64 [n] (the received rows of other sources, "
@@ -420,9 +420,12 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
            std::int64_t topk, std::int64_t expert_begin, std::int64_t span, std::int64_t num_sources,
            std::uintptr_t start, std::uintptr_t taken, int topk_field, int origin_rank_field, int origin_token_field,
            const std::vector<std::pair<std::uintptr_t, std::size_t>>& outs, std::int64_t out_rows,
-           std::uintptr_t src_rank, std::uintptr_t src_idx, std::uintptr_t src_k, int num_threads) {
+           std::uintptr_t src_rank, std::uintptr_t src_idx, std::uintptr_t src_k, bool localize_topk, int num_threads) {
             if (topk < 0 || span < 0 || num_sources <= 0 || out_rows < 0)
                 throw py::value_error("pull_selections: negative sizes");
+            if (localize_topk && (topk_field >= static_cast<int>(outs.size()) ||
+                                  outs[topk_field].second != static_cast<std::size_t>(topk) * sizeof(std::int64_t)))
+                throw py::value_error("pull_selections: localize_topk needs the top-k field among the outputs");
             const int needed = std::max({topk_field, origin_rank_field, origin_token_field,
                                          static_cast<int>(outs.size()) - 1});
             std::vector<PublishedWindow> published;
@@ -446,6 +449,7 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
             plan.topk_field = topk_field;
             plan.origin_rank_field = origin_rank_field;
             plan.origin_token_field = origin_token_field;
+            plan.localize_topk = localize_topk;
             std::vector<RowField> fields;
             for (const auto& [address, width] : outs) fields.push_back({reinterpret_cast<std::uint8_t*>(address), width});
             try {
@@ -460,11 +464,12 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
         py::arg("windows"), py::arg("topk"), py::arg("expert_begin"), py::arg("span"), py::arg("num_sources"),
         py::arg("start"), py::arg("taken"), py::arg("topk_field"), py::arg("origin_rank_field"),
         py::arg("origin_token_field"), py::arg("outs"), py::arg("out_rows"), py::arg("src_rank"), py::arg("src_idx"),
-        py::arg("src_k"), py::arg("num_threads") = 1,
+        py::arg("src_k"), py::arg("localize_topk") = false, py::arg("num_threads") = 1,
         "One round of a receiver's dispatch: windows are (field addresses, rows, first token, origin rank) per "
         "source; start / taken int64 [span, num_sources] addresses; outs (address, width) per output field; "
         "src_rank / src_idx / src_k int64 [out_rows] addresses. Places every selection of the windows in "
-        "[expert_begin, expert_begin + span) and copies its fields. Returns the rows placed.");
+        "[expert_begin, expert_begin + span) and copies its fields; with localize_topk the copied top-k ids "
+        "become local ids [0, span) (-1 for other experts). Returns the rows placed.");
 
     m.def(
         "localize_experts",
@@ -494,14 +499,14 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
         [](std::uintptr_t out, int out_dtype, std::size_t tokens, std::size_t columns, std::size_t hidden,
            const std::vector<std::uintptr_t>& srcs, const std::vector<std::int64_t>& src_rows,
            const std::vector<int>& src_dtypes, const Array<std::int32_t>& src_rank, const Array<std::int64_t>& src_row,
-           const Array<float>& weights, std::uintptr_t bias0, int bias0_dtype, std::uintptr_t bias1, int bias1_dtype,
+           std::uintptr_t weights, std::uintptr_t bias0, int bias0_dtype, std::uintptr_t bias1, int bias1_dtype,
            int num_threads) {
             if (srcs.size() != src_rows.size() || srcs.size() != src_dtypes.size())
                 throw py::value_error("combine_reduce: srcs, src_rows and src_dtypes differ in length");
             const std::size_t n = tokens * columns;
             const auto* rank = checked_data(src_rank, n, "src_rank");
             const auto* row = checked_data(src_row, n, "src_row");
-            const auto* w = checked_data(weights, n, "weights");
+            const auto* w = reinterpret_cast<const float*>(weights);
             check_sources(rank, row, n, src_rows, true, "combine_reduce");
             const auto pointers = to_pointers(srcs);
             std::vector<Dtype> dtypes;
@@ -517,5 +522,6 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
         py::arg("srcs"), py::arg("src_rows"), py::arg("src_dtypes"), py::arg("src_rank"), py::arg("src_row"),
         py::arg("weights"), py::arg("bias0") = 0, py::arg("bias0_dtype") = 0, py::arg("bias1") = 0,
         py::arg("bias1_dtype") = 0, py::arg("num_threads") = 1,
-        "out[t] = sum_c weights[t,c] * srcs[src_rank[t,c]][src_row[t,c]] (+ biases), in float64, c ascending.");
+        "out[t] = sum_c weights[t,c] * srcs[src_rank[t,c]][src_row[t,c]] (+ biases), in float64, c ascending; "
+        "weights: the address of a contiguous float32 [tokens, columns].");
 }

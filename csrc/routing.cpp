@@ -209,6 +209,12 @@ std::int64_t pull_selections(const std::vector<PublishedWindow>& windows, const 
         copy_rows(outs[f].data, outs[f].width, srcs, outs[f].width, from_window.data(), from_row.data(), to_row.data(),
                   to_row.size(), outs[f].width, num_threads);
     }
+    if (plan.localize_topk) {
+        auto* topk_out = reinterpret_cast<std::int64_t*>(outs[plan.topk_field].data);
+        for (const std::int64_t row : to_row)
+            localize_experts(topk_out + row * plan.topk, static_cast<std::size_t>(plan.topk), plan.expert_begin,
+                             plan.span);
+    }
     return static_cast<std::int64_t>(to_row.size());
 }
 

@@ -106,6 +106,7 @@ struct PullPlan {
     int topk_field = 0;            // the int64 [rows, topk] field of global expert ids
     int origin_rank_field = -1;    // >= 0: an int64 field giving each row's source rank
     int origin_token_field = -1;   // >= 0: an int64 field giving each row's source token
+    bool localize_topk = false;    // the copied top-k ids become local ids (see localize_experts)
 };
 
 // An output field: rows of `width` bytes, contiguous.

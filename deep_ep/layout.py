@@ -17,6 +17,8 @@ import torch
 
 import deep_ep_cpp
 
+from .ops import native_ok
+
 
 @dataclass
 class SelectionCounts:
@@ -79,8 +81,6 @@ def dispatch_layout(
         num_tokens_per_rank int32 [R], num_tokens_per_node int32 [num_nodes] or None,
         num_tokens_per_expert int32 [E], is_token_in_rank int32 [T, R].
     """
-    from .ops import native_ok
-
     multi_node = rank_to_node is not None and int(rank_to_node.max()) > 0
     if native_ok(topk_idx, device_path):
         counts = count_selections(
@@ -214,7 +214,7 @@ def plan_routing(
     """Builds the RoutingPlan of this rank.
 
     Args:
-        topk_idx: int64 [T, K] of this rank.
+        topk_idx: contiguous CPU int64 [T, K] of this rank.
         tokens_per_expert_all: numpy int64 [R, E], `num_tokens_per_expert` of every rank.
         alignment: each expert block is padded to a multiple of it.
     """
@@ -223,7 +223,7 @@ def plan_routing(
     counts = np.ascontiguousarray(tokens_per_expert_all)
     padded, block_start, rows_per_rank, recv_counts, dest_rank, dest_row, holder, peer_rows, handle, real_rows = (
         deep_ep_cpp.plan_routing(
-            counts, num_ranks, num_experts, alignment, rank, topk_idx.numpy(), topk_idx.shape[0], topk_idx.shape[1]
+            counts, num_ranks, num_experts, alignment, rank, topk_idx.data_ptr(), topk_idx.shape[0], topk_idx.shape[1]
         )
     )
     return RoutingPlan(
@@ -256,8 +256,6 @@ def localize_topk_idx_(
     """In place on a contiguous int64 tensor: global expert ids -> this rank's local ids
     [0, L); other experts and -1 become -1. (Native on CPU; torch ops on other devices, or with
     `device_path`.)"""
-    from .ops import native_ok
-
     if not native_ok(topk_idx, device_path):
         local = topk_idx - rank * experts_per_rank
         return topk_idx.copy_(torch.where((local >= 0) & (local < experts_per_rank), local, -1))

@@ -159,6 +159,7 @@ class ReceivedRows:
     taken: torch.Tensor  # int64 [L, R]: rows placed so far per (local expert, source rank)
     internode: Optional[InternodeState] = None  # across nodes: the routes combine needs
     rows_by_source: Optional[torch.Tensor] = None  # collective transport: rows in arrival order
+    topk_local: bool = False  # the transport made the received top-k ids local already
 
     @property
     def out_bytes(self) -> List[torch.Tensor]:
@@ -408,9 +409,7 @@ class NormalMode:
             lowest = 1 if name == "expert_alignment" else 0
             if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
                 raise ValueError(f"{name} must be an int >= {lowest}, got {value!r}")
-        given = num_tokens_per_expert.cpu().numpy()
-        if rounds > 1:
-            given = given.reshape(rounds, num_experts).sum(0)
+        given = num_tokens_per_expert if rounds == 1 else num_tokens_per_expert.reshape(rounds, num_experts).sum(0)
         if counts.per_expert.tolist() != given.tolist():
             raise ValueError(
                 "num_tokens_per_expert does not match topk_idx; pass the counts get_dispatch_layout "
@@ -446,10 +445,10 @@ class NormalMode:
         if received.num_real_rows < received.sources.shape[1]:
             self._zero_padding(outs, received.sources[0], topk_fill=True)
         recv_x = (outs[0], outs[1].view(-1)) if quant_code or isinstance(x, (tuple, list)) else outs[0]
-        experts_per_rank = num_experts // self.runtime.group_size
-        recv_topk_idx = layout.localize_topk_idx_(
-            outs[-2], self.runtime.rank, experts_per_rank, self.runtime.device_path
-        )
+        recv_topk_idx = outs[-2]
+        if not received.topk_local:
+            experts_per_rank = num_experts // self.runtime.group_size
+            layout.localize_topk_idx_(recv_topk_idx, self.runtime.rank, experts_per_rank, self.runtime.device_path)
         state = DispatchState(
             plan=plan,
             recv_src_rank=received.sources[0],

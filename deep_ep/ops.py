@@ -87,13 +87,14 @@ def native_reduce(
     dtype_codes: List[int],
     src_rank: np.ndarray,
     src_row: np.ndarray,
-    weights: np.ndarray,
+    weights: torch.Tensor,
     biases: Sequence[torch.Tensor],
     threads: int,
 ) -> None:
     """weighted_reduce's CPU kernel on raw rows: `sources` are the addresses of contiguous
-    [source_rows[i], H] rows of NATIVE_DTYPE_CODES dtype_codes[i]; src_rank int32 / src_row int64 /
-    weights float32 numpy [T, C]; biases: up to two contiguous CPU [T, H] tensors."""
+    [source_rows[i], H] rows of NATIVE_DTYPE_CODES dtype_codes[i]; src_rank int32 / src_row int64
+    numpy [T, C]; weights: float32 [T, C] (made contiguous here); biases: up to two contiguous CPU
+    [T, H] tensors."""
     bias_args = []
     for i in range(2):
         bias_args += [biases[i].data_ptr(), NATIVE_DTYPE_CODES[biases[i].dtype]] if i < len(biases) else [0, 0]
@@ -109,7 +110,7 @@ def native_reduce(
         dtype_codes,
         src_rank,
         src_row,
-        weights,
+        weights.contiguous().data_ptr(),
         *bias_args,
         threads,
     )
@@ -154,7 +155,7 @@ def weighted_reduce(
             [NATIVE_DTYPE_CODES[d] for d in dtypes],
             src_rank.contiguous().numpy(),
             src_row.contiguous().numpy(),
-            weights.contiguous().numpy(),
+            weights,
             biases,
             threads or num_threads(),
         )
@@ -214,7 +215,7 @@ class Reduction:
             [NATIVE_DTYPE_CODES[d] for d in dtypes],
             src_rank,
             src_row,
-            self.weights.contiguous().numpy(),
+            self.weights,
             [b.contiguous() for b in self.biases],
             self.threads or num_threads(),
         )

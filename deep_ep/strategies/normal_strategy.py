@@ -85,6 +85,7 @@ class SelectionReceiver:
         starts = plan.block_start.data_ptr() + plan.rank * experts_per_rank * plan.num_ranks * 8
         out_rows = received.sources.shape[1]
         sources = received.sources.data_ptr()
+        received.topk_local = True  # the pull localizes the top-k ids it copies
         deep_ep_cpp.pull_selections(
             [(w.addresses, w.count, w.begin, self.runtime.local_ranks[w.source]) for w in windows],
             self.call.num_topk,
@@ -101,6 +102,7 @@ class SelectionReceiver:
             sources,
             sources + out_rows * 8,
             sources + out_rows * 16,
+            True,
             self.runtime.num_threads,
         )
 

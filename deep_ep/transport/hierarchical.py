@@ -167,9 +167,8 @@ class HierarchicalReduction:
         threads = self.threads or num_threads()
         codes = [NATIVE_DTYPE_CODES[self.x_dtype]] * len(sources)
         partials = torch.empty(src_rank.shape[0] - num_tokens, hidden, dtype=torch.float64)
-        forwarded_weights = self.forwarded_weights.contiguous().numpy()
         forwarded = src_rank[num_tokens:], src_row[num_tokens:]
-        ops.native_reduce(partials, sources, source_rows, codes, *forwarded, forwarded_weights, [], threads)
+        ops.native_reduce(partials, sources, source_rows, codes, *forwarded, self.forwarded_weights, [], threads)
         back = return_partials(self.group, self.forwarding, partials).contiguous()
         present, row = partial_columns(self.topology, self.forwarding, num_tokens)
         present = torch.where(present >= 0, present + len(sources), present)
@@ -180,7 +179,7 @@ class HierarchicalReduction:
             codes + [NATIVE_DTYPE_CODES[torch.float64]],
             np.concatenate([src_rank[:num_tokens], present.numpy()], axis=1),
             np.concatenate([src_row[:num_tokens], row.numpy()], axis=1),
-            torch.cat([self.own_weights, torch.ones(num_tokens, present.shape[1])], dim=1).numpy(),
+            torch.cat([self.own_weights, torch.ones(num_tokens, present.shape[1])], dim=1),
             [b.contiguous() for b in self.biases],
             threads,
         )
