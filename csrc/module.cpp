@@ -376,7 +376,8 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
         py::arg("counts"), py::arg("num_ranks"), py::arg("num_experts"), py::arg("alignment"), py::arg("rank"),
         py::arg("topk_idx"), py::arg("tokens"), py::arg("topk"),
         "The routing plan of `rank`, from counts int64 [R, E] (rows each source sends to each expert) and "
-        "the address of the rank's contiguous CPU topk_idx int64 [tokens, topk]: (padded int64 [R, L], block_start int64 [R, L, R], "
+        "the address of the rank's contiguous CPU topk_idx int64 [tokens, topk]: (padded int64 [R, L], "
+        "block_start int64 [R, L, R], "
         "rows_per_rank int64 [R], recv_counts int64 [L, R] (rows `rank` receives per local expert and "
         "source), dest_rank / dest_row int64 [tokens, topk] (holder and row of every selection, -1 for -1), "
         "holder int32 [tokens, topk] (dest_rank), peer_rows int64 [n] (the received rows of other sources, "
