@@ -99,6 +99,8 @@ def native_reduce(
     for i in range(2):
         bias_args += [biases[i].data_ptr(), NATIVE_DTYPE_CODES[biases[i].dtype]] if i < len(biases) else [0, 0]
     tokens, columns = src_rank.shape
+    # Kept in a name: the kernel reads it by address, so a contiguous copy must outlive the call.
+    weights = weights.contiguous()
     deep_ep_cpp.combine_reduce(
         out.data_ptr(),
         NATIVE_DTYPE_CODES[out.dtype],
@@ -110,7 +112,7 @@ def native_reduce(
         dtype_codes,
         src_rank,
         src_row,
-        weights.contiguous().data_ptr(),
+        weights.data_ptr(),
         *bias_args,
         threads,
     )
