@@ -80,27 +80,32 @@ def quantize_int8(
     return q, scale
 
 
+def source_dtypes(src_dtype: Union[torch.dtype, Sequence[torch.dtype]], count: int) -> List[torch.dtype]:
+    """The dtype of each of `count` sources: `src_dtype` for all, or one per source."""
+    return [src_dtype] * count if isinstance(src_dtype, torch.dtype) else list(src_dtype)
+
+
 def native_reduce(
     out: torch.Tensor,
     sources: List[int],
     source_rows: List[int],
-    dtype_codes: List[int],
+    dtypes: Sequence[torch.dtype],
     src_rank: np.ndarray,
     src_row: np.ndarray,
     weights: torch.Tensor,
     biases: Sequence[torch.Tensor],
-    threads: int,
+    threads: Optional[int],
 ) -> None:
     """weighted_reduce's CPU kernel on raw rows: `sources` are the addresses of contiguous
-    [source_rows[i], H] rows of NATIVE_DTYPE_CODES dtype_codes[i]; src_rank int32 / src_row int64
-    numpy [T, C]; weights: float32 [T, C] (made contiguous here); biases: up to two contiguous CPU
-    [T, H] tensors."""
+    [source_rows[i], H] rows of dtypes[i]; src_rank int32 / src_row int64 numpy [T, C]; weights:
+    float32 [T, C]; biases: up to two CPU [T, H] tensors; threads: None for every usable core."""
+    # Kept in names: the kernel reads them by address, so contiguous copies must outlive the call.
+    weights = weights.contiguous()
+    biases = [b.contiguous() for b in biases]
     bias_args = []
     for i in range(2):
         bias_args += [biases[i].data_ptr(), NATIVE_DTYPE_CODES[biases[i].dtype]] if i < len(biases) else [0, 0]
     tokens, columns = src_rank.shape
-    # Kept in a name: the kernel reads it by address, so a contiguous copy must outlive the call.
-    weights = weights.contiguous()
     deep_ep_cpp.combine_reduce(
         out.data_ptr(),
         NATIVE_DTYPE_CODES[out.dtype],
@@ -109,12 +114,12 @@ def native_reduce(
         out.shape[1],
         sources,
         source_rows,
-        dtype_codes,
+        [NATIVE_DTYPE_CODES[d] for d in dtypes],
         src_rank,
         src_row,
         weights.data_ptr(),
         *bias_args,
-        threads,
+        threads or num_threads(),
     )
 
 
@@ -147,19 +152,19 @@ def weighted_reduce(
         threads: of the native kernel, as in `quantize_int8`.
         device_path: the torch branch even for CPU tensors (see native_ok).
     """
-    dtypes = [src_dtype] * len(sources) if isinstance(src_dtype, torch.dtype) else list(src_dtype)
+    dtypes = source_dtypes(src_dtype, len(sources))
     biases = [b.contiguous() for b in biases if b is not None]
     if native_ok(out, device_path):
         native_reduce(
             out,
             [s.data_ptr() for s in sources],
             [s.shape[0] for s in sources],
-            [NATIVE_DTYPE_CODES[d] for d in dtypes],
+            dtypes,
             src_rank.contiguous().numpy(),
             src_row.contiguous().numpy(),
             weights,
             biases,
-            threads or num_threads(),
+            threads,
         )
         return out
     tokens, columns = src_rank.shape
@@ -209,17 +214,16 @@ class Reduction:
         """Reduces, on CPU, the rows at the addresses `sources` (contiguous [source_rows[i], H] rows of
         src_dtype) named by src_rank int32 / src_row int64 numpy [T, C]: the shared-memory transport's
         reduction, straight from the holders' data areas."""
-        dtypes = [self.src_dtype] * len(sources) if isinstance(self.src_dtype, torch.dtype) else self.src_dtype
         native_reduce(
             self.out,
             sources,
             source_rows,
-            [NATIVE_DTYPE_CODES[d] for d in dtypes],
+            source_dtypes(self.src_dtype, len(sources)),
             src_rank,
             src_row,
             self.weights,
-            [b.contiguous() for b in self.biases],
-            self.threads or num_threads(),
+            self.biases,
+            self.threads,
         )
 
     def run(self, sources: List[torch.Tensor], src_rank: torch.Tensor, src_row: torch.Tensor) -> None:

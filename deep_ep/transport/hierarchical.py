@@ -19,7 +19,6 @@ import torch
 import torch.distributed as dist
 
 from .. import ops
-from ..utils import NATIVE_DTYPE_CODES, num_threads
 from .collective import exchange_rows
 from .fields import as_byte_rows
 
@@ -164,11 +163,10 @@ class HierarchicalReduction:
     def run_rows(self, sources: List[int], source_rows: List[int], src_rank: np.ndarray, src_row: np.ndarray) -> None:
         """As ops.Reduction.run_rows: `sources` are the addresses of the node's holders' rows."""
         num_tokens, hidden = self.out.shape
-        threads = self.threads or num_threads()
-        codes = [NATIVE_DTYPE_CODES[self.x_dtype]] * len(sources)
+        dtypes = [self.x_dtype] * len(sources)
         partials = torch.empty(src_rank.shape[0] - num_tokens, hidden, dtype=torch.float64)
         forwarded = src_rank[num_tokens:], src_row[num_tokens:]
-        ops.native_reduce(partials, sources, source_rows, codes, *forwarded, self.forwarded_weights, [], threads)
+        ops.native_reduce(partials, sources, source_rows, dtypes, *forwarded, self.forwarded_weights, [], self.threads)
         back = return_partials(self.group, self.forwarding, partials).contiguous()
         present, row = partial_columns(self.topology, self.forwarding, num_tokens)
         present = torch.where(present >= 0, present + len(sources), present)
@@ -176,10 +174,10 @@ class HierarchicalReduction:
             self.out,
             sources + [back.data_ptr()],
             source_rows + [back.shape[0]],
-            codes + [NATIVE_DTYPE_CODES[torch.float64]],
+            dtypes + [torch.float64],
             np.concatenate([src_rank[:num_tokens], present.numpy()], axis=1),
             np.concatenate([src_row[:num_tokens], row.numpy()], axis=1),
             torch.cat([self.own_weights, torch.ones(num_tokens, present.shape[1])], dim=1),
-            [b.contiguous() for b in self.biases],
-            threads,
+            self.biases,
+            self.threads,
         )
