@@ -192,6 +192,17 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
         "The process environment's value of `name`, or None: what os.environ.get gives (os.environ's "
         "changes reach the C environment), in one call instead of several Python frames.");
 
+    m.def(
+        "any_set",
+        [](const std::vector<std::string>& names) {
+            for (const auto& name : names)
+                if (std::getenv(name.c_str()) != nullptr) return true;
+            return false;
+        },
+        py::arg("names"),
+        "Whether any of `names` is in the process environment (set, even to an empty value): one call that lets "
+        "the usual case, none set, skip reading them one by one.");
+
     m.def("store_counter", &store_counter, py::arg("addr"), py::arg("value"));
     m.def("load_counter", &load_counter, py::arg("addr"));
 

@@ -11,6 +11,7 @@ from typing import Optional
 
 # The C environment's value, which os.environ's changes reach: one native call per read, where
 # os.environ.get takes several Python frames (the normal-mode calls read a few variables each).
+from deep_ep_cpp import any_set as _any_set
 from deep_ep_cpp import getenv as _getenv
 
 # DEEP_USE_MODE -> (normal strategy, low-latency strategy), as DeepEP-Ascend maps it.
@@ -114,3 +115,32 @@ def long_seq_rounds() -> LongSeqRounds:
             f"({tokens}) must not exceed {MAX_TOTAL_TOKENS}"
         )
     return LongSeqRounds(rounds, tokens, True)
+
+
+# What normal mode reads: in the usual case none is set, and one native call says so.
+NORMAL_MODE_VARIABLES = (
+    "DEEP_NORMAL_MODE_USE_INT8_QUANT",
+    "MOE_EXPERT_TOKEN_NUMS_TYPE",
+    "DEEPEP_NORMAL_LONG_SEQ_ROUND",
+    "DEEPEP_NORMAL_LONG_SEQ_PER_ROUND_TOKENS",
+)
+
+
+@dataclass(frozen=True)
+class NormalSettings:
+    """The environment of one normal-mode call, read once at its start (normal_int8_quant,
+    expert_token_nums_type and long_seq_rounds)."""
+
+    int8_quant: bool = False
+    expert_token_nums_type: int = 1
+    rounds: LongSeqRounds = ONE_ROUND
+
+
+UNSET_NORMAL_SETTINGS = NormalSettings()
+
+
+def normal_settings() -> NormalSettings:
+    """The normal-mode variables as they are now; ValueError as each variable's function raises it."""
+    if not _any_set(NORMAL_MODE_VARIABLES):
+        return UNSET_NORMAL_SETTINGS
+    return NormalSettings(normal_int8_quant(), expert_token_nums_type(), long_seq_rounds())

@@ -261,7 +261,7 @@ class NormalMode:
         # On CPU the checking pass counts everything; on a device it only checks (on a host copy).
         counts = self._count_topk_idx(topk_idx, num_experts, with_ranks=native)
         self.runtime.check_devices(topk_idx=topk_idx)
-        rounds = env.long_seq_rounds()
+        rounds = env.normal_settings().rounds
         if rounds.configured and topk_idx.shape[0] > rounds.rounds * rounds.per_round_tokens:
             raise ValueError(
                 f"topk_idx has {topk_idx.shape[0]} tokens, more than DEEPEP_NORMAL_LONG_SEQ_ROUND * "
@@ -367,16 +367,17 @@ class NormalMode:
             Received rows are grouped by local expert, then source rank, then source token.
         """
         self.runtime.check_alive()
-        quant = resolve_quant_mode(quant_mode, env.normal_int8_quant())
+        settings = env.normal_settings()
+        quant = resolve_quant_mode(quant_mode, settings.int8_quant)
         stats = self._check_cost_stats("dispatch_wait_recv_cost_stats", dispatch_wait_recv_cost_stats)
         if handle_state is not None:
-            return self._cached_dispatch(transport, x, handle_state, quant, stats)
+            return self._cached_dispatch(transport, x, handle_state, quant, stats, settings.rounds.rounds)
         if topk_idx is None or topk_weights is None:
             raise ValueError("dispatch needs topk_idx and topk_weights unless a handle is given")
         if num_tokens_per_expert is None:
             raise ValueError("dispatch needs num_tokens_per_expert (from get_dispatch_layout) unless a handle is given")
         check_tensor("num_tokens_per_expert", num_tokens_per_expert, dtypes=(torch.int32, torch.int64), shape=(None,))
-        rounds = env.long_seq_rounds().rounds
+        rounds = settings.rounds.rounds
         if num_tokens_per_expert.shape[0] % rounds:
             raise ValueError(
                 f"num_tokens_per_expert must have rounds * E entries ({rounds} long-sequence rounds), "
@@ -468,7 +469,7 @@ class NormalMode:
         if received.rows_by_source is not None:
             state.rows_by_source = received.rows_by_source
         expert_rows = plan.expert_rows
-        if env.expert_token_nums_type() == 0:
+        if settings.expert_token_nums_type == 0:
             expert_rows = list(itertools.accumulate(expert_rows))
         return recv_x, recv_topk_idx, outs[-1], expert_rows, state, EventOverlap()
 
@@ -513,13 +514,19 @@ class NormalMode:
             out.index_fill_(0, padding.to(out.device), -1 if is_topk_idx else 0)
 
     def _cached_dispatch(
-        self, transport: "NormalTransport", x, state: DispatchState, quant: str, stats: Optional[torch.Tensor]
+        self,
+        transport: "NormalTransport",
+        x,
+        state: DispatchState,
+        quant: str,
+        stats: Optional[torch.Tensor],
+        rounds: int,
     ):
         if state.internode is not None:
             # Across nodes the forwarders need the top-k to place rows: a dispatch with the handle's
             # routing lands every row where the first one did.
             counts = state.plan.tokens_per_expert_all[self.runtime.rank]
-            rounds = env.long_seq_rounds().rounds  # the counts of round 0 carry them all
+            # The counts of round 0 carry them all.
             counts = torch.from_numpy(np.concatenate([counts, np.zeros((rounds - 1) * counts.size, counts.dtype)]))
             recv_x = self.dispatch(
                 transport,

@@ -236,16 +236,27 @@ def test_registered_backend() -> None:
 def test_environment_is_read_at_call_time(monkeypatch) -> None:
     """deep_ep.env reads the process environment on every call, as os.environ sees it: set, changed
     or removed through os.environ, and decoded as os.environ decodes undecodable bytes."""
-    monkeypatch.delenv("DEEP_NORMAL_MODE_USE_INT8_QUANT", raising=False)
+    for name in env.NORMAL_MODE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
     assert env.normal_int8_quant() is False
+    assert env.normal_settings() == env.NormalSettings(False, 1, env.ONE_ROUND)
     monkeypatch.setenv("DEEP_NORMAL_MODE_USE_INT8_QUANT", "1")
     assert env.normal_int8_quant() is True
+    assert env.normal_settings() == env.NormalSettings(True, 1, env.ONE_ROUND)
     monkeypatch.setenv("DEEPEP_NORMAL_LONG_SEQ_ROUND", "2")
     monkeypatch.setenv("DEEPEP_NORMAL_LONG_SEQ_PER_ROUND_TOKENS", "32")
     assert env.long_seq_rounds() == env.LongSeqRounds(2, 32, True)
+    monkeypatch.setenv("MOE_EXPERT_TOKEN_NUMS_TYPE", "0")
+    assert env.normal_settings() == env.NormalSettings(True, 0, env.LongSeqRounds(2, 32, True))
     monkeypatch.delenv("DEEPEP_NORMAL_LONG_SEQ_PER_ROUND_TOKENS")
     with pytest.raises(ValueError, match="set or unset together"):
         env.long_seq_rounds()
+    with pytest.raises(ValueError, match="set or unset together"):
+        env.normal_settings()
+    monkeypatch.setenv("DEEP_NORMAL_MODE_USE_INT8_QUANT", "")  # set, empty: read as unset
+    monkeypatch.delenv("DEEPEP_NORMAL_LONG_SEQ_ROUND")
+    monkeypatch.delenv("MOE_EXPERT_TOKEN_NUMS_TYPE")
+    assert env.normal_settings() == env.NormalSettings(False, 1, env.ONE_ROUND)
     monkeypatch.setenv("MOE_EXPERT_TOKEN_NUMS_TYPE", "2")
     with pytest.raises(ValueError, match="MOE_EXPERT_TOKEN_NUMS_TYPE must be an integer in \\[0, 1\\], got '2'"):
         env.expert_token_nums_type()
