@@ -427,9 +427,10 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
 
     m.def(
         "pull_selections",
-        [](const std::vector<std::tuple<std::vector<std::uintptr_t>, std::int64_t, std::int64_t, std::int64_t>>&
+        [](const std::vector<std::tuple<std::uintptr_t, std::size_t, std::int64_t, std::int64_t, std::int64_t>>&
                windows,
-           std::int64_t topk, std::int64_t expert_begin, std::int64_t span, std::int64_t num_sources,
+           const std::vector<std::size_t>& widths, std::int64_t topk, std::int64_t expert_begin, std::int64_t span,
+           std::int64_t num_sources,
            std::uintptr_t start, std::uintptr_t taken, int topk_field, int origin_rank_field, int origin_token_field,
            const std::vector<std::pair<std::uintptr_t, std::size_t>>& outs, std::int64_t out_rows,
            std::uintptr_t src_rank, std::uintptr_t src_idx, std::uintptr_t src_k, bool localize_topk, int num_threads) {
@@ -440,12 +441,17 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
                 throw py::value_error("pull_selections: localize_topk needs the top-k field among the outputs");
             const int needed = std::max({topk_field, origin_rank_field, origin_token_field,
                                          static_cast<int>(outs.size()) - 1});
+            if (static_cast<int>(widths.size()) <= needed || topk_field < 0)
+                throw py::value_error("pull_selections: the windows lack a field the plan names");
+            std::vector<std::size_t> offsets;
             std::vector<PublishedWindow> published;
-            for (const auto& [fields, rows, first_token, origin_rank] : windows) {
-                if (static_cast<int>(fields.size()) <= needed || topk_field < 0 || rows < 0)
-                    throw py::value_error("pull_selections: a window lacks a field the plan names");
+            for (const auto& [base, capacity, rows, first_token, origin_rank] : windows) {
+                if (rows < 0 || static_cast<std::size_t>(rows) > capacity)
+                    throw py::value_error("pull_selections: a window's rows exceed its capacity");
                 PublishedWindow window;
-                for (auto address : fields) window.fields.push_back(reinterpret_cast<const std::uint8_t*>(address));
+                region_offsets(widths, capacity, &offsets);
+                for (auto offset : offsets)
+                    window.fields.push_back(reinterpret_cast<const std::uint8_t*>(base + offset));
                 window.rows = rows;
                 window.first_token = first_token;
                 window.origin_rank = origin_rank;
@@ -473,15 +479,29 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
                 throw py::index_error(error.what());
             }
         },
-        py::arg("windows"), py::arg("topk"), py::arg("expert_begin"), py::arg("span"), py::arg("num_sources"),
-        py::arg("start"), py::arg("taken"), py::arg("topk_field"), py::arg("origin_rank_field"),
+        py::arg("windows"), py::arg("widths"), py::arg("topk"), py::arg("expert_begin"), py::arg("span"),
+        py::arg("num_sources"), py::arg("start"), py::arg("taken"), py::arg("topk_field"), py::arg("origin_rank_field"),
         py::arg("origin_token_field"), py::arg("outs"), py::arg("out_rows"), py::arg("src_rank"), py::arg("src_idx"),
         py::arg("src_k"), py::arg("localize_topk") = false, py::arg("num_threads") = 1,
-        "One round of a receiver's dispatch: windows are (field addresses, rows, first token, origin rank) per "
-        "source; start / taken int64 [span, num_sources] addresses; outs (address, width) per output field; "
+        "One round of a receiver's dispatch: windows are (data-area address, capacity rows, rows, first token, "
+        "origin rank) per source, whose fields of `widths` bytes per row lie as region_layout places them; "
+        "start / taken int64 [span, num_sources] addresses; outs (address, width) per output field; "
         "src_rank / src_idx / src_k int64 [out_rows] addresses. Places every selection of the windows in "
         "[expert_begin, expert_begin + span) and copies its fields; with localize_topk the copied top-k ids "
         "become local ids [0, span) (-1 for other experts). Returns the rows placed.");
+
+    m.attr("REGION_ALIGN") = kRegionAlign;
+    m.def(
+        "region_layout",
+        [](const std::vector<std::size_t>& widths, std::size_t rows) {
+            std::vector<std::size_t> offsets;
+            const std::size_t total = region_offsets(widths, rows, &offsets);
+            return py::make_tuple(offsets, total);
+        },
+        py::arg("widths"), py::arg("rows"),
+        "(byte offsets, bytes taken) of consecutive regions of `rows` rows of each width in a shared-memory data "
+        "area, each starting at a multiple of REGION_ALIGN bytes: how a sender lays out its fields and where a "
+        "receiver finds them.");
 
     m.def(
         "localize_experts",

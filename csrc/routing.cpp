@@ -164,6 +164,17 @@ void selection_destinations(const std::int64_t* topk_idx, std::int64_t rows, std
     }
 }
 
+std::size_t region_offsets(const std::vector<std::size_t>& widths, std::size_t rows,
+                           std::vector<std::size_t>* offsets) {
+    offsets->clear();
+    std::size_t offset = 0;
+    for (const std::size_t width : widths) {
+        offsets->push_back(offset);
+        offset += (rows * width + kRegionAlign - 1) / kRegionAlign * kRegionAlign;
+    }
+    return offset;
+}
+
 std::int64_t pull_selections(const std::vector<PublishedWindow>& windows, const PullPlan& plan,
                              const std::vector<RowField>& outs, std::int64_t out_rows, std::int64_t* src_rank,
                              std::int64_t* src_idx, std::int64_t* src_k, int num_threads) {

@@ -1,6 +1,7 @@
 // Routing kernel behind deep_ep/layout.py: top-k selections in expert-major order.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
@@ -85,6 +86,13 @@ void selection_destinations(const std::int64_t* topk_idx, std::int64_t rows, std
                             std::int64_t experts_per_rank, const std::int64_t* start, std::int64_t* taken,
                             std::int64_t num_sources, const std::int64_t* origin, std::int64_t* dest_rank,
                             std::int64_t* dest_row);
+
+// A shared-memory data area holds a call's fields as consecutive regions, each of `rows` rows of
+// its width and starting at a multiple of kRegionAlign bytes. Fills offsets[f] with the byte offset
+// of field f's region and returns the bytes all of them take.
+constexpr std::size_t kRegionAlign = 64;
+std::size_t region_offsets(const std::vector<std::size_t>& widths, std::size_t rows,
+                           std::vector<std::size_t>* offsets);
 
 // One source's published rows of one round: field f at fields[f], rows of the width of output
 // field f (extra fields past the outputs are read, not copied).

@@ -76,7 +76,7 @@ class SelectionReceiver:
         if self.received is None:
             self.received = self.runtime.normal.receive(self.call, meta_all, agree)
 
-    def pull(self, windows: List[shm.Window]) -> None:
+    def pull(self, widths: List[int], windows: List[shm.Window]) -> None:
         received, plan = self.received, self.received.plan
         fields = len(self.call.kinds)
         experts_per_rank = plan.experts_per_rank
@@ -87,7 +87,8 @@ class SelectionReceiver:
         sources = received.sources.data_ptr()
         received.topk_local = True  # the pull localizes the top-k ids it copies
         deep_ep_cpp.pull_selections(
-            [(w.addresses, w.count, w.begin, self.runtime.local_ranks[w.source]) for w in windows],
+            [(w.base, w.rows, w.count, w.begin, self.runtime.local_ranks[w.source]) for w in windows],
+            widths,
             self.call.num_topk,
             plan.rank * experts_per_rank,
             experts_per_rank,
@@ -127,7 +128,7 @@ class CachedReceiver:
         if not agree:
             self.call.check(meta_all)
 
-    def pull(self, windows: List[shm.Window]) -> None:
+    def pull(self, widths: List[int], windows: List[shm.Window]) -> None:
         src_idx = self.call.state.recv_src_idx
         ranks, rows, out_rows = [], [], []
         for position, window in enumerate(windows):
@@ -140,13 +141,14 @@ class CachedReceiver:
         if not ranks:
             return
         ranks, rows, out_rows = torch.cat(ranks).numpy(), torch.cat(rows).numpy(), torch.cat(out_rows).numpy()
+        addresses = [shm.window_addresses(w.base, widths, w.rows) for w in windows]
         for index, out in enumerate(self.call.outs):
             width = out.shape[1]
             deep_ep_cpp.copy_rows(
                 out.data_ptr(),
                 out.shape[0],
                 width,
-                [w.addresses[index] for w in windows],
+                [fields[index] for fields in addresses],
                 [w.rows for w in windows],
                 width,
                 width,

@@ -47,7 +47,7 @@ CONTROL_BYTES = 4096
 META_BYTES = 64 * 1024
 STATUS_WORDS = 1  # meta word 0: data-area bytes this rank failed to reserve for the call (0: none)
 DATA_OFFSET = CONTROL_BYTES + META_BYTES
-ALIGN = 64
+ALIGN = deep_ep_cpp.REGION_ALIGN  # regions of a data area start at multiples of it (region_layout)
 SEGMENT_PREFIX = "deep_ep_"
 # Word offsets inside the control area (64-bit words, one cache line apart).
 BARRIER_WORD = 0
@@ -448,24 +448,15 @@ class NodeShm:
             + mine
         )
 
-    # ---- data area -----------------------------------------------------------------------------
-    def region_addresses(self, widths: Sequence[int], rows: Sequence[int]) -> List[List[int]]:
-        """The addresses of the regions of `region_layout(widths, rows[i])` in local rank i's data
-        area, for every local rank."""
-        return [
-            [base + offset for offset in region_layout(widths, count)[0]]
-            for base, count in zip(self.data_address, rows)
-        ]
+
+# (byte offsets, bytes taken) of consecutive regions of `rows` rows of each width, each starting at
+# a multiple of ALIGN: the one definition, which the native pull reads windows by as well.
+region_layout: Callable[[Sequence[int], int], Tuple[List[int], int]] = deep_ep_cpp.region_layout
 
 
-def region_layout(widths: Sequence[int], rows: int) -> Tuple[List[int], int]:
-    """Byte offsets of consecutive aligned regions of `rows` rows of each width, and the data-area
-    bytes they take."""
-    offsets, offset = [], 0
-    for width in widths:
-        offsets.append(offset)
-        offset += (rows * width + ALIGN - 1) // ALIGN * ALIGN
-    return offsets, offset
+def window_addresses(base: int, widths: Sequence[int], rows: int) -> List[int]:
+    """The addresses of the regions of `region_layout(widths, rows)` in the data area at `base`."""
+    return [base + offset for offset in region_layout(widths, rows)[0]]
 
 
 @dataclass
@@ -473,7 +464,7 @@ class Window:
     """One source's published rows in one round of a dispatch."""
 
     source: int  # local index of the owner
-    addresses: List[int]  # of its regions, one per field: rows of the field's width, contiguous
+    base: int  # address of its data area, where its fields lie as region_layout(widths, rows) places them
     rows: int  # the regions' capacity (the source's window)
     begin: int  # the source token of the round's first row
     count: int  # rows in this round
@@ -516,8 +507,9 @@ class RowReceiver(Protocol):
         says whether they agree on agreed_fields; a ValueError/TypeError it raises (on disagreement,
         say) is raised on every rank (they see the same meta)."""
 
-    def pull(self, windows: List[Window]) -> None:
-        """Copies this round's rows out of the sources' windows (sources with no rows left out)."""
+    def pull(self, widths: List[int], windows: List[Window]) -> None:
+        """Copies this round's rows out of the sources' windows (sources with no rows left out), whose
+        fields have `widths` bytes per row."""
 
 
 def dispatch_rows(
@@ -563,7 +555,7 @@ def dispatch_rows(
     node.agreed(receiver.prepare, meta_all, agree)
     tokens = meta_all[:, 1].tolist()
     windows = [min(t, window) for t in tokens]
-    addresses = node.region_addresses(widths, windows)
+    bases = node.data_address
     num_rounds = max(1, -(-max(tokens) // window))
     for round_index in range(num_rounds):
         begin = round_index * window
@@ -571,11 +563,12 @@ def dispatch_rows(
             node.publish_rows(copies(begin))
             node.timed_barrier(time.monotonic_ns(), waits)
         receiver.pull(
+            widths,
             [
-                Window(source, addresses[source], windows[source], begin, min(tokens[source] - begin, window))
+                Window(source, bases[source], windows[source], begin, min(tokens[source] - begin, window))
                 for source in range(node.num_local)
                 if tokens[source] > begin
-            ]
+            ],
         )
         node.release()
     return meta_all
@@ -657,7 +650,7 @@ def combine_rows(
     stage_row = np.full(dest_row.shape, -1, dtype=np.int64)
     stage_row[selections] = np.arange(len(selections[0]))
     holder, holder_row = dest_rank[selections], dest_row[selections]
-    srcs = [addresses[0] for addresses in node.region_addresses([bytes_per_row], windows)]
+    srcs = list(node.data_address)  # one field: its region starts its owner's data area
     for round_index in range(num_rounds):
         begin = round_index * window
         if round_index > 0:

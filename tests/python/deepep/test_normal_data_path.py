@@ -173,6 +173,40 @@ def test_native_publish_and_gather_one_rank():
     assert meta[:4].tolist() == [9, 5, 6, 7]
 
 
+def test_region_layout_and_pull_windows():
+    """region_layout starts every region at a multiple of REGION_ALIGN; pull_selections finds a
+    window's fields where region_layout puts them and refuses a window holding more rows than its
+    capacity before anything is copied."""
+    align = deep_ep_cpp.REGION_ALIGN
+    assert deep_ep_cpp.region_layout([3, 8, 4], 5) == ([0, align, 2 * align], 3 * align)
+    assert deep_ep_cpp.region_layout([align], 2) == ([0], 2 * align)
+    # One source rank, 2 tokens, top-1 to experts 1 and 0 of 2 (both this rank's), rows of 4 bytes.
+    rows = np.array([[1, 2, 3, 4], [5, 6, 7, 8]], np.uint8)
+    topk = np.array([[1], [0]], np.int64)
+    widths = [4, 8]
+    offsets, size = deep_ep_cpp.region_layout(widths, 3)  # a capacity of 3 rows
+    area = np.zeros(size, np.uint8)
+    area[offsets[0] : offsets[0] + 8] = rows.reshape(-1)
+    area[offsets[1] : offsets[1] + 16] = topk.view(np.uint8).reshape(-1)
+    start, taken = np.array([[0], [1]], np.int64), np.zeros((2, 1), np.int64)
+    out_x, out_topk, sources = np.zeros((2, 4), np.uint8), np.zeros((2, 1), np.int64), np.full((3, 2), -1, np.int64)
+    outs = [(out_x.ctypes.data, 4), (out_topk.ctypes.data, 8)]
+    tables = (sources[0].ctypes.data, sources[1].ctypes.data, sources[2].ctypes.data)
+
+    def pull(window_rows: int) -> int:
+        windows = [(area.ctypes.data, 3, window_rows, 0, 0)]
+        return deep_ep_cpp.pull_selections(
+            windows, widths, 1, 0, 2, 1, start.ctypes.data, taken.ctypes.data, 1, -1, -1, outs, 2, *tables, True
+        )
+
+    with pytest.raises(ValueError, match="exceed its capacity"):
+        pull(4)
+    assert not out_x.any() and not taken.any()
+    assert pull(2) == 2
+    assert out_x.tolist() == [[5, 6, 7, 8], [1, 2, 3, 4]]  # expert 0's row first
+    assert out_topk.reshape(-1).tolist() == [0, 1] and sources.tolist() == [[0, 0], [1, 0], [0, 0]]
+
+
 def test_native_gather_outcomes_two_ranks():
     """NodeSync.gather's outcome, for two local ranks (two threads of this process, each with its own
     NodeSync over the same barrier counters): 0 when the statuses are 0 and the agreed fields equal,
