@@ -109,6 +109,10 @@ class Buffer:
             )
         self.group = group
         self.explicitly_destroy = explicitly_destroy
+        # Attributes DeepEP-Ascend's Buffer has and its users read: the sizes as given, and the
+        # group's HCCL communicator name ("" off NPU).
+        self.num_nvl_bytes, self.num_rdma_bytes = num_nvl_bytes, num_rdma_bytes
+        self.moe_all_to_all_group_name = npu.group_comm_name(group, group.rank()) if is_npu_group(group) else ""
         self._runtime = Runtime(group, num_nvl_bytes, num_rdma_bytes, low_latency_mode)
         # The backends, chosen once: every mode's calls go to them (deep_ep/strategies/).
         self._normal_strategy: NormalEPCommStrategy = get_normal_strategy(normal_name)(
@@ -473,10 +477,12 @@ class Buffer:
     def begin_profile(
         self, num_profile_skip_launches: int, num_profile_active_launches: int, profile_trace_dir: Optional[str] = ""
     ) -> None:
-        """Accepted for DeepEP-Ascend compatibility: there is no device kernel to profile on CPU."""
+        """Accepted for DeepEP-Ascend compatibility: there is no device kernel to profile (Runtime.begin_profile)."""
+        self._runtime.begin_profile(num_profile_skip_launches, num_profile_active_launches, profile_trace_dir)
 
     def end_profile(self) -> None:
         """Accepted for DeepEP-Ascend compatibility (see begin_profile)."""
+        self._runtime.end_profile()
 
     # ---- fused_deep_moe (pipeline in fused.py) -----------------------------------------------------
     def fused_deep_moe(

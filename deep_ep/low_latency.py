@@ -668,11 +668,13 @@ class LowLatencyMode:
         """Resets the low-latency signalling state (collective: call it on every rank).
 
         Args: Nmax, H, E of the calls to come; num_rdma_bytes must hold them (ValueError otherwise).
-        Hooks of earlier calls can no longer run; results already received stay valid.
+        Hooks of earlier calls can no longer run; results already received stay valid. A Buffer
+        without low_latency_mode has no such state: there it returns at once, on any rank, as
+        DeepEP-Ascend's does.
         """
         self.runtime.check_alive()
         if not self.runtime.low_latency_mode:
-            raise RuntimeError("deep_ep: clean_low_latency_buffer needs a Buffer created with low_latency_mode=True")
+            return
         if self.npu_ll is not None:
             return npu.clean_low_latency_buffer(self.runtime, num_max_dispatch_tokens_per_rank, hidden, num_experts)
         self.check_sizes(num_max_dispatch_tokens_per_rank, hidden, num_experts)

@@ -184,6 +184,16 @@ class Runtime:
             return torch.empty(*shape, dtype=dtype, device=self.device)
         return self.pool.empty(shape, dtype)
 
+    # ---- kernel profiling, as on DeepEP-Ascend's runtime object -----------------------------------
+    def begin_profile(
+        self, num_profile_skip_launches: int, num_profile_active_launches: int, profile_trace_dir: Optional[str] = ""
+    ) -> None:
+        """Accepted as DeepEP-Ascend's runtime accepts it (its tests call buffer.runtime.begin_profile):
+        this runtime launches no device kernel to trace, so nothing is recorded."""
+
+    def end_profile(self) -> None:
+        """Accepted for DeepEP-Ascend compatibility (see begin_profile)."""
+
     # ---- lifetime --------------------------------------------------------------------------------
     def destroy(self) -> None:
         """Releases the shared memory, the low-latency resources and our own group."""

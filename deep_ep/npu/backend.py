@@ -82,6 +82,15 @@ def current_device() -> torch.device:
     return torch.device("npu", torch.npu.current_device())
 
 
+def group_comm_name(group: dist.ProcessGroup, rank: int) -> str:
+    """The HCCL communicator name of `group` as DeepEP-Ascend's Buffer keeps it
+    (moe_all_to_all_group_name): "" when the group's backend cannot give one, as upstream has it."""
+    try:
+        return group._get_backend(torch.device("npu")).get_hccl_comm_name(rank)
+    except Exception:  # upstream's fallback, whatever torch_npu raised
+        return ""
+
+
 def resolve_strategies(normal_strategy: str, low_latency_strategy: str, low_latency_mode: bool):
     """(normal, low-latency) strategies that run on NPU.
 

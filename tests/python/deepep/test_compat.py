@@ -155,7 +155,17 @@ def compat_rank(rank: int, num_ranks: int, group) -> None:
         buffer.dispatch(
             x, topk_idx=topk_idx, topk_weights=topk_weights, num_tokens_per_expert=per_expert, quant_mode="mx_fp8_e4m3"
         )
+    # What upstream's Buffer keeps and its tests call on the runtime object.
+    assert (buffer.num_nvl_bytes, buffer.num_rdma_bytes, buffer.moe_all_to_all_group_name) == (int(2e8), rdma, "")
+    buffer.runtime.begin_profile(1, 2, "")
+    buffer.runtime.end_profile()
     buffer.destroy()
+    # Without low_latency_mode, clean_low_latency_buffer has nothing to reset: it returns at once,
+    # also when only one rank calls it (upstream's is a no-op too).
+    normal = deep_ep.Buffer(group, int(2e8))
+    if rank == 0:
+        normal.clean_low_latency_buffer(nmax, HIDDEN, num_experts)
+    normal.destroy()
 
 
 @pytest.mark.parametrize("num_ranks", [1, 2, 3])

@@ -324,6 +324,16 @@ def backend_choice(rank: int, num_ranks: int, group) -> None:
         buffer.destroy()
         with pytest.raises(ValueError, match="not available on NPU"):
             deep_ep.Buffer(group, low_latency_mode=True, low_latency_strategy="alltoall")
+        # Without low_latency_mode the alltoall low-latency strategy is only built, as upstream does.
+        buffer = deep_ep.Buffer(group, normal_strategy="alltoall", low_latency_strategy="alltoall")
+        assert (buffer.normal_strategy, buffer.low_latency_strategy) == ("alltoall", "alltoall")
+        with pytest.raises(RuntimeError, match="low_latency_mode=True"):
+            buffer.low_latency_dispatch(torch.zeros(2, 8, device=DEVICE), torch.zeros(2, 1, dtype=torch.int64), 2, 2)
+        buffer.destroy()
+        os.environ["DEEP_USE_MODE"] = "alltoall"
+        buffer = deep_ep.Buffer(group)
+        assert (buffer.normal_strategy, buffer.low_latency_strategy) == ("alltoall", "alltoall")
+        buffer.destroy()
         os.environ["DEEP_USE_MODE"] = "ops"
         buffer = deep_ep.Buffer(group, low_latency_mode=True)
         assert (buffer.normal_strategy, buffer.low_latency_strategy) == ("default", "ops")
