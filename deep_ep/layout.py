@@ -142,10 +142,9 @@ class RoutingPlan:
 
     tokens_per_expert_all: int64 [R, E], rows each source rank sends to each expert.
     block_start: int64 [R, L, R], row where block (local expert l, source s) starts on rank d.
-    padded: int64 [R, L], rows of local expert l on rank d (with alignment padding).
     rows_per_rank: int64 [R], received rows (with alignment padding) on every rank.
     recv_counts: int64 [L, R], real rows this rank receives per (local expert, source).
-    expert_rows: list of L ints, this rank's rows per local expert (padded).
+    expert_rows: list of L ints, this rank's rows per local expert (with alignment padding).
     dest_rank / dest_row: int64 [T, K], where each of this rank's selections lands (-1 if none).
     num_real_rows: the rows this rank receives without padding (the sum of recv_counts).
     holder: int32 [T, K], dest_rank for the native kernels (one node: the holder's local index).
@@ -161,7 +160,6 @@ class RoutingPlan:
     num_experts: int
     tokens_per_expert_all: np.ndarray
     block_start: torch.Tensor
-    padded: np.ndarray
     rows_per_rank: np.ndarray
     recv_counts: np.ndarray
     expert_rows: list
@@ -232,7 +230,6 @@ def plan_routing(
         num_experts=num_experts,
         tokens_per_expert_all=counts,
         block_start=torch.from_numpy(block_start),
-        padded=padded,
         rows_per_rank=rows_per_rank,
         recv_counts=recv_counts,
         expert_rows=padded[rank].tolist(),
