@@ -4,7 +4,11 @@ Callers unpack handles by position (`(..., topk_idx, topk_weights) = handle`, `h
 `handle[4]`) or, for the "alltoall" normal strategy, by key (`handle["topk_weights"]`). So the
 handles are exactly upstream's tuples / dict; what combine needs (the DispatchState or
 LowLatencyState) rides along as the attribute `state`, and `owner` names the runtime that made
-it. A tuple or dict rebuilt from a handle has neither: combine rejects it with a TypeError.
+it. Upstream reads its handles only by position or key, so code may pass a tuple, list or dict
+rebuilt from one (`tuple(handle)`, `list(handle)`, `dict(handle)`): one item of every handle, a
+tensor made for that handle alone, keeps a HandleOrigin that finds the state again, and a rebuilt
+handle whose items are the original ones (tensors the same objects, other items equal) stands for
+it. One with an item replaced is a TypeError naming the item.
 
 Normal mode, one node (DefaultNormalCommStrategy), 8 entries:
     rank_prefix_matrix int32 [R, R], channel_prefix_matrix int32 [R, L] (first row of block
@@ -25,7 +29,8 @@ Low-latency mode, 7 entries: src_info, layout_range, num_max_dispatch_tokens_per
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Tuple, Type
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional, Tuple, Type, Union
 
 import numpy as np
 import torch
@@ -64,13 +69,75 @@ class AlltoAllHandle(dict):
         self.state, self.owner = state, owner
 
 
+@dataclass
+class HandleOrigin:
+    """What a rebuilt handle is checked against: kept by the handle's anchor, one of its tensors that
+    nothing else of ours references (so no reference cycle), for as long as that tensor lives."""
+
+    state: Any
+    owner: int
+    kind: Type
+    anchor: Union[int, str]  # the anchor's index (tuple handles) or key (dict handles)
+    items: Union[tuple, dict]  # the handle's items, None in the anchor's place
+
+
+def remember(handle: Union[NormalHandle, AlltoAllHandle], anchor: Union[int, str]) -> None:
+    """Lets a tuple / list / dict rebuilt from `handle` stand for it (see state_of); `anchor` indexes
+    an item that is a tensor made for this handle alone."""
+    tensor = handle[anchor]
+    if isinstance(handle, dict):
+        items = dict(handle)
+        items[anchor] = None
+    else:
+        items = handle[:anchor] + (None,) + handle[anchor + 1 :]
+    tensor._deep_ep_handle_origin = HandleOrigin(handle.state, handle.owner, type(handle), anchor, items)
+
+
+def _same_item(given: Any, original: Any) -> bool:
+    if isinstance(original, torch.Tensor) or isinstance(given, torch.Tensor):
+        return given is original
+    return given == original
+
+
+def _origin_of_rebuilt(handle: Any, kinds: Tuple[Type, ...], what: str) -> Optional[HandleOrigin]:
+    """The HandleOrigin of the handle `handle` was rebuilt from (None if it holds no anchor of `kinds`);
+    TypeError naming the first item that is not the original's."""
+    if isinstance(handle, dict):
+        positions = list(handle)
+    elif isinstance(handle, (tuple, list)):
+        positions = list(range(len(handle)))
+    else:
+        return None
+    for position in positions:
+        origin = getattr(handle[position], "_deep_ep_handle_origin", None)
+        if origin is None or origin.kind not in kinds or origin.anchor != position:
+            continue
+        expected = list(origin.items) if isinstance(origin.items, dict) else list(range(len(origin.items)))
+        if positions != expected:
+            raise TypeError(
+                f"handle: a {type(handle).__name__} rebuilt from a handle of {what} must have the handle's "
+                f"{'keys' if isinstance(handle, dict) else 'length'} ({len(expected)} items), got {positions}"
+            )
+        for other in positions:
+            if other != position and not _same_item(handle[other], origin.items[other]):
+                raise TypeError(
+                    f"handle: item {other!r} of a {type(handle).__name__} rebuilt from a handle of {what} is not "
+                    "the handle's own; pass the handle's items unchanged"
+                )
+        return origin
+    return None
+
+
 def state_of(handle: Any, kinds: Tuple[Type, ...], owner: int, what: str) -> Any:
-    """The state of a handle this runtime made, or TypeError / ValueError saying what is wrong."""
-    if not isinstance(handle, kinds) or getattr(handle, "state", None) is None:
+    """The state of a handle this runtime made (or of one rebuilt from it, see remember), or
+    TypeError / ValueError saying what is wrong."""
+    if not isinstance(handle, kinds):
+        handle = _origin_of_rebuilt(handle, kinds, what) or handle
+    if getattr(handle, "state", None) is None:
         expected = " or ".join(k.__name__ for k in kinds)
         raise TypeError(
-            f"handle must be the handle returned by {what} of this Buffer ({expected}), got "
-            f"{type(handle).__name__}; a tuple or dict rebuilt from a handle is not one"
+            f"handle must be the handle returned by {what} of this Buffer ({expected}), or a tuple / list / "
+            f"dict of its items, got {type(handle).__name__}"
         )
     if handle.owner != owner:
         raise ValueError(f"handle was returned by {what} of another Buffer; use it with that Buffer")
@@ -94,7 +161,7 @@ def _int32(tensor: torch.Tensor) -> torch.Tensor:
 def intranode_handle(state: Any, owner: int) -> NormalHandle:
     """Upstream's 8-entry intranode handle of a DispatchState."""
     rank_prefix, block_starts, expert_prefix, recv_counts = state.plan.handle_arrays
-    return NormalHandle(
+    handle = NormalHandle(
         (
             rank_prefix,
             block_starts,
@@ -108,6 +175,8 @@ def intranode_handle(state: Any, owner: int) -> NormalHandle:
         state,
         owner,
     )
+    remember(handle, 3)  # the int32 copy of recv_src_idx is the handle's own
+    return handle
 
 
 def internode_handle(
@@ -129,7 +198,7 @@ def internode_handle(
     # expert twice arrives twice, each row with its selection's weight).
     real = state.recv_src_k >= 0
     expand_scales = recv_topk_weights.cpu().gather(1, state.recv_src_k.clamp(min=0).view(-1, 1)).flatten() * real
-    return NormalHandle(
+    handle = NormalHandle(
         (
             state.recv_src_idx.to(torch.int32),
             in_rank,
@@ -144,6 +213,8 @@ def internode_handle(
         state,
         owner,
     )
+    remember(handle, 0)  # recv_src_idx is int64: its int32 copy is the handle's own
+    return handle
 
 
 def alltoall_handle(state: Any, rank: int, hidden_shape: torch.Size, owner: int) -> AlltoAllHandle:
@@ -159,7 +230,7 @@ def alltoall_handle(state: Any, rank: int, hidden_shape: torch.Size, owner: int)
     position = torch.full((plan.dest_rank.size,), -1, dtype=torch.int32)
     position[order] = torch.arange(order.numel(), dtype=torch.int32)
     sent = plan.tokens_per_expert_all[rank].reshape(plan.num_ranks, experts_per_rank).sum(1)
-    return AlltoAllHandle(
+    handle = AlltoAllHandle(
         {
             "input_splits": sent.tolist(),
             "output_splits": plan.recv_counts.sum(0).tolist(),
@@ -173,3 +244,5 @@ def alltoall_handle(state: Any, rank: int, hidden_shape: torch.Size, owner: int)
         state,
         owner,
     )
+    remember(handle, "reversed_local_mapping")
+    return handle

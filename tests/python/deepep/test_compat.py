@@ -84,6 +84,10 @@ def normal_round(rank, num_ranks, group, buffer, num_experts, x, topk_idx, topk_
         async_finish=False,
         combine_send_cost_stats=send_stats,
     )
+    # A copy of the handle's items, as code that rebuilds handles passes them, stands for the handle.
+    rebuilt = dict(handle) if isinstance(handle, dict) else list(handle)
+    again = buffer.combine(recv_x, rebuilt, topk_weights=weights)[0]
+    assert torch.equal(again.view(torch.int16), combined_x.view(torch.int16))
     # Measured microseconds: non-negative, and some rank's rows took time to arrive / leave.
     assert bool((wait_stats >= 0).all()) and bool((send_stats >= 0).all())
     assert int(send_stats.sum()) > 0
@@ -144,11 +148,23 @@ def compat_rank(rank: int, num_ranks: int, group) -> None:
         results.append((combined, ll_combined))
     for a, b in zip(results[0], results[1]):
         assert torch.equal(a, b)  # the strategies agree bit for bit
-    # A handle rebuilt as a plain tuple, or a format we cannot move, is a clear error.
+    # Upstream reads handles by position: a tuple or list of the handle's items stands for it (the same
+    # bits); one with an item replaced, or a format we cannot move, is a clear error.
     _, _, per_expert, _, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
-    *_, handle, _ = buffer.dispatch(x, topk_idx=topk_idx, topk_weights=topk_weights, num_tokens_per_expert=per_expert)
-    with pytest.raises(TypeError, match="handle"):
-        buffer.combine(x, tuple(handle))
+    recv_x, _, _, _, handle, _ = buffer.dispatch(
+        x, topk_idx=topk_idx, topk_weights=topk_weights, num_tokens_per_expert=per_expert
+    )
+    combined = buffer.combine(recv_x, handle)[0]
+    for rebuilt in (tuple(handle), list(handle)):
+        assert torch.equal(buffer.combine(recv_x, rebuilt)[0].view(torch.int16), combined.view(torch.int16))
+    with pytest.raises(TypeError, match="item 7 .* is not the handle's own"):
+        buffer.combine(recv_x, tuple(handle[:7]) + (topk_weights.clone(),))
+    with pytest.raises(TypeError, match="length"):
+        buffer.combine(recv_x, tuple(handle[:7]))
+    ll_recv, _, ll_handle, _, _ = buffer.low_latency_dispatch(x, topk_idx, nmax, num_experts, use_fp8=False)
+    ll_combined = buffer.low_latency_combine(ll_recv, topk_idx, topk_weights, ll_handle)[0]
+    ll_again = buffer.low_latency_combine(ll_recv, topk_idx, topk_weights, list(ll_handle))[0]
+    assert torch.equal(ll_again.view(torch.int16), ll_combined.view(torch.int16))
     with pytest.raises(ValueError, match="mx_fp4_e2m1"):
         buffer.low_latency_dispatch(x, topk_idx, nmax, num_experts, use_mxfp4=True)
     with pytest.raises(ValueError, match="mx_fp8_e4m3"):

@@ -208,8 +208,13 @@ def combine_errors(buffer: deep_ep.Buffer, recv_x: torch.Tensor, handle: tuple, 
     expect(
         ValueError, ["bias", "3 items"], lambda: buffer.combine(recv_x, handle, bias=[torch.zeros(tokens, HIDDEN)] * 3)
     )
-    rebuilt = dict(handle) if isinstance(handle, dict) else tuple(handle)  # no state beside it
-    expect(TypeError, ["handle"], lambda: buffer.combine(recv_x, rebuilt))
+    # A handle rebuilt with one of its items replaced no longer names the dispatch's routes.
+    if isinstance(handle, dict):
+        rebuilt, item = {**handle, "topk_weights": handle["topk_weights"].clone()}, "'topk_weights'"
+    else:
+        rebuilt, item = tuple(handle[:-1]) + (handle[-1].clone(),), str(len(handle) - 1)
+    expect(TypeError, ["handle", f"item {item}", "not the handle's own"], lambda: buffer.combine(recv_x, rebuilt))
+    expect(TypeError, ["handle", "or a tuple / list / dict of its items"], lambda: buffer.combine(recv_x, 5))
 
 
 def constructor_errors(group) -> None:

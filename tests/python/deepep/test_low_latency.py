@@ -403,8 +403,8 @@ def errors(rank: int, num_ranks: int, group) -> None:
             buffer.low_latency_dispatch(inputs.x, bad_idx, 8, 2 * num_ranks)
         # The zero-copy buffer: only for this Buffer's own handles, once the dispatch has received.
         handle = ok()
-        with pytest.raises(TypeError, match="rebuilt from a handle"):
-            buffer.get_next_low_latency_combine_buffer(tuple(handle))
+        with pytest.raises(TypeError, match="item 0 .* is not the handle's own"):
+            buffer.get_next_low_latency_combine_buffer((handle[0].clone(),) + tuple(handle[1:]))
         _, _, waiting, _, hook = buffer.low_latency_dispatch(
             inputs.x, inputs.topk_idx, case.max_tokens, 2 * num_ranks, return_recv_hook=True
         )
