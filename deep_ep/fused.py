@@ -584,13 +584,11 @@ def fused_deep_moe(
         shared = env.shared_expert_rank_num()
         roles = layout.SharedExperts.check(num_experts, ranks, shared)
         ffn_combine = mode is FuseMode.DISPATCH_FFN_COMBINE
-        if ffn_combine and shared:
-            raise ValueError(
-                f"fuse_mode FuseMode.DISPATCH_FFN_COMBINE has no shared experts (as DeepEP-Ascend); "
-                f"got MOE_SHARED_EXPERT_RANK_NUM={shared}"
-            )
+        num_max = num_max_dispatch_tokens_per_rank
+        if ffn_combine:
+            num_max = ffn_combine_tokens_per_rank(num_max, topk_idx.shape[1], ranks, shared)
         num_local = roles.local_experts(buffer.rank)
-        weights = _fused_weights(
+        weights = fused_weights(
             gmm1_permuted_weight,
             gmm1_permuted_weight_scale,
             gmm2_weight,
@@ -598,16 +596,8 @@ def fused_deep_moe(
             x,
             num_local,
             roles.describe_local(buffer.rank),
-            DISPATCH_FFN_COMBINE_LAYOUT if ffn_combine else FUSED_DEEP_MOE_LAYOUT,
+            mode,
         )
-        num_max = num_max_dispatch_tokens_per_rank
-        if ffn_combine:
-            if not weights.quantized:
-                raise ValueError(
-                    f"fuse_mode FuseMode.DISPATCH_FFN_COMBINE needs int8 weights (as DeepEP-Ascend); "
-                    f"got {weights.w1.dtype}"
-                )
-            num_max = _tokens_per_rank_of_output_size(num_max_dispatch_tokens_per_rank, topk_idx.shape[1], ranks)
     except (TypeError, ValueError):
         # Consume the low-latency dispatch call on every rank with a "rejected" header, so the peers
         # fail fast (ValueError naming this rank) instead of waiting for rows that never come, and
@@ -644,9 +634,16 @@ def fused_deep_moe(
     return output, torch.tensor([b - a for a, b in zip([0] + prefix, prefix)], dtype=torch.int32)
 
 
-def _tokens_per_rank_of_output_size(max_output_size: object, num_topk: int, ranks: int) -> int:
-    """FuseMode.DISPATCH_FFN_COMBINE takes the most rows one rank may receive (max_bs * R * K, as
-    DeepEP-Ascend's callers compute it); the low-latency buffers are sized by max_bs = that / (R * K)."""
+def ffn_combine_tokens_per_rank(max_output_size: object, num_topk: int, ranks: int, shared_ranks: int) -> int:
+    """The Nmax of FuseMode.DISPATCH_FFN_COMBINE's low-latency calls, on CPU and NPU alike: the mode
+    takes the most rows one rank may receive (max_bs * R * K, as DeepEP-Ascend's callers compute it)
+    and sizes the buffers by max_bs = that / (R * K). ValueError for a bad size, or with shared-expert
+    ranks, which the mode does not have (as upstream)."""
+    if shared_ranks:
+        raise ValueError(
+            f"fuse_mode FuseMode.DISPATCH_FFN_COMBINE has no shared experts (as DeepEP-Ascend); "
+            f"got MOE_SHARED_EXPERT_RANK_NUM={shared_ranks}"
+        )
     if isinstance(max_output_size, bool) or not isinstance(max_output_size, int) or max_output_size <= 0:
         raise ValueError(
             f"num_max_dispatch_tokens_per_rank (with FuseMode.DISPATCH_FFN_COMBINE: the most rows a "
@@ -663,7 +660,7 @@ def _tokens_per_rank_of_output_size(max_output_size: object, num_topk: int, rank
 _CHECKED_WEIGHTS: dict = {}
 
 
-def _fused_weights(
+def fused_weights(
     w1: object,
     w1_scale: object,
     w2: object,
@@ -671,14 +668,26 @@ def _fused_weights(
     x: Tensor,
     num_local: int,
     experts_from: str,
-    weight_layout: WeightLayout,
+    mode: FuseMode,
 ) -> ExpertWeights:
-    """check_expert_weights for fused_deep_moe, skipped when the same weights were checked before."""
+    """check_expert_weights for fused_deep_moe in `mode`'s weight layout (DISPATCH_FFN_COMBINE: int8
+    only, as DeepEP-Ascend), on CPU and NPU alike; cached per weight tensor (_CHECKED_WEIGHTS)."""
+    ffn_combine = mode is FuseMode.DISPATCH_FFN_COMBINE
+    if ffn_combine and isinstance(w1, Tensor) and w1.dtype in FLOAT_DTYPES:
+        raise ValueError(
+            f"fuse_mode FuseMode.DISPATCH_FFN_COMBINE needs int8 weights (as DeepEP-Ascend); got {w1.dtype}"
+        )
+    weight_layout = DISPATCH_FFN_COMBINE_LAYOUT if ffn_combine else FUSED_DEEP_MOE_LAYOUT
     tensors = (w1, w1_scale, w2, w2_scale)
     key = None
     if all(type(t) is Tensor for t in tensors):
         key = (
-            *((id(t), t._version, t.data_ptr(), t.shape, t.dtype) for t in tensors),
+            # Where the data lies catches a `.data = ...` swap, which leaves _version alone (the
+            # storage's address: read the same way for host and device tensors).
+            *(
+                (id(t), t._version, t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.dtype)
+                for t in tensors
+            ),
             x.shape[1],
             num_local,
             x.device,

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from .. import layout
 from ..env import shared_expert_rank_num
-from ..fused import FuseMode, check_modes
+from ..fused import FuseMode, check_modes, ffn_combine_tokens_per_rank, fused_weights
 from ..utils import (
     EventOverlap,
     check_combine_topk_idx,
@@ -336,17 +336,18 @@ def fused_deep_moe(
 ):
     """Buffer.fused_deep_moe on NPU: MC2 dispatch (int8) + npu_grouped_matmul + npu_dequant_swiglu_quant +
     npu_grouped_matmul + MC2 combine, for int8 weights with quant_mode 0 or 1 (the weights decide, as on
-    CPU) and gmm2_weight [L, H, I]. Returns (output bf16 [T, H], ep_recv_count int32 [L * R])."""
-    if check_modes(quant_mode, fuse_mode) is not FuseMode.FUSED_DEEP_MOE:
-        raise ValueError(
-            "fuse_mode FuseMode.DISPATCH_FFN_COMBINE is not available on the NPU path yet (CPU "
-            "ranks run it); use FuseMode.FUSED_DEEP_MOE"
-        )
+    CPU). FUSED_DEEP_MOE: gmm1 tile-interleaved, gmm2_weight [L, H, I]; returns (output bf16 [T, H],
+    ep_recv_count int32 [L * R]). DISPATCH_FFN_COMBINE: the conventions of the CPU path (gmm1
+    [gate | up], gmm2 [L, I, H], scales as float32 bits in int64, num_max_dispatch_tokens_per_rank the
+    most rows a rank receives); returns (output, expert_token_nums int32 [L])."""
+    ffn_combine = check_modes(quant_mode, fuse_mode) is FuseMode.DISPATCH_FFN_COMBINE
     if isinstance(topk_idx, torch.Tensor) and topk_idx.dtype == torch.int32:
         topk_idx = topk_idx.long()
-    _check_mc2_inputs(
-        runtime, x, topk_idx, topk_weights, num_max_dispatch_tokens_per_rank, num_experts, (torch.bfloat16,)
-    )
+    num_max = num_max_dispatch_tokens_per_rank
+    if ffn_combine:
+        check_tensor("topk_idx", topk_idx, dtypes=(torch.int64,), shape=(None, None))
+        num_max = ffn_combine_tokens_per_rank(num_max, topk_idx.shape[1], runtime.group_size, shared_expert_rank_num())
+    _check_mc2_inputs(runtime, x, topk_idx, topk_weights, num_max, num_experts, (torch.bfloat16,))
     if topk_weights is None:
         raise ValueError("fused_deep_moe needs topk_weights (float32 [T, K])")
     runtime.check_devices(
@@ -355,6 +356,18 @@ def fused_deep_moe(
         gmm2_weight=gmm2_weight,
         gmm2_weight_scale=gmm2_weight_scale,
     )
+    if ffn_combine:
+        weights = fused_weights(
+            gmm1_permuted_weight,
+            gmm1_permuted_weight_scale,
+            gmm2_weight,
+            gmm2_weight_scale,
+            x,
+            num_experts // runtime.group_size,
+            f"L = {num_experts} experts / {runtime.group_size} ranks",
+            FuseMode.DISPATCH_FFN_COMBINE,
+        )
+        return runtime.low_latency.npu_ll.dispatch_ffn_combine(x, topk_idx, topk_weights, weights, num_max, num_experts)
     return runtime.low_latency.npu_ll.fused_deep_moe(
         x,
         topk_idx,

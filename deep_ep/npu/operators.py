@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 from .. import layout
+from ..fused import ExpertWeights
 from ..transport import groups
 from . import versions
 
@@ -657,6 +658,67 @@ class NpuLowLatency:
                     f"I={intermediate}); got {list(tensor.shape)}"
                 )
 
+        w1, s1 = self._gate_up_weights(gmm1_permuted_weight, gmm1_permuted_weight_scale)
+        w2, _ = self._converted(gmm2_weight, None, _in_out_weight)
+        output, _, handle = self._swiglu_mlp_between(
+            x,
+            topk_idx,
+            topk_weights,
+            w1,
+            s1,
+            w2,
+            gmm2_weight_scale,
+            num_max_dispatch_tokens_per_rank,
+            num_experts,
+            num_shared_ranks,
+        )
+        prefix = handle.recv_layout_prefix  # checked against expert_token_nums (recv_layout)
+        ep_recv_count = torch.diff(prefix, prepend=prefix.new_zeros(1)).to(torch.int32)
+        return output, ep_recv_count
+
+    def dispatch_ffn_combine(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        weights: ExpertWeights,
+        num_max_dispatch_tokens_per_rank: int,
+        num_experts: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """FuseMode.DISPATCH_FFN_COMBINE (Buffer.fused_deep_moe): the pipeline of fused_deep_moe with
+        weights that fused.check_expert_weights has put in the operators' layout already (gmm1
+        ``[gate | up]`` int8 ``[L, H, 2I]``, gmm2 int8 ``[L, I, H]``, float32 scales), no shared experts.
+        Returns ``(output bf16 [T, H], expert_token_nums int32 [L])``: the rows each local expert received."""
+        output, recv_count, _ = self._swiglu_mlp_between(
+            x,
+            topk_idx,
+            topk_weights,
+            weights.w1,
+            weights.w1_scale,
+            weights.w2,
+            weights.w2_scale,
+            num_max_dispatch_tokens_per_rank,
+            num_experts,
+            0,
+        )
+        return output, recv_count.to(torch.int32)
+
+    def _swiglu_mlp_between(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        w1: torch.Tensor,
+        s1: torch.Tensor,
+        w2: torch.Tensor,
+        s2: torch.Tensor,
+        num_max_dispatch_tokens_per_rank: int,
+        num_experts: int,
+        num_shared_ranks: int,
+    ):
+        """MC2 dispatch (int8) -> W8A8 SwiGLU MLP -> MC2 combine, with w1 int8 ``[L, H, 2I]`` in
+        ``[gate | up]`` order, s1 float32 ``[L, 2I]``, w2 int8 ``[L, I, H]``, s2 ``[L, H]``.
+        Returns (output bf16 [T, H], recv_count [L], the dispatch's handle)."""
         (recv_xq, recv_scale), recv_count, handle = self.dispatch(
             x,
             topk_idx,
@@ -667,8 +729,6 @@ class NpuLowLatency:
             cumulative_local_expert_recv_stats=None,
             num_shared_ranks=num_shared_ranks,
         )
-        w1, s1 = self._gate_up_weights(gmm1_permuted_weight, gmm1_permuted_weight_scale)
-        w2, _ = self._converted(gmm2_weight, None, _in_out_weight)
         torch_npu = self._torch_npu
         h_int32 = torch_npu.npu_grouped_matmul(
             [recv_xq],
@@ -693,7 +753,7 @@ class NpuLowLatency:
         y = torch_npu.npu_grouped_matmul(
             [a_int8],
             [w2],
-            scale=[gmm2_weight_scale.to(torch.bfloat16)],
+            scale=[s2.to(torch.bfloat16)],
             per_token_scale=[a_scale],
             group_list=recv_count,
             group_type=0,
@@ -701,10 +761,7 @@ class NpuLowLatency:
             group_list_type=1,
             output_dtype=torch.bfloat16,
         )[0]
-        output = self.combine(y, topk_idx, topk_weights, handle)
-        prefix = handle.recv_layout_prefix  # checked against expert_token_nums (recv_layout)
-        ep_recv_count = torch.diff(prefix, prepend=prefix.new_zeros(1)).to(torch.int32)
-        return output, ep_recv_count
+        return self.combine(y, topk_idx, topk_weights, handle), recv_count, handle
 
     def _gate_up_weights(self, weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[gate | up]`` copies of gmm1's tile-interleaved weight ``[L, H, 2I]`` and scale ``[L, 2I]``.

@@ -175,6 +175,32 @@ def test_weight_layouts_and_scale_bits():
 # ----------------------------------------------------------------------------- quantization
 
 
+def test_fused_weights_cache_follows_the_weights():
+    """fused_weights checks each weight set once; an in-place change, a `.data` swap or another mode
+    redoes it, and DISPATCH_FFN_COMBINE takes int8 weights only."""
+    generator = torch.Generator().manual_seed(0)
+    num_local, hidden, inter = 2, 32, 64
+    w1 = torch.randint(-127, 128, (num_local, hidden, 2 * inter), generator=generator, dtype=torch.int8)
+    w2 = torch.randint(-127, 128, (num_local, hidden, inter), generator=generator, dtype=torch.int8)
+    s1, s2 = torch.rand(num_local, 2 * inter, generator=generator), torch.rand(num_local, hidden, generator=generator)
+    x = torch.zeros(1, hidden, dtype=torch.bfloat16)
+
+    def check(mode=FuseMode.FUSED_DEEP_MOE, gmm2=w2):
+        return fused.fused_weights(w1, s1, gmm2, s2, x, num_local, "a test", mode)
+
+    first = check()
+    assert torch.equal(first.w2, w2.transpose(1, 2)) and check().w2 is first.w2  # checked once
+    w2.data = torch.randint(-127, 128, w2.shape, generator=generator, dtype=torch.int8)
+    swapped = check()
+    assert swapped.w2 is not first.w2 and torch.equal(swapped.w2, w2.transpose(1, 2))
+    w2.add_(1)
+    assert torch.equal(check().w2, w2.transpose(1, 2))
+    plain = check(FuseMode.DISPATCH_FFN_COMBINE, w2.transpose(1, 2).contiguous())  # [L, I, H] as given
+    assert torch.equal(plain.w2, w2.transpose(1, 2)) and not plain.tiled_gmm1
+    with pytest.raises(ValueError, match="DISPATCH_FFN_COMBINE needs int8 weights"):
+        fused.fused_weights(w1.bfloat16(), s1, w2.bfloat16(), s2, x, num_local, "a test", FuseMode.DISPATCH_FFN_COMBINE)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_quantize_properties_and_reference(dtype):
     gen = torch.Generator().manual_seed(2)

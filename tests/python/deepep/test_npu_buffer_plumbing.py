@@ -39,6 +39,7 @@ from torch.overrides import TorchFunctionMode
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import make_inputs, reference_of, to_host  # noqa: E402
+from fused_cases import scale_bits  # noqa: E402
 from npu_stand_in import FakeTorchNpu  # noqa: E402
 
 import deep_ep  # noqa: E402
@@ -593,6 +594,40 @@ def low_latency_on_npu(rank: int, num_ranks: int, group) -> None:
             assert ep_recv_count.dtype == torch.int32 and ep_recv_count.cpu().tolist() == ref_counts.tolist()
             with pytest.raises(ValueError, match="num_max_dispatch_tokens_per_rank"):
                 buffer.fused_deep_moe(d(x), d(idx), d(weights), d(w1), d(s1), d(w2), d(s2), 4, num_experts)
+            # DISPATCH_FFN_COMBINE: the same operators from upstream's plain layout ([gate | up] gmm1, gmm2
+            # [L, I, H], scales as int64 bits, the most rows a rank receives): the same bits.
+            w13, w13_scale = deep_ep.unpermute_gmm1_weight(w1, s1)
+            plain = (w13.transpose(1, 2).contiguous(), scale_bits(w13_scale), w2.transpose(1, 2).contiguous())
+            del fake.calls[:]
+            ffn_output, expert_token_nums = buffer.fused_deep_moe(
+                d(x),
+                d(idx),
+                d(weights),
+                d(plain[0]),
+                d(plain[1]),
+                d(plain[2]),
+                d(scale_bits(s2)),
+                nmax * num_ranks * num_topk,
+                num_experts,
+                fuse_mode=deep_ep.FuseMode.DISPATCH_FFN_COMBINE,
+            )
+            assert fake.names_called()[1:4] == ["npu_grouped_matmul", "npu_dequant_swiglu_quant", "npu_grouped_matmul"]
+            assert fake.args_of("npu_moe_distribute_dispatch_v2")["global_bs"] == nmax * num_ranks
+            assert torch.equal(ffn_output.cpu().view(torch.int16), output.cpu().view(torch.int16))
+            assert expert_token_nums.dtype == torch.int32 and expert_token_nums.cpu().tolist() == ref_counts.tolist()
+            with pytest.raises(ValueError, match=r"gmm2_weight.*\[L, I, H\]"):  # FUSED_DEEP_MOE's [L, H, I]
+                buffer.fused_deep_moe(
+                    d(x),
+                    d(idx),
+                    d(weights),
+                    d(plain[0]),
+                    d(plain[1]),
+                    d(w2),
+                    d(scale_bits(s2)),
+                    32,
+                    num_experts,
+                    fuse_mode=deep_ep.FuseMode.DISPATCH_FFN_COMBINE,
+                )
         buffer.destroy()
     finally:
         patch.restore()
