@@ -56,7 +56,7 @@ class Buffer:
             (all_to_all_single for everything). An instance of another Buffer gives its name.
         low_latency_strategy: a name or a LowLatencyEPCommStrategy: "default", "alltoall" or "ops"
             (NPU only). On NPU "default" and "ops" run CANN's MC2 operators; "alltoall" is not
-            available there. DEEP_USE_MODE overrides both names.
+            available there in low-latency mode. DEEP_USE_MODE overrides both names.
         explicitly_destroy: if True, `destroy()` must be called before exit.
         Other arguments are accepted for DeepEP compatibility and have no effect on CPU.
     """
@@ -533,7 +533,7 @@ class Buffer:
                 shared-expert ranks).
             quant_mode: 0 or 1 (the weights' dtype decides); anything else is a ValueError.
             fuse_mode: FuseMode.FUSED_DEEP_MOE (1) or FuseMode.DISPATCH_FFN_COMBINE (2; int8 weights, no
-                shared-expert ranks; NPU: not yet).
+                shared-expert ranks).
             profile_enable: accepted for DeepEP-Ascend compatibility; no effect.
         Returns:
             FUSED_DEEP_MOE: (output [T, H] bfloat16 (float16 for float16 x), ep_recv_count int32 [L * R]):
