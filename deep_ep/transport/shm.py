@@ -306,7 +306,13 @@ class NodeShm:
         )
         if notes:
             raise RuntimeError(f"{error}{notes}") from None
-        raise error
+        try:
+            raise error
+        finally:
+            # The raised error's traceback holds this frame: without this, frame and error would keep
+            # each other (and every caller's frame, with its Buffer and groups) alive until the
+            # garbage collector ran, possibly at interpreter exit, where freeing a gloo group aborts.
+            del error
 
     def post_failure(self, message: str) -> None:
         """Leaves `message` (why this rank failed) in its control area for the local peers."""
