@@ -40,14 +40,20 @@ from .transport import collective
 
 
 class NormalHandle(tuple):
-    """The tuple handle of dispatch; `state` is its DispatchState, `owner` the runtime's id."""
+    """The tuple handle of dispatch; `state` is its DispatchState, `owner` the runtime's id. With
+    `anchor` (the index of a tensor made for this handle alone), a tuple / list rebuilt from its
+    items stands for it (see _remember)."""
 
     state: Any
     owner: int
 
-    def __new__(cls, items: Iterable, state: Any = None, owner: int = -1) -> "NormalHandle":
+    def __new__(
+        cls, items: Iterable, state: Any = None, owner: int = -1, anchor: Optional[int] = None
+    ) -> "NormalHandle":
         handle = super().__new__(cls, items)
         handle.state, handle.owner = state, owner
+        if anchor is not None:
+            _remember(handle, anchor)
         return handle
 
     def __getnewargs__(self) -> Tuple:
@@ -59,14 +65,17 @@ class LowLatencyHandle(NormalHandle):
 
 
 class AlltoAllHandle(dict):
-    """The dict handle of the "alltoall" normal strategy; `state` is its DispatchState."""
+    """The dict handle of the "alltoall" normal strategy; `state` is its DispatchState; `anchor` as in
+    NormalHandle (a key)."""
 
     state: Any
     owner: int
 
-    def __init__(self, items: dict, state: Any = None, owner: int = -1) -> None:
+    def __init__(self, items: dict, state: Any = None, owner: int = -1, anchor: Optional[str] = None) -> None:
         super().__init__(items)
         self.state, self.owner = state, owner
+        if anchor is not None:
+            _remember(self, anchor)
 
 
 @dataclass
@@ -81,7 +90,7 @@ class HandleOrigin:
     items: Union[tuple, dict]  # the handle's items, None in the anchor's place
 
 
-def remember(handle: Union[NormalHandle, AlltoAllHandle], anchor: Union[int, str]) -> None:
+def _remember(handle: Union[NormalHandle, AlltoAllHandle], anchor: Union[int, str]) -> None:
     """Lets a tuple / list / dict rebuilt from `handle` stand for it (see state_of); `anchor` indexes
     an item that is a tensor made for this handle alone."""
     tensor = handle[anchor]
@@ -129,7 +138,7 @@ def _origin_of_rebuilt(handle: Any, kinds: Tuple[Type, ...], what: str) -> Optio
 
 
 def state_of(handle: Any, kinds: Tuple[Type, ...], owner: int, what: str) -> Any:
-    """The state of a handle this runtime made (or of one rebuilt from it, see remember), or
+    """The state of a handle this runtime made (or of one rebuilt from it, see _remember), or
     TypeError / ValueError saying what is wrong."""
     if not isinstance(handle, kinds):
         handle = _origin_of_rebuilt(handle, kinds, what) or handle
@@ -161,7 +170,7 @@ def _int32(tensor: torch.Tensor) -> torch.Tensor:
 def intranode_handle(state: Any, owner: int) -> NormalHandle:
     """Upstream's 8-entry intranode handle of a DispatchState."""
     rank_prefix, block_starts, expert_prefix, recv_counts = state.plan.handle_arrays
-    handle = NormalHandle(
+    return NormalHandle(
         (
             rank_prefix,
             block_starts,
@@ -174,9 +183,8 @@ def intranode_handle(state: Any, owner: int) -> NormalHandle:
         ),
         state,
         owner,
+        anchor=3,  # the int32 copy of recv_src_idx is the handle's own
     )
-    remember(handle, 3)  # the int32 copy of recv_src_idx is the handle's own
-    return handle
 
 
 def internode_handle(
@@ -198,7 +206,7 @@ def internode_handle(
     # expert twice arrives twice, each row with its selection's weight).
     real = state.recv_src_k >= 0
     expand_scales = recv_topk_weights.cpu().gather(1, state.recv_src_k.clamp(min=0).view(-1, 1)).flatten() * real
-    handle = NormalHandle(
+    return NormalHandle(
         (
             state.recv_src_idx.to(torch.int32),
             in_rank,
@@ -212,9 +220,8 @@ def internode_handle(
         ),
         state,
         owner,
+        anchor=0,  # recv_src_idx is int64: its int32 copy is the handle's own
     )
-    remember(handle, 0)  # recv_src_idx is int64: its int32 copy is the handle's own
-    return handle
 
 
 def alltoall_handle(state: Any, rank: int, hidden_shape: torch.Size, owner: int) -> AlltoAllHandle:
@@ -230,7 +237,7 @@ def alltoall_handle(state: Any, rank: int, hidden_shape: torch.Size, owner: int)
     position = torch.full((plan.dest_rank.size,), -1, dtype=torch.int32)
     position[order] = torch.arange(order.numel(), dtype=torch.int32)
     sent = plan.tokens_per_expert_all[rank].reshape(plan.num_ranks, experts_per_rank).sum(1)
-    handle = AlltoAllHandle(
+    return AlltoAllHandle(
         {
             "input_splits": sent.tolist(),
             "output_splits": plan.recv_counts.sum(0).tolist(),
@@ -243,6 +250,5 @@ def alltoall_handle(state: Any, rank: int, hidden_shape: torch.Size, owner: int)
         },
         state,
         owner,
+        anchor="reversed_local_mapping",
     )
-    remember(handle, "reversed_local_mapping")
-    return handle

@@ -420,8 +420,8 @@ class _LowLatencyStrategyBase(LowLatencyEPCommStrategy):
             ),
             state,
             rt.runtime_id,
+            anchor=1,  # the slice of layout_range is a view made for this handle
         )
-        handles.remember(handle, 1)  # the slice of layout_range is a view made for this handle
         return recv_x, recv_count, handle, event, hook
 
     def low_latency_combine(
