@@ -246,7 +246,7 @@ def mpi_main(argv: Optional[List[str]] = None) -> None:
     from mpi4py import MPI
 
     from . import bench
-    from .testing import free_port
+    from .testing import join_group, rendezvous
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--args", required=True, help="JSON file of the bench's parsed arguments")
@@ -257,9 +257,8 @@ def mpi_main(argv: Optional[List[str]] = None) -> None:
     comm = MPI.COMM_WORLD
     rank, num_ranks = comm.Get_rank(), comm.Get_size()
     try:
-        port = comm.bcast(free_port() if rank == 0 else None, root=0)
-        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-        dist.init_process_group("gloo", rank=rank, world_size=num_ranks)
+        store = rendezvous() if rank == 0 else None  # rank 0 holds it until every rank has joined
+        join_group("gloo", rank, num_ranks, comm.bcast(store.port if rank == 0 else None, root=0))
         bench.set_rank_threads(args, num_ranks)
         timings, baselines = bench.bench_normal(rank, dist.group.WORLD, args, MpiSync(comm), MpiBaselines(comm, args))
         dist.destroy_process_group()

@@ -13,11 +13,29 @@ import torch.multiprocessing as mp
 
 from .utils import usable_cores
 
+LOOPBACK = "127.0.0.1"
+
 
 def free_port() -> int:
+    """A port no socket of this host holds right now. Another process may take it before it is bound
+    again: where one side of a rendezvous can hold its socket open, use `rendezvous` instead."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((LOOPBACK, 0))
         return s.getsockname()[1]
+
+
+def rendezvous() -> dist.TCPStore:
+    """A torch.distributed store listening on 127.0.0.1, on a port the OS picked when it bound it
+    (`.port`): ranks join it with `join_group`, and it must stay alive until they have. Binding it
+    once leaves no window in which another socket of the host (gloo opens many) can take the port,
+    as choosing a free port and having rank 0 bind it later does (EADDRINUSE at random)."""
+    return dist.TCPStore(LOOPBACK, 0, is_master=True, wait_for_workers=False)
+
+
+def join_group(backend: str, rank: int, num_ranks: int, port: int) -> None:
+    """init_process_group(backend) for `rank` of `num_ranks`, through the `rendezvous` store on `port`."""
+    store = dist.TCPStore(LOOPBACK, port, is_master=False)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=num_ranks)
 
 
 DEVICES = ("cpu", "npu")
@@ -29,7 +47,7 @@ def torch_threads_per_rank(num_ranks: int) -> int:
     return max(1, usable_cores() // num_ranks)
 
 
-def _run_rank(
+def run_rank(
     rank: int,
     num_ranks: int,
     port: int,
@@ -39,8 +57,9 @@ def _run_rank(
     device: str = "cpu",
     share_threads: bool = True,
 ) -> None:
+    """One rank of `spawn_ranks`: sets `env`, joins the group through the `rendezvous` store on `port`
+    and runs fn(rank, num_ranks, group, *args)."""
     os.environ.update(env)
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     if share_threads:
         # Ranks share the machine's cores; oversubscribed threads would only slow every rank down.
         torch.set_num_threads(torch_threads_per_rank(num_ranks))
@@ -50,7 +69,7 @@ def _run_rank(
 
         torch.npu.set_device(rank)
         backend = "hccl"
-    dist.init_process_group(backend, rank=rank, world_size=num_ranks)
+    join_group(backend, rank, num_ranks, port)
     try:
         fn(rank, num_ranks, dist.group.WORLD, *args)
     finally:
@@ -75,9 +94,10 @@ def spawn_ranks(
     """
     if device not in DEVICES:
         raise ValueError(f"device must be one of {list(DEVICES)}, got {device!r}")
+    store = rendezvous()
     mp.spawn(
-        _run_rank,
-        args=(num_ranks, free_port(), dict(env or {}), fn, args, device, share_threads),
+        run_rank,
+        args=(num_ranks, store.port, dict(env or {}), fn, args, device, share_threads),
         nprocs=num_ranks,
         join=True,
     )

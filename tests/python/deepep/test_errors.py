@@ -30,7 +30,7 @@ from common import Inputs, make_inputs, our_segments, reference_of  # noqa: E402
 
 import deep_ep  # noqa: E402
 import deep_ep_cpp  # noqa: E402
-from deep_ep.testing import _run_rank, free_port, spawn_ranks  # noqa: E402
+from deep_ep.testing import rendezvous, run_rank, spawn_ranks  # noqa: E402
 from deep_ep.transport import shm as shm_transport  # noqa: E402
 
 HIDDEN, EXPERTS, TOPK = 32, 8, 3
@@ -466,9 +466,10 @@ def killed_peer(rank: int, num_ranks: int, group, strategy: str, when: str, work
 def test_killed_peer(strategy: str, when: str, tmp_path) -> None:
     # spawn_ranks would terminate rank 0 as soon as it sees rank 1 die, so the ranks are started
     # here and rank 0 is waited for on its own.
+    store = rendezvous()
     context = mp.spawn(
-        _run_rank,
-        args=(2, free_port(), {"DEEP_EP_TIMEOUT_S": "60"}, killed_peer, (strategy, when, str(tmp_path))),
+        run_rank,
+        args=(2, store.port, {"DEEP_EP_TIMEOUT_S": "60"}, killed_peer, (strategy, when, str(tmp_path))),
         nprocs=2,
         join=False,
     )

@@ -29,7 +29,7 @@ from common import Inputs, make_inputs, our_segments  # noqa: E402
 
 import deep_ep  # noqa: E402
 import deep_ep_cpp  # noqa: E402
-from deep_ep.testing import free_port, spawn_ranks  # noqa: E402
+from deep_ep.testing import join_group, rendezvous, spawn_ranks  # noqa: E402
 from deep_ep.transport import collective  # noqa: E402
 from deep_ep.transport import shm as shm_transport  # noqa: E402
 
@@ -204,9 +204,9 @@ def constructing_rank(rank: int, num_ranks: int, port: int, which: int, first_us
     """Rank 1 dies while its shared memory is mapped: in Buffer construction (the "default" strategies map
     it there), or with `first_use` when a "default" normal strategy is set later on a Buffer built with
     "alltoall" (its first use). Rank 0 writes what it saw to workdir/rank0.json."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DEEP_EP_TIMEOUT_S="30")
+    os.environ.update(DEEP_EP_TIMEOUT_S="30")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=num_ranks)
+    join_group("gloo", rank, num_ranks, port)
     pids: List[Optional[int]] = [None] * num_ranks
     dist.all_gather_object(pids, os.getpid())
     buffer = None
@@ -239,7 +239,8 @@ def constructing_rank(rank: int, num_ranks: int, port: int, which: int, first_us
 )
 def test_rank_killed_in_construction_leaves_no_segment(which: int, first_use: bool, tmp_path) -> None:
     # spawn_ranks would terminate rank 0 as soon as rank 1 dies, so rank 0 is waited for on its own.
-    context = mp.spawn(constructing_rank, args=(2, free_port(), which, first_use, str(tmp_path)), nprocs=2, join=False)
+    store = rendezvous()
+    context = mp.spawn(constructing_rank, args=(2, store.port, which, first_use, str(tmp_path)), nprocs=2, join=False)
     pids = [p.pid for p in context.processes]
     try:
         context.processes[0].join(120)
