@@ -16,6 +16,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <thread>
+#include <type_traits>
 
 namespace deep_ep {
 
@@ -100,18 +101,21 @@ void load_row(const std::uint8_t* row, Dtype dtype, std::size_t hidden, float* o
 
 // out[h] = fp16 of float32 of acc[h]. A function of its own: inside store_row's switch over a byte
 // pointer GCC 12 does not vectorize this loop.
-DEEP_EP_VECTORIZED
-void store_f16_row(const double* acc, std::size_t hidden, std::uint16_t* out) {
+template <typename Sum>
+DEEP_EP_VECTORIZED void store_f16_row(const Sum* acc, std::size_t hidden, std::uint16_t* out) {
     for (std::size_t h = 0; h < hidden; ++h) out[h] = float_to_f16(static_cast<float>(acc[h]));
 }
 
-// Writes a float64 accumulator as `dtype` (16-bit types through float32, always the same bits).
-DEEP_EP_VECTORIZED
-void store_row(const double* acc, Dtype dtype, std::size_t hidden, std::uint8_t* row) {
+// Writes a row of sums (float64 or float32) as `dtype`: 16-bit types through float32, always the
+// same bits. Float64 rows are written from float64 sums only (combine_reduce checks).
+template <typename Sum>
+DEEP_EP_VECTORIZED void store_row(const Sum* acc, Dtype dtype, std::size_t hidden, std::uint8_t* row) {
     switch (dtype) {
-        case Dtype::Float64:
-            std::memcpy(row, acc, hidden * sizeof(double));
+        case Dtype::Float64: {
+            auto* v = reinterpret_cast<double*>(row);
+            for (std::size_t h = 0; h < hidden; ++h) v[h] = static_cast<double>(acc[h]);
             break;
+        }
         case Dtype::Float32: {
             auto* v = reinterpret_cast<float*>(row);
             for (std::size_t h = 0; h < hidden; ++h) v[h] = static_cast<float>(acc[h]);
@@ -128,33 +132,42 @@ void store_row(const double* acc, Dtype dtype, std::size_t hidden, std::uint8_t*
     }
 }
 
-// acc += weight * row in float64, one element at a time in a fixed order (no FMA: see CMake flags;
-// the AVX-512 blocked path below fuses them where that gives the same bits).
-DEEP_EP_VECTORIZED
-void accumulate_row(double* acc, const std::uint8_t* row, Dtype dtype, std::size_t hidden, double weight) {
+// acc += weight * row, one element at a time in a fixed order, in the sums' type (no FMA: see the
+// CMake flags; the AVX-512 blocked path below fuses them only where that gives the same bits).
+// Values widen exactly; float64 values come only with float64 sums (combine_reduce checks).
+template <typename Sum>
+DEEP_EP_VECTORIZED void accumulate_row(Sum* acc, const std::uint8_t* row, Dtype dtype, std::size_t hidden,
+                                       Sum weight) {
     switch (dtype) {
         case Dtype::Float64: {
             const auto* v = reinterpret_cast<const double*>(row);
-            for (std::size_t h = 0; h < hidden; ++h) acc[h] += weight * v[h];
+            for (std::size_t h = 0; h < hidden; ++h) acc[h] += weight * static_cast<Sum>(v[h]);
             break;
         }
         case Dtype::Float32: {
             const auto* v = reinterpret_cast<const float*>(row);
-            for (std::size_t h = 0; h < hidden; ++h) acc[h] += weight * static_cast<double>(v[h]);
+            for (std::size_t h = 0; h < hidden; ++h) acc[h] += weight * static_cast<Sum>(v[h]);
             break;
         }
         case Dtype::BFloat16: {
             const auto* v = reinterpret_cast<const std::uint16_t*>(row);
-            for (std::size_t h = 0; h < hidden; ++h) acc[h] += weight * static_cast<double>(bf16_to_float(v[h]));
+            for (std::size_t h = 0; h < hidden; ++h) acc[h] += weight * static_cast<Sum>(bf16_to_float(v[h]));
             break;
         }
         case Dtype::Float16: {
             const auto* v = reinterpret_cast<const std::uint16_t*>(row);
-            for (std::size_t h = 0; h < hidden; ++h) acc[h] += weight * static_cast<double>(f16_to_float(v[h]));
+            for (std::size_t h = 0; h < hidden; ++h) acc[h] += weight * static_cast<Sum>(f16_to_float(v[h]));
             break;
         }
     }
 }
+
+// One term of a reduced row: weight * row, a row of `hidden` values of `dtype`.
+struct RowTerm {
+    const std::uint8_t* row;
+    Dtype dtype;
+    double weight;
+};
 
 }  // namespace
 
@@ -306,7 +319,9 @@ void quantize_int8(const void* x, Dtype dtype, std::size_t rows, std::size_t hid
 #if DEEP_EP_X86_INTRINSICS
 namespace {
 
-constexpr std::size_t kBlockColumns = 32;  // four registers of 8 float64 sums
+// A block is four registers of sums: 32 float64 or 64 float32 columns.
+template <typename Sum>
+constexpr std::size_t kBlockColumns = 4 * 64 / sizeof(Sum);
 
 bool cpu_has_avx512() {
     static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -333,36 +348,70 @@ DEEP_EP_AVX512 inline __m512d widen8(const std::uint8_t* values) {
     return _mm512_maskz_cvtps_pd(0xFF, floats);
 }
 
-// sums[j] += weight * row[8j, 8j + 8) for the 32 columns of a block. A fused multiply-add, and
-// still the bits of accumulate_row's multiply, then add: a float32 weight times a bf16 / fp16 /
+// 16 values of type D widened exactly to float32, as widen8 does (all-lanes masked forms likewise).
+template <Dtype D>
+DEEP_EP_AVX512 inline __m512 widen16(const std::uint8_t* values) {
+    constexpr __mmask16 kAll = 0xFFFF;
+    if constexpr (D == Dtype::Float32) return _mm512_loadu_ps(reinterpret_cast<const float*>(values));
+    const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(values));
+    if constexpr (D == Dtype::BFloat16)
+        return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(kAll, _mm512_maskz_cvtepu16_epi32(kAll, bits), 16));
+    return _mm512_maskz_cvtph_ps(kAll, bits);
+}
+
+// sums[j] += weight * row[8j, 8j + 8) for the 32 columns of a float64 block. A fused multiply-add,
+// and still the bits of accumulate_row's multiply, then add: a float32 weight times a bf16 / fp16 /
 // float32 value has at most 24 + 24 significant bits, so the float64 product is exact and rounding
 // it first changes nothing; only the add rounds, in both.
 template <Dtype D>
 DEEP_EP_AVX512 inline void add_block(__m512d* sums, const std::uint8_t* row, double weight) {
     constexpr std::size_t kStride = D == Dtype::Float32 ? 32 : 16;  // bytes of 8 values
     const __m512d w = _mm512_set1_pd(weight);
-    sums[0] = _mm512_fmadd_pd(w, widen8<D>(row), sums[0]);
-    sums[1] = _mm512_fmadd_pd(w, widen8<D>(row + kStride), sums[1]);
-    sums[2] = _mm512_fmadd_pd(w, widen8<D>(row + 2 * kStride), sums[2]);
-    sums[3] = _mm512_fmadd_pd(w, widen8<D>(row + 3 * kStride), sums[3]);
+    for (std::size_t j = 0; j < 4; ++j) sums[j] = _mm512_fmadd_pd(w, widen8<D>(row + j * kStride), sums[j]);
 }
 
-// bf16, fp16 and float32 rows (128 tokens x 8 rows x 2048 on one core, whole-row -> blocked: bf16
-// 364-368 -> 299-301 us, fp16 3240-3245 -> 662-693 us (f16_to_float's branches then kept the
-// whole-row loop scalar), float32 296-298 -> 246-254 us; with the fused multiply-add: bf16 253-256,
-// fp16 615-621, float32 207-212 us; fp16 218-222 us once store_f16_blocks writes the output).
-// float64 partial sums (internode) stay whole-row: a float64 value times a weight is not exact, so
-// there a fused multiply-add would change the bits.
+// sums[j] += weight * row[16j, 16j + 16) for the 64 columns of a float32 block: a multiply, then an
+// add, each rounded, as accumulate_row<float> does (a fused multiply-add would round once, so here
+// it would change the bits).
+template <Dtype D>
+DEEP_EP_AVX512 inline void add_block(__m512* sums, const std::uint8_t* row, double weight) {
+    constexpr std::size_t kStride = D == Dtype::Float32 ? 64 : 32;  // bytes of 16 values
+    const __m512 w = _mm512_set1_ps(static_cast<float>(weight));
+    for (std::size_t j = 0; j < 4; ++j)
+        sums[j] = _mm512_add_ps(sums[j], _mm512_mul_ps(w, widen16<D>(row + j * kStride)));
+}
+
+DEEP_EP_AVX512 inline void zero_block(__m512d* sums) {
+    for (std::size_t j = 0; j < 4; ++j) sums[j] = _mm512_setzero_pd();
+}
+DEEP_EP_AVX512 inline void zero_block(__m512* sums) {
+    for (std::size_t j = 0; j < 4; ++j) sums[j] = _mm512_setzero_ps();
+}
+DEEP_EP_AVX512 inline void store_block(const __m512d* sums, double* out) {
+    for (std::size_t j = 0; j < 4; ++j) _mm512_storeu_pd(out + 8 * j, sums[j]);
+}
+DEEP_EP_AVX512 inline void store_block(const __m512* sums, float* out) {
+    for (std::size_t j = 0; j < 4; ++j) _mm512_storeu_ps(out + 16 * j, sums[j]);
+}
+
+// bf16, fp16 and float32 rows, float64 sums (128 tokens x 8 rows x 2048 on one core, whole-row ->
+// blocked: bf16 364-368 -> 299-301 us, fp16 3240-3245 -> 662-693 us (f16_to_float's branches then
+// kept the whole-row loop scalar), float32 296-298 -> 246-254 us; with the fused multiply-add: bf16
+// 253-256, fp16 615-621, float32 207-212 us; fp16 218-222 us once store_f16_blocks writes the
+// output). float64 partial sums (internode) stay whole-row: a float64 value times a weight is not
+// exact, so there a fused multiply-add would change the bits. Float32 sums: docs/low_latency_data_path.md.
 bool blockable(const RowTerm& term) { return term.dtype != Dtype::Float64; }
 
 // scratch[0, columns) = sum over terms in order of weight * row, for bf16 / fp16 / float32 rows and
-// columns a multiple of kBlockColumns: per column the same multiplies and adds in the same order as
-// accumulate_row (so the same bits), but the sums of a block stay in registers across the terms
-// instead of going through memory once per term.
-DEEP_EP_AVX512 void accumulate_blocks(const RowTerm* terms, std::size_t count, std::size_t columns,
-                                      double* scratch) {
-    for (std::size_t h = 0; h < columns; h += kBlockColumns) {
-        __m512d sums[4] = {_mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd()};
+// columns a multiple of kBlockColumns<Sum>: per column the same multiplies and adds in the same
+// order as accumulate_row (so the same bits), but the sums of a block stay in registers (Vector:
+// __m512d for float64 sums, __m512 for float32) across the terms instead of going through memory
+// once per term.
+template <typename Vector, typename Sum>
+DEEP_EP_AVX512 void accumulate_blocks(const RowTerm* terms, std::size_t count, std::size_t columns, Sum* scratch) {
+    for (std::size_t h = 0; h < columns; h += kBlockColumns<Sum>) {
+        Vector sums[4];
+        zero_block(sums);
         for (std::size_t k = 0; k < count; ++k) {
             const std::uint8_t* row = terms[k].row + h * dtype_size(terms[k].dtype);
             switch (terms[k].dtype) {
@@ -377,7 +426,7 @@ DEEP_EP_AVX512 void accumulate_blocks(const RowTerm* terms, std::size_t count, s
                     break;
             }
         }
-        for (std::size_t j = 0; j < 4; ++j) _mm512_storeu_pd(scratch + h + 8 * j, sums[j]);
+        store_block(sums, scratch + h);
     }
 }
 
@@ -403,34 +452,48 @@ DEEP_EP_AVX512 std::size_t store_f16_blocks(const double* acc, std::size_t hidde
 }  // namespace
 #endif
 
+namespace {
+
+// out [hidden] of out_dtype = sum over terms in order of weight * row, per element in Sum (float64
+// or float32; no fused multiply-add where it would change the bits), rounded once (16-bit types
+// through float32); scratch holds hidden sums. Whole rows at a time (the sums in scratch); on
+// AVX-512 CPUs, rows that are all bf16 / fp16 / float32 go a block at a time with the sums in
+// registers, the same operations in the same order, and fp16 outputs of float64 sums are rounded by
+// the hardware conversions (the same bits as the software ones).
+template <typename Sum>
 void reduce_row(const RowTerm* terms, std::size_t count, std::size_t hidden, Dtype out_dtype, std::uint8_t* out,
-                double* scratch) {
+                Sum* scratch) {
     std::size_t done = 0;  // leading columns already summed
 #if DEEP_EP_X86_INTRINSICS
     if (count > 0 && std::all_of(terms, terms + count, blockable) && cpu_has_avx512()) {
-        done = hidden / kBlockColumns * kBlockColumns;
-        accumulate_blocks(terms, count, done, scratch);
+        done = hidden / kBlockColumns<Sum> * kBlockColumns<Sum>;
+        if constexpr (std::is_same_v<Sum, double>)
+            accumulate_blocks<__m512d>(terms, count, done, scratch);
+        else
+            accumulate_blocks<__m512>(terms, count, done, scratch);
     }
 #endif
-    std::fill(scratch + done, scratch + hidden, 0.0);
+    std::fill(scratch + done, scratch + hidden, Sum{0});
     for (std::size_t k = 0; k < count; ++k)
         accumulate_row(scratch + done, terms[k].row + done * dtype_size(terms[k].dtype), terms[k].dtype,
-                       hidden - done, terms[k].weight);
+                       hidden - done, static_cast<Sum>(terms[k].weight));
     std::size_t stored = 0;  // leading columns already written
 #if DEEP_EP_X86_INTRINSICS
-    if (out_dtype == Dtype::Float16 && cpu_has_avx512()) stored = store_f16_blocks(scratch, hidden, out);
+    if constexpr (std::is_same_v<Sum, double>)
+        if (out_dtype == Dtype::Float16 && cpu_has_avx512()) stored = store_f16_blocks(scratch, hidden, out);
 #endif
     store_row(scratch + stored, out_dtype, hidden - stored, out + stored * dtype_size(out_dtype));
 }
 
-void combine_reduce(void* out, Dtype out_dtype, std::size_t tokens, std::size_t columns, std::size_t hidden,
-                    const std::vector<const std::uint8_t*>& srcs, const std::vector<Dtype>& src_dtypes,
-                    const std::int32_t* src_rank, const std::int64_t* src_row, const float* weights,
-                    const Bias& bias0, const Bias& bias1, int num_threads) {
+template <typename Sum>
+void reduce_rows(void* out, Dtype out_dtype, std::size_t tokens, std::size_t columns, std::size_t hidden,
+                 const std::vector<const std::uint8_t*>& srcs, const std::vector<Dtype>& src_dtypes,
+                 const std::int32_t* src_rank, const std::int64_t* src_row, const float* weights, const Bias& bias0,
+                 const Bias& bias1, int num_threads) {
     auto* out_base = static_cast<std::uint8_t*>(out);
     const std::size_t out_stride = hidden * dtype_size(out_dtype);
     parallel_for(tokens, tokens * columns * hidden * 2, num_threads, [&](std::size_t begin, std::size_t end) {
-        std::vector<double> acc(hidden);
+        std::vector<Sum> acc(hidden);
         std::vector<RowTerm> terms;
         terms.reserve(columns + 2);
         for (std::size_t t = begin; t < end; ++t) {
@@ -452,6 +515,27 @@ void combine_reduce(void* out, Dtype out_dtype, std::size_t tokens, std::size_t 
             reduce_row(terms.data(), terms.size(), hidden, out_dtype, out_base + t * out_stride, acc.data());
         }
     });
+}
+
+}  // namespace
+
+void combine_reduce(void* out, Dtype out_dtype, std::size_t tokens, std::size_t columns, std::size_t hidden,
+                    const std::vector<const std::uint8_t*>& srcs, const std::vector<Dtype>& src_dtypes,
+                    const std::int32_t* src_rank, const std::int64_t* src_row, const float* weights,
+                    const Bias& bias0, const Bias& bias1, Dtype sums, int num_threads) {
+    if (sums == Dtype::Float64) {
+        reduce_rows<double>(out, out_dtype, tokens, columns, hidden, srcs, src_dtypes, src_rank, src_row, weights,
+                            bias0, bias1, num_threads);
+        return;
+    }
+    // Float64 values or outputs would lose bits in float32 sums.
+    const auto is_float64 = [](Dtype dtype) { return dtype == Dtype::Float64; };
+    if (sums != Dtype::Float32 || is_float64(out_dtype) ||
+        std::any_of(src_dtypes.begin(), src_dtypes.end(), is_float64) ||
+        (bias0.data != nullptr && is_float64(bias0.dtype)) || (bias1.data != nullptr && is_float64(bias1.dtype)))
+        throw std::invalid_argument("combine_reduce: sums are float64, or float32 of 16/32-bit rows and outputs");
+    reduce_rows<float>(out, out_dtype, tokens, columns, hidden, srcs, src_dtypes, src_rank, src_row, weights, bias0,
+                       bias1, num_threads);
 }
 
 }  // namespace deep_ep

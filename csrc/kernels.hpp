@@ -30,34 +30,21 @@ void quantize_int8(const void* x, Dtype dtype, std::size_t rows, std::size_t hid
 float quantize_row(const std::uint8_t* row, Dtype dtype, std::size_t hidden, float* scratch, std::int8_t* q);
 
 // out[t] = sum over c of weights[t, c] * srcs[src_rank[t, c]][src_row[t, c]] (c ascending,
-// entries with src_rank < 0 skipped) + bias0[t] + bias1[t], accumulated in float64: every
-// product of a float32 weight and a 16/32-bit value is exact there, so sums that are split
-// differently (per node, in internode combine) round to the same output in all but
-// vanishingly rare cases. Source s holds rows of src_dtypes[s] (Float64 for partial sums).
+// entries with src_rank < 0 skipped) + bias0[t] + bias1[t], each product added into a sum of
+// `sums` (Float64 or Float32), then rounded once to out_dtype (16-bit types through float32).
+// Float64: every product of a float32 weight and a 16/32-bit value is exact there, so sums that
+// are split differently (per node, in internode combine) round to the same output in all but
+// vanishingly rare cases; source s holds rows of src_dtypes[s] (Float64 for partial sums, which
+// only these sums take). Float32: each product and each add rounds to float32, as a float32 loop
+// over c does; 16/32-bit sources and outputs only. Either way reruns give the same bits.
 struct Bias {
     const void* data = nullptr;  // [tokens, hidden] or null
     Dtype dtype = Dtype::Float32;
 };
 
-// One term of a reduced row: weight * row, a row of `hidden` values of `dtype`.
-struct RowTerm {
-    const std::uint8_t* row;
-    Dtype dtype;
-    double weight;
-};
-
-// out [hidden] of out_dtype = sum over terms in order of weight * row, per element in float64 (no
-// fused multiply-add), rounded once (16-bit types through float32); scratch holds hidden doubles.
-// The one reduction of combine, in both modes. Whole rows at a time (the sums in scratch); on
-// AVX-512 CPUs, rows that are all bf16 / fp16 / float32 go 32 columns at a time with the sums in
-// registers, the same operations in the same order, and fp16 outputs are rounded by the hardware
-// conversions (the same bits as the software ones).
-void reduce_row(const RowTerm* terms, std::size_t count, std::size_t hidden, Dtype out_dtype, std::uint8_t* out,
-                double* scratch);
-
 void combine_reduce(void* out, Dtype out_dtype, std::size_t tokens, std::size_t columns, std::size_t hidden,
                     const std::vector<const std::uint8_t*>& srcs, const std::vector<Dtype>& src_dtypes,
                     const std::int32_t* src_rank, const std::int64_t* src_row, const float* weights,
-                    const Bias& bias0, const Bias& bias1, int num_threads);
+                    const Bias& bias0, const Bias& bias1, Dtype sums, int num_threads);
 
 }  // namespace deep_ep

@@ -278,7 +278,7 @@ void register_low_latency(py::module_& m) {
            std::uintptr_t own, const Array<std::int64_t>& own_rows, std::size_t own_count,
            std::size_t placement_offset, const std::vector<std::uintptr_t>& in_place_rows,
            std::size_t in_place_count, const Array<std::int64_t>& topk_idx, const Array<std::int64_t>& slot,
-           std::size_t experts_per_rank, const std::vector<std::uintptr_t>& ack_addrs, int num_threads) {
+           std::size_t experts_per_rank, const std::vector<std::uintptr_t>& ack_addrs, int sums, int num_threads) {
             const std::size_t n = tokens * topk;
             const std::size_t holders = signal_addrs.size();
             if (in_place_rows.size() != holders || experts_per_rank == 0)
@@ -294,6 +294,7 @@ void register_low_latency(py::module_& m) {
                                               " outside x's " + std::to_string(own_count) + " rows");
             const Dtype type = to_dtype(dtype);
             if (dtype_size(type) != 2) throw py::value_error("ll_combine_receive: rows must be 16-bit");
+            const Dtype sum_type = to_dtype(sums, true);
             const auto* drop = checked_data(dropped, n, "dropped");
             const auto* w = checked_data(weights, n, "weights");
             if (!Wait{sync, timeout_s, what}.headers_agree(signal_addrs, seq, header_offset, header, compared))
@@ -335,7 +336,7 @@ void register_low_latency(py::module_& m) {
                 py::gil_scoped_release release;
                 combine_reduce(pointer<void>(out), type, tokens, topk, hidden, sources,
                                std::vector<Dtype>(sources.size(), type), source.data(), row.data(), w, Bias{}, Bias{},
-                               num_threads);
+                               sum_type, num_threads);
             }
             for (std::uintptr_t addr : ack_addrs) store_counter(addr, seq);
             return true;
@@ -345,15 +346,16 @@ void register_low_latency(py::module_& m) {
         py::arg("dtype"), py::arg("tokens"), py::arg("topk"), py::arg("hidden"), py::arg("dropped"),
         py::arg("weights"), py::arg("out"), py::arg("own"), py::arg("own_rows"), py::arg("own_count"),
         py::arg("placement_offset"), py::arg("in_place_rows"), py::arg("in_place_count"), py::arg("topk_idx"),
-        py::arg("slot"), py::arg("experts_per_rank"), py::arg("ack_addrs"), py::arg("num_threads") = 1,
+        py::arg("slot"), py::arg("experts_per_rank"), py::arg("ack_addrs"), py::arg("sums"), py::arg("num_threads") = 1,
         "Waits until every holder signalled call `seq` (RuntimeError naming the ranks after timeout_s); returns "
         "False, touching nothing, if a header differs from `header` in its first `compared` words. Else "
         "out[t] (16-bit `dtype`) = sum over k ascending, where dropped[t, k] >= 0, of weights[t, k] * row "
         "t * topk + k of `rows` (row own_rows[t, k] of `own`, this rank's x of own_count rows, where that "
-        "is >= 0; own_rows may be empty), in float64 as combine_reduce; a holder whose mailbox says it left "
-        "its rows in place (word 1 at placement_offset, then the first row of block (l, this rank) per local "
-        "expert l) is read there instead: row block_first[l] + slot[t, k] of in_place_rows[holder] "
-        "(in_place_count rows), l and the holder from topk_idx [T, topk] (the dispatch's ids). Then "
+        "is >= 0; own_rows may be empty), summed as combine_reduce does in sums of dtype code `sums`; a "
+        "holder whose mailbox says it left its rows in place (word 1 at placement_offset, then the first row "
+        "of block (l, this rank) per local expert l) is read there instead: row block_first[l] + slot[t, k] "
+        "of in_place_rows[holder] (in_place_count rows), l and the holder from topk_idx [T, topk] (the "
+        "dispatch's ids). Then "
         "release-stores `seq` into every ack address and returns True.");
 
     m.def(

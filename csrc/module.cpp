@@ -532,7 +532,7 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
            const std::vector<std::uintptr_t>& srcs, const std::vector<std::int64_t>& src_rows,
            const std::vector<int>& src_dtypes, const Array<std::int32_t>& src_rank, const Array<std::int64_t>& src_row,
            std::uintptr_t weights, std::uintptr_t bias0, int bias0_dtype, std::uintptr_t bias1, int bias1_dtype,
-           int num_threads) {
+           int sums, int num_threads) {
             if (srcs.size() != src_rows.size() || srcs.size() != src_dtypes.size())
                 throw py::value_error("combine_reduce: srcs, src_rows and src_dtypes differ in length");
             const std::size_t n = tokens * columns;
@@ -546,14 +546,16 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
             const Bias b0{reinterpret_cast<const void*>(bias0), to_dtype(bias0_dtype)};
             const Bias b1{reinterpret_cast<const void*>(bias1), to_dtype(bias1_dtype)};
             const Dtype out_type = to_dtype(out_dtype, true);
+            const Dtype sum_type = to_dtype(sums, true);
             py::gil_scoped_release release;
             combine_reduce(reinterpret_cast<void*>(out), out_type, tokens, columns, hidden, pointers, dtypes, rank, row,
-                           w, b0, b1, num_threads);
+                           w, b0, b1, sum_type, num_threads);
         },
         py::arg("out"), py::arg("out_dtype"), py::arg("tokens"), py::arg("columns"), py::arg("hidden"),
         py::arg("srcs"), py::arg("src_rows"), py::arg("src_dtypes"), py::arg("src_rank"), py::arg("src_row"),
         py::arg("weights"), py::arg("bias0") = 0, py::arg("bias0_dtype") = 0, py::arg("bias1") = 0,
-        py::arg("bias1_dtype") = 0, py::arg("num_threads") = 1,
-        "out[t] = sum_c weights[t,c] * srcs[src_rank[t,c]][src_row[t,c]] (+ biases), in float64, c ascending; "
-        "weights: the address of a contiguous float32 [tokens, columns].");
+        py::arg("bias1_dtype") = 0, py::arg("sums") = static_cast<int>(Dtype::Float64), py::arg("num_threads") = 1,
+        "out[t] = sum_c weights[t,c] * srcs[src_rank[t,c]][src_row[t,c]] (+ biases), c ascending, in `sums` "
+        "(the dtype code of float64, or of float32 for 16/32-bit rows and outputs: each product and add "
+        "rounded to float32); weights: the address of a contiguous float32 [tokens, columns].");
 }

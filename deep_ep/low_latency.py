@@ -56,6 +56,10 @@ LL_HEADER_FIELDS = (
 # rank must agree on (dispatch: all but num_tokens; combine: all, the last being the dispatch's call number).
 LL_KINDS = ("low_latency_dispatch", "low_latency_combine")
 LL_COMPARED = (7, 8)
+# low_latency_combine's sums, on every strategy: float32, each product and add rounded
+# (docs/low_latency_data_path.md, "The reduction").
+# Normal mode sums in float64, which its hierarchical transport's per-node partial sums need.
+LL_SUMS = torch.float32
 
 
 class LowLatencyTransport(Protocol):

@@ -95,10 +95,12 @@ def native_reduce(
     weights: torch.Tensor,
     biases: Sequence[torch.Tensor],
     threads: Optional[int],
+    sums: torch.dtype = torch.float64,
 ) -> None:
     """weighted_reduce's CPU kernel on raw rows: `sources` are the addresses of contiguous
     [source_rows[i], H] rows of dtypes[i]; src_rank int32 / src_row int64 numpy [T, C]; weights:
-    float32 [T, C]; biases: up to two CPU [T, H] tensors; threads: None for every usable core."""
+    float32 [T, C]; biases: up to two CPU [T, H] tensors; threads: None for every usable core;
+    sums: the dtype of the sums, as in weighted_reduce."""
     # Kept in names: the kernel reads them by address, so contiguous copies must outlive the call.
     weights = weights.contiguous()
     biases = [b.contiguous() for b in biases]
@@ -119,6 +121,7 @@ def native_reduce(
         src_row,
         weights.data_ptr(),
         *bias_args,
+        NATIVE_DTYPE_CODES[sums],
         threads or num_threads(),
     )
 
@@ -133,13 +136,16 @@ def weighted_reduce(
     biases: Sequence[Optional[torch.Tensor]] = (),
     threads: Optional[int] = None,
     device_path: bool = False,
+    sums: torch.dtype = torch.float64,
 ) -> torch.Tensor:
     """out[t] = sum over columns c ascending of weights[t, c] * row(t, c) (+ biases).
 
-    Accumulates in float64: every product of a float32 weight and a 16/32-bit value is exact
-    there, so the same sum split differently (per node in internode combine) rounds to the
-    same output but in vanishingly rare cases; the order is fixed, so repeated calls and both
-    strategies give the same bits.
+    Accumulates in `sums`. float64 (normal mode): every product of a float32 weight and a
+    16/32-bit value is exact there, so the same sum split differently (per node in internode
+    combine) rounds to the same output but in vanishingly rare cases. float32 (low-latency
+    mode, 16/32-bit rows and outputs): every product and every add rounds to float32, as a
+    float32 loop over c does. The order is fixed, so repeated calls and every strategy of a
+    mode give the same bits.
 
     Args:
         out: [T, H] float32/bfloat16/float16 (float64 for partial sums), written in place.
@@ -151,6 +157,7 @@ def weighted_reduce(
         biases: up to two [T, H] tensors added at the end.
         threads: of the native kernel, as in `quantize_int8`.
         device_path: the torch branch even for CPU tensors (see native_ok).
+        sums: torch.float64 or torch.float32, the dtype of the sums.
     """
     dtypes = source_dtypes(src_dtype, len(sources))
     biases = [b.contiguous() for b in biases if b is not None]
@@ -165,15 +172,16 @@ def weighted_reduce(
             weights,
             biases,
             threads,
+            sums,
         )
         return out
     tokens, columns = src_rank.shape
     hidden = out.shape[1]
     # Device (NPU) branch: no host syncs, index tensors moved to the rows' device. Ascend NPUs have no
     # fast float64, so there the sum is float32 (within the documented float32 tolerance); on CPU (forced)
-    # float64 as above.
+    # `sums` as above.
     device = out.device
-    acc_dtype = torch.float64 if device.type == "cpu" or out.dtype == torch.float64 else torch.float32
+    acc_dtype = sums if device.type == "cpu" or out.dtype == torch.float64 else torch.float32
     acc = torch.zeros(tokens, hidden, dtype=acc_dtype, device=device)
     values = [s.view(d) for s, d in zip(sources, dtypes)]
     src_rank, src_row, weights = src_rank.to(device), src_row.to(device), weights.to(device)

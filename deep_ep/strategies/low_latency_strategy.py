@@ -27,6 +27,7 @@ from ..ep_strategy import LowLatencyEPCommStrategy, register_low_latency_strateg
 from ..low_latency import (
     LL_COMPARED,
     LL_KINDS,
+    LL_SUMS,
     LowLatencyCall,
     LowLatencyCombine,
     LowLatencyMode,
@@ -243,6 +244,7 @@ class SharedMemoryLowLatency:
             state.slot.numpy(),
             state.num_experts // ll.num_local,
             ll.recv_ack[1][parity],
+            NATIVE_DTYPE_CODES[LL_SUMS],
             mode.runtime.num_threads,
         )
         task.x = task.own_rows = None  # x is the caller's again
@@ -346,6 +348,7 @@ class AllToAllLowLatency:
             task.weights,
             threads=mode.runtime.num_threads,
             device_path=mode.runtime.device_path,
+            sums=LL_SUMS,
         )
 
 
