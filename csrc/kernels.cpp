@@ -449,6 +449,22 @@ DEEP_EP_AVX512 std::size_t store_f16_blocks(const double* acc, std::size_t hidde
     return done;
 }
 
+// The same for float32 sums, 16 columns at a time, n = hidden rounded down to 16 (128 tokens x 8
+// rows x 2048 fp16 on one core, float32 sums: 142-149 us when float_to_f16 stored them, 81-84 us here).
+DEEP_EP_AVX512 std::size_t store_f16_blocks(const float* acc, std::size_t hidden, std::uint8_t* out) {
+    const std::size_t done = hidden / 16 * 16;
+    const __m256i sign = _mm256_set1_epi16(static_cast<short>(0x8000));
+    const __m256i infinity = _mm256_set1_epi16(0x7C00);
+    for (std::size_t h = 0; h < done; h += 16) {
+        const __m256i halves = _mm512_maskz_cvtps_ph(0xFFFF, _mm512_loadu_ps(acc + h),
+                                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __mmask16 nan = _mm256_cmpgt_epu16_mask(_mm256_andnot_si256(sign, halves), infinity);
+        const __m256i quiet = _mm256_or_si256(_mm256_and_si256(halves, sign), _mm256_set1_epi16(0x7E00));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 2 * h), _mm256_mask_blend_epi16(nan, halves, quiet));
+    }
+    return done;
+}
+
 }  // namespace
 #endif
 
@@ -458,8 +474,8 @@ namespace {
 // or float32; no fused multiply-add where it would change the bits), rounded once (16-bit types
 // through float32); scratch holds hidden sums. Whole rows at a time (the sums in scratch); on
 // AVX-512 CPUs, rows that are all bf16 / fp16 / float32 go a block at a time with the sums in
-// registers, the same operations in the same order, and fp16 outputs of float64 sums are rounded by
-// the hardware conversions (the same bits as the software ones).
+// registers, the same operations in the same order, and fp16 outputs are rounded by the hardware
+// conversions (the same bits as the software ones).
 template <typename Sum>
 void reduce_row(const RowTerm* terms, std::size_t count, std::size_t hidden, Dtype out_dtype, std::uint8_t* out,
                 Sum* scratch) {
@@ -479,8 +495,7 @@ void reduce_row(const RowTerm* terms, std::size_t count, std::size_t hidden, Dty
                        hidden - done, static_cast<Sum>(terms[k].weight));
     std::size_t stored = 0;  // leading columns already written
 #if DEEP_EP_X86_INTRINSICS
-    if constexpr (std::is_same_v<Sum, double>)
-        if (out_dtype == Dtype::Float16 && cpu_has_avx512()) stored = store_f16_blocks(scratch, hidden, out);
+    if (out_dtype == Dtype::Float16 && cpu_has_avx512()) stored = store_f16_blocks(scratch, hidden, out);
 #endif
     store_row(scratch + stored, out_dtype, hidden - stored, out + stored * dtype_size(out_dtype));
 }

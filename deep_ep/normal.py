@@ -589,7 +589,8 @@ class NormalMode:
         Returns:
             (combined_x [T, H] in x's dtype, combined_topk_weights float32 [T, K] (the weights used, 0
             where topk_idx is -1), EventOverlap). combined_x[t] = sum over k with topk_idx[t, k] != -1 of
-            w[t, k] * x[row(t, k)], accumulated in float32 in k order.
+            w[t, k] * x[row(t, k)], summed in float64 in k order and rounded once (every strategy and
+            host count gives the same bits; docs/normal_data_path.md).
         """
         self.runtime.check_alive()
         stats = self._check_cost_stats("combine_send_cost_stats", combine_send_cost_stats)
