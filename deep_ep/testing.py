@@ -4,7 +4,6 @@ gloo, or one NPU per rank joined by HCCL."""
 from __future__ import annotations
 
 import os
-import socket
 from typing import Any, Callable
 
 import torch
@@ -14,14 +13,6 @@ import torch.multiprocessing as mp
 from .utils import usable_cores
 
 LOOPBACK = "127.0.0.1"
-
-
-def free_port() -> int:
-    """A port no socket of this host holds right now. Another process may take it before it is bound
-    again: where one side of a rendezvous can hold its socket open, use `rendezvous` instead."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
 
 
 def rendezvous() -> dist.TCPStore:

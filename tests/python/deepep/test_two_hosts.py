@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import two_host_runner  # noqa: E402
 from common import gather_objects, our_segments  # noqa: E402
 
-from deep_ep.testing import free_port, spawn_ranks  # noqa: E402
+from deep_ep.testing import rendezvous, spawn_ranks  # noqa: E402
 from deep_ep.transport import collective, shm  # noqa: E402
 from deep_ep.utils import timeout_seconds  # noqa: E402
 
@@ -302,7 +302,7 @@ def test_same_hostname_separate_dev_shm(tmp_path: Path) -> None:
     if reason:
         pytest.skip(reason)
     env = {k: v for k, v in os.environ.items() if k != two_host_runner.NODE_ENV}
-    port = free_port()
+    store = rendezvous()  # held here until both ranks are done: no rank has to bind a port it was told
     ranks = []
     for rank in range(2):
         command = [
@@ -311,7 +311,8 @@ def test_same_hostname_separate_dev_shm(tmp_path: Path) -> None:
             "--master",
             "127.0.0.1",
             "--port",
-            str(port),
+            str(store.port),
+            "--launcher-store",
             "--world-size",
             "2",
             "--rank",

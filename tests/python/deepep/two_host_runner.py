@@ -147,13 +147,25 @@ def fault(rank: int, num_ranks: int, group, out_dir: str, ranks_per_node: int) -
 
 
 def run_rank(
-    rank: int, world_size: int, master: str, port: int, host_ranks: int, scenarios: List[str], out_dir: str
+    rank: int,
+    world_size: int,
+    master: str,
+    port: int,
+    host_ranks: int,
+    scenarios: List[str],
+    out_dir: str,
+    launcher_store: bool = False,
 ) -> None:
     os.environ.pop(NODE_ENV, None)  # the nodes must come from host discovery alone
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://{master}:{port}", world_size=world_size, rank=rank, timeout=timedelta(seconds=60)
-    )
+    timeout = timedelta(seconds=60)
+    if launcher_store:  # the launcher listens on master:port already (deep_ep.testing.rendezvous)
+        store = dist.TCPStore(master, port, is_master=False, timeout=timeout)
+        dist.init_process_group("gloo", store=store, world_size=world_size, rank=rank, timeout=timeout)
+    else:
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://{master}:{port}", world_size=world_size, rank=rank, timeout=timeout
+        )
     for scenario in scenarios:
         SCENARIOS[scenario](rank, world_size, dist.group.WORLD, out_dir, host_ranks)
     if "fault" in scenarios:
@@ -175,8 +187,22 @@ def main() -> None:
     parser.add_argument("--host-ranks", type=int, required=True, help="ranks per host (discovery must agree)")
     parser.add_argument("--scenarios", default="results,fault")
     parser.add_argument("--out", required=True)
+    parser.add_argument(
+        "--launcher-store",
+        action="store_true",
+        help="the launcher holds the rendezvous store at --master:--port (rank 0 does not create it)",
+    )
     args = parser.parse_args()
-    run_rank(args.rank, args.world_size, args.master, args.port, args.host_ranks, args.scenarios.split(","), args.out)
+    run_rank(
+        args.rank,
+        args.world_size,
+        args.master,
+        args.port,
+        args.host_ranks,
+        args.scenarios.split(","),
+        args.out,
+        args.launcher_store,
+    )
 
 
 if __name__ == "__main__":
