@@ -295,6 +295,8 @@ void register_low_latency(py::module_& m) {
             const Dtype type = to_dtype(dtype);
             if (dtype_size(type) != 2) throw py::value_error("ll_combine_receive: rows must be 16-bit");
             const Dtype sum_type = to_dtype(sums, true);
+            if (sum_type != Dtype::Float32 && sum_type != Dtype::Float64)
+                throw py::value_error("ll_combine_receive: sums must be the code of float32 or float64");
             const auto* drop = checked_data(dropped, n, "dropped");
             const auto* w = checked_data(weights, n, "weights");
             if (!Wait{sync, timeout_s, what}.headers_agree(signal_addrs, seq, header_offset, header, compared))
