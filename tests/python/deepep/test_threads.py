@@ -102,7 +102,8 @@ def run_calls(
 
 
 def same_results_any_threads(rank: int, num_ranks: int, group) -> None:
-    num_tokens, hidden, num_experts, num_topk = 512, 2048, 8, 4  # ~8 MB per kernel: 4 threads split it
+    # ~16 MB per kernel: 4 threads split it (a kernel hands each thread at least 4 MB: csrc/cpu.hpp)
+    num_tokens, hidden, num_experts, num_topk = 1024, 2048, 8, 4
     generator = torch.Generator().manual_seed(10 + rank)
     x = torch.randn(num_tokens, hidden, generator=generator).to(torch.bfloat16)
     topk_idx = make_topk_idx(num_tokens, num_experts, num_topk, generator)
