@@ -9,6 +9,8 @@ from setuptools import setup
 
 HERE = Path(__file__).resolve().parent
 SOURCES = [f"csrc/{line.strip()}" for line in (HERE / "csrc" / "sources.txt").read_text().splitlines() if line.strip()]
+# A changed header rebuilds the module (setuptools compares only the sources' times otherwise).
+HEADERS = sorted(f"csrc/{path.name}" for path in (HERE / "csrc").glob("*.hpp"))
 
 # Written by build.sh: the Ascend SoC this wheel was built for ("A2", "A3" or "cpu").
 TARGET_SOC = os.environ.get("DEEP_EP_TARGET_SOC", "cpu")
@@ -19,6 +21,7 @@ TARGET_SOC = os.environ.get("DEEP_EP_TARGET_SOC", "cpu")
 ext = Pybind11Extension(
     "deep_ep_cpp",
     SOURCES,
+    depends=HEADERS,
     cxx_std=17,
     # -ffp-contract=off: no fused multiply-add the compiler chooses, so combine sums are the same bits
     # on every build (reduce_row's AVX-512 path fuses explicitly, where the product is exact).

@@ -18,9 +18,9 @@
 
 namespace deep_ep {
 
-// Below this much work per thread, starting threads costs more than it saves: starting and joining
-// one takes 20-100 us on the VMs this was measured on, about what a copy of a few MB takes
-// (docs/threads_and_bench.md).
+// Below this much work per thread, another thread costs more than it saves: starting and joining
+// one takes 20-100 us on the VMs this was measured on, about what a copy of a few MB takes, and
+// handing work to a parked one cost as much in a trial (docs/threads_and_bench.md).
 constexpr std::size_t kBytesPerThread = 4 << 20;
 
 // Runs fn(begin, end) over [0, n) on up to num_threads threads (fewer for little work).
