@@ -4,7 +4,8 @@ gloo, or one NPU per rank joined by HCCL."""
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from datetime import timedelta
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -23,10 +24,15 @@ def rendezvous() -> dist.TCPStore:
     return dist.TCPStore(LOOPBACK, 0, is_master=True, wait_for_workers=False)
 
 
-def join_group(backend: str, rank: int, num_ranks: int, port: int) -> None:
-    """init_process_group(backend) for `rank` of `num_ranks`, through the `rendezvous` store on `port`."""
-    store = dist.TCPStore(LOOPBACK, port, is_master=False)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=num_ranks)
+def join_group(
+    backend: str, rank: int, num_ranks: int, port: int, host: str = LOOPBACK, timeout: Optional[timedelta] = None
+) -> None:
+    """init_process_group(backend) for `rank` of `num_ranks`, through the `rendezvous` store at
+    host:port (held by another process); `timeout`: of the store and the group (torch's defaults
+    when None)."""
+    timeouts = {} if timeout is None else {"timeout": timeout}
+    store = dist.TCPStore(host, port, is_master=False, **timeouts)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=num_ranks, **timeouts)
 
 
 DEVICES = ("cpu", "npu")

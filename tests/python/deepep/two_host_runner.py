@@ -31,6 +31,7 @@ from common import make_inputs, our_segments  # noqa: E402
 from normal_cases import NODE_ENV, Case, check_dispatch_and_combine, run_all_calls  # noqa: E402
 
 import deep_ep  # noqa: E402
+from deep_ep.testing import join_group  # noqa: E402
 
 NUM_EXPERTS = 16
 HIDDEN = 128
@@ -160,8 +161,7 @@ def run_rank(
     torch.set_num_threads(1)
     timeout = timedelta(seconds=60)
     if launcher_store:  # the launcher listens on master:port already (deep_ep.testing.rendezvous)
-        store = dist.TCPStore(master, port, is_master=False, timeout=timeout)
-        dist.init_process_group("gloo", store=store, world_size=world_size, rank=rank, timeout=timeout)
+        join_group("gloo", rank, world_size, port, host=master, timeout=timeout)
     else:
         dist.init_process_group(
             "gloo", init_method=f"tcp://{master}:{port}", world_size=world_size, rank=rank, timeout=timeout
