@@ -10,7 +10,7 @@ from setuptools import setup
 HERE = Path(__file__).resolve().parent
 SOURCES = [f"csrc/{line.strip()}" for line in (HERE / "csrc" / "sources.txt").read_text().splitlines() if line.strip()]
 # A changed header rebuilds the module (setuptools compares only the sources' times otherwise).
-HEADERS = sorted(f"csrc/{path.name}" for path in (HERE / "csrc").glob("*.hpp"))
+HEADERS = sorted(f"csrc/{path.name}" for pattern in ("*.hpp", "*.inc") for path in (HERE / "csrc").glob(pattern))
 
 # Written by build.sh: the Ascend SoC this wheel was built for ("A2", "A3" or "cpu").
 TARGET_SOC = os.environ.get("DEEP_EP_TARGET_SOC", "cpu")
@@ -24,7 +24,7 @@ ext = Pybind11Extension(
     depends=HEADERS,
     cxx_std=17,
     # -ffp-contract=off: no fused multiply-add the compiler chooses, so combine sums are the same bits
-    # on every build (reduce_row's AVX-512 path fuses explicitly, where the product is exact).
+    # on every build (the reduction's vector path, csrc/reduce_blocks.cpp, fuses explicitly where the product is exact).
     extra_compile_args=["-O3", "-ffp-contract=off", "-Wall", "-Wextra"],
     extra_link_args=["-lrt", "-pthread"],
 )

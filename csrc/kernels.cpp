@@ -2,13 +2,10 @@
 
 #include "bfloat16.hpp"
 #include "cpu.hpp"
+#include "reduce_blocks.hpp"
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
-#endif
-#if defined(__GNUC__) && defined(__x86_64__)
-#include <immintrin.h>
-#define DEEP_EP_X86_INTRINSICS 1
 #endif
 
 #include <algorithm>
@@ -16,7 +13,6 @@
 #include <cstring>
 #include <stdexcept>
 #include <thread>
-#include <type_traits>
 
 namespace deep_ep {
 
@@ -133,7 +129,7 @@ DEEP_EP_VECTORIZED void store_row(const Sum* acc, Dtype dtype, std::size_t hidde
 }
 
 // acc += weight * row, one element at a time in a fixed order, in the sums' type (no FMA: see the
-// CMake flags; the AVX-512 blocked path below fuses them only where that gives the same bits).
+// build flags; the vector path of reduce_blocks.cpp fuses them only where that gives the same bits).
 // Values widen exactly; float64 values come only with float64 sums (combine_reduce checks).
 template <typename Sum>
 DEEP_EP_VECTORIZED void accumulate_row(Sum* acc, const std::uint8_t* row, Dtype dtype, std::size_t hidden,
@@ -161,13 +157,6 @@ DEEP_EP_VECTORIZED void accumulate_row(Sum* acc, const std::uint8_t* row, Dtype 
         }
     }
 }
-
-// One term of a reduced row: weight * row, a row of `hidden` values of `dtype`.
-struct RowTerm {
-    const std::uint8_t* row;
-    Dtype dtype;
-    double weight;
-};
 
 }  // namespace
 
@@ -316,187 +305,23 @@ void quantize_int8(const void* x, Dtype dtype, std::size_t rows, std::size_t hid
     });
 }
 
-#if DEEP_EP_X86_INTRINSICS
-namespace {
-
-// A block is four registers of sums: 32 float64 or 64 float32 columns.
-template <typename Sum>
-constexpr std::size_t kBlockColumns = 4 * 64 / sizeof(Sum);
-
-bool cpu_has_avx512() {
-    static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c");
-    return has;
-}
-
-#define DEEP_EP_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,f16c")))
-
-// 8 values of type D widened exactly to float64 (as bf16_to_float / f16_to_float / a cast do). The
-// all-lanes zero-masked conversion: GCC 12 flags the unmasked one's undefined pass-through.
-template <Dtype D>
-DEEP_EP_AVX512 inline __m512d widen8(const std::uint8_t* values) {
-    __m256 floats;
-    if constexpr (D == Dtype::Float32) {
-        floats = _mm256_loadu_ps(reinterpret_cast<const float*>(values));
-    } else {
-        const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(values));
-        if constexpr (D == Dtype::BFloat16)
-            floats = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
-        else
-            floats = _mm256_cvtph_ps(bits);
-    }
-    return _mm512_maskz_cvtps_pd(0xFF, floats);
-}
-
-// 16 values of type D widened exactly to float32, as widen8 does (all-lanes masked forms likewise).
-template <Dtype D>
-DEEP_EP_AVX512 inline __m512 widen16(const std::uint8_t* values) {
-    constexpr __mmask16 kAll = 0xFFFF;
-    if constexpr (D == Dtype::Float32) return _mm512_loadu_ps(reinterpret_cast<const float*>(values));
-    const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(values));
-    if constexpr (D == Dtype::BFloat16)
-        return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(kAll, _mm512_maskz_cvtepu16_epi32(kAll, bits), 16));
-    return _mm512_maskz_cvtph_ps(kAll, bits);
-}
-
-// sums[j] += weight * row[8j, 8j + 8) for the 32 columns of a float64 block. A fused multiply-add,
-// and still the bits of accumulate_row's multiply, then add: a float32 weight times a bf16 / fp16 /
-// float32 value has at most 24 + 24 significant bits, so the float64 product is exact and rounding
-// it first changes nothing; only the add rounds, in both.
-template <Dtype D>
-DEEP_EP_AVX512 inline void add_block(__m512d* sums, const std::uint8_t* row, double weight) {
-    constexpr std::size_t kStride = D == Dtype::Float32 ? 32 : 16;  // bytes of 8 values
-    const __m512d w = _mm512_set1_pd(weight);
-    for (std::size_t j = 0; j < 4; ++j) sums[j] = _mm512_fmadd_pd(w, widen8<D>(row + j * kStride), sums[j]);
-}
-
-// sums[j] += weight * row[16j, 16j + 16) for the 64 columns of a float32 block: a multiply, then an
-// add, each rounded, as accumulate_row<float> does (a fused multiply-add would round once, so here
-// it would change the bits).
-template <Dtype D>
-DEEP_EP_AVX512 inline void add_block(__m512* sums, const std::uint8_t* row, double weight) {
-    constexpr std::size_t kStride = D == Dtype::Float32 ? 64 : 32;  // bytes of 16 values
-    const __m512 w = _mm512_set1_ps(static_cast<float>(weight));
-    for (std::size_t j = 0; j < 4; ++j)
-        sums[j] = _mm512_add_ps(sums[j], _mm512_mul_ps(w, widen16<D>(row + j * kStride)));
-}
-
-DEEP_EP_AVX512 inline void zero_block(__m512d* sums) {
-    for (std::size_t j = 0; j < 4; ++j) sums[j] = _mm512_setzero_pd();
-}
-DEEP_EP_AVX512 inline void zero_block(__m512* sums) {
-    for (std::size_t j = 0; j < 4; ++j) sums[j] = _mm512_setzero_ps();
-}
-DEEP_EP_AVX512 inline void store_block(const __m512d* sums, double* out) {
-    for (std::size_t j = 0; j < 4; ++j) _mm512_storeu_pd(out + 8 * j, sums[j]);
-}
-DEEP_EP_AVX512 inline void store_block(const __m512* sums, float* out) {
-    for (std::size_t j = 0; j < 4; ++j) _mm512_storeu_ps(out + 16 * j, sums[j]);
-}
-
-// bf16, fp16 and float32 rows, float64 sums (128 tokens x 8 rows x 2048 on one core, whole-row ->
-// blocked: bf16 364-368 -> 299-301 us, fp16 3240-3245 -> 662-693 us (f16_to_float's branches then
-// kept the whole-row loop scalar), float32 296-298 -> 246-254 us; with the fused multiply-add: bf16
-// 253-256, fp16 615-621, float32 207-212 us; fp16 218-222 us once store_f16_blocks writes the
-// output). float64 partial sums (internode) stay whole-row: a float64 value times a weight is not
-// exact, so there a fused multiply-add would change the bits. Float32 sums: docs/low_latency_data_path.md.
-bool blockable(const RowTerm& term) { return term.dtype != Dtype::Float64; }
-
-// scratch[0, columns) = sum over terms in order of weight * row, for bf16 / fp16 / float32 rows and
-// columns a multiple of kBlockColumns<Sum>: per column the same multiplies and adds in the same
-// order as accumulate_row (so the same bits), but the sums of a block stay in registers (Vector:
-// __m512d for float64 sums, __m512 for float32) across the terms instead of going through memory
-// once per term.
-template <typename Vector, typename Sum>
-DEEP_EP_AVX512 void accumulate_blocks(const RowTerm* terms, std::size_t count, std::size_t columns, Sum* scratch) {
-    for (std::size_t h = 0; h < columns; h += kBlockColumns<Sum>) {
-        Vector sums[4];
-        zero_block(sums);
-        for (std::size_t k = 0; k < count; ++k) {
-            const std::uint8_t* row = terms[k].row + h * dtype_size(terms[k].dtype);
-            switch (terms[k].dtype) {
-                case Dtype::BFloat16:
-                    add_block<Dtype::BFloat16>(sums, row, terms[k].weight);
-                    break;
-                case Dtype::Float32:
-                    add_block<Dtype::Float32>(sums, row, terms[k].weight);
-                    break;
-                default:
-                    add_block<Dtype::Float16>(sums, row, terms[k].weight);
-                    break;
-            }
-        }
-        store_block(sums, scratch + h);
-    }
-}
-
-// out[0, n) = the float64 sums of a row stored as fp16, n = hidden rounded down to 8: rounded to
-// float32, then to fp16 (both to nearest even), as store_row does, with the hardware conversions
-// (128 tokens x 8 rows x 2048 on one core: 615-621 us when float_to_f16 still branched, 348-349 us
-// with its vectorized branch-free version, 217-222 us here). NaN becomes sign | 0x7E00, as in
-// float_to_f16 (the hardware keeps part of the payload). Returns n.
-DEEP_EP_AVX512 std::size_t store_f16_blocks(const double* acc, std::size_t hidden, std::uint8_t* out) {
-    const std::size_t done = hidden / 8 * 8;
-    const __m128i sign = _mm_set1_epi16(static_cast<short>(0x8000));
-    const __m128i infinity = _mm_set1_epi16(0x7C00);
-    for (std::size_t h = 0; h < done; h += 8) {
-        const __m256 floats = _mm512_maskz_cvtpd_ps(0xFF, _mm512_loadu_pd(acc + h));  // see widen8
-        const __m128i halves = _mm256_cvtps_ph(floats, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        const __mmask8 nan = _mm_cmpgt_epu16_mask(_mm_andnot_si128(sign, halves), infinity);
-        const __m128i quiet = _mm_or_si128(_mm_and_si128(halves, sign), _mm_set1_epi16(0x7E00));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * h), _mm_mask_blend_epi16(nan, halves, quiet));
-    }
-    return done;
-}
-
-// The same for float32 sums, 16 columns at a time, n = hidden rounded down to 16 (128 tokens x 8
-// rows x 2048 fp16 on one core, float32 sums: 142-149 us when float_to_f16 stored them, 81-84 us here).
-DEEP_EP_AVX512 std::size_t store_f16_blocks(const float* acc, std::size_t hidden, std::uint8_t* out) {
-    const std::size_t done = hidden / 16 * 16;
-    const __m256i sign = _mm256_set1_epi16(static_cast<short>(0x8000));
-    const __m256i infinity = _mm256_set1_epi16(0x7C00);
-    for (std::size_t h = 0; h < done; h += 16) {
-        const __m256i halves = _mm512_maskz_cvtps_ph(0xFFFF, _mm512_loadu_ps(acc + h),
-                                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        const __mmask16 nan = _mm256_cmpgt_epu16_mask(_mm256_andnot_si256(sign, halves), infinity);
-        const __m256i quiet = _mm256_or_si256(_mm256_and_si256(halves, sign), _mm256_set1_epi16(0x7E00));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 2 * h), _mm256_mask_blend_epi16(nan, halves, quiet));
-    }
-    return done;
-}
-
-}  // namespace
-#endif
-
 namespace {
 
 // out [hidden] of out_dtype = sum over terms in order of weight * row, per element in Sum (float64
 // or float32; no fused multiply-add where it would change the bits), rounded once (16-bit types
-// through float32); scratch holds hidden sums. Whole rows at a time (the sums in scratch); on
-// AVX-512 CPUs, rows that are all bf16 / fp16 / float32 go a block at a time with the sums in
-// registers, the same operations in the same order, and fp16 outputs are rounded by the hardware
-// conversions (the same bits as the software ones).
+// through float32); scratch holds hidden sums. The vector path (reduce_blocks.cpp) sums the leading
+// whole blocks of columns with the sums in registers and rounds fp16 outputs by the hardware
+// conversions; the whole-row loop here does the rest, the same operations in the same order, so
+// every CPU gets the same bits.
 template <typename Sum>
 void reduce_row(const RowTerm* terms, std::size_t count, std::size_t hidden, Dtype out_dtype, std::uint8_t* out,
                 Sum* scratch) {
-    std::size_t done = 0;  // leading columns already summed
-#if DEEP_EP_X86_INTRINSICS
-    if (count > 0 && std::all_of(terms, terms + count, blockable) && cpu_has_avx512()) {
-        done = hidden / kBlockColumns<Sum> * kBlockColumns<Sum>;
-        if constexpr (std::is_same_v<Sum, double>)
-            accumulate_blocks<__m512d>(terms, count, done, scratch);
-        else
-            accumulate_blocks<__m512>(terms, count, done, scratch);
-    }
-#endif
+    const std::size_t done = accumulate_blocks(terms, count, hidden, scratch);  // leading columns summed
     std::fill(scratch + done, scratch + hidden, Sum{0});
     for (std::size_t k = 0; k < count; ++k)
         accumulate_row(scratch + done, terms[k].row + done * dtype_size(terms[k].dtype), terms[k].dtype,
                        hidden - done, static_cast<Sum>(terms[k].weight));
-    std::size_t stored = 0;  // leading columns already written
-#if DEEP_EP_X86_INTRINSICS
-    if (out_dtype == Dtype::Float16 && cpu_has_avx512()) stored = store_f16_blocks(scratch, hidden, out);
-#endif
+    const std::size_t stored = out_dtype == Dtype::Float16 ? store_f16_blocks(scratch, hidden, out) : 0;
     store_row(scratch + stored, out_dtype, hidden - stored, out + stored * dtype_size(out_dtype));
 }
 

@@ -6,8 +6,9 @@ rounded once at the end (16-bit outputs through float32).
     python -m pytest tests/python/deepep/test_reduction.py
 
 The native kernel has a blocked path for bf16, fp16 and float32 rows (32 float64 or 64 float32 columns
-at a time, AVX-512 CPUs; float64 sums with a fused multiply-add, whose product is exact there) and a
-whole-row path for the rest; the widths below take both, their tails included. The reference is a
+at a time on AVX-512 CPUs, 16 or 32 on AVX2 ones; float64 sums with a fused multiply-add, whose product
+is exact there) and a whole-row path for the rest; the widths below take both on either instruction
+set, their tails included (the CPU running the test picks the set). The reference is a
 plain loop of torch ops in the sums' dtype, in column order; the cancelling values make a sum taken
 in another order, or rounded differently (a fused multiply-add of float32 sums, say), come out
 different.
@@ -93,7 +94,7 @@ def test_native_reduction_is_the_sum_in_order(
 @pytest.mark.parametrize("hidden", [40, 7])
 def test_fp16_nan_sums_are_stored_canonical(hidden: int, sums: torch.dtype) -> None:
     """A NaN sum is stored in fp16 as sign | 0x7E00, whether the hardware conversion writes it (8
-    columns at a time, AVX-512 CPUs) or float_to_f16 (the tail, other CPUs): the same bits on every
+    columns at a time, CPUs with AVX2 and F16C) or float_to_f16 (the tail, other CPUs): the same bits on every
     path, so one host and several hosts agree on them, too."""
     payloads = torch.tensor([0x7C01, 0x7DFF, 0x7E00, 0x7FFF, 0xFC01, 0xFE01, 0x3C00], dtype=torch.int32)
     pattern = payloads[torch.arange(hidden) % payloads.numel()]
