@@ -24,15 +24,15 @@ namespace {
 #pragma GCC target("avx512f,avx512bw,avx512vl,fma,f16c")
 namespace avx512 {
 
+// The register of float32 sums, and of float64 ones. (Not std::conditional_t: a template argument
+// drops the vector types' attributes, and GCC warns.)
 template <typename Sum>
-struct Registers;
+struct Registers {
+    using type = __m512;
+};
 template <>
 struct Registers<double> {
     using type = __m512d;
-};
-template <>
-struct Registers<float> {
-    using type = __m512;
 };
 template <typename Sum>
 using Vector = typename Registers<Sum>::type;
@@ -81,14 +81,12 @@ inline void store(float* out, __m512 sums) { _mm512_storeu_ps(out, sums); }
 namespace avx2 {
 
 template <typename Sum>
-struct Registers;
+struct Registers {
+    using type = __m256;
+};
 template <>
 struct Registers<double> {
     using type = __m256d;
-};
-template <>
-struct Registers<float> {
-    using type = __m256;
 };
 template <typename Sum>
 using Vector = typename Registers<Sum>::type;
