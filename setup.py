@@ -24,7 +24,7 @@ ext = Pybind11Extension(
     depends=HEADERS,
     cxx_std=17,
     # -ffp-contract=off: no fused multiply-add the compiler chooses, so combine sums are the same bits
-    # on every build (the reduction's vector path, csrc/reduce_blocks.cpp, fuses explicitly where the product is exact).
+    # on every build (the reduction's vector path, csrc/x86_blocks.cpp, fuses explicitly where the product is exact).
     extra_compile_args=["-O3", "-ffp-contract=off", "-Wall", "-Wextra"],
     extra_link_args=["-lrt", "-pthread"],
 )

@@ -9,7 +9,7 @@
 // Row loops compiled for several x86-64 levels (AVX-512, AVX2, baseline); the loader picks the
 // best one for the CPU at hand. Only element-wise code and exact max reductions use it, and
 // -ffp-contract=off forbids FMA, so every version computes the same bits. (The combine reduction's
-// vector path uses FMA explicitly, where the product is exact: see reduce_blocks.cpp.)
+// vector path uses FMA explicitly, where the product is exact: see x86_blocks.cpp.)
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && defined(__linux__)
 #define DEEP_EP_VECTORIZED __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else

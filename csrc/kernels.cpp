@@ -2,7 +2,7 @@
 
 #include "bfloat16.hpp"
 #include "cpu.hpp"
-#include "reduce_blocks.hpp"
+#include "x86_blocks.hpp"
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -129,7 +129,7 @@ DEEP_EP_VECTORIZED void store_row(const Sum* acc, Dtype dtype, std::size_t hidde
 }
 
 // acc += weight * row, one element at a time in a fixed order, in the sums' type (no FMA: see the
-// build flags; the vector path of reduce_blocks.cpp fuses them only where that gives the same bits).
+// build flags; the vector path of x86_blocks.cpp fuses them only where that gives the same bits).
 // Values widen exactly; float64 values come only with float64 sums (combine_reduce checks).
 template <typename Sum>
 DEEP_EP_VECTORIZED void accumulate_row(Sum* acc, const std::uint8_t* row, Dtype dtype, std::size_t hidden,
@@ -203,35 +203,39 @@ float quantize_row(const std::uint8_t* row, Dtype dtype, std::size_t hidden, flo
     // max |x| over the bits of |x| (ordered like the values, NaN above inf): a row holding a NaN gets
     // scale NaN and one holding an inf scale inf, so non-finite input stays visible after
     // dequantization instead of turning into plausible numbers (as torch's amax does on NPU).
-    // bf16 rows are read as their 16-bit patterns, without a float32 copy: the same order gives the
-    // same max, and each value widens as load_row would widen it (128 x 2048 on one core, back to
-    // back: 57.5-58.1 us with the copy, 50.7-51.4 us without).
-    // Aligned float32 rows are read in place, too (128 x 2048: 61-66 us with the copy, 52-53 without);
-    // fp16 rows are widened into scratch by load_row (348-351 us with f16_to_float's old branches,
-    // 97-98 us branch-free and vectorized).
-    const bool bf16 = dtype == Dtype::BFloat16;
-    const auto* bf16_bits = reinterpret_cast<const std::uint16_t*>(row);
-    const float* values = scratch;  // the row as float32 (unless bf16)
+    // bf16 and fp16 rows are read as their 16-bit patterns, without a float32 copy: the same order
+    // gives the same max, and each value widens as load_row would widen it (bf16, 128 x 2048 on one
+    // core, back to back: 57.5-58.1 us with the copy, 50.7-51.4 us without; fp16:
+    // docs/low_latency_data_path.md).
+    // Aligned float32 rows are read in place, too (128 x 2048: 61-66 us with the copy, 52-53 without).
+    const bool bits16 = dtype == Dtype::BFloat16 || dtype == Dtype::Float16;
+    const auto* bits = reinterpret_cast<const std::uint16_t*>(row);
+    const float* values = scratch;  // the row as float32 (unless 16-bit)
     float amax;
-    if (bf16) {
-        amax = bf16_to_float(static_cast<std::uint16_t>(max_magnitude_bits<std::int16_t>(row, hidden)));
+    if (bits16) {
+        const auto top = static_cast<std::uint16_t>(max_magnitude_bits<std::int16_t>(row, hidden));
+        amax = dtype == Dtype::BFloat16 ? bf16_to_float(top) : f16_to_float(top);
     } else {
         if (dtype == Dtype::Float32 && reinterpret_cast<std::uintptr_t>(row) % alignof(float) == 0)
             values = reinterpret_cast<const float*>(row);
         else
             load_row(row, dtype, hidden, scratch);
-        const auto bits = max_magnitude_bits<std::int32_t>(values, hidden);
-        std::memcpy(&amax, &bits, sizeof(amax));
+        const auto top = max_magnitude_bits<std::int32_t>(values, hidden);
+        std::memcpy(&amax, &top, sizeof(amax));
     }
     const float scale = amax / 127.0f;
     if (scale == 0.0f) {
         std::memset(q, 0, hidden);
         return scale;
     }
-    if (bf16) {
-        for (std::size_t h = 0; h < hidden; ++h) q[h] = round_to_int8(bf16_to_float(bf16_bits[h]) / scale);
+    // The vector path rounds the leading blocks (x86_blocks.cpp), these loops the rest: the same bits.
+    const std::size_t done = quantize_blocks(row, dtype, hidden, scale, q);
+    if (dtype == Dtype::BFloat16) {
+        for (std::size_t h = done; h < hidden; ++h) q[h] = round_to_int8(bf16_to_float(bits[h]) / scale);
+    } else if (dtype == Dtype::Float16) {
+        for (std::size_t h = done; h < hidden; ++h) q[h] = round_to_int8(f16_to_float(bits[h]) / scale);
     } else {
-        for (std::size_t h = 0; h < hidden; ++h) q[h] = round_to_int8(values[h] / scale);
+        for (std::size_t h = done; h < hidden; ++h) q[h] = round_to_int8(values[h] / scale);
     }
     return scale;
 }
@@ -309,7 +313,7 @@ namespace {
 
 // out [hidden] of out_dtype = sum over terms in order of weight * row, per element in Sum (float64
 // or float32; no fused multiply-add where it would change the bits), rounded once (16-bit types
-// through float32); scratch holds hidden sums. The vector path (reduce_blocks.cpp) sums the leading
+// through float32); scratch holds hidden sums. The vector path (x86_blocks.cpp) sums the leading
 // whole blocks of columns with the sums in registers and rounds fp16 outputs by the hardware
 // conversions; the whole-row loop here does the rest, the same operations in the same order, so
 // every CPU gets the same bits.

@@ -59,9 +59,11 @@ def test_random_rows_match_the_definition(dtype, hidden):
     assert torch.equal(q, q_ref)
 
 
-def test_tiny_scale_divides():
-    """A scale whose inverse overflows float32 (max |x| a float32 subnormal) still gives x / scale."""
-    x = torch.tensor([[1e-40, -5e-41, 2e-41, 0.0]], dtype=torch.float32)
+@pytest.mark.parametrize("repeats", [1, 10])
+def test_tiny_scale_divides(repeats):
+    """A scale whose inverse overflows float32 (max |x| a float32 subnormal) still gives x / scale,
+    in the loop (4 values) and in the vector blocks of 32 (40 values)."""
+    x = torch.tensor([[1e-40, -5e-41, 2e-41, 0.0]], dtype=torch.float32).repeat(1, repeats)
     q, scale = ops.quantize_int8(x, 1)
     q_ref, scale_ref = float32_definition(x)
     assert torch.isinf(1.0 / scale).all()  # no multiply by the inverse could give these
@@ -69,14 +71,16 @@ def test_tiny_scale_divides():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_non_finite_rows_stay_visible(dtype):
+@pytest.mark.parametrize("repeats", [1, 10])
+def test_non_finite_rows_stay_visible(dtype, repeats):
     """A NaN gives the row scale NaN and an inf scale inf (torch's float32 division has no defined
-    int8 for NaN, so q is pinned here): NaN quotients become -127, finite values over inf 0."""
+    int8 for NaN, so q is pinned here): NaN quotients become -127, finite values over inf 0; in the
+    loop (4 values) and in the vector blocks of 32 (40 values)."""
     nan, inf = float("nan"), float("inf")
     x = torch.tensor([[1.0, nan, -2.0, 3.0], [1.0, inf, -2.0, 0.0], [-inf, 1.0, -1.0, 0.5]]).to(dtype)
-    q, scale = ops.quantize_int8(x, 1)
+    q, scale = ops.quantize_int8(x.repeat(1, repeats), 1)
     assert torch.isnan(scale[0]) and scale[1:].tolist() == [inf, inf]
-    assert q.tolist() == [[-127, -127, -127, -127], [0, -127, 0, 0], [-127, 0, 0, 0]]
+    assert q.tolist() == [row * repeats for row in [[-127, -127, -127, -127], [0, -127, 0, 0], [-127, 0, 0, 0]]]
 
 
 def test_fp16_nan_payloads_widen_as_their_bits():

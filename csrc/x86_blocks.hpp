@@ -1,7 +1,8 @@
-// The combine reduction's vector path: a token's rows summed a block of columns at a time, with
-// the block's sums in registers across the rows, on x86-64 CPUs with AVX-512 or AVX2 (+FMA, F16C).
-// Per column it runs the same operations in the same order as the whole-row loop of kernels.cpp,
-// so the results are the same bits on every CPU (tests/python/deepep/test_reduction.py).
+// The vector paths of the row kernels on x86-64 CPUs with AVX-512 or AVX2 (+FMA, F16C), written with
+// intrinsics: the combine reduction sums a token's rows a block of columns at a time, with the
+// block's sums in registers across the rows, and the int8 quantizer rounds 32 values at a time. Each
+// gives the same bits as the portable loops of kernels.cpp, which do the rest of a row (and all of it
+// on other CPUs): tests/python/deepep/test_reduction.py and test_quantize.py check them.
 #pragma once
 
 #include <cstddef>
@@ -31,5 +32,12 @@ std::size_t accumulate_blocks(const RowTerm* terms, std::size_t count, std::size
 // without AVX2 / F16C); the caller stores columns [n, hidden).
 std::size_t store_f16_blocks(const double* sums, std::size_t hidden, std::uint8_t* out);
 std::size_t store_f16_blocks(const float* sums, std::size_t hidden, std::uint8_t* out);
+
+// q[h] = round half to even of value h / scale, clamped to [-127, 127], for h < n: as quantize_row's
+// loops compute it (the quotient correctly rounded to float32, then to an integer), for the leading
+// n = hidden rounded down to 32 values of a bf16, fp16 or float32 row (any alignment); returns n (0
+// for other dtypes or without AVX2). scale > 0; a NaN or inf one (of a non-finite row) gives what the
+// loops give.
+std::size_t quantize_blocks(const std::uint8_t* row, Dtype dtype, std::size_t hidden, float scale, std::int8_t* q);
 
 }  // namespace deep_ep

@@ -1,4 +1,4 @@
-#include "reduce_blocks.hpp"
+#include "x86_blocks.hpp"
 
 #include <algorithm>
 #include <type_traits>
@@ -145,6 +145,64 @@ std::size_t store_f16(const Sum* sums, std::size_t hidden, std::uint8_t* out) {
     return done;
 }
 
+// ---- int8 quantization ----
+// A block is 32 values in four registers, in the order the packs of store_block restore:
+// (0-3 | 8-11), (4-7 | 12-15), (16-19 | 24-27), (20-23 | 28-31) (low | high 128-bit lane).
+
+struct Half {  // an fp16 value's bits
+    std::uint16_t bits;
+};
+
+// bf16: the bit patterns moved into the high halves of 32-bit lanes (exact), per 128-bit lane.
+inline void load_block(const std::uint16_t* values, __m256* block) {
+    for (std::size_t i = 0; i < 2; ++i) {
+        const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(values + 16 * i));
+        block[2 * i] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), bits));
+        block[2 * i + 1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), bits));
+    }
+}
+
+// Four float32 / fp16 values as float32 (fp16 widened exactly, by F16C).
+inline __m128 load4(const float* values) { return _mm_loadu_ps(values); }
+inline __m128 load4(const Half* values) {
+    return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(values)));
+}
+
+template <typename Value>
+inline void load_block(const Value* values, __m256* block) {
+    for (std::size_t i = 0; i < 4; ++i) {
+        const Value* low = values + 16 * (i / 2) + 4 * (i % 2);
+        block[i] = _mm256_set_m128(load4(low + 8), load4(low));
+    }
+}
+
+// q[0, 32) from the block's integers: saturated to int16, then int8 (so >= 128 gives 127, and the
+// integer of a NaN, INT_MIN, gives -128), then raised to -127.
+inline void store_block(const __m256i* integers, std::int8_t* q) {
+    const __m256i low = _mm256_packs_epi32(integers[0], integers[1]);
+    const __m256i high = _mm256_packs_epi32(integers[2], integers[3]);
+    const __m256i bytes = _mm256_permute4x64_epi64(_mm256_packs_epi16(low, high), 0xD8);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_max_epi8(bytes, _mm256_set1_epi8(-127)));
+}
+
+// The division, the rounding to nearest even and the clamp of quantize_row's loop, 32 values at a
+// time (the conversion rounds as the loop's (v + 1.5 * 2^23) - 1.5 * 2^23 does, in the default
+// rounding mode). A multiply by the inverse of the scale, with the division redone only for blocks
+// holding a product near a half-integer, was slower on an AMD Zen 1 CPU (docs/low_latency_data_path.md).
+template <typename Value>
+std::size_t quantize(const Value* row, std::size_t hidden, float scale, std::int8_t* q) {
+    const std::size_t done = hidden / 32 * 32;
+    const __m256 divisor = _mm256_set1_ps(scale);
+    for (std::size_t h = 0; h < done; h += 32) {
+        __m256 block[4];
+        load_block(row + h, block);
+        __m256i integers[4];
+        for (std::size_t i = 0; i < 4; ++i) integers[i] = _mm256_cvtps_epi32(_mm256_div_ps(block[i], divisor));
+        store_block(integers, q + h);
+    }
+    return done;
+}
+
 }  // namespace avx2
 #pragma GCC pop_options
 
@@ -186,6 +244,19 @@ std::size_t store_f16_blocks(const double* sums, std::size_t hidden, std::uint8_
 std::size_t store_f16_blocks(const float* sums, std::size_t hidden, std::uint8_t* out) {
     return cpu_has_avx2() ? avx2::store_f16(sums, hidden, out) : 0;
 }
+std::size_t quantize_blocks(const std::uint8_t* row, Dtype dtype, std::size_t hidden, float scale, std::int8_t* q) {
+    if (!cpu_has_avx2()) return 0;
+    switch (dtype) {
+        case Dtype::BFloat16:
+            return avx2::quantize(reinterpret_cast<const std::uint16_t*>(row), hidden, scale, q);
+        case Dtype::Float16:
+            return avx2::quantize(reinterpret_cast<const avx2::Half*>(row), hidden, scale, q);
+        case Dtype::Float32:
+            return avx2::quantize(reinterpret_cast<const float*>(row), hidden, scale, q);
+        default:
+            return 0;
+    }
+}
 
 #else
 
@@ -193,6 +264,7 @@ std::size_t accumulate_blocks(const RowTerm*, std::size_t, std::size_t, double*)
 std::size_t accumulate_blocks(const RowTerm*, std::size_t, std::size_t, float*) { return 0; }
 std::size_t store_f16_blocks(const double*, std::size_t, std::uint8_t*) { return 0; }
 std::size_t store_f16_blocks(const float*, std::size_t, std::uint8_t*) { return 0; }
+std::size_t quantize_blocks(const std::uint8_t*, Dtype, std::size_t, float, std::int8_t*) { return 0; }
 
 #endif
 
