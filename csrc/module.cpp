@@ -19,6 +19,7 @@
 #include "routing.hpp"
 #include "shared_memory.hpp"
 #include "sync.hpp"
+#include "x86_blocks.hpp"
 
 namespace py = pybind11;
 using namespace deep_ep;
@@ -489,6 +490,10 @@ PYBIND11_MODULE(deep_ep_cpp, m) {
         "src_rank / src_idx / src_k int64 [out_rows] addresses. Places every selection of the windows in "
         "[expert_begin, expert_begin + span) and copies its fields; with localize_topk the copied top-k ids "
         "become local ids [0, span) (-1 for other experts). Returns the rows placed.");
+
+    m.def("vector_isa", &vector_isa,
+          "The widest instruction set of the kernels' vector paths on this CPU: 'avx512', 'avx2' or 'portable' "
+          "(every path gives the same bits).");
 
     m.attr("REGION_ALIGN") = kRegionAlign;
     m.def(

@@ -6,13 +6,13 @@
 // GCC only: the instruction sets are chosen per region with `#pragma GCC target`. Other compilers
 // build the whole-row loop alone, which gives the same bits.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define DEEP_EP_REDUCE_BLOCKS 1
+#define DEEP_EP_X86_BLOCKS 1
 #include <immintrin.h>
 #endif
 
 namespace deep_ep {
 
-#if DEEP_EP_REDUCE_BLOCKS
+#if DEEP_EP_X86_BLOCKS
 namespace {
 
 // Float64 sums take a fused multiply-add: a float32 weight times a bf16 / fp16 / float32 value has
@@ -244,6 +244,7 @@ std::size_t store_f16_blocks(const double* sums, std::size_t hidden, std::uint8_
 std::size_t store_f16_blocks(const float* sums, std::size_t hidden, std::uint8_t* out) {
     return cpu_has_avx2() ? avx2::store_f16(sums, hidden, out) : 0;
 }
+const char* vector_isa() { return cpu_has_avx512() ? "avx512" : cpu_has_avx2() ? "avx2" : "portable"; }
 std::size_t quantize_blocks(const std::uint8_t* row, Dtype dtype, std::size_t hidden, float scale, std::int8_t* q) {
     if (!cpu_has_avx2()) return 0;
     switch (dtype) {
@@ -265,6 +266,7 @@ std::size_t accumulate_blocks(const RowTerm*, std::size_t, std::size_t, float*) 
 std::size_t store_f16_blocks(const double*, std::size_t, std::uint8_t*) { return 0; }
 std::size_t store_f16_blocks(const float*, std::size_t, std::uint8_t*) { return 0; }
 std::size_t quantize_blocks(const std::uint8_t*, Dtype, std::size_t, float, std::int8_t*) { return 0; }
+const char* vector_isa() { return "portable"; }
 
 #endif
 

@@ -40,4 +40,8 @@ std::size_t store_f16_blocks(const float* sums, std::size_t hidden, std::uint8_t
 // loops give.
 std::size_t quantize_blocks(const std::uint8_t* row, Dtype dtype, std::size_t hidden, float scale, std::int8_t* q);
 
+// The widest instruction set these vector paths use on this CPU: "avx512" (the reduction; the rest
+// takes AVX2), "avx2", or "portable" (the loops of kernels.cpp alone: another CPU or compiler).
+const char* vector_isa();
+
 }  // namespace deep_ep

@@ -46,6 +46,8 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Hashable, List, Optional,
 import torch
 import torch.distributed as dist
 
+import deep_ep_cpp
+
 from . import Buffer
 from .reference import quantize_reference, reference_combine, reference_dispatch
 from .testing import spawn_ranks, torch_threads_per_rank
@@ -519,6 +521,12 @@ def bench_low_latency(rank: int, group, args: argparse.Namespace) -> Tuple[Dict[
     return rows, seconds["memcpy"], seconds["memcpy both"]
 
 
+def kernels_line() -> str:
+    """Which vector path deep_ep's native kernels take on this CPU (the same bits on every path, not
+    the same speed), so that tables from different hosts can be told apart."""
+    return f"native kernels: {deep_ep_cpp.vector_isa()} vector path"
+
+
 def print_low_latency(rows: Dict[str, Timing], memcpy_s: float, memcpy_both_s: float, num_ranks: int, args) -> None:
     gbps = lambda n, s: n / s / 1e9  # noqa: E731
     nbytes = rows["default"].bytes
@@ -526,7 +534,8 @@ def print_low_latency(rows: Dict[str, Timing], memcpy_s: float, memcpy_both_s: f
     print(
         f"\ndeep_ep low-latency mode: {num_ranks} ranks, {args.sizes[0]} tokens/rank (Nmax {args.num_max_tokens}), "
         f"hidden {args.hidden}, top-{args.num_topk} of {args.num_experts} experts, dispatch {args.quant}, "
-        f"{per_selection} B per selection, combine bf16 (rank 0 receives {nbytes / 1e6:.1f} MB)"
+        f"{per_selection} B per selection, combine bf16 (rank 0 receives {nbytes / 1e6:.1f} MB); "
+        f"{kernels_line()}"
     )
     print(f"{'strategy':<22}{'dispatch us':>13}{'GB/s':>8}{'combine us':>13}{'GB/s':>8}{'total us':>12}")
     for name, label in (("default", "default (shm)"), ("alltoall", "alltoall (gloo)")):
@@ -615,7 +624,8 @@ def print_normal(args: argparse.Namespace, timings: Dict[str, Dict[str, Timing]]
     print(
         f"\ndeep_ep normal mode: {args.num_processes} ranks, hidden {args.hidden}, top-{args.num_topk} of "
         f"{args.num_experts} experts, dispatch {args.quant}, combine bf16; ms per call, median of the slowest "
-        f"rank; L+D+C = get_dispatch_layout + dispatch + combine; floor = MPI Alltoallv of the same bytes"
+        f"rank; L+D+C = get_dispatch_layout + dispatch + combine; floor = MPI Alltoallv of the same bytes; "
+        f"{kernels_line()}"
     )
     columns = [
         "tokens/rank",

@@ -9,6 +9,7 @@ import importlib.util
 import pytest
 import torch
 
+import deep_ep_cpp
 from deep_ep import bench, bench_mpi
 from deep_ep.reference import reference_combine, reference_dispatch
 
@@ -57,6 +58,7 @@ def test_bench_normal_table(capsys):
             assert dispatch_floor > 0 and combine_floor > 0 and float(figures["MPI dispatcher ms"]) > 0
         else:
             assert figures["floor D+C ms"] == "-"
+    assert f"native kernels: {deep_ep_cpp.vector_isa()} vector path" in out
     if HAVE_MPI:
         assert "floor and dispatcher checked against the reference" in out
     else:
@@ -99,6 +101,7 @@ def test_bench_low_latency(capfd):
     )
     out = capfd.readouterr().out  # printed by rank 0's process
     assert "default (shm)" in out and "default, zero-copy" in out and "memcpy (same bytes)" in out
+    assert f"native kernels: {deep_ep_cpp.vector_isa()} vector path" in out
 
 
 def test_calls_per_iteration_fills_the_batch_time():

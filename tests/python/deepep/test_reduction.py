@@ -16,9 +16,12 @@ different.
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 
+import deep_ep_cpp
 from deep_ep import ops
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -121,3 +124,30 @@ def test_float32_sums_take_no_float64() -> None:
     with pytest.raises(ValueError, match="float32 of 16/32-bit rows and outputs"):
         ops.weighted_reduce(out64, [rows32], torch.float32, src_rank, src_row, torch.ones(1, 1), sums=torch.float32)
     assert bool((out64 == 7.0).all())
+
+
+def cpu_flags():
+    """The CPU's feature flags from /proc/cpuinfo (Linux on x86-64), or None elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        return None
+    return None
+
+
+def test_vector_isa_follows_the_cpu() -> None:
+    """The vector path the kernels report (and the bench prints) is the widest the CPU has: these
+    tests then ran that path. (GCC builds on x86-64, as pip's and CI's are.)"""
+    flags = cpu_flags()
+    if flags is None or platform.machine() != "x86_64":
+        pytest.skip("needs /proc/cpuinfo of an x86-64 CPU")
+    if {"avx512f", "avx512bw", "avx512vl", "fma", "f16c"} <= flags:
+        expected = "avx512"
+    elif {"avx2", "fma", "f16c"} <= flags:
+        expected = "avx2"
+    else:
+        expected = "portable"
+    assert deep_ep_cpp.vector_isa() == expected
