@@ -4,7 +4,10 @@
 #include <type_traits>
 
 // GCC only: the instruction sets are chosen per region with `#pragma GCC target`. Other compilers
-// build the whole-row loop alone, which gives the same bits.
+// build the portable loops of kernels.cpp alone, which give the same bits. Inside a region the code
+// uses intrinsics, the language and types only, no inline function or template of another header:
+// such code would be compiled for that set and could be linked into callers on every CPU (a
+// constant such as std::is_same_v generates none), and every function in a region has internal linkage.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define DEEP_EP_X86_BLOCKS 1
 #include <immintrin.h>
@@ -15,7 +18,7 @@ namespace deep_ep {
 #if DEEP_EP_X86_BLOCKS
 namespace {
 
-// Float64 sums take a fused multiply-add: a float32 weight times a bf16 / fp16 / float32 value has
+// In the reduction, float64 sums take a fused multiply-add: a float32 weight times a bf16 / fp16 / float32 value has
 // at most 24 + 24 significant bits, so the float64 product is exact and rounding it first changes
 // nothing; only the add rounds, as in the whole-row loop's multiply, then add. Float32 sums
 // multiply, then add (there a fused multiply-add would round once instead of twice).
