@@ -18,33 +18,23 @@ namespace deep_ep {
 #if DEEP_EP_X86_BLOCKS
 namespace {
 
-// In the reduction, float64 sums take a fused multiply-add: a float32 weight times a bf16 / fp16 / float32 value has
-// at most 24 + 24 significant bits, so the float64 product is exact and rounding it first changes
-// nothing; only the add rounds, as in the whole-row loop's multiply, then add. Float32 sums
-// multiply, then add (there a fused multiply-add would round once instead of twice).
+// In the reduction, float64 sums take a fused multiply-add: a float32 weight times a bf16 / fp16 /
+// float32 value has at most 24 + 24 significant bits, so the float64 product is exact and rounding it
+// first changes nothing; only the add rounds, as in the whole-row loop's multiply, then add. Float32
+// sums multiply, then add (there a fused multiply-add would round once instead of twice).
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,fma,f16c")
 namespace avx512 {
 
-// The register of float32 sums, and of float64 ones. (Not std::conditional_t: a template argument
-// drops the vector types' attributes, and GCC warns.)
-template <typename Sum>
-struct Registers {
-    using type = __m512;
-};
-template <>
-struct Registers<double> {
-    using type = __m512d;
-};
-template <typename Sum>
-using Vector = typename Registers<Sum>::type;
+using Float32Sums = __m512;
+using Float64Sums = __m512d;
 // Four registers (32 float64 or 64 float32 columns); eight were 4% faster for float64 sums and left.
 constexpr std::size_t kRegisters = 4;
 
 // The all-lanes zero-masked conversions: GCC 12 flags the unmasked ones' undefined pass-through.
 template <Dtype D, typename Sum>
-inline Vector<Sum> widen(const std::uint8_t* values) {
+inline auto widen(const std::uint8_t* values) {
     if constexpr (std::is_same_v<Sum, double>) {
         __m256 floats;
         if constexpr (D == Dtype::Float32) {
@@ -83,20 +73,12 @@ inline void store(float* out, __m512 sums) { _mm512_storeu_ps(out, sums); }
 #pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
 
-template <typename Sum>
-struct Registers {
-    using type = __m256;
-};
-template <>
-struct Registers<double> {
-    using type = __m256d;
-};
-template <typename Sum>
-using Vector = typename Registers<Sum>::type;
+using Float32Sums = __m256;
+using Float64Sums = __m256d;
 constexpr std::size_t kRegisters = 4;
 
 template <Dtype D, typename Sum>
-inline Vector<Sum> widen(const std::uint8_t* values) {
+inline auto widen(const std::uint8_t* values) {
     const auto* floats = reinterpret_cast<const float*>(values);
     const auto* bits = reinterpret_cast<const __m128i*>(values);
     if constexpr (std::is_same_v<Sum, double>) {
